@@ -1,0 +1,195 @@
+"""The embedded default: a tokenizer built in code, a tiny causal LM config and a synthetic task.
+
+Everything here is offline and deterministic under a seed, so `posttrain sft` with no arguments runs
+on a fresh CPU machine, and the tests use the same objects as fixtures.
+
+The task is small-integer arithmetic: the prompt is `"a+b="` or `"a-b="` and the answer the decimal
+result, checkable by exact match. One generator serves every dataset format the loops need:
+
+    prompt-completion   {"prompt", "completion"}                       SFT
+    preference          {"prompt", "chosen", "rejected"}               reward model, DPO
+    prompt-only         {"prompt", "answer"}                           GRPO, RLOO, PPO
+    unpaired preference {"prompt", "completion", "label"}              KTO
+
+each standard (strings) or conversational (lists of `{"role", "content"}` messages).
+"""
+
+from __future__ import annotations
+
+import random
+import string
+
+# ChatML-style template. Assistant turns sit inside `{% generation %}` so that
+# `apply_chat_template(..., return_assistant_tokens_mask=True)` marks them (assistant-only loss).
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+PAD_TOKEN = "<|endoftext|>"
+EOS_TOKEN = "<|im_end|>"
+SPECIAL_TOKENS = [PAD_TOKEN, "<|im_start|>", EOS_TOKEN]
+# Printable ASCII plus newline: every string the task or a chat template produces is one token per character.
+CHARACTERS = list(string.printable[:95]) + ["\n"]
+
+
+def build_tokenizer():
+    """A character-level `PreTrainedTokenizerFast` with ChatML special tokens and chat template.
+
+    Ids: 0 pad `<|endoftext|>`, 1 `<|im_start|>`, 2 eos `<|im_end|>`, then one id per character.
+    """
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    # BPE with no merges splits any text into single characters; `Fuse` joins them back without spaces.
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        eos_token=EOS_TOKEN,
+        additional_special_tokens=["<|im_start|>"],
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_model_config(vocab_size: int = 128, **overrides):
+    """A Qwen2 config small enough to train on a CPU in minutes (about 0.4M parameters)."""
+    from transformers import Qwen2Config
+
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return Qwen2Config(**kwargs)
+
+
+def build_model(seed: int = 0, **config_overrides):
+    """The tiny causal LM, randomly initialised under `seed` (float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_model_config(**config_overrides), dtype=torch.float32)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The synthetic task
+# ---------------------------------------------------------------------------------------------------------
+
+MAX_OPERAND = 29  # answers stay within [-29, 58]: two or three characters
+
+
+def _all_problems() -> list[tuple[int, str, int]]:
+    problems = []
+    for a in range(MAX_OPERAND + 1):
+        for b in range(MAX_OPERAND + 1):
+            problems.append((a, "+", b))
+            problems.append((a, "-", b))
+    return problems
+
+
+def _answer(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b
+
+
+def _wrong_answer(rng: random.Random, a: int, op: str, b: int) -> int:
+    """A plausible mistake: off by one or ten, or the other operation."""
+    right = _answer(a, op, b)
+    candidates = {right + 1, right - 1, right + 10, right - 10, a - b if op == "+" else a + b}
+    candidates.discard(right)
+    return rng.choice(sorted(candidates))
+
+
+def problems(split: str = "train", seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs; `train` and `test` are disjoint, fixed by `seed` (test holds 1/8)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    all_problems = _all_problems()
+    random.Random(seed).shuffle(all_problems)
+    n_test = len(all_problems) // 8
+    chosen = all_problems[:n_test] if split == "test" else all_problems[n_test:]
+    return [(f"{a}{op}{b}=", str(_answer(a, op, b))) for a, op, b in chosen]
+
+
+def _message(role: str, content: str) -> list[dict[str, str]]:
+    return [{"role": role, "content": content}]
+
+
+def rows(kind: str = "prompt_completion", split: str = "train", seed: int = 0, conversational: bool = False):
+    """The task as a list of dicts in one of TRL's dataset formats.
+
+    kind: "prompt_completion", "preference", "prompt_only", "unpaired_preference" or "language_modeling".
+    """
+    rng = random.Random(f"{seed}-{kind}-{split}")
+    out = []
+    for prompt, answer in problems(split, seed):
+        a, op, b = _parse(prompt)
+        wrong = str(_wrong_answer(rng, a, op, b))
+        p = _message("user", prompt) if conversational else prompt
+        c = (lambda text: _message("assistant", text)) if conversational else (lambda text: text)
+        if kind == "prompt_completion":
+            out.append({"prompt": p, "completion": c(answer)})
+        elif kind == "language_modeling":
+            if conversational:
+                out.append({"messages": _message("user", prompt) + _message("assistant", answer)})
+            else:
+                out.append({"text": prompt + answer})
+        elif kind == "preference":
+            out.append({"prompt": p, "chosen": c(answer), "rejected": c(wrong)})
+        elif kind == "prompt_only":
+            out.append({"prompt": p, "answer": answer})
+        elif kind == "unpaired_preference":
+            good = rng.random() < 0.5
+            out.append({"prompt": p, "completion": c(answer if good else wrong), "label": good})
+        else:
+            raise ValueError(
+                f"unknown kind {kind!r}: expected one of prompt_completion, language_modeling, preference, "
+                "prompt_only, unpaired_preference"
+            )
+    return out
+
+
+def _parse(prompt: str) -> tuple[int, str, int]:
+    body = prompt.rstrip("=")
+    op = "+" if "+" in body else "-"
+    a, b = body.split(op)
+    return int(a), op, int(b)
+
+
+def dataset(
+    kind: str = "prompt_completion", split: str = "train", seed: int = 0, conversational: bool = False
+):
+    """`rows(...)` as a `datasets.Dataset`."""
+    from datasets import Dataset
+
+    return Dataset.from_list(rows(kind, split, seed, conversational))
+
+
+def is_correct(prompt: str, completion: str) -> bool:
+    """Exact match of the completion (up to surrounding whitespace) against the true answer."""
+    a, op, b = _parse(prompt.strip())
+    return completion.strip() == str(_answer(a, op, b))
