@@ -193,3 +193,34 @@ def is_correct(prompt: str, completion: str) -> bool:
     """Exact match of the completion (up to surrounding whitespace) against the true answer."""
     a, op, b = _parse(prompt.strip())
     return completion.strip() == str(_answer(a, op, b))
+
+
+def exact_match(model, tokenizer, split: str = "test", seed: int = 0, limit: int | None = None) -> dict:
+    """Greedy-decode every prompt of `split` and score exact match of the answer: {"exact_match": fraction}.
+
+    Works for a model trained on the standard prompt-completion rows (prompt "a+b=", completion the
+    answer then eos) and, through the chat template, on the conversational ones.
+    """
+    import torch
+
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    pairs = problems(split, seed)[:limit]
+    was_training = model.training
+    model.eval()
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        enc = tokenizer([p for p, _ in pairs], return_tensors="pt", padding=True).to(model.device)
+        with torch.no_grad():
+            out = model.generate(
+                **enc,
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    correct = sum(is_correct(p, t) for (p, _), t in zip(pairs, texts, strict=True))
+    return {"exact_match": correct / max(len(pairs), 1)}

@@ -1,0 +1,44 @@
+"""One registry per kind of variant (SFT losses, preference losses, policy losses, advantage estimators, ...).
+
+A variant is a function registered under (kind, name); loops look it up by the config's name, so a user
+adds a loss by registering a function, without touching a loop.
+
+    @register("sft", "nll")
+    def nll(logps, mask, num_items): ...
+
+    get("sft", "nll")  -> the function
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+_REGISTRY: dict[str, dict[str, Callable]] = {}
+
+
+def register(kind: str, name: str) -> Callable[[Callable], Callable]:
+    """Decorator: register `fn` as variant `name` of `kind`. Re-registering a name with a different function raises."""
+
+    def decorator(fn: Callable) -> Callable:
+        variants = _REGISTRY.setdefault(kind, {})
+        existing = variants.get(name)
+        if existing is not None and existing is not fn:
+            raise ValueError(
+                f"{kind} loss {name!r} is already registered by {existing.__module__}.{existing.__qualname__}"
+            )
+        variants[name] = fn
+        return fn
+
+    return decorator
+
+
+def get(kind: str, name: str) -> Callable:
+    """The variant `name` of `kind`; the error lists the valid names."""
+    variants = _REGISTRY.get(kind, {})
+    if name not in variants:
+        raise ValueError(f"unknown {kind} loss_type {name!r}; expected one of {sorted(variants)}")
+    return variants[name]
+
+
+def names(kind: str) -> list[str]:
+    return sorted(_REGISTRY.get(kind, {}))

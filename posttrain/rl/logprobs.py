@@ -1,0 +1,153 @@
+"""(model, batch) -> per-token log-probs: the one place every loop gets log p(token) from.
+
+Notation: B batch, T time, H hidden, V vocab, N = number of target tokens in the batch.
+
+Only the positions whose log-prob a loss needs (the batch's `completion_mask`) go through the
+output layer. For the model families listed in `FUSED_MODEL_TYPES` the logits are never built: the
+final hidden states are captured at the input of the output embedding and fed, with its weight, to
+`kernels.logprobs_from_hidden`. Any other model gets its full logits from its own forward and
+`kernels.logprobs_from_logits`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+
+from posttrain.kernels import logprobs_from_hidden, logprobs_from_logits
+
+# Families whose forward is `lm_head(final_norm(decoder(x)))`, followed at most by the soft-capping
+# and logit scale read from the config below. Others (or unknown post-processing) take the logits path.
+FUSED_MODEL_TYPES = frozenset(
+    {
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "qwen2_moe",
+        "qwen3_moe",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "phi3",
+        "olmo2",
+        "smollm3",
+    }
+)
+
+
+class TokenLogProbs(NamedTuple):
+    """Per-token outputs, each (B, T), aligned to tokens: entry t is about input_ids[:, t] given the
+    tokens before it; 0 (False) wherever the mask is 0. `entropy` and `is_top1` are None unless asked."""
+
+    logps: torch.Tensor
+    entropy: torch.Tensor | None
+    is_top1: torch.Tensor | None
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # DistributedDataParallel (and torch.compile) keep the real model one attribute down.
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def supports_fused(model: torch.nn.Module) -> bool:
+    inner = _unwrap(model)
+    config = getattr(inner, "config", None)
+    return (
+        getattr(config, "model_type", None) in FUSED_MODEL_TYPES and inner.get_output_embeddings() is not None
+    )
+
+
+@contextlib.contextmanager
+def _capture_output_layer_input(model: torch.nn.Module):
+    """Run the model's own forward (through any DDP wrapper, so gradient sync still works) while its
+    output layer sees zero rows: the hidden states it would have projected are captured instead."""
+    captured = {}
+
+    def pre_hook(module, args):
+        (hidden,) = args
+        captured["hidden"] = hidden
+        return (hidden[..., :0, :],)
+
+    handle = _unwrap(model).get_output_embeddings().register_forward_pre_hook(pre_hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _model_inputs(batch: dict) -> dict:
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    for key in ("attention_mask", "position_ids"):
+        if batch.get(key) is not None:
+            inputs[key] = batch[key]
+    return inputs
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    batch: dict,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    return_top1: bool = False,
+    mask: torch.Tensor | None = None,
+) -> TokenLogProbs:
+    """log p(input_ids[b, t] | input_ids[b, <t]) at every target token.
+
+    batch: input_ids (B, T), completion_mask (B, T) [, attention_mask (B, T), position_ids (B, T)].
+    mask: (B, T) overrides `batch["completion_mask"]` as the set of target tokens. Token 0 of a row is
+    never a target (nothing predicts it); the collators already zero the mask at every sequence start.
+    Returns TokenLogProbs of (B, T) float32 tensors.
+    """
+    input_ids = batch["input_ids"]
+    mask = batch["completion_mask"] if mask is None else mask
+    targets = mask[:, 1:].bool()  # (B, T-1): token t+1 is predicted from position t
+    index = input_ids[:, 1:][targets]  # (N,)
+    flags = dict(temperature=temperature, return_entropy=return_entropy, return_top1=return_top1)
+
+    if supports_fused(model):
+        inner = _unwrap(model)
+        with _capture_output_layer_input(model) as captured:
+            model(**_model_inputs(batch))
+        hidden = captured["hidden"][:, :-1][targets]  # (N, H)
+        head = inner.get_output_embeddings()
+        config = inner.config
+        out = logprobs_from_hidden(
+            hidden,
+            head.weight,
+            index,
+            bias=head.bias,
+            logit_scale=getattr(config, "logit_scale", None) or 1.0,
+            softcap=getattr(config, "final_logit_softcapping", None),
+            **flags,
+        )
+    else:
+        logits = model(**_model_inputs(batch)).logits  # (B, T, V)
+        out = logprobs_from_logits(logits[:, :-1][targets], index, **flags)
+
+    outs = out if isinstance(out, tuple) else (out,)
+    logps = _scatter(outs[0], targets)
+    entropy = _scatter(outs[1], targets) if return_entropy else None
+    is_top1 = _scatter(outs[-1], targets) if return_top1 else None
+    return TokenLogProbs(logps, entropy, is_top1)
+
+
+def _scatter(values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) values at the True entries of targets (B, T-1) -> (B, T), zero elsewhere and at t = 0."""
+    out = values.new_zeros(targets.shape[0], targets.shape[1] + 1)
+    return out.masked_scatter(torch.nn.functional.pad(targets, (1, 0)), values)
+
+
+def sequence_logprobs(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum and mean of per-token log-probs over the mask. logps, mask: (B, T) -> (B,), (B,).
+
+    A row with no target token has sum 0 and mean 0.
+    """
+    mask = mask.to(logps.dtype)
+    total = (logps * mask).sum(-1)
+    return total, total / mask.sum(-1).clamp(min=1)
