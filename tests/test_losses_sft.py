@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from posttrain.losses import registry
-from posttrain.losses import sft  # noqa: F401  (registers)
 
 
 def test_nll_is_token_mean_over_the_step():

@@ -11,9 +11,13 @@ adds a loss by registering a function, without touching a loop.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 _REGISTRY: dict[str, dict[str, Callable]] = {}
+# The module holding each kind's built-in variants, imported on first lookup so that `get` works
+# without the caller importing it for its registration side effect.
+BUILTIN_MODULES = {"sft": "posttrain.losses.sft"}
 
 
 def register(kind: str, name: str) -> Callable[[Callable], Callable]:
@@ -34,11 +38,17 @@ def register(kind: str, name: str) -> Callable[[Callable], Callable]:
 
 def get(kind: str, name: str) -> Callable:
     """The variant `name` of `kind`; the error lists the valid names."""
-    variants = _REGISTRY.get(kind, {})
+    variants = _variants(kind)
     if name not in variants:
         raise ValueError(f"unknown {kind} loss_type {name!r}; expected one of {sorted(variants)}")
     return variants[name]
 
 
 def names(kind: str) -> list[str]:
-    return sorted(_REGISTRY.get(kind, {}))
+    return sorted(_variants(kind))
+
+
+def _variants(kind: str) -> dict[str, Callable]:
+    if kind in BUILTIN_MODULES:
+        importlib.import_module(BUILTIN_MODULES[kind])
+    return _REGISTRY.get(kind, {})
