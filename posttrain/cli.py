@@ -1,0 +1,47 @@
+"""`posttrain <command> [--config file.yaml] [--key value ...]`.
+
+Each command is a loop module exposing a config dataclass and `train(config)`. A bad option stops
+the command before any work with a one-line message naming it (exit code 2).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, config class name)
+COMMANDS = {
+    "sft": ("posttrain.rl.sft", "SFTConfig"),
+}
+
+USAGE = "usage: posttrain <command> [--config file.yaml] [--key value ...] [--help]\ncommands: " + ", ".join(
+    COMMANDS
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"posttrain: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    from posttrain.rl.config import ConfigError, parse_config
+
+    module_name, config_name = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    try:
+        config = parse_config(getattr(module, config_name), rest)
+    except ConfigError as err:
+        print(f"posttrain {command}: {err}", file=sys.stderr)
+        return 2
+    if config is None:  # --help was printed
+        return 0
+    module.train(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Tokenization: prompts, prompt + completion pairs, and whole SFT datasets.
+
+Semantics are TRL 1.16's SFTTrainer dataset preparation (`_prepare_dataset`) followed by its collator's
+label masking, expressed as a `completion_mask` (1 where TRL's `labels != -100`):
+
+- standard text (`text`): eos appended when missing; every token is a target.
+- standard prompt-completion: eos appended to the completion when missing; `tokenizer(prompt)` and
+  `tokenizer(prompt + completion)`; the completion starts where the two token lists diverge (a merge across
+  the boundary moves the merged token into the completion, as in TRL).
+- conversational `messages`: the chat template; every token is a target, or with `assistant_only_loss`
+  only the assistant tokens (`return_assistant_tokens_mask=True`, i.e. `{% generation %}` spans).
+- conversational prompt-completion: the template on the prompt with the generation prompt, and on
+  prompt + completion; the completion is the suffix. Departure: TRL warns and cuts at the common prefix
+  when the first is not a prefix of the second; we raise, because the model would train on a context it
+  never sees at inference.
+- completion_only_loss (default: True for prompt-completion) keeps only completion tokens as targets;
+  both masks apply together when both are on.
+- truncation keeps the first `max_length` tokens. A row whose prompt alone fills `max_length` (no target
+  survives) is dropped and counted, or raises with overlong_prompt="error" — never truncated into an
+  empty completion. TRL drops rows left with no target; the two agree except with
+  completion_only_loss=False, where TRL keeps such a row to train on its prompt and we drop it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+OVERLONG_PROMPT = ("drop", "error")
+_GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks (reused by the DPO, reward and GRPO loops)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def is_conversation(value) -> bool:
+    """True for a list of message dicts, False for a string."""
+    return isinstance(value, list)
+
+
+def _template_kwargs(tools=None, chat_template_kwargs=None) -> dict:
+    tools = json.loads(tools) if isinstance(tools, str) else tools  # TRL accepts tools as a JSON string
+    return {"tools": tools or None, **(chat_template_kwargs or {})}
+
+
+def _prompt_template_flags(prompt: list) -> dict:
+    # A prompt that ends on an assistant message is a prefill to continue; otherwise open an assistant turn.
+    if prompt[-1]["role"] == "assistant":
+        return {"continue_final_message": True}
+    return {"add_generation_prompt": True}
+
+
+def tokenize_prompts(tokenizer, prompts: list, *, tools=None, chat_template_kwargs=None) -> list[list[int]]:
+    """Token ids of each prompt, ready for generation (N prompts -> N lists).
+
+    Conversational prompts get the chat template with the generation prompt (or continue a final
+    assistant message); strings go through `tokenizer(prompt)` (special tokens such as bos included).
+    `tools` / `chat_template_kwargs`: one value for all prompts, passed to the template.
+    """
+    if not prompts:
+        return []
+    kwargs = _template_kwargs(tools, chat_template_kwargs)
+    if not is_conversation(prompts[0]):
+        return tokenizer(list(prompts))["input_ids"]
+    out = []
+    # One batched call per group of prompts that need the same flags (continue vs generation prompt).
+    for flags in ({"add_generation_prompt": True}, {"continue_final_message": True}):
+        idx = [i for i, p in enumerate(prompts) if _prompt_template_flags(p) == flags]
+        if idx:
+            ids = _chat(tokenizer, [prompts[i] for i in idx], **flags, **kwargs)["input_ids"]
+            out.extend(zip(idx, ids, strict=True))
+    return [ids for _, ids in sorted(out, key=lambda x: x[0])]
+
+
+def tokenize_prompt(tokenizer, prompt, *, tools=None, chat_template_kwargs=None) -> list[int]:
+    """`tokenize_prompts` for one prompt."""
+    return tokenize_prompts(tokenizer, [prompt], tools=tools, chat_template_kwargs=chat_template_kwargs)[0]
+
+
+def tokenize_prompt_completions(
+    tokenizer,
+    prompts: list,
+    completions: list,
+    *,
+    add_eos: bool = True,
+    assistant_masks: bool = False,
+    tools=None,
+    chat_template_kwargs=None,
+    rows=None,
+):
+    """Tokenize N (prompt, completion) pairs together and split each at the prompt.
+
+    Returns (prompt_ids, completion_ids), N lists each, with prompt_ids + completion_ids the tokenization of
+    the whole pair; with assistant_masks=True also N masks over the whole pair (1 on assistant tokens).
+    add_eos: append the tokenizer's eos to standard completions that lack it (conversational completions
+    end as the template ends them). rows: row indices used in error messages (default 0..N-1).
+    Raises when a conversational prompt's tokens are not a prefix of the pair's (the template renders the
+    prompt differently alone, so training and inference contexts would differ).
+    """
+    rows = list(range(len(prompts))) if rows is None else rows
+    kwargs = _template_kwargs(tools, chat_template_kwargs)
+    conversational = bool(prompts) and is_conversation(prompts[0])
+    if conversational:
+        # Always the generation prompt, as TRL's SFT (even after a final assistant message, which the
+        # template then closes): the completion is a new assistant turn.
+        prompt_ids = _chat(tokenizer, prompts, add_generation_prompt=True, **kwargs)["input_ids"]
+        full = _chat(
+            tokenizer,
+            [p + c for p, c in zip(prompts, completions, strict=True)],
+            return_assistant_tokens_mask=assistant_masks,
+            **kwargs,
+        )
+    else:
+        if assistant_masks:
+            raise ValueError("assistant_masks needs conversational data (lists of messages)")
+        if add_eos:
+            completions = [_with_eos(c, tokenizer) for c in completions]
+        prompt_ids = tokenizer(list(prompts))["input_ids"]
+        full = tokenizer([p + c for p, c in zip(prompts, completions, strict=True)])
+    full_ids = full["input_ids"]
+
+    out_prompt, out_completion = [], []
+    for row, p_ids, f_ids in zip(rows, prompt_ids, full_ids, strict=True):
+        n = _common_prefix_length(p_ids, f_ids)
+        if conversational and n < len(p_ids):
+            raise ValueError(
+                f"row {row}: the chat template is not prefix-stable: the prompt rendered alone (with the "
+                f"generation prompt) ends in {tokenizer.decode(p_ids[n:])!r}, which the prompt + completion "
+                f"rendering does not contain at that place (it has {tokenizer.decode(f_ids[n : n + 8])!r})"
+            )
+        out_prompt.append(f_ids[:n])
+        out_completion.append(f_ids[n:])
+    if assistant_masks:
+        return out_prompt, out_completion, full["assistant_masks"]
+    return out_prompt, out_completion
+
+
+def tokenize_prompt_completion(
+    tokenizer, prompt, completion, *, add_eos: bool = True, tools=None, chat_template_kwargs=None
+) -> tuple[list[int], list[int]]:
+    """`tokenize_prompt_completions` for one pair: (prompt_ids, completion_ids)."""
+    p, c = tokenize_prompt_completions(
+        tokenizer,
+        [prompt],
+        [completion],
+        add_eos=add_eos,
+        tools=tools,
+        chat_template_kwargs=chat_template_kwargs,
+    )
+    return p[0], c[0]
+
+
+def _chat(tokenizer, conversations: list, **kwargs):
+    """One batched `apply_chat_template` call: a BatchEncoding with lists of ids (and masks)."""
+    return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kwargs)
+
+
+def _with_eos(text: str, tokenizer) -> str:
+    eos = tokenizer.eos_token
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token, which standard (string) completions get appended")
+    return text if text.endswith(eos) else text + eos
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def has_generation_markers(tokenizer) -> bool:
+    """Whether the tokenizer's chat template marks assistant turns with `{% generation %}`."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default", "")
+    return bool(template) and _GENERATION_MARKER.search(template) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SFT
+# ---------------------------------------------------------------------------------------------------------
+
+
+def tokenize_sft(
+    dataset,
+    tokenizer,
+    *,
+    max_length: int | None = 1024,
+    completion_only_loss: bool | None = None,
+    assistant_only_loss: bool = False,
+    overlong_prompt: str = "drop",
+    dataset_text_field: str = "text",
+):
+    """Tokenize a language-modelling or prompt-completion dataset for SFT, as TRL 1.16 does.
+
+    Returns (dataset with columns input_ids, completion_mask — lists of T_i ints —, info) where info is
+    {"dropped_overlong_prompts": int, "truncated": int}. completion_mask is 1 on the tokens whose loss TRL
+    counts (its `labels != -100`, before the shift); the collators zero each sequence's first token.
+    max_length=None: no truncation. Other columns (and `tools` / `chat_template_kwargs` after use) are
+    dropped. See the module docstring for the rules.
+    """
+    from .formats import check_format, validate_rows
+
+    if overlong_prompt not in OVERLONG_PROMPT:
+        raise ValueError(f"overlong_prompt must be one of {OVERLONG_PROMPT}, got {overlong_prompt!r}")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+    fmt = check_format(
+        dataset, ("language_modeling", "prompt_completion"), "sft", text_field=dataset_text_field
+    )
+    if assistant_only_loss and not fmt.conversational:
+        raise ValueError(
+            "assistant_only_loss=True needs a conversational dataset (messages, or prompt/completion as "
+            "message lists); this one holds strings"
+        )
+    if assistant_only_loss and not has_generation_markers(tokenizer):
+        raise ValueError(
+            "assistant_only_loss=True needs a chat template that marks assistant turns with "
+            "{% generation %} ... {% endgeneration %}; the tokenizer's template has no such markers"
+        )
+    if completion_only_loss and fmt.kind == "language_modeling":
+        raise ValueError(
+            "completion_only_loss=True needs a prompt-completion dataset; this one is language modelling "
+            "(use assistant_only_loss for conversations)"
+        )
+    validate_rows(dataset, fmt)
+    completion_only = (
+        fmt.kind == "prompt_completion" if completion_only_loss is None else completion_only_loss
+    )
+
+    def tokenize_batch(batch, indices):
+        if fmt.kind == "prompt_completion":
+            prompt_ids, completion_ids, masks = _tokenize_pc_batch(
+                tokenizer, batch, indices, assistant_only_loss, completion_only
+            )
+            ids = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
+            prompt_lens = [len(p) for p in prompt_ids]
+        else:
+            ids, masks = _tokenize_lm_batch(tokenizer, batch, fmt, assistant_only_loss)
+            prompt_lens = [0] * len(ids)
+        out = {"input_ids": [], "completion_mask": [], "truncated": []}
+        for row, row_ids, mask, prompt_len in zip(indices, ids, masks, prompt_lens, strict=True):
+            if 1 not in mask:
+                what = "assistant tokens" if assistant_only_loss else "completion tokens"
+                raise ValueError(f"row {row}: no {what} to train on after tokenization")
+            if max_length is not None and (prompt_len >= max_length or 1 not in mask[:max_length]):
+                if overlong_prompt == "error":
+                    raise ValueError(
+                        f"row {row}: the prompt has {max(prompt_len, mask.index(1))} tokens, so max_length="
+                        f"{max_length} leaves no completion token; raise max_length, shorten the prompt, or "
+                        "pass overlong_prompt='drop'"
+                    )
+                continue  # dropped: counted from the row count
+            cut = len(row_ids) if max_length is None else max_length
+            out["input_ids"].append(row_ids[:cut])
+            out["completion_mask"].append(mask[:cut])
+            out["truncated"].append(len(row_ids) > cut)
+        return out
+
+    tokenized = dataset.map(
+        tokenize_batch,
+        batched=True,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        desc="Tokenizing (SFT)",
+    )
+    if len(tokenized) == 0:
+        raise ValueError(
+            f"every row's prompt fills max_length={max_length} tokens: nothing is left to train on"
+        )
+    info = {
+        "dropped_overlong_prompts": len(dataset) - len(tokenized),
+        "truncated": int(tokenized.with_format("arrow")["truncated"].to_numpy().sum()),
+    }
+    return tokenized.remove_columns("truncated"), info
+
+
+def _row_template_kwargs(batch, i: int) -> dict:
+    """Per-row `tools` and `chat_template_kwargs` columns (TRL reads both)."""
+    return {
+        "tools": batch["tools"][i] if "tools" in batch else None,
+        "chat_template_kwargs": batch["chat_template_kwargs"][i] if "chat_template_kwargs" in batch else None,
+    }
+
+
+def _groups(batch, n: int):
+    """Row groups that share template kwargs: one group unless per-row tools / kwargs columns exist."""
+    if "tools" not in batch and "chat_template_kwargs" not in batch:
+        return [(list(range(n)), {})]
+    return [([i], _row_template_kwargs(batch, i)) for i in range(n)]
+
+
+def _tokenize_pc_batch(tokenizer, batch, indices, assistant_only_loss, completion_only):
+    n = len(indices)
+    prompt_ids, completion_ids, masks = [None] * n, [None] * n, [None] * n
+    for group, kwargs in _groups(batch, n):
+        result = tokenize_prompt_completions(
+            tokenizer,
+            [batch["prompt"][i] for i in group],
+            [batch["completion"][i] for i in group],
+            assistant_masks=assistant_only_loss,
+            rows=[indices[i] for i in group],
+            **kwargs,
+        )
+        for j, i in enumerate(group):
+            p, c = result[0][j], result[1][j]
+            prompt_ids[i], completion_ids[i] = p, c
+            mask = [0] * len(p) + [1] * len(c) if completion_only else [1] * (len(p) + len(c))
+            if assistant_only_loss:
+                mask = [m & a for m, a in zip(mask, result[2][j], strict=True)]
+            masks[i] = mask
+    return prompt_ids, completion_ids, masks
+
+
+def _tokenize_lm_batch(tokenizer, batch, fmt, assistant_only_loss):
+    n = len(next(iter(batch.values())))
+    if not fmt.conversational:
+        ids = tokenizer([_with_eos(t, tokenizer) for t in batch[fmt.text_field]])["input_ids"]
+        return ids, [[1] * len(x) for x in ids]
+    ids, masks = [None] * n, [None] * n
+    for group, kwargs in _groups(batch, n):
+        enc = _chat(
+            tokenizer,
+            [batch["messages"][i] for i in group],
+            return_assistant_tokens_mask=assistant_only_loss,
+            **_template_kwargs(**kwargs),
+        )
+        for j, i in enumerate(group):
+            ids[i] = enc["input_ids"][j]
+            masks[i] = enc["assistant_masks"][j] if assistant_only_loss else [1] * len(ids[i])
+    return ids, masks

@@ -1,0 +1,396 @@
+"""Run configuration: `TrainConfig`, the options every loop shares, and the YAML + command-line parser.
+
+A config is a dataclass whose fields carry their help text in `field(metadata={"help": ...})`; each
+loop subclasses `TrainConfig` to add its own fields. Values come, lowest precedence first, from the
+dataclass defaults, a YAML file (`--config file.yaml`) and `--key value` / `--key=value` overrides.
+Types are read from the annotations: `int`, `float`, `str`, `bool`, `X | None`, `Literal[...]`,
+`list[X]`. Any bad option raises `ConfigError` naming it; the CLI prints the message and exits 2.
+
+Option names follow TRL / transformers `TrainingArguments` wherever the same knob exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+LR_SCHEDULER_TYPES = ("constant", "linear", "cosine")
+REPORT_TO = ("auto", "none", "tensorboard")
+BOOL_STRINGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+NONE_STRINGS = ("none", "null")
+
+
+class ConfigError(ValueError):
+    """A bad option: unknown, of the wrong type, out of range, or contradicting another one."""
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by every training loop."""
+
+    # --- model and data
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local path or hub id of a causal LM; none: the embedded tiny model (random init)."
+        },
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub id, local file or folder of the dataset; none: the embedded arithmetic task."},
+    )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Dataset configuration name (subset)."}
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "Split to evaluate on (skipped when the dataset lacks it)."}
+    )
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Run folder (config, metrics, checkpoints, model); none: runs/<command>."},
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for python, numpy, torch and the data order."})
+    # --- optimisation
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak AdamW learning rate; none: the loop's default for the model."}
+    )
+    lr_scheduler_type: str = field(
+        default="linear",
+        metadata={"help": "Learning-rate decay after warmup: " + ", ".join(LR_SCHEDULER_TYPES) + "."},
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warmup from 0."})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay (not applied to biases and norm weights)."}
+    )
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Clip the global gradient norm to this; 0: no clipping."}
+    )
+    # --- batch and length of the run
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "Rows per micro-batch per process."}
+    )
+    per_device_eval_batch_size: int = field(
+        default=8, metadata={"help": "Rows per evaluation micro-batch per process."}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step (per process)."}
+    )
+    num_train_epochs: float = field(
+        default=3.0,
+        metadata={"help": "Passes over the training data (fractions allowed); used when max_steps <= 0."},
+    )
+    max_steps: int = field(
+        default=-1, metadata={"help": "Total optimizer steps; overrides num_train_epochs when > 0."}
+    )
+    # --- logging, evaluation, checkpoints
+    logging_steps: int = field(
+        default=10, metadata={"help": "Print a metrics line every this many steps (0: never)."}
+    )
+    save_steps: int = field(
+        default=500, metadata={"help": "Write a checkpoint every this many steps (0: never)."}
+    )
+    save_total_limit: int | None = field(
+        default=None,
+        metadata={"help": "Keep at most this many checkpoints (oldest deleted); none: keep all."},
+    )
+    eval_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate every this many steps; none: only at the end (when there is an eval set); 0: never."
+        },
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bfloat16 autocast; none: on when the GPU supports it, off on the CPU."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "'latest' (the newest checkpoint in output_dir) or a checkpoint folder to resume from."
+        },
+    )
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
+    report_to: str = field(
+        default="auto",
+        metadata={
+            "help": "Extra metric sinks: 'auto' (tensorboard when installed), 'tensorboard' or 'none'."
+        },
+    )
+
+    def __post_init__(self):
+        if self.learning_rate is not None:
+            _check(
+                self.learning_rate > 0 and math.isfinite(self.learning_rate),
+                "learning_rate",
+                "> 0",
+                self.learning_rate,
+            )
+        _check_choice(self.lr_scheduler_type, "lr_scheduler_type", LR_SCHEDULER_TYPES)
+        _check_choice(self.report_to, "report_to", REPORT_TO)
+        _check(0 <= self.seed < 2**32, "seed", "in [0, 2**32)", self.seed)
+        _check(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
+        _check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        _check(0 <= self.adam_beta1 < 1, "adam_beta1", "in [0, 1)", self.adam_beta1)
+        _check(0 <= self.adam_beta2 < 1, "adam_beta2", "in [0, 1)", self.adam_beta2)
+        _check(self.adam_epsilon >= 0, "adam_epsilon", ">= 0", self.adam_epsilon)
+        _check(self.max_grad_norm >= 0, "max_grad_norm", ">= 0", self.max_grad_norm)
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+        ):
+            _check(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
+        _check(
+            self.num_train_epochs >= 0 and math.isfinite(self.num_train_epochs),
+            "num_train_epochs",
+            ">= 0",
+            self.num_train_epochs,
+        )
+        if self.max_steps <= 0 and self.num_train_epochs == 0:
+            raise ConfigError(
+                f"nothing to train: max_steps={self.max_steps} (<= 0 means 'use num_train_epochs') and "
+                "num_train_epochs=0; set max_steps > 0 or num_train_epochs > 0"
+            )
+        _check(self.logging_steps >= 0, "logging_steps", ">= 0", self.logging_steps)
+        _check(self.save_steps >= 0, "save_steps", ">= 0", self.save_steps)
+        if self.save_total_limit is not None:
+            _check(self.save_total_limit >= 1, "save_total_limit", ">= 1 (or none)", self.save_total_limit)
+        if self.eval_steps is not None:
+            _check(self.eval_steps >= 0, "eval_steps", ">= 0 (or none)", self.eval_steps)
+        if self.resume_from_checkpoint == "":
+            raise ConfigError("resume_from_checkpoint must be 'latest', a checkpoint folder or none, got ''")
+
+
+def _check(ok: bool, name: str, requirement: str, value) -> None:
+    # `not ok` (rather than a negated comparison) so that NaN fails every check.
+    if not ok:
+        raise ConfigError(f"{name} must be {requirement}, got {value!r}")
+
+
+def _check_choice(value, name: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fields(config_cls) -> dict[str, tuple[dataclasses.Field, Any]]:
+    """name -> (field, resolved type) for every init field of the config class."""
+    hints = typing.get_type_hints(config_cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(config_cls) if f.init}
+
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        inner = [_type_name(a) for a in args if a is not type(None)]
+        return " | ".join(inner) + (" | none" if type(None) in args else "")
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value, tp, *, from_text: bool):
+    """`value` converted to `tp`, or raise ValueError.
+
+    from_text: the value is a command-line string, so 'none'/'null' mean None and every type is parsed
+    from text. YAML values arrive typed already; a YAML string is parsed only where `tp` is not a string
+    type (PyYAML reads `1e-5` as a string, for example), so a quoted 'none' stays a string.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None or (from_text and isinstance(value, str) and value.lower() in NONE_STRINGS):
+            if type(None) in args:
+                return None
+            raise ValueError
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, from_text=from_text)
+            except ValueError:
+                continue
+        raise ValueError
+    if origin is Literal:
+        for choice in args:
+            try:
+                if _convert(value, type(choice), from_text=from_text) == choice:
+                    return choice
+            except ValueError:
+                continue
+        raise ValueError
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ValueError
+        return [_convert(v, args[0], from_text=from_text) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in BOOL_STRINGS:
+            return BOOL_STRINGS[value.lower()]
+        raise ValueError
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            return int(value.strip())
+        raise ValueError
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            return float(value.strip())
+        raise ValueError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if not from_text and isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # YAML `dataset_config: 2022` means the string "2022"
+        raise ValueError
+    raise ValueError(f"unsupported option type {tp!r}")
+
+
+def _is_bool(tp) -> bool:
+    return tp is bool or (typing.get_origin(tp) in (Union, types.UnionType) and bool in typing.get_args(tp))
+
+
+def _unknown(name: str, known, where: str) -> ConfigError:
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return ConfigError(f"unknown option {name!r}{where}{hint}; run with --help to list the options")
+
+
+def _set(values: dict, fields: dict, name: str, raw, *, from_text: bool, where: str) -> None:
+    if name not in fields:
+        raise _unknown(name, fields, where)
+    tp = fields[name][1]
+    try:
+        values[name] = _convert(raw, tp, from_text=from_text)
+    except ValueError:
+        raise ConfigError(f"option {name!r}{where} expects {_type_name(tp)}, got {raw!r}") from None
+
+
+def _split_argv(argv: list[str]) -> tuple[str | None, list[tuple[str, str | None]]]:
+    """(--config path or None, [(key, text or None for a bare flag)]) in command-line order."""
+    config_path, pairs, i = None, [], 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(
+                f"unexpected argument {token!r}: options are written --key value or --key=value"
+            )
+        key, eq, text = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            # `--key value`, or a bare `--flag` when the next token is another option or there is none.
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                text, i = argv[i + 1], i + 1
+            else:
+                text = None
+        if key == "config":
+            if text is None:
+                raise ConfigError("option '--config' expects a YAML file path")
+            config_path = text
+        else:
+            pairs.append((key, text))
+        i += 1
+    return config_path, pairs
+
+
+def load_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML config file (an empty file is an empty mapping)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {str(path)!r}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping of option: value, got {type(data).__name__}"
+        )
+    return data
+
+
+def parse_config(config_cls, argv: list[str]):
+    """A `config_cls` instance from `[--config file.yaml] [--key value | --key=value | --flag ...]`.
+
+    Precedence: command line > YAML file > dataclass defaults. A bare `--flag` sets a bool to true.
+    `--help` / `-h` prints every option (type, default, help) and returns None.
+    Raises ConfigError naming the option for an unknown key (with close matches), a value of the wrong
+    type, a missing or malformed YAML file, or a value that `__post_init__` rejects.
+    """
+    if "--help" in argv or "-h" in argv:
+        print(config_help(config_cls))
+        return None
+    fields = _fields(config_cls)
+    config_path, pairs = _split_argv(argv)
+    values: dict[str, Any] = {}
+    if config_path is not None:
+        for name, raw in load_yaml(config_path).items():
+            _set(values, fields, str(name), raw, from_text=False, where=f" in {config_path}")
+    for name, text in pairs:
+        if text is None:
+            if name in fields and _is_bool(fields[name][1]):
+                text = "true"
+            elif name in fields:
+                raise ConfigError(f"option '--{name}' expects a value ({_type_name(fields[name][1])})")
+        _set(values, fields, name, text, from_text=True, where=" on the command line")
+    return config_cls(**values)
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return "none" if f.default is None else repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return repr(f.default_factory())
+    return "required"
+
+
+def config_help(config_cls) -> str:
+    """Every option of `config_cls` with its type, default and help text, one per line."""
+    lines = [f"options of {config_cls.__name__} (YAML via --config file.yaml; command line overrides it):"]
+    for name, (f, tp) in _fields(config_cls).items():
+        head = f"  --{name} {_type_name(tp)} (default: {_default_text(f)})"
+        lines.append(head)
+        lines.append(f"      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def config_dict(config) -> dict:
+    """The config's init fields as a plain dict (the YAML that `save_config` writes)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+
+
+def save_config(config, path: str | Path) -> None:
+    """Write the config as YAML; `parse_config(type(config), ["--config", path])` reads it back equal."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(config_dict(config), sort_keys=False))

@@ -1,0 +1,541 @@
+"""The machinery every training loop shares: start-up, optimizer and schedule, gradient accumulation,
+data order, evaluation, and `fit`, an offline loop built from those pieces.
+
+An offline loop (SFT, reward model, DPO) is
+
+    run = loop.start(config, command="sft")
+    model, tokenizer = ...
+    loop.fit(run, model, tokenizer, train_rows, collate_fn, loss_fn, count_fn, eval_rows=eval_rows)
+
+where `loss_fn(model, batch, num_items) -> (loss, metrics)` returns its micro-batch's loss already
+divided by `num_items`, the number of loss units (tokens, sequences, pairs: whatever `count_fn(batch)`
+counts) in the WHOLE optimizer step over all micro-batches and ranks. Summing micro-batch losses then
+gives the step's mean loss however the step is split, which is what makes gradient accumulation and
+data parallelism exact (each loss unit weighs the same). Metrics follow the same rule.
+
+An online loop (GRPO, PPO) calls `start`, `prepare_model`, `build_optimizer`, `build_scheduler`,
+`accumulate`, `evaluate`, `checkpoint.save_checkpoint` / `load_checkpoint`, `MetricsLogger` and
+`finish` itself.
+
+Data order: epoch e visits the rows in a permutation drawn from a torch.Generator seeded with
+(seed, e). A global micro-batch is per_device_train_batch_size * world_size consecutive rows of it;
+rank r takes its r-th slice; an optimizer step takes gradient_accumulation_steps global micro-batches.
+The rows left over at the end of an epoch that do not fill a whole optimizer step are skipped (they
+are different rows every epoch). The position in the data is a function of the global step alone,
+which is all a checkpoint needs to store to resume exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from posttrain.rl import checkpoint, distributed
+from posttrain.rl.config import ConfigError, TrainConfig, save_config
+from posttrain.rl.logger import MetricsLogger, tensorboard_available
+
+# Options that fix which rows each optimizer step sees; a resumed run must keep them.
+DATA_ORDER_OPTIONS = ("per_device_train_batch_size", "gradient_accumulation_steps", "seed")
+
+LossFn = Callable[[torch.nn.Module, dict, torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Start-up
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What `start` decided: where the run lives, on which device and process, in which precision."""
+
+    config: TrainConfig
+    command: str
+    output_dir: Path
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    bf16: bool = False
+    learning_rate: float | None = None
+    resume_from: Path | None = None  # checkpoint folder to resume from, checked at start
+    info: dict = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        """bf16 autocast for forward passes when enabled (a no-op context otherwise)."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def log_info(self, values: dict) -> None:
+        """Facts about the run (e.g. rows dropped while tokenizing): printed and kept in run_info.json."""
+        self.info.update(values)
+        if self.is_main:
+            print(f"[{self.command}] " + "  ".join(f"{k}={v}" for k, v in values.items()))
+            (self.output_dir / "run_info.json").write_text(json.dumps(self.info, indent=2, default=str))
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bfloat16 autocast works on this device (every CPU torch supports; CUDA from Ampere on)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return True
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA generators too
+
+
+def start(config: TrainConfig, command: str, *, default_learning_rate: float | None = None) -> Run:
+    """Check the options against the machine and any checkpoint, then start the run.
+
+    Everything that can be wrong with the options is raised here (ConfigError naming the option)
+    before any work: bf16 on a device without it, report_to=tensorboard without tensorboard, a resume
+    path that is not a checkpoint or whose data-order options differ, an output_dir holding an earlier
+    run's checkpoints without resume_from_checkpoint (an error rather than TRL's silent overwrite: the
+    new run's checkpoints would interleave with the old ones). Then: process group (WORLD_SIZE > 1),
+    seeds, output_dir with config.yaml.
+    """
+    rank, world_size, local_rank = distributed.env_world()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+
+    if config.bf16 and not bf16_supported(device):
+        raise ConfigError(
+            f"bf16=true but {device.type} device {device} does not support bfloat16; pass --bf16 false"
+        )
+    bf16 = (
+        bool(config.bf16) if config.bf16 is not None else (device.type == "cuda" and bf16_supported(device))
+    )
+    if config.report_to == "tensorboard" and not tensorboard_available():
+        raise ConfigError("report_to='tensorboard' but the tensorboard package is not installed")
+    learning_rate = config.learning_rate if config.learning_rate is not None else default_learning_rate
+    if learning_rate is None:
+        raise ConfigError(
+            f"learning_rate is not set and the {command} loop has no default: pass --learning_rate"
+        )
+
+    output_dir = Path(config.output_dir if config.output_dir is not None else f"runs/{command}")
+    resume_from = None
+    if config.resume_from_checkpoint is not None:
+        resume_from = checkpoint.resolve_resume(output_dir, config.resume_from_checkpoint)
+        _check_resumable(config, world_size, resume_from)
+    elif checkpoint.list_checkpoints(output_dir):
+        names = ", ".join(p.name for _, p in checkpoint.list_checkpoints(output_dir))
+        raise ConfigError(
+            f"output_dir {str(output_dir)!r} already holds checkpoints of an earlier run ({names}): pass "
+            "--resume_from_checkpoint latest to continue it, or choose another --output_dir"
+        )
+
+    distributed.init(device)
+    set_seed(config.seed)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.clean_temporary(output_dir)
+        save_config(config, output_dir / "config.yaml")
+    distributed.barrier()
+    return Run(
+        config=config,
+        command=command,
+        output_dir=output_dir,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        bf16=bf16,
+        learning_rate=learning_rate,
+        resume_from=resume_from,
+    )
+
+
+def _check_resumable(config: TrainConfig, world_size: int, path: Path) -> None:
+    state = checkpoint.read_trainer_state(path)
+    for name in DATA_ORDER_OPTIONS:
+        if name in state and state[name] != getattr(config, name):
+            raise ConfigError(
+                f"{name}={getattr(config, name)} but checkpoint {str(path)!r} was written with {name}={state[name]}; "
+                "resume with the same value (it fixes the data order)"
+            )
+    if state.get("world_size", world_size) != world_size:
+        raise ConfigError(
+            f"checkpoint {str(path)!r} was written by {state['world_size']} processes but this run has "
+            f"{world_size} (torchrun --nproc_per_node): resume with the same world size (it fixes the data order)"
+        )
+
+
+def finish(run: Run) -> None:
+    """End the run: tear down the process group."""
+    distributed.barrier()
+    distributed.destroy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model, optimizer, schedule
+# ---------------------------------------------------------------------------------------------------------
+
+
+def prepare_model(run: Run, model: torch.nn.Module) -> torch.nn.Module:
+    """Move to the run's device, enable gradient checkpointing if asked, train mode, DDP-wrap.
+
+    Returns the module to train (the DDP wrapper under torchrun); `distributed.unwrap` gives back the model.
+    """
+    model.to(run.device)
+    if run.config.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"gradient_checkpointing=true but {type(model).__name__} does not support it")
+        # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias) to
+        # activation_checkpointing_enable. Non-reentrant checkpointing works with DDP and frozen embeddings.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = (
+                False  # a KV cache is useless in training and conflicts with checkpointing
+            )
+    model.train()
+    return distributed.wrap(model, run.device)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, learning_rate: float | None = None):
+    """AdamW over the trainable parameters; no weight decay on 1-D parameters (biases, norm weights).
+
+    transformers picks the no-decay set by module class and name ("bias", "layernorm", "rmsnorm"), which
+    misses e.g. Qwen2's final `model.norm.weight`; the dimension rule catches every norm and bias.
+    """
+    learning_rate = config.learning_rate if learning_rate is None else learning_rate
+    if learning_rate is None:
+        raise ConfigError("learning_rate is not set")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        fused=params[0].is_cuda,  # one kernel for all parameters on a GPU; same math
+    )
+
+
+def lr_multiplier(step: int, config: TrainConfig, total_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based) as a fraction of the peak, transformers' formulas.
+
+    warmup: step / warmup_steps (so the first step runs at 0, as in transformers), then
+    constant: 1;  linear: (total - step) / (total - warmup);  cosine: (1 + cos(pi * progress)) / 2,
+    progress = (step - warmup) / (total - warmup).
+    """
+    warmup = config.warmup_steps
+    if step < warmup:
+        return step / max(1, warmup)
+    if config.lr_scheduler_type == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if config.lr_scheduler_type == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
+    """LambdaLR following `lr_multiplier`; call `.step()` once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config, total_steps))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One optimizer step
+# ---------------------------------------------------------------------------------------------------------
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+
+
+def count_tokens(batch: dict) -> torch.Tensor:
+    """Non-padding input tokens (TRL's num_tokens): the attention mask's sum, every token when packed."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
+
+
+def global_count(run: Run, batches: list[dict], count_fn) -> torch.Tensor:
+    """Σ count_fn over `batches` and over all ranks, float32 on the device, at least 1 (no host sync).
+
+    The clamp makes a step without any loss unit a zero loss with zero gradient instead of 0/0.
+    """
+    counts = [torch.as_tensor(count_fn(b), dtype=torch.float32, device=run.device) for b in batches]
+    total = torch.stack(counts).sum() if counts else torch.zeros((), device=run.device)
+    return distributed.all_reduce_sum(total).clamp(min=1.0)
+
+
+def forward_backward(run: Run, model, micro_batches: list[dict], loss_fn: LossFn, count_fn) -> dict:
+    """Accumulate one optimizer step's gradients into `.grad`; returns this rank's summed loss and metrics.
+
+    Returns {"loss", "num_tokens", *metrics}: scalar tensors summed over the micro-batches (not yet
+    over ranks). Under DDP the gradient all-reduce runs only on the last micro-batch (`no_sync`).
+    """
+    batches = [to_device(b, run.device) for b in micro_batches]
+    num_items = global_count(run, batches, count_fn)
+    # DDP averages gradients over ranks; loss_fn divides by the global count already, so undo the mean.
+    scale = run.world_size if distributed.is_distributed() else 1
+    sums: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(batches):
+        with distributed.no_sync(model, skip=i < len(batches) - 1):
+            with run.autocast():
+                loss, metrics = loss_fn(model, batch, num_items)
+            (loss * scale).backward()
+        values = {"loss": loss, "num_tokens": count_tokens(batch), **metrics}
+        for name, value in values.items():
+            value = torch.as_tensor(value, device=run.device).detach().float()
+            sums[name] = sums[name] + value if name in sums else value
+    return sums
+
+
+def optimizer_step(run: Run, model, optimizer, scheduler) -> tuple[torch.Tensor, float]:
+    """Clip, step, advance the schedule, zero the gradients; returns (grad norm before clipping, lr used)."""
+    max_norm = run.config.max_grad_norm if run.config.max_grad_norm > 0 else math.inf  # inf: norm only
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    learning_rate = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, learning_rate
+
+
+def accumulate(
+    run: Run, model, optimizer, scheduler, micro_batches: list[dict], loss_fn: LossFn, count_fn
+) -> dict:
+    """One optimizer step over this rank's `micro_batches`; returns its global metrics as floats.
+
+    Keys: loss, num_tokens (this step's non-pad input tokens, all ranks), the loss_fn's metrics (sums
+    over micro-batches and ranks: global means when loss_fn divides by num_items), grad_norm (before
+    clipping), learning_rate (the one this step used), tokens_per_second.
+    """
+    t0 = time.perf_counter()
+    sums = forward_backward(run, model, micro_batches, loss_fn, count_fn)
+    grad_norm, learning_rate = optimizer_step(run, model, optimizer, scheduler)
+    names = list(sums)
+    reduced = distributed.all_reduce_sum(torch.stack([sums[n] for n in names]))
+    # The step's one host sync: every metric crosses to the CPU in a single transfer.
+    values = torch.cat([reduced, grad_norm.detach().float().reshape(1).to(reduced.device)]).tolist()
+    out = dict(zip(names + ["grad_norm"], values, strict=True))
+    out["learning_rate"] = learning_rate
+    out["tokens_per_second"] = out["num_tokens"] / max(time.perf_counter() - t0, 1e-9)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data order
+# ---------------------------------------------------------------------------------------------------------
+
+
+def plan_steps(num_rows: int, config: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(steps_per_epoch, total_steps); trailing rows that do not fill an optimizer step are dropped."""
+    rows_per_step = config.per_device_train_batch_size * world_size * config.gradient_accumulation_steps
+    steps_per_epoch = num_rows // rows_per_step
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"the train set has {num_rows} rows, fewer than one optimizer step takes: per_device_train_batch_size "
+            f"({config.per_device_train_batch_size}) x processes ({world_size}) x gradient_accumulation_steps "
+            f"({config.gradient_accumulation_steps}) = {rows_per_step}"
+        )
+    total = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
+    return steps_per_epoch, total
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
+    """The permutation of row indices that epoch `epoch` visits, a pure function of (seed, epoch)."""
+    mixed = int(
+        np.random.SeedSequence([seed, epoch]).generate_state(1)[0]
+    )  # (seed, epoch) -> one 32-bit seed
+    return torch.randperm(num_rows, generator=torch.Generator().manual_seed(mixed)).tolist()
+
+
+def step_indices(
+    order: list[int], position: int, config: TrainConfig, rank: int, world_size: int
+) -> list[list[int]]:
+    """This rank's micro-batches (row indices) for the `position`-th optimizer step of an epoch."""
+    per_device, accum = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    global_micro = per_device * world_size
+    out = []
+    for micro in range(accum):
+        first = (position * accum + micro) * global_micro + rank * per_device
+        out.append(order[first : first + per_device])
+    return out
+
+
+def take_rows(rows, indices: list[int]) -> list[dict]:
+    """Rows `indices` of a list of dicts or a `datasets.Dataset`, as a list of dicts."""
+    if hasattr(rows, "column_names"):  # datasets.Dataset: one columnar read instead of a read per row
+        columns = rows[indices]
+        return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    return [rows[i] for i in indices]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def evaluate(run: Run, model, eval_rows, collate_fn, loss_fn: LossFn, count_fn, eval_fn=None) -> dict:
+    """eval_loss and eval_<metric> of `loss_fn` over all of `eval_rows`, plus `eval_fn(model)`'s metrics.
+
+    Rows are split into contiguous shards over ranks, each in micro-batches of per_device_eval_batch_size;
+    num_items counts the whole eval set. `eval_fn` gets the unwrapped model on every rank (shard and
+    reduce inside it to spread its work). No gradients, eval mode, back to train mode after.
+    """
+    module = distributed.unwrap(model)
+    was_training = module.training
+    module.eval()
+    out: dict[str, float] = {}
+    try:
+        with torch.no_grad():
+            if eval_rows is not None and len(eval_rows) > 0:
+                out.update(_eval_loss(run, module, eval_rows, collate_fn, loss_fn, count_fn))
+            if eval_fn is not None:
+                with run.autocast():
+                    extra = eval_fn(module)
+                out.update({k if k.startswith("eval_") else f"eval_{k}": float(v) for k, v in extra.items()})
+    finally:
+        module.train(was_training)
+    return out
+
+
+def _eval_loss(run: Run, module, eval_rows, collate_fn, loss_fn, count_fn) -> dict:
+    n, size = len(eval_rows), run.config.per_device_eval_batch_size
+    if n < run.world_size:
+        raise ValueError(f"the eval set has {n} rows, fewer than the {run.world_size} processes")
+    lo, hi = n * run.rank // run.world_size, n * (run.rank + 1) // run.world_size
+    batches = [
+        to_device(collate_fn(take_rows(eval_rows, list(range(i, min(i + size, hi))))), run.device)
+        for i in range(lo, hi, size)
+    ]
+    num_items = global_count(run, batches, count_fn)
+    sums: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        with run.autocast():
+            loss, metrics = loss_fn(module, batch, num_items)
+        for name, value in {"loss": loss, **metrics}.items():
+            value = torch.as_tensor(value, device=run.device).detach().float()
+            sums[name] = sums[name] + value if name in sums else value
+    names = list(sums)
+    values = distributed.all_reduce_sum(torch.stack([sums[k] for k in names])).tolist()  # one host sync
+    return {f"eval_{k}": v for k, v in zip(names, values, strict=True)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The offline loop
+# ---------------------------------------------------------------------------------------------------------
+
+
+def fit(
+    run: Run,
+    model,
+    tokenizer,
+    train_rows,
+    collate_fn,
+    loss_fn: LossFn,
+    count_fn,
+    *,
+    eval_rows=None,
+    eval_fn=None,
+) -> dict[str, Any]:
+    """Train to the end (resuming if the run says so), then save the final model and tokenizer.
+
+    train_rows / eval_rows: tokenized rows (list of dicts or `datasets.Dataset`); collate_fn(list of rows)
+    -> batch dict of tensors; loss_fn(model, batch, num_items) -> (loss, metrics), both already divided
+    by num_items = Σ count_fn(batch) over the optimizer step's micro-batches on all ranks.
+    Returns the last step's metrics merged with the last evaluation's.
+    """
+    config = run.config
+    steps_per_epoch, total_steps = plan_steps(len(train_rows), config, run.world_size)
+    model = prepare_model(run, model)
+    optimizer = build_optimizer(model, config, run.learning_rate)
+    scheduler = build_scheduler(optimizer, config, total_steps)
+    step, num_tokens, last_eval_step = 0, 0, None
+    if run.resume_from is not None:
+        state = checkpoint.load_checkpoint(run, run.resume_from, model, optimizer, scheduler)
+        if state["num_train_rows"] != len(train_rows):
+            raise ValueError(
+                f"checkpoint {str(run.resume_from)!r} was trained on {state['num_train_rows']} rows but the train "
+                f"set now has {len(train_rows)}: resume with the same data"
+            )
+        step, num_tokens = state["global_step"], state["num_tokens"]
+        if config.eval_steps and step % config.eval_steps == 0:
+            last_eval_step = step  # evaluated before that checkpoint was written
+
+    has_eval = (
+        eval_fn is not None or (eval_rows is not None and len(eval_rows) > 0)
+    ) and config.eval_steps != 0
+    logger = MetricsLogger(run, total_steps, resume_step=step)
+    last: dict[str, Any] = {}
+
+    def run_eval():
+        nonlocal last_eval_step
+        results = evaluate(run, model, eval_rows, collate_fn, loss_fn, count_fn, eval_fn)
+        logger.log_eval(step, step / steps_per_epoch, results)
+        last.update(results)
+        last_eval_step = step
+
+    try:
+        order, order_epoch = None, None
+        while step < total_steps:
+            epoch, position = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(len(train_rows), config.seed, epoch), epoch
+            indices = step_indices(order, position, config, run.rank, run.world_size)
+            micro_batches = [collate_fn(take_rows(train_rows, idx)) for idx in indices]
+            metrics = accumulate(run, model, optimizer, scheduler, micro_batches, loss_fn, count_fn)
+            step += 1
+            num_tokens += int(metrics.pop("num_tokens"))
+            record = {"epoch": step / steps_per_epoch}
+            for name in ("loss", "learning_rate", "grad_norm"):
+                record[name] = metrics.pop(name)
+            record["num_tokens"] = num_tokens
+            record["tokens_per_second"] = metrics.pop("tokens_per_second")
+            record.update(metrics)
+            logger.log_train(step, record)
+            last.update(record)
+            if has_eval and config.eval_steps and step % config.eval_steps == 0:
+                run_eval()
+            if config.save_steps and step % config.save_steps == 0:
+                trainer_state = {
+                    "global_step": step,
+                    "epoch": step / steps_per_epoch,
+                    "num_tokens": num_tokens,
+                    "steps_per_epoch": steps_per_epoch,
+                    "total_steps": total_steps,
+                    "num_train_rows": len(train_rows),
+                    "world_size": run.world_size,
+                    **{name: getattr(config, name) for name in DATA_ORDER_OPTIONS},
+                }
+                checkpoint.save_checkpoint(run, model, optimizer, scheduler, trainer_state, tokenizer)
+        if has_eval and last_eval_step != step:
+            run_eval()
+        checkpoint.save_model(run, model, tokenizer, run.output_dir)
+    finally:
+        logger.close()
+    finish(run)
+    return {"global_step": step, **last}

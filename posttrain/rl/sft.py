@@ -1,0 +1,175 @@
+"""Supervised fine-tuning: maximise log p(completion | prompt) on demonstration data.
+
+    1. model and tokenizer (the embedded tiny model when none is named)
+    2. data: load, check the format, tokenize with completion-only / assistant-only masks, pack or pad
+    3. for each optimizer step: per-token log-probs of the target tokens -> masked NLL -> step
+
+Metrics (TRL's names): loss, mean_token_accuracy, entropy, num_tokens, learning_rate, grad_norm.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+from posttrain.data import collate, embedded, formats, loading, tokenization
+from posttrain.losses import registry
+from posttrain.rl import loop
+from posttrain.rl.config import ConfigError, TrainConfig
+from posttrain.rl.logprobs import token_logprobs
+from posttrain.rl.models import load_causal_lm, load_tokenizer
+
+SFT_FORMATS = ("language_modeling", "prompt_completion")
+
+# Defaults for the embedded run: it starts from random weights, so it needs a pre-training-sized
+# learning rate, and the task's rows are ~10 tokens, so larger batches cost little.
+EMBEDDED_DEFAULTS = dict(
+    learning_rate=3e-3, per_device_train_batch_size=32, num_train_epochs=20.0, warmup_steps=20
+)
+PRETRAINED_LEARNING_RATE = 2e-5  # TRL's SFT default
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    max_length: int | None = field(
+        default=1024, metadata={"help": "Truncate tokenized rows to this many tokens."}
+    )
+    packing: bool = field(
+        default=False, metadata={"help": "Pack rows into max_length bins (best-fit decreasing), no padding."}
+    )
+    padding_free: bool = field(
+        default=False, metadata={"help": "Concatenate a batch's rows into one row without padding."}
+    )
+    completion_only_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Loss on completion tokens only (prompt-completion data); None: yes when there is a prompt."
+        },
+    )
+    assistant_only_loss: bool = field(
+        default=False,
+        metadata={"help": "Loss on assistant turns only (conversational data; needs generation markers)."},
+    )
+    dataset_text_field: str = field(
+        default="text", metadata={"help": "Column holding the text of language-modelling data."}
+    )
+    overlong_prompt: str = field(
+        default="drop",
+        metadata={"help": "A prompt longer than max_length: 'drop' the row (and count it) or 'error'."},
+    )
+    loss_type: str = field(
+        default="nll", metadata={"help": "SFT loss: " + ", ".join(registry.names("sft")) + "."}
+    )
+
+    def __post_init__(self):
+        embedded_run = self.model_name_or_path is None and self.dataset_name is None
+        for name, value in EMBEDDED_DEFAULTS.items():
+            if embedded_run and getattr(self, name) == _field_default(TrainConfig, name):
+                setattr(self, name, value)
+        if self.learning_rate is None:
+            self.learning_rate = (
+                EMBEDDED_DEFAULTS["learning_rate"] if embedded_run else PRETRAINED_LEARNING_RATE
+            )
+        super().__post_init__()
+        if self.loss_type not in registry.names("sft"):
+            raise ConfigError(
+                f"loss_type={self.loss_type!r} is not an SFT loss; expected one of {registry.names('sft')}"
+            )
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2 (or none), got {self.max_length}")
+        if self.packing and self.max_length is None:
+            raise ConfigError("packing=true needs a max_length: it is the size of the packed rows")
+        if self.overlong_prompt not in ("drop", "error"):
+            raise ConfigError(f"overlong_prompt must be 'drop' or 'error', got {self.overlong_prompt!r}")
+
+
+def _field_default(cls, name):
+    return cls.__dataclass_fields__[name].default
+
+
+def load_sft_data(config: SFTConfig, tokenizer):
+    """Tokenized train and eval rows (eval may be None) and the dropped-row counts."""
+    if config.dataset_name is None:
+        train, evaluation = (
+            embedded.dataset("prompt_completion", "train"),
+            embedded.dataset("prompt_completion", "test"),
+        )
+    else:
+        train, evaluation = loading.load_splits(
+            config.dataset_name,
+            name=config.dataset_config,
+            train_split=config.dataset_train_split,
+            eval_split=config.dataset_test_split,
+        )
+    tokenize = functools.partial(
+        tokenization.tokenize_sft,
+        tokenizer=tokenizer,
+        max_length=config.max_length,
+        completion_only_loss=config.completion_only_loss,
+        assistant_only_loss=config.assistant_only_loss,
+        overlong_prompt=config.overlong_prompt,
+        dataset_text_field=config.dataset_text_field,
+    )
+    out, info = [], {}
+    for split, dataset in (("train", train), ("eval", evaluation)):
+        if dataset is None:
+            out.append(None)
+            continue
+        formats.check_format(dataset, SFT_FORMATS, command="sft")
+        rows, info[split] = tokenize(dataset)
+        if config.packing:
+            rows = collate.pack(rows, config.max_length)
+        out.append(rows)
+    return out[0], out[1], info
+
+
+def make_collate(config: SFTConfig, pad_token_id: int):
+    if config.packing:
+        return collate.packed_collate
+    if config.padding_free:
+        return collate.padding_free_collate
+    return functools.partial(collate.pad_collate, pad_token_id=pad_token_id)
+
+
+def sft_step_loss(model, batch, num_items, *, loss_type: str = "nll"):
+    """One micro-batch's share of the step's loss, and its metrics (already divided by num_items)."""
+    mask = batch["completion_mask"]
+    out = token_logprobs(model, batch, return_entropy=True, return_top1=True)
+    loss = registry.get("sft", loss_type)(out.logps, mask, num_items)
+    metrics = {
+        "mean_token_accuracy": (out.is_top1 & mask.bool()).sum() / num_items,
+        "entropy": (out.entropy.detach() * mask).sum() / num_items,
+    }
+    return loss, metrics
+
+
+def count_targets(batch) -> int:
+    return batch["completion_mask"].sum()
+
+
+def train(config: SFTConfig):
+    """Run SFT to the end; returns the run (its output_dir holds metrics.jsonl, checkpoints, the model)."""
+    run = loop.start(config, command="sft")
+    tokenizer = load_tokenizer(config.model_name_or_path)
+    model = load_causal_lm(config.model_name_or_path, seed=config.seed)
+    train_rows, eval_rows, info = load_sft_data(config, tokenizer)
+    run.log_info(
+        {f"{split}_dropped_overlong_prompts": v["dropped_overlong_prompts"] for split, v in info.items()}
+    )
+
+    eval_fn = None
+    if config.dataset_name is None:
+        # The embedded task has checkable answers: report held-out exact-match accuracy too.
+        eval_fn = functools.partial(embedded.exact_match, tokenizer=tokenizer, split="test")
+    loop.fit(
+        run,
+        model,
+        tokenizer,
+        train_rows,
+        make_collate(config, tokenizer.pad_token_id),
+        functools.partial(sft_step_loss, loss_type=config.loss_type),
+        count_fn=count_targets,
+        eval_rows=eval_rows,
+        eval_fn=eval_fn,
+    )
+    return run
