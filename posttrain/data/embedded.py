@@ -3,8 +3,8 @@
 Everything here is offline and deterministic under a seed, so `posttrain sft` with no arguments runs
 on a fresh CPU machine, and the tests use the same objects as fixtures.
 
-The task is small-integer arithmetic: the prompt is `"a+b="` or `"a-b="` and the answer the decimal
-result, checkable by exact match. One generator serves every dataset format the loops need:
+The task is small-integer addition: the prompt is `"a+b="` (0 <= a, b <= 29) and the answer the decimal
+sum, checkable by exact match. One generator serves every dataset format the loops need:
 
     prompt-completion   {"prompt", "completion"}                       SFT
     preference          {"prompt", "chosen", "rejected"}               reward model, DPO
@@ -100,26 +100,19 @@ def build_model(seed: int = 0, **config_overrides):
 # The synthetic task
 # ---------------------------------------------------------------------------------------------------------
 
-MAX_OPERAND = 29  # answers stay within [-29, 58]: two or three characters
+MAX_OPERAND = 29  # answers 0..58: one or two characters, then eos
 
 
-def _all_problems() -> list[tuple[int, str, int]]:
-    problems = []
-    for a in range(MAX_OPERAND + 1):
-        for b in range(MAX_OPERAND + 1):
-            problems.append((a, "+", b))
-            problems.append((a, "-", b))
-    return problems
+def _all_problems() -> list[tuple[int, int]]:
+    # Addition only: with subtraction (negative answers) the tiny model needs several times the steps
+    # to reach the same held-out exact match, and the default run must learn visibly in minutes.
+    return [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
 
 
-def _answer(a: int, op: str, b: int) -> int:
-    return a + b if op == "+" else a - b
-
-
-def _wrong_answer(rng: random.Random, a: int, op: str, b: int) -> int:
-    """A plausible mistake: off by one or ten, or the other operation."""
-    right = _answer(a, op, b)
-    candidates = {right + 1, right - 1, right + 10, right - 10, a - b if op == "+" else a + b}
+def _wrong_answer(rng: random.Random, a: int, b: int) -> int:
+    """A plausible mistake: off by one or ten (a dropped or doubled carry), or the difference."""
+    right = a + b
+    candidates = {right + 1, right - 1, right + 10, right - 10, abs(a - b)}
     candidates.discard(right)
     return rng.choice(sorted(candidates))
 
@@ -132,7 +125,7 @@ def problems(split: str = "train", seed: int = 0) -> list[tuple[str, str]]:
     random.Random(seed).shuffle(all_problems)
     n_test = len(all_problems) // 8
     chosen = all_problems[:n_test] if split == "test" else all_problems[n_test:]
-    return [(f"{a}{op}{b}=", str(_answer(a, op, b))) for a, op, b in chosen]
+    return [(f"{a}+{b}=", str(a + b)) for a, b in chosen]
 
 
 def _message(role: str, content: str) -> list[dict[str, str]]:
@@ -147,8 +140,7 @@ def rows(kind: str = "prompt_completion", split: str = "train", seed: int = 0, c
     rng = random.Random(f"{seed}-{kind}-{split}")
     out = []
     for prompt, answer in problems(split, seed):
-        a, op, b = _parse(prompt)
-        wrong = str(_wrong_answer(rng, a, op, b))
+        wrong = str(_wrong_answer(rng, *_parse(prompt)))
         p = _message("user", prompt) if conversational else prompt
         c = (lambda text: _message("assistant", text)) if conversational else (lambda text: text)
         if kind == "prompt_completion":
@@ -173,11 +165,9 @@ def rows(kind: str = "prompt_completion", split: str = "train", seed: int = 0, c
     return out
 
 
-def _parse(prompt: str) -> tuple[int, str, int]:
-    body = prompt.rstrip("=")
-    op = "+" if "+" in body else "-"
-    a, b = body.split(op)
-    return int(a), op, int(b)
+def _parse(prompt: str) -> tuple[int, int]:
+    a, b = prompt.strip().rstrip("=").split("+")
+    return int(a), int(b)
 
 
 def dataset(
@@ -191,8 +181,8 @@ def dataset(
 
 def is_correct(prompt: str, completion: str) -> bool:
     """Exact match of the completion (up to surrounding whitespace) against the true answer."""
-    a, op, b = _parse(prompt.strip())
-    return completion.strip() == str(_answer(a, op, b))
+    a, b = _parse(prompt)
+    return completion.strip() == str(a + b)
 
 
 def exact_match(model, tokenizer, split: str = "test", seed: int = 0, limit: int | None = None) -> dict:

@@ -24,7 +24,7 @@ SFT_FORMATS = ("language_modeling", "prompt_completion")
 # Defaults for the embedded run: it starts from random weights, so it needs a pre-training-sized
 # learning rate, and the task's rows are ~10 tokens, so larger batches cost little.
 EMBEDDED_DEFAULTS = dict(
-    learning_rate=3e-3, per_device_train_batch_size=32, num_train_epochs=20.0, warmup_steps=20
+    learning_rate=3e-3, per_device_train_batch_size=32, num_train_epochs=32.0, warmup_steps=20
 )
 PRETRAINED_LEARNING_RATE = 2e-5  # TRL's SFT default
 

@@ -1,0 +1,17 @@
+"""Run Triton kernels through the interpreter on machines without a GPU.
+
+TRITON_INTERPRET must be set before triton is first imported anywhere in the process, so it lives here
+(conftest.py is imported before any test module)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The test models are tiny: intra-op threads add only synchronisation, and on a loaded 2-core machine
+# spinning OpenMP workers stall each small op (a tiny-model SFT step measured 40x slower with 2 threads
+# than with 1 while other processes ran). Subprocesses the tests start inherit the same setting.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
