@@ -1,12 +1,14 @@
 """`posttrain <command> [--config file.yaml] [--key value ...]`.
 
-Each command is a loop module exposing a config dataclass and `train(config)`. A bad option stops
-the command before any work with a one-line message naming it (exit code 2).
+Each command is a loop module exposing a config dataclass and `train(config)`. A bad option or bad
+input (a missing dataset, a malformed row, a contradiction found at start-up) stops the command with a
+one-line message naming it and exit code 2; POSTTRAIN_TRACEBACK=1 shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # command -> (module, config class name)
@@ -39,7 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if config is None:  # --help was printed
         return 0
-    module.train(config)
+    try:
+        module.train(config)
+    except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
+        if os.environ.get("POSTTRAIN_TRACEBACK") == "1":
+            raise
+        print(f"posttrain {command}: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -29,7 +29,7 @@ def _yaml(tmp_path, text: str) -> str:
     return str(path)
 
 
-def test_defaults_match_trl_names():
+def test_no_arguments_give_the_defaults():
     config = parse_config(TrainConfig, [])
     assert config == TrainConfig()
     assert (config.learning_rate, config.lr_scheduler_type, config.max_steps, config.bf16) == (

@@ -65,8 +65,9 @@ def test_pack_and_packed_collate_by_hand():
     assert split["input_ids"] == [[1, 2, 3, 4], [8, 9, 10, 5], [6, 7, 11]]
     assert split["seq_lengths"] == [[4], [3, 1], [2, 1]]
     batch = packed_collate([packed[1], packed[2]], pad_token_id=0)
-    assert set(batch) == {"input_ids", "completion_mask", "position_ids"}
+    assert set(batch) == {"input_ids", "completion_mask", "position_ids", "num_tokens"}
     assert batch["input_ids"].tolist() == [[8, 9, 10, 11], [6, 7, 0, 0]]
+    assert batch["num_tokens"].item() == 6  # the two filler tokens are not counted
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 0, 1]]  # the padding is its own document
     assert batch["completion_mask"].tolist() == [[0, 1, 0, 0], [0, 0, 0, 0]]
 

@@ -191,6 +191,11 @@ def test_option_errors(tokenizer):
         match=r"assistant_only_loss=True needs a chat template that marks assistant turns with \{% generation %\}",
     ):
         tokenize_sft(messages, plain, assistant_only_loss=True)
+    plain.chat_template = None
+    with pytest.raises(
+        ValueError, match="the dataset is conversational .* but the tokenizer .* has no chat template"
+    ):
+        tokenize_sft(messages, plain)
 
 
 def test_row_errors(tokenizer):

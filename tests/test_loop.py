@@ -527,3 +527,14 @@ def test_ddp_two_processes_match_one(tmp_path):
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp")
     for name, tensor in single["one"].state_dict().items():
         torch.testing.assert_close(final.state_dict()[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_truncate_metrics_drops_later_steps_and_a_half_written_line(tmp_path):
+    from posttrain.rl.logger import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        '{"step": 1, "loss": 2.0}\n{"step": 2, "eval_loss": 1.5}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo'
+    )
+    truncate_metrics(path, last_step=2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "eval_loss": 1.5}\n'

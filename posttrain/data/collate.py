@@ -96,7 +96,8 @@ def padding_free_collate(rows):
 
 
 def packed_collate(rows, *, pad_token_id: int = 0):
-    """Stack packed rows (from `pack`) into (B, T), T the longest row, with no attention_mask.
+    """Stack packed rows (from `pack`) into (B, T), T the longest row, with no attention_mask, plus
+    `num_tokens` (a scalar tensor): the tokens that are not filler.
 
     Shorter rows are filled with `pad_token_id` tokens that form their own document (position_ids
     0, 1, 2, ... and completion_mask 0), so attention never crosses into them nor out of them. Rows stay
@@ -119,7 +120,14 @@ def packed_collate(rows, *, pad_token_id: int = 0):
         position_ids[b, :n] = torch.tensor(row["position_ids"], dtype=torch.long)
         position_ids[b, n:] -= n  # the padding is one more document: 0, 1, 2, ...
     completion_mask[position_ids == 0] = 0
-    return {"input_ids": input_ids, "completion_mask": completion_mask, "position_ids": position_ids}
+    # The filler is not data: `num_tokens` (TRL's metric) counts only the packed rows' own tokens.
+    num_tokens = torch.tensor(sum(len(r["input_ids"]) for r in rows))
+    return {
+        "input_ids": input_ids,
+        "completion_mask": completion_mask,
+        "position_ids": position_ids,
+        "num_tokens": num_tokens,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -213,6 +213,12 @@ def tokenize_sft(
     fmt = check_format(
         dataset, ("language_modeling", "prompt_completion"), "sft", text_field=dataset_text_field
     )
+    if fmt.conversational and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the dataset is conversational ({fmt.kind}, message lists) but the tokenizer "
+            f"{getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has no chat template: "
+            "use a model whose tokenizer has one, or a dataset of plain strings"
+        )
     if assistant_only_loss and not fmt.conversational:
         raise ValueError(
             "assistant_only_loss=True needs a conversational dataset (messages, or prompt/completion as "

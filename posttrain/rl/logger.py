@@ -27,11 +27,14 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the lines of steps <= last_step (a killed run may have logged past its last checkpoint)."""
     if not path.is_file():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line and json.loads(line).get("step", 0) <= last_step
-    ]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the line being written when the run was killed
+            continue
+        if record.get("step", 0) <= last_step:
+            kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)

@@ -274,7 +274,10 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def count_tokens(batch: dict) -> torch.Tensor:
-    """Non-padding input tokens (TRL's num_tokens): the attention mask's sum, every token when packed."""
+    """Non-padding input tokens (TRL's num_tokens): the collator's count when it gives one (packed rows
+    with filler), else the attention mask's sum, else every token (padding-free)."""
+    if "num_tokens" in batch:
+        return batch["num_tokens"]
     if "attention_mask" in batch:
         return batch["attention_mask"].sum()
     return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)

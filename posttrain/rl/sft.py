@@ -12,27 +12,49 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from posttrain.data import collate, embedded, formats, loading, tokenization
+import torch
+
+from posttrain.data import collate, embedded, loading, tokenization
 from posttrain.losses import registry
 from posttrain.rl import loop
 from posttrain.rl.config import ConfigError, TrainConfig
 from posttrain.rl.logprobs import token_logprobs
 from posttrain.rl.models import load_causal_lm, load_tokenizer
 
-SFT_FORMATS = ("language_modeling", "prompt_completion")
-
-# Defaults for the embedded run: it starts from random weights, so it needs a pre-training-sized
-# learning rate, and the task's rows are ~10 tokens, so larger batches cost little.
-EMBEDDED_DEFAULTS = dict(
-    learning_rate=3e-3, per_device_train_batch_size=32, num_train_epochs=32.0, warmup_steps=20
-)
+# Defaults that depend on the run. The embedded model starts from random weights, so it needs a
+# pre-training-sized learning rate; the embedded task's rows are ~8 tokens, so large batches, many
+# epochs and short packed rows cost little.
+EMBEDDED_MODEL_LEARNING_RATE = 3e-3
 PRETRAINED_LEARNING_RATE = 2e-5  # TRL's SFT default
+#                              embedded task     any other data (TRL's defaults)
+RUN_DEFAULTS = {
+    "per_device_train_batch_size": (32, 8),
+    "num_train_epochs": (32.0, 3.0),
+    "warmup_steps": (20, 0),
+    "max_length": (64, 1024),
+}
 
 
 @dataclass
 class SFTConfig(TrainConfig):
+    # Redeclared with a `None` default: filled from RUN_DEFAULTS, so an explicit value always wins.
+    per_device_train_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per micro-batch per process; none: 32 on the embedded task, else 8."},
+    )
+    num_train_epochs: float | None = field(
+        default=None,
+        metadata={"help": "Passes over the train set (unless max_steps); none: 32 embedded, else 3."},
+    )
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps of linear warmup from 0; none: 20 embedded, else 0."}
+    )
     max_length: int | None = field(
-        default=1024, metadata={"help": "Truncate tokenized rows to this many tokens."}
+        default=-1,
+        metadata={
+            "help": "Truncate tokenized rows to this many tokens (packing: the bin size); -1: 64 embedded, "
+            "else 1024; none: no truncation."
+        },
     )
     packing: bool = field(
         default=False, metadata={"help": "Pack rows into max_length bins (best-fit decreasing), no padding."}
@@ -62,14 +84,13 @@ class SFTConfig(TrainConfig):
     )
 
     def __post_init__(self):
-        embedded_run = self.model_name_or_path is None and self.dataset_name is None
-        for name, value in EMBEDDED_DEFAULTS.items():
-            if embedded_run and getattr(self, name) == _field_default(TrainConfig, name):
-                setattr(self, name, value)
+        embedded_task = self.dataset_name is None
+        for name, (on_embedded, otherwise) in RUN_DEFAULTS.items():
+            if getattr(self, name) is None or (name == "max_length" and self.max_length == -1):
+                setattr(self, name, on_embedded if embedded_task else otherwise)
         if self.learning_rate is None:
-            self.learning_rate = (
-                EMBEDDED_DEFAULTS["learning_rate"] if embedded_run else PRETRAINED_LEARNING_RATE
-            )
+            random_init = self.model_name_or_path is None
+            self.learning_rate = EMBEDDED_MODEL_LEARNING_RATE if random_init else PRETRAINED_LEARNING_RATE
         super().__post_init__()
         if self.loss_type not in registry.names("sft"):
             raise ConfigError(
@@ -81,10 +102,6 @@ class SFTConfig(TrainConfig):
             raise ConfigError("packing=true needs a max_length: it is the size of the packed rows")
         if self.overlong_prompt not in ("drop", "error"):
             raise ConfigError(f"overlong_prompt must be 'drop' or 'error', got {self.overlong_prompt!r}")
-
-
-def _field_default(cls, name):
-    return cls.__dataclass_fields__[name].default
 
 
 def load_sft_data(config: SFTConfig, tokenizer):
@@ -100,6 +117,8 @@ def load_sft_data(config: SFTConfig, tokenizer):
             name=config.dataset_config,
             train_split=config.dataset_train_split,
             eval_split=config.dataset_test_split,
+            # A split the user named, or evaluation the user asked for, must exist: no silent skip.
+            require_eval=config.dataset_test_split != "test" or bool(config.eval_steps),
         )
     tokenize = functools.partial(
         tokenization.tokenize_sft,
@@ -115,7 +134,6 @@ def load_sft_data(config: SFTConfig, tokenizer):
         if dataset is None:
             out.append(None)
             continue
-        formats.check_format(dataset, SFT_FORMATS, command="sft")
         rows, info[split] = tokenize(dataset)
         if config.packing:
             rows = collate.pack(rows, config.max_length)
@@ -132,7 +150,13 @@ def make_collate(config: SFTConfig, pad_token_id: int):
 
 
 def sft_step_loss(model, batch, num_items, *, loss_type: str = "nll"):
-    """One micro-batch's share of the step's loss, and its metrics (already divided by num_items)."""
+    """One micro-batch's share of the step's loss, and its metrics.
+
+    batch: input_ids, completion_mask (B, T) [+ attention_mask, position_ids]; num_items: target tokens
+    in the whole optimizer step. Returns (loss, {"mean_token_accuracy", "entropy"}): scalars, each a
+    sum over this micro-batch's target tokens divided by num_items, so sums over micro-batches and
+    ranks are the step's token means.
+    """
     mask = batch["completion_mask"]
     out = token_logprobs(model, batch, return_entropy=True, return_top1=True)
     loss = registry.get("sft", loss_type)(out.logps, mask, num_items)
@@ -143,19 +167,19 @@ def sft_step_loss(model, batch, num_items, *, loss_type: str = "nll"):
     return loss, metrics
 
 
-def count_targets(batch) -> int:
+def count_targets(batch) -> torch.Tensor:
+    """Target tokens in a batch: the unit SFT's loss is averaged over."""
     return batch["completion_mask"].sum()
 
 
 def train(config: SFTConfig):
     """Run SFT to the end; returns the run (its output_dir holds metrics.jsonl, checkpoints, the model)."""
-    run = loop.start(config, command="sft")
+    # Data first: a bad dataset or option stops here, before the run folder is written.
     tokenizer = load_tokenizer(config.model_name_or_path)
-    model = load_causal_lm(config.model_name_or_path, seed=config.seed)
     train_rows, eval_rows, info = load_sft_data(config, tokenizer)
-    run.log_info(
-        {f"{split}_dropped_overlong_prompts": v["dropped_overlong_prompts"] for split, v in info.items()}
-    )
+    run = loop.start(config, command="sft")
+    run.log_info({f"{split}_{key}": value for split, counts in info.items() for key, value in counts.items()})
+    model = load_causal_lm(config.model_name_or_path, seed=config.seed)
 
     eval_fn = None
     if config.dataset_name is None:
