@@ -188,12 +188,11 @@ def is_correct(prompt: str, completion: str) -> bool:
 def exact_match(model, tokenizer, split: str = "test", seed: int = 0, limit: int | None = None) -> dict:
     """Greedy-decode every prompt of `split` and score exact match of the answer: {"exact_match": fraction}.
 
-    Works for a model trained on the standard prompt-completion rows (prompt "a+b=", completion the
-    answer then eos) and, through the chat template, on the conversational ones.
+    The prompts are the standard rows' plain strings (`"a+b="`), which is what `posttrain sft` trains
+    on by default; `model` is the bare model (not a DDP wrapper).
     """
     import torch
 
-    model = getattr(model, "module", model)  # DistributedDataParallel
     pairs = problems(split, seed)[:limit]
     was_training = model.training
     model.eval()

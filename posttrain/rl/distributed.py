@@ -77,10 +77,12 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's model inside a DDP wrapper (for saving, generation, evaluation)."""
+    """The user's model inside DDP and torch.compile wrappers (for saving, generation, evaluation)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    while isinstance(model, DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, DistributedDataParallel) else model._orig_mod
+    return model
 
 
 def no_sync(model: torch.nn.Module, skip: bool):

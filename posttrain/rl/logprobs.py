@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from posttrain.kernels import logprobs_from_hidden, logprobs_from_logits
+from posttrain.rl.distributed import unwrap
 
 # Families whose forward is `lm_head(final_norm(decoder(x)))`, followed at most by the soft-capping
 # and logit scale read from the config below. Others (or unknown post-processing) take the logits path.
@@ -47,15 +48,8 @@ class TokenLogProbs(NamedTuple):
     is_top1: torch.Tensor | None
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # DistributedDataParallel (and torch.compile) keep the real model one attribute down.
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
 def supports_fused(model: torch.nn.Module) -> bool:
-    inner = _unwrap(model)
+    inner = unwrap(model)
     config = getattr(inner, "config", None)
     return (
         getattr(config, "model_type", None) in FUSED_MODEL_TYPES and inner.get_output_embeddings() is not None
@@ -73,7 +67,7 @@ def _capture_output_layer_input(model: torch.nn.Module):
         captured["hidden"] = hidden
         return (hidden[..., :0, :],)
 
-    handle = _unwrap(model).get_output_embeddings().register_forward_pre_hook(pre_hook)
+    handle = unwrap(model).get_output_embeddings().register_forward_pre_hook(pre_hook)
     try:
         yield captured
     finally:
@@ -111,7 +105,7 @@ def token_logprobs(
     flags = dict(temperature=temperature, return_entropy=return_entropy, return_top1=return_top1)
 
     if supports_fused(model):
-        inner = _unwrap(model)
+        inner = unwrap(model)
         with _capture_output_layer_input(model) as captured:
             model(**_model_inputs(batch))
         hidden = captured["hidden"][:, :-1][targets]  # (N, H)
