@@ -525,8 +525,10 @@ def test_ddp_two_processes_match_one(tmp_path):
     from transformers import AutoModelForCausalLM
 
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp")
+    # Adam divides by sqrt(v): a parameter whose gradient is ~0 turns float noise from the different
+    # padding into an update of up to lr, so weights agree to an absolute 1e-5, not to float precision.
     for name, tensor in single["one"].state_dict().items():
-        torch.testing.assert_close(final.state_dict()[name], tensor, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(final.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
 
 
 def test_truncate_metrics_drops_later_steps_and_a_half_written_line(tmp_path):

@@ -57,9 +57,14 @@ def logprobs_from_logits(
     mask: torch.Tensor | None = None,
     return_entropy: bool = False,
     return_top1: bool = False,
+    inplace_backward: bool = False,
     backend: str | None = None,
 ):
-    """log softmax(logits / temperature)[index] per row; see the module docstring for shapes and outputs."""
+    """log softmax(logits / temperature)[index] per row; see the module docstring for shapes and outputs.
+
+    inplace_backward: write dlogits into `logits`' own buffer (no second (N, V) tensor); only for
+    callers that never read `logits` again after the forward.
+    """
     from . import logits as impl
 
     if _backend(backend, logits) == "triton":
@@ -73,6 +78,7 @@ def logprobs_from_logits(
         mask=mask,
         return_entropy=return_entropy,
         return_top1=return_top1,
+        inplace_backward=inplace_backward,
     )
 
 

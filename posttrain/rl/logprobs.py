@@ -122,7 +122,9 @@ def token_logprobs(
         )
     else:
         logits = model(**_model_inputs(batch)).logits  # (B, T, V)
-        out = logprobs_from_logits(logits[:, :-1][targets], index, **flags)
+        # The boolean selection copies the target rows, and nothing reads that copy again: its buffer
+        # can take dlogits, saving an (N, V) tensor in backward.
+        out = logprobs_from_logits(logits[:, :-1][targets], index, inplace_backward=True, **flags)
 
     outs = out if isinstance(out, tuple) else (out,)
     logps = _scatter(outs[0], targets)

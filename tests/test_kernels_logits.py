@@ -1,0 +1,481 @@
+"""Log-softmax gathering from full logits: torch and Triton paths against a float64 reference.
+
+Notation: N rows, V vocabulary, B batch, T time. Without a GPU the Triton kernels run under the interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton); with one, on CUDA copies of the
+CPU inputs, gradients flowing back to the CPU tensors.
+"""
+
+import math
+import os
+import re
+
+import pytest
+import torch
+
+import posttrain.kernels as kernels
+import posttrain.kernels.logits as L
+
+CUDA = torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(
+    L.triton is None or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="triton missing, or neither a GPU nor TRITON_INTERPRET=1",
+)
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+
+
+def _triton_on_device(logits, index, *, mask=None, **kwargs):
+    """logprobs_from_logits_triton on CUDA copies when a GPU exists (outputs back on the CPU), else directly."""
+    if not CUDA:
+        return L.logprobs_from_logits_triton(logits, index, mask=mask, **kwargs)
+    mask = None if mask is None else mask.cuda()
+    out = L.logprobs_from_logits_triton(logits.cuda(), index.cuda(), mask=mask, **kwargs)
+    return out.cpu() if isinstance(out, torch.Tensor) else tuple(t.cpu() for t in out)
+
+
+IMPLS = {"torch": L.logprobs_from_logits_torch, "triton": _triton_on_device}
+
+# (values atol, gradient atol, gradient rtol) per input dtype: values are computed in fp32 from exactly
+# representable inputs; gradients come back in the input dtype, so they may differ from the correctly rounded
+# reference by one unit in the last place (bf16: 2^-7 relative below 2, fp16: 2^-10).
+TOL = {
+    torch.float32: (2e-5, 2e-6, 1e-5),
+    torch.bfloat16: (2e-5, 4e-3, 2**-7),
+    torch.float16: (2e-5, 5e-4, 2**-10),
+}
+
+
+def run(fn, logits, index, *, weights=None, **kwargs):
+    """Forward with entropy and top-1, then backward of sum(w1 * logps) + sum(w2 * entropy) over finite values.
+
+    Returns (logps, entropy, top1, dlogits) with dlogits in the logits' dtype."""
+    x = logits.detach().clone().requires_grad_()
+    logps, entropy, top1 = fn(x, index, return_entropy=True, return_top1=True, **kwargs)
+    w1, w2 = weights if weights is not None else loss_weights(index.shape)
+    # -inf log-probs (a target at -inf) have a finite gradient but would make the loss -inf: leave them out
+    loss = (torch.where(torch.isfinite(logps), logps, 0) * w1).sum() + (entropy * w2).sum()
+    loss.backward()
+    return logps, entropy, top1, x.grad
+
+
+def loss_weights(shape, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=torch.float64), torch.randn(
+        shape, generator=gen, dtype=torch.float64
+    )
+
+
+def check_against_reference(
+    backend, logits, index, *, temperature=1.0, mask=None, dtype=torch.float32, value_atol=None
+):
+    """Values, top-1 and dlogits of one backend against the float64 reference on the same (dtype) inputs."""
+    logits = logits.to(dtype)
+    weights = loss_weights(index.shape)
+    got = run(IMPLS[backend], logits, index, weights=weights, temperature=temperature, mask=mask)
+    ref = run(
+        L.reference_logprobs_from_logits,
+        logits.double(),
+        index,
+        weights=weights,
+        temperature=temperature,
+        mask=mask,
+    )
+    atol, gatol, grtol = TOL[dtype]
+    atol = value_atol or atol
+    logps, entropy, top1, grad = got
+    assert logps.dtype == torch.float32 and entropy.dtype == torch.float32 and top1.dtype == torch.bool
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    torch.testing.assert_close(logps.double(), ref[0], atol=atol, rtol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref[1], atol=atol, rtol=1e-5)
+    assert torch.equal(top1, ref[2])
+    scale = max(1.0, ref[3].abs().max().item())
+    torch.testing.assert_close(grad.double(), ref[3], atol=gatol * scale, rtol=grtol)
+    return got
+
+
+def random_case(N, V, seed=0, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, V, generator=gen) * scale
+    index = torch.randint(0, V, (N,), generator=gen)
+    return logits, index
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reference itself, against a plain loop
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_reference_matches_plain_loop():
+    logits, index = random_case(4, 9)
+    logits[1, 3] = float("-inf")
+    logps, entropy, top1 = L.reference_logprobs_from_logits(
+        logits, index, temperature=0.5, return_entropy=True, return_top1=True
+    )
+    for n in range(4):
+        z = [v / 0.5 for v in logits[n].tolist()]
+        lse = math.log(sum(math.exp(v) for v in z))
+        p = [math.exp(v - lse) for v in z]
+        assert logps[n].item() == pytest.approx(z[index[n]] - lse, abs=1e-12)
+        assert entropy[n].item() == pytest.approx(-sum(q * math.log(q) for q in p if q > 0), abs=1e-12)
+        assert top1[n].item() == (z[index[n]] == max(z))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Values and gradients, both backends
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+def test_odd_shape_matches_reference(backend, dtype, temperature):
+    logits, index = random_case(3, 123)
+    check_against_reference(backend, logits, index, temperature=temperature, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_rows_are_zero_and_get_no_gradient(backend):
+    logits, index = random_case(6, 123, seed=3)
+    mask = torch.tensor([True, False, True, False, False, True])
+    index[1] = 10_000  # out of range but masked: never read
+    logps, entropy, top1, grad = check_against_reference(
+        backend, logits, index.clamp(max=122), temperature=0.7, mask=mask
+    )
+    logps2, entropy2, top12 = IMPLS[backend](
+        logits, index, mask=mask, return_entropy=True, return_top1=True, temperature=0.7
+    )
+    assert torch.equal(logps2, logps) and torch.equal(entropy2, entropy) and torch.equal(top12, top1)
+    assert torch.all(logps[~mask] == 0) and torch.all(entropy[~mask] == 0) and not top1[~mask].any()
+    assert torch.all(grad[~mask] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_masked(backend):
+    logits, index = random_case(2, 50)
+    logps, entropy, top1, grad = run(IMPLS[backend], logits, index, mask=torch.zeros(2, dtype=torch.bool))
+    assert not logps.any() and not entropy.any() and not top1.any() and not grad.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_vocab_32000(backend):
+    logits, index = random_case(47, 32000, seed=5)
+    mask = torch.ones(47, dtype=torch.bool)
+    mask[::5] = False
+    check_against_reference(backend, logits, index, temperature=1.3, mask=mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_vocab_151936_bf16(backend):
+    # V = 151936 is not a multiple of the 4096-wide Triton block: the last block is partly masked
+    logits, index = random_case(2, 151936, seed=6)
+    index[0] = 151935  # the very last column
+    # ATen's fp32 row sums over 152k terms carry ~sqrt(V) eps relative error (seen: 2e-5 on the entropy)
+    check_against_reference(backend, logits, index, temperature=0.7, dtype=torch.bfloat16, value_atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_extreme_and_infinite_logits(backend, temperature):
+    logits, index = random_case(5, 300, seed=7)
+    logits[0, :] = -1e4
+    logits[0, 17] = 1e4  # one dominant entry: p = 1 there, 0 elsewhere (exp underflows)
+    index[0] = 17
+    logits[1, :150] = float("-inf")  # half the vocabulary impossible
+    index[1] = 3  # the target is one of them: logps = -inf
+    logits[2, ::2] = 1e4  # many tied maxima: target among them
+    index[2] = 40
+    logits[3, 5] = float("-inf")
+    logits[3, 6] = 1e4
+    index[3] = 6
+    logits[4, :] = -1e4
+    index[4] = 0  # all equal: uniform, every index is a (tied) top-1
+    logps, entropy, top1, grad = check_against_reference(backend, logits, index, temperature=temperature)
+    assert logps[1].item() == float("-inf")
+    assert top1[[0, 2, 3, 4]].all() and not top1[1]
+    assert torch.isfinite(entropy).all() and torch.isfinite(grad).all()
+    assert entropy[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert entropy[4].item() == pytest.approx(math.log(300), abs=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_only_and_logps_only_gradients(backend):
+    # grad through one output at a time exercises the None-gradient branches of both backward passes
+    logits, index = random_case(4, 77, seed=8)
+    ref_x = logits.double().requires_grad_()
+    ref_logps, ref_entropy = L.reference_logprobs_from_logits(
+        ref_x, index, temperature=1.3, return_entropy=True
+    )
+    (ref_g_logps,) = torch.autograd.grad(ref_logps.sum(), ref_x, retain_graph=True)
+    (ref_g_entropy,) = torch.autograd.grad(ref_entropy.sum(), ref_x)
+    x = logits.clone().requires_grad_()
+    logps, entropy = IMPLS[backend](x, index, temperature=1.3, return_entropy=True)
+    (g_logps,) = torch.autograd.grad(logps.sum(), x, retain_graph=True)
+    (g_entropy,) = torch.autograd.grad(entropy.sum(), x)
+    torch.testing.assert_close(g_logps.double(), ref_g_logps, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(g_entropy.double(), ref_g_entropy, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_conventions(backend):
+    logits, index = random_case(3, 20)
+    fn = IMPLS[backend]
+    assert isinstance(fn(logits, index), torch.Tensor)
+    logps, entropy = fn(logits, index, return_entropy=True)
+    logps2, top1 = fn(logits, index, return_top1=True)
+    assert entropy.dtype == torch.float32 and top1.dtype == torch.bool and not top1.requires_grad
+    assert torch.equal(logps, logps2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_batch_shape(backend):
+    logits, index = random_case(2 * 3, 50, seed=9)
+    logits3, index3 = logits.view(2, 3, 50), index.view(2, 3)
+    mask3 = torch.tensor([[True, True, False], [True, False, True]])
+    logps, entropy, top1, grad = run(IMPLS[backend], logits3, index3, mask=mask3, temperature=0.7)
+    assert logps.shape == entropy.shape == top1.shape == (2, 3) and grad.shape == (2, 3, 50)
+    flat = run(IMPLS[backend], logits, index, mask=mask3.reshape(-1), temperature=0.7, weights=None)
+    w = loss_weights((2, 3))
+    ref = run(
+        L.reference_logprobs_from_logits, logits3.double(), index3, mask=mask3, temperature=0.7, weights=w
+    )
+    torch.testing.assert_close(logps.double(), ref[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.double(), ref[3], atol=2e-6, rtol=1e-5)
+    assert torch.equal(flat[0].view(2, 3), logps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["transposed_batch", "row_stride", "vocab_stride"])
+def test_non_contiguous_input(backend, layout):
+    gen = torch.Generator().manual_seed(10)
+    if layout == "transposed_batch":  # (B, T, V) view of a (T, B, V) tensor: reshape must copy
+        logits = torch.randn(5, 2, 61, generator=gen).transpose(0, 1)
+    elif layout == "row_stride":  # rows padded to 70 columns: row stride 70, unit column stride
+        logits = torch.randn(2, 5, 70, generator=gen)[..., :61]
+    else:  # vocabulary axis strided: (V, N).T
+        logits = torch.randn(61, 10, generator=gen).T.reshape(2, 5, 61)
+    assert not logits.is_contiguous()
+    index = torch.randint(0, 61, (2, 5), generator=gen)
+    w = loss_weights((2, 5))
+    got = run(IMPLS[backend], logits, index, temperature=1.3, weights=w)
+    ref = run(L.reference_logprobs_from_logits, logits.double(), index, temperature=1.3, weights=w)
+    torch.testing.assert_close(got[0].double(), ref[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1].double(), ref[1], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got[3].double(), ref[3], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_input(backend):
+    logps, entropy = IMPLS[backend](torch.zeros(0, 7), torch.zeros(0, dtype=torch.long), return_entropy=True)
+    assert logps.shape == entropy.shape == (0,)
+
+
+def test_torch_path_gradcheck_float64():
+    logits, index = random_case(3, 7, seed=11)
+    logits = logits.double().requires_grad_()
+    mask = torch.tensor([True, False, True])
+
+    def f(x):
+        return L.logprobs_from_logits_torch(x, index, temperature=0.7, mask=mask, return_entropy=True)
+
+    assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-7)
+
+
+def test_torch_path_chunks_match_one_chunk(monkeypatch):
+    # many chunks (one row each) and the default single chunk give the same numbers
+    logits, index = random_case(9, 40, seed=12)
+    mask = torch.tensor([True, True, False, True, True, True, False, True, True])
+    whole = run(L.logprobs_from_logits_torch, logits, index, mask=mask, temperature=0.7)
+    monkeypatch.setattr(L, "CHUNK_ELEMENTS", 40)
+    assert L._chunk_rows(40) == 1
+    chunked = run(L.logprobs_from_logits_torch, logits, index, mask=mask, temperature=0.7)
+    for a, b in zip(whole, chunked, strict=True):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Buffers: every element written (poisoned allocations), in-place backward
+# ----------------------------------------------------------------------------------------------------
+
+
+def poisoned_empty(shape, dtype, device):
+    if dtype.is_floating_point:
+        return torch.full(
+            shape if isinstance(shape, tuple) else (shape,), float("nan"), dtype=dtype, device=device
+        )
+    fill = True if dtype == torch.bool else 7  # 7 is neither False (0) nor True (1) as int8
+    return torch.full(shape if isinstance(shape, tuple) else (shape,), fill, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_every_output_and_gradient_element_is_written(backend, masked, monkeypatch):
+    monkeypatch.setattr(L, "_empty", poisoned_empty)
+    logits, index = random_case(5, 130, seed=13)
+    mask = torch.tensor([True, False, True, True, False]) if masked else None
+    logps, entropy, top1, grad = check_against_reference(backend, logits, index, mask=mask, temperature=0.7)
+    assert not logps.isnan().any() and not entropy.isnan().any() and not grad.isnan().any()
+    assert set(top1.view(torch.int8).tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_writes_gradient_into_logits(backend, masked, dtype):
+    logits, index = random_case(4, 90, seed=14)
+    logits = logits.to(dtype)
+    mask = torch.tensor([True, False, True, True]) if masked else None
+    expected = run(IMPLS[backend], logits, index, mask=mask, temperature=1.3)[3]
+    base = logits.clone().requires_grad_()
+    buffer = base * 1  # a non-leaf activation, as the logits are in a model
+    logps, entropy = IMPLS[backend](
+        buffer, index, mask=mask, temperature=1.3, return_entropy=True, inplace_backward=True
+    )
+    w1, w2 = loss_weights(index.shape)
+    ((logps * w1).sum() + (entropy * w2).sum()).backward()
+    torch.testing.assert_close(base.grad, expected, atol=0, rtol=0)
+    if backend == "torch" or not CUDA:  # (on a GPU the kernel wrote into the CUDA copy)
+        torch.testing.assert_close(
+            buffer.detach(), expected, atol=0, rtol=0
+        )  # the logits buffer now holds it
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory: the torch path never builds a float32 (N, V) tensor
+# ----------------------------------------------------------------------------------------------------
+
+
+def _peak_rss_reset() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak resident set) to the current resident set
+        return True
+    except OSError:
+        return False
+
+
+def _peak_and_current_rss() -> tuple[int, int]:
+    status = open("/proc/self/status").read()
+    hwm = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+    rss = int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
+    return hwm, rss
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_torch_path_peak_memory_stays_below_a_float32_copy():
+    # bf16 logits (N, V): a float32 (N, V) copy would be 2x the input, 262 MB here; ours may add the bf16
+    # gradient (1x the input, backward only) plus float32 work buffers of CHUNK_ELEMENTS each
+    N, V = 2048, 32000
+    gen = torch.Generator().manual_seed(15)
+    logits = torch.randn(N, V, generator=gen).to(torch.bfloat16).requires_grad_()
+    index = torch.randint(0, V, (N,), generator=gen)
+    f32_copy = N * V * 4
+    work = 4 * L.CHUNK_ELEMENTS * 4 + 8 * 2**20  # four buffers + slack for small tensors
+    assert L._chunk_rows(V) * V <= L.CHUNK_ELEMENTS
+    assert work < f32_copy / 3
+
+    if not _peak_rss_reset():
+        pytest.skip("/proc/self/clear_refs is not writable")
+    _, before = _peak_and_current_rss()
+    logps, entropy = L.logprobs_from_logits_torch(logits, index, temperature=0.7, return_entropy=True)
+    forward_peak = _peak_and_current_rss()[0] - before
+    assert forward_peak < work, f"forward peak {forward_peak / 2**20:.0f} MiB"
+
+    _peak_rss_reset()
+    _, before = _peak_and_current_rss()
+    (logps.sum() + entropy.sum()).backward()
+    backward_peak = _peak_and_current_rss()[0] - before
+    grad_bytes = N * V * 2
+    assert backward_peak < grad_bytes + work, f"backward peak {backward_peak / 2**20:.0f} MiB"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dispatch and bad input
+# ----------------------------------------------------------------------------------------------------
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(L, name)
+
+    def spy(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(L, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_env_var_picks_the_backend(backend, monkeypatch):
+    torch_calls = _spy(monkeypatch, "logprobs_from_logits_torch")
+    triton_calls = _spy(monkeypatch, "logprobs_from_logits_triton")
+    monkeypatch.setenv("POSTTRAIN_KERNEL_BACKEND", backend)
+    logits, index = random_case(2, 30)
+    logps = kernels.logprobs_from_logits(logits, index)
+    torch.testing.assert_close(
+        logps.double(), L.reference_logprobs_from_logits(logits, index), atol=2e-6, rtol=0
+    )
+    assert (
+        (torch_calls, triton_calls) == (["logprobs_from_logits_torch"], [])
+        if backend == "torch"
+        else (
+            [],
+            ["logprobs_from_logits_triton"],
+        )
+    )
+
+
+def test_cpu_default_is_torch_and_argument_beats_env(monkeypatch):
+    torch_calls = _spy(monkeypatch, "logprobs_from_logits_torch")
+    monkeypatch.delenv("POSTTRAIN_KERNEL_BACKEND", raising=False)
+    logits, index = random_case(2, 30)
+    kernels.logprobs_from_logits(logits, index)
+    monkeypatch.setenv("POSTTRAIN_KERNEL_BACKEND", "triton")
+    kernels.logprobs_from_logits(logits, index, backend="torch")
+    assert len(torch_calls) == 2
+
+
+def test_bad_backend_is_rejected_by_name(monkeypatch):
+    logits, index = random_case(2, 30)
+    monkeypatch.setenv("POSTTRAIN_KERNEL_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"POSTTRAIN_KERNEL_BACKEND='cuda' is not a kernel backend"):
+        kernels.logprobs_from_logits(logits, index)
+    monkeypatch.delenv("POSTTRAIN_KERNEL_BACKEND")
+    with pytest.raises(ValueError, match=r"backend='fast' is not a kernel backend"):
+        kernels.logprobs_from_logits(logits, index, backend="fast")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs_name_the_problem(backend):
+    fn = IMPLS[backend]
+    logits, index = random_case(3, 10)
+    with pytest.raises(
+        ValueError, match=r"index has shape \(2,\); expected the leading shape of logits \(3,\)"
+    ):
+        fn(logits, index[:2])
+    with pytest.raises(TypeError, match="index dtype torch.float32 is not an integer dtype"):
+        fn(logits, index.float())
+    bad = index.clone()
+    bad[2] = 10
+    with pytest.raises(IndexError, match=r"index\[2\] \(flattened row 2\) = 10 is outside \[0, V=10\)"):
+        fn(logits, bad)
+    bad[2] = -1
+    with pytest.raises(IndexError, match=r"index\[2\] \(flattened row 2\) = -1"):
+        fn(logits, bad)
+    with pytest.raises(ValueError, match=r"mask has shape \(2,\)"):
+        fn(logits, index, mask=torch.ones(2, dtype=torch.bool))
+    for t in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            fn(logits, index, temperature=t)
+    with pytest.raises(TypeError, match="logits dtype torch.int64 is not supported"):
+        fn(logits.long(), index)
+    with pytest.raises(ValueError, match=r"empty vocabulary dimension"):
+        fn(torch.zeros(3, 0), index)
+
+
+@needs_triton
+def test_triton_rejects_float64_with_a_pointer_to_torch():
+    logits, index = random_case(2, 10)
+    with pytest.raises(
+        TypeError, match="float64 is not supported by the triton backend; use backend='torch'"
+    ):
+        L.logprobs_from_logits_triton(logits.double(), index)
