@@ -86,7 +86,8 @@ class SFTConfig(TrainConfig):
     def __post_init__(self):
         embedded_task = self.dataset_name is None
         for name, (on_embedded, otherwise) in RUN_DEFAULTS.items():
-            if getattr(self, name) is None or (name == "max_length" and self.max_length == -1):
+            # max_length's "unset" is -1 because none already means "no truncation".
+            if getattr(self, name) == (-1 if name == "max_length" else None):
                 setattr(self, name, on_embedded if embedded_task else otherwise)
         if self.learning_rate is None:
             random_init = self.model_name_or_path is None

@@ -1,0 +1,183 @@
+"""Shared helpers for the side-by-side benchmarks: step timing, peak memory, the compute floor.
+
+Notation: B batch, T time, H hidden, V vocab, I MLP intermediate size, L layers, N rows through the
+output layer.
+
+Each side of a comparison runs in its own fresh subprocess (`run_side`), so neither inherits the other's
+allocator caches or imported modules, and its peak memory is read from the kernel's own high-water mark
+(VmHWM, reset through /proc/self/clear_refs before the steps) rather than sampled.
+
+The compute floor is the time the matrix multiplications a step cannot avoid take at the matmul rate
+measured on this machine, in this run (`compute_floor`). `measured / floor` says how much of a step is
+spent on anything else: skipped work done anyway, memory traffic, Python, the optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def time_steps(step, steps: int, warmup: int) -> list[float]:
+    """Call `step()` warmup + steps times; wall-clock seconds of the last `steps` calls.
+
+    On the CPU every op is synchronous, so wall-clock time around the call is the step's time."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory: resident set size of this process, in MiB
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def rss_mib() -> float:
+    return _status_kib("VmRSS") / 1024
+
+
+def reset_peak_rss() -> None:
+    """Make the kernel's peak-RSS counter (VmHWM) restart from the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mib() -> float:
+    return _status_kib("VmHWM") / 1024
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The compute floor of a decoder-only transformer training step
+# ---------------------------------------------------------------------------------------------------------
+
+
+def linear_params_per_layer(config) -> int:
+    """Weights of one decoder layer's matmuls: q, k, v, o projections and a gated MLP (gate, up, down)."""
+    H, ffn = config.hidden_size, config.intermediate_size  # ffn: I in the notation
+    head_dim = getattr(config, "head_dim", None) or H // config.num_attention_heads
+    q = o = H * config.num_attention_heads * head_dim
+    kv = 2 * H * config.num_key_value_heads * head_dim
+    return q + kv + o + 3 * H * ffn
+
+
+def step_flops(config, batch_tokens: int, seq_len: int, head_tokens: int) -> dict[str, float]:
+    """FLOPs of one forward + backward, by part (a multiply-add is 2 FLOPs; backward = 2 x forward):
+
+        body = 6 * L * P_layer * B*T        P_layer = weights of one layer's linear maps (embeddings excluded)
+        attn = 6 * L * T * H * B*T          causal QK^T and PV: 2 matmuls x 2 FLOPs x T*H / 2 (causal) x 3
+        head = 6 * H * V * N                N = positions whose log-prob the loss needs (completion tokens)
+
+    The attention term counts only the causal half of the score matrix (a causal kernel needs no more);
+    PaLM's convention counts all of it (12 instead of 6): ~3% of this model's total either way.
+    """
+    L, H, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    return {
+        "body": 6.0 * L * linear_params_per_layer(config) * batch_tokens,
+        "attn": 6.0 * L * seq_len * H * batch_tokens,
+        "head": 6.0 * H * V * head_tokens,
+    }
+
+
+def linear_fwd_bwd_seconds(n: int, k: int, m: int, repeats: int = 5) -> float:
+    """Seconds of the three fp32 matmuls of a linear map y = x @ w.T, x (n, k), w (m, k): forward
+    x @ w.T (n, m); backward dy @ w (n, k) and dy.T @ x (m, k). The fastest of `repeats`: a floor is a
+    lower bound, and other work on the machine can only slow a repeat down."""
+    x, w, dy = torch.randn(n, k), torch.randn(m, k), torch.randn(n, m)
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up the allocator and the BLAS threads
+        t0 = time.perf_counter()
+        x @ w.T
+        dy @ w
+        dy.T @ x
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+def compute_floor(config, batch_tokens: int, seq_len: int, head_tokens: int, repeats: int = 5) -> dict:
+    """The step's FLOPs (`step_flops`) divided by matmul rates measured now, on the shapes the step uses.
+
+    body rate: the matmuls of one decoder layer's linear maps at B*T rows (all of them, fwd + bwd);
+    head rate: the output layer's at N rows. Attention runs at the body rate (it is ~3% of the work).
+    Returns the FLOPs, the rates (FLOP/s) and `floor_s`, the step's floor in seconds."""
+    H, ffn, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    head_dim = getattr(config, "head_dim", None) or H // config.num_attention_heads
+    q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    layer_shapes = [
+        (H, q_out),
+        (H, kv_out),
+        (H, kv_out),
+        (q_out, H),
+        (H, ffn),
+        (H, ffn),
+        (ffn, H),
+    ]  # (in, out)
+    layer_s = sum(linear_fwd_bwd_seconds(batch_tokens, k, m, repeats) for k, m in layer_shapes)
+    head_s = linear_fwd_bwd_seconds(head_tokens, H, V, repeats)
+    flops = step_flops(config, batch_tokens, seq_len, head_tokens)
+    body_rate = 6.0 * linear_params_per_layer(config) * batch_tokens / layer_s
+    head_rate = flops["head"] / head_s
+    floor = (flops["body"] + flops["attn"]) / body_rate + flops["head"] / head_rate
+    return {"flops": flops, "body_rate": body_rate, "head_rate": head_rate, "floor_s": floor}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One side per subprocess
+# ---------------------------------------------------------------------------------------------------------
+
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+def emit_result(result: dict) -> None:
+    """Called by a side's subprocess: hand its result dict to the parent on stdout."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_side(script: str, args: list[str]) -> dict:
+    """Run `python script *args` in a fresh interpreter and return the dict it passed to `emit_result`.
+
+    The child's stderr (warnings, progress bars) is passed through; a failure raises with its output."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"benchmark side {args} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
+
+
+def machine_line() -> str:
+    """torch version, thread count and the 1-minute load average (other work on the machine skews times)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, load {load:.2f}"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
