@@ -540,3 +540,10 @@ def test_truncate_metrics_drops_later_steps_and_a_half_written_line(tmp_path):
     )
     truncate_metrics(path, last_step=2)
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "eval_loss": 1.5}\n'
+
+
+def test_clean_temporary_removes_partial_and_replaced_folders(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-4.tmp", "checkpoint-6.old"):
+        (tmp_path / name).mkdir()
+    checkpoint.clean_temporary(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]

@@ -134,11 +134,12 @@ def read_trainer_state(path: str | Path) -> dict:
 
 
 def clean_temporary(output_dir: str | Path) -> None:
-    """Delete `checkpoint-*.tmp` folders left by a run killed while saving (rank 0 only)."""
+    """Delete `checkpoint-*.tmp` / `.old` folders left by a run killed while saving (rank 0 only)."""
     output_dir = Path(output_dir)
     if output_dir.is_dir():
-        for path in output_dir.glob("checkpoint-*.tmp"):
-            shutil.rmtree(path, ignore_errors=True)
+        for pattern in ("checkpoint-*.tmp", "checkpoint-*.old"):
+            for path in output_dir.glob(pattern):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ PRETRAINED_LEARNING_RATE = 2e-5  # TRL's SFT default
 #                              embedded task     any other data (TRL's defaults)
 RUN_DEFAULTS = {
     "per_device_train_batch_size": (32, 8),
-    "num_train_epochs": (32.0, 3.0),
+    "num_train_epochs": (64.0, 3.0),
     "warmup_steps": (20, 0),
     "max_length": (64, 1024),
 }
@@ -44,7 +44,7 @@ class SFTConfig(TrainConfig):
     )
     num_train_epochs: float | None = field(
         default=None,
-        metadata={"help": "Passes over the train set (unless max_steps); none: 32 embedded, else 3."},
+        metadata={"help": "Passes over the train set (unless max_steps); none: 64 embedded, else 3."},
     )
     warmup_steps: int | None = field(
         default=None, metadata={"help": "Optimizer steps of linear warmup from 0; none: 20 embedded, else 0."}
