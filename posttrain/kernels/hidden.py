@@ -213,9 +213,8 @@ class _HiddenLogProbs(torch.autograd.Function):
     Saves hidden, weight, bias, index and per-row lse (n,) and mu = sum_j p_j z_j (n,): O(n + V H) memory."""
 
     @staticmethod
-    def forward(
-        ctx, hidden, weight, bias, index, temperature, logit_scale, softcap, want_entropy, rows, cols
-    ):
+    def forward(ctx, hidden, weight, bias, index, options):
+        temperature, logit_scale, softcap, want_entropy, rows, cols = options
         n, V = hidden.shape[0], weight.shape[0]
         f = dict(device=hidden.device, dtype=_acc_dtype(hidden))
         lse = torch.empty(n, **f)
@@ -277,7 +276,7 @@ class _HiddenLogProbs(torch.autograd.Function):
         n, V = hidden.shape[0], weight.shape[0]
         f = dict(device=hidden.device, dtype=_acc_dtype(hidden))
         if g_logp is None and g_ent is None:
-            return (None,) * 10
+            return None, None, None, None, None
         g = g_logp.to(f["dtype"]) if g_logp is not None else torch.zeros(n, **f)
         dweight = torch.zeros(V, weight.shape[1], **f) if need_w else None  # (V, H) float32
         dbias = torch.zeros(V, **f) if need_b else None  # (V,) float32
@@ -325,7 +324,9 @@ class _HiddenLogProbs(torch.autograd.Function):
             None if dhidden is None else dhidden.to(hidden.dtype),
             None if dweight is None else dweight.to(weight.dtype),
             None if dbias is None else dbias.to(bias.dtype),
-        ) + (None,) * 7
+            None,  # index
+            None,  # options
+        )
 
 
 def logprobs_from_hidden_torch(
@@ -357,11 +358,7 @@ def logprobs_from_hidden_torch(
     _check_index_range(idx, weight.shape[0], rows)
     if vocab_per_tile is None:  # fill the tile budget when there are fewer rows than rows_per_tile
         vocab_per_tile = max(256, TORCH_TILE_ELEMENTS // max(1, min(rows_per_tile, h.shape[0])))
-    logps, entropy, is_top1 = _HiddenLogProbs.apply(
-        h,
-        weight,
-        bias,
-        idx,
+    options = (
         float(temperature),
         float(logit_scale),
         None if softcap is None else float(softcap),
@@ -369,6 +366,7 @@ def logprobs_from_hidden_torch(
         rows_per_tile,
         vocab_per_tile,
     )
+    logps, entropy, is_top1 = _HiddenLogProbs.apply(h, weight, bias, idx, options)
     logps, entropy, is_top1 = _unflatten(rows, index.shape, logps, entropy, is_top1)
     return _pack(logps, entropy, is_top1 if return_top1 else None)
 
@@ -688,7 +686,8 @@ class _TritonHiddenLogProbs(torch.autograd.Function):
     """hidden (n, H), weight (V, H), bias (V,) or None, index (n,) -> logps (n,), entropy (n,), is_top1 (n,)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, index, temperature, logit_scale, softcap, want_entropy):
+    def forward(ctx, hidden, weight, bias, index, options):
+        temperature, logit_scale, softcap, want_entropy = options
         n, H = hidden.shape
         V = weight.shape[0]
         hidden, weight, index = hidden.contiguous(), weight.contiguous(), index.contiguous()
@@ -728,7 +727,7 @@ class _TritonHiddenLogProbs(torch.autograd.Function):
         temperature, logit_scale, softcap = ctx.conf
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if g_logp is None and g_ent is None:
-            return (None,) * 8
+            return None, None, None, None, None
         n, H = hidden.shape
         V = weight.shape[0]
         BN, BV, BH, warps, precision = _triton_conf(hidden)
@@ -758,7 +757,7 @@ class _TritonHiddenLogProbs(torch.autograd.Function):
             )  # fmt: skip
             dweight = dw.to(weight.dtype) if need_w else None
             dbias = db.to(bias.dtype) if need_b else None
-        return dhidden, dweight, dbias, None, None, None, None, None
+        return dhidden, dweight, dbias, None, None  # no gradient for index and options
 
 
 def logprobs_from_hidden_triton(
@@ -792,16 +791,13 @@ def logprobs_from_hidden_triton(
         )
         logps = logps + 0.0 * h.sum()  # keep the graph so backward gives zero gradients
     else:
-        logps, entropy, is_top1 = _TritonHiddenLogProbs.apply(
-            h,
-            weight,
-            bias,
-            idx,
+        options = (
             float(temperature),
             float(logit_scale),
             None if softcap is None else float(softcap),
             return_entropy,
         )
+        logps, entropy, is_top1 = _TritonHiddenLogProbs.apply(h, weight, bias, idx, options)
     if not return_entropy:
         entropy = None
     logps, entropy, is_top1 = _unflatten(rows, index.shape, logps, entropy, is_top1)

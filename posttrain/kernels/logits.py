@@ -201,7 +201,8 @@ class _ChunkedLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits2d, index, rows, temperature, with_entropy, with_top1, inplace_backward):
+    def forward(ctx, logits2d, index, rows, options):
+        temperature, with_entropy, with_top1, inplace_backward = options
         N, V = logits2d.shape
         T = temperature
         dev = logits2d.device
@@ -240,7 +241,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy, _grad_top1):
         if grad_logps is None and grad_entropy is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None
         logits2d, index, entropy, rows = ctx.saved_tensors
         N, V = logits2d.shape
         T = ctx.temperature
@@ -282,7 +283,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
                 grad[sel].copy_(dz)
             else:
                 grad.index_copy_(0, sel, dz.to(grad.dtype))
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None  # no gradient for index, rows and options
 
 
 def logprobs_from_logits_torch(
@@ -304,9 +305,8 @@ def logprobs_from_logits_torch(
     """
     logits2d, index1d, mask1d, lead = _check_inputs(logits, index, mask, temperature)
     rows = None if mask1d is None else mask1d.nonzero().squeeze(-1)  # (n_valid,) the rows that cost anything
-    logps, entropy, top1 = _ChunkedLogProbs.apply(
-        logits2d, index1d, rows, float(temperature), return_entropy, return_top1, inplace_backward
-    )
+    options = (float(temperature), return_entropy, return_top1, inplace_backward)
+    logps, entropy, top1 = _ChunkedLogProbs.apply(logits2d, index1d, rows, options)
     return _pack(logps, entropy, top1, lead, return_entropy, return_top1)
 
 
@@ -472,7 +472,8 @@ class _TritonLogProbs(torch.autograd.Function):
     """logits2d (N, V) -> logps (N,) float32, entropy (N,) float32 or None, is_top1 (N,) bool."""
 
     @staticmethod
-    def forward(ctx, logits2d, index, mask_i8, temperature, with_entropy, inplace_backward):
+    def forward(ctx, logits2d, index, mask_i8, options):
+        temperature, with_entropy, inplace_backward = options
         N, V = logits2d.shape
         dev = logits2d.device
         logps = _empty(N, torch.float32, dev)
@@ -511,7 +512,7 @@ class _TritonLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy, _grad_top1):
         if grad_logps is None and grad_entropy is None:
-            return None, None, None, None, None, None
+            return None, None, None, None
         logits2d, index, mask_i8, row_max, log_norm, entropy = ctx.saved_tensors
         N, V = logits2d.shape
         if ctx.inplace_backward:
@@ -541,7 +542,7 @@ class _TritonLogProbs(torch.autograd.Function):
                 BLOCK_V=block,
                 num_warps=warps,
             )
-        return grad, None, None, None, None, None
+        return grad, None, None, None  # no gradient for index, mask and options
 
 
 def logprobs_from_logits_triton(
@@ -573,7 +574,6 @@ def logprobs_from_logits_triton(
         # the kernels read rows as contiguous runs (coalesced); a strided vocabulary axis is copied once
         logits2d = logits2d.contiguous()
     mask_i8 = None if mask1d is None else mask1d.contiguous().view(torch.int8)
-    logps, entropy, top1 = _TritonLogProbs.apply(
-        logits2d, index1d.contiguous(), mask_i8, float(temperature), return_entropy, inplace_backward
-    )
+    options = (float(temperature), return_entropy, inplace_backward)
+    logps, entropy, top1 = _TritonLogProbs.apply(logits2d, index1d.contiguous(), mask_i8, options)
     return _pack(logps, entropy, top1, lead, return_entropy, return_top1)
