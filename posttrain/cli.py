@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
         if os.environ.get("POSTTRAIN_TRACEBACK") == "1":
             raise
-        print(f"posttrain {command}: error: {err}", file=sys.stderr)
+        print(f"posttrain {command}: error: {err} (POSTTRAIN_TRACEBACK=1 shows where)", file=sys.stderr)
         return 2
     return 0
 

@@ -144,3 +144,13 @@ def test_sft_options_are_trls_with_trls_defaults():
         name for name in shared - DIFFERENT_ON_PURPOSE if getattr(ours, name) != getattr(theirs, name)
     }
     assert different == set(), {n: (getattr(ours, n), getattr(theirs, n)) for n in different}
+
+
+def test_dropped_overlong_prompts_are_counted_in_run_info(tmp_path):
+    # Prompts "a+b=" are 4 to 6 tokens: with max_length 6 the 6-token ones leave no room for the answer.
+    config = SFTConfig(output_dir=str(tmp_path), max_length=6, max_steps=1, save_steps=0, eval_steps=0)
+    train(config)
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    six_token_prompts = sum(len(p) >= 6 for p, _ in embedded.problems("train"))
+    assert info["train_dropped_overlong_prompts"] == six_token_prompts > 0
+    assert info["train_truncated"] > 0  # 5-token prompts keep one answer token

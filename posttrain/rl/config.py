@@ -50,7 +50,10 @@ class TrainConfig:
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str = field(
-        default="test", metadata={"help": "Split to evaluate on (skipped when the dataset lacks it)."}
+        default="test",
+        metadata={
+            "help": "Split to evaluate on; a missing 'test' split skips evaluation, any other named split must exist."
+        },
     )
     output_dir: str | None = field(
         default=None,
