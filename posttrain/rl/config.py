@@ -52,7 +52,7 @@ class TrainConfig:
     dataset_test_split: str = field(
         default="test",
         metadata={
-            "help": "Split to evaluate on; a missing 'test' split skips evaluation, any other named split must exist."
+            "help": "Split to evaluate on; a missing 'test' split skips evaluation unless eval_steps is set; any other named split must exist."
         },
     )
     output_dir: str | None = field(
