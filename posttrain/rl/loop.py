@@ -295,6 +295,13 @@ def global_count(run: Run, batches: list[dict], count_fn) -> torch.Tensor:
     return distributed.all_reduce_sum(total).clamp(min=1.0)
 
 
+def _accumulate_metrics(sums: dict, values: dict, device: torch.device) -> None:
+    """sums[name] += value, as detached float32 scalars on the device (no host sync)."""
+    for name, value in values.items():
+        value = torch.as_tensor(value, device=device).detach().float()
+        sums[name] = sums[name] + value if name in sums else value
+
+
 def forward_backward(run: Run, model, micro_batches: list[dict], loss_fn: LossFn, count_fn) -> dict:
     """Accumulate one optimizer step's gradients into `.grad`; returns this rank's summed loss and metrics.
 
@@ -311,10 +318,7 @@ def forward_backward(run: Run, model, micro_batches: list[dict], loss_fn: LossFn
             with run.autocast():
                 loss, metrics = loss_fn(model, batch, num_items)
             (loss * scale).backward()
-        values = {"loss": loss, "num_tokens": count_tokens(batch), **metrics}
-        for name, value in values.items():
-            value = torch.as_tensor(value, device=run.device).detach().float()
-            sums[name] = sums[name] + value if name in sums else value
+        _accumulate_metrics(sums, {"loss": loss, "num_tokens": count_tokens(batch), **metrics}, run.device)
     return sums
 
 
@@ -442,9 +446,7 @@ def _eval_loss(run: Run, module, eval_rows, collate_fn, loss_fn, count_fn) -> di
     for batch in batches:
         with run.autocast():
             loss, metrics = loss_fn(module, batch, num_items)
-        for name, value in {"loss": loss, **metrics}.items():
-            value = torch.as_tensor(value, device=run.device).detach().float()
-            sums[name] = sums[name] + value if name in sums else value
+        _accumulate_metrics(sums, {"loss": loss, **metrics}, run.device)
     names = list(sums)
     values = distributed.all_reduce_sum(torch.stack([sums[k] for k in names])).tolist()  # one host sync
     return {f"eval_{k}": v for k, v in zip(names, values, strict=True)}
