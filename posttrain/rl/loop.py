@@ -207,9 +207,8 @@ def prepare_model(run: Run, model: torch.nn.Module) -> torch.nn.Module:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if getattr(model, "config", None) is not None:
-            model.config.use_cache = (
-                False  # a KV cache is useless in training and conflicts with checkpointing
-            )
+            # a KV cache is useless in training and conflicts with checkpointing
+            model.config.use_cache = False
     model.train()
     return distributed.wrap(model, run.device)
 
