@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import torch
 
+from ._outputs import select_outputs
+
 try:
     import triton
     import triton.language as tl
@@ -93,12 +95,7 @@ def reference_logprobs_from_hidden(
         logps = torch.where(mask, logps, torch.zeros_like(logps))
         entropy = torch.where(mask, entropy, torch.zeros_like(entropy))
         is_top1 = is_top1 & mask
-    return _pack(logps, entropy if return_entropy else None, is_top1 if return_top1 else None)
-
-
-def _pack(logps, entropy, is_top1):
-    out = (logps,) + tuple(x for x in (entropy, is_top1) if x is not None)
-    return out[0] if len(out) == 1 else out
+    return select_outputs(logps, entropy, is_top1, return_entropy, return_top1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -368,7 +365,7 @@ def logprobs_from_hidden_torch(
     )
     logps, entropy, is_top1 = _HiddenLogProbs.apply(h, weight, bias, idx, options)
     logps, entropy, is_top1 = _unflatten(rows, index.shape, logps, entropy, is_top1)
-    return _pack(logps, entropy, is_top1 if return_top1 else None)
+    return select_outputs(logps, entropy, is_top1, return_entropy, return_top1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -801,4 +798,4 @@ def logprobs_from_hidden_triton(
     if not return_entropy:
         entropy = None
     logps, entropy, is_top1 = _unflatten(rows, index.shape, logps, entropy, is_top1)
-    return _pack(logps, entropy, is_top1 if return_top1 else None)
+    return select_outputs(logps, entropy, is_top1, return_entropy, return_top1)

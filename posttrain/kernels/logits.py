@@ -35,6 +35,8 @@ import os
 
 import torch
 
+from ._outputs import select_outputs
+
 try:
     import triton
     import triton.language as tl
@@ -93,15 +95,6 @@ def _check_inputs(logits, index, mask, temperature):
 def _empty(shape, dtype, device) -> torch.Tensor:
     """Uninitialised output or gradient buffer that the code must fill completely (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _pack(logps, entropy, top1, lead, return_entropy, return_top1):
-    out = [logps.reshape(lead)]
-    if return_entropy:
-        out.append(entropy.reshape(lead))
-    if return_top1:
-        out.append(top1.reshape(lead))
-    return out[0] if len(out) == 1 else tuple(out)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -307,7 +300,7 @@ def logprobs_from_logits_torch(
     rows = None if mask1d is None else mask1d.nonzero().squeeze(-1)  # (n_valid,) the rows that cost anything
     options = (float(temperature), return_entropy, return_top1, inplace_backward)
     logps, entropy, top1 = _ChunkedLogProbs.apply(logits2d, index1d, rows, options)
-    return _pack(logps, entropy, top1, lead, return_entropy, return_top1)
+    return select_outputs(logps, entropy, top1, return_entropy, return_top1, lead)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -576,4 +569,4 @@ def logprobs_from_logits_triton(
     mask_i8 = None if mask1d is None else mask1d.contiguous().view(torch.int8)
     options = (float(temperature), return_entropy, inplace_backward)
     logps, entropy, top1 = _TritonLogProbs.apply(logits2d, index1d.contiguous(), mask_i8, options)
-    return _pack(logps, entropy, top1, lead, return_entropy, return_top1)
+    return select_outputs(logps, entropy, top1, return_entropy, return_top1, lead)

@@ -161,9 +161,10 @@ def sft_step_loss(model, batch, num_items, *, loss_type: str = "nll"):
     mask = batch["completion_mask"]
     out = token_logprobs(model, batch, return_entropy=True, return_top1=True)
     loss = registry.get("sft", loss_type)(out.logps, mask, num_items)
+    # token_logprobs already zeroes both outside the mask
     metrics = {
-        "mean_token_accuracy": (out.is_top1 & mask.bool()).sum() / num_items,
-        "entropy": (out.entropy.detach() * mask).sum() / num_items,
+        "mean_token_accuracy": out.is_top1.sum() / num_items,
+        "entropy": out.entropy.detach().sum() / num_items,
     }
     return loss, metrics
 
