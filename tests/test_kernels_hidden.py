@@ -35,7 +35,8 @@ def _torch_small(*args, **kw):
 def _triton_on_device(hidden, weight, index, *, bias=None, mask=None, **kw):
     """The Triton path on CUDA copies when a GPU exists (outputs back on the CPU, gradients flow to the CPU
     tensors), else directly on the CPU through the interpreter."""
-    if not CUDA:
+    if not CUDA:  # small tiles: every test crosses row and vocabulary tiles and (ragged) kernel blocks
+        kw = dict(rows_per_tile=2, vocab_per_tile=48) | kw
         return K.logprobs_from_hidden_triton(hidden, weight, index, bias=bias, mask=mask, **kw)
     out = K.logprobs_from_hidden_triton(
         hidden.cuda(),
@@ -240,8 +241,9 @@ def test_frozen_weight_computes_no_weight_gradient(backend):
         logps.sum().backward()
     assert weight.grad is None
     # no op produced a (V, H) result: the float32 dweight accumulator was never allocated
-    # (aten.set_ is the Triton interpreter re-binding the weight argument's storage, not a new tensor)
-    made = [op for op, shape in rec.shapes if shape == (64, 16) and "aten.set_" not in op]
+    # (aten.set_ is the Triton interpreter re-binding the weight argument's storage and aten.slice a view of
+    # the weight's one vocabulary tile: neither is a new tensor)
+    made = [op for op, shape in rec.shapes if shape == (64, 16) and not any(v in op for v in ("set_", "slice"))]
     assert not made, made
     rh = hidden.detach().double().requires_grad_()
     ref = reference_logprobs_from_hidden(rh, weight.double(), index)
@@ -410,3 +412,35 @@ def test_bad_inputs_name_the_argument(backend, change, match):
     hidden, weight, index = args.pop("hidden"), args.pop("weight"), args.pop("index")
     with pytest.raises(ValueError, match=match):
         _fn(backend)(hidden, weight, index, **args)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_minus_inf_bias_columns(backend):
+    """A -inf bias removes vocabulary entries (p = 0 there): the whole first vocabulary tile, so the running max
+    starts at -inf, and scattered columns; values and gradients stay finite and match the reference."""
+    hidden, weight, b, index = _inputs(5, 123, 16, torch.float32, bias=True, seed=21)
+    with torch.no_grad():
+        b[:48] = float("-inf")  # the first tile (vocab_per_tile 16 / 48 in these tests) and more
+        b[70:123:7] = float("-inf")
+    index[:] = torch.tensor([50, 60, 122 - 1, 100, 49])
+    params = [hidden, weight]
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    kw = dict(return_entropy=True, temperature=0.9)
+    out = _fn(backend)(hidden, weight, index, bias=b.detach(), **kw)
+    ref = reference_logprobs_from_hidden(*ref_params, index, bias=b.detach().double(), **kw)
+    _check(out, ref, params, ref_params, torch.float32)
+
+
+def test_autocast_runs_the_matmuls_in_the_autocast_dtype():
+    """Under bf16 autocast the tiles are bf16 products, as an autocast `lm_head` computes them; the gradients
+    keep the float32 parameters' dtype."""
+    hidden, weight, _, index = _inputs(6, 200, 32, torch.float32, bias=False, seed=22)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps = logprobs_from_hidden_torch(hidden, weight, index, rows_per_tile=4, vocab_per_tile=64)
+        naive = torch.nn.functional.linear(hidden, weight).float().log_softmax(-1)
+    naive = naive.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logps, naive, atol=1e-5, rtol=1e-5)  # the same bf16 logits
+    exact = reference_logprobs_from_hidden(hidden.detach(), weight.detach(), index)
+    assert (logps.double() - exact).abs().max() > 1e-4  # and not the float32 ones
+    logps.sum().backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.float32

@@ -3,13 +3,13 @@
 Notation: N rows (any leading batch shape, flattened), V vocabulary, H hidden size.
 R rows per tile, C vocabulary entries per tile.
 
-    z = hidden @ weight.T (+ bias)           (N, V)  never built: only (R, C) tiles exist
-    z = z * logit_scale
-    z = softcap * tanh(z / softcap)           if softcap (Gemma's final_logit_softcapping)
-    z = z / temperature
+    a = hidden @ weight.T (+ bias)           (N, V)  never built: only (R, C) tiles exist
+    x = a * logit_scale
+    y = softcap * tanh(x / softcap)           if softcap (Gemma's final_logit_softcapping), else x
+    z = y / temperature
     logps   = z[index] - logsumexp(z)         (N,)
     entropy = logsumexp(z) - sum_j p_j z_j    (N,)   p = softmax(z)
-    is_top1 = z[index] == max_j z_j           (N,)   ties count as top-1
+    is_top1 = z[index] >= max_j z_j           (N,)   ties count as top-1
 
 The log-sum-exp is accumulated across vocabulary tiles with the online softmax recurrence
 (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"): a running max m, a running
@@ -20,19 +20,30 @@ Gradients (g = dL/dlogps, e = dL/dentropy, mu = sum_j p_j z_j):
     dentropy/dz_j = -p_j (z_j - mu)
     dL/dz_j       = g onehot_j - p_j (g + e (z_j - mu))
 then chained through 1 / temperature, the softcap (d/dx c tanh(x / c) = 1 - tanh^2) and logit_scale:
-    dhidden = dL/da @ weight, dweight = dL/da.T @ hidden, dbias = sum_rows dL/da     (a = hidden @ weight.T + bias)
+    dhidden = dL/da @ weight, dweight = dL/da.T @ hidden, dbias = sum_rows dL/da
 The backward recomputes each tile's logits from hidden and weight (one extra matmul) instead of storing them.
 
-Precision: matmuls take their operands in the input dtype (as nn.Linear does; on GPU the tensor-core
-path) and accumulate in float32; everything after the matmul is float32. The torch path's tile matmul
-returns the input dtype (`(h @ w.T).float()`), so its bf16/fp16 logits are rounded once, exactly like a
-bf16 `lm_head`; the Triton kernels keep the fp32 accumulator and skip that rounding. In the backward dz is
-rounded to the input dtype before the gradient matmuls (as autograd does for a bf16 `lm_head`), the
-dhidden / dweight / dbias sums accumulate in float32 and are cast to the parameter dtype at the end.
+Structure, the same on every device: the tile matmuls are plain `torch.mm` calls (cuBLAS on a GPU, where
+they run near the tensor-core peak), and the per-tile work between them, folding a tile into the running
+statistics in forward and turning it into dL/da in backward, is one "fold" function: Triton kernels on CUDA
+(one read of the tile, or one read and one in-place write), a few torch ops elsewhere. A fully fused Triton
+matmul (logits tiles never leaving registers) saves those tile passes but must either atomically add into
+dweight or recompute the logits once more per gradient; at H >= 1k the tile passes cost ~10-15% of the
+matmuls, which is what this structure pays for running at cuBLAS speed.
+
+Precision: the matmuls take their operands in the compute dtype (the autocast dtype when autocast is on for
+the device, else the input dtype, as `nn.Linear` would) and produce the tile in that dtype, so bf16/fp16
+logits are rounded once, exactly like a bf16 `lm_head`; everything after the matmul is float32. In the
+backward dL/da is rounded to the compute dtype (as autograd does for a bf16 `lm_head`) and the gradient
+matmuls accumulate into float32 dhidden / dweight / dbias without rounding each tile's product (on CUDA
+`addmm(out_dtype=float32)`; on the CPU 16-bit operands are upcast), cast to the parameter dtype at the end.
 Outputs are float32 (float64 for float64 inputs on the torch path, which gradcheck uses).
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
@@ -41,20 +52,15 @@ from ._outputs import select_outputs
 try:
     import triton
     import triton.language as tl
-
-    _jit = triton.jit
 except ImportError:  # the torch path works without triton
-    triton = tl = None
-    _jit = lambda fn: fn
+    triton = None
 
-# Default tiles of the torch path, picked on CPU: R = 2048 rows and C = TILE_ELEMENTS // R vocabulary entries
-# (more when there are fewer rows). A float32 tile is 16 MB and the backward holds at most three, whatever
-# N and V are. At N=4096, V=32000, H=896 float32 on 2 CPU cores the tile matmuls ran ~10% slower than one
-# (N, V) matmul, 1024 x 2048 tiles ~25% slower. Against naive `(hidden @ W.T).log_softmax(-1).gather`
-# there: forward 1.14x the CPU time with 7% of its extra memory; forward + backward 1.45x (the backward
-# recomputes the logits: 4 matmuls instead of 3) with 11% of its extra memory, gradients included.
-TORCH_ROWS_PER_TILE = 2048
-TORCH_TILE_ELEMENTS = 2048 * 2048
+# Tile sizes: R rows x C vocabulary entries with R * C about TILE_ELEMENTS (C grows when there are fewer
+# than R rows). CPU, chosen on 2 cores at N=4096, V=32000, H=896 float32: 2048 x 2048 tiles ran the matmuls
+# ~10% slower than one (N, V) matmul, 1024 x 2048 ~25% slower. CUDA: 4096-row tiles keep cuBLAS at its
+# large-matrix rate; a 4096 x 8192 bf16 tile is 64 MiB, 1/80 of the 5 GiB of logits at N=16k, V=152k.
+ROWS_PER_TILE = {"cpu": 2048, "cuda": 4096}
+TILE_ELEMENTS = {"cpu": 2048 * 2048, "cuda": 4096 * 8192}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -88,7 +94,9 @@ def reference_logprobs_from_hidden(
     z = z / temperature
     logp_all = torch.log_softmax(z, dim=-1)  # (..., V)
     logps = logp_all.gather(-1, index.long().unsqueeze(-1)).squeeze(-1)  # (...)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)  # (...)
+    # p log p = 0 where p = 0 (a -inf logit); the where() sits on log p so backward never meets 0 * -inf
+    p = logp_all.exp()
+    entropy = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)  # (...)
     is_top1 = z.argmax(-1) == index
     if mask is not None:
         mask = mask.bool()
@@ -166,23 +174,23 @@ def _unflatten(rows, shape, logps, entropy, is_top1):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Torch path: chunked autograd.Function.
+# Folds, torch: the per-tile math between the matmuls, as torch ops (CPU, float64, any device).
 # ----------------------------------------------------------------------------------------------------------
 
 
 def _acc_dtype(x):
-    """float32 accumulation, float64 kept for float64 inputs (gradcheck)."""
+    """float32 math, float64 kept for float64 inputs (gradcheck)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _tile_logits(h, w, b, logit_scale, softcap, temperature, cap_grad=False):
-    """h (R, H), w (C, H), b (C,) or None -> z (R, C) float32 tempered logits [, d softcap / dx (R, C)].
+def _transform_torch(a, conf, cap_grad=False):
+    """a (R, C) tile of hidden @ weight.T + bias -> z (R, C) float32 tempered logits [, d softcap / dx].
 
-    The softcap derivative 1 - tanh^2(x / c) is computed as 1 / cosh^2(x / c) from the uncapped x:
-    1 - (y / c)^2 from the capped y loses all precision once tanh rounds to 1."""
-    z = (h @ w.T).to(_acc_dtype(h))  # (R, C): matmul in the input dtype, float32 from here on
-    if b is not None:
-        z += b
+    Works in place when `a` is already in the math dtype (the caller's own tile buffer). The softcap derivative
+    1 - tanh^2(x / c) is computed as 1 / cosh^2(x / c) from the uncapped x: 1 - (y / c)^2 from the capped y
+    loses all precision once tanh rounds to 1."""
+    _, logit_scale, softcap, inv_t = conf
+    z = a if a.dtype == _acc_dtype(a) else a.to(_acc_dtype(a))
     if logit_scale != 1.0:
         z *= logit_scale
     dcap = None
@@ -191,132 +199,316 @@ def _tile_logits(h, w, b, logit_scale, softcap, temperature, cap_grad=False):
         if cap_grad:
             dcap = torch.cosh(z).square_().reciprocal_()  # cosh overflows to inf -> derivative 0, no NaN
         z = z.tanh_().mul_(softcap)
-    if temperature != 1.0:
-        z /= temperature
-    return (z, dcap) if cap_grad else z
+    if inv_t != 1.0:
+        z *= inv_t
+    return z, dcap
 
 
-def _add_mm(out, a, b):
-    """out += a @ b, in place (no product temporary) when the dtypes allow it."""
-    if out.dtype == a.dtype:
-        out.addmm_(a, b)
+def _fold_forward_torch(a, local, stats, conf, want_entropy):
+    """Fold tile a (R, C) into the running statistics stats = (m, s, t, target), each (R,), in place.
+
+    local (R,): index - first column of the tile (the target is in this tile where 0 <= local < C)."""
+    m, s, t, target = stats
+    z, _ = _transform_torch(a, conf)
+    C = z.shape[1]
+    inside = (local >= 0) & (local < C)
+    picked = z.gather(1, local.clamp(0, C - 1).unsqueeze(1)).squeeze(1)
+    torch.where(inside, picked, target, out=target)
+    m_new = torch.maximum(m, z.amax(1))
+    ref = torch.where(m_new == float("-inf"), 0.0, m_new)  # a tile of -inf only (-inf bias): shift by 0
+    alpha = torch.exp(m - ref)  # 0 on the first tile (m = -inf)
+    z -= ref.unsqueeze(1)
+    if want_entropy:
+        e = torch.exp(z)  # (R, C)
+        # t relative to the new max: alpha (t + (m - ref) s); m - ref = -inf only where s = 0
+        t.copy_(alpha * (t + torch.where(s > 0, m - ref, 0.0) * s))
+        z.masked_fill_(e == 0, 0.0)  # e (z - ref) = 0 where z = -inf, not NaN
+        t += torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # row-wise dot, no (R, C) temporary
+        s.mul_(alpha).add_(e.sum(1))
     else:
-        out += a @ b  # 16-bit operands: the product is rounded once, then accumulated in float32
+        s.mul_(alpha).add_(z.exp_().sum(1))
+    m.copy_(m_new)
+
+
+def _fold_backward_torch(a, local, lse, mu, g, ge, conf):
+    """Overwrite tile a (R, C) with dL/da, in a's dtype. lse, mu, g, ge (R,) float32; mu and ge None without an
+    entropy gradient; local (R,) as in the forward fold."""
+    scale = conf[1] * conf[3]  # logit_scale / temperature, the chain rule's constant factor
+    z, dcap = _transform_torch(a, conf, cap_grad=True)
+    C = z.shape[1]
+    p = torch.exp(z - lse.unsqueeze(1))  # (R, C)
+    if ge is not None:
+        z -= mu.unsqueeze(1)
+        z.masked_fill_(p == 0, 0.0)  # p (z - mu) = 0 where z = -inf
+        z *= ge.unsqueeze(1)
+        z += g.unsqueeze(1)
+        dz = p.mul_(z).neg_()
+    else:
+        dz = p.mul_(-g.unsqueeze(1))
+    del z
+    inside = (local >= 0) & (local < C)  # + g at the target column, where it falls in this tile
+    dz.scatter_add_(1, local.clamp(0, C - 1).unsqueeze(1), (g * inside).unsqueeze(1))
+    if dcap is not None:
+        dz *= dcap
+    dz *= scale
+    a.copy_(dz)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Folds, Triton: the same math in one pass over the tile (CUDA; the CPU under TRITON_INTERPRET=1).
+# Plain functions, jitted on first use (`_kernels`), so this module imports without triton.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fold_forward_kernel(
+    tile_ptr,  # (R, C) compute dtype, row stride stride_r, unit column stride
+    stride_r,
+    local_ptr,  # (R,) int64: index - first column of the tile
+    m_ptr,  # (R,) float32 in/out: running max
+    s_ptr,  # (R,) float32 in/out: sum exp(z - m)
+    t_ptr,  # (R,) float32 in/out: sum exp(z - m) (z - m), only when WANT_ENTROPY
+    target_ptr,  # (R,) float32 in/out: z[index], written by the tile holding it
+    C,
+    logit_scale,
+    softcap,
+    inv_t,
+    HAS_SOFTCAP: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One program per row: stream the row of the tile in BLOCK_C blocks, online max / sum (see the module
+    docstring), starting from and writing back the running statistics."""
+    # int64 before the stride multiply: row * stride_r overflows int32 for a 4096 x 8192 tile's last rows
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = tile_ptr + row * stride_r
+    m = tl.load(m_ptr + row)
+    s = tl.load(s_ptr + row)
+    t = 0.0
+    if WANT_ENTROPY:
+        t = tl.load(t_ptr + row)
+    for start in range(0, C, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        x = tl.load(row_ptr + cols, mask=cols < C, other=0.0).to(tl.float32) * logit_scale
+        if HAS_SOFTCAP:
+            # tanh from q = exp(-2|u|) <= 1: no overflow at large |u|
+            q = tl.exp(-2.0 * tl.abs(x / softcap))
+            x = tl.where(x < 0, -softcap, softcap) * (1.0 - q) / (1.0 + q)
+        z = tl.where(cols < C, x * inv_t, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing finite yet: shift by 0, no -inf - -inf
+        alpha = tl.exp(m - ref)
+        e = tl.exp(z - ref)
+        if WANT_ENTROPY:
+            shift = tl.where(s > 0, m - ref, 0.0) * s  # 0 while s = 0 (m = -inf: no -inf * 0)
+            t = alpha * (t + shift) + tl.sum(e * tl.where(e > 0, z - ref, 0.0), axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        m = m_new
+    tl.store(m_ptr + row, m)
+    tl.store(s_ptr + row, s)
+    if WANT_ENTROPY:
+        tl.store(t_ptr + row, t)
+    # the target's logit, read once by the tile that holds it
+    local = tl.load(local_ptr + row)
+    inside = (local >= 0) & (local < C)
+    x = tl.load(row_ptr + local, mask=inside, other=0.0).to(tl.float32) * logit_scale
+    if HAS_SOFTCAP:
+        q = tl.exp(-2.0 * tl.abs(x / softcap))
+        x = tl.where(x < 0, -softcap, softcap) * (1.0 - q) / (1.0 + q)
+    old = tl.load(target_ptr + row)
+    tl.store(target_ptr + row, tl.where(inside, x * inv_t, old))
+
+
+def _fold_backward_kernel(
+    tile_ptr,  # (R, C) compute dtype, row stride stride_r; overwritten with dL/da
+    stride_r,
+    local_ptr,  # (R,) int64
+    lse_ptr,  # (R,) float32
+    mu_ptr,  # (R,) float32, read only when HAS_GE
+    g_ptr,  # (R,) float32 dL/dlogps
+    ge_ptr,  # (R,) float32 dL/dentropy, read only when HAS_GE
+    C,
+    logit_scale,
+    softcap,
+    inv_t,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Grid (R, cdiv(C, BLOCK_C)): each program turns one block of one row into
+    dL/da = (g onehot - p (g + e (z - mu))) * dcap * logit_scale / T, read and written in place."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < C
+    ptrs = tile_ptr + row * stride_r + cols
+    x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * logit_scale
+    dcap = 1.0
+    if HAS_SOFTCAP:
+        # tanh and 1 - tanh^2 = 4 q / (1 + q)^2 from q = exp(-2|u|) <= 1: no overflow, no cancellation
+        u = x / softcap
+        q = tl.exp(-2.0 * tl.abs(u))
+        th = (1.0 - q) / (1.0 + q)
+        x = softcap * tl.where(u < 0, -th, th)
+        dcap = 4.0 * q / ((1.0 + q) * (1.0 + q))
+    z = x * inv_t
+    p = tl.exp(z - tl.load(lse_ptr + row))
+    g = tl.load(g_ptr + row)
+    coef = g
+    if HAS_GE:
+        # p (z - mu) = 0 where p = 0: z = -inf there would make it NaN
+        coef = g + tl.load(ge_ptr + row) * tl.where(p > 0, z - tl.load(mu_ptr + row), 0.0)
+    dz = tl.where(cols == tl.load(local_ptr + row), g, 0.0) - p * coef
+    dz = dz * dcap * (logit_scale * inv_t)
+    tl.store(ptrs, dz.to(tile_ptr.dtype.element_ty), mask=ok)
+
+
+@functools.cache
+def _kernels():
+    """(forward fold, backward fold), jitted."""
+    return triton.jit(_fold_forward_kernel), triton.jit(_fold_backward_kernel)
+
+
+# BLOCK_C and num_warps: the forward streams a row in 2048-wide blocks with 8 warps (8 elements per thread per
+# block: 128-bit loads of bf16), the backward is one 1024-wide block per program. Not yet timed on a GPU;
+# the interpreter gets small blocks so CPU tests cross block edges.
+FOLD_LAUNCH = {"cuda": ((2048, 8), (1024, 4)), "interpret": ((32, 1), (32, 1))}
+
+
+def _fold_forward_triton(a, local, stats, conf, want_entropy):
+    (block, warps), _ = FOLD_LAUNCH["cuda" if a.is_cuda else "interpret"]
+    m, s, t, target = stats
+    forward, _ = _kernels()
+    forward[(a.shape[0],)](
+        a, a.stride(0), local, m, s, t if want_entropy else s, target, a.shape[1], *_kernel_scalars(conf),
+        HAS_SOFTCAP=conf[2] is not None, WANT_ENTROPY=want_entropy, BLOCK_C=block, num_warps=warps,
+    )  # fmt: skip
+
+
+def _fold_backward_triton(a, local, lse, mu, g, ge, conf):
+    _, (block, warps) = FOLD_LAUNCH["cuda" if a.is_cuda else "interpret"]
+    _, backward = _kernels()
+    backward[(a.shape[0], triton.cdiv(a.shape[1], block))](
+        a, a.stride(0), local, lse, lse if mu is None else mu, g, g if ge is None else ge, a.shape[1],
+        *_kernel_scalars(conf), HAS_SOFTCAP=conf[2] is not None, HAS_GE=ge is not None, BLOCK_C=block,
+        num_warps=warps,
+    )  # fmt: skip
+
+
+def _kernel_scalars(conf):
+    _, logit_scale, softcap, inv_t = conf
+    return float(logit_scale), float(softcap or 1.0), float(inv_t)
+
+
+FOLDS = {
+    "torch": (_fold_forward_torch, _fold_backward_torch),
+    "triton": (_fold_forward_triton, _fold_backward_triton),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tile loop, shared by both backends.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(x):
+    """The matmul dtype: autocast's when it is on for x's device (as nn.Linear would run), else x's own."""
+    if x.dtype.is_floating_point and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _tile_matmul(h, w, b, out):
+    """out (R, C) = h (R, H) @ w (C, H).T + b (C,), written into the caller's buffer."""
+    if b is None:
+        return torch.mm(h, w.T, out=out)
+    return torch.addmm(b, h, w.T, out=out)
+
+
+def _add_mm(acc, a, b):
+    """acc += a @ b for a float32 (or float64) acc, without rounding a @ b to a's dtype first (a bf16 product
+    rounded per vocabulary tile and then summed drifts, as TRL's chunked kernel notes)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:  # the CPU has no mixed-dtype addmm: 16-bit products are exact in float32
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 class _HiddenLogProbs(torch.autograd.Function):
     """hidden (n, H), weight (V, H), bias (V,) or None, index (n,) -> logps (n,), entropy (n,), is_top1 (n,).
 
-    Saves hidden, weight, bias, index and per-row lse (n,) and mu = sum_j p_j z_j (n,): O(n + V H) memory."""
+    Saves hidden, weight, bias, index and per-row lse (n,) and mu = sum_j p_j z_j (n,): O(n + V H) memory.
+    Extra memory: one (R, C) tile in the compute dtype, what the fold needs (torch: two float32 tiles at most,
+    Triton: none) and, in backward, the float32 gradient accumulators."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, index, options):
-        temperature, logit_scale, softcap, want_entropy, rows, cols = options
+        backend, conf, want_entropy, rows, cols = options
         n, V = hidden.shape[0], weight.shape[0]
+        fold_forward, _ = FOLDS[backend]
+        dtype = _compute_dtype(hidden)
         f = dict(device=hidden.device, dtype=_acc_dtype(hidden))
-        lse = torch.empty(n, **f)
-        mu = torch.empty(n, **f) if want_entropy else None
-        target = torch.empty(n, **f)  # z[index]
-        top = torch.empty(n, **f)  # max_j z_j
+        m = torch.full((n,), float("-inf"), **f)
+        s, t, target = (torch.zeros(n, **f) for _ in range(3))
+        buf = torch.empty(min(rows, n), min(cols, V), device=hidden.device, dtype=dtype)
         for r0 in range(0, n, rows):
-            h, idx = hidden[r0 : r0 + rows], index[r0 : r0 + rows]  # (R, H), (R,)
+            h = hidden[r0 : r0 + rows].to(dtype)  # (R, H)
             R = h.shape[0]
-            m = torch.full((R,), float("-inf"), **f)  # running max
-            s = torch.zeros(R, **f)  # sum exp(z - m)
-            t = torch.zeros(R, **f) if want_entropy else None  # sum exp(z - m) (z - m)
-            tz = torch.zeros(R, **f)
+            stats = tuple(x[r0 : r0 + R] for x in (m, s, t, target))
             for c0 in range(0, V, cols):
-                w = weight[c0 : c0 + cols]  # (C, H)
-                b = None if bias is None else bias[c0 : c0 + cols]
-                z = _tile_logits(h, w, b, logit_scale, softcap, temperature)  # (R, C)
-                C = z.shape[1]
-                # 1. target logit if index falls in this tile
-                local = idx - c0
-                inside = (local >= 0) & (local < C)
-                picked = z.gather(1, local.clamp(0, C - 1).unsqueeze(1)).squeeze(1)
-                tz = torch.where(inside, picked, tz)
-                # 2. online max / sum rescale (Milakov & Gimelshein 2018); in-place passes over the tile
-                # (measured faster on CPU than the fused log_softmax kernel plus a max)
-                m_new = torch.maximum(m, z.amax(1))
-                alpha = torch.exp(m - m_new)  # 0 on the first tile (m = -inf, m_new finite)
-                z -= m_new.unsqueeze(1)
-                if want_entropy:
-                    # t relative to m_new: alpha (t + (m - m_new) s); m - m_new = -inf only where s = 0
-                    t = alpha * (t + torch.where(s > 0, m - m_new, 0.0) * s)
-                    e = torch.exp(z)  # (R, C)
-                    s = alpha * s + e.sum(1)
-                    t = t + torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(R)  # row-wise dot, no (R, C) temp
-                    del e
-                else:
-                    s = alpha * s + z.exp_().sum(1)
-                m = m_new
-                del z
-            lse[r0 : r0 + R] = m + torch.log(s)
-            if want_entropy:
-                mu[r0 : r0 + R] = m + t / s
-            target[r0 : r0 + R] = tz
-            top[r0 : r0 + R] = m
+                w = weight[c0 : c0 + cols].to(dtype)  # (C, H)
+                b = None if bias is None else bias[c0 : c0 + cols].to(dtype)
+                a = _tile_matmul(h, w, b, buf[:R, : w.shape[0]])  # (R, C)
+                fold_forward(a, index[r0 : r0 + R] - c0, stats, conf, want_entropy)
+        ref = torch.where(m == float("-inf"), 0.0, m)
+        lse = ref + torch.log(s)
         logps = target - lse
-        entropy = lse - mu if want_entropy else None
-        is_top1 = target >= top
+        is_top1 = target >= m
+        mu = entropy = None
+        if want_entropy:
+            mu = ref + t / s
+            entropy = lse - mu
         ctx.save_for_backward(hidden, weight, bias, index, lse, mu)
-        ctx.conf = (temperature, logit_scale, softcap, rows, cols)
+        ctx.options = options
+        ctx.dtype = dtype
         ctx.mark_non_differentiable(is_top1)
         ctx.set_materialize_grads(False)
         return logps, entropy, is_top1
 
     @staticmethod
     def backward(ctx, g_logp, g_ent, _g_top1):
-        hidden, weight, bias, index, lse, mu = ctx.saved_tensors
-        temperature, logit_scale, softcap, rows, cols = ctx.conf
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n, V = hidden.shape[0], weight.shape[0]
-        f = dict(device=hidden.device, dtype=_acc_dtype(hidden))
         if g_logp is None and g_ent is None:
             return None, None, None, None, None
-        g = g_logp.to(f["dtype"]) if g_logp is not None else torch.zeros(n, **f)
+        hidden, weight, bias, index, lse, mu = ctx.saved_tensors
+        backend, conf, _, rows, cols = ctx.options
+        _, fold_backward = FOLDS[backend]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, V = hidden.shape[0], weight.shape[0]
+        dtype = ctx.dtype
+        f = dict(device=hidden.device, dtype=_acc_dtype(hidden))
+        g = g_logp.to(f["dtype"]).contiguous() if g_logp is not None else torch.zeros(n, **f)
+        ge = None if g_ent is None else g_ent.to(f["dtype"]).contiguous()
+        dhidden = torch.zeros(n, hidden.shape[1], **f) if need_h else None  # (n, H) float32
         dweight = torch.zeros(V, weight.shape[1], **f) if need_w else None  # (V, H) float32
         dbias = torch.zeros(V, **f) if need_b else None  # (V,) float32
-        dhidden = torch.zeros(n, hidden.shape[1], **f) if need_h else None  # (n, H) float32
-        # chain rule for z = y / T, y = c tanh(x / c), x = logit_scale * a: the constant factor
-        # logit_scale / T is folded into the per-row g and e, the tanh derivative is applied per element
-        scale = logit_scale / temperature
-        g = g * scale
+        buf = torch.empty(min(rows, n), min(cols, V), device=hidden.device, dtype=dtype)
         for r0 in range(0, n, rows):
-            h, idx, gr = hidden[r0 : r0 + rows], index[r0 : r0 + rows], g[r0 : r0 + rows]
+            h = hidden[r0 : r0 + rows].to(dtype)  # (R, H)
             R = h.shape[0]
-            ge = None if g_ent is None else (g_ent[r0 : r0 + R].to(f["dtype"]) * scale).unsqueeze(1)  # (R, 1)
-            lse_r = lse[r0 : r0 + R].unsqueeze(1)  # (R, 1)
-            mu_r = None if mu is None else mu[r0 : r0 + R].unsqueeze(1)
+            rs = slice(r0, r0 + R)
             for c0 in range(0, V, cols):
-                w = weight[c0 : c0 + cols]
-                b = None if bias is None else bias[c0 : c0 + cols]
-                z, cap = _tile_logits(h, w, b, logit_scale, softcap, temperature, cap_grad=True)  # (R, C)
-                C = z.shape[1]
-                # dL/dz = g onehot - p (g + e (z - mu)), built in place to keep at most three (R, C) tiles
-                if ge is not None:
-                    p = (z - lse_r).exp_()  # (R, C) softmax probabilities
-                    z -= mu_r
-                    z *= ge
-                    z += gr.unsqueeze(1)
-                    dz = p.mul_(z).neg_()
-                else:
-                    dz = z.sub_(lse_r).exp_().mul_(gr.neg().unsqueeze(1))
-                del z
-                # + g at the target column, for rows whose target falls in this tile (no host sync)
-                local = idx - c0
-                inside = (local >= 0) & (local < C)
-                dz.scatter_add_(1, local.clamp(0, C - 1).unsqueeze(1), (gr * inside).unsqueeze(1))
-                if cap is not None:
-                    dz *= cap
-                da = dz.to(hidden.dtype)  # (R, C) in the matmul dtype
+                w = weight[c0 : c0 + cols].to(dtype)  # (C, H)
+                b = None if bias is None else bias[c0 : c0 + cols].to(dtype)
+                C = w.shape[0]
+                a = _tile_matmul(h, w, b, buf[:R, :C])  # (R, C) logits, then dL/da in place
+                fold_backward(a, index[rs] - c0, lse[rs], None if ge is None else mu[rs], g[rs],
+                              None if ge is None else ge[rs], conf)  # fmt: skip
                 if need_h:
-                    _add_mm(dhidden[r0 : r0 + R], da, w)
+                    _add_mm(dhidden[rs], a, w)
                 if need_w:
-                    _add_mm(dweight[c0 : c0 + C], da.T, h)
+                    _add_mm(dweight[c0 : c0 + C], a.T, h)
                 if need_b:
-                    dbias[c0 : c0 + C] += dz.sum(0)
-                del dz, da, cap
+                    dbias[c0 : c0 + C] += a.sum(0, dtype=dbias.dtype)
         return (
             None if dhidden is None else dhidden.to(hidden.dtype),
             None if dweight is None else dweight.to(weight.dtype),
@@ -324,6 +516,40 @@ class _HiddenLogProbs(torch.autograd.Function):
             None,  # index
             None,  # options
         )
+
+
+def _tiles(device, n, rows_per_tile, vocab_per_tile):
+    """(rows, cols) per tile: the device's defaults, C filling the element budget when n < R."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    rows = ROWS_PER_TILE[kind] if rows_per_tile is None else rows_per_tile
+    if rows < 1 or (vocab_per_tile is not None and vocab_per_tile < 1):
+        raise ValueError(
+            f"rows_per_tile and vocab_per_tile must be >= 1; got {rows_per_tile}, {vocab_per_tile}"
+        )
+    cols = (
+        vocab_per_tile
+        if vocab_per_tile is not None
+        else max(256, TILE_ELEMENTS[kind] // max(1, min(rows, n)))
+    )
+    return rows, cols
+
+
+def _logprobs_from_hidden(backend, hidden, weight, index, bias, temperature, logit_scale, softcap, mask,
+                          return_entropy, return_top1, rows_per_tile, vocab_per_tile):  # fmt: skip
+    _check_inputs(hidden, weight, index, bias, temperature, logit_scale, softcap, mask)
+    rows, h, idx = _flatten_valid(hidden, index, mask)
+    _check_index_range(idx, weight.shape[0], rows)
+    tile_rows, tile_cols = _tiles(hidden.device, h.shape[0], rows_per_tile, vocab_per_tile)
+    if h.shape[0] == 0:  # every row masked: nothing to compute, zero gradients
+        zeros = h.sum(1) * 0.0
+        logps, entropy, is_top1 = zeros.float(), zeros.float(), zeros.bool()
+    else:
+        conf = (float(temperature), float(logit_scale), None if softcap is None else float(softcap),
+                1.0 / float(temperature))  # fmt: skip
+        options = (backend, conf, return_entropy, tile_rows, tile_cols)
+        logps, entropy, is_top1 = _HiddenLogProbs.apply(h, weight, bias, idx, options)
+    logps, entropy, is_top1 = _unflatten(rows, index.shape, logps, entropy, is_top1)
+    return select_outputs(logps, entropy, is_top1, return_entropy, return_top1)
 
 
 def logprobs_from_hidden_torch(
@@ -338,423 +564,19 @@ def logprobs_from_hidden_torch(
     mask: torch.Tensor | None = None,
     return_entropy: bool = False,
     return_top1: bool = False,
-    rows_per_tile: int = TORCH_ROWS_PER_TILE,
+    rows_per_tile: int | None = None,
     vocab_per_tile: int | None = None,
 ):
-    """Chunked torch path: hidden (..., H), weight (V, H), index (...) -> float32 logps (...) [, entropy] [, is_top1].
+    """Tiles with torch folds: hidden (..., H), weight (V, H), index (...) -> float32 logps (...) [, entropy]
+    [, is_top1]. Any device and dtype (float64 included).
 
-    Never builds the (N, V) logits: extra memory is at most three (rows_per_tile, vocab_per_tile) float32
-    tiles (vocab_per_tile defaults to TORCH_TILE_ELEMENTS // rows), plus the float32 gradient accumulators
-    dhidden (N, H) and dweight (V, H) for the inputs that need them."""
-    _check_inputs(hidden, weight, index, bias, temperature, logit_scale, softcap, mask)
-    if rows_per_tile < 1 or (vocab_per_tile is not None and vocab_per_tile < 1):
-        raise ValueError(
-            f"rows_per_tile and vocab_per_tile must be >= 1; got {rows_per_tile}, {vocab_per_tile}"
-        )
-    rows, h, idx = _flatten_valid(hidden, index, mask)
-    _check_index_range(idx, weight.shape[0], rows)
-    if vocab_per_tile is None:  # fill the tile budget when there are fewer rows than rows_per_tile
-        vocab_per_tile = max(256, TORCH_TILE_ELEMENTS // max(1, min(rows_per_tile, h.shape[0])))
-    options = (
-        float(temperature),
-        float(logit_scale),
-        None if softcap is None else float(softcap),
-        return_entropy,
-        rows_per_tile,
-        vocab_per_tile,
-    )
-    logps, entropy, is_top1 = _HiddenLogProbs.apply(h, weight, bias, idx, options)
-    logps, entropy, is_top1 = _unflatten(rows, index.shape, logps, entropy, is_top1)
-    return select_outputs(logps, entropy, is_top1, return_entropy, return_top1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Triton path.
-#
-#   forward   _fwd_kernel      grid (row blocks, vocabulary splits): each program runs the online softmax over
-#                              its slice of V for BLOCK_N rows and writes partial (m, s, t, target); a few
-#                              (splits, n) torch ops merge the partials (splitting V keeps the GPU busy when N
-#                              is small).
-#   backward  _bwd_dh_kernel   grid (row blocks): recomputes every logits tile of its rows, forms dz in
-#                              registers and accumulates dhidden = dz @ W into an fp32 (n, H) buffer it owns.
-#             _bwd_dw_kernel   grid (vocabulary blocks): recomputes every logits tile of its columns and
-#                              accumulates dweight = dz.T @ hidden (and dbias) into the fp32 rows it owns.
-# Two backward kernels, each owning its output rows, instead of one kernel with atomic adds on dweight:
-# deterministic results and no (V, H) atomic traffic, for one extra recompute of the logits (a third
-# matmul of the same size). Each is launched only if its input needs a gradient.
-# Not measured on a GPU yet: both backward kernels re-read and re-write their fp32 output rows once per
-# tile of the other dimension, which may make them bandwidth-bound at large H; if so, the alternative is
-# the torch path's structure (cuBLAS matmuls per chunk) with dz formed by a Triton elementwise kernel.
-# ----------------------------------------------------------------------------------------------------------
-
-# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps). The CUDA values are a reasonable starting point, not tuned (no GPU
-# was available when this was written); the interpreter values keep CPU tests fast and still cross tiles.
-TRITON_BLOCKS_CUDA = (64, 128, 64, 8)
-TRITON_BLOCKS_INTERPRET = (16, 32, 16, 1)
-
-
-@_jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation. DOT_PRECISION "upcast": the Triton interpreter multiplies bfloat16
-    operands as raw integers (triton 3.9), so there they go through fp32; bf16 x bf16 products are exact in
-    fp32, so the result is the one tensor cores give."""
-    if DOT_PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@_jit
-def _logits_tile(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    rows,
-    cols,
-    row_ok,
-    col_ok,
-    H,
-    logit_scale,
-    softcap,
-    inv_temp,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Tempered logits z (BLOCK_N, BLOCK_V) fp32, -inf on columns past V, and d softcap / dx (1 without softcap)."""
-    # 1. x = hidden @ weight.T over K = H chunks, fp32 accumulation
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_H):
-        ks = k0 + tl.arange(0, BLOCK_H)
-        k_ok = ks < H
-        h = tl.load(h_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * H + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = _dot(h, tl.trans(w), acc, DOT_PRECISION)
-    # 2. bias, scale, softcap, temperature
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    x = acc * logit_scale
-    if HAS_SOFTCAP:
-        # tanh and 1 - tanh^2 = 4 e / (1 + e)^2 from e = exp(-2|u|) <= 1: no overflow, no cancellation
-        u = x / softcap
-        e = tl.exp(-2.0 * tl.abs(u))
-        th = (1.0 - e) / (1.0 + e)
-        x = softcap * tl.where(u < 0, -th, th)
-        dcap = 4.0 * e / ((1.0 + e) * (1.0 + e))
-    else:
-        dcap = tl.full((BLOCK_N, BLOCK_V), 1.0, tl.float32)
-    z = tl.where(col_ok[None, :], x * inv_temp, float("-inf"))
-    return z, dcap
-
-
-@_jit
-def _fwd_kernel(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    idx_ptr,
-    m_ptr,
-    s_ptr,
-    t_ptr,
-    tgt_ptr,
-    n,
-    V,
-    H,
-    v_per_split,
-    logit_scale,
-    softcap,
-    inv_temp,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    WANT_ENTROPY: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    # int64 row/column ids: rows * H and split * n overflow int32 at LLM sizes (cf. Liger's cross-entropy fix)
-    pid = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n
-    idx = tl.load(idx_ptr + rows, mask=row_ok, other=-1)
-    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # running max
-    s = tl.zeros((BLOCK_N,), tl.float32)  # sum exp(z - m)
-    t = tl.zeros((BLOCK_N,), tl.float32)  # sum exp(z - m) (z - m)
-    tgt = tl.zeros((BLOCK_N,), tl.float32)  # z[index] if index is in this split
-    v_start = split * v_per_split
-    v_end = tl.minimum(v_start + v_per_split, V)
-    for c0 in range(v_start, v_end, BLOCK_V):
-        cols = c0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < v_end
-        z, _ = _logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, logit_scale, softcap, inv_temp,
-            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
-        )  # fmt: skip
-        # 3. target logit (only a valid column can match: past v_end z is -inf)
-        hit = (cols[None, :] == idx[:, None]) & col_ok[None, :]
-        tgt += tl.sum(tl.where(hit, z, 0.0), axis=1)
-        # 4. online max / sum (Milakov & Gimelshein 2018), t rescaled to the new max
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)  # 0 on the first tile
-        zc = tl.where(col_ok[None, :], z - m_new[:, None], 0.0)  # finite everywhere: no 0 * -inf below
-        e = tl.where(col_ok[None, :], tl.exp(zc), 0.0)
-        if WANT_ENTROPY:
-            shift = tl.where(s > 0, m - m_new, 0.0) * s  # m = -inf before the first tile
-            t = alpha * (t + shift) + tl.sum(e * zc, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
-    out = split * n + rows
-    tl.store(m_ptr + out, m, mask=row_ok)
-    tl.store(s_ptr + out, s, mask=row_ok)
-    tl.store(tgt_ptr + out, tgt, mask=row_ok)
-    if WANT_ENTROPY:
-        tl.store(t_ptr + out, t, mask=row_ok)
-
-
-@_jit
-def _dz_tile(z, dcap, cols, row_ok, col_ok, idx, lse, mu, g, ge, scale, HAS_GE: tl.constexpr):
-    """dL/da (BLOCK_N, BLOCK_V) fp32 for a = hidden @ weight.T + bias: g onehot - p (g + e (z - mu)), chained."""
-    ok = row_ok[:, None] & col_ok[None, :]
-    z = tl.where(ok, z, 0.0)  # finite past V, so no 0 * -inf below
-    p = tl.where(ok, tl.exp(z - lse[:, None]), 0.0)
-    coef = g[:, None]
-    if HAS_GE:
-        coef = coef + ge[:, None] * (z - mu[:, None])
-    dz = -p * coef
-    dz = tl.where(ok & (cols[None, :] == idx[:, None]), dz + g[:, None], dz)
-    return dz * dcap * scale  # softcap derivative, logit_scale / temperature
-
-
-@_jit
-def _bwd_dh_kernel(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    idx_ptr,
-    lse_ptr,
-    mu_ptr,
-    g_ptr,
-    ge_ptr,
-    dh_ptr,
-    n,
-    V,
-    H,
-    logit_scale,
-    softcap,
-    inv_temp,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_GE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n
-    idx = tl.load(idx_ptr + rows, mask=row_ok, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-    mu = lse
-    ge = g
-    if HAS_GE:
-        mu = tl.load(mu_ptr + rows, mask=row_ok, other=0.0)
-        ge = tl.load(ge_ptr + rows, mask=row_ok, other=0.0)
-    for c0 in range(0, V, BLOCK_V):
-        cols = c0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_ok = cols < V
-        z, dcap = _logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, logit_scale, softcap, inv_temp,
-            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
-        )  # fmt: skip
-        dz = _dz_tile(z, dcap, cols, row_ok, col_ok, idx, lse, mu, g, ge, logit_scale * inv_temp, HAS_GE)
-        dz = dz.to(h_ptr.dtype.element_ty)  # the matmul runs in the input dtype, as the forward's
-        # dhidden[rows] += dz @ weight[cols]: this program owns these rows of the fp32 buffer
-        for k0 in range(0, H, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
-            k_ok = ks < H
-            w = tl.load(
-                w_ptr + cols[:, None] * H + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0
-            )
-            dh_ptrs = dh_ptr + rows[:, None] * H + ks[None, :]
-            dh_ok = row_ok[:, None] & k_ok[None, :]
-            acc = tl.load(dh_ptrs, mask=dh_ok, other=0.0)
-            acc = _dot(dz, w, acc, DOT_PRECISION)
-            tl.store(dh_ptrs, acc, mask=dh_ok)
-
-
-@_jit
-def _bwd_dw_kernel(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    idx_ptr,
-    lse_ptr,
-    mu_ptr,
-    g_ptr,
-    ge_ptr,
-    dw_ptr,
-    db_ptr,
-    n,
-    V,
-    H,
-    logit_scale,
-    softcap,
-    inv_temp,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_GE: tl.constexpr,
-    WANT_DW: tl.constexpr,
-    WANT_DB: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    cols = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < V
-    db = tl.zeros((BLOCK_V,), tl.float32)
-    for r0 in range(0, n, BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        row_ok = rows < n
-        idx = tl.load(idx_ptr + rows, mask=row_ok, other=-1)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-        mu = lse
-        ge = g
-        if HAS_GE:
-            mu = tl.load(mu_ptr + rows, mask=row_ok, other=0.0)
-            ge = tl.load(ge_ptr + rows, mask=row_ok, other=0.0)
-        z, dcap = _logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, logit_scale, softcap, inv_temp,
-            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
-        )  # fmt: skip
-        dz = _dz_tile(z, dcap, cols, row_ok, col_ok, idx, lse, mu, g, ge, logit_scale * inv_temp, HAS_GE)
-        if WANT_DB:
-            db += tl.sum(dz, axis=0)
-        if WANT_DW:
-            dzt = tl.trans(dz.to(h_ptr.dtype.element_ty))  # (BLOCK_V, BLOCK_N)
-            # dweight[cols] += dz.T @ hidden[rows]: this program owns these rows of the fp32 buffer
-            for k0 in range(0, H, BLOCK_H):
-                ks = k0 + tl.arange(0, BLOCK_H)
-                k_ok = ks < H
-                h = tl.load(
-                    h_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-                )
-                dw_ptrs = dw_ptr + cols[:, None] * H + ks[None, :]
-                dw_ok = col_ok[:, None] & k_ok[None, :]
-                acc = tl.load(dw_ptrs, mask=dw_ok, other=0.0)
-                acc = _dot(dzt, h, acc, DOT_PRECISION)
-                tl.store(dw_ptrs, acc, mask=dw_ok)
-    if WANT_DB:
-        tl.store(db_ptr + cols, db, mask=col_ok)
-
-
-def _triton_conf(x):
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, dot precision) for this device and dtype."""
-    blocks = TRITON_BLOCKS_CUDA if x.is_cuda else TRITON_BLOCKS_INTERPRET
-    # fp32 inputs: exact fp32 products ("ieee"), not TF32, to match the torch path
-    if x.dtype == torch.float32:
-        precision = "ieee"
-    elif x.dtype == torch.bfloat16 and not x.is_cuda:
-        precision = "upcast"  # interpreter work-around, see _dot
-    else:
-        precision = "tf32"  # ignored for 16-bit operands: native tensor-core dot
-    return (*blocks, precision)
-
-
-def _vocab_splits(n_row_blocks, V, block_v, device):
-    """Columns per forward split, a multiple of BLOCK_V: enough programs to fill the device, every split non-empty."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 2  # the interpreter: still exercise the split-merge path
-    splits = max(1, min(triton.cdiv(target, n_row_blocks), triton.cdiv(V, block_v)))
-    per_split = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
-    return per_split, triton.cdiv(V, per_split)
-
-
-class _TritonHiddenLogProbs(torch.autograd.Function):
-    """hidden (n, H), weight (V, H), bias (V,) or None, index (n,) -> logps (n,), entropy (n,), is_top1 (n,)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, index, options):
-        temperature, logit_scale, softcap, want_entropy = options
-        n, H = hidden.shape
-        V = weight.shape[0]
-        hidden, weight, index = hidden.contiguous(), weight.contiguous(), index.contiguous()
-        bias = None if bias is None else bias.contiguous()
-        BN, BV, BH, warps, precision = _triton_conf(hidden)
-        per_split, splits = _vocab_splits(triton.cdiv(n, BN), V, BV, hidden.device)
-        part = torch.empty(4, splits, n, device=hidden.device)  # m, s, t, target per split
-        m, s, t, tgt = part.unbind(0)
-        _fwd_kernel[(triton.cdiv(n, BN), splits)](
-            hidden, weight, bias if bias is not None else hidden, index, m, s, t, tgt,
-            n, V, H, per_split, logit_scale, softcap or 1.0, 1.0 / temperature,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WANT_ENTROPY=want_entropy,
-            BLOCK_N=BN, BLOCK_V=BV, BLOCK_H=BH, DOT_PRECISION=precision, num_warps=warps,
-        )  # fmt: skip
-        # 5. merge the splits: lse = M + log sum_k s_k e^(m_k - M), t shifted to M the same way as in the kernel
-        M = m.amax(0)  # (n,)
-        scale = torch.exp(m - M)  # (splits, n)
-        S = (s * scale).sum(0)
-        lse = M + torch.log(S)
-        target = tgt.sum(0)  # only the split holding index adds a non-zero value
-        logps = target - lse
-        is_top1 = target >= M
-        mu = entropy = None
-        if want_entropy:
-            T = (scale * (t + (m - M) * s)).sum(0)
-            mu = M + T / S
-            entropy = lse - mu
-        ctx.save_for_backward(hidden, weight, bias, index, lse, mu)
-        ctx.conf = (temperature, logit_scale, softcap)
-        ctx.mark_non_differentiable(is_top1)
-        ctx.set_materialize_grads(False)
-        return logps, entropy, is_top1
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent, _g_top1):
-        hidden, weight, bias, index, lse, mu = ctx.saved_tensors
-        temperature, logit_scale, softcap = ctx.conf
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if g_logp is None and g_ent is None:
-            return None, None, None, None, None
-        n, H = hidden.shape
-        V = weight.shape[0]
-        BN, BV, BH, warps, precision = _triton_conf(hidden)
-        g = g_logp.float().contiguous() if g_logp is not None else torch.zeros_like(lse)
-        has_ge = g_ent is not None
-        ge = g_ent.float().contiguous() if has_ge else g
-        mu = mu if has_ge else lse
-        common = dict(
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_GE=has_ge,
-            BLOCK_N=BN, BLOCK_V=BV, BLOCK_H=BH, DOT_PRECISION=precision, num_warps=warps,
-        )  # fmt: skip
-        scalars = (n, V, H, logit_scale, softcap or 1.0, 1.0 / temperature)
-        b_arg = bias if bias is not None else hidden
-        dhidden = dweight = dbias = None
-        if need_h:
-            dh = torch.zeros(n, H, device=hidden.device)  # fp32 accumulator
-            _bwd_dh_kernel[(triton.cdiv(n, BN),)](
-                hidden, weight, b_arg, index, lse, mu, g, ge, dh, *scalars, **common
-            )
-            dhidden = dh.to(hidden.dtype)
-        if need_w or need_b:
-            dw = torch.zeros(V, H, device=hidden.device) if need_w else lse  # fp32 accumulator
-            db = torch.zeros(V, device=hidden.device) if need_b else lse
-            _bwd_dw_kernel[(triton.cdiv(V, BV),)](
-                hidden, weight, b_arg, index, lse, mu, g, ge, dw, db, *scalars,
-                WANT_DW=need_w, WANT_DB=need_b, **common,
-            )  # fmt: skip
-            dweight = dw.to(weight.dtype) if need_w else None
-            dbias = db.to(bias.dtype) if need_b else None
-        return dhidden, dweight, dbias, None, None  # no gradient for index and options
+    Never builds the (N, V) logits: extra memory is one (rows_per_tile, vocab_per_tile) tile in the compute dtype
+    and at most two float32 ones, plus the float32 gradient accumulators dhidden (N, H) and dweight (V, H) for
+    the inputs that need them. Defaults: ROWS_PER_TILE / TILE_ELEMENTS for the device."""
+    return _logprobs_from_hidden(
+        "torch", hidden, weight, index, bias, temperature, logit_scale, softcap, mask,
+        return_entropy, return_top1, rows_per_tile, vocab_per_tile,
+    )  # fmt: skip
 
 
 def logprobs_from_hidden_triton(
@@ -769,33 +591,21 @@ def logprobs_from_hidden_triton(
     mask: torch.Tensor | None = None,
     return_entropy: bool = False,
     return_top1: bool = False,
+    rows_per_tile: int | None = None,
+    vocab_per_tile: int | None = None,
 ):
-    """Triton path: hidden (..., H), weight (V, H), index (...) -> float32 logps (...) [, entropy] [, is_top1].
-
-    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. float32 / bfloat16 / float16 inputs."""
+    """Tiles with Triton folds: the same inputs and outputs as `logprobs_from_hidden_torch`, float32 / bfloat16 /
+    float16. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Extra memory: one tile in the compute
+    dtype (the folds work in registers), plus the gradient accumulators."""
     if triton is None:
         raise RuntimeError("logprobs_from_hidden_triton needs triton, which cannot be imported")
-    _check_inputs(hidden, weight, index, bias, temperature, logit_scale, softcap, mask)
     if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(
             f"the triton backend takes float32/bfloat16/float16 hidden and weight; got {hidden.dtype}"
         )
-    rows, h, idx = _flatten_valid(hidden, index, mask)
-    _check_index_range(idx, weight.shape[0], rows)
-    if h.shape[0] == 0:  # every row masked: nothing to launch
-        logps, entropy, is_top1 = (h.new_zeros(0, dtype=torch.float32),) * 2 + (
-            idx.new_zeros(0, dtype=torch.bool),
-        )
-        logps = logps + 0.0 * h.sum()  # keep the graph so backward gives zero gradients
-    else:
-        options = (
-            float(temperature),
-            float(logit_scale),
-            None if softcap is None else float(softcap),
-            return_entropy,
-        )
-        logps, entropy, is_top1 = _TritonHiddenLogProbs.apply(h, weight, bias, idx, options)
-    if not return_entropy:
-        entropy = None
-    logps, entropy, is_top1 = _unflatten(rows, index.shape, logps, entropy, is_top1)
-    return select_outputs(logps, entropy, is_top1, return_entropy, return_top1)
+    if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("logprobs_from_hidden_triton on a CPU tensor needs TRITON_INTERPRET=1")
+    return _logprobs_from_hidden(
+        "triton", hidden, weight, index, bias, temperature, logit_scale, softcap, mask,
+        return_entropy, return_top1, rows_per_tile, vocab_per_tile,
+    )  # fmt: skip
