@@ -16,9 +16,11 @@ Logits path, input logits (N, V), output per-row log-probs (N,), backward of the
 Hidden path, inputs hidden (N, H) and weight (V, H), the logits never built by ours / trl-chunked:
   naive          (hidden @ weight.T).log_softmax(-1).gather(-1, index)
   trl-chunked    trl.kernels.ChunkedLogProbFunction (TRL 1.16; torch tiles on the CPU, Triton on CUDA)
-  ours           posttrain.kernels.logprobs_from_hidden
+  ours           posttrain.kernels.logprobs_from_hidden (torch.mm tiles; Triton folds on CUDA, torch on the CPU)
 
-Columns: median seconds of the forward and of forward + backward (after warm-up); the peak extra memory of a
+Columns: median seconds of the forward and of forward + backward (after warm-up), each next to its floor
+(`floor_seconds`: logits path, the bytes it must move at the rate of a copy; hidden path, the matmul FLOPs at
+the rate of one matmul; both rates measured in the same process); the peak extra memory of a
 no-grad forward and of forward + backward (CPU: the kernel's resident-set high-water mark VmHWM, reset
 through /proc/self/clear_refs before the call, minus the resident set before it; CUDA:
 torch.cuda.max_memory_allocated minus the allocated memory before), counting everything the call allocates,
@@ -209,8 +211,8 @@ def total_memory(device) -> int:
 
 
 def copy_bandwidth_gbs(device) -> float:
-    """Device-to-device copy of 1 GiB: bytes read + written per second."""
-    src = torch.empty(2**28, dtype=torch.float32, device=device)
+    """Copy of 1 GiB (GPU) or 256 MiB (CPU) within the device: bytes read + written per second."""
+    src = torch.ones(2**28 if device.type == "cuda" else 2**26, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     seconds = time_call(lambda: dst.copy_(src), device, warmup=2, repeats=10)
     return 2 * src.numel() * 4 / seconds / 1e9
@@ -228,9 +230,30 @@ def worker(kind, name, N, V, dtype_name, warmup, repeats):
     if name.startswith("trl"):  # import TRL (seconds) before anything is timed
         import trl.kernels  # noqa: F401
         import trl.trainer.utils  # noqa: F401
-    inputs = make_inputs(kind, N, V, getattr(torch, dtype_name), device)
+    dtype = getattr(torch, dtype_name)
+    inputs = make_inputs(kind, N, V, dtype, device)
     fwd, fwd_bwd, fwd_mem, mem = measure(methods[name], inputs, device, warmup, repeats)
-    common.emit_result({"fwd": fwd, "fwd_bwd": fwd_bwd, "fwd_mem": fwd_mem, "mem": mem})
+    floor_fwd, floor_fwd_bwd = floor_seconds(kind, N, V, dtype, device)
+    result = {"fwd": fwd, "fwd_bwd": fwd_bwd, "fwd_mem": fwd_mem, "mem": mem}
+    common.emit_result(result | {"floor_fwd": floor_fwd, "floor_fwd_bwd": floor_fwd_bwd})
+
+
+def floor_seconds(kind, N, V, dtype, device) -> tuple[float, float]:
+    """(forward, forward + backward) floor for the cell, from rates measured now in this process.
+
+    Logits path, memory-bound: the forward must read the (N, V) logits once, forward + backward read them twice
+    and write the gradient once; seconds = those bytes / the rate of a device copy (bytes read + written per s).
+    Hidden path, compute-bound: 2 N V H FLOPs forward, 6 N V H forward + backward (the logits, then dhidden and
+    dweight), at the rate of one (rows, H) @ (H, cols) matmul of the cell's dtype (at most 4096 x 8192)."""
+    elem = torch.finfo(dtype).bits // 8
+    if kind == "logits":
+        bytes_per_s = copy_bandwidth_gbs(device) * 1e9
+        return N * V * elem / bytes_per_s, 3 * N * V * elem / bytes_per_s
+    a = torch.randn(min(N, 4096), H, device=device).to(dtype)
+    b = torch.randn(H, min(V, 8192), device=device).to(dtype)
+    seconds = time_call(lambda: a @ b, device, warmup=1, repeats=5)
+    flops_per_s = 2 * a.shape[0] * a.shape[1] * b.shape[1] / seconds
+    return 2 * N * V * H / flops_per_s, 6 * N * V * H / flops_per_s
 
 
 def main():
@@ -272,7 +295,19 @@ def main():
         f" one fresh process per method and cell; memory budget for naive: {budget / 2**30:.1f} GiB\n"
     )
 
-    header = ["path", "method", "N", "V", "fwd s", "f+b s", "fwd MiB", "f+b MiB"]
+    header = [
+        "path",
+        "method",
+        "N",
+        "V",
+        "fwd s",
+        "f+b s",
+        "fwd floor s",
+        "f+b floor s",
+        "fwd MiB",
+        "f+b MiB",
+    ]
+    header += ["fwd s / floor", "f+b s / floor"]
     header += ["fwd s / naive", "f+b s / naive", "fwd MiB / naive", "f+b MiB / naive"]
     if cuda:
         header += ["fwd GB/s", "f+b GB/s"]
@@ -325,8 +360,12 @@ def main():
                         *cell,
                         f"{fwd:.4f}",
                         f"{fwd_bwd:.4f}",
+                        f"{r['floor_fwd']:.4f}",
+                        f"{r['floor_fwd_bwd']:.4f}",
                         f"{fwd_mem:.0f}",
                         f"{mem:.0f}",
+                        f"{fwd / r['floor_fwd']:.2f}",
+                        f"{fwd_bwd / r['floor_fwd_bwd']:.2f}",
                         *ratio,
                     ]
                     if cuda:

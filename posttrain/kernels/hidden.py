@@ -423,14 +423,18 @@ def _tile_matmul(h, w, b, out):
     return torch.addmm(b, h, w.T, out=out)
 
 
+# addmm with out_dtype (16-bit operands, float32 result): CUDA, torch >= 2.8
+_MM_OUT_DTYPE = torch.__version__ >= "2.8"
+
+
 def _add_mm(acc, a, b):
     """acc += a @ b for a float32 (or float64) acc, without rounding a @ b to a's dtype first (a bf16 product
     rounded per vocabulary tile and then summed drifts, as TRL's chunked kernel notes)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.is_cuda:
+    elif acc.is_cuda and _MM_OUT_DTYPE:
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:  # the CPU has no mixed-dtype addmm: 16-bit products are exact in float32
+    else:  # no mixed-dtype addmm here: 16-bit products are exact in float32
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
