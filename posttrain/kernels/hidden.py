@@ -250,7 +250,8 @@ def _fold_backward_torch(a, local, lse, mu, g, ge, conf):
     dz.scatter_add_(1, local.clamp(0, C - 1).unsqueeze(1), (g * inside).unsqueeze(1))
     if dcap is not None:
         dz *= dcap
-    dz *= scale
+    if scale != 1.0:
+        dz *= scale
     a.copy_(dz)
 
 
