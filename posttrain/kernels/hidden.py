@@ -48,6 +48,7 @@ import os
 import torch
 
 from ._outputs import select_outputs
+from .logits import FP_FUSION
 
 try:
     import triton
@@ -380,7 +381,7 @@ def _fold_forward_triton(a, local, stats, conf, want_entropy):
     forward, _ = _kernels()
     forward[(a.shape[0],)](
         a, a.stride(0), local, m, s, t if want_entropy else s, target, a.shape[1], *_kernel_scalars(conf),
-        HAS_SOFTCAP=conf[2] is not None, WANT_ENTROPY=want_entropy, BLOCK_C=block, num_warps=warps,
+        HAS_SOFTCAP=conf[2] is not None, WANT_ENTROPY=want_entropy, BLOCK_C=block, num_warps=warps, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
 
@@ -390,7 +391,7 @@ def _fold_backward_triton(a, local, lse, mu, g, ge, conf):
     backward[(a.shape[0], triton.cdiv(a.shape[1], block))](
         a, a.stride(0), local, lse, lse if mu is None else mu, g, g if ge is None else ge, a.shape[1],
         *_kernel_scalars(conf), HAS_SOFTCAP=conf[2] is not None, HAS_GE=ge is not None, BLOCK_C=block,
-        num_warps=warps,
+        num_warps=warps, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
 
@@ -531,12 +532,10 @@ def _tiles(device, n, rows_per_tile, vocab_per_tile):
         raise ValueError(
             f"rows_per_tile and vocab_per_tile must be >= 1; got {rows_per_tile}, {vocab_per_tile}"
         )
-    cols = (
-        vocab_per_tile
-        if vocab_per_tile is not None
-        else max(256, TILE_ELEMENTS[kind] // max(1, min(rows, n)))
-    )
-    return rows, cols
+    if vocab_per_tile is not None:
+        return rows, vocab_per_tile
+    # a multiple of 256 columns, so every tile row starts 16-byte aligned and the folds' loads vectorise
+    return rows, max(1, TILE_ELEMENTS[kind] // max(1, min(rows, n)) // 256) * 256
 
 
 def _logprobs_from_hidden(backend, hidden, weight, index, bias, temperature, logit_scale, softcap, mask,
