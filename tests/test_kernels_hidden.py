@@ -243,7 +243,9 @@ def test_frozen_weight_computes_no_weight_gradient(backend):
     # no op produced a (V, H) result: the float32 dweight accumulator was never allocated
     # (aten.set_ is the Triton interpreter re-binding the weight argument's storage and aten.slice a view of
     # the weight's one vocabulary tile: neither is a new tensor)
-    made = [op for op, shape in rec.shapes if shape == (64, 16) and not any(v in op for v in ("set_", "slice"))]
+    made = [
+        op for op, shape in rec.shapes if shape == (64, 16) and not any(v in op for v in ("set_", "slice"))
+    ]
     assert not made, made
     rh = hidden.detach().double().requires_grad_()
     ref = reference_logprobs_from_hidden(rh, weight.double(), index)
