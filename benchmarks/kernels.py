@@ -26,10 +26,10 @@ through /proc/self/clear_refs before the call, minus the resident set before it;
 torch.cuda.max_memory_allocated minus the allocated memory before), counting everything the call allocates,
 the gradient of the inputs included, not the inputs; each ratio to naive in the same cell. On CUDA also the
 achieved bandwidth (forward reads the logits once; forward + backward reads them twice and writes the
-gradient once) next to a device-to-device copy measured in the same run. Cells whose naive forward + backward
-a method whose forward + backward would need more than 60% of the memory print "skip (mem)"
-(`peak_bytes`), with no ratio to naive when naive is the one skipped; on the CPU the hidden path skips
-N x V above 4k x 152k (16k x 152k: 4.4 TFLOP forward, minutes a call). Each (method, cell) runs in its own fresh process (benchmarks/common.py
+gradient once) next to a device-to-device copy measured in the same run. A method whose forward + backward
+would need more than 60% of the memory prints "skip (mem)" (`peak_bytes`), with no ratio to naive when naive
+is the one skipped; on the CPU the hidden path skips N x V above 4k x 152k (16k x 152k: 4.4 TFLOP a forward,
+minutes a call). Each (method, cell) runs in its own fresh process (benchmarks/common.py
 `run_side`), and its memory is read on a call after the warm-up and timed ones, so one-time initialisation
 (thread pools, compilation) is not counted. On the CPU, TRL's selective_log_softmax loops over rows in
 Python; it runs only at N = 1k unless --full.
@@ -255,7 +255,9 @@ def floor_seconds(kind, N, V, dtype, device) -> tuple[float, float]:
     Logits path, memory-bound: the forward must read the (N, V) logits once, forward + backward read them twice
     and write the gradient once; seconds = those bytes / the rate of a device copy (bytes read + written per s).
     Hidden path, compute-bound: 2 N V H FLOPs forward, 6 N V H forward + backward (the logits, then dhidden and
-    dweight), at the rate of one (rows, H) @ (H, cols) matmul of the cell's dtype (at most 4096 x 8192)."""
+    dweight), at the rate of one (rows, H) @ (H, cols) matmul of the cell's dtype (at most 4096 x 8192). A
+    method that does not keep the logits (ours, trl-chunked) recomputes them in backward, 8 N V H: 1.33x this
+    floor is its best forward + backward."""
     elem = torch.finfo(dtype).bits // 8
     if kind == "logits":
         bytes_per_s = copy_bandwidth_gbs(device) * 1e9
@@ -303,7 +305,7 @@ def main():
         print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     print(
         f"warm-up {args.warmup}, median of {args.repeats} (one timed call when a call takes > 3 s);"
-        f" one fresh process per method and cell; memory budget for naive: {budget / 2**30:.1f} GiB\n"
+        f" one fresh process per method and cell; memory budget per method: {budget / 2**30:.1f} GiB\n"
     )
 
     header = [

@@ -204,7 +204,8 @@ def hidden_forward_case(dtype: str, *, softcap: bool, entropy: bool) -> KernelCa
     signature = {
         "tile_ptr": f"*{dtype}",
         "stride_r": "i32",
-        "local_ptr": "*i64",
+        "index_ptr": "*i64",
+        "c0": "i32",
         "m_ptr": "*fp32",
         "s_ptr": "*fp32",
         "t_ptr": "*fp32",  # the launcher passes s when there is no entropy
@@ -223,7 +224,7 @@ def hidden_forward_case(dtype: str, *, softcap: bool, entropy: bool) -> KernelCa
         signature=signature,
         constexprs={"HAS_SOFTCAP": softcap, "WANT_ENTROPY": entropy, "BLOCK_C": block},
         num_warps=warps,
-        divisible=_pointers(signature) + ("stride_r", "C"),
+        divisible=_pointers(signature) + ("stride_r", "c0", "C"),
         streamed=(("tile load", "x = tl.load(row_ptr + cols"),),
         default_archs=(90,) if softcap and entropy else (),
     )
@@ -235,7 +236,8 @@ def hidden_backward_case(dtype: str, *, softcap: bool, grad_entropy: bool) -> Ke
     signature = {
         "tile_ptr": f"*{dtype}",
         "stride_r": "i32",
-        "local_ptr": "*i64",
+        "index_ptr": "*i64",
+        "c0": "i32",
         "lse_ptr": "*fp32",
         "mu_ptr": "*fp32",  # lse when there is no entropy gradient
         "g_ptr": "*fp32",
@@ -256,7 +258,7 @@ def hidden_backward_case(dtype: str, *, softcap: bool, grad_entropy: bool) -> Ke
         signature=signature,
         constexprs={"HAS_SOFTCAP": softcap, "HAS_GE": grad_entropy, "BLOCK_C": block},
         num_warps=warps,
-        divisible=_pointers(signature) + ("stride_r", "C"),
+        divisible=_pointers(signature) + ("stride_r", "c0", "C"),
         streamed=(("tile load", "x = tl.load(ptrs"), ("dL/da store", "tl.store(ptrs, dz")),
         default_archs=(90,) if softcap and grad_entropy else (),
     )
@@ -579,6 +581,43 @@ def test_without_alignment_hints_the_logits_load_is_narrow():
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _needs_jit_internals():
+    try:
+        from triton.compiler import make_backend  # noqa: F401
+        from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"triton's JIT internals moved: {e}")
+
+
+def _recorder(launches: list):
+    """A stand-in for a jitted kernel: kernel[grid](*args, **kwargs) appends (raw fn, args, kwargs) to launches."""
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
+
+    return Recorder
+
+
+def _jit_view(fn, args, kwargs):
+    """(signature, constexprs, divisible args, num_warps) that triton's launch-time specialisation gives a call of
+    the raw kernel fn with these arguments."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    jit_fn = JITFunction(fn)
+    binder = create_function_from_signature(jit_fn.signature, jit_fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit_fn._pack_args(backend, kwargs, bound, specialization, options)
+    divisible = {jit_fn.arg_names[path[0]] for path, attr in attrs.items() if ["tt.divisibility", 16] in attr}
+    constexprs = {jit_fn.arg_names[path[0]]: v for path, v in constexprs.items()}
+    return signature, constexprs, divisible, options.num_warps
+
+
 @pytest.mark.parametrize("V", VOCABS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cases_are_what_the_jit_makes_of_the_launchers_arguments(dtype: str, V: int, monkeypatch):
@@ -588,19 +627,9 @@ def test_cases_are_what_the_jit_makes_of_the_launchers_arguments(dtype: str, V: 
     Runs logprobs_from_logits_triton forward and backward for every flag combination the launcher can produce,
     on logits (3, V) of `dtype`, with kernels that only record their arguments. On a CPU the tensors are CPU
     tensors: 64-byte aligned, like CUDA's caching allocator (512) aligned beyond the 16 bytes that matter."""
-    try:
-        from triton.compiler import make_backend
-        from triton.runtime.jit import JITFunction, create_function_from_signature
-    except ImportError as e:
-        pytest.skip(f"triton's JIT internals moved: {e}")
+    _needs_jit_internals()
     launches = []
-
-    class Recorder:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
+    Recorder = _recorder(launches)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not L._interpreting():
@@ -621,38 +650,13 @@ def test_cases_are_what_the_jit_makes_of_the_launchers_arguments(dtype: str, V: 
                 expected.append(logits_backward_case(dtype, V, mask=mask, grad_logps=g, grad_entropy=gh))
     assert len(launches) == len(expected)
 
-    backend = make_backend(GPUTarget("cuda", 90, 32))
     for (fn, args, kwargs), case in zip(launches, expected, strict=True):
         assert fn is case.fn
-        jit_fn = JITFunction(fn)
-        binder = create_function_from_signature(jit_fn.signature, jit_fn.params, backend)
-        bound, specialization, options = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = jit_fn._pack_args(
-            backend, kwargs, bound, specialization, options
-        )
-        divisible = {
-            jit_fn.arg_names[path[0]] for path, attr in attrs.items() if ["tt.divisibility", 16] in attr
-        }
+        signature, constexprs, divisible, num_warps = _jit_view(fn, args, kwargs)
         assert signature == case.signature, case.name
-        assert {jit_fn.arg_names[path[0]]: v for path, v in constexprs.items()} == case.constexprs, case.name
+        assert constexprs == case.constexprs, case.name
         assert divisible == set(case.divisible), case.name
-        assert options.num_warps == case.num_warps, case.name
-
-
-def _jit_view(fn, args, kwargs):
-    """(signature, constexprs, divisible args, num_warps) that triton's launch-time specialisation gives a call of
-    the raw kernel fn with these arguments."""
-    from triton.compiler import make_backend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
-
-    backend = make_backend(GPUTarget("cuda", 90, 32))
-    jit_fn = JITFunction(fn)
-    binder = create_function_from_signature(jit_fn.signature, jit_fn.params, backend)
-    bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = jit_fn._pack_args(backend, kwargs, bound, specialization, options)
-    divisible = {jit_fn.arg_names[path[0]] for path, attr in attrs.items() if ["tt.divisibility", 16] in attr}
-    constexprs = {jit_fn.arg_names[path[0]]: v for path, v in constexprs.items()}
-    return signature, constexprs, divisible, options.num_warps
+        assert num_warps == case.num_warps, case.name
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -660,23 +664,12 @@ def test_hidden_cases_are_what_the_jit_makes_of_the_launchers_arguments(dtype: s
     """As above for the hidden path's folds: a real launch (tiles HIDDEN_TILE_C wide, every option combination)
     recorded and specialised by triton must give each case's signature, constexprs and divisible arguments.
     BLOCK_C and num_warps are the launcher's per-device choice, so only they may differ off a GPU."""
-    try:
-        import triton.runtime.jit  # noqa: F401
-        from triton.compiler import make_backend  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"triton's JIT internals moved: {e}")
+    _needs_jit_internals()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the triton launcher takes CPU tensors only with TRITON_INTERPRET=1")
     launches = []
-
-    class Recorder:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
-
+    Recorder = _recorder(launches)
     monkeypatch.setattr(
         HK, "_kernels", lambda: (Recorder(HK._fold_forward_kernel), Recorder(HK._fold_backward_kernel))
     )

@@ -35,8 +35,8 @@ def _torch_small(*args, **kw):
 def _triton_on_device(hidden, weight, index, *, bias=None, mask=None, **kw):
     """The Triton path on CUDA copies when a GPU exists (outputs back on the CPU, gradients flow to the CPU
     tensors), else directly on the CPU through the interpreter."""
-    if not CUDA:  # small tiles: every test crosses row and vocabulary tiles and (ragged) kernel blocks
-        kw = dict(rows_per_tile=2, vocab_per_tile=48) | kw
+    kw = dict(rows_per_tile=2, vocab_per_tile=48) | kw  # every test crosses row and vocabulary tiles
+    if not CUDA:
         return K.logprobs_from_hidden_triton(hidden, weight, index, bias=bias, mask=mask, **kw)
     out = K.logprobs_from_hidden_triton(
         hidden.cuda(),
@@ -417,32 +417,62 @@ def test_bad_inputs_name_the_argument(backend, change, match):
 
 
 @pytest.mark.parametrize("backend", _backends())
-def test_minus_inf_bias_columns(backend):
-    """A -inf bias removes vocabulary entries (p = 0 there): the whole first vocabulary tile, so the running max
-    starts at -inf, and scattered columns; values and gradients stay finite and match the reference."""
+@pytest.mark.parametrize("opts", [dict(temperature=0.9), dict(softcap=3.0)], ids=["plain", "softcap"])
+def test_minus_inf_bias_columns(backend, opts):
+    """A -inf bias removes vocabulary entries (p = 0 there; with a softcap they sit at -softcap instead, with a
+    zero derivative): the whole first vocabulary tile, so the running max starts at -inf, and scattered columns.
+    Values and the hidden, weight and bias gradients stay finite and match the reference."""
     hidden, weight, b, index = _inputs(5, 123, 16, torch.float32, bias=True, seed=21)
     with torch.no_grad():
         b[:48] = float("-inf")  # the first tile (vocab_per_tile 16 / 48 in these tests) and more
         b[70:123:7] = float("-inf")
-    index[:] = torch.tensor([50, 60, 122 - 1, 100, 49])
-    params = [hidden, weight]
+    index[:] = torch.tensor([50, 60, 121, 100, 49])
+    params = [hidden, weight, b]
     ref_params = [p.detach().double().requires_grad_() for p in params]
-    kw = dict(return_entropy=True, temperature=0.9)
-    out = _fn(backend)(hidden, weight, index, bias=b.detach(), **kw)
-    ref = reference_logprobs_from_hidden(*ref_params, index, bias=b.detach().double(), **kw)
+    out = _fn(backend)(hidden, weight, index, bias=b, return_entropy=True, **opts)
+    ref = reference_logprobs_from_hidden(
+        *ref_params[:2], index, bias=ref_params[2], return_entropy=True, **opts
+    )
     _check(out, ref, params, ref_params, torch.float32)
 
 
-def test_autocast_runs_the_matmuls_in_the_autocast_dtype():
-    """Under bf16 autocast the tiles are bf16 products, as an autocast `lm_head` computes them; the gradients
-    keep the float32 parameters' dtype."""
+@pytest.mark.parametrize("backend", _backends())
+def test_autocast_runs_the_matmuls_in_the_autocast_dtype(backend):
+    """Under bf16 autocast the tiles are the bf16 logits an autocast `lm_head` computes; log-probs, entropy and
+    the gradients (float32, the parameters' dtype) match the float64 reference taken on those logits."""
+    from posttrain.kernels.logits import reference_logprobs_from_logits
+
     hidden, weight, _, index = _inputs(6, 200, 32, torch.float32, bias=False, seed=22)
+    fn = _torch_small if backend == "torch" else _triton_on_device
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logps = logprobs_from_hidden_torch(hidden, weight, index, rows_per_tile=4, vocab_per_tile=64)
-        naive = torch.nn.functional.linear(hidden, weight).float().log_softmax(-1)
-    naive = naive.gather(-1, index.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(logps, naive, atol=1e-5, rtol=1e-5)  # the same bf16 logits
+        out = fn(hidden, weight, index, return_entropy=True)
+        rh, rw = (p.detach().clone().requires_grad_() for p in (hidden, weight))
+        logits = torch.nn.functional.linear(rh, rw)  # (6, 200) bf16
+    assert logits.dtype == torch.bfloat16
+    ref = reference_logprobs_from_logits(logits, index, return_entropy=True)
     exact = reference_logprobs_from_hidden(hidden.detach(), weight.detach(), index)
-    assert (logps.double() - exact).abs().max() > 1e-4  # and not the float32 ones
-    logps.sum().backward()
-    assert hidden.grad.dtype == weight.grad.dtype == torch.float32
+    assert (out[0].double() - exact).abs().max() > 1e-4  # not the float32 logits
+    for got, want in zip(out, ref, strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    w = torch.randn(2, 6, generator=torch.Generator().manual_seed(3))
+    (out[0] * w[0] + out[1] * w[1]).sum().backward()
+    (ref[0] * w[0].double() + ref[1] * w[1].double()).sum().backward()
+    for got, want in ((hidden.grad, rh.grad), (weight.grad, rw.grad)):
+        assert got.dtype == torch.float32
+        # both round dL/dlogits to bf16 before the gradient matmuls; ours sums the products in float32
+        assert (got - want).abs().max() / want.abs().max() < 1e-2
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_cuda_tiles_several_row_and_vocabulary_tiles(dtype):
+    """On a GPU at the default tiles (4096 x 8192): N and V past one tile each, ragged, entropy and its gradient."""
+    hidden, weight, b, index = _inputs(4096 + 999, 3 * 8192 + 77, 64, dtype, bias=True, seed=23)
+    params = [hidden, weight, b]
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    out = K.logprobs_from_hidden_triton(
+        *(p.cuda() for p in params[:2]), index.cuda(), bias=b.cuda(), return_entropy=True
+    )
+    out = tuple(o.cpu() for o in out)
+    ref = reference_logprobs_from_hidden(*ref_params[:2], index, bias=ref_params[2], return_entropy=True)
+    _check(out, ref, params, ref_params, dtype)

@@ -12,8 +12,8 @@ Rows where `mask` is False cost nothing and return 0 (and False).
 
 Backends: Triton on CUDA tensors (and on the CPU under `TRITON_INTERPRET=1` when forced); a chunked
 torch implementation elsewhere. The hidden-state path runs its tile matmuls with `torch.mm` on both and
-uses the backend for the per-tile softmax work between them. Force one with `backend="triton" | "torch"` or the environment variable
-`POSTTRAIN_KERNEL_BACKEND`.
+uses the backend for the per-tile softmax work between them. Force one with `backend="triton" | "torch"`
+or the environment variable `POSTTRAIN_KERNEL_BACKEND`.
 """
 
 from __future__ import annotations

@@ -28,8 +28,10 @@ they run near the tensor-core peak), and the per-tile work between them, folding
 statistics in forward and turning it into dL/da in backward, is one "fold" function: Triton kernels on CUDA
 (one read of the tile, or one read and one in-place write), a few torch ops elsewhere. A fully fused Triton
 matmul (logits tiles never leaving registers) saves those tile passes but must either atomically add into
-dweight or recompute the logits once more per gradient; at H >= 1k the tile passes cost ~10-15% of the
-matmuls, which is what this structure pays for running at cuBLAS speed.
+dweight or recompute the logits once more per gradient. The price of running at cuBLAS speed, by a count (not
+yet a GPU measurement): a tile pass moves 2-4 bytes per bf16 logit where the matmuls do 2H FLOPs (forward) or
+6H (backward) per logit; at an H100's ~990 TFLOP/s and 3.35 TB/s that is ~300/H of the forward's matmul time
+and ~200/H of the backward's (~30% / 20% at H = 896, ~7% / 5% at H = 4096).
 
 Precision: the matmuls take their operands in the compute dtype (the autocast dtype when autocast is on for
 the device, else the input dtype, as `nn.Linear` would) and produce the tile in that dtype, so bf16/fp16
@@ -44,11 +46,12 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
 from ._outputs import select_outputs
-from .logits import FP_FUSION
+from .logits import FP_FUSION, device_of
 
 try:
     import triton
@@ -98,7 +101,7 @@ def reference_logprobs_from_hidden(
     # p log p = 0 where p = 0 (a -inf logit); the where() sits on log p so backward never meets 0 * -inf
     p = logp_all.exp()
     entropy = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)  # (...)
-    is_top1 = z.argmax(-1) == index
+    is_top1 = z.gather(-1, index.long().unsqueeze(-1)).squeeze(-1) >= z.amax(-1)  # ties count
     if mask is not None:
         mask = mask.bool()
         logps = torch.where(mask, logps, torch.zeros_like(logps))
@@ -158,7 +161,10 @@ def _flatten_valid(hidden, index, mask):
 
 def _check_index_range(index, V, rows):
     """index (n,) of the kept rows; the message names the row in the flattened (N,) input."""
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= V):
+    if index.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(index)).tolist()  # one host sync for both ends
+    if low < 0 or high >= V:
         bad = int(((index < 0) | (index >= V)).nonzero()[0, 0])
         where = bad if rows is None else int(rows[bad])
         raise ValueError(f"index out of range [0, {V}) at flattened row {where}: {int(index[bad])}")
@@ -179,42 +185,52 @@ def _unflatten(rows, shape, logps, entropy, is_top1):
 # ----------------------------------------------------------------------------------------------------------
 
 
+class Transform(NamedTuple):
+    """a -> z: x = a * logit_scale, y = softcap tanh(x / softcap) (softcap None: y = x), z = y * inv_t."""
+
+    logit_scale: float
+    softcap: float | None
+    inv_t: float
+
+
 def _acc_dtype(x):
     """float32 math, float64 kept for float64 inputs (gradcheck)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _transform_torch(a, conf, cap_grad=False):
+def _transform_torch(a, tr: Transform, cap_grad=False):
     """a (R, C) tile of hidden @ weight.T + bias -> z (R, C) float32 tempered logits [, d softcap / dx].
 
     Works in place when `a` is already in the math dtype (the caller's own tile buffer). The softcap derivative
     1 - tanh^2(x / c) is computed as 1 / cosh^2(x / c) from the uncapped x: 1 - (y / c)^2 from the capped y
     loses all precision once tanh rounds to 1."""
-    _, logit_scale, softcap, inv_t = conf
     z = a if a.dtype == _acc_dtype(a) else a.to(_acc_dtype(a))
-    if logit_scale != 1.0:
-        z *= logit_scale
+    if tr.logit_scale != 1.0:
+        z *= tr.logit_scale
     dcap = None
-    if softcap is not None:
-        z /= softcap
+    if tr.softcap is not None:
+        z /= tr.softcap
         if cap_grad:
             dcap = torch.cosh(z).square_().reciprocal_()  # cosh overflows to inf -> derivative 0, no NaN
-        z = z.tanh_().mul_(softcap)
-    if inv_t != 1.0:
-        z *= inv_t
+        z = z.tanh_().mul_(tr.softcap)
+    if tr.inv_t != 1.0:
+        z *= tr.inv_t
     return z, dcap
 
 
-def _fold_forward_torch(a, local, stats, conf, want_entropy):
-    """Fold tile a (R, C) into the running statistics stats = (m, s, t, target), each (R,), in place.
+def _local_targets(index, c0, C):
+    """index (R,) -> (column of the target within the tile, clamped into it (R, 1); whether it is there (R,))."""
+    local = index - c0
+    return local.clamp(0, C - 1).unsqueeze(1), (local >= 0) & (local < C)
 
-    local (R,): index - first column of the tile (the target is in this tile where 0 <= local < C)."""
+
+def _fold_forward_torch(a, index, c0, stats, tr: Transform, want_entropy):
+    """Fold tile a (R, C), columns c0 .. c0 + C of the vocabulary, into the running statistics
+    stats = (m, s, t, target), each (R,), in place. index (R,): the rows' target columns in the vocabulary."""
     m, s, t, target = stats
-    z, _ = _transform_torch(a, conf)
-    C = z.shape[1]
-    inside = (local >= 0) & (local < C)
-    picked = z.gather(1, local.clamp(0, C - 1).unsqueeze(1)).squeeze(1)
-    torch.where(inside, picked, target, out=target)
+    z, _ = _transform_torch(a, tr)
+    col, inside = _local_targets(index, c0, z.shape[1])
+    torch.where(inside, z.gather(1, col).squeeze(1), target, out=target)
     m_new = torch.maximum(m, z.amax(1))
     ref = torch.where(m_new == float("-inf"), 0.0, m_new)  # a tile of -inf only (-inf bias): shift by 0
     alpha = torch.exp(m - ref)  # 0 on the first tile (m = -inf)
@@ -231,13 +247,11 @@ def _fold_forward_torch(a, local, stats, conf, want_entropy):
     m.copy_(m_new)
 
 
-def _fold_backward_torch(a, local, lse, mu, g, ge, conf):
+def _fold_backward_torch(a, index, c0, lse, mu, g, ge, tr: Transform):
     """Overwrite tile a (R, C) with dL/da, in a's dtype. lse, mu, g, ge (R,) float32; mu and ge None without an
-    entropy gradient; local (R,) as in the forward fold."""
-    scale = conf[1] * conf[3]  # logit_scale / temperature, the chain rule's constant factor
-    z, dcap = _transform_torch(a, conf, cap_grad=True)
-    C = z.shape[1]
-    p = torch.exp(z - lse.unsqueeze(1))  # (R, C)
+    entropy gradient; index and c0 as in the forward fold. Holds at most three float32 (R, C) tiles."""
+    z, dcap = _transform_torch(a, tr, cap_grad=True)
+    p = z.sub(lse.unsqueeze(1)).exp_()  # (R, C) softmax probabilities
     if ge is not None:
         z -= mu.unsqueeze(1)
         z.masked_fill_(p == 0, 0.0)  # p (z - mu) = 0 where z = -inf
@@ -247,12 +261,12 @@ def _fold_backward_torch(a, local, lse, mu, g, ge, conf):
     else:
         dz = p.mul_(-g.unsqueeze(1))
     del z
-    inside = (local >= 0) & (local < C)  # + g at the target column, where it falls in this tile
-    dz.scatter_add_(1, local.clamp(0, C - 1).unsqueeze(1), (g * inside).unsqueeze(1))
+    col, inside = _local_targets(index, c0, dz.shape[1])
+    dz.scatter_add_(1, col, (g * inside).unsqueeze(1))  # + g at the target column, where it is in this tile
     if dcap is not None:
         dz *= dcap
-    if scale != 1.0:
-        dz *= scale
+    if tr.logit_scale * tr.inv_t != 1.0:
+        dz *= tr.logit_scale * tr.inv_t  # the chain rule's constant factor
     a.copy_(dz)
 
 
@@ -265,7 +279,8 @@ def _fold_backward_torch(a, local, lse, mu, g, ge, conf):
 def _fold_forward_kernel(
     tile_ptr,  # (R, C) compute dtype, row stride stride_r, unit column stride
     stride_r,
-    local_ptr,  # (R,) int64: index - first column of the tile
+    index_ptr,  # (R,) int64: target columns in the vocabulary
+    c0,  # the tile's first vocabulary column
     m_ptr,  # (R,) float32 in/out: running max
     s_ptr,  # (R,) float32 in/out: sum exp(z - m)
     t_ptr,  # (R,) float32 in/out: sum exp(z - m) (z - m), only when WANT_ENTROPY
@@ -280,9 +295,11 @@ def _fold_forward_kernel(
 ):
     """One program per row: stream the row of the tile in BLOCK_C blocks, online max / sum (see the module
     docstring), starting from and writing back the running statistics."""
-    # int64 before the stride multiply: row * stride_r overflows int32 for a 4096 x 8192 tile's last rows
+    # int64 before the stride multiply: row * stride_r overflows int32 once a tile passes 2^31 elements
     row = tl.program_id(0).to(tl.int64)
     row_ptr = tile_ptr + row * stride_r
+    local = tl.load(index_ptr + row) - c0
+    target = tl.load(target_ptr + row)
     m = tl.load(m_ptr + row)
     s = tl.load(s_ptr + row)
     t = 0.0
@@ -296,6 +313,8 @@ def _fold_forward_kernel(
             q = tl.exp(-2.0 * tl.abs(x / softcap))
             x = tl.where(x < 0, -softcap, softcap) * (1.0 - q) / (1.0 + q)
         z = tl.where(cols < C, x * inv_t, float("-inf"))
+        if (local >= start) & (local < start + BLOCK_C):  # the block holding the target: same program-wide
+            target = tl.sum(tl.where(cols == local, z, 0.0), axis=0)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing finite yet: shift by 0, no -inf - -inf
         alpha = tl.exp(m - ref)
@@ -307,23 +326,16 @@ def _fold_forward_kernel(
         m = m_new
     tl.store(m_ptr + row, m)
     tl.store(s_ptr + row, s)
+    tl.store(target_ptr + row, target)
     if WANT_ENTROPY:
         tl.store(t_ptr + row, t)
-    # the target's logit, read once by the tile that holds it
-    local = tl.load(local_ptr + row)
-    inside = (local >= 0) & (local < C)
-    x = tl.load(row_ptr + local, mask=inside, other=0.0).to(tl.float32) * logit_scale
-    if HAS_SOFTCAP:
-        q = tl.exp(-2.0 * tl.abs(x / softcap))
-        x = tl.where(x < 0, -softcap, softcap) * (1.0 - q) / (1.0 + q)
-    old = tl.load(target_ptr + row)
-    tl.store(target_ptr + row, tl.where(inside, x * inv_t, old))
 
 
 def _fold_backward_kernel(
     tile_ptr,  # (R, C) compute dtype, row stride stride_r; overwritten with dL/da
     stride_r,
-    local_ptr,  # (R,) int64
+    index_ptr,  # (R,) int64
+    c0,
     lse_ptr,  # (R,) float32
     mu_ptr,  # (R,) float32, read only when HAS_GE
     g_ptr,  # (R,) float32 dL/dlogps
@@ -337,7 +349,8 @@ def _fold_backward_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """Grid (R, cdiv(C, BLOCK_C)): each program turns one block of one row into
-    dL/da = (g onehot - p (g + e (z - mu))) * dcap * logit_scale / T, read and written in place."""
+    dL/da = (g onehot - p (g + e (z - mu))) * dcap * logit_scale / T, read and written in place (the programs'
+    blocks are disjoint)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cols < C
@@ -345,11 +358,9 @@ def _fold_backward_kernel(
     x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * logit_scale
     dcap = 1.0
     if HAS_SOFTCAP:
-        # tanh and 1 - tanh^2 = 4 q / (1 + q)^2 from q = exp(-2|u|) <= 1: no overflow, no cancellation
-        u = x / softcap
-        q = tl.exp(-2.0 * tl.abs(u))
-        th = (1.0 - q) / (1.0 + q)
-        x = softcap * tl.where(u < 0, -th, th)
+        # the forward's tanh, and 1 - tanh^2 = 4 q / (1 + q)^2 from the same q: no overflow, no cancellation
+        q = tl.exp(-2.0 * tl.abs(x / softcap))
+        x = tl.where(x < 0, -softcap, softcap) * (1.0 - q) / (1.0 + q)
         dcap = 4.0 * q / ((1.0 + q) * (1.0 + q))
     z = x * inv_t
     p = tl.exp(z - tl.load(lse_ptr + row))
@@ -358,7 +369,7 @@ def _fold_backward_kernel(
     if HAS_GE:
         # p (z - mu) = 0 where p = 0: z = -inf there would make it NaN
         coef = g + tl.load(ge_ptr + row) * tl.where(p > 0, z - tl.load(mu_ptr + row), 0.0)
-    dz = tl.where(cols == tl.load(local_ptr + row), g, 0.0) - p * coef
+    dz = tl.where(cols == tl.load(index_ptr + row) - c0, g, 0.0) - p * coef
     dz = dz * dcap * (logit_scale * inv_t)
     tl.store(ptrs, dz.to(tile_ptr.dtype.element_ty), mask=ok)
 
@@ -370,34 +381,37 @@ def _kernels():
 
 
 # BLOCK_C and num_warps: the forward streams a row in 2048-wide blocks with 8 warps (8 elements per thread per
-# block: 128-bit loads of bf16), the backward is one 1024-wide block per program. Not yet timed on a GPU;
+# block: one 128-bit load of bf16), the backward is one 1024-wide block per program. Not yet timed on a GPU;
 # the interpreter gets small blocks so CPU tests cross block edges.
 FOLD_LAUNCH = {"cuda": ((2048, 8), (1024, 4)), "interpret": ((32, 1), (32, 1))}
 
 
-def _fold_forward_triton(a, local, stats, conf, want_entropy):
+def _fold_forward_triton(a, index, c0, stats, tr: Transform, want_entropy):
     (block, warps), _ = FOLD_LAUNCH["cuda" if a.is_cuda else "interpret"]
     m, s, t, target = stats
     forward, _ = _kernels()
-    forward[(a.shape[0],)](
-        a, a.stride(0), local, m, s, t if want_entropy else s, target, a.shape[1], *_kernel_scalars(conf),
-        HAS_SOFTCAP=conf[2] is not None, WANT_ENTROPY=want_entropy, BLOCK_C=block, num_warps=warps, enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+    with device_of(a):
+        forward[(a.shape[0],)](
+            a, a.stride(0), index, c0, m, s, t if want_entropy else s, target, a.shape[1], *_scalars(tr),
+            HAS_SOFTCAP=tr.softcap is not None, WANT_ENTROPY=want_entropy, BLOCK_C=block,
+            num_warps=warps, enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
 
 
-def _fold_backward_triton(a, local, lse, mu, g, ge, conf):
+def _fold_backward_triton(a, index, c0, lse, mu, g, ge, tr: Transform):
     _, (block, warps) = FOLD_LAUNCH["cuda" if a.is_cuda else "interpret"]
     _, backward = _kernels()
-    backward[(a.shape[0], triton.cdiv(a.shape[1], block))](
-        a, a.stride(0), local, lse, lse if mu is None else mu, g, g if ge is None else ge, a.shape[1],
-        *_kernel_scalars(conf), HAS_SOFTCAP=conf[2] is not None, HAS_GE=ge is not None, BLOCK_C=block,
-        num_warps=warps, enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+    with device_of(a):
+        backward[(a.shape[0], triton.cdiv(a.shape[1], block))](
+            a, a.stride(0), index, c0, lse, lse if mu is None else mu, g, g if ge is None else ge, a.shape[1],
+            *_scalars(tr), HAS_SOFTCAP=tr.softcap is not None, HAS_GE=ge is not None, BLOCK_C=block,
+            num_warps=warps, enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
 
 
-def _kernel_scalars(conf):
-    _, logit_scale, softcap, inv_t = conf
-    return float(logit_scale), float(softcap or 1.0), float(inv_t)
+def _scalars(tr: Transform):
+    """The kernels' float arguments; softcap is unused (any value) when it is None."""
+    return float(tr.logit_scale), float(tr.softcap or 1.0), float(tr.inv_t)
 
 
 FOLDS = {
@@ -407,13 +421,15 @@ FOLDS = {
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The tile loop, shared by both backends.
+# The tile loop, shared by both backends. Vocabulary tiles outside, row tiles inside: each weight slice is read
+# (and, under autocast, cast) once per pass, and dweight is finished one slice at a time.
 # ----------------------------------------------------------------------------------------------------------
 
 
 def _compute_dtype(x):
-    """The matmul dtype: autocast's when it is on for x's device (as nn.Linear would run), else x's own."""
-    if x.dtype.is_floating_point and torch.is_autocast_enabled(x.device.type):
+    """The matmul dtype: autocast's when it is on for x's device (as nn.Linear would run; autocast leaves
+    float64 alone), else x's own."""
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
@@ -431,7 +447,7 @@ _MM_OUT_DTYPE = torch.__version__ >= "2.8"
 
 def _add_mm(acc, a, b):
     """acc += a @ b for a float32 (or float64) acc, without rounding a @ b to a's dtype first (a bf16 product
-    rounded per vocabulary tile and then summed drifts, as TRL's chunked kernel notes)."""
+    rounded per tile and then summed drifts, as TRL's chunked kernel notes)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif acc.is_cuda and _MM_OUT_DTYPE:
@@ -440,40 +456,49 @@ def _add_mm(acc, a, b):
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
+def _row_tiles(n, rows):
+    """Row tile starts and sizes: ceil(n / rows) tiles of near-equal height (no one-row tail tile)."""
+    count = -(-n // rows)
+    size = -(-n // count) if count else 0
+    return [(r0, min(size, n - r0)) for r0 in range(0, n, size)] if n else []
+
+
 class _HiddenLogProbs(torch.autograd.Function):
     """hidden (n, H), weight (V, H), bias (V,) or None, index (n,) -> logps (n,), entropy (n,), is_top1 (n,).
 
     Saves hidden, weight, bias, index and per-row lse (n,) and mu = sum_j p_j z_j (n,): O(n + V H) memory.
-    Extra memory: one (R, C) tile in the compute dtype, what the fold needs (torch: two float32 tiles at most,
-    Triton: none) and, in backward, the float32 gradient accumulators."""
+    Extra memory: one (R, C) tile in the compute dtype and what the fold needs (torch: up to three float32
+    tiles, Triton: none); in backward also float32 dhidden (n, H), dweight in the weight's dtype (float32
+    accumulated, through a (C, H) float32 buffer for 16-bit weights with more than one row tile)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, index, options):
-        backend, conf, want_entropy, rows, cols = options
+        backend, tr, want_entropy, rows, cols = options
         n, V = hidden.shape[0], weight.shape[0]
         fold_forward, _ = FOLDS[backend]
         dtype = _compute_dtype(hidden)
         f = dict(device=hidden.device, dtype=_acc_dtype(hidden))
         m = torch.full((n,), float("-inf"), **f)
         s, t, target = (torch.zeros(n, **f) for _ in range(3))
-        buf = torch.empty(min(rows, n), min(cols, V), device=hidden.device, dtype=dtype)
-        for r0 in range(0, n, rows):
-            h = hidden[r0 : r0 + rows].to(dtype)  # (R, H)
-            R = h.shape[0]
-            stats = tuple(x[r0 : r0 + R] for x in (m, s, t, target))
+        tiles = _row_tiles(n, rows)
+        buf = torch.empty(tiles[0][1] if tiles else 0, min(cols, V), device=hidden.device, dtype=dtype)
+        with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit below
+            h_all = hidden.to(dtype)
             for c0 in range(0, V, cols):
                 w = weight[c0 : c0 + cols].to(dtype)  # (C, H)
                 b = None if bias is None else bias[c0 : c0 + cols].to(dtype)
-                a = _tile_matmul(h, w, b, buf[:R, : w.shape[0]])  # (R, C)
-                fold_forward(a, index[r0 : r0 + R] - c0, stats, conf, want_entropy)
-        ref = torch.where(m == float("-inf"), 0.0, m)
-        lse = ref + torch.log(s)
-        logps = target - lse
-        is_top1 = target >= m
-        mu = entropy = None
-        if want_entropy:
-            mu = ref + t / s
-            entropy = lse - mu
+                for r0, R in tiles:
+                    a = _tile_matmul(h_all[r0 : r0 + R], w, b, buf[:R, : w.shape[0]])  # (R, C)
+                    stats = tuple(x[r0 : r0 + R] for x in (m, s, t, target))
+                    fold_forward(a, index[r0 : r0 + R], c0, stats, tr, want_entropy)
+            ref = torch.where(m == float("-inf"), 0.0, m)
+            lse = ref + torch.log(s)
+            logps = target - lse
+            is_top1 = target >= m
+            mu = entropy = None
+            if want_entropy:
+                mu = ref + t / s
+                entropy = lse - mu
         ctx.save_for_backward(hidden, weight, bias, index, lse, mu)
         ctx.options = options
         ctx.dtype = dtype
@@ -486,7 +511,7 @@ class _HiddenLogProbs(torch.autograd.Function):
         if g_logp is None and g_ent is None:
             return None, None, None, None, None
         hidden, weight, bias, index, lse, mu = ctx.saved_tensors
-        backend, conf, _, rows, cols = ctx.options
+        backend, tr, _, rows, cols = ctx.options
         _, fold_backward = FOLDS[backend]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, V = hidden.shape[0], weight.shape[0]
@@ -494,30 +519,50 @@ class _HiddenLogProbs(torch.autograd.Function):
         f = dict(device=hidden.device, dtype=_acc_dtype(hidden))
         g = g_logp.to(f["dtype"]).contiguous() if g_logp is not None else torch.zeros(n, **f)
         ge = None if g_ent is None else g_ent.to(f["dtype"]).contiguous()
+        mu = None if ge is None else mu
+        tiles = _row_tiles(n, rows)
+        buf = torch.empty(tiles[0][1] if tiles else 0, min(cols, V), device=hidden.device, dtype=dtype)
         dhidden = torch.zeros(n, hidden.shape[1], **f) if need_h else None  # (n, H) float32
-        dweight = torch.zeros(V, weight.shape[1], **f) if need_w else None  # (V, H) float32
-        dbias = torch.zeros(V, **f) if need_b else None  # (V,) float32
-        buf = torch.empty(min(rows, n), min(cols, V), device=hidden.device, dtype=dtype)
-        for r0 in range(0, n, rows):
-            h = hidden[r0 : r0 + rows].to(dtype)  # (R, H)
-            R = h.shape[0]
-            rs = slice(r0, r0 + R)
-            for c0 in range(0, V, cols):
-                w = weight[c0 : c0 + cols].to(dtype)  # (C, H)
-                b = None if bias is None else bias[c0 : c0 + cols].to(dtype)
-                C = w.shape[0]
+        dweight = dbias = dw = None
+        if need_w:
+            # float32 weights accumulate in place; 16-bit ones through a float32 (C, H) buffer per vocabulary
+            # tile, unless one row tile makes the product a single term (rounded once, as autograd's would be)
+            direct = weight.dtype == f["dtype"] or (len(tiles) == 1 and weight.dtype == dtype)
+            new = (
+                torch.zeros if weight.dtype == f["dtype"] else torch.empty
+            )  # accumulated / filled slice by slice
+            dweight = new(weight.shape, device=weight.device, dtype=weight.dtype)
+            dw = None if direct else torch.empty(min(cols, V), weight.shape[1], **f)
+        if need_b:
+            dbias = torch.zeros(V, **f)  # (V,) float32
+        h_all = hidden.to(dtype)
+        for c0 in range(0, V, cols):
+            w = weight[c0 : c0 + cols].to(dtype)  # (C, H)
+            b = None if bias is None else bias[c0 : c0 + cols].to(dtype)
+            C = w.shape[0]
+            acc = None
+            if need_w:
+                acc = dweight[c0 : c0 + C] if dw is None else dw[:C].zero_()
+            for r0, R in tiles:
+                h = h_all[r0 : r0 + R]
+                rs = slice(r0, r0 + R)
                 a = _tile_matmul(h, w, b, buf[:R, :C])  # (R, C) logits, then dL/da in place
-                fold_backward(a, index[rs] - c0, lse[rs], None if ge is None else mu[rs], g[rs],
-                              None if ge is None else ge[rs], conf)  # fmt: skip
+                fold_backward(a, index[rs], c0, lse[rs], None if mu is None else mu[rs], g[rs],
+                              None if ge is None else ge[rs], tr)  # fmt: skip
                 if need_h:
                     _add_mm(dhidden[rs], a, w)
                 if need_w:
-                    _add_mm(dweight[c0 : c0 + C], a.T, h)
+                    if acc.dtype == a.dtype and acc.dtype != f["dtype"]:
+                        torch.mm(a.T, h, out=acc)  # the single row tile of a 16-bit weight
+                    else:
+                        _add_mm(acc, a.T, h)
                 if need_b:
                     dbias[c0 : c0 + C] += a.sum(0, dtype=dbias.dtype)
+            if dw is not None:
+                dweight[c0 : c0 + C].copy_(acc)
         return (
             None if dhidden is None else dhidden.to(hidden.dtype),
-            None if dweight is None else dweight.to(weight.dtype),
+            dweight,
             None if dbias is None else dbias.to(bias.dtype),
             None,  # index
             None,  # options
@@ -544,14 +589,11 @@ def _logprobs_from_hidden(backend, hidden, weight, index, bias, temperature, log
     rows, h, idx = _flatten_valid(hidden, index, mask)
     _check_index_range(idx, weight.shape[0], rows)
     tile_rows, tile_cols = _tiles(hidden.device, h.shape[0], rows_per_tile, vocab_per_tile)
-    if h.shape[0] == 0:  # every row masked: nothing to compute, zero gradients
-        zeros = h.sum(1) * 0.0
-        logps, entropy, is_top1 = zeros.float(), zeros.float(), zeros.bool()
-    else:
-        conf = (float(temperature), float(logit_scale), None if softcap is None else float(softcap),
-                1.0 / float(temperature))  # fmt: skip
-        options = (backend, conf, return_entropy, tile_rows, tile_cols)
-        logps, entropy, is_top1 = _HiddenLogProbs.apply(h, weight, bias, idx, options)
+    tr = Transform(float(logit_scale), None if softcap is None else float(softcap), 1.0 / float(temperature))
+    # every row masked still goes through the Function: zero gradients for weight and bias, not None, so DDP
+    # sees every parameter used on a rank whose micro-batch has no target token
+    options = (backend, tr, return_entropy, tile_rows, tile_cols)
+    logps, entropy, is_top1 = _HiddenLogProbs.apply(h, weight, bias, idx, options)
     logps, entropy, is_top1 = _unflatten(rows, index.shape, logps, entropy, is_top1)
     return select_outputs(logps, entropy, is_top1, return_entropy, return_top1)
 

@@ -29,6 +29,7 @@ and gives NaN.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -448,6 +449,12 @@ def _backward_kernel(
 FP_FUSION = True
 
 
+def device_of(tensor: torch.Tensor):
+    """Context that makes tensor's GPU the current one while a kernel is launched (triton launches on the current
+    device and its stream, which need not be the tensor's: a model split over GPUs); nothing on the CPU."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -482,24 +489,25 @@ class _TritonLogProbs(torch.autograd.Function):
         block, warps = _launch_config(V)
         if N > 0:
             forward_kernel, _ = _kernels()
-            forward_kernel[(N,)](
-                logits2d,
-                logits2d.stride(0),
-                index,
-                mask_i8 if mask_i8 is not None else top1,
-                logps,
-                row_max,
-                log_norm,
-                entropy if with_entropy else logps,
-                top1,
-                V,
-                1.0 / temperature,
-                HAS_MASK=mask_i8 is not None,
-                HAS_ENTROPY=with_entropy,
-                BLOCK_V=block,
-                num_warps=warps,
-                enable_fp_fusion=FP_FUSION,
-            )
+            with device_of(logits2d):
+                forward_kernel[(N,)](
+                    logits2d,
+                    logits2d.stride(0),
+                    index,
+                    mask_i8 if mask_i8 is not None else top1,
+                    logps,
+                    row_max,
+                    log_norm,
+                    entropy if with_entropy else logps,
+                    top1,
+                    V,
+                    1.0 / temperature,
+                    HAS_MASK=mask_i8 is not None,
+                    HAS_ENTROPY=with_entropy,
+                    BLOCK_V=block,
+                    num_warps=warps,
+                    enable_fp_fusion=FP_FUSION,
+                )
         ctx.save_for_backward(logits2d, index, mask_i8, row_max, log_norm, entropy)
         ctx.temperature = temperature
         ctx.inplace_backward = inplace_backward
@@ -521,27 +529,28 @@ class _TritonLogProbs(torch.autograd.Function):
         block, warps = _launch_config(V)
         if N > 0:
             _, backward_kernel = _kernels()
-            backward_kernel[(N,)](
-                logits2d,
-                logits2d.stride(0),
-                grad,
-                grad.stride(0),
-                index,
-                mask_i8 if mask_i8 is not None else row_max,
-                row_max,
-                log_norm,
-                entropy if entropy is not None else row_max,
-                grad_logps.contiguous() if grad_logps is not None else row_max,
-                grad_entropy.contiguous() if grad_entropy is not None else row_max,
-                V,
-                1.0 / ctx.temperature,
-                HAS_MASK=mask_i8 is not None,
-                HAS_GRAD_LOGPS=grad_logps is not None,
-                HAS_GRAD_ENTROPY=grad_entropy is not None,
-                BLOCK_V=block,
-                num_warps=warps,
-                enable_fp_fusion=FP_FUSION,
-            )
+            with device_of(logits2d):
+                backward_kernel[(N,)](
+                    logits2d,
+                    logits2d.stride(0),
+                    grad,
+                    grad.stride(0),
+                    index,
+                    mask_i8 if mask_i8 is not None else row_max,
+                    row_max,
+                    log_norm,
+                    entropy if entropy is not None else row_max,
+                    grad_logps.contiguous() if grad_logps is not None else row_max,
+                    grad_entropy.contiguous() if grad_entropy is not None else row_max,
+                    V,
+                    1.0 / ctx.temperature,
+                    HAS_MASK=mask_i8 is not None,
+                    HAS_GRAD_LOGPS=grad_logps is not None,
+                    HAS_GRAD_ENTROPY=grad_entropy is not None,
+                    BLOCK_V=block,
+                    num_warps=warps,
+                    enable_fp_fusion=FP_FUSION,
+                )
         return grad, None, None, None  # no gradient for index, mask and options
 
 
@@ -559,7 +568,8 @@ def logprobs_from_logits_triton(
 
     Reads the logits once in forward and once in backward, writes the gradient once (in the logits' dtype,
     into the logits buffer itself with `inplace_backward=True`). Any row stride is read in place; a layout
-    that `reshape(-1, V)` cannot view, or a vocabulary axis with stride != 1, costs one copy. Runs on CUDA, or on the CPU with TRITON_INTERPRET=1.
+    that `reshape(-1, V)` cannot view, or a vocabulary axis with stride != 1, costs one copy. Runs on CUDA, or
+    on the CPU with TRITON_INTERPRET=1.
     """
     if triton is None:
         raise RuntimeError("logprobs_from_logits_triton needs triton, which cannot be imported")
