@@ -366,14 +366,17 @@ def test_torch_path_rejects_bad_tile_sizes():
         logprobs_from_hidden_torch(hidden, weight, index, rows_per_tile=0, vocab_per_tile=16)
 
 
-def test_dispatch_and_float64_reference_agree_at_default_tiles():
-    hidden, weight, b, index = _inputs(9, 300, 24, torch.float32, bias=True, seed=12)
-    got = logprobs_from_hidden(hidden, weight, index, bias=b, backend="torch", return_entropy=True)
-    ref = reference_logprobs_from_hidden(
-        hidden.detach(), weight.detach(), index, bias=b.detach(), return_entropy=True
-    )
-    for x, y in zip(got, ref, strict=True):
-        torch.testing.assert_close(x.double(), y, atol=2e-5, rtol=0)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", _backends())
+def test_default_tiles_match_the_float64_reference(backend, dtype):
+    """One row tile at the default sizes: a 16-bit weight's gradient is then a single product written straight
+    into dweight (rounded once), float32 ones accumulate in place."""
+    hidden, weight, b, index = _inputs(9, 300, 24, dtype, bias=True, seed=12)
+    params = [hidden, weight, b]
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    got = logprobs_from_hidden(hidden, weight, index, bias=b, backend=backend, return_entropy=True)
+    ref = reference_logprobs_from_hidden(*ref_params[:2], index, bias=ref_params[2], return_entropy=True)
+    _check(got, ref, params, ref_params, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

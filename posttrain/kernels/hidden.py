@@ -535,31 +535,32 @@ class _HiddenLogProbs(torch.autograd.Function):
             dw = None if direct else torch.empty(min(cols, V), weight.shape[1], **f)
         if need_b:
             dbias = torch.zeros(V, **f)  # (V,) float32
-        h_all = hidden.to(dtype)
-        for c0 in range(0, V, cols):
-            w = weight[c0 : c0 + cols].to(dtype)  # (C, H)
-            b = None if bias is None else bias[c0 : c0 + cols].to(dtype)
-            C = w.shape[0]
-            acc = None
-            if need_w:
-                acc = dweight[c0 : c0 + C] if dw is None else dw[:C].zero_()
-            for r0, R in tiles:
-                h = h_all[r0 : r0 + R]
-                rs = slice(r0, r0 + R)
-                a = _tile_matmul(h, w, b, buf[:R, :C])  # (R, C) logits, then dL/da in place
-                fold_backward(a, index[rs], c0, lse[rs], None if mu is None else mu[rs], g[rs],
-                              None if ge is None else ge[rs], tr)  # fmt: skip
-                if need_h:
-                    _add_mm(dhidden[rs], a, w)
+        with torch.autocast(hidden.device.type, enabled=False):  # even for a backward called inside autocast
+            h_all = hidden.to(dtype)
+            for c0 in range(0, V, cols):
+                w = weight[c0 : c0 + cols].to(dtype)  # (C, H)
+                b = None if bias is None else bias[c0 : c0 + cols].to(dtype)
+                C = w.shape[0]
+                acc = None
                 if need_w:
-                    if acc.dtype == a.dtype and acc.dtype != f["dtype"]:
-                        torch.mm(a.T, h, out=acc)  # the single row tile of a 16-bit weight
-                    else:
-                        _add_mm(acc, a.T, h)
-                if need_b:
-                    dbias[c0 : c0 + C] += a.sum(0, dtype=dbias.dtype)
-            if dw is not None:
-                dweight[c0 : c0 + C].copy_(acc)
+                    acc = dweight[c0 : c0 + C] if dw is None else dw[:C].zero_()
+                for r0, R in tiles:
+                    h = h_all[r0 : r0 + R]
+                    rs = slice(r0, r0 + R)
+                    a = _tile_matmul(h, w, b, buf[:R, :C])  # (R, C) logits, then dL/da in place
+                    fold_backward(a, index[rs], c0, lse[rs], None if mu is None else mu[rs], g[rs],
+                                  None if ge is None else ge[rs], tr)  # fmt: skip
+                    if need_h:
+                        _add_mm(dhidden[rs], a, w)
+                    if need_w:
+                        if acc.dtype == a.dtype and acc.dtype != f["dtype"]:
+                            torch.mm(a.T, h, out=acc)  # the single row tile of a 16-bit weight
+                        else:
+                            _add_mm(acc, a.T, h)
+                    if need_b:
+                        dbias[c0 : c0 + C] += a.sum(0, dtype=dbias.dtype)
+                if dw is not None:
+                    dweight[c0 : c0 + C].copy_(acc)
         return (
             None if dhidden is None else dhidden.to(hidden.dtype),
             dweight,
