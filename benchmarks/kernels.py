@@ -38,6 +38,7 @@ Python; it runs only at N = 1k unless --full.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -255,18 +256,25 @@ def floor_seconds(kind, N, V, dtype, device) -> tuple[float, float]:
     Logits path, memory-bound: the forward must read the (N, V) logits once, forward + backward read them twice
     and write the gradient once; seconds = those bytes / the rate of a device copy (bytes read + written per s).
     Hidden path, compute-bound: 2 N V H FLOPs forward, 6 N V H forward + backward (the logits, then dhidden and
-    dweight), at the rate of one (rows, H) @ (H, cols) matmul of the cell's dtype (at most 4096 x 8192). A
+    dweight), at the best rate of (rows, H) @ (cols, H).T matmuls of the cell's dtype (rows up to 4096, cols
+    2k-8k). A
     method that does not keep the logits (ours, trl-chunked) recomputes them in backward, 8 N V H: 1.33x this
     floor is its best forward + backward."""
     elem = torch.finfo(dtype).bits // 8
     if kind == "logits":
         bytes_per_s = copy_bandwidth_gbs(device) * 1e9
         return N * V * elem / bytes_per_s, 3 * N * V * elem / bytes_per_s
-    # an lm_head's layout, hidden (rows, H) @ weight (cols, H).T; the fastest of 5 calls: a floor is a best case
+    # an lm_head's layout, hidden (rows, H) @ weight (cols, H).T, into a reused buffer (a fresh 32 MiB result
+    # costs page faults on every CPU call); the fastest of 5 calls, and the best over 2k-8k columns (the rate
+    # moves with the shape on a CPU): a floor is a best case
     a = torch.randn(min(N, 4096), H, device=device).to(dtype)
-    w = torch.randn(min(V, 8192), H, device=device).to(dtype)
-    seconds = min(time_call(lambda: a @ w.T, device, warmup=1 if i == 0 else 0, repeats=1) for i in range(5))
-    flops_per_s = 2 * a.shape[0] * H * w.shape[0] / seconds
+    flops_per_s = 0.0
+    for cols in (2048, 4096, 8192):
+        w = torch.randn(min(V, cols), H, device=device).to(dtype)
+        out = torch.empty(a.shape[0], w.shape[0], device=device, dtype=dtype)
+        call = functools.partial(torch.mm, a, w.T, out=out)
+        seconds = min(time_call(call, device, warmup=1 if i == 0 else 0, repeats=1) for i in range(5))
+        flops_per_s = max(flops_per_s, 2 * a.shape[0] * H * w.shape[0] / seconds)
     return 2 * N * V * H / flops_per_s, 6 * N * V * H / flops_per_s
 
 
