@@ -487,15 +487,19 @@ def _access_bits(qualifiers: str) -> int:
     return (int(vector.group(1)) if vector else 1) * int(element.group(1))
 
 
+def _tail(path: str) -> tuple[str, ...]:
+    return tuple(os.path.normpath(path).split(os.sep)[-3:])
+
+
 def streamed_accesses(kernel, fn: Callable, snippet: str) -> list[tuple[str, int, str]]:
     """(op 'ld' | 'st', bits per thread, PTX line) for each global access the PTX's line info attributes to the
     source line of fn holding `snippet`. kernel: a CudaKernel, or anything with asm["ptx"] (triton's
     CompiledKernel)."""
-    path, line = os.path.realpath(inspect.getsourcefile(fn)), _source_line(fn, snippet)
+    # files compared by their package-relative tail (posttrain/kernels/x.py): triton's cache hands back a kernel
+    # compiled from the same source in another checkout, whose line info names that checkout's path
+    path, line = _tail(inspect.getsourcefile(fn)), _source_line(fn, snippet)
     ptx = kernel.asm["ptx"].splitlines()
-    files = {
-        m.group(1) for text in ptx if (m := _PTX_FILE.match(text)) and os.path.realpath(m.group(2)) == path
-    }
+    files = {m.group(1) for text in ptx if (m := _PTX_FILE.match(text)) and _tail(m.group(2)) == path}
     found, here, in_asm, asm_located = [], False, False, False
     for text in ptx:
         # Triton emits its loads and stores as multi-line inline asm, and LLVM's PTX printer follows the
