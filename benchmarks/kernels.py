@@ -124,10 +124,7 @@ def logits_methods(cuda: bool):
 
 
 def hidden_methods():
-    methods = {"naive": naive_hidden, "trl-chunked": trl_chunked_hidden}
-    if os.path.exists(os.path.join(os.path.dirname(kernels.__file__), "hidden.py")):
-        methods["ours"] = ours_hidden
-    return methods
+    return {"naive": naive_hidden, "trl-chunked": trl_chunked_hidden, "ours": ours_hidden}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,6 +290,9 @@ def main():
         "--worker", nargs=5, metavar=("KIND", "METHOD", "N", "V", "DTYPE"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
+    unknown = set(args.paths.split(",")) - {"logits", "hidden"}
+    if unknown:
+        parser.error(f"--paths: unknown path(s) {sorted(unknown)}; expected logits, hidden or both")
     if args.worker:
         kind, name, N, V, dtype_name = args.worker
         return worker(kind, name, int(N), int(V), dtype_name, args.warmup, args.repeats)

@@ -528,9 +528,8 @@ class _HiddenLogProbs(torch.autograd.Function):
             # float32 weights accumulate in place; 16-bit ones through a float32 (C, H) buffer per vocabulary
             # tile, unless one row tile makes the product a single term (rounded once, as autograd's would be)
             direct = weight.dtype == f["dtype"] or (len(tiles) == 1 and weight.dtype == dtype)
-            new = (
-                torch.zeros if weight.dtype == f["dtype"] else torch.empty
-            )  # accumulated / filled slice by slice
+            # accumulated in place (float32: starts at zero) or written slice by slice (16-bit)
+            new = torch.zeros if weight.dtype == f["dtype"] else torch.empty
             dweight = new(weight.shape, device=weight.device, dtype=weight.dtype)
             dw = None if direct else torch.empty(min(cols, V), weight.shape[1], **f)
         if need_b:
