@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-LR_SCHEDULER_TYPES = ("constant", "linear", "cosine")
+# transformers' `get_scheduler` names and meanings: `constant` ignores warmup_steps, the others apply it.
+LR_SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
+TRAIN_SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
 REPORT_TO = ("auto", "none", "tensorboard")
 BOOL_STRINGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 NONE_STRINGS = ("none", "null")
@@ -66,9 +68,14 @@ class TrainConfig:
     )
     lr_scheduler_type: str = field(
         default="linear",
-        metadata={"help": "Learning-rate decay after warmup: " + ", ".join(LR_SCHEDULER_TYPES) + "."},
+        metadata={
+            "help": "Learning-rate schedule, transformers' names: linear or cosine decay after warmup, "
+            "constant (no warmup: warmup_steps is ignored, as in transformers), constant_with_warmup."
+        },
     )
-    warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warmup from 0."})
+    warmup_steps: int = field(
+        default=0, metadata={"help": "Optimizer steps of linear warmup from 0 (not used by 'constant')."}
+    )
     weight_decay: float = field(
         default=0.0, metadata={"help": "AdamW weight decay (not applied to biases and norm weights)."}
     )
@@ -94,6 +101,26 @@ class TrainConfig:
     )
     max_steps: int = field(
         default=-1, metadata={"help": "Total optimizer steps; overrides num_train_epochs when > 0."}
+    )
+    dataloader_drop_last: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop an epoch's last micro-batch when it is not full on every process (false: it "
+            "trains, and a short last accumulation step too, as in transformers)."
+        },
+    )
+    train_sampling_strategy: str = field(
+        default="random",
+        metadata={
+            "help": "Order of the rows in each epoch: random (reshuffled every epoch), sequential, or "
+            "group_by_length (shuffled, rows of similar length batched together to cut padding)."
+        },
+    )
+    length_column_name: str = field(
+        default="length",
+        metadata={
+            "help": "Column of row lengths for group_by_length; rows without it are measured by input_ids."
+        },
     )
     # --- logging, evaluation, checkpoints
     logging_steps: int = field(
@@ -143,6 +170,7 @@ class TrainConfig:
             )
         _check_choice(self.lr_scheduler_type, "lr_scheduler_type", LR_SCHEDULER_TYPES)
         _check_choice(self.report_to, "report_to", REPORT_TO)
+        _check_choice(self.train_sampling_strategy, "train_sampling_strategy", TRAIN_SAMPLING_STRATEGIES)
         _check(0 <= self.seed < 2**32, "seed", "in [0, 2**32)", self.seed)
         _check(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
         _check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)

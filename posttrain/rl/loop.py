@@ -17,12 +17,22 @@ An online loop (GRPO, PPO) calls `start`, `prepare_model`, `build_optimizer`, `b
 `accumulate`, `evaluate`, `checkpoint.save_checkpoint` / `load_checkpoint`, `MetricsLogger` and
 `finish` itself.
 
-Data order: epoch e visits the rows in a permutation drawn from a torch.Generator seeded with
-(seed, e). A global micro-batch is per_device_train_batch_size * world_size consecutive rows of it;
-rank r takes its r-th slice; an optimizer step takes gradient_accumulation_steps global micro-batches.
-The rows left over at the end of an epoch that do not fill a whole optimizer step are skipped (they
-are different rows every epoch). The position in the data is a function of the global step alone,
-which is all a checkpoint needs to store to resume exactly.
+Data order, as transformers' Trainer (with accelerate) counts it. Epoch e visits the rows in an order
+that is a pure function of (seed, e): a fresh seeded permutation per epoch (`random`), the dataset's
+order (`sequential`), or a seeded permutation regrouped so that rows of similar length share a
+micro-batch (`group_by_length`, transformers' LengthGroupedSampler: megabatches of 50 (fewer on small
+sets) x per_device_train_batch_size x gradient_accumulation_steps rows, each sorted longest first, and
+the longest row of all moved to the front). A global micro-batch is per_device_train_batch_size *
+world_size consecutive rows of the order and rank r takes its r-th slice; an optimizer step takes
+gradient_accumulation_steps micro-batches. Every row trains every epoch: the last micro-batch may be
+short, and the last optimizer step of an epoch may take fewer micro-batches (its loss is still the mean
+over the tokens it has, since num_items counts that step). Under torchrun, when the rows do not fill the
+last global micro-batch, it is completed from the start of the epoch's order, so that every rank has a
+full micro-batch (accelerate's `even_batches`; those rows train twice in that epoch). With
+dataloader_drop_last, an epoch's last global micro-batch is dropped instead when it is not full.
+Steps per epoch are ceil(micro-batches per rank / gradient_accumulation_steps), and a run lasts
+ceil(num_train_epochs * steps per epoch) steps unless max_steps says otherwise. The position in the
+data is a function of the global step alone, which is all a checkpoint needs to store to resume exactly.
 """
 
 from __future__ import annotations
@@ -41,10 +51,16 @@ import torch
 
 from posttrain.rl import checkpoint, distributed
 from posttrain.rl.config import ConfigError, TrainConfig, save_config
-from posttrain.rl.logger import MetricsLogger, tensorboard_available
+from posttrain.rl.logger import METRICS_FILE, MetricsLogger, tensorboard_available
 
 # Options that fix which rows each optimizer step sees; a resumed run must keep them.
-DATA_ORDER_OPTIONS = ("per_device_train_batch_size", "gradient_accumulation_steps", "seed")
+DATA_ORDER_OPTIONS = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "dataloader_drop_last",
+    "train_sampling_strategy",
+)
 
 LossFn = Callable[[torch.nn.Module, dict, torch.Tensor], tuple[torch.Tensor, dict]]
 
@@ -241,19 +257,24 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, learning_rate: 
 
 
 def lr_multiplier(step: int, config: TrainConfig, total_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based) as a fraction of the peak, transformers' formulas.
+    """Learning rate of optimizer step `step` (0-based) as a fraction of the peak: transformers'
+    `get_scheduler` names and formulas.
 
-    warmup: step / warmup_steps (so the first step runs at 0, as in transformers), then
-    constant: 1;  linear: (total - step) / (total - warmup);  cosine: (1 + cos(pi * progress)) / 2,
+    constant: 1 (no warmup, warmup_steps is ignored, as in transformers). The others warm up first,
+    step / warmup_steps (so the first step runs at 0), then constant_with_warmup: 1;
+    linear: (total - step) / (total - warmup);  cosine: (1 + cos(pi * progress)) / 2,
     progress = (step - warmup) / (total - warmup).
     """
+    kind = config.lr_scheduler_type
+    if kind == "constant":
+        return 1.0
     warmup = config.warmup_steps
     if step < warmup:
         return step / max(1, warmup)
-    if config.lr_scheduler_type == "constant":
+    if kind == "constant_with_warmup":
         return 1.0
     progress = (step - warmup) / max(1, total_steps - warmup)
-    if config.lr_scheduler_type == "linear":
+    if kind == "linear":
         return max(0.0, 1.0 - progress)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
@@ -359,38 +380,120 @@ def accumulate(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def micro_batches_per_epoch(num_rows: int, config: TrainConfig, world_size: int) -> int:
+    """Micro-batches each rank trains per epoch: ceil (floor with dataloader_drop_last) of
+    num_rows / (per_device_train_batch_size * world_size), transformers' length of the sharded loader."""
+    global_micro = config.per_device_train_batch_size * world_size
+    if config.dataloader_drop_last:
+        return num_rows // global_micro
+    return -(-num_rows // global_micro)
+
+
 def plan_steps(num_rows: int, config: TrainConfig, world_size: int) -> tuple[int, int]:
-    """(steps_per_epoch, total_steps); trailing rows that do not fill an optimizer step are dropped."""
-    rows_per_step = config.per_device_train_batch_size * world_size * config.gradient_accumulation_steps
-    steps_per_epoch = num_rows // rows_per_step
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"the train set has {num_rows} rows, fewer than one optimizer step takes: per_device_train_batch_size "
-            f"({config.per_device_train_batch_size}) x processes ({world_size}) x gradient_accumulation_steps "
-            f"({config.gradient_accumulation_steps}) = {rows_per_step}"
+    """(steps_per_epoch, total_steps) as transformers counts them; the last step of an epoch may be partial."""
+    micro = micro_batches_per_epoch(num_rows, config, world_size)
+    if micro == 0:
+        global_micro = config.per_device_train_batch_size * world_size
+        reason = (
+            "dataloader_drop_last=true drops every micro-batch of the epoch"
+            if num_rows
+            else "there is nothing to train on"
         )
+        raise ConfigError(
+            f"the train set has {num_rows} rows, fewer than one micro-batch on all processes "
+            f"(per_device_train_batch_size {config.per_device_train_batch_size} x processes {world_size} = "
+            f"{global_micro}): {reason}"
+        )
+    steps_per_epoch = -(-micro // config.gradient_accumulation_steps)
     total = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
     return steps_per_epoch, total
 
 
-def epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
-    """The permutation of row indices that epoch `epoch` visits, a pure function of (seed, epoch)."""
-    mixed = int(
-        np.random.SeedSequence([seed, epoch]).generate_state(1)[0]
-    )  # (seed, epoch) -> one 32-bit seed
-    return torch.randperm(num_rows, generator=torch.Generator().manual_seed(mixed)).tolist()
+def epoch_progress(step: int, num_rows: int, config: TrainConfig, world_size: int) -> float:
+    """The `epoch` logged after `step` optimizer steps: epochs done + the fraction of the current epoch's
+    micro-batches trained (transformers' value, which a short last step makes uneven)."""
+    steps_per_epoch, _ = plan_steps(num_rows, config, world_size)
+    epoch, position = divmod(step, steps_per_epoch)
+    if position == 0:
+        return float(epoch)
+    micro = micro_batches_per_epoch(num_rows, config, world_size)
+    return epoch + position * config.gradient_accumulation_steps / micro
+
+
+def row_lengths(rows, length_column_name: str) -> list[int]:
+    """Each row's length for group_by_length: its `length_column_name` value, else len(input_ids)."""
+    if hasattr(rows, "column_names"):  # datasets.Dataset: read one column
+        if length_column_name in rows.column_names:
+            return [int(n) for n in rows[length_column_name]]
+        if "input_ids" in rows.column_names:
+            return [len(ids) for ids in rows["input_ids"]]
+    elif len(rows) and length_column_name in rows[0]:
+        return [int(row[length_column_name]) for row in rows]
+    elif len(rows) and "input_ids" in rows[0]:
+        return [len(row["input_ids"]) for row in rows]
+    raise ConfigError(
+        f"train_sampling_strategy=group_by_length needs row lengths: the rows have neither a "
+        f"length_column_name={length_column_name!r} column nor input_ids"
+    )
+
+
+def _permutation(num_rows: int, seed: int, epoch: int) -> torch.Tensor:
+    mixed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])  # (seed, epoch) -> 32 bits
+    return torch.randperm(num_rows, generator=torch.Generator().manual_seed(mixed))
+
+
+def epoch_order(
+    num_rows: int,
+    seed: int,
+    epoch: int,
+    strategy: str = "random",
+    lengths: list[int] | None = None,
+    group_size: int = 1,
+) -> list[int]:
+    """The order of row indices that epoch `epoch` visits, a pure function of its arguments.
+
+    random: a permutation seeded by (seed, epoch); sequential: 0..N-1; group_by_length: that permutation
+    cut into megabatches of min(N // (4 * group_size), 50) (at least 1) x group_size rows, each sorted by
+    `lengths` longest first, then the longest row of all swapped to the front (an out-of-memory shows on
+    the first step), as transformers' LengthGroupedSampler with batch size `group_size`.
+    """
+    if strategy == "sequential":
+        return list(range(num_rows))
+    order = _permutation(num_rows, seed, epoch).tolist()
+    if strategy == "random":
+        return order
+    if strategy != "group_by_length":
+        raise ValueError(f"unknown train_sampling_strategy {strategy!r}")
+    size = max(1, min(num_rows // (group_size * 4), 50)) * group_size
+    megabatches = [
+        sorted(order[i : i + size], key=lambda row: lengths[row], reverse=True)
+        for i in range(0, num_rows, size)
+    ]
+    longest = max(range(len(megabatches)), key=lambda m: lengths[megabatches[m][0]])  # first of the maxima
+    megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
+    return [row for megabatch in megabatches for row in megabatch]
 
 
 def step_indices(
     order: list[int], position: int, config: TrainConfig, rank: int, world_size: int
 ) -> list[list[int]]:
-    """This rank's micro-batches (row indices) for the `position`-th optimizer step of an epoch."""
+    """This rank's micro-batches (row indices) for the `position`-th optimizer step of an epoch.
+
+    The epoch's last step takes the micro-batches that are left (fewer than gradient_accumulation_steps
+    when they do not divide); one process trains a short last micro-batch as it is, several complete it
+    from the start of the order (accelerate's even_batches) so that every rank holds a full one.
+    """
     per_device, accum = config.per_device_train_batch_size, config.gradient_accumulation_steps
-    global_micro = per_device * world_size
+    global_micro, n = per_device * world_size, len(order)
+    first = position * accum
+    last = min(first + accum, micro_batches_per_epoch(n, config, world_size))
     out = []
-    for micro in range(accum):
-        first = (position * accum + micro) * global_micro + rank * per_device
-        out.append(order[first : first + per_device])
+    for micro in range(first, last):
+        start = micro * global_micro + rank * per_device
+        if world_size == 1:
+            out.append(order[start : start + per_device])
+        else:
+            out.append([order[i % n] for i in range(start, start + per_device)])
     return out
 
 
@@ -433,8 +536,6 @@ def evaluate(run: Run, model, eval_rows, collate_fn, loss_fn: LossFn, count_fn, 
 
 def _eval_loss(run: Run, module, eval_rows, collate_fn, loss_fn, count_fn) -> dict:
     n, size = len(eval_rows), run.config.per_device_eval_batch_size
-    if n < run.world_size:
-        raise ValueError(f"the eval set has {n} rows, fewer than the {run.world_size} processes")
     lo, hi = n * run.rank // run.world_size, n * (run.rank + 1) // run.world_size
     batches = [
         to_device(collate_fn(take_rows(eval_rows, list(range(i, min(i + size, hi))))), run.device)
@@ -446,6 +547,12 @@ def _eval_loss(run: Run, module, eval_rows, collate_fn, loss_fn, count_fn) -> di
         with run.autocast():
             loss, metrics = loss_fn(module, batch, num_items)
         _accumulate_metrics(sums, {"loss": loss, **metrics}, run.device)
+    if not batches:
+        # Fewer eval rows than processes (transformers still evaluates): this rank has none, but the
+        # all-reduce needs its metric names, so it runs one row and contributes zeros.
+        with run.autocast():
+            loss, metrics = loss_fn(module, to_device(collate_fn(take_rows(eval_rows, [0])), run.device), 1)
+        _accumulate_metrics(sums, {"loss": loss * 0, **{k: v * 0 for k, v in metrics.items()}}, run.device)
     names = list(sums)
     values = distributed.all_reduce_sum(torch.stack([sums[k] for k in names])).tolist()  # one host sync
     return {f"eval_{k}": v for k, v in zip(names, values, strict=True)}
@@ -454,6 +561,21 @@ def _eval_loss(run: Run, module, eval_rows, collate_fn, loss_fn, count_fn) -> di
 # ---------------------------------------------------------------------------------------------------------
 # The offline loop
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _eval_logged(run: Run, step: int) -> bool:
+    """metrics.jsonl already holds an evaluation at `step` (rank 0 reads it; every rank gets the answer)."""
+    found = 0
+    if run.is_main:
+        path = run.output_dir / METRICS_FILE
+        for line in path.read_text().splitlines() if path.is_file() else ():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the line being written when the run was killed
+                continue
+            found |= record.get("step") == step and any(k.startswith("eval_") for k in record)
+    flag = torch.tensor(float(found), device=run.device)
+    return distributed.all_reduce_sum(flag).item() > 0
 
 
 def fit(
@@ -477,6 +599,13 @@ def fit(
     """
     config = run.config
     steps_per_epoch, total_steps = plan_steps(len(train_rows), config, run.world_size)
+    lengths = None
+    if config.train_sampling_strategy == "group_by_length":
+        lengths = row_lengths(train_rows, config.length_column_name)
+
+    def epoch_of(step: int) -> float:
+        return epoch_progress(step, len(train_rows), config, run.world_size)
+
     model = prepare_model(run, model)
     optimizer = build_optimizer(model, config, run.learning_rate)
     scheduler = build_scheduler(optimizer, config, total_steps)
@@ -489,8 +618,9 @@ def fit(
                 f"set now has {len(train_rows)}: resume with the same data"
             )
         step, num_tokens = state["global_step"], state["num_tokens"]
-        if config.eval_steps and step % config.eval_steps == 0:
-            last_eval_step = step  # evaluated before that checkpoint was written
+        if (config.eval_steps and step % config.eval_steps == 0) or _eval_logged(run, step):
+            # evaluated before that checkpoint was written, or (the final checkpoint) after it
+            last_eval_step = step
 
     has_eval = (
         eval_fn is not None or (eval_rows is not None and len(eval_rows) > 0)
@@ -501,7 +631,7 @@ def fit(
     def run_eval():
         nonlocal last_eval_step
         results = evaluate(run, model, eval_rows, collate_fn, loss_fn, count_fn, eval_fn)
-        logger.log_eval(step, step / steps_per_epoch, results)
+        logger.log_eval(step, epoch_of(step), results)
         last.update(results)
         last_eval_step = step
 
@@ -510,13 +640,22 @@ def fit(
         while step < total_steps:
             epoch, position = divmod(step, steps_per_epoch)
             if epoch != order_epoch:
-                order, order_epoch = epoch_order(len(train_rows), config.seed, epoch), epoch
+                order = epoch_order(
+                    len(train_rows),
+                    config.seed,
+                    epoch,
+                    config.train_sampling_strategy,
+                    lengths,
+                    # transformers' LengthGroupedSampler groups by per-device batch x accumulation
+                    group_size=config.per_device_train_batch_size * config.gradient_accumulation_steps,
+                )
+                order_epoch = epoch
             indices = step_indices(order, position, config, run.rank, run.world_size)
             micro_batches = [collate_fn(take_rows(train_rows, idx)) for idx in indices]
             metrics = accumulate(run, model, optimizer, scheduler, micro_batches, loss_fn, count_fn)
             step += 1
             num_tokens += int(metrics.pop("num_tokens"))
-            record = {"epoch": step / steps_per_epoch}
+            record = {"epoch": epoch_of(step)}
             for name in ("loss", "learning_rate", "grad_norm"):
                 record[name] = metrics.pop(name)
             record["num_tokens"] = num_tokens
@@ -529,7 +668,7 @@ def fit(
             if config.save_steps and step % config.save_steps == 0:
                 trainer_state = {
                     "global_step": step,
-                    "epoch": step / steps_per_epoch,
+                    "epoch": epoch_of(step),
                     "num_tokens": num_tokens,
                     "steps_per_epoch": steps_per_epoch,
                     "total_steps": total_steps,
