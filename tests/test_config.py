@@ -220,7 +220,7 @@ def test_yaml_file_errors(tmp_path):
         (
             "lr_scheduler_type",
             "polynomial",
-            r"lr_scheduler_type must be one of constant, linear, cosine, got 'polynomial'",
+            r"lr_scheduler_type must be one of linear, cosine, constant, constant_with_warmup, got 'polynomial'",
         ),
         ("report_to", "wandb", r"report_to must be one of auto, none, tensorboard, got 'wandb'"),
         (

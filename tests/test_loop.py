@@ -147,8 +147,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
 @pytest.mark.parametrize(
     "kind, expected",
     [
+        # transformers' meaning: `constant` ignores warmup_steps, `constant_with_warmup` applies it
+        ("constant", {0: 1.0, 1: 1.0, 3: 1.0, 4: 1.0, 11: 1.0}),
         # warmup 4 of 12 steps: 0, 1/4, 2/4, 3/4 of the peak, then the decay over the remaining 8 steps
-        ("constant", {0: 0.0, 1: 0.25, 3: 0.75, 4: 1.0, 9: 1.0, 11: 1.0}),
+        ("constant_with_warmup", {0: 0.0, 1: 0.25, 3: 0.75, 4: 1.0, 9: 1.0, 11: 1.0}),
         ("linear", {0: 0.0, 2: 0.5, 4: 1.0, 6: 6 / 8, 10: 2 / 8, 11: 1 / 8}),
         # cosine: (1 + cos(pi * (step - 4) / 8)) / 2
         (
@@ -165,16 +167,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     ],
 )
 def test_scheduler_values(tmp_path, kind, expected):
+    from transformers import get_scheduler
+
     config = _config(tmp_path, learning_rate=0.5, warmup_steps=4, lr_scheduler_type=kind)
     optimizer = loop.build_optimizer(build_model(), config)
     scheduler = loop.build_scheduler(optimizer, config, total_steps=12)
-    seen = {}
+    reference_optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
+    reference = get_scheduler(kind, reference_optimizer, num_warmup_steps=4, num_training_steps=12)
+    seen, theirs = {}, {}
     for step in range(12):
         seen[step] = [g["lr"] for g in optimizer.param_groups]
+        theirs[step] = reference_optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
+        reference_optimizer.step()
+        reference.step()
     for step, fraction in expected.items():
         assert seen[step] == pytest.approx([0.5 * fraction] * 2, abs=1e-12), (kind, step)
+    for step in range(12):  # the same name means the same schedule as transformers.get_scheduler
+        assert seen[step] == pytest.approx([theirs[step]] * 2, abs=1e-12), (kind, step)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -192,11 +203,15 @@ def test_data_order_is_seeded_and_split_across_ranks(tmp_path):
     by_rank = [loop.step_indices(order, 1, config, rank, 2) for rank in range(2)]
     assert by_rank[0] == [order[8:10], order[12:14]]
     assert by_rank[1] == [order[10:12], order[14:16]]
-    # 20 rows, 8 per step: 2 steps per epoch, the last 4 rows are dropped; 2.5 epochs -> 5 steps.
+    # 20 rows, 8 per global micro-batch: 3 micro-batches (the last completed from the epoch's start),
+    # 3 steps per epoch; 2.5 epochs -> ceil(7.5) = 8 steps; with drop_last the last is dropped.
     assert loop.plan_steps(
         20, _config(tmp_path, per_device_train_batch_size=4, max_steps=-1, num_train_epochs=2.5), 2
-    ) == (2, 5)
-    assert loop.plan_steps(20, _config(tmp_path, per_device_train_batch_size=4, max_steps=7), 2) == (2, 7)
+    ) == (3, 8)
+    assert loop.plan_steps(20, _config(tmp_path, per_device_train_batch_size=4, max_steps=7), 2) == (3, 7)
+    assert loop.plan_steps(
+        20, _config(tmp_path, per_device_train_batch_size=4, dataloader_drop_last=True, max_steps=-1), 2
+    ) == (2, 6)
 
 
 def test_take_rows_reads_a_datasets_dataset_like_a_list():
@@ -206,13 +221,17 @@ def test_take_rows_reads_a_datasets_dataset_like_a_list():
     assert loop.take_rows(Dataset.from_list(rows), [4, 1]) == [rows[4], rows[1]]
 
 
-def test_too_small_a_dataset_is_an_error(tmp_path):
+def test_too_small_a_dataset_is_an_error_only_when_nothing_would_train(tmp_path):
     config = _config(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=3)
+    assert loop.plan_steps(5, config, 2) == (1, 6)  # one short step of one micro-batch, as transformers
     with pytest.raises(
         ConfigError,
-        match=r"10 rows.*per_device_train_batch_size \(4\).*gradient_accumulation_steps \(3\) = 24",
+        match=r"has 7 rows, fewer than one micro-batch on all processes \(per_device_train_batch_size 4 x "
+        r"processes 2 = 8\): dataloader_drop_last=true drops every micro-batch",
     ):
-        loop.plan_steps(10, config, 2)
+        loop.plan_steps(7, _config(tmp_path, per_device_train_batch_size=4, dataloader_drop_last=True), 2)
+    with pytest.raises(ConfigError, match=r"has 0 rows.*nothing to train on"):
+        loop.plan_steps(0, config, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -514,7 +514,8 @@ def evaluate(run: Run, model, eval_rows, collate_fn, loss_fn: LossFn, count_fn, 
     """eval_loss and eval_<metric> of `loss_fn` over all of `eval_rows`, plus `eval_fn(model)`'s metrics.
 
     Rows are split into contiguous shards over ranks, each in micro-batches of per_device_eval_batch_size;
-    num_items counts the whole eval set. `eval_fn` gets the unwrapped model on every rank (shard and
+    num_items counts the whole eval set. A set with fewer rows than processes is still evaluated, as
+    transformers does: the ranks without a row contribute zeros. `eval_fn` gets the unwrapped model on every rank (shard and
     reduce inside it to spread its work). No gradients, eval mode, back to train mode after.
     """
     module = distributed.unwrap(model)
