@@ -20,9 +20,9 @@ An online loop (GRPO, PPO) calls `start`, `prepare_model`, `build_optimizer`, `b
 Data order, as transformers' Trainer (with accelerate) counts it. Epoch e visits the rows in an order
 that is a pure function of (seed, e): a fresh seeded permutation per epoch (`random`), the dataset's
 order (`sequential`), or a seeded permutation regrouped so that rows of similar length share a
-micro-batch (`group_by_length`, transformers' LengthGroupedSampler: megabatches of 50 (fewer on small
-sets) x per_device_train_batch_size x gradient_accumulation_steps rows, each sorted longest first, and
-the longest row of all moved to the front). A global micro-batch is per_device_train_batch_size *
+micro-batch (`group_by_length`, transformers' LengthGroupedSampler: megabatches of min(50, N / 4G) x G
+rows, G = per_device_train_batch_size x gradient_accumulation_steps, each sorted longest first, and the
+longest row of all moved to the front). A global micro-batch is per_device_train_batch_size *
 world_size consecutive rows of the order and rank r takes its r-th slice; an optimizer step takes
 gradient_accumulation_steps micro-batches. Every row trains every epoch: the last micro-batch may be
 short, and the last optimizer step of an epoch may take fewer micro-batches (its loss is still the mean
