@@ -183,17 +183,11 @@ def test_option_errors(tokenizer):
     with pytest.raises(ValueError, match=r"`sft` accepts .*is in the preference format"):
         tokenize_sft(embedded.dataset("preference").select(range(2)), tokenizer)
     plain = embedded.build_tokenizer()
-    plain.chat_template = embedded.CHAT_TEMPLATE.replace("{% generation %}", "").replace(
-        "{% endgeneration %}", ""
-    )
-    with pytest.raises(
-        ValueError,
-        match=r"assistant_only_loss=True needs a chat template that marks assistant turns with \{% generation %\}",
-    ):
-        tokenize_sft(messages, plain, assistant_only_loss=True)
     plain.chat_template = None
     with pytest.raises(
-        ValueError, match="the dataset is conversational .* but the tokenizer .* has no chat template"
+        ValueError,
+        match=r"the dataset is conversational \(field 'messages' holds message lists\) but the tokenizer "
+        r".* has no chat template \(tokenizer.chat_template is None\): use a model_name_or_path",
     ):
         tokenize_sft(messages, plain)
 

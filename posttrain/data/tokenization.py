@@ -24,6 +24,7 @@ label masking, expressed as a `completion_mask` (1 where TRL's `labels != -100`)
 from __future__ import annotations
 
 import json
+import os
 import re
 
 OVERLONG_PROMPT = ("drop", "error")
@@ -106,20 +107,20 @@ def tokenize_prompt_completions(
         # Always the generation prompt, as TRL's SFT (even after a final assistant message, which the
         # template then closes): the completion is a new assistant turn.
         prompt_ids = _chat(tokenizer, prompts, add_generation_prompt=True, **kwargs)["input_ids"]
-        full = _chat(
-            tokenizer,
-            [p + c for p, c in zip(prompts, completions, strict=True)],
-            return_assistant_tokens_mask=assistant_masks,
-            **kwargs,
-        )
+        pairs = [p + c for p, c in zip(prompts, completions, strict=True)]
+        if assistant_masks:
+            full_ids, masks = tokenize_conversations(
+                tokenizer, pairs, tools=tools, chat_template_kwargs=chat_template_kwargs, rows=rows
+            )
+        else:
+            full_ids = _chat(tokenizer, pairs, **kwargs)["input_ids"]
     else:
         if assistant_masks:
             raise ValueError("assistant_masks needs conversational data (lists of messages)")
         if add_eos:
             completions = [_with_eos(c, tokenizer) for c in completions]
         prompt_ids = tokenizer(list(prompts))["input_ids"]
-        full = tokenizer([p + c for p, c in zip(prompts, completions, strict=True)])
-    full_ids = full["input_ids"]
+        full_ids = tokenizer([p + c for p, c in zip(prompts, completions, strict=True)])["input_ids"]
 
     out_prompt, out_completion = [], []
     for row, p_ids, f_ids in zip(rows, prompt_ids, full_ids, strict=True):
@@ -133,7 +134,7 @@ def tokenize_prompt_completions(
         out_prompt.append(f_ids[:n])
         out_completion.append(f_ids[n:])
     if assistant_masks:
-        return out_prompt, out_completion, full["assistant_masks"]
+        return out_prompt, out_completion, masks
     return out_prompt, out_completion
 
 
@@ -171,6 +172,122 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Assistant masks (SFT's assistant_only_loss; conversational chosen / rejected and multi-turn prompts)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def tokenize_conversation(tokenizer, messages: list, *, tools=None, chat_template_kwargs=None):
+    """(input_ids, assistant_mask) of one conversation: T ints each, mask 1 on the tokens of assistant turns.
+
+    `tokenize_conversations` for one conversation (see there for the rules and errors).
+    """
+    ids, masks = tokenize_conversations(
+        tokenizer, [messages], tools=tools, chat_template_kwargs=chat_template_kwargs
+    )
+    return ids[0], masks[0]
+
+
+def tokenize_conversations(
+    tokenizer, conversations: list, *, tools=None, chat_template_kwargs=None, rows=None
+):
+    """Token ids and assistant masks of N conversations (N lists of T_i ints each).
+
+    input_ids are the chat template's rendering, tokenized as `apply_chat_template` does. The mask is 1 on
+    every token that overlaps an assistant turn's span of the rendered text (the overlap rule of
+    transformers' `return_assistant_tokens_mask`):
+    - a template with `{% generation %}` markers: the spans it marks;
+    - any other template, derived: an assistant turn k is the text that rendering messages[:k + 1] adds to
+      rendering messages[:k] with the generation prompt. So the header the generation prompt holds
+      ("<|im_start|>assistant\n") is not trained — the model never writes it — while the content and the
+      end-of-turn token ("<|im_end|>\n", "<|eot_id|>", "<end_of_turn>\n") are, and a closing token that the
+      template adds only at the end of a whole conversation (Phi-3's eos) is trained on the last turn only.
+      When the generation prompt is not how a rendered turn starts (DeepSeek's opens a think block), the
+      turn is what messages[:k + 1] adds to messages[:k], header included (as TRL's DeepSeek template).
+    The derivation needs a template that renders conversations prefix-consistently; otherwise (a template
+    that rewrites earlier turns, drops the reasoning of earlier turns, or whose generation prompt is not
+    how an assistant turn starts) it raises, naming the row, the message and what differs.
+    rows: row indices used in error messages (default 0..N-1).
+    """
+    rows = list(range(len(conversations))) if rows is None else rows
+    kwargs = _template_kwargs(tools, chat_template_kwargs)
+    if has_generation_markers(tokenizer):
+        enc = _chat(tokenizer, conversations, return_assistant_tokens_mask=True, **kwargs)
+        return enc["input_ids"], enc["assistant_masks"]
+    ids, masks = [], []
+    for row, messages in zip(rows, conversations, strict=True):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = _assistant_spans(tokenizer, messages, text, enc["offset_mapping"], kwargs, row)
+        ids.append(enc["input_ids"])
+        masks.append(_mask_from_spans(enc["offset_mapping"], spans))
+    return ids, masks
+
+
+def _assistant_spans(tokenizer, messages, text, offsets, kwargs, row) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the assistant turns in `text`, the rendering of all `messages`."""
+    render = lambda msgs, **kw: tokenizer.apply_chat_template(msgs, tokenize=False, **kw, **kwargs)
+    token_ends = {end for _, end in offsets} | {0}
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        where = f"row {row}, message {k}: the chat template has no {{% generation %}} markers and"
+        if k == 0:
+            raise ValueError(
+                f"{where} the conversation starts with an assistant message, so no prompt separates the turn "
+                "from the template's header; add generation markers to the template or a first user message"
+            )
+        prompt = render(messages[:k], add_generation_prompt=True)
+        if not text.startswith(prompt):
+            # A generation prompt that is not how a rendered turn starts (DeepSeek's opens a think block its
+            # turns never show): the turn is what it adds to the conversation before it, header included.
+            prompt = render(messages[:k])
+        if not text.startswith(prompt):
+            n = len(os.path.commonprefix([prompt, text]))
+            raise ValueError(
+                f"{where} does not render conversations prefix-consistently (it renders earlier messages "
+                f"differently once later ones follow), so assistant turns cannot be found: messages "
+                f"0..{k - 1} alone end in {prompt[n:][:40]!r}, where the whole conversation has "
+                f"{text[n:][:40]!r}; add generation markers to the template"
+            )
+        turn = render(messages[: k + 1])
+        end = len(os.path.commonprefix([turn, text]))
+        if end < len(turn):  # a closing the template adds only at the end: cut before it, on a token boundary
+            end = max(e for e in token_ends if e <= end)
+            tail = turn[end:]
+            if end < len(prompt) or not text.endswith(tail) or not _only_special_tokens(tokenizer, tail):
+                raise ValueError(
+                    f"{where} does not render conversations prefix-consistently (it renders message {k} "
+                    f"differently once later messages follow, e.g. dropping its reasoning), so its tokens "
+                    f"cannot be found: alone it ends in {tail[:60]!r}, where the whole conversation has "
+                    f"{text[end:][:60]!r}; add generation markers to the template"
+                )
+        spans.append((len(prompt), end))
+    return spans
+
+
+def _only_special_tokens(tokenizer, text: str) -> bool:
+    """Whether `text` tokenizes to added (special) tokens and whitespace only: a closing, not content."""
+    added = set(tokenizer.get_added_vocab().values())
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return all(i in added or not tokenizer.decode([i]).strip() for i in ids)
+
+
+def _mask_from_spans(offsets, spans) -> list[int]:
+    """1 on each token whose characters overlap one of the sorted spans (transformers' rule)."""
+    mask = [0] * len(offsets)
+    s = 0
+    for t, (start, end) in enumerate(offsets):
+        while s < len(spans) and start >= spans[s][1]:
+            s += 1
+        if s == len(spans):
+            break
+        if end > spans[s][0]:
+            mask[t] = 1
+    return mask
 
 
 def has_generation_markers(tokenizer) -> bool:
@@ -215,19 +332,15 @@ def tokenize_sft(
     )
     if fmt.conversational and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
-            f"the dataset is conversational ({fmt.kind}, message lists) but the tokenizer "
-            f"{getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has no chat template: "
-            "use a model whose tokenizer has one, or a dataset of plain strings"
+            f"the dataset is conversational (field {fmt.columns[0]!r} holds message lists) but the tokenizer "
+            f"{getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has no chat template "
+            "(tokenizer.chat_template is None): use a model_name_or_path whose tokenizer has one, set "
+            "tokenizer.chat_template, or use a dataset of plain strings"
         )
     if assistant_only_loss and not fmt.conversational:
         raise ValueError(
             "assistant_only_loss=True needs a conversational dataset (messages, or prompt/completion as "
             "message lists); this one holds strings"
-        )
-    if assistant_only_loss and not has_generation_markers(tokenizer):
-        raise ValueError(
-            "assistant_only_loss=True needs a chat template that marks assistant turns with "
-            "{% generation %} ... {% endgeneration %}; the tokenizer's template has no such markers"
         )
     if completion_only_loss and fmt.kind == "language_modeling":
         raise ValueError(
@@ -247,7 +360,7 @@ def tokenize_sft(
             ids = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
             prompt_lens = [len(p) for p in prompt_ids]
         else:
-            ids, masks = _tokenize_lm_batch(tokenizer, batch, fmt, assistant_only_loss)
+            ids, masks = _tokenize_lm_batch(tokenizer, batch, indices, fmt, assistant_only_loss)
             prompt_lens = [0] * len(ids)
         out = {"input_ids": [], "completion_mask": [], "truncated": []}
         for row, row_ids, mask, prompt_len in zip(indices, ids, masks, prompt_lens, strict=True):
@@ -323,20 +436,21 @@ def _tokenize_pc_batch(tokenizer, batch, indices, assistant_only_loss, completio
     return prompt_ids, completion_ids, masks
 
 
-def _tokenize_lm_batch(tokenizer, batch, fmt, assistant_only_loss):
+def _tokenize_lm_batch(tokenizer, batch, indices, fmt, assistant_only_loss):
     n = len(next(iter(batch.values())))
     if not fmt.conversational:
         ids = tokenizer([_with_eos(t, tokenizer) for t in batch[fmt.text_field]])["input_ids"]
         return ids, [[1] * len(x) for x in ids]
     ids, masks = [None] * n, [None] * n
     for group, kwargs in _groups(batch, n):
-        enc = _chat(
-            tokenizer,
-            [batch["messages"][i] for i in group],
-            return_assistant_tokens_mask=assistant_only_loss,
-            **_template_kwargs(**kwargs),
-        )
+        conversations = [batch["messages"][i] for i in group]
+        if assistant_only_loss:
+            group_ids, group_masks = tokenize_conversations(
+                tokenizer, conversations, rows=[indices[i] for i in group], **kwargs
+            )
+        else:
+            group_ids = _chat(tokenizer, conversations, **_template_kwargs(**kwargs))["input_ids"]
+            group_masks = [[1] * len(x) for x in group_ids]
         for j, i in enumerate(group):
-            ids[i] = enc["input_ids"][j]
-            masks[i] = enc["assistant_masks"][j] if assistant_only_loss else [1] * len(ids[i])
+            ids[i], masks[i] = group_ids[j], group_masks[j]
     return ids, masks
