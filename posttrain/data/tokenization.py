@@ -23,6 +23,7 @@ label masking, expressed as a `completion_mask` (1 where TRL's `labels != -100`)
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
@@ -70,7 +71,7 @@ def tokenize_prompts(tokenizer, prompts: list, *, tools=None, chat_template_kwar
     for flags in ({"add_generation_prompt": True}, {"continue_final_message": True}):
         idx = [i for i, p in enumerate(prompts) if _prompt_template_flags(p) == flags]
         if idx:
-            ids = _chat(tokenizer, [prompts[i] for i in idx], **flags, **kwargs)["input_ids"]
+            ids = _chat(tokenizer, [prompts[i] for i in idx], idx, **flags, **kwargs)["input_ids"]
             out.extend(zip(idx, ids, strict=True))
     return [ids for _, ids in sorted(out, key=lambda x: x[0])]
 
@@ -106,14 +107,14 @@ def tokenize_prompt_completions(
     if conversational:
         # Always the generation prompt, as TRL's SFT (even after a final assistant message, which the
         # template then closes): the completion is a new assistant turn.
-        prompt_ids = _chat(tokenizer, prompts, add_generation_prompt=True, **kwargs)["input_ids"]
+        prompt_ids = _chat(tokenizer, prompts, rows, add_generation_prompt=True, **kwargs)["input_ids"]
         pairs = [p + c for p, c in zip(prompts, completions, strict=True)]
         if assistant_masks:
             full_ids, masks = tokenize_conversations(
                 tokenizer, pairs, tools=tools, chat_template_kwargs=chat_template_kwargs, rows=rows
             )
         else:
-            full_ids = _chat(tokenizer, pairs, **kwargs)["input_ids"]
+            full_ids = _chat(tokenizer, pairs, rows, **kwargs)["input_ids"]
     else:
         if assistant_masks:
             raise ValueError("assistant_masks needs conversational data (lists of messages)")
@@ -153,9 +154,30 @@ def tokenize_prompt_completion(
     return p[0], c[0]
 
 
-def _chat(tokenizer, conversations: list, **kwargs):
-    """One batched `apply_chat_template` call: a BatchEncoding with lists of ids (and masks)."""
-    return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kwargs)
+def _chat(tokenizer, conversations: list, rows=None, **kwargs):
+    """One batched `apply_chat_template` call: a BatchEncoding with lists of ids (and masks).
+
+    A conversation the template refuses (its `raise_exception`) raises ValueError naming its row (rows: the
+    conversations' row indices, default 0..N-1).
+    """
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kwargs)
+    except TemplateError:
+        for row, conversation in zip(range(len(conversations)) if rows is None else rows, conversations):
+            _render(tokenizer, conversation, row, tokenize=True, return_dict=True, **kwargs)
+        raise
+
+
+def _render(tokenizer, messages: list, row, **kwargs):
+    """`apply_chat_template` of one conversation (text, or ids with tokenize=True), its row named on error."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, **{"tokenize": False, **kwargs})
+    except TemplateError as e:
+        raise ValueError(f"row {row}: the chat template cannot render this conversation: {e}") from None
 
 
 def _with_eos(text: str, tokenizer) -> str:
@@ -200,12 +222,11 @@ def tokenize_conversations(
     transformers' `return_assistant_tokens_mask`):
     - a template with `{% generation %}` markers: the spans it marks;
     - any other template, derived: an assistant turn k is the text that rendering messages[:k + 1] adds to
-      rendering messages[:k] with the generation prompt. So the header the generation prompt holds
-      ("<|im_start|>assistant\n") is not trained — the model never writes it — while the content and the
-      end-of-turn token ("<|im_end|>\n", "<|eot_id|>", "<end_of_turn>\n") are, and a closing token that the
-      template adds only at the end of a whole conversation (Phi-3's eos) is trained on the last turn only.
-      When the generation prompt is not how a rendered turn starts (DeepSeek's opens a think block), the
-      turn is what messages[:k + 1] adds to messages[:k], header included (as TRL's DeepSeek template).
+      rendering messages[:k] with the generation prompt. So what the generation prompt holds (the header
+      "<|im_start|>assistant\n", an opened "<think>\n") is not trained — at inference the model never
+      writes it — while the content and the end-of-turn token ("<|im_end|>\n", "<|eot_id|>",
+      "<end_of_turn>\n") are, and a closing token that the template puts after every conversation (Phi-3's
+      eos) is trained on a final assistant turn only.
     The derivation needs a template that renders conversations prefix-consistently; otherwise (a template
     that rewrites earlier turns, drops the reasoning of earlier turns, or whose generation prompt is not
     how an assistant turn starts) it raises, naming the row, the message and what differs.
@@ -214,11 +235,11 @@ def tokenize_conversations(
     rows = list(range(len(conversations))) if rows is None else rows
     kwargs = _template_kwargs(tools, chat_template_kwargs)
     if has_generation_markers(tokenizer):
-        enc = _chat(tokenizer, conversations, return_assistant_tokens_mask=True, **kwargs)
+        enc = _chat(tokenizer, conversations, rows, return_assistant_tokens_mask=True, **kwargs)
         return enc["input_ids"], enc["assistant_masks"]
     ids, masks = [], []
     for row, messages in zip(rows, conversations, strict=True):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        text = _render(tokenizer, messages, row, **kwargs)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         spans = _assistant_spans(tokenizer, messages, text, enc["offset_mapping"], kwargs, row)
         ids.append(enc["input_ids"])
@@ -228,8 +249,11 @@ def tokenize_conversations(
 
 def _assistant_spans(tokenizer, messages, text, offsets, kwargs, row) -> list[tuple[int, int]]:
     """Character spans [start, end) of the assistant turns in `text`, the rendering of all `messages`."""
-    render = lambda msgs, **kw: tokenizer.apply_chat_template(msgs, tokenize=False, **kw, **kwargs)
-    token_ends = {end for _, end in offsets} | {0}
+    render = lambda msgs, **kw: _render(tokenizer, msgs, row, **kw, **kwargs)
+    boundaries = sorted({end for _, end in offsets} | {0})
+    # Cut at the last token boundary at or before i, so a span never starts or ends inside a token that the
+    # two renderings only partly share ("<|" of "<|user|>" and of "<|endoftext|>").
+    snap = lambda i: boundaries[bisect.bisect_right(boundaries, i) - 1]
     spans = []
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -240,32 +264,33 @@ def _assistant_spans(tokenizer, messages, text, offsets, kwargs, row) -> list[tu
                 f"{where} the conversation starts with an assistant message, so no prompt separates the turn "
                 "from the template's header; add generation markers to the template or a first user message"
             )
+        # Start: where the turn leaves the generation prompt. A generation prompt may go on past how a
+        # rendered turn starts (an opened think block, "<think>\n"); that rest must be markup, not text.
         prompt = render(messages[:k], add_generation_prompt=True)
-        if not text.startswith(prompt):
-            # A generation prompt that is not how a rendered turn starts (DeepSeek's opens a think block its
-            # turns never show): the turn is what it adds to the conversation before it, header included.
-            prompt = render(messages[:k])
-        if not text.startswith(prompt):
-            n = len(os.path.commonprefix([prompt, text]))
+        start = snap(len(os.path.commonprefix([prompt, text])))
+        if not _only_special_tokens(tokenizer, prompt[start:]):
             raise ValueError(
                 f"{where} does not render conversations prefix-consistently (it renders earlier messages "
                 f"differently once later ones follow), so assistant turns cannot be found: messages "
-                f"0..{k - 1} alone end in {prompt[n:][:40]!r}, where the whole conversation has "
-                f"{text[n:][:40]!r}; add generation markers to the template"
+                f"0..{k - 1} with the generation prompt end in {prompt[start:][:60]!r}, where the whole "
+                f"conversation has {text[start:][:60]!r}; add generation markers to the template"
             )
+        # End: where the turn rendered last stops agreeing with the whole conversation. What it has beyond
+        # that must be a closing the template puts after every conversation (Phi-3's eos), nothing else.
         turn = render(messages[: k + 1])
         end = len(os.path.commonprefix([turn, text]))
-        if end < len(turn):  # a closing the template adds only at the end: cut before it, on a token boundary
-            end = max(e for e in token_ends if e <= end)
+        if end < len(turn):
+            end = snap(end)
             tail = turn[end:]
-            if end < len(prompt) or not text.endswith(tail) or not _only_special_tokens(tokenizer, tail):
+            closing = _only_special_tokens(tokenizer, tail) and text.endswith(tail)
+            if end < start or not closing or not render(messages[:k]).endswith(tail):
                 raise ValueError(
                     f"{where} does not render conversations prefix-consistently (it renders message {k} "
-                    f"differently once later messages follow, e.g. dropping its reasoning), so its tokens "
-                    f"cannot be found: alone it ends in {tail[:60]!r}, where the whole conversation has "
-                    f"{text[end:][:60]!r}; add generation markers to the template"
+                    f"differently once later messages follow, e.g. dropping its reasoning or changing its "
+                    f"end token), so its tokens cannot be found: alone it ends in {tail[:60]!r}, where the "
+                    f"whole conversation has {text[end:][:60]!r}; add generation markers to the template"
                 )
-        spans.append((len(prompt), end))
+        spans.append((start, end))
     return spans
 
 
@@ -449,7 +474,8 @@ def _tokenize_lm_batch(tokenizer, batch, indices, fmt, assistant_only_loss):
                 tokenizer, conversations, rows=[indices[i] for i in group], **kwargs
             )
         else:
-            group_ids = _chat(tokenizer, conversations, **_template_kwargs(**kwargs))["input_ids"]
+            rows = [indices[i] for i in group]
+            group_ids = _chat(tokenizer, conversations, rows, **_template_kwargs(**kwargs))["input_ids"]
             group_masks = [[1] * len(x) for x in group_ids]
         for j, i in enumerate(group):
             ids[i], masks[i] = group_ids[j], group_masks[j]
