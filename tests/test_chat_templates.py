@@ -114,8 +114,17 @@ def assert_equal_up_to_generation_prompt(tokenizer, ours, theirs, pieces, n_turn
         for t in range(len(ids))
         if mine[t] != ref[t]
     ]
-    assert all(ours_bit <= ref_bit for (_, m), (_, r) in zip(ours, theirs) for ours_bit, ref_bit in zip(m, r))
+    assert all(
+        ours_bit <= ref_bit
+        for (_, m), (_, r) in zip(ours, theirs, strict=True)
+        for ours_bit, ref_bit in zip(m, r, strict=True)
+    )
     assert sorted(differ) == sorted(pieces * n_turns)
+
+
+def trained(tokenizer, ids, mask) -> str:
+    """The text of the tokens a mask trains."""
+    return tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
 
 
 def turns(mask):
@@ -198,8 +207,8 @@ def test_tool_calls_and_tool_roles_match_trl():
             assert_equal_up_to_generation_prompt(tokenizer, ours, theirs, pieces, 3)
         # The tool call is trained, the tool's answer is not.
         ids, mask = tokenize_conversation(tokenizer, conversation, tools=tools)
-        trained = tokenizer.decode([i for i, m in zip(ids, mask) if m])
-        assert '{"name": "add"' in trained and "<tool_response>" not in trained and "It is 4." in trained
+        text = trained(tokenizer, ids, mask)
+        assert '{"name": "add"' in text and "<tool_response>" not in text and "It is 4." in text
 
 
 def test_ipython_role_matches_trl():
@@ -213,8 +222,7 @@ def test_ipython_role_matches_trl():
     out, _ = tokenize_sft(Dataset.from_list(rows), tokenizer, max_length=None)
     assert [(r["input_ids"], r["completion_mask"]) for r in out] == theirs
     ids, mask = tokenize_conversation(tokenizer, rows[0]["messages"])
-    trained = tokenizer.decode([i for i, m in zip(ids, mask) if m])
-    assert trained == "Let me run it.<|eot_id|>It is 4.<|eot_id|>"
+    assert trained(tokenizer, ids, mask) == "Let me run it.<|eot_id|>It is 4.<|eot_id|>"
 
 
 def test_template_markers_are_used_when_present():
@@ -226,12 +234,12 @@ def test_template_markers_are_used_when_present():
         conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     assert (ids, mask) == (expected["input_ids"], expected["assistant_masks"])
-    assert tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "2<|im_end|>4<|im_end|>"
+    assert trained(tokenizer, ids, mask) == "2<|im_end|>4<|im_end|>"
     unmarked = embedded.build_tokenizer()
     unmarked.chat_template = re.sub(r"\{% (end)?generation %\}", "", embedded.CHAT_TEMPLATE)
     ids2, mask2 = tokenize_conversation(unmarked, conversation)
     assert ids2 == ids
-    assert unmarked.decode([i for i, m in zip(ids2, mask2) if m]) == "2<|im_end|>\n4<|im_end|>\n"
+    assert trained(unmarked, ids2, mask2) == "2<|im_end|>\n4<|im_end|>\n"
     batch_ids, batch_masks = tokenize_conversations(unmarked, [conversation, conversation[:2]])
     assert batch_ids[0] == ids2 and batch_masks[0] == mask2 and batch_masks[1] == mask2[: len(batch_ids[1])]
 
@@ -241,7 +249,7 @@ def test_not_prefix_consistent_templates_raise():
     qwen3 = family_tokenizer("qwen3")
     single = [U("What is 2 + 2?"), A("It is 4.")]
     ids, mask = tokenize_conversation(qwen3, single)
-    assert qwen3.decode([i for i, m in zip(ids, mask) if m]) == "<think>\n\n</think>\n\nIt is 4.<|im_end|>\n"
+    assert trained(qwen3, ids, mask) == "<think>\n\n</think>\n\nIt is 4.<|im_end|>\n"
     assert trl_reference(
         qwen3, Dataset.from_list([{"messages": single}]), max_length=None, assistant_only_loss=True
     ) == [(ids, mask)]

@@ -165,7 +165,8 @@ def _chat(tokenizer, conversations: list, rows=None, **kwargs):
     try:
         return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kwargs)
     except TemplateError:
-        for row, conversation in zip(range(len(conversations)) if rows is None else rows, conversations):
+        rows = range(len(conversations)) if rows is None else rows
+        for row, conversation in zip(rows, conversations, strict=True):
             _render(tokenizer, conversation, row, tokenize=True, return_dict=True, **kwargs)
         raise
 
