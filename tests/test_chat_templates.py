@@ -15,6 +15,7 @@ the template's generation prompt already holds — so the model never writes it 
 import pathlib
 import re
 import tempfile
+import warnings
 
 import pytest
 import trl
@@ -277,3 +278,29 @@ def test_not_prefix_consistent_templates_raise():
         ValueError, match="row 0, message 0: .* the conversation starts with an assistant message"
     ):
         tokenize_conversation(family_tokenizer("llama3"), [A("hello"), U("hi")])
+
+
+def test_turn_without_end_token_warns():
+    """GLM-4 ends a turn with the next message's header: the derived turn has no stop token to train."""
+    glm = build_tokenizer(
+        [
+            "[gMASK]",
+            "<sop>",
+            "<|system|>",
+            "<|user|>",
+            "<|assistant|>",
+            "<|observation|>",
+            "<think>",
+            "</think>",
+        ],
+        None,
+        "<|user|>",
+        (TEMPLATES / "glm4moe.jinja").read_text(),
+    )
+    conversation = [U("hi"), A("Hello there"), U("and?")]
+    with pytest.warns(UserWarning, match=r"rows \[0\]: an assistant turn of the chat template ends on text"):
+        ids, mask = tokenize_conversation(glm, conversation)
+    assert trained(glm, ids, mask) == "\n<think></think>\nHello there"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokenize_conversation(family_tokenizer("llama3"), conversation)

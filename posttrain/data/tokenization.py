@@ -8,13 +8,20 @@ label masking, expressed as a `completion_mask` (1 where TRL's `labels != -100`)
   `tokenizer(prompt + completion)`; the completion starts where the two token lists diverge (a merge across
   the boundary moves the merged token into the completion, as in TRL).
 - conversational `messages`: the chat template; every token is a target, or with `assistant_only_loss`
-  only the assistant tokens (`return_assistant_tokens_mask=True`, i.e. `{% generation %}` spans).
+  only the assistant tokens (`tokenize_conversations`): the template's `{% generation %}` spans when it has
+  them, else derived from how the template renders each turn. Departure: TRL swaps in its own marked copy
+  of the templates it knows; we render with the model's template, and do not train what its generation
+  prompt already holds (TRL's Qwen2.5, DeepSeek, gpt-oss and thinking templates train a header token or an
+  opened "<think>" that the model never writes at inference). A template that renders a turn differently
+  once later messages follow (Qwen3 drops earlier turns' reasoning; TRL's copy keeps it, so its tokens
+  differ from the model's template) raises, naming the row and message. Otherwise the masks equal TRL's.
 - conversational prompt-completion: the template on the prompt with the generation prompt, and on
   prompt + completion; the completion is the suffix. Departure: TRL warns and cuts at the common prefix
   when the first is not a prefix of the second; we raise, because the model would train on a context it
   never sees at inference.
 - completion_only_loss (default: True for prompt-completion) keeps only completion tokens as targets;
   both masks apply together when both are on.
+- an empty prompt or completion is a row (TRL trains prompt + eos).
 - truncation keeps the first `max_length` tokens. A row whose prompt alone fills `max_length` (no target
   survives) is dropped and counted, or raises with overlong_prompt="error" — never truncated into an
   empty completion. TRL drops rows left with no target; the two agree except with
@@ -27,6 +34,7 @@ import bisect
 import json
 import os
 import re
+import warnings
 
 OVERLONG_PROMPT = ("drop", "error")
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -238,13 +246,23 @@ def tokenize_conversations(
     if has_generation_markers(tokenizer):
         enc = _chat(tokenizer, conversations, rows, return_assistant_tokens_mask=True, **kwargs)
         return enc["input_ids"], enc["assistant_masks"]
-    ids, masks = [], []
+    ids, masks, unstopped = [], [], []
     for row, messages in zip(rows, conversations, strict=True):
         text = _render(tokenizer, messages, row, **kwargs)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         spans = _assistant_spans(tokenizer, messages, text, enc["offset_mapping"], kwargs, row)
         ids.append(enc["input_ids"])
         masks.append(_mask_from_spans(enc["offset_mapping"], spans))
+        if not _turns_end_on_special_tokens(tokenizer, ids[-1], masks[-1]):
+            unstopped.append(row)
+    if unstopped:
+        # GLM-4 style: the next message's header ends a turn, so the turn's own rendering has no stop token.
+        warnings.warn(
+            f"rows {unstopped[:5]}: an assistant turn of the chat template ends on text, not on an end-of-turn "
+            "token, so assistant_only_loss never trains the model to stop; use a template whose turns end "
+            "with one, or one with {% generation %} markers that include it",
+            stacklevel=2,
+        )
     return ids, masks
 
 
@@ -300,6 +318,19 @@ def _only_special_tokens(tokenizer, text: str) -> bool:
     added = set(tokenizer.get_added_vocab().values())
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return all(i in added or not tokenizer.decode([i]).strip() for i in ids)
+
+
+def _turns_end_on_special_tokens(tokenizer, ids, mask) -> bool:
+    """Whether each run of 1s in `mask` ends, whitespace aside, on an added token (TRL's stop-token check)."""
+    added = set(tokenizer.get_added_vocab().values())
+    ends = [t for t in range(len(mask)) if mask[t] and (t + 1 == len(mask) or not mask[t + 1])]
+    for end in ends:
+        t = end
+        while t > 0 and mask[t - 1] and not tokenizer.decode([ids[t]]).strip():
+            t -= 1
+        if ids[t] not in added and tokenizer.decode([ids[t]]).strip():
+            return False
+    return True
 
 
 def _mask_from_spans(offsets, spans) -> list[int]:
