@@ -242,3 +242,17 @@ def test_messages_of_strings_and_unrenderable_rows(tokenizer):
             match=r"row 1: the chat template cannot render this conversation: roles must alternate",
         ):
             tokenize_sft(rows, strict, **options)
+
+
+def test_large_string_messages_tokenize_as_strings(tokenizer):
+    """Parquet written with large strings (polars) holds the same rows: same tokens and masks."""
+    import pyarrow as pa
+
+    rows = embedded.rows("language_modeling", conversational=True)[:6]
+    large = pa.large_string()
+    message = pa.struct([("role", large), ("content", large)])
+    table = pa.table({"messages": pa.array([r["messages"] for r in rows], type=pa.list_(message))})
+    for options in ({}, {"assistant_only_loss": True}):
+        plain, _ = tokenize_sft(Dataset.from_list(rows), tokenizer, **options)
+        ours, _ = tokenize_sft(Dataset(table), tokenizer, **options)
+        assert ours.to_list() == plain.to_list()
