@@ -206,6 +206,14 @@ def test_tool_calls_and_tool_roles_match_trl():
             ours = [(r["input_ids"], r["completion_mask"]) for r in out]
             pieces = GENERATION_PROMPT_PIECES.get(family, []) if options else []
             assert_equal_up_to_generation_prompt(tokenizer, ours, theirs, pieces, 3)
+            # As prompt-completion: the first turn's header is in the prompt, so only the second turn differs.
+            pc = Dataset.from_list(
+                [{"prompt": conversation[:1], "completion": conversation[1:], "tools": tools}]
+            )
+            theirs = trl_reference(tokenizer, pc, max_length=None, **options)
+            out, _ = tokenize_sft(pc, tokenizer, max_length=None, **options)
+            ours = [(r["input_ids"], r["completion_mask"]) for r in out]
+            assert_equal_up_to_generation_prompt(tokenizer, ours, theirs, pieces, 1)
         # The tool call is trained, the tool's answer is not.
         ids, mask = tokenize_conversation(tokenizer, conversation, tools=tools)
         text = trained(tokenizer, ids, mask)
