@@ -237,8 +237,10 @@ def tokenize_conversations(
       "<end_of_turn>\n") are, and a closing token that the template puts after every conversation (Phi-3's
       eos) is trained on a final assistant turn only.
     The derivation needs a template that renders conversations prefix-consistently; otherwise (a template
-    that rewrites earlier turns, drops the reasoning of earlier turns, or whose generation prompt is not
-    how an assistant turn starts) it raises, naming the row, the message and what differs.
+    that rewrites earlier turns, drops the reasoning of earlier turns, or whose generation prompt holds
+    text that a rendered turn does not start with) it raises, naming the row, the message and what
+    differs. A derived turn that ends on text rather than an end-of-turn token (GLM-4, whose next header
+    ends a turn) gives a warning: the model would never be trained to stop.
     rows: row indices used in error messages (default 0..N-1).
     """
     rows = list(range(len(conversations))) if rows is None else rows
