@@ -312,3 +312,27 @@ def test_turn_without_end_token_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tokenize_conversation(family_tokenizer("llama3"), conversation)
+
+
+def test_chat_template_kwargs_reach_the_template():
+    """Qwen3 with enable_thinking=False: the generation prompt holds the empty think block, so it is not trained.
+
+    TRL trains it (its training template opens {% generation %} before it): the one difference, by the rule of
+    the module docstring.
+    """
+    qwen3 = family_tokenizer("qwen3")
+    rows = [
+        {"messages": [U("What is 2 + 2?"), A("It is 4.")], "chat_template_kwargs": {"enable_thinking": False}}
+    ]
+    theirs = trl_reference(qwen3, Dataset.from_list(rows), max_length=None, assistant_only_loss=True)
+    out, _ = tokenize_sft(Dataset.from_list(rows), qwen3, max_length=None, assistant_only_loss=True)
+    ids, mask = out[0]["input_ids"], out[0]["completion_mask"]
+    assert ids == theirs[0][0]
+    assert trained(qwen3, ids, mask) == "It is 4.<|im_end|>\n"
+    assert trained(qwen3, *theirs[0]) == "<think>\n\n</think>\n\nIt is 4.<|im_end|>\n"
+    direct = tokenize_conversation(
+        qwen3, rows[0]["messages"], chat_template_kwargs={"enable_thinking": False}
+    )
+    assert direct == (ids, mask)
+    thinking = tokenize_conversation(qwen3, rows[0]["messages"])  # default: the think block is the model's
+    assert trained(qwen3, *thinking) == "<think>\n\n</think>\n\nIt is 4.<|im_end|>\n"
