@@ -17,6 +17,7 @@ from posttrain.data.formats import (
 
 U = lambda text: {"role": "user", "content": text}
 A = lambda text: {"role": "assistant", "content": text}
+CALL = {"type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
 
 
 @pytest.mark.parametrize("conversational", [False, True])
@@ -86,10 +87,7 @@ BAD = [
         [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": None}],
         r"row 1: field 'completion' is None",
     ),
-    (
-        [{"prompt": "a", "completion": "b"}, {"prompt": "", "completion": "c"}],
-        r"row 1: field 'prompt' is an empty string",
-    ),
+    ([{"text": "a"}, {"text": ""}], r"row 1: field 'text' is an empty string"),
     ([{"prompt": "a", "completion": 3}], r"row 0: field 'completion' must be a string.*got int64"),
     (
         [{"prompt": "a", "completion": [A("b")]}],
@@ -109,7 +107,15 @@ BAD = [
     ),
     (
         [{"messages": [U("a"), A("b")]}, {"messages": [U("a"), {"role": "assistant"}]}],
-        r"row 1: field 'messages', message 1 has no 'content'",
+        r"row 1: field 'messages', message 1 has no 'content' \(only an assistant message with tool_calls",
+    ),
+    (  # content None is the tool-calling form only with tool_calls
+        [{"messages": [U("a"), {"role": "assistant", "content": None, "tool_calls": []}]}],
+        r"row 0: field 'messages', message 1 has no 'content'",
+    ),
+    (
+        [{"messages": [{"role": "user", "content": None, "tool_calls": [CALL]}]}],
+        r"row 0: field 'messages', message 0 has no 'content'",
     ),
     (
         [{"messages": [{"role": "bot", "content": "x"}]}],
@@ -142,9 +148,9 @@ def test_validate_rows_names_row_and_field(rows, message):
 
 
 def test_validate_rows_follows_select_and_shuffle():
-    rows = [{"prompt": "a", "completion": "b"}] * 5 + [{"prompt": "a", "completion": ""}]
+    rows = [{"prompt": "a", "completion": "b"}] * 5 + [{"prompt": "a", "completion": None}]
     ds = Dataset.from_list(rows).select([5, 0, 1])
-    with pytest.raises(ValueError, match="row 0: field 'completion' is an empty string"):
+    with pytest.raises(ValueError, match="row 0: field 'completion' is None"):
         validate_rows(ds, detect_format(ds))
 
 
@@ -196,3 +202,45 @@ def test_with_explicit_prompt():
     )
     with pytest.raises(ValueError, match="row 1: chosen and rejected differ from their first message"):
         with_explicit_prompt(no_prompt)
+
+
+def test_messages_column_of_strings_names_row_and_field():
+    ds = Dataset.from_dict({"messages": ["hello", "world"]})
+    with pytest.raises(
+        ValueError, match=r"row 0: field 'messages' must be a list of .*messages, got strings"
+    ):
+        detect_format(ds)
+    with pytest.raises(ValueError, match=r"^`sft` accepts .* but row 0: field 'messages' must be a list"):
+        check_format(ds, ["language_modeling"], "sft")
+    with pytest.raises(ValueError, match=r"^field 'messages' must be a list of .*messages, got str$"):
+        detect_format({"messages": "hello"})
+
+
+def test_message_rows_as_real_datasets_have_them():
+    """large_string roles (polars / large-string parquet), tool calls with content None, tool / ipython roles."""
+    import pyarrow as pa
+
+    tool_rows = [
+        {"messages": [U("1+1?"), {"role": "assistant", "content": None, "tool_calls": [CALL]}]},
+        {"messages": [{"role": "tool", "content": "2"}, {"role": "ipython", "content": "2"}, A("2")]},
+    ]
+    ds = Dataset.from_list(tool_rows)
+    validate_rows(ds, detect_format(ds))
+    large = pa.large_string()
+    message = pa.struct([("role", large), ("content", large)])
+    table = pa.table({"messages": pa.array([[U("a"), A("b")]], type=pa.list_(message))})
+    ds = Dataset(table)
+    assert ds.features.arrow_schema.field("messages").type.value_type.field("role").type == large
+    fmt = detect_format(ds)
+    assert fmt.conversational
+    validate_rows(ds, fmt)
+    bad = Dataset(
+        pa.table({"messages": pa.array([[{"role": "bot", "content": "b"}]], type=pa.list_(message))})
+    )
+    with pytest.raises(ValueError, match="row 0: field 'messages', message 0 has unknown role 'bot'"):
+        validate_rows(bad, detect_format(bad))
+
+
+def test_empty_prompt_and_completion_are_rows():
+    ds = Dataset.from_list([{"prompt": "a", "completion": ""}, {"prompt": "", "completion": "b"}])
+    validate_rows(ds, detect_format(ds))

@@ -183,17 +183,11 @@ def test_option_errors(tokenizer):
     with pytest.raises(ValueError, match=r"`sft` accepts .*is in the preference format"):
         tokenize_sft(embedded.dataset("preference").select(range(2)), tokenizer)
     plain = embedded.build_tokenizer()
-    plain.chat_template = embedded.CHAT_TEMPLATE.replace("{% generation %}", "").replace(
-        "{% endgeneration %}", ""
-    )
-    with pytest.raises(
-        ValueError,
-        match=r"assistant_only_loss=True needs a chat template that marks assistant turns with \{% generation %\}",
-    ):
-        tokenize_sft(messages, plain, assistant_only_loss=True)
     plain.chat_template = None
     with pytest.raises(
-        ValueError, match="the dataset is conversational .* but the tokenizer .* has no chat template"
+        ValueError,
+        match=r"the dataset is conversational \(field 'messages' holds message lists\) but the tokenizer "
+        r".* has no chat template \(tokenizer.chat_template is None\): use a model_name_or_path",
     ):
         tokenize_sft(messages, plain)
 
@@ -211,3 +205,54 @@ def test_row_errors(tokenizer):
     no_eos.eos_token = None
     with pytest.raises(ValueError, match="the tokenizer has no eos_token"):
         tokenize_sft(Dataset.from_dict({"text": ["ab"]}), no_eos)
+
+
+def test_empty_prompt_or_completion_matches_trl(model, tokenizer):
+    """TRL trains a row with an empty completion (prompt + eos) or an empty prompt; so do we, token for token."""
+    rows = [
+        {"prompt": "1+1=", "completion": ""},
+        {"prompt": "", "completion": "2"},
+        {"prompt": "3+3=", "completion": "6"},
+    ]
+    for options in ({}, {"completion_only_loss": False}):
+        expected = trl_reference(model, tokenizer, Dataset.from_list(rows), max_length=None, **options)
+        ours, _ = tokenize_sft(Dataset.from_list(rows), tokenizer, max_length=None, **options)
+        assert [(r["input_ids"], r["completion_mask"]) for r in ours] == expected
+    assert ours[0]["input_ids"] == tokenizer("1+1=")["input_ids"] + [tokenizer.eos_token_id]
+    conversational = [{"prompt": [U("1+1=")], "completion": [A("")]}]
+    expected = trl_reference(model, tokenizer, Dataset.from_list(conversational), max_length=None)
+    ours, _ = tokenize_sft(Dataset.from_list(conversational), tokenizer, max_length=None)
+    assert [(r["input_ids"], r["completion_mask"]) for r in ours] == expected
+
+
+def test_messages_of_strings_and_unrenderable_rows(tokenizer):
+    with pytest.raises(
+        ValueError, match=r"but row 0: field 'messages' must be a list of .*messages, got strings"
+    ):
+        tokenize_sft(Dataset.from_dict({"messages": ["hello", "world"]}), tokenizer)
+    strict = embedded.build_tokenizer()
+    strict.chat_template = (
+        "{{ raise_exception('roles must alternate') if messages[-1]['role'] == 'user' }}"
+        + (embedded.CHAT_TEMPLATE)
+    )
+    rows = Dataset.from_list([{"messages": [U("a"), A("b")]}, {"messages": [U("a"), A("b"), U("c")]}])
+    for options in ({}, {"assistant_only_loss": True}):
+        with pytest.raises(
+            ValueError,
+            match=r"row 1: the chat template cannot render this conversation: roles must alternate",
+        ):
+            tokenize_sft(rows, strict, **options)
+
+
+def test_large_string_messages_tokenize_as_strings(tokenizer):
+    """Parquet written with large strings (polars) holds the same rows: same tokens and masks."""
+    import pyarrow as pa
+
+    rows = embedded.rows("language_modeling", conversational=True)[:6]
+    large = pa.large_string()
+    message = pa.struct([("role", large), ("content", large)])
+    table = pa.table({"messages": pa.array([r["messages"] for r in rows], type=pa.list_(message))})
+    for options in ({}, {"assistant_only_loss": True}):
+        plain, _ = tokenize_sft(Dataset.from_list(rows), tokenizer, **options)
+        ours, _ = tokenize_sft(Dataset(table), tokenizer, **options)
+        assert ours.to_list() == plain.to_list()

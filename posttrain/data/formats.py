@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 KINDS = ("language_modeling", "prompt_completion", "prompt_only", "preference", "unpaired_preference")
-ROLES = ("system", "developer", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")  # ipython: Llama 3.1's tool results
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,22 @@ def detect_format(dataset_or_columns, *, text_field: str = "text") -> DatasetFor
         implicit = "prompt" not in columns or (chosen is not None and is_conv("prompt") != chosen)
         return DatasetFormat("preference", chosen, implicit_prompt=implicit, text_field=text_field)
     main = required[0] if kind == "language_modeling" else "prompt"  # the column that decides
+    if main == "messages" and is_conv(main) is False:
+        raise ValueError(_not_messages(dataset_or_columns, "messages"))
     return DatasetFormat(kind, is_conv(main), text_field=text_field)
+
+
+def _not_messages(obj, field: str) -> str:
+    """The error for a column named like message lists whose values are something else."""
+    from datasets import Dataset
+
+    if isinstance(obj, Dataset):
+        got, row = obj.features.arrow_schema.field(field).type, 0  # one Arrow type: row 0 already differs
+        got = "strings" if _is_string_type(got) else str(got)
+    else:
+        got, row = type(obj[field]).__name__, None
+    where = f"row {row}: field {field!r}" if row is not None else f"field {field!r}"
+    return f"{where} must be a list of {{'role', 'content'}} messages, got {got}"
 
 
 def _columns_and_probe(obj):
@@ -180,10 +195,12 @@ def check_format(dataset, allowed_kinds: Iterable[str], command: str, *, text_fi
 def validate_rows(dataset, fmt: DatasetFormat) -> None:
     """Raise ValueError naming the first malformed row and field of `dataset` for format `fmt`.
 
-    Checks: no None, no empty string or empty message list, the right type (a string, a message list, a
-    bool label), every message has a known `role` and a string `content`, and that prompt and completions
-    agree on conversational-ness (except for an implicit prompt). Works on Arrow columns (no Python loop over
-    rows), so it is cheap enough to run on every dataset before training.
+    Checks: no None, no empty text or message list (an empty prompt or completion string is a row TRL
+    trains: prompt + eos), the right type (a string, a message list, a bool label), every message has a
+    known `role` and a string `content` (or, for an assistant message, `tool_calls` and content None: the
+    OpenAI tool-calling form), and that prompt and completions agree on conversational-ness (except for an
+    implicit prompt). Works on Arrow columns (no Python loop over rows), so it is cheap enough to run on
+    every dataset before training.
     """
     view = dataset.with_format("arrow")  # applies any select/shuffle indices, keeps Arrow types
     for field in fmt.columns:
@@ -193,7 +210,8 @@ def validate_rows(dataset, fmt: DatasetFormat) -> None:
         elif fmt.conversational and not (field == "prompt" and fmt.implicit_prompt):
             _check_messages(column, field)
         else:
-            _check_strings(column, field, conversational_expected=False)
+            # An empty prompt or completion is a real row (TRL trains prompt + eos); an empty text is not.
+            _check_strings(column, field, allow_empty=field in ("prompt", "completion"))
 
 
 def _first(mask) -> int | None:
@@ -217,7 +235,13 @@ def _check_label(column) -> None:
     _null_row(column, "label")
 
 
-def _check_strings(column, field: str, conversational_expected: bool) -> None:
+def _is_string_type(arrow_type) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+
+
+def _check_strings(column, field: str, allow_empty: bool) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -227,7 +251,7 @@ def _check_strings(column, field: str, conversational_expected: bool) -> None:
         raise ValueError(
             f"row 0: field {field!r} must be a string like the other fields of this standard dataset, got {kind}"
         )
-    row = _first(pc.equal(pc.utf8_length(column), 0))
+    row = None if allow_empty else _first(pc.equal(pc.utf8_length(column), 0))
     if row is not None:
         raise ValueError(f"row {row}: field {field!r} is an empty string")
 
@@ -259,14 +283,29 @@ def _check_messages(column, field: str) -> None:
         if struct_type.get_field_index(key) < 0:
             raise ValueError(f"{where(0)} has no {key!r} (message keys: {[f.name for f in struct_type]})")
     role, content = messages.field("role"), messages.field("content")
-    if not pa.types.is_string(role.type):
-        raise ValueError(f"{where(0)}: 'role' must be a string, got {role.type}")
-    if not (pa.types.is_string(content.type) or pa.types.is_large_string(content.type)):
-        raise ValueError(f"{where(0)}: 'content' must be a string (text-only messages), got {content.type}")
     for key, values in (("role", role), ("content", content)):
-        if values.null_count:
-            raise ValueError(f"{where(_first(values.is_null()))} has no {key!r}")
-    unknown = np.flatnonzero(~pc.is_in(role, value_set=pa.array(ROLES)).to_numpy(zero_copy_only=False))
+        # null: every value None (content of tool-call-only messages), checked below
+        if not (_is_string_type(values.type) or (key == "content" and pa.types.is_null(values.type))):
+            what = "a string (text-only messages)" if key == "content" else "a string"
+            raise ValueError(f"{where(0)}: {key!r} must be {what}, got {values.type}")
+    if role.null_count:
+        raise ValueError(f"{where(_first(role.is_null()))} has no 'role'")
+    # OpenAI tool-calling form: an assistant message may have content None when it carries tool_calls.
+    no_content = content.is_null()
+    if struct_type.get_field_index("tool_calls") >= 0:
+        calls = messages.field("tool_calls")
+        has_calls = pc.invert(calls.is_null())
+        if pa.types.is_list(calls.type) or pa.types.is_large_list(calls.type):
+            has_calls = pc.and_(has_calls, pc.greater(pc.list_value_length(calls), 0))
+        no_content = pc.and_(no_content, pc.invert(pc.and_(has_calls, pc.equal(role, "assistant"))))
+    i = _first(no_content)
+    if i is not None:
+        raise ValueError(
+            f"{where(i)} has no 'content' (only an assistant message with tool_calls may omit it)"
+        )
+    unknown = np.flatnonzero(
+        ~pc.is_in(role.cast(pa.string()), value_set=pa.array(ROLES)).to_numpy(zero_copy_only=False)
+    )
     if len(unknown):
         i = int(unknown[0])
         raise ValueError(f"{where(i)} has unknown role {role[i].as_py()!r}; expected one of {list(ROLES)}")

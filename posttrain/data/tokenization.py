@@ -8,13 +8,20 @@ label masking, expressed as a `completion_mask` (1 where TRL's `labels != -100`)
   `tokenizer(prompt + completion)`; the completion starts where the two token lists diverge (a merge across
   the boundary moves the merged token into the completion, as in TRL).
 - conversational `messages`: the chat template; every token is a target, or with `assistant_only_loss`
-  only the assistant tokens (`return_assistant_tokens_mask=True`, i.e. `{% generation %}` spans).
+  only the assistant tokens (`tokenize_conversations`): the template's `{% generation %}` spans when it has
+  them, else derived from how the template renders each turn. Departure: TRL swaps in its own marked copy
+  of the templates it knows; we render with the model's template, and do not train what its generation
+  prompt already holds (TRL's Qwen2.5, DeepSeek, gpt-oss and thinking templates train a header token or an
+  opened "<think>" that the model never writes at inference). A template that renders a turn differently
+  once later messages follow (Qwen3 drops earlier turns' reasoning; TRL's copy keeps it, so its tokens
+  differ from the model's template) raises, naming the row and message. Otherwise the masks equal TRL's.
 - conversational prompt-completion: the template on the prompt with the generation prompt, and on
   prompt + completion; the completion is the suffix. Departure: TRL warns and cuts at the common prefix
   when the first is not a prefix of the second; we raise, because the model would train on a context it
   never sees at inference.
 - completion_only_loss (default: True for prompt-completion) keeps only completion tokens as targets;
   both masks apply together when both are on.
+- an empty prompt or completion is a row (TRL trains prompt + eos).
 - truncation keeps the first `max_length` tokens. A row whose prompt alone fills `max_length` (no target
   survives) is dropped and counted, or raises with overlong_prompt="error" — never truncated into an
   empty completion. TRL drops rows left with no target; the two agree except with
@@ -23,8 +30,11 @@ label masking, expressed as a `completion_mask` (1 where TRL's `labels != -100`)
 
 from __future__ import annotations
 
+import bisect
 import json
+import os
 import re
+import warnings
 
 OVERLONG_PROMPT = ("drop", "error")
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -69,7 +79,7 @@ def tokenize_prompts(tokenizer, prompts: list, *, tools=None, chat_template_kwar
     for flags in ({"add_generation_prompt": True}, {"continue_final_message": True}):
         idx = [i for i, p in enumerate(prompts) if _prompt_template_flags(p) == flags]
         if idx:
-            ids = _chat(tokenizer, [prompts[i] for i in idx], **flags, **kwargs)["input_ids"]
+            ids = _chat(tokenizer, [prompts[i] for i in idx], idx, **flags, **kwargs)["input_ids"]
             out.extend(zip(idx, ids, strict=True))
     return [ids for _, ids in sorted(out, key=lambda x: x[0])]
 
@@ -105,21 +115,21 @@ def tokenize_prompt_completions(
     if conversational:
         # Always the generation prompt, as TRL's SFT (even after a final assistant message, which the
         # template then closes): the completion is a new assistant turn.
-        prompt_ids = _chat(tokenizer, prompts, add_generation_prompt=True, **kwargs)["input_ids"]
-        full = _chat(
-            tokenizer,
-            [p + c for p, c in zip(prompts, completions, strict=True)],
-            return_assistant_tokens_mask=assistant_masks,
-            **kwargs,
-        )
+        prompt_ids = _chat(tokenizer, prompts, rows, add_generation_prompt=True, **kwargs)["input_ids"]
+        pairs = [p + c for p, c in zip(prompts, completions, strict=True)]
+        if assistant_masks:
+            full_ids, masks = tokenize_conversations(
+                tokenizer, pairs, tools=tools, chat_template_kwargs=chat_template_kwargs, rows=rows
+            )
+        else:
+            full_ids = _chat(tokenizer, pairs, rows, **kwargs)["input_ids"]
     else:
         if assistant_masks:
             raise ValueError("assistant_masks needs conversational data (lists of messages)")
         if add_eos:
             completions = [_with_eos(c, tokenizer) for c in completions]
         prompt_ids = tokenizer(list(prompts))["input_ids"]
-        full = tokenizer([p + c for p, c in zip(prompts, completions, strict=True)])
-    full_ids = full["input_ids"]
+        full_ids = tokenizer([p + c for p, c in zip(prompts, completions, strict=True)])["input_ids"]
 
     out_prompt, out_completion = [], []
     for row, p_ids, f_ids in zip(rows, prompt_ids, full_ids, strict=True):
@@ -133,7 +143,7 @@ def tokenize_prompt_completions(
         out_prompt.append(f_ids[:n])
         out_completion.append(f_ids[n:])
     if assistant_masks:
-        return out_prompt, out_completion, full["assistant_masks"]
+        return out_prompt, out_completion, masks
     return out_prompt, out_completion
 
 
@@ -152,9 +162,31 @@ def tokenize_prompt_completion(
     return p[0], c[0]
 
 
-def _chat(tokenizer, conversations: list, **kwargs):
-    """One batched `apply_chat_template` call: a BatchEncoding with lists of ids (and masks)."""
-    return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kwargs)
+def _chat(tokenizer, conversations: list, rows=None, **kwargs):
+    """One batched `apply_chat_template` call: a BatchEncoding with lists of ids (and masks).
+
+    A conversation the template refuses (its `raise_exception`) raises ValueError naming its row (rows: the
+    conversations' row indices, default 0..N-1).
+    """
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kwargs)
+    except TemplateError:
+        rows = range(len(conversations)) if rows is None else rows
+        for row, conversation in zip(rows, conversations, strict=True):
+            _render(tokenizer, conversation, row, tokenize=True, return_dict=True, **kwargs)
+        raise
+
+
+def _render(tokenizer, messages: list, row, **kwargs):
+    """`apply_chat_template` of one conversation (text, or ids with tokenize=True), its row named on error."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, **{"tokenize": False, **kwargs})
+    except TemplateError as e:
+        raise ValueError(f"row {row}: the chat template cannot render this conversation: {e}") from None
 
 
 def _with_eos(text: str, tokenizer) -> str:
@@ -171,6 +203,150 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Assistant masks (SFT's assistant_only_loss; conversational chosen / rejected and multi-turn prompts)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def tokenize_conversation(tokenizer, messages: list, *, tools=None, chat_template_kwargs=None):
+    """(input_ids, assistant_mask) of one conversation: T ints each, mask 1 on the tokens of assistant turns.
+
+    `tokenize_conversations` for one conversation (see there for the rules and errors).
+    """
+    ids, masks = tokenize_conversations(
+        tokenizer, [messages], tools=tools, chat_template_kwargs=chat_template_kwargs
+    )
+    return ids[0], masks[0]
+
+
+def tokenize_conversations(
+    tokenizer, conversations: list, *, tools=None, chat_template_kwargs=None, rows=None
+):
+    """Token ids and assistant masks of N conversations (N lists of T_i ints each).
+
+    input_ids are the chat template's rendering, tokenized as `apply_chat_template` does. The mask is 1 on
+    every token that overlaps an assistant turn's span of the rendered text (the overlap rule of
+    transformers' `return_assistant_tokens_mask`):
+    - a template with `{% generation %}` markers: the spans it marks;
+    - any other template, derived: an assistant turn k is the text that rendering messages[:k + 1] adds to
+      rendering messages[:k] with the generation prompt. So what the generation prompt holds (the header
+      "<|im_start|>assistant\n", an opened "<think>\n") is not trained — at inference the model never
+      writes it — while the content and the end-of-turn token ("<|im_end|>\n", "<|eot_id|>",
+      "<end_of_turn>\n") are, and a closing token that the template puts after every conversation (Phi-3's
+      eos) is trained on a final assistant turn only.
+    The derivation needs a template that renders conversations prefix-consistently; otherwise (a template
+    that rewrites earlier turns, drops the reasoning of earlier turns, or whose generation prompt holds
+    text that a rendered turn does not start with) it raises, naming the row, the message and what
+    differs. A derived turn that ends on text rather than an end-of-turn token (GLM-4, whose next header
+    ends a turn) gives a warning: the model would never be trained to stop.
+    rows: row indices used in error messages (default 0..N-1).
+    """
+    rows = list(range(len(conversations))) if rows is None else rows
+    kwargs = _template_kwargs(tools, chat_template_kwargs)
+    if has_generation_markers(tokenizer):
+        enc = _chat(tokenizer, conversations, rows, return_assistant_tokens_mask=True, **kwargs)
+        return enc["input_ids"], enc["assistant_masks"]
+    ids, masks, unstopped = [], [], []
+    for row, messages in zip(rows, conversations, strict=True):
+        text = _render(tokenizer, messages, row, **kwargs)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = _assistant_spans(tokenizer, messages, text, enc["offset_mapping"], kwargs, row)
+        ids.append(enc["input_ids"])
+        masks.append(_mask_from_spans(enc["offset_mapping"], spans))
+        if not _turns_end_on_special_tokens(tokenizer, ids[-1], masks[-1]):
+            unstopped.append(row)
+    if unstopped:
+        # GLM-4 style: the next message's header ends a turn, so the turn's own rendering has no stop token.
+        warnings.warn(
+            f"rows {unstopped[:5]}: an assistant turn of the chat template ends on text, not on an end-of-turn "
+            "token, so assistant_only_loss never trains the model to stop; use a template whose turns end "
+            "with one, or one with {% generation %} markers that include it",
+            stacklevel=2,
+        )
+    return ids, masks
+
+
+def _assistant_spans(tokenizer, messages, text, offsets, kwargs, row) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the assistant turns in `text`, the rendering of all `messages`."""
+    render = lambda msgs, **kw: _render(tokenizer, msgs, row, **kw, **kwargs)
+    boundaries = sorted({end for _, end in offsets} | {0})
+    # Cut at the last token boundary at or before i, so a span never starts or ends inside a token that the
+    # two renderings only partly share ("<|" of "<|user|>" and of "<|endoftext|>").
+    snap = lambda i: boundaries[bisect.bisect_right(boundaries, i) - 1]
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        where = f"row {row}, message {k}: the chat template has no {{% generation %}} markers and"
+        if k == 0:
+            raise ValueError(
+                f"{where} the conversation starts with an assistant message, so no prompt separates the turn "
+                "from the template's header; add generation markers to the template or a first user message"
+            )
+        # Start: where the turn leaves the generation prompt. A generation prompt may go on past how a
+        # rendered turn starts (an opened think block, "<think>\n"); that rest must be markup, not text.
+        prompt = render(messages[:k], add_generation_prompt=True)
+        start = snap(len(os.path.commonprefix([prompt, text])))
+        if not _only_special_tokens(tokenizer, prompt[start:]):
+            raise ValueError(
+                f"{where} does not render conversations prefix-consistently (it renders earlier messages "
+                f"differently once later ones follow), so assistant turns cannot be found: messages "
+                f"0..{k - 1} with the generation prompt end in {prompt[start:][:60]!r}, where the whole "
+                f"conversation has {text[start:][:60]!r}; add generation markers to the template"
+            )
+        # End: where the turn rendered last stops agreeing with the whole conversation. What it has beyond
+        # that must be a closing the template puts after every conversation (Phi-3's eos), nothing else.
+        turn = render(messages[: k + 1])
+        end = len(os.path.commonprefix([turn, text]))
+        if end < len(turn):
+            end = snap(end)
+            tail = turn[end:]
+            closing = _only_special_tokens(tokenizer, tail) and text.endswith(tail)
+            if end < start or not closing or not render(messages[:k]).endswith(tail):
+                raise ValueError(
+                    f"{where} does not render conversations prefix-consistently (it renders message {k} "
+                    f"differently once later messages follow, e.g. dropping its reasoning or changing its "
+                    f"end token), so its tokens cannot be found: alone it ends in {tail[:60]!r}, where the "
+                    f"whole conversation has {text[end:][:60]!r}; add generation markers to the template"
+                )
+        spans.append((start, end))
+    return spans
+
+
+def _only_special_tokens(tokenizer, text: str) -> bool:
+    """Whether `text` tokenizes to added (special) tokens and whitespace only: a closing, not content."""
+    added = set(tokenizer.get_added_vocab().values())
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return all(i in added or not tokenizer.decode([i]).strip() for i in ids)
+
+
+def _turns_end_on_special_tokens(tokenizer, ids, mask) -> bool:
+    """Whether each run of 1s in `mask` ends, whitespace aside, on an added token (TRL's stop-token check)."""
+    added = set(tokenizer.get_added_vocab().values())
+    ends = [t for t in range(len(mask)) if mask[t] and (t + 1 == len(mask) or not mask[t + 1])]
+    for end in ends:
+        t = end
+        while t > 0 and mask[t - 1] and not tokenizer.decode([ids[t]]).strip():
+            t -= 1
+        if ids[t] not in added and tokenizer.decode([ids[t]]).strip():
+            return False
+    return True
+
+
+def _mask_from_spans(offsets, spans) -> list[int]:
+    """1 on each token whose characters overlap one of the sorted spans (transformers' rule)."""
+    mask = [0] * len(offsets)
+    s = 0
+    for t, (start, end) in enumerate(offsets):
+        while s < len(spans) and start >= spans[s][1]:
+            s += 1
+        if s == len(spans):
+            break
+        if end > spans[s][0]:
+            mask[t] = 1
+    return mask
 
 
 def has_generation_markers(tokenizer) -> bool:
@@ -215,19 +391,15 @@ def tokenize_sft(
     )
     if fmt.conversational and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
-            f"the dataset is conversational ({fmt.kind}, message lists) but the tokenizer "
-            f"{getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has no chat template: "
-            "use a model whose tokenizer has one, or a dataset of plain strings"
+            f"the dataset is conversational (field {fmt.columns[0]!r} holds message lists) but the tokenizer "
+            f"{getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has no chat template "
+            "(tokenizer.chat_template is None): use a model_name_or_path whose tokenizer has one, set "
+            "tokenizer.chat_template, or use a dataset of plain strings"
         )
     if assistant_only_loss and not fmt.conversational:
         raise ValueError(
             "assistant_only_loss=True needs a conversational dataset (messages, or prompt/completion as "
             "message lists); this one holds strings"
-        )
-    if assistant_only_loss and not has_generation_markers(tokenizer):
-        raise ValueError(
-            "assistant_only_loss=True needs a chat template that marks assistant turns with "
-            "{% generation %} ... {% endgeneration %}; the tokenizer's template has no such markers"
         )
     if completion_only_loss and fmt.kind == "language_modeling":
         raise ValueError(
@@ -247,7 +419,7 @@ def tokenize_sft(
             ids = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
             prompt_lens = [len(p) for p in prompt_ids]
         else:
-            ids, masks = _tokenize_lm_batch(tokenizer, batch, fmt, assistant_only_loss)
+            ids, masks = _tokenize_lm_batch(tokenizer, batch, indices, fmt, assistant_only_loss)
             prompt_lens = [0] * len(ids)
         out = {"input_ids": [], "completion_mask": [], "truncated": []}
         for row, row_ids, mask, prompt_len in zip(indices, ids, masks, prompt_lens, strict=True):
@@ -323,20 +495,22 @@ def _tokenize_pc_batch(tokenizer, batch, indices, assistant_only_loss, completio
     return prompt_ids, completion_ids, masks
 
 
-def _tokenize_lm_batch(tokenizer, batch, fmt, assistant_only_loss):
+def _tokenize_lm_batch(tokenizer, batch, indices, fmt, assistant_only_loss):
     n = len(next(iter(batch.values())))
     if not fmt.conversational:
         ids = tokenizer([_with_eos(t, tokenizer) for t in batch[fmt.text_field]])["input_ids"]
         return ids, [[1] * len(x) for x in ids]
     ids, masks = [None] * n, [None] * n
     for group, kwargs in _groups(batch, n):
-        enc = _chat(
-            tokenizer,
-            [batch["messages"][i] for i in group],
-            return_assistant_tokens_mask=assistant_only_loss,
-            **_template_kwargs(**kwargs),
-        )
+        conversations = [batch["messages"][i] for i in group]
+        if assistant_only_loss:
+            group_ids, group_masks = tokenize_conversations(
+                tokenizer, conversations, rows=[indices[i] for i in group], **kwargs
+            )
+        else:
+            rows = [indices[i] for i in group]
+            group_ids = _chat(tokenizer, conversations, rows, **_template_kwargs(**kwargs))["input_ids"]
+            group_masks = [[1] * len(x) for x in group_ids]
         for j, i in enumerate(group):
-            ids[i] = enc["input_ids"][j]
-            masks[i] = enc["assistant_masks"][j] if assistant_only_loss else [1] * len(ids[i])
+            ids[i], masks[i] = group_ids[j], group_masks[j]
     return ids, masks

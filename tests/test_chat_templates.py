@@ -1,0 +1,338 @@
+"""Assistant masks on real models' chat templates, against TRL 1.16's SFTTrainer.
+
+Reference: TRL's own path for `assistant_only_loss=True` — `SFTTrainer` swaps in its marked "training" template
+(`get_training_chat_template`) and takes `return_assistant_tokens_mask` from it; its collator turns the masks
+into labels. Compared: input_ids and `labels != -100`, token for token, with `tokenize_sft(...,
+assistant_only_loss=True)`, which renders with the model's own template and derives the masks (no template of
+ours, no list of known families). The templates' text is read from TRL's package data, never copied here; the
+tokenizers are byte-level BPEs built in code with each family's special tokens.
+
+Where our masks differ from TRL's, they differ by rule, in one place only: TRL trains a piece of markup that
+the template's generation prompt already holds — so the model never writes it at inference — and we do not
+(`GENERATION_PROMPT_PIECES`). Everything else (content, end-of-turn tokens, Phi-3's closing eos) is equal.
+"""
+
+import pathlib
+import re
+import tempfile
+import warnings
+
+import pytest
+import trl
+from datasets import Dataset
+
+from posttrain.data import embedded
+from posttrain.data.tokenization import tokenize_conversation, tokenize_conversations, tokenize_sft
+
+TEMPLATES = pathlib.Path(trl.__file__).parent / "chat_templates"
+U = lambda text: {"role": "user", "content": text}
+A = lambda text: {"role": "assistant", "content": text}
+S = lambda text: {"role": "system", "content": text}
+
+# family: (special tokens, bos, eos, end-of-turn token)
+FAMILIES = {
+    "qwen2_5": (["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool_call>", "</tool_call>"], None, "<|im_end|>", "<|im_end|>"),
+    "qwen3_instruct_2507": (["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool_call>", "</tool_call>"], None, "<|im_end|>", "<|im_end|>"),
+    "qwen3": (["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "<tool_call>", "</tool_call>"], None, "<|im_end|>", "<|im_end|>"),
+    "llama3": (["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"),
+    "gemma": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<end_of_turn>"),
+    "gemma3": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<end_of_turn>"),
+    "phi3": (["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"], None, "<|endoftext|>", "<|end|>"),
+    "cohere": (["<BOS_TOKEN>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>"], "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>"),
+    "lfm2": (["<|startoftext|>", "<|im_start|>", "<|im_end|>"], "<|startoftext|>", "<|im_end|>", "<|im_end|>"),
+    "deepseekv3": (["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>"], "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+}  # fmt: skip
+
+# What TRL's training template trains that the generation prompt holds, per assistant turn (see module docstring):
+# Qwen2.5's training template opens {% generation %} before the "\n" that ends "<|im_start|>assistant\n";
+# DeepSeek-V3's puts the "<｜Assistant｜>" header inside it (its generation prompt is "<｜Assistant｜><think>\n").
+GENERATION_PROMPT_PIECES = {"qwen2_5": ["\n"], "deepseekv3": ["<｜Assistant｜>"]}
+
+CONVERSATIONS = [
+    [U("Hello there"), A("I am fine.")],
+    [S("Be brief."), U("What is 2 + 2?"), A("It is 4.")],
+    [U("What is 2 + 2?"), A("It is 4."), U("how are you today?"), A("Hello, fine.")],
+    [U("hi"), A(" The quick\n\nbrown fox "), U("and?")],  # edge whitespace; ends on a user turn
+]
+CORPUS = [
+    "Hello there, how are you today? I am fine.",
+    "What is 2 + 2? It is 4.",
+    "def f(x):\n    return x\n",
+]
+
+
+def build_tokenizer(specials, bos, eos, template):
+    """A byte-level BPE (merges learnt from a small corpus, so tokens cross the template's whitespace)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    backend.train_from_iterator(CORPUS * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        additional_special_tokens=[t for t in specials if t not in (bos, eos)],
+    )
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def family_tokenizer(family):
+    specials, bos, eos, _ = FAMILIES[family]
+    return build_tokenizer(specials, bos, eos, (TEMPLATES / f"{family}.jinja").read_text())
+
+
+def trl_reference(tokenizer, dataset, **config):
+    """TRL's prepared rows: (input_ids, labels != -100) per row, from its SFTTrainer and collator."""
+    from trl import SFTConfig, SFTTrainer
+
+    model = embedded.build_model(vocab_size=len(tokenizer))
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(
+            output_dir=out, use_cpu=True, bf16=False, report_to=[], shuffle_dataset=False, **config
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+        labels = trainer.data_collator(rows)["labels"]
+    return [
+        (r["input_ids"], (labels[i, : len(r["input_ids"])] != -100).long().tolist())
+        for i, r in enumerate(rows)
+    ]
+
+
+def assert_equal_up_to_generation_prompt(tokenizer, ours, theirs, pieces, n_turns):
+    """Ours equals TRL's but for `pieces` (per assistant turn) that TRL trains and we do not."""
+    assert [ids for ids, _ in ours] == [ids for ids, _ in theirs]
+    differ = [
+        tokenizer.decode([ids[t]])
+        for (ids, mine), (_, ref) in zip(ours, theirs, strict=True)
+        for t in range(len(ids))
+        if mine[t] != ref[t]
+    ]
+    assert all(
+        ours_bit <= ref_bit
+        for (_, m), (_, r) in zip(ours, theirs, strict=True)
+        for ours_bit, ref_bit in zip(m, r, strict=True)
+    )
+    assert sorted(differ) == sorted(pieces * n_turns)
+
+
+def trained(tokenizer, ids, mask) -> str:
+    """The text of the tokens a mask trains."""
+    return tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+
+
+def turns(mask):
+    """[start, end) of each run of 1s."""
+    runs, start = [], None
+    for t, bit in enumerate([*mask, 0]):
+        if bit and start is None:
+            start = t
+        elif not bit and start is not None:
+            runs.append((start, t))
+            start = None
+    return runs
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen3"])
+def test_masks_match_trl(family):
+    tokenizer = family_tokenizer(family)
+    # Gemma's template raises on a system message.
+    conversations = [[m for m in c if m["role"] != "system" or family != "gemma"] for c in CONVERSATIONS]
+    dataset = Dataset.from_list([{"messages": c} for c in conversations])
+    theirs = trl_reference(tokenizer, dataset, max_length=None, assistant_only_loss=True)
+    out, _ = tokenize_sft(dataset, tokenizer, max_length=None, assistant_only_loss=True)
+    ours = [(r["input_ids"], r["completion_mask"]) for r in out]
+    n_turns = sum(m["role"] == "assistant" for c in conversations for m in c)
+    assert_equal_up_to_generation_prompt(
+        tokenizer, ours, theirs, GENERATION_PROMPT_PIECES.get(family, []), n_turns
+    )
+    # Every assistant turn is trained through its end-of-turn token (and nothing after it but whitespace or,
+    # for the last message of a conversation, the template's closing eos).
+    end_of_turn = FAMILIES[family][3]
+    for (ids, mask), conversation in zip(ours, conversations, strict=True):
+        runs = turns(mask)
+        assert len(runs) == sum(m["role"] == "assistant" for m in conversation)
+        for start, end in runs:
+            tokens = [tokenizer.decode([i]) for i in ids[start:end]]
+            assert end_of_turn in tokens
+            rest = tokens[tokens.index(end_of_turn) + 1 :]
+            assert all(t.strip() == "" or t == tokenizer.eos_token for t in rest)
+
+
+def test_multi_turn_prompt_completion_matches_trl():
+    """Conversational prompt-completion with assistant_only_loss: both masks at once, as TRL."""
+    tokenizer = family_tokenizer("llama3")
+    rows = [
+        {"prompt": [U("What is 2 + 2?"), A("It is 4."), U("and 3 + 3?")], "completion": [A("6")]},
+        {"prompt": [S("Be brief."), U("hi")], "completion": [A("Hello"), U("again"), A("Hello again")]},
+    ]
+    for options in ({}, {"completion_only_loss": False}):
+        theirs = trl_reference(
+            tokenizer, Dataset.from_list(rows), max_length=None, assistant_only_loss=True, **options
+        )
+        out, _ = tokenize_sft(
+            Dataset.from_list(rows), tokenizer, max_length=None, assistant_only_loss=True, **options
+        )
+        assert [(r["input_ids"], r["completion_mask"]) for r in out] == theirs
+
+
+def test_tool_calls_and_tool_roles_match_trl():
+    """OpenAI tool-calling rows (content None + tool_calls, `tool` messages, a `tools` column) as TRL renders them."""
+    call = {"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}
+    tools = '[{"type": "function", "function": {"name": "add", "description": "Add.", "parameters": {}}}]'
+    conversation = [
+        U("What is 2 + 2?"),
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "4"},
+        A("It is 4."),
+    ]
+    rows = [{"messages": conversation, "tools": tools}, {"messages": [U("hi"), A("Hello")], "tools": tools}]
+    for family in ("qwen2_5", "qwen3_instruct_2507"):
+        tokenizer = family_tokenizer(family)
+        rendered = tokenizer.decode(tokenize_conversation(tokenizer, conversation, tools=tools)[0])
+        assert (
+            '<tool_call>\n{"name": "add"' in rendered and "<tool_response>\n4\n</tool_response>" in rendered
+        )
+        for options in ({}, {"assistant_only_loss": True}):
+            theirs = trl_reference(tokenizer, Dataset.from_list(rows), max_length=None, **options)
+            out, _ = tokenize_sft(Dataset.from_list(rows), tokenizer, max_length=None, **options)
+            ours = [(r["input_ids"], r["completion_mask"]) for r in out]
+            pieces = GENERATION_PROMPT_PIECES.get(family, []) if options else []
+            assert_equal_up_to_generation_prompt(tokenizer, ours, theirs, pieces, 3)
+            # As prompt-completion: the first turn's header is in the prompt, so only the second turn differs.
+            pc = Dataset.from_list(
+                [{"prompt": conversation[:1], "completion": conversation[1:], "tools": tools}]
+            )
+            theirs = trl_reference(tokenizer, pc, max_length=None, **options)
+            out, _ = tokenize_sft(pc, tokenizer, max_length=None, **options)
+            ours = [(r["input_ids"], r["completion_mask"]) for r in out]
+            assert_equal_up_to_generation_prompt(tokenizer, ours, theirs, pieces, 1)
+        # The tool call is trained, the tool's answer is not.
+        ids, mask = tokenize_conversation(tokenizer, conversation, tools=tools)
+        text = trained(tokenizer, ids, mask)
+        assert '{"name": "add"' in text and "<tool_response>" not in text and "It is 4." in text
+
+
+def test_ipython_role_matches_trl():
+    """Llama 3.1 renders `ipython` (and `tool`) messages; TRL has no training template for it: plain SFT."""
+    tokenizer = family_tokenizer("llama3")
+    tokenizer.chat_template = (TEMPLATES / "llama3_1.jinja").read_text()
+    rows = [
+        {"messages": [U("2 + 2?"), A("Let me run it."), {"role": "ipython", "content": "4"}, A("It is 4.")]}
+    ]
+    theirs = trl_reference(tokenizer, Dataset.from_list(rows), max_length=None)
+    out, _ = tokenize_sft(Dataset.from_list(rows), tokenizer, max_length=None)
+    assert [(r["input_ids"], r["completion_mask"]) for r in out] == theirs
+    ids, mask = tokenize_conversation(tokenizer, rows[0]["messages"])
+    assert trained(tokenizer, ids, mask) == "Let me run it.<|eot_id|>It is 4.<|eot_id|>"
+
+
+def test_template_markers_are_used_when_present():
+    """A template with {% generation %} decides the spans itself, even where derivation would differ."""
+    tokenizer = embedded.build_tokenizer()  # its markers cover content + <|im_end|>, not the "\n" after it
+    conversation = [U("1+1="), A("2"), U("2+2="), A("4")]
+    ids, mask = tokenize_conversation(tokenizer, conversation)
+    expected = tokenizer.apply_chat_template(
+        conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert (ids, mask) == (expected["input_ids"], expected["assistant_masks"])
+    assert trained(tokenizer, ids, mask) == "2<|im_end|>4<|im_end|>"
+    unmarked = embedded.build_tokenizer()
+    unmarked.chat_template = re.sub(r"\{% (end)?generation %\}", "", embedded.CHAT_TEMPLATE)
+    ids2, mask2 = tokenize_conversation(unmarked, conversation)
+    assert ids2 == ids
+    assert trained(unmarked, ids2, mask2) == "2<|im_end|>\n4<|im_end|>\n"
+    batch_ids, batch_masks = tokenize_conversations(unmarked, [conversation, conversation[:2]])
+    assert batch_ids[0] == ids2 and batch_masks[0] == mask2 and batch_masks[1] == mask2[: len(batch_ids[1])]
+
+
+def test_not_prefix_consistent_templates_raise():
+    # Qwen3 drops the reasoning (the empty think block) of assistant turns before the last user message.
+    qwen3 = family_tokenizer("qwen3")
+    single = [U("What is 2 + 2?"), A("It is 4.")]
+    ids, mask = tokenize_conversation(qwen3, single)
+    assert trained(qwen3, ids, mask) == "<think>\n\n</think>\n\nIt is 4.<|im_end|>\n"
+    assert trl_reference(
+        qwen3, Dataset.from_list([{"messages": single}]), max_length=None, assistant_only_loss=True
+    ) == [(ids, mask)]
+    multi = Dataset.from_list([{"messages": single}, {"messages": CONVERSATIONS[2]}])
+    with pytest.raises(
+        ValueError,
+        match=r"row 1, message 1: the chat template has no \{% generation %\} markers and does not render "
+        r"conversations prefix-consistently \(it renders message 1 differently once later messages follow.*"
+        r"alone it ends in '<think>\\n\\n</think>\\n\\nIt is 4.<\|im_end\|>\\n'",
+    ):
+        tokenize_sft(multi, qwen3, assistant_only_loss=True)
+    # A template that rewrites earlier turns (numbers them from the end).
+    rewriting = embedded.build_tokenizer()
+    rewriting.chat_template = (
+        "{%- for m in messages %}{{ m['role'] }} {{ messages|length - loop.index0 }}: {{ m['content'] }}\n"
+        "{%- endfor %}{%- if add_generation_prompt %}assistant: {%- endif %}"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"row 0, message 1: .* does not render conversations prefix-consistently \(it renders earlier "
+        r"messages differently once later ones follow\).*messages 0..0 with the generation prompt end in",
+    ):
+        tokenize_conversation(rewriting, [U("a"), A("b")])
+    with pytest.raises(
+        ValueError, match="row 0, message 0: .* the conversation starts with an assistant message"
+    ):
+        tokenize_conversation(family_tokenizer("llama3"), [A("hello"), U("hi")])
+
+
+def test_turn_without_end_token_warns():
+    """GLM-4 ends a turn with the next message's header: the derived turn has no stop token to train."""
+    glm = build_tokenizer(
+        [
+            "[gMASK]",
+            "<sop>",
+            "<|system|>",
+            "<|user|>",
+            "<|assistant|>",
+            "<|observation|>",
+            "<think>",
+            "</think>",
+        ],
+        None,
+        "<|user|>",
+        (TEMPLATES / "glm4moe.jinja").read_text(),
+    )
+    conversation = [U("hi"), A("Hello there"), U("and?")]
+    with pytest.warns(UserWarning, match=r"rows \[0\]: an assistant turn of the chat template ends on text"):
+        ids, mask = tokenize_conversation(glm, conversation)
+    assert trained(glm, ids, mask) == "\n<think></think>\nHello there"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokenize_conversation(family_tokenizer("llama3"), conversation)
+
+
+def test_chat_template_kwargs_reach_the_template():
+    """Qwen3 with enable_thinking=False: the generation prompt holds the empty think block, so it is not trained.
+
+    TRL trains it (its training template opens {% generation %} before it): the one difference, by the rule of
+    the module docstring.
+    """
+    qwen3 = family_tokenizer("qwen3")
+    rows = [
+        {"messages": [U("What is 2 + 2?"), A("It is 4.")], "chat_template_kwargs": {"enable_thinking": False}}
+    ]
+    theirs = trl_reference(qwen3, Dataset.from_list(rows), max_length=None, assistant_only_loss=True)
+    out, _ = tokenize_sft(Dataset.from_list(rows), qwen3, max_length=None, assistant_only_loss=True)
+    ids, mask = out[0]["input_ids"], out[0]["completion_mask"]
+    assert ids == theirs[0][0]
+    assert trained(qwen3, ids, mask) == "It is 4.<|im_end|>\n"
+    assert trained(qwen3, *theirs[0]) == "<think>\n\n</think>\n\nIt is 4.<|im_end|>\n"
+    direct = tokenize_conversation(
+        qwen3, rows[0]["messages"], chat_template_kwargs={"enable_thinking": False}
+    )
+    assert direct == (ids, mask)
+    thinking = tokenize_conversation(qwen3, rows[0]["messages"])  # default: the think block is the model's
+    assert trained(qwen3, *thinking) == "<think>\n\n</think>\n\nIt is 4.<|im_end|>\n"
