@@ -70,7 +70,9 @@ class SFTConfig(TrainConfig):
     )
     assistant_only_loss: bool = field(
         default=False,
-        metadata={"help": "Loss on assistant turns only (conversational data; needs generation markers)."},
+        metadata={
+            "help": "Loss on assistant turns only (conversational data; the template's generation markers, or any template that renders prefix-consistently)."
+        },
     )
     dataset_text_field: str = field(
         default="text", metadata={"help": "Column holding the text of language-modelling data."}
