@@ -607,6 +607,23 @@ def test_index_range_check_off_the_host_is_a_device_assert(monkeypatch):
 
 
 @needs_triton
+def test_triton_path_reads_no_value_on_the_host(monkeypatch):
+    # What a CUDA step needs to run without a host sync (and be graph-captured): forward with a mask, entropy and
+    # top-1, and backward, never read a tensor's value into Python. On the CPU the index check is faked off-host.
+    monkeypatch.setattr(L, "_on_host", lambda tensor: False)
+    device = "cuda" if CUDA else "cpu"
+    logits = torch.randn(4, 50, device=device, requires_grad=True)
+    index = torch.randint(0, 50, (4,), device=device)
+    mask = torch.tensor([True, False, True, True], device=device)
+    with _NoHostReads():
+        logps, entropy, _ = L.logprobs_from_logits_triton(
+            logits, index, mask=mask, return_entropy=True, return_top1=True
+        )
+        (logps.sum() + entropy.sum()).backward()
+    assert logits.grad is not None and logits.grad[1].eq(0).all()
+
+
+@needs_triton
 def test_triton_rejects_float64_with_a_pointer_to_torch():
     logits, index = random_case(2, 10)
     with pytest.raises(
