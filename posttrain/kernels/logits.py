@@ -142,9 +142,8 @@ def reference_logprobs_from_logits(
     p = logp_all.exp()
     # p log p = 0 where p = 0; the where() sits on log p (not on the product) so -inf never meets 0 in backward
     entropy = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)  # (...)
-    top1 = (
-        logits.argmax(-1) == index
-    )  # (...) the first index holding the maximum, as torch.argmax breaks ties
+    # top-1 on the untempered logits; torch.argmax gives the first index holding the maximum
+    top1 = logits.argmax(-1) == index  # (...)
     if mask is not None:
         keep = mask.bool()
         logps = torch.where(keep, logps, torch.zeros_like(logps))
@@ -388,7 +387,7 @@ def _forward_kernel(
         arg = tl.where(block_max > x_max, block_arg, arg)
         x_max = tl.maximum(x_max, block_max)
         z = z * inv_t
-        # max_j fl(x_j / T) = fl(max_j x_j / T): rounding is monotone, so the tempered max needs no second reduction
+        # x -> fl(x * inv_t) is monotone, so the tempered max is fl(x_max * inv_t): no second reduction
         m_new = x_max * inv_t
         ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - ref)
