@@ -7,13 +7,16 @@ Notation: N rows (any leading batch shape, flattened), V vocabulary, H hidden si
 
 Both return `logps` alone, or a tuple `(logps, entropy)` / `(logps, is_top1)` / `(logps, entropy, is_top1)`
 when `return_entropy` / `return_top1` ask for them. `entropy` is the entropy of the tempered
-distribution (float32, differentiable); `is_top1` says whether `index` is the arg-max (bool, no grad).
+distribution (float32, differentiable); `is_top1` says whether `index` is the arg-max of the logits (before
+the temperature) with torch.argmax's tie rule, the first index holding the maximum, as TRL's
+`mean_token_accuracy` counts it: a target tied with a lower index is not top-1 (bool, no grad).
 Rows where `mask` is False cost nothing and return 0 (and False).
 
-Backends: Triton on CUDA tensors (and on the CPU under `TRITON_INTERPRET=1` when forced); a chunked
-torch implementation elsewhere. The hidden-state path runs its tile matmuls with `torch.mm` on both and
-uses the backend for the per-tile softmax work between them. Force one with `backend="triton" | "torch"`
-or the environment variable `POSTTRAIN_KERNEL_BACKEND`.
+Backends: Triton on CUDA tensors of the dtypes it serves (float32, bfloat16, float16; and on the CPU under
+`TRITON_INTERPRET=1` when forced); a chunked torch implementation elsewhere (float64 included). The
+hidden-state path runs its tile matmuls with `torch.mm` on both and uses the backend for the per-tile
+softmax work between them. Force one with `backend="triton" | "torch"` or the environment variable
+`POSTTRAIN_KERNEL_BACKEND`; `choose_backend` is the whole decision.
 """
 
 from __future__ import annotations
@@ -23,23 +26,60 @@ import os
 import torch
 
 BACKENDS = ("triton", "torch")
+# The dtypes the Triton kernels serve; any other (float64) goes to the torch path, which serves every float dtype.
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _backend(requested: str | None, tensor: torch.Tensor) -> str:
-    choice = requested or os.environ.get("POSTTRAIN_KERNEL_BACKEND") or None
+def choose_backend(
+    requested: str | None,
+    env: str | None,
+    device_type: str,
+    dtype: torch.dtype,
+    *,
+    triton_available: bool,
+    interpreting: bool,
+) -> str:
+    """The backend for one call, as a pure function of what decides it (so every case is testable on a CPU).
+
+    requested: the `backend` argument; env: POSTTRAIN_KERNEL_BACKEND; device_type: "cuda", "cpu", ...; dtype: the
+    input's; interpreting: TRITON_INTERPRET=1. Unforced: Triton for a CUDA tensor of a dtype it serves when
+    triton imports, torch otherwise. Forced: that backend, or a named error when it cannot run the call.
+    """
+    choice = requested or env or None
     if choice is None:
-        return "triton" if tensor.is_cuda and _triton_available() else "torch"
+        serves = device_type == "cuda" and dtype in TRITON_DTYPES and triton_available
+        return "triton" if serves else "torch"
     if choice not in BACKENDS:
         source = "backend" if requested else "POSTTRAIN_KERNEL_BACKEND"
         raise ValueError(f"{source}={choice!r} is not a kernel backend; expected one of {BACKENDS}")
     if choice == "triton":
-        if not _triton_available():
+        if not triton_available:
             raise RuntimeError("backend 'triton' was forced but triton cannot be imported")
-        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if device_type != "cuda" and not interpreting:
             raise RuntimeError(
-                "backend 'triton' on a CPU tensor needs TRITON_INTERPRET=1 set before triton is imported"
+                f"backend 'triton' on a {device_type} tensor needs TRITON_INTERPRET=1 set before triton is imported"
+            )
+        if dtype not in TRITON_DTYPES:
+            raise TypeError(
+                f"backend 'triton' was forced but it does not serve {dtype} (only {TRITON_DTYPES}); "
+                "use backend='torch'"
             )
     return choice
+
+
+def _backend(requested: str | None, tensor: torch.Tensor) -> str:
+    return choose_backend(
+        requested,
+        os.environ.get("POSTTRAIN_KERNEL_BACKEND"),
+        _device_type(tensor),
+        tensor.dtype,
+        triton_available=_triton_available(),
+        interpreting=os.environ.get("TRITON_INTERPRET") == "1",
+    )
+
+
+def _device_type(tensor: torch.Tensor) -> str:
+    return tensor.device.type
 
 
 def _triton_available() -> bool:
@@ -119,4 +159,4 @@ def logprobs_from_hidden(
     )
 
 
-__all__ = ["logprobs_from_logits", "logprobs_from_hidden", "BACKENDS"]
+__all__ = ["logprobs_from_logits", "logprobs_from_hidden", "choose_backend", "BACKENDS", "TRITON_DTYPES"]

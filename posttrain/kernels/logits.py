@@ -6,7 +6,9 @@ Notation: N rows (any leading shape, flattened), V vocabulary, T the sampling te
     lse = logsumexp(z)                               (N,)
     logps = z[index] - lse                           (N,)
     entropy = -sum_j p_j log p_j = lse - sum_j p_j z_j,   p = softmax(z)
-    is_top1 = z[index] >= max_j z_j                  (N,) bool; ties count as top-1
+    is_top1 = index == argmax_j logits_j             (N,) bool; torch.argmax's tie rule: the first index holding
+                                                     the maximum, so a target tied with a lower index is not
+                                                     top-1 (TRL's mean_token_accuracy; hidden.py the same)
 
 Gradients (g = dL/dlogps, gH = dL/dentropy), per row:
 
@@ -83,14 +85,31 @@ def _check_inputs(logits, index, mask, temperature):
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     index = index.reshape(-1).long()
-    # One host sync: an out-of-range index would read outside the row in the kernel.
-    bad = (index < 0) | (index >= V)
-    if mask is not None:
-        bad &= mask
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise IndexError(f"index[{row}] (flattened row {row}) = {int(index[row])} is outside [0, V={V})")
+    _check_index_range(index, V, mask)
     return logits.reshape(-1, V), index, mask, lead
+
+
+def _check_index_range(index, V, mask):
+    """An out-of-range index in a kept row would read outside its row in the kernels: stop before any work.
+
+    On the CPU a plain check (one aminmax pass, no sync to pay) that names the first bad row. On a GPU an
+    asynchronous device-side assert, so a step keeps no host sync and can be captured in a CUDA graph: the
+    error surfaces at the next synchronisation and, like any device assert, ends the CUDA context."""
+    kept = index if mask is None else torch.where(mask, index, 0)  # masked rows are never read
+    if not _on_host(index):
+        torch._assert_async(((kept >= 0) & (kept < V)).all(), f"an index is outside [0, V={V}) in a kept row")
+        return
+    if kept.numel() == 0:
+        return
+    low, high = torch.aminmax(kept)
+    if low < 0 or high >= V:
+        row = int(((kept < 0) | (kept >= V)).nonzero()[0, 0])
+        raise IndexError(f"index[{row}] (flattened row {row}) = {int(index[row])} is outside [0, V={V})")
+
+
+def _on_host(tensor: torch.Tensor) -> bool:
+    """Whether reading tensor's values from Python costs no device synchronisation."""
+    return tensor.device.type == "cpu"
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -123,7 +142,8 @@ def reference_logprobs_from_logits(
     p = logp_all.exp()
     # p log p = 0 where p = 0; the where() sits on log p (not on the product) so -inf never meets 0 in backward
     entropy = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)  # (...)
-    top1 = z.gather(-1, index.long().unsqueeze(-1)).squeeze(-1) >= z.amax(-1)  # (...)
+    # top-1 on the untempered logits; torch.argmax gives the first index holding the maximum
+    top1 = logits.argmax(-1) == index  # (...)
     if mask is not None:
         keep = mask.bool()
         logps = torch.where(keep, logps, torch.zeros_like(logps))
@@ -212,11 +232,13 @@ class _ChunkedLogProbs(torch.autograd.Function):
         buf_x, buf_z, buf_l, buf_p = (torch.empty(shape, dtype=math_dtype, device=dev) for _ in range(4))
         for sel in _row_chunks(N, rows, V):
             # 1. z = logits / T for the chunk in the math dtype (a view of the input when nothing to convert)
-            z = _tempered(_chunk_in_math_dtype(logits2d, sel, buf_x), T, buf_z)  # (n, V)
+            x = _chunk_in_math_dtype(logits2d, sel, buf_x)  # (n, V)
+            z = _tempered(x, T, buf_z)  # (n, V)
             idx = index[sel].unsqueeze(-1)  # (n, 1)
-            # 2. top-1 (an extra pass, so only when asked): ties count, z_t >= max z
+            # 2. top-1 (an extra pass, so only when asked), on the untempered logits: dividing by T may round two
+            #    neighbouring float32 logits to one value, and argmax takes the first of a tie
             if with_top1:
-                top1[sel] = z.gather(-1, idx).squeeze(-1) >= z.amax(-1)
+                top1[sel] = x.argmax(-1) == index[sel]
             # 3. log p for the whole chunk, then the target's; a target at -inf gives -inf
             logp = _log_softmax_into(z, buf_l)  # (n, V)
             logps[sel] = logp.gather(-1, idx).squeeze(-1)
@@ -352,10 +374,21 @@ def _forward_kernel(
     m = float("-inf")
     d = 0.0
     s = 0.0
+    x_max = float("-inf")  # running max of the untempered logits
+    arg = 0  # its first column: torch.argmax's tie rule (0 for a row of all -inf, as torch.argmax)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(z, axis=0))
+        z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)  # untempered here
+        # first arg-max on the untempered logits (dividing by T may round neighbouring logits to one value):
+        # the block's lowest column holding its max, taken only when the block raises the row's max, so an
+        # equal max in a later block keeps the earlier column
+        block_max = tl.max(z, axis=0)
+        block_arg = tl.min(tl.where(z == block_max, cols, V), axis=0)
+        arg = tl.where(block_max > x_max, block_arg, arg)
+        x_max = tl.maximum(x_max, block_max)
+        z = z * inv_t
+        # x -> fl(x * inv_t) is monotone, so the tempered max is fl(x_max * inv_t): no second reduction
+        m_new = x_max * inv_t
         ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - ref)
         e = tl.exp(z - ref)
@@ -368,7 +401,7 @@ def _forward_kernel(
         m = m_new
 
     # 4. The target's log-prob as (z_t - max) - log d: z_t - max is exact for nearby values, where
-    #    z_t - lse would lose ~ulp(|z|) (1e-3 at |z| ~ 1e4) to cancellation. Top-1: ties count (z_t >= max).
+    #    z_t - lse would lose ~ulp(|z|) (1e-3 at |z| ~ 1e4) to cancellation. Top-1: the target is the first arg-max.
     ref = tl.where(m == float("-inf"), 0.0, m)
     log_norm = tl.log(d)
     target = tl.load(index_ptr + row)
@@ -376,7 +409,7 @@ def _forward_kernel(
     tl.store(logps_ptr + row, (z_t - ref) - log_norm)
     tl.store(max_ptr + row, ref)
     tl.store(log_norm_ptr + row, log_norm)
-    tl.store(top1_ptr + row, (z_t >= m).to(tl.int8))
+    tl.store(top1_ptr + row, (arg == target).to(tl.int8))
     if HAS_ENTROPY:
         tl.store(entropy_ptr + row, log_norm - s / d)
 
@@ -524,6 +557,9 @@ class _TritonLogProbs(torch.autograd.Function):
         N, V = logits2d.shape
         if ctx.inplace_backward:
             grad = logits2d  # the caller promised the logits are not read again
+            # the kernel writes behind autograd's back: bump the version counter as an in-place torch op would,
+            # so a node that saved these logits for its own backward raises instead of reading the gradient
+            torch.autograd.graph.increment_version(logits2d)
         else:
             grad = _empty((N, V), logits2d.dtype, logits2d.device)
         block, warps = _launch_config(V)
@@ -570,6 +606,8 @@ def logprobs_from_logits_triton(
     into the logits buffer itself with `inplace_backward=True`). Any row stride is read in place; a layout
     that `reshape(-1, V)` cannot view, or a vocabulary axis with stride != 1, costs one copy. Runs on CUDA, or
     on the CPU with TRITON_INTERPRET=1.
+    The row stride is the caller's: padding it for 128-bit accesses (V = 50257) would copy all the logits, which
+    costs more than the narrower accesses it would save.
     """
     if triton is None:
         raise RuntimeError("logprobs_from_logits_triton needs triton, which cannot be imported")
