@@ -387,6 +387,7 @@ def test_resume_keeps_the_data_order_options(tmp_path):
     for name, value, saved in (
         ("train_sampling_strategy", "random", "sequential"),
         ("dataloader_drop_last", True, False),
+        ("length_column_name", "size", "length"),
     ):
         options = {"train_sampling_strategy": "sequential", name: value}
         changed = _config(tmp_path, "other", max_steps=2, resume_from_checkpoint=ckpt, **options)
@@ -394,3 +395,20 @@ def test_resume_keeps_the_data_order_options(tmp_path):
             ConfigError, match=rf"{name}={value} but checkpoint .* with {name}={saved}; resume with the same"
         ):
             loop.start(changed, "test")
+
+
+def test_resume_refuses_a_checkpoint_with_another_step_count(tmp_path):
+    """A checkpoint whose steps_per_epoch differs (an older version dropped an epoch's leftover rows)
+    cannot give the same data position: refused instead of resumed at the wrong rows."""
+    config = _config(tmp_path, max_steps=2, save_steps=2, train_sampling_strategy="sequential")
+    train_recording(config, 12, 0)
+    ckpt = Path(config.output_dir) / "checkpoint-2"
+    state_path = ckpt / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["steps_per_epoch"] += 1
+    state_path.write_text(json.dumps(state))
+    resumed = _config(
+        tmp_path, "other", max_steps=3, resume_from_checkpoint=str(ckpt), train_sampling_strategy="sequential"
+    )
+    with pytest.raises(ValueError, match=r"steps per epoch where this version counts .* start a new run"):
+        train_recording(resumed, 12, 0)

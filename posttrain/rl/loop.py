@@ -60,6 +60,7 @@ DATA_ORDER_OPTIONS = (
     "seed",
     "dataloader_drop_last",
     "train_sampling_strategy",
+    "length_column_name",
 )
 
 LossFn = Callable[[torch.nn.Module, dict, torch.Tensor], tuple[torch.Tensor, dict]]
@@ -617,6 +618,13 @@ def fit(
             raise ValueError(
                 f"checkpoint {str(run.resume_from)!r} was trained on {state['num_train_rows']} rows but the train "
                 f"set now has {len(train_rows)}: resume with the same data"
+            )
+        if state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+            # same options and rows, other step count: written by a version that dropped leftover rows
+            raise ValueError(
+                f"checkpoint {str(run.resume_from)!r} has {state['steps_per_epoch']} steps per epoch where this "
+                f"version counts {steps_per_epoch} (epochs now train every row): its data position cannot be "
+                "resumed exactly; start a new run"
             )
         step, num_tokens = state["global_step"], state["num_tokens"]
         if (config.eval_steps and step % config.eval_steps == 0) or _eval_logged(run, step):
