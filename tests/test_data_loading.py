@@ -87,9 +87,7 @@ def test_missing_path_and_bad_extension(tmp_path):
 def test_hub_error_path(monkeypatch):
     # No network here: offline mode makes the real `load_dataset` call fail at once instead of retrying.
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    with pytest.raises(
-        RuntimeError, match=r"could not load 'someone/not-a-dataset'.*Hub could not provide it"
-    ):
+    with pytest.raises(ValueError, match=r"could not load 'someone/not-a-dataset'.*Hub could not provide it"):
         load("someone/not-a-dataset", split="train")
 
 
@@ -115,3 +113,26 @@ def test_empty_and_malformed_sources(tmp_path):
         load(3)
     with pytest.raises(ValueError, match="name='x' selects a Hub dataset configuration"):
         load(tmp_path, name="x")
+
+
+def test_cli_names_bad_dataset_sources_in_one_line_before_writing_the_run(tmp_path, monkeypatch, capsys):
+    from posttrain.cli import main
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    (tmp_path / "rows.txt").write_text("1+1=2")
+    (tmp_path / "empty.jsonl").write_text("")
+    run = tmp_path / "run"
+    for source, message in (
+        (
+            tmp_path / "missing.jsonl",
+            "is neither an existing file or folder nor a Hugging Face Hub dataset id",
+        ),
+        (tmp_path / "rows.txt", "unsupported file extension '.txt'"),
+        (tmp_path / "empty.jsonl", "empty.jsonl' is empty"),
+        ("someone/not-a-dataset", "the Hugging Face Hub could not provide it"),
+    ):
+        assert main(["sft", "--dataset_name", str(source), "--output_dir", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("posttrain sft: error: ") and message in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert not run.exists()

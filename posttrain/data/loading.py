@@ -22,6 +22,11 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "c
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
+def looks_like_hub_id(text: str) -> bool:
+    """ "name" or "org/name"; not a path (which starts with / . or ~, or has more than one separator)."""
+    return _HUB_ID.match(text) is not None
+
+
 class MissingSplitError(ValueError):
     """The requested split is not in the source; `available` lists the ones that are."""
 
@@ -34,8 +39,8 @@ def load(source, *, name: str | None = None, split: str | None = None, data_file
     """Load `source` (see the module docstring): a `Dataset` when `split` is given, else a `DatasetDict`.
 
     Raises FileNotFoundError for a path that does not exist and is not a Hub id, ValueError for an
-    unsupported file extension, an empty dataset, or a missing split (MissingSplitError, listing the
-    available ones), and RuntimeError when the Hub cannot provide `source`.
+    unsupported file extension, an empty dataset, a missing split (MissingSplitError, listing the
+    available ones), or a Hub id the Hub cannot provide (offline, unknown, gated).
     """
     if _is_hub(source):
         return _load_hub(source, name, split, data_files)
@@ -91,7 +96,7 @@ def _is_hub(source) -> bool:
     if path.exists():
         return False
     text = os.fspath(source)
-    if isinstance(source, os.PathLike) or not _HUB_ID.match(text) or path.suffix.lower() in BUILDERS:
+    if isinstance(source, os.PathLike) or not looks_like_hub_id(text) or path.suffix.lower() in BUILDERS:
         raise FileNotFoundError(
             f"{text!r} is neither an existing file or folder nor a Hugging Face Hub dataset id"
         )
@@ -115,7 +120,7 @@ def _load_hub(source: str, name, split, data_files):
             raise MissingSplitError(f"{source!r} has no split {split!r}: {e}", available=[]) from e
         raise
     except Exception as e:  # offline, unknown id, gated, ...: name what was tried
-        raise RuntimeError(
+        raise ValueError(
             f"could not load {source!r}: it is not a local file or folder, and the Hugging Face Hub "
             f"could not provide it ({type(e).__name__}: {e})"
         ) from e
