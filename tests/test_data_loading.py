@@ -101,8 +101,27 @@ def test_empty_and_malformed_sources(tmp_path):
     with pytest.raises(ValueError, match=r"file '.*empty.jsonl' is empty"):
         load(tmp_path / "empty.jsonl", split="train")
     (tmp_path / "broken.json").write_text('{"prompt": ')
-    with pytest.raises(ValueError, match=r"could not read '.*broken.json' as json"):
+    with pytest.raises(ValueError, match=r"could not read file '.*broken.json' as json"):
         load(tmp_path / "broken.json", split="train")
+    # Files with no rows but some bytes: blank lines, an empty JSON list, a CSV header alone
+    for name, text in (("blank.jsonl", "\n\n"), ("list.json", "[]"), ("header.csv", "prompt,completion\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=rf"file '.*{name}' holds no rows"):
+            load(tmp_path / name, split="train")
+
+
+def test_folders_with_unreadable_or_empty_files(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "train.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": ')
+    with pytest.raises(
+        ValueError, match=r"could not read folder '.*broken' \(.jsonl files\): .*JSON parse error"
+    ):
+        load(tmp_path / "broken")
+    (tmp_path / "no_test").mkdir()
+    Dataset.from_list(ROWS).to_json(tmp_path / "no_test" / "train.jsonl")
+    (tmp_path / "no_test" / "test.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"folder '.*no_test' holds no rows \(Instruction \"test\""):
+        load_splits(tmp_path / "no_test")
     with pytest.raises(ValueError, match="the list of rows is empty"):
         load([])
     with pytest.raises(TypeError, match="row 1 of the list is a str"):

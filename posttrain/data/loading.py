@@ -161,7 +161,7 @@ def _load_local(source, name, data_files):
         try:
             return datasets.load_dataset(builder, data_files=str(path), features=_csv_features([path]))
         except Exception as e:  # a parser error deep in datasets: say which file and which reader
-            raise ValueError(f"could not read {_label(source)} as {builder}: {type(e).__name__}: {e}") from e
+            raise _read_error(f"file {_label(source)}", f"as {builder}", e) from e
     found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     suffixes = sorted({p.suffix.lower() for p in found if p.suffix.lower() in BUILDERS})
     if not suffixes:
@@ -172,9 +172,22 @@ def _load_local(source, name, data_files):
     if len({BUILDERS[s] for s in suffixes}) > 1:
         raise ValueError(f"folder {_label(source)} mixes file types {suffixes}; keep one type per folder")
     csv_files = [p for p in found if p.suffix.lower() == ".csv"]
-    return datasets.load_dataset(
-        str(path.resolve()), data_files=data_files, features=_csv_features(csv_files)
-    )
+    try:
+        return datasets.load_dataset(
+            str(path.resolve()), data_files=data_files, features=_csv_features(csv_files)
+        )
+    except Exception as e:
+        raise _read_error(f"folder {_label(source)}", f"({', '.join(suffixes)} files)", e) from e
+
+
+def _read_error(what: str, reader: str, error: Exception) -> ValueError:
+    """One line for a local file or folder that `datasets` could not read."""
+    if isinstance(error, ValueError) and "corresponds to no data" in str(error):
+        # datasets' words for a file or split without rows (blank lines, `[]`, a CSV header alone)
+        return ValueError(f"{what} holds no rows ({error})")
+    # DatasetGenerationError says only "An error occurred while generating the dataset": its cause says what.
+    cause = error.__cause__ if error.__cause__ is not None else error
+    return ValueError(f"could not read {what} {reader}: {type(cause).__name__}: {cause}")
 
 
 def _csv_features(paths: list[Path]):
