@@ -41,6 +41,14 @@ def test_local_folder_loads_the_saved_model_and_tokenizer(model_dir):
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
 
 
+def test_a_home_relative_folder_is_expanded(model_dir, tmp_path, monkeypatch):
+    # transformers itself would take "~/tiny" for a malformed hub id
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(model_dir, tmp_path / "tiny")
+    assert load_tokenizer("~/tiny").pad_token == embedded.PAD_TOKEN
+    assert load_causal_lm("~/tiny").config.vocab_size == 128
+
+
 @pytest.mark.parametrize(
     "name", ["/no/such/model", "./no-such-model", "~/no-such-model-dir", "runs/sft/final"]
 )

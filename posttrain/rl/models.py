@@ -56,13 +56,15 @@ def local_model_folder(model_name_or_path: str) -> Path | None:
 
 
 def _from_pretrained(load, model_name_or_path: str, what: str, **kwargs):
-    """`load(model_name_or_path, **kwargs)`, its failure turned into one line naming the option."""
+    """`load` from the checked local folder or the hub id, its failure turned into one line naming the option."""
+    folder = local_model_folder(model_name_or_path)
     try:
-        return load(model_name_or_path, **kwargs)
+        # the expanded folder: transformers takes "~/model" for a (malformed) hub id
+        return load(str(folder) if folder is not None else model_name_or_path, **kwargs)
     except Exception as e:  # transformers' errors vary by cause (OSError, ValueError, KeyError, ...)
         where = (
             "from its local folder"
-            if Path(model_name_or_path).expanduser().exists()
+            if folder is not None
             else "(not a local folder, and the Hugging Face Hub could not provide it)"
         )
         raise ValueError(
@@ -81,11 +83,11 @@ def load_tokenizer(model_name_or_path: str | None):
         return embedded.build_tokenizer()
     from transformers import AutoTokenizer
 
-    folder = local_model_folder(model_name_or_path)
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, model_name_or_path, "tokenizer")
     option = f"model_name_or_path={model_name_or_path!r}"
     # transformers 5 builds an empty tokenizer from a folder without tokenizer files instead of failing.
     if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+        folder = local_model_folder(model_name_or_path)
         found = f" (found: {sorted(p.name for p in folder.iterdir())})" if folder is not None else ""
         raise ValueError(
             f"{option}: its tokenizer turns text into no tokens: no tokenizer files (tokenizer.json, "
@@ -104,5 +106,4 @@ def load_causal_lm(model_name_or_path: str | None, *, seed: int = 0, dtype: torc
         return embedded.build_model(seed=seed).to(dtype)
     from transformers import AutoModelForCausalLM
 
-    local_model_folder(model_name_or_path)
     return _from_pretrained(AutoModelForCausalLM.from_pretrained, model_name_or_path, "model", dtype=dtype)
