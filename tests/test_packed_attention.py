@@ -103,8 +103,11 @@ def test_transformers_finds_our_documents(packed_rows, impl):
         starts = [b * row_length + start for b, start, _ in docs]
         assert cu_seqlens.tolist() == [*starts, len(packed_rows) * row_length]
         # The collator's own (B > 1) layout is what flash attention cannot see into:
-        raw = collate.packed_collate(packed_rows)["position_ids"]
-        assert not fa_utils._is_packed_sequence(raw, batch_size=raw.shape[0])
+        raw = collate.packed_collate(packed_rows)
+        assert not fa_utils._is_packed_sequence(raw["position_ids"], batch_size=len(packed_rows))
+        for key in ("input_ids", "completion_mask", "position_ids"):  # the same tokens, bins end to end
+            assert torch.equal(batch[key], raw[key].reshape(1, -1))
+        assert batch["num_tokens"] == raw["num_tokens"] == sum(DOC_LENGTHS)  # filler is not counted
     else:
         assert B == len(packed_rows)  # row-wise attention keeps the bins as rows
         assert torch.equal(_allowed(mask, B, T), _block_causal(packed_rows, one_row=False))
