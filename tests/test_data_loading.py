@@ -128,6 +128,8 @@ def test_folders_with_unreadable_or_empty_files(tmp_path):
         load([{"prompt": "a"}, "b"])
     with pytest.raises(ValueError, match="row 2: field 'prompt' is a list but row 0 has a str"):
         load([{"prompt": "a"}, {"prompt": "b"}, {"prompt": [1]}])
+    with pytest.raises(ValueError, match="the dataset source is an empty string"):
+        load_splits("")
     with pytest.raises(TypeError, match="source must be a Hub id or a path"):
         load(3)
     with pytest.raises(ValueError, match="name='x' selects a Hub dataset configuration"):

@@ -59,6 +59,13 @@ def test_a_missing_path_is_named_and_not_sent_to_the_hub(name):
             load(name)
 
 
+def test_an_empty_name_is_not_the_current_folder():
+    with pytest.raises(
+        ValueError, match=r"model_name_or_path='' is empty; leave it unset for the embedded model"
+    ):
+        load_tokenizer("")
+
+
 def test_hub_ids_still_go_to_the_hub(monkeypatch):
     # Offline here: the hub call fails at once, and the error says the hub was asked.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

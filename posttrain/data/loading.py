@@ -92,6 +92,8 @@ def _is_hub(source) -> bool:
     """A str that names no local file or folder: a Hub id, or a missing path (raises FileNotFoundError)."""
     if not isinstance(source, (str, os.PathLike)):
         return False
+    if not os.fspath(source).strip():  # Path("") is the current folder
+        raise ValueError("the dataset source is an empty string")
     path = Path(source).expanduser()
     if path.exists():
         return False

@@ -38,6 +38,8 @@ def local_model_folder(model_name_or_path: str) -> Path | None:
     folder without config.json, or one with a config but no weights.
     """
     option = f"model_name_or_path={model_name_or_path!r}"
+    if not os.fspath(model_name_or_path).strip():  # Path("") is the current folder
+        raise ValueError(f"{option} is empty; leave it unset for the embedded model")
     path = Path(model_name_or_path).expanduser()
     if not path.exists():
         if looks_like_hub_id(os.fspath(model_name_or_path)):
