@@ -53,16 +53,14 @@ def _documents(rows):
     return out, T
 
 
-def _block_causal(rows, one_row):
+def _block_causal(rows):
     """The attention a packed batch must get: token q sees token k iff same document and k <= q."""
     docs, T = _documents(rows)
     B = len(rows)
     doc_id = torch.full((B, T), -1)
     for i, (b, start, n) in enumerate(docs):
         doc_id[b, start : start + n] = i
-    if one_row:
-        doc_id = doc_id.reshape(1, -1)
-    idx = torch.arange(doc_id.shape[1])
+    idx = torch.arange(T)
     return (doc_id[:, :, None] == doc_id[:, None, :]) & (idx[None, :, None] >= idx[None, None, :])
 
 
@@ -110,7 +108,7 @@ def test_transformers_finds_our_documents(packed_rows, impl):
         assert batch["num_tokens"] == raw["num_tokens"] == sum(DOC_LENGTHS)  # filler is not counted
     else:
         assert B == len(packed_rows)  # row-wise attention keeps the bins as rows
-        assert torch.equal(_allowed(mask, B, T), _block_causal(packed_rows, one_row=False))
+        assert torch.equal(_allowed(mask, B, T), _block_causal(packed_rows))
 
 
 def test_padded_batches_pass_unchanged():
