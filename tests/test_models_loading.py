@@ -97,6 +97,12 @@ def test_a_file_or_a_folder_without_config_or_weights(model_dir, tmp_path):
             ValueError, match=r"'.*broken': the folder has a config.json but no weights \(model.safetensors, "
         ):
             load(str(no_weights))
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(
+        ValueError, match=r"no config.json \(a PEFT adapter: merge it into its base model first\)"
+    ):
+        load_tokenizer(str(tmp_path / "adapter"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"the folder has no config.json \(found: nothing\)"):
         load_tokenizer(str(tmp_path / "empty"))

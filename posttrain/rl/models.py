@@ -49,7 +49,10 @@ def local_model_folder(model_name_or_path: str) -> Path | None:
         raise ValueError(f"{option} is a file; expected a model folder (config.json and weights)")
     found = sorted(p.name for p in path.iterdir())
     if CONFIG_FILE not in found:
-        raise ValueError(f"{option}: the folder has no {CONFIG_FILE} (found: {found or 'nothing'})")
+        adapter = (
+            " (a PEFT adapter: merge it into its base model first)" if "adapter_config.json" in found else ""
+        )
+        raise ValueError(f"{option}: the folder has no {CONFIG_FILE}{adapter} (found: {found or 'nothing'})")
     if not any(name in found for name in WEIGHT_FILES):
         raise ValueError(
             f"{option}: the folder has a {CONFIG_FILE} but no weights ({', '.join(WEIGHT_FILES)}; found: {found})"
