@@ -8,7 +8,7 @@ must be in the form ...". Anything else is a hub id, handed to transformers unch
 A local folder is checked in full (config.json, weights, a tokenizer that produces tokens) when its
 tokenizer is loaded, which every loop does before it writes its run folder: a bad path stops the run
 before any work. Every error is a ValueError (FileNotFoundError for a missing path) whose message starts
-with `model_name_or_path=...`, so the CLI prints it as one line.
+with `model_name_or_path=...`; the CLI prints it on one line.
 """
 
 from __future__ import annotations
