@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
         if os.environ.get("POSTTRAIN_TRACEBACK") == "1":
             raise
-        print(f"posttrain {command}: error: {err} (POSTTRAIN_TRACEBACK=1 shows where)", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line, also for library messages that span several
+        print(f"posttrain {command}: error: {message} (POSTTRAIN_TRACEBACK=1 shows where)", file=sys.stderr)
         return 2
     return 0
 

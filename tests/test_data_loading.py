@@ -87,9 +87,7 @@ def test_missing_path_and_bad_extension(tmp_path):
 def test_hub_error_path(monkeypatch):
     # No network here: offline mode makes the real `load_dataset` call fail at once instead of retrying.
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    with pytest.raises(
-        RuntimeError, match=r"could not load 'someone/not-a-dataset'.*Hub could not provide it"
-    ):
+    with pytest.raises(ValueError, match=r"could not load 'someone/not-a-dataset'.*Hub could not provide it"):
         load("someone/not-a-dataset", split="train")
 
 
@@ -103,15 +101,59 @@ def test_empty_and_malformed_sources(tmp_path):
     with pytest.raises(ValueError, match=r"file '.*empty.jsonl' is empty"):
         load(tmp_path / "empty.jsonl", split="train")
     (tmp_path / "broken.json").write_text('{"prompt": ')
-    with pytest.raises(ValueError, match=r"could not read '.*broken.json' as json"):
+    with pytest.raises(ValueError, match=r"could not read file '.*broken.json' as json"):
         load(tmp_path / "broken.json", split="train")
+    # Files with no rows but some bytes: blank lines, an empty JSON list, a CSV header alone
+    for name, text in (("blank.jsonl", "\n\n"), ("list.json", "[]"), ("header.csv", "prompt,completion\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=rf"file '.*{name}' holds no rows"):
+            load(tmp_path / name, split="train")
+
+
+def test_folders_with_unreadable_or_empty_files(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "train.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": ')
+    with pytest.raises(
+        ValueError, match=r"could not read folder '.*broken' \(.jsonl files\): .*JSON parse error"
+    ):
+        load(tmp_path / "broken")
+    (tmp_path / "no_test").mkdir()
+    Dataset.from_list(ROWS).to_json(tmp_path / "no_test" / "train.jsonl")
+    (tmp_path / "no_test" / "test.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"folder '.*no_test' holds no rows \(Instruction \"test\""):
+        load_splits(tmp_path / "no_test")
     with pytest.raises(ValueError, match="the list of rows is empty"):
         load([])
     with pytest.raises(TypeError, match="row 1 of the list is a str"):
         load([{"prompt": "a"}, "b"])
     with pytest.raises(ValueError, match="row 2: field 'prompt' is a list but row 0 has a str"):
         load([{"prompt": "a"}, {"prompt": "b"}, {"prompt": [1]}])
+    with pytest.raises(ValueError, match="the dataset source is an empty string"):
+        load_splits("")
     with pytest.raises(TypeError, match="source must be a Hub id or a path"):
         load(3)
     with pytest.raises(ValueError, match="name='x' selects a Hub dataset configuration"):
         load(tmp_path, name="x")
+
+
+def test_cli_names_bad_dataset_sources_in_one_line_before_writing_the_run(tmp_path, monkeypatch, capsys):
+    from posttrain.cli import main
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    (tmp_path / "rows.txt").write_text("1+1=2")
+    (tmp_path / "empty.jsonl").write_text("")
+    run = tmp_path / "run"
+    for source, message in (
+        (
+            tmp_path / "missing.jsonl",
+            "is neither an existing file or folder nor a Hugging Face Hub dataset id",
+        ),
+        (tmp_path / "rows.txt", "unsupported file extension '.txt'"),
+        (tmp_path / "empty.jsonl", "empty.jsonl' is empty"),
+        ("someone/not-a-dataset", "the Hugging Face Hub could not provide it"),
+    ):
+        assert main(["sft", "--dataset_name", str(source), "--output_dir", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("posttrain sft: error: ") and message in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert not run.exists()

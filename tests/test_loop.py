@@ -316,8 +316,8 @@ def test_logger_prints_every_logging_steps_and_writes_tensorboard(tmp_path, monk
     scalars = []
 
     class FakeWriter:  # tensorboard is not installed here; the logger only needs this interface
-        def __init__(self, log_dir):
-            scalars.append(("log_dir", log_dir))
+        def __init__(self, log_dir, purge_step):
+            scalars.append(("log_dir", log_dir, purge_step))
 
         def add_scalar(self, tag, value, step):
             scalars.append((tag, value, step))
@@ -339,7 +339,7 @@ def test_logger_prints_every_logging_steps_and_writes_tensorboard(tmp_path, monk
         "step 3/3  loss 0.6667  learning_rate 0.001",  # the last step is always printed
         "eval step 3  eval_loss 0.25",
     ]
-    assert scalars[0] == ("log_dir", str(tmp_path / "tensorboard"))
+    assert scalars[0] == ("log_dir", str(tmp_path / "tensorboard"), 1)  # a fresh run hides older events
     assert ("train/loss", 1.0, 2) in scalars and ("eval/loss", 0.25, 3) in scalars and scalars[-1] == "closed"
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
         1,

@@ -10,16 +10,26 @@ and `seq_lengths`). Every collator returns the library's batch convention:
     attention_mask   (B, T) long   padded batches only; padding-free and packed batches have none, and
                                    the model must run with `use_cache=False` so that sdpa / eager attention
                                    build block-diagonal masks from position_ids
+
+Batches without an attention mask rely on the model's attention to find the documents in position_ids,
+and transformers (5.x) does that in two ways. eager, sdpa and flex_attention
+(`masking_utils.find_packed_sequence_indices`) read every row: any B works. Flash attention
+(`modeling_flash_attention_utils._is_packed_sequence`) reads them only when B == 1, and with B > 1 runs
+plain causal attention over each whole row, across its documents. `for_attention` lays batches out for
+the model's attention: one row under flash attention, as TRL's padding-free collator does.
 """
 
 from __future__ import annotations
 
+import functools
 from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Sequence
 
 PADDING_SIDES = ("right", "left")
 OVERFLOW = ("truncate", "split")
+# Attention implementations that find the documents of every row (see the module docstring).
+ROW_WISE_ATTENTION = ("eager", "sdpa", "flex_attention")
 
 
 def _check_rows(rows: Sequence[dict], keys=("input_ids", "completion_mask")) -> None:
@@ -103,7 +113,8 @@ def packed_collate(rows, *, pad_token_id: int = 0):
     0, 1, 2, ... and completion_mask 0), so attention never crosses into them nor out of them. Rows stay
     separate rather than being concatenated to B = 1 because sdpa / eager attention on packed rows
     materialise a dense (T, T) mask per row: B rows of length T cost B·T², one row of length B·T costs
-    (B·T)². Packed rows are nearly full, so the padding is small.
+    (B·T)². Packed rows are nearly full, so the padding is small. Flash attention needs them as one row:
+    see `for_attention`.
     """
     import torch
 
@@ -128,6 +139,63 @@ def packed_collate(rows, *, pad_token_id: int = 0):
         "position_ids": position_ids,
         "num_tokens": num_tokens,
     }
+
+
+def packs_into_one_row(attn_implementation: str | None) -> bool:
+    """Whether `attn_implementation` keeps the documents of a batch without attention mask apart only
+    when the batch is one row (B = 1): true for flash attention (transformers' own test: "flash" in the
+    name, which also covers hub kernels such as "kernels-community/flash-attn2").
+
+    None is the model's default (sdpa or eager). Raises ValueError for any other implementation, whose
+    handling of packed documents is unknown (e.g. "paged|eager", which builds no mask without a cache).
+    """
+    if attn_implementation is None or attn_implementation in ROW_WISE_ATTENTION:
+        return False
+    if "flash" in attn_implementation:
+        return True
+    raise ValueError(
+        f"attn_implementation={attn_implementation!r} does not keep packed documents apart: packing and "
+        f"padding_free need {', '.join(ROW_WISE_ATTENTION)} or flash attention (or turn them off)"
+    )
+
+
+def to_one_row(batch: dict) -> dict:
+    """A batch without attention mask as one row: (B, T) -> (1, B·T) for input_ids, completion_mask and
+    position_ids; other entries (num_tokens) unchanged.
+
+    Every row starts a document (position 0), so the documents stay the same; the filler of packed rows
+    stays too, as a document of its own with no targets (rows are nearly full, so it is small).
+    """
+    if "attention_mask" in batch:
+        raise ValueError("to_one_row is for packed / padding-free batches; this one has an attention_mask")
+    flat = ("input_ids", "completion_mask", "position_ids")
+    return {k: v.reshape(1, -1) if k in flat else v for k, v in batch.items()}
+
+
+def for_attention(collate_fn, attn_implementation: str | None):
+    """`collate_fn` with its batches laid out so that the attention keeps their documents apart.
+
+    attn_implementation: the model's `config._attn_implementation`. Padded batches (with an attention
+    mask) pass unchanged. Batches without one (packing, padding-free) pass unchanged under eager / sdpa /
+    flex_attention and become one row under flash attention (`to_one_row`), which is also flash
+    attention's efficient layout: its variable-length kernel builds no (T, T) mask, so one long row costs
+    no more than B short ones. Under any other attention they raise ValueError (`packs_into_one_row`).
+    """
+    try:
+        if not packs_into_one_row(attn_implementation):
+            return collate_fn
+    except ValueError as e:
+        return functools.partial(_checked_layout, collate_fn, e)
+    return functools.partial(_checked_layout, collate_fn, None)
+
+
+def _checked_layout(collate_fn, refusal: ValueError | None, rows):
+    batch = collate_fn(rows)
+    if "attention_mask" in batch:
+        return batch
+    if refusal is not None:
+        raise refusal
+    return to_one_row(batch)
 
 
 # ---------------------------------------------------------------------------------------------------------

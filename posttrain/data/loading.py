@@ -22,6 +22,11 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "c
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
+def looks_like_hub_id(text: str) -> bool:
+    """ "name" or "org/name"; not a path (which starts with / . or ~, or has more than one separator)."""
+    return _HUB_ID.match(text) is not None
+
+
 class MissingSplitError(ValueError):
     """The requested split is not in the source; `available` lists the ones that are."""
 
@@ -34,8 +39,8 @@ def load(source, *, name: str | None = None, split: str | None = None, data_file
     """Load `source` (see the module docstring): a `Dataset` when `split` is given, else a `DatasetDict`.
 
     Raises FileNotFoundError for a path that does not exist and is not a Hub id, ValueError for an
-    unsupported file extension, an empty dataset, or a missing split (MissingSplitError, listing the
-    available ones), and RuntimeError when the Hub cannot provide `source`.
+    unsupported file extension, an empty dataset, a missing split (MissingSplitError, listing the
+    available ones), or a Hub id the Hub cannot provide (offline, unknown, gated).
     """
     if _is_hub(source):
         return _load_hub(source, name, split, data_files)
@@ -87,11 +92,13 @@ def _is_hub(source) -> bool:
     """A str that names no local file or folder: a Hub id, or a missing path (raises FileNotFoundError)."""
     if not isinstance(source, (str, os.PathLike)):
         return False
+    if not os.fspath(source).strip():  # Path("") is the current folder
+        raise ValueError("the dataset source is an empty string")
     path = Path(source).expanduser()
     if path.exists():
         return False
     text = os.fspath(source)
-    if isinstance(source, os.PathLike) or not _HUB_ID.match(text) or path.suffix.lower() in BUILDERS:
+    if isinstance(source, os.PathLike) or not looks_like_hub_id(text) or path.suffix.lower() in BUILDERS:
         raise FileNotFoundError(
             f"{text!r} is neither an existing file or folder nor a Hugging Face Hub dataset id"
         )
@@ -115,7 +122,7 @@ def _load_hub(source: str, name, split, data_files):
             raise MissingSplitError(f"{source!r} has no split {split!r}: {e}", available=[]) from e
         raise
     except Exception as e:  # offline, unknown id, gated, ...: name what was tried
-        raise RuntimeError(
+        raise ValueError(
             f"could not load {source!r}: it is not a local file or folder, and the Hugging Face Hub "
             f"could not provide it ({type(e).__name__}: {e})"
         ) from e
@@ -156,7 +163,7 @@ def _load_local(source, name, data_files):
         try:
             return datasets.load_dataset(builder, data_files=str(path), features=_csv_features([path]))
         except Exception as e:  # a parser error deep in datasets: say which file and which reader
-            raise ValueError(f"could not read {_label(source)} as {builder}: {type(e).__name__}: {e}") from e
+            raise _read_error(f"file {_label(source)}", f"as {builder}", e) from e
     found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     suffixes = sorted({p.suffix.lower() for p in found if p.suffix.lower() in BUILDERS})
     if not suffixes:
@@ -167,9 +174,22 @@ def _load_local(source, name, data_files):
     if len({BUILDERS[s] for s in suffixes}) > 1:
         raise ValueError(f"folder {_label(source)} mixes file types {suffixes}; keep one type per folder")
     csv_files = [p for p in found if p.suffix.lower() == ".csv"]
-    return datasets.load_dataset(
-        str(path.resolve()), data_files=data_files, features=_csv_features(csv_files)
-    )
+    try:
+        return datasets.load_dataset(
+            str(path.resolve()), data_files=data_files, features=_csv_features(csv_files)
+        )
+    except Exception as e:
+        raise _read_error(f"folder {_label(source)}", f"({', '.join(suffixes)} files)", e) from e
+
+
+def _read_error(what: str, reader: str, error: Exception) -> ValueError:
+    """One line for a local file or folder that `datasets` could not read."""
+    if isinstance(error, ValueError) and "corresponds to no data" in str(error):
+        # datasets' words for a file or split without rows (blank lines, `[]`, a CSV header alone)
+        return ValueError(f"{what} holds no rows ({error})")
+    # DatasetGenerationError says only "An error occurred while generating the dataset": its cause says what.
+    cause = error.__cause__ if error.__cause__ is not None else error
+    return ValueError(f"could not read {what} {reader}: {type(cause).__name__}: {cause}")
 
 
 def _csv_features(paths: list[Path]):

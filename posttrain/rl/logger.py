@@ -50,7 +50,7 @@ class MetricsLogger:
     """Writes a run's metrics; every method is a no-op off rank 0.
 
     resume_step: the step the run resumes after (0 for a fresh run): metrics.jsonl keeps the lines up
-    to it, and a fresh run starts the file empty.
+    to it, and a fresh run starts the file empty; TensorBoard's events after it are purged likewise.
     """
 
     def __init__(self, run, total_steps: int, resume_step: int = 0):
@@ -71,7 +71,12 @@ class MetricsLogger:
         ):
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run.output_dir) / "tensorboard"))
+            # purge_step makes TensorBoard's readers drop the earlier event files' steps from this one on,
+            # as metrics.jsonl drops its lines: all of them for a fresh run in a used output_dir, and for a
+            # resumed run the steps a killed run logged after its checkpoint (they are logged again).
+            self.writer = SummaryWriter(
+                log_dir=str(Path(run.output_dir) / "tensorboard"), purge_step=resume_step + 1
+            )
         from tqdm.auto import tqdm
 
         self.bar = tqdm(

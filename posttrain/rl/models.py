@@ -1,27 +1,106 @@
-"""Model and tokenizer loading: a local path or hub id, or the embedded tiny model when none is given."""
+"""Model and tokenizer loading: a local folder or hub id, or the embedded tiny model when none is given.
+
+`model_name_or_path` names a local folder when a file or folder of that name exists, or when it looks like
+a path rather than a hub id (it starts with `/`, `.` or `~`, or has more separators than the one of
+"org/name"): a missing one is then an error naming the option, where transformers would say "Repo id
+must be in the form ...". Anything else is a hub id, handed to transformers unchanged.
+
+A local folder is checked in full (config.json, weights, a tokenizer that produces tokens) when its
+tokenizer is loaded, which every loop does before it writes its run folder: a bad path stops the run
+before any work. Every error is a ValueError (FileNotFoundError for a missing path) whose message starts
+with `model_name_or_path=...`; the CLI prints it on one line.
+"""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
 from posttrain.data import embedded
+from posttrain.data.loading import looks_like_hub_id
+
+# What `from_pretrained` reads from a local folder (transformers' own file names).
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def local_model_folder(model_name_or_path: str) -> Path | None:
+    """The local folder `model_name_or_path` names, checked; None when it is a hub id.
+
+    Raises FileNotFoundError for a path that does not exist, ValueError for a file (not a folder), a
+    folder without config.json, or one with a config but no weights.
+    """
+    option = f"model_name_or_path={model_name_or_path!r}"
+    if not os.fspath(model_name_or_path).strip():  # Path("") is the current folder
+        raise ValueError(f"{option} is empty; leave it unset for the embedded model")
+    path = Path(model_name_or_path).expanduser()
+    if not path.exists():
+        if looks_like_hub_id(os.fspath(model_name_or_path)):
+            return None
+        raise FileNotFoundError(f"{option}: no such file or folder (and it is not a hub id)")
+    if not path.is_dir():
+        raise ValueError(f"{option} is a file; expected a model folder (config.json and weights)")
+    found = sorted(p.name for p in path.iterdir())
+    if CONFIG_FILE not in found:
+        adapter = (
+            " (a PEFT adapter: merge it into its base model first)" if "adapter_config.json" in found else ""
+        )
+        raise ValueError(f"{option}: the folder has no {CONFIG_FILE}{adapter} (found: {found or 'nothing'})")
+    if not any(name in found for name in WEIGHT_FILES):
+        raise ValueError(
+            f"{option}: the folder has a {CONFIG_FILE} but no weights ({', '.join(WEIGHT_FILES)}; found: {found})"
+        )
+    return path
+
+
+def _from_pretrained(load, model_name_or_path: str, what: str, **kwargs):
+    """`load` from the checked local folder or the hub id, its failure turned into one line naming the option."""
+    folder = local_model_folder(model_name_or_path)
+    try:
+        # the expanded folder: transformers takes "~/model" for a (malformed) hub id
+        return load(str(folder) if folder is not None else model_name_or_path, **kwargs)
+    except Exception as e:  # transformers' errors vary by cause (OSError, ValueError, KeyError, ...)
+        where = (
+            "from its local folder"
+            if folder is not None
+            else "(not a local folder, and the Hugging Face Hub could not provide it)"
+        )
+        raise ValueError(
+            f"model_name_or_path={model_name_or_path!r}: could not load its {what} {where}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
 
 
 def load_tokenizer(model_name_or_path: str | None):
-    """The model's tokenizer; the embedded one when no model is named.
+    """The model's tokenizer; the embedded one when no model is named. Checks a local model folder in
+    full first (see the module docstring).
 
-    A tokenizer without a pad token pads with its eos token, as TRL does.
+    A tokenizer without a pad token pads with its eos token, as TRL does; one with neither is an error.
     """
     if model_name_or_path is None:
         return embedded.build_tokenizer()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, model_name_or_path, "tokenizer")
+    option = f"model_name_or_path={model_name_or_path!r}"
+    # transformers 5 builds an empty tokenizer from a folder without tokenizer files instead of failing.
+    if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+        folder = local_model_folder(model_name_or_path)
+        found = f" (found: {sorted(p.name for p in folder.iterdir())})" if folder is not None else ""
+        raise ValueError(
+            f"{option}: its tokenizer turns text into no tokens: no tokenizer files (tokenizer.json, "
+            f"tokenizer_config.json with its vocabulary){found}"
+        )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(
-                f"model_name_or_path={model_name_or_path!r}: its tokenizer has neither a pad nor an eos token"
-            )
+            raise ValueError(f"{option}: its tokenizer has neither a pad nor an eos token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -32,4 +111,4 @@ def load_causal_lm(model_name_or_path: str | None, *, seed: int = 0, dtype: torc
         return embedded.build_model(seed=seed).to(dtype)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)
+    return _from_pretrained(AutoModelForCausalLM.from_pretrained, model_name_or_path, "model", dtype=dtype)

@@ -194,7 +194,9 @@ def train(config: SFTConfig):
         model,
         tokenizer,
         train_rows,
-        make_collate(config, tokenizer.pad_token_id),
+        collate.for_attention(
+            make_collate(config, tokenizer.pad_token_id), model.config._attn_implementation
+        ),
         functools.partial(sft_step_loss, loss_type=config.loss_type),
         count_fn=count_targets,
         eval_rows=eval_rows,
