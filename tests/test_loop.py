@@ -315,7 +315,7 @@ def test_final_model_loads_with_from_pretrained(straight_run):
 def test_logger_prints_every_logging_steps_and_writes_tensorboard(tmp_path, monkeypatch, capsys):
     scalars = []
 
-    class FakeWriter:  # tensorboard is not installed here; the logger only needs this interface
+    class FakeWriter:  # records the calls; tests/test_tensorboard.py reads a real events file
         def __init__(self, log_dir, purge_step):
             scalars.append(("log_dir", log_dir, purge_step))
 

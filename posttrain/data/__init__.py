@@ -5,7 +5,8 @@
                    conversational; extract_prompt / with_explicit_prompt for implicit-prompt preferences
     tokenization   tokenize_prompt(s), tokenize_prompt_completion(s), tokenize_sft (TRL 1.16 semantics);
                    tokenize_conversation(s): ids + assistant mask from any prefix-consistent chat template
-    collate        pad_collate, padding_free_collate, pack (best fit decreasing), packed_collate
+    collate        pad_collate, padding_free_collate, pack (best fit decreasing), packed_collate;
+                   for_attention: packed rows as one row where flash attention needs it
     embedded       the offline tokenizer, tiny model and synthetic task
 
 Import the submodules directly; this package imports nothing, so `import posttrain.data` stays cheap.
