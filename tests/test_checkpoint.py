@@ -132,7 +132,9 @@ def test_prune_killed_midway_leaves_no_half_deleted_checkpoint(tmp_path, monkeyp
     with pytest.raises(Killed):
         train(_config(out, max_steps=3, save_steps=1, save_total_limit=2))
     monkeypatch.undo()
-    assert [name for name, *_ in seen] == ["replace", "rmtree"] and _leftovers(out) == ["checkpoint-1.deleted"]
+    assert [name for name, *_ in seen] == ["replace", "rmtree"] and _leftovers(out) == [
+        "checkpoint-1.deleted"
+    ]
     checkpoint.clean_temporary(out)
     assert _leftovers(out) == [] and [s for s, _ in checkpoint.list_checkpoints(out)] == [2, 3]
 

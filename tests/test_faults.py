@@ -366,6 +366,13 @@ def _read_until(stream, text: str) -> str:
     return seen
 
 
+def _subprocess_env() -> dict:
+    """This checkout first on the path (torchrun's workers run a script, not `-m` from the repository root)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    return env
+
+
 def _sft_cmd(out: Path, nproc: int) -> list[str]:
     argv = ["sft", "--max_steps", "10", "--save_steps", "100", "--eval_steps", "0", "--logging_steps", "0"]
     argv += [
@@ -410,7 +417,7 @@ def _runnable(printed: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_sigterm_at_a_random_step_then_resume_gives_the_same_losses(nproc, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env = _subprocess_env()
     after = random.Random().randint(1, 5)  # signal once this many steps are logged
     out = tmp_path / "stopped"
     log = (tmp_path / "stderr").open("w+")
@@ -442,3 +449,24 @@ def test_sigterm_at_a_random_step_then_resume_gives_the_same_losses(nproc, tmp_p
                               timeout=600)  # fmt: skip
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert _losses(out) == _losses(tmp_path / "straight"), (nproc, after, step)
+
+
+@pytest.mark.slow
+def test_a_failed_write_on_one_rank_stops_every_rank(tmp_path):
+    """Under torchrun, rank 1 cannot write its RNG file into checkpoint-4: both ranks stop (no hang, no
+    checkpoint-4 committed by rank 0), and checkpoint-2 stays."""
+    out = tmp_path / "ddp"
+    options = ["--per_device_train_batch_size", "2", "--learning_rate", "3e-3", "--max_steps", "6"]
+    options += ["--save_steps", "2", "--logging_steps", "0", "--disable_tqdm", "true", "--report_to", "none"]
+    env = _subprocess_env()
+    worker = str(Path(__file__).parent / "_faults_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker]
+    pattern = rf"checkpoint-4\.tmp{SEP}rng_state_rank1\.pt$"
+    done = subprocess.run([*cmd, "1", pattern, str(out), *options], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode != 0
+    lost = out / "checkpoint-4.tmp" / "rng_state_rank1.pt"
+    assert f"rank 1: could not write '{lost}': No space left on device; the run stopped" in done.stderr
+    assert f"rank 0: another process could not write into '{out}'; the run stopped" in done.stderr
+    assert f"the last checkpoint is '{out / 'checkpoint-2'}' (step 2)" in done.stderr
+    assert [step for step, _ in checkpoint.list_checkpoints(out)] == [2] and not list(out.glob("*.tmp"))

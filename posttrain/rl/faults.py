@@ -104,6 +104,9 @@ class StepGuard:
         """This rank's request to stop (accumulate all-reduces it into `stop`)."""
         return self.signals.received is not None
 
+    def preempted(self, step: int, saved: Path) -> Preempted:
+        return self.signals.stop(self.run, step, saved)
+
     def state(self) -> dict:
         return {"skipped_steps": self.skipped, "nonfinite_steps_in_a_row": self.in_a_row}
 

@@ -565,7 +565,7 @@ def fit(
                 }
                 saved = checkpoint.save_checkpoint(run, model, optimizer, scheduler, trainer_state, tokenizer)
                 if guard.stop:
-                    raise guard.signals.stop(run, step, saved)
+                    raise guard.preempted(step, saved)
         if has_eval and last_eval_step != step:
             run_eval()
         checkpoint.save_model(run, model, tokenizer, run.output_dir)
