@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -470,3 +471,43 @@ def test_a_failed_write_on_one_rank_stops_every_rank(tmp_path):
     assert f"rank 0: another process could not write into '{out}'; the run stopped" in done.stderr
     assert f"the last checkpoint is '{out / 'checkpoint-2'}' (step 2)" in done.stderr
     assert [step for step, _ in checkpoint.list_checkpoints(out)] == [2] and not list(out.glob("*.tmp"))
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+
+
+# A checkpoint of the test model takes ~320 KB. With transformers 5.24 these sizes fill the disk in
+# checkpoint-4's model.safetensors (safetensors' error), a json file, tokenizer.json (the tokenizers
+# library's bare Exception), optimizer.pt (torch.save's RuntimeError over the OSError), the RNG file, and
+# in checkpoint-6; the test holds for any file the disk fills on.
+@pytest.mark.parametrize("size", ["436k", "444k", "452k", "460k", "660k", "680k"])
+def test_a_full_filesystem_stops_the_run_with_the_os_error(size, straight, tmp_path):
+    """The real thing on a tiny filesystem: whichever file the disk fills on (safetensors, tokenizer.json
+    from Rust, torch.save, json), the run stops naming it and ENOSPC; earlier checkpoints resume exactly."""
+    run_a, model_a = straight
+    _mount_tmpfs(tmp_path / "small", size)
+    try:
+        config = _config(tmp_path / "small", "run")
+        with pytest.raises(faults.WriteFailed) as caught:
+            train(config, model=build_model(attention_dropout=0.1))
+        out = Path(config.output_dir)
+        found = re.match(rf"could not write '{re.escape(str(out))}/checkpoint-(\d)\.tmp.*No space left on device",
+                         str(caught.value))  # fmt: skip
+        assert found, str(caught.value)
+        step = int(found.group(1))
+        assert [s for s, _ in checkpoint.list_checkpoints(out)] == list(range(2, step, 2))
+        assert not list(out.glob("*.tmp"))
+        shutil.copytree(out, tmp_path / "moved")
+    finally:
+        subprocess.run(["umount", str(tmp_path / "small")], check=True)
+    if step > 2:
+        run_b, model_b, _ = train(_config(tmp_path, "moved", resume_from_checkpoint="latest"),
+                                  model=build_model(attention_dropout=0.1))  # fmt: skip
+        assert _losses(run_b.output_dir) == _losses(run_a.output_dir)
+        _assert_same_weights(model_a, model_b)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import signal
 import threading
@@ -138,10 +139,25 @@ class StepGuard:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _write_errors() -> tuple[type[BaseException], ...]:
-    from safetensors import SafetensorError  # raised for I/O errors inside its Rust writer
+# Rust writers (safetensors, the tokenizers library) report std::io::Error as "... (os error N)"; the
+# tokenizers library raises it as a bare Exception, so that is recognised by its text alone.
+RUST_IO_ERROR = re.compile(r"\(os error \d+\)$")
 
-    return (OSError, SafetensorError)
+
+def _is_write_error(err: BaseException) -> bool:
+    from safetensors import SafetensorError
+
+    return isinstance(err, (OSError, SafetensorError)) or (
+        type(err) is Exception and bool(RUST_IO_ERROR.search(str(err)))
+    )
+
+
+def _write_error_in(err: BaseException | None) -> BaseException | None:
+    """The write error that `err` is or was raised while handling (torch.save's zip writer answers a
+    failed write with its own RuntimeError "unexpected pos" on the way out)."""
+    while err is not None and not _is_write_error(err):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 @contextlib.contextmanager
@@ -149,15 +165,13 @@ def writing(path: str | Path):
     """Turn a failed write inside the block into `WriteFailed` naming the path and the OS error."""
     try:
         yield
-    except _write_errors() as err:
+    except Exception as raised:
+        err = _write_error_in(raised)
+        if err is None:
+            raise
         target = getattr(err, "filename", None) or path
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise WriteFailed(f"could not write {str(target)!r}: {reason}") from err
-
-
-def stop_on_write_failure(run, err: WriteFailed) -> WriteFailed:
-    """`err` with what is left and how to resume appended (what `fit` raises)."""
-    return WriteFailed(f"{err}; the run stopped; {resume_hint(run)}")
+        raise WriteFailed(f"could not write {str(target)!r}: {reason}") from raised
 
 
 @contextlib.contextmanager
