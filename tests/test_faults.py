@@ -511,3 +511,10 @@ def test_a_full_filesystem_stops_the_run_with_the_os_error(size, straight, tmp_p
                                   model=build_model(attention_dropout=0.1))  # fmt: skip
         assert _losses(run_b.output_dir) == _losses(run_a.output_dir)
         _assert_same_weights(model_a, model_b)
+
+
+def test_skip_nonfinite_steps_must_not_be_negative():
+    from posttrain.rl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"skip_nonfinite_steps must be >= 0"):
+        TrainConfig(skip_nonfinite_steps=-1)

@@ -14,8 +14,8 @@ gives the step's mean loss however the step is split, which is what makes gradie
 data parallelism exact (each loss unit weighs the same). Metrics follow the same rule.
 
 An online loop (GRPO, PPO) calls `start`, `prepare_model`, `build_optimizer`, `build_scheduler`,
-`accumulate`, `evaluate`, `checkpoint.save_checkpoint` / `load_checkpoint`, `MetricsLogger` and
-`finish` itself.
+`accumulate` (with a `faults.StepGuard` for non-finite steps and stop signals), `evaluate`,
+`checkpoint.save_checkpoint` / `load_checkpoint`, `MetricsLogger` and `finish` itself.
 
 Data order: epoch e visits the rows in a permutation drawn from a torch.Generator seeded with
 (seed, e). A global micro-batch is per_device_train_batch_size * world_size consecutive rows of it;
