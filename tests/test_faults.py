@@ -349,13 +349,13 @@ def test_the_same_signal_again_ends_the_process_at_once(tmp_path):
     )
     assert proc.stdout.readline() == "ready\n"
     proc.send_signal(signal.SIGTERM)
-    assert "SIGTERM: stopping after this optimizer step" in _read_until(proc.stderr, "SIGTERM again")
+    assert "SIGTERM: stopping after this optimizer step" in _read_until(proc.stderr, "a second signal")
     proc.send_signal(signal.SIGTERM)  # within 0.5 s: the same request delivered twice, ignored
     with pytest.raises(subprocess.TimeoutExpired):
         proc.wait(timeout=0.2)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == -signal.SIGTERM  # killed by the signal's default action
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == -signal.SIGINT  # killed by the signal's default action
 
 
 def _read_until(stream, text: str) -> str:
@@ -375,7 +375,7 @@ def _subprocess_env() -> dict:
 
 
 def _sft_cmd(out: Path, nproc: int) -> list[str]:
-    argv = ["sft", "--max_steps", "10", "--save_steps", "100", "--eval_steps", "0", "--logging_steps", "0"]
+    argv = ["sft", "--max_steps", "8", "--save_steps", "100", "--eval_steps", "0", "--logging_steps", "0"]
     argv += [
         "--per_device_train_batch_size",
         str(8 // nproc),
@@ -419,7 +419,7 @@ def _runnable(printed: str) -> list[str]:
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_sigterm_at_a_random_step_then_resume_gives_the_same_losses(nproc, tmp_path):
     env = _subprocess_env()
-    after = random.Random().randint(1, 5)  # signal once this many steps are logged
+    after = random.Random().randint(1, 4)  # signal once this many steps are logged
     out = tmp_path / "stopped"
     log = (tmp_path / "stderr").open("w+")
     proc = subprocess.Popen(_sft_cmd(out, nproc), env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
@@ -438,7 +438,7 @@ def test_sigterm_at_a_random_step_then_resume_gives_the_same_losses(nproc, tmp_p
     assert 1 <= len(stops) <= nproc and len({step for step, _, _ in stops}) == 1, err[-3000:]
     step, saved, command = int(stops[0][0]), Path(stops[0][1]), stops[0][2]
     assert code == (143 if nproc == 1 else 1), err[-3000:]  # torchrun exits 1 when its workers fail
-    assert after <= step < 10 and saved == out / f"checkpoint-{step}"
+    assert after <= step < 8 and saved == out / f"checkpoint-{step}"
     assert [p.name for p in sorted(saved.glob("rng_state_rank*.pt"))] == [
         f"rng_state_rank{r}.pt" for r in range(nproc)
     ]

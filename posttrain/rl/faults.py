@@ -9,10 +9,11 @@ last checkpoint, and metrics.jsonl up to the last step that was applied.
   or infinite never reaches the weights. `StepGuard` then stops the run, or, with skip_nonfinite_steps
   N, lets up to N such steps in a row pass as skipped (gradients dropped, optimizer state kept).
 - Failed writes: `writing(path)` turns the errors of a failed write (OSError: no space, permission, a
-  path that is a file; safetensors' I/O error) into `WriteFailed` naming the path and the OS error.
+  path that is a file; the I/O errors of safetensors, of the tokenizers library and of torch.save)
+  into `WriteFailed` naming the path and the OS error.
 - Preemption: `SignalWatch` turns the first SIGTERM / SIGINT into a request to stop after the current
-  optimizer step with a checkpoint (`Preempted`, exit status 128 + signal: 143 / 130); the same signal
-  again ends the process at once.
+  optimizer step with a checkpoint (`Preempted`, exit status 128 + signal: 143 / 130); a second signal
+  ends the process at once.
 """
 
 from __future__ import annotations
@@ -199,10 +200,10 @@ class SignalWatch:
     """Catches SIGTERM and SIGINT between `install()` and `restore()` (main thread only).
 
     The first one sets `received`; the loop folds it into the step's all-reduce, so every rank stops
-    after the same step, writes a checkpoint and raises `Preempted`. The same signal again ends the
-    process at once with that signal's default action. A repeat within `same_request_s` counts as the
-    first one delivered twice (Slurm signals every process of a job while torchrun also forwards the
-    signal to its workers) and is ignored.
+    after the same step, writes a checkpoint and raises `Preempted`. A second one ends the process at
+    once with that signal's default action, unless it comes within `same_request_s` of the first: then
+    it is the first one delivered twice (Slurm signals every process of a job while torchrun also
+    forwards the signal to its workers) and is ignored.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -230,9 +231,9 @@ class SignalWatch:
             # os.write: print() from a handler can re-enter a print the signal interrupted.
             os.write(
                 2,
-                f"\n{name}: stopping after this optimizer step with a checkpoint ({name} again stops at once)\n".encode(),
+                f"\n{name}: stopping after this optimizer step with a checkpoint (a second signal stops at once)\n".encode(),
             )
-        elif signum == self.received and time.monotonic() - self._at > self.same_request_s:
+        elif time.monotonic() - self._at > self.same_request_s:
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
 
