@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"posttrain: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
     from posttrain.rl.config import ConfigError, parse_config
+    from posttrain.rl.faults import RunStopped
 
     module_name, config_name = COMMANDS[command]
     module = importlib.import_module(module_name)
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         module.train(config)
+    except RunStopped as err:  # a fault mid-run (non-finite step, failed write, signal): no traceback
+        print(f"posttrain {command}: {err}", file=sys.stderr)
+        return err.exit_code
     except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
         if os.environ.get("POSTTRAIN_TRACEBACK") == "1":
             raise

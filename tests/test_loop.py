@@ -404,7 +404,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint(straight_run, tmp_path,
     real_save = torch.save
 
     def failing_save(obj, path, *args, **kwargs):
-        if str(path).endswith(os.path.join("checkpoint-4.tmp", "scheduler.pt")):
+        if str(getattr(path, "name", path)).endswith(os.path.join("checkpoint-4.tmp", "scheduler.pt")):
             raise Killed  # killed mid-save: model and optimizer of step 4 are already in the temp folder
         return real_save(obj, path, *args, **kwargs)
 

@@ -8,9 +8,14 @@ Layout of `output_dir/checkpoint-{step}/`:
     rng_state_rank{r}.pt                    python, numpy, torch CPU (+ CUDA) generators of rank r
     trainer_state.json                      global step, data position, the options that fix the data order
 
-A checkpoint is written into the sibling `checkpoint-{step}.tmp/` and renamed with `os.replace` once
-every rank has written its files, so `checkpoint-{step}` either exists whole or not at all; leftover
-`.tmp` folders are deleted by the next save or resume.
+A checkpoint is written into the sibling `checkpoint-{step}.tmp/`, trainer_state.json last (itself
+written to a side file and renamed), and renamed with `os.replace` once every rank has written its files,
+so `checkpoint-{step}` either exists whole or not at all. Re-saving a step that exists (after resuming
+from an older checkpoint) renames the existing one to `.old`, moves the new one into place, then deletes
+`.old`; pruning renames to `.deleted` before deleting. `clean_temporary` at start-up finishes whatever a
+killed save left: a complete `.tmp` (else `.old`) whose `checkpoint-{step}` is missing becomes it, the
+rest is deleted. A failed write (no space, permission, ...) on any rank stops every rank with
+`faults.WriteFailed` naming the path; the partial `.tmp` is removed and earlier checkpoints stay.
 
 `get_state` / `set_state` are the only functions that know how parameters and optimizer state are
 laid out across processes (full, replicated state under DDP); FSDP2 replaces just these two.
@@ -29,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from posttrain.rl import distributed
+from posttrain.rl import distributed, faults
 from posttrain.rl.config import ConfigError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -53,7 +58,17 @@ def get_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = 
 def set_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
     """Load `get_state`'s output back, on every rank. Weights tied to a loaded one may be absent."""
     module = distributed.unwrap(model)
-    pointers = {name: tensor.data_ptr() for name, tensor in module.state_dict().items()}
+    own = module.state_dict()
+    shapes = [
+        f"{name} {tuple(tensor.shape)} vs {tuple(own[name].shape)}"
+        for name, tensor in state["model"].items()
+        if name in own and tensor.shape != own[name].shape
+    ]
+    if shapes:  # load_state_dict would raise a RuntimeError per tensor
+        raise ValueError(
+            f"checkpoint weights do not fit the model: shapes (checkpoint vs model) {shapes[:5]}"
+        )
+    pointers = {name: tensor.data_ptr() for name, tensor in own.items()}
     result = module.load_state_dict(state["model"], strict=False)
     loaded = {pointers[name] for name in state["model"] if name in pointers}
     missing = [name for name in result.missing_keys if pointers.get(name) not in loaded]
@@ -134,12 +149,24 @@ def read_trainer_state(path: str | Path) -> dict:
 
 
 def clean_temporary(output_dir: str | Path) -> None:
-    """Delete `checkpoint-*.tmp` / `.old` folders left by a run killed while saving (rank 0 only)."""
+    """Finish what a run killed while saving left in `output_dir` (rank 0 only, before anything reads it).
+
+    A complete `checkpoint-N.tmp` (it has trainer_state.json, written last) or else a complete
+    `checkpoint-N.old` whose `checkpoint-N` is missing is renamed to `checkpoint-N`: the kill fell between
+    moving the old copy aside and moving the new one in. Every other `.tmp` / `.old` / `.deleted` folder
+    is deleted.
+    """
     output_dir = Path(output_dir)
-    if output_dir.is_dir():
-        for pattern in ("checkpoint-*.tmp", "checkpoint-*.old"):
-            for path in output_dir.glob(pattern):
-                shutil.rmtree(path, ignore_errors=True)
+    if not output_dir.is_dir():
+        return
+    for suffix in (".tmp", ".old"):  # .tmp first: when both are whole, it is the newer
+        for path in sorted(output_dir.glob(f"checkpoint-*{suffix}")):
+            final = path.with_name(path.name.removesuffix(suffix))
+            if CHECKPOINT_RE.match(final.name) and not final.exists() and (path / TRAINER_STATE).is_file():
+                os.replace(path, final)
+    for pattern in ("checkpoint-*.tmp", "checkpoint-*.old", "checkpoint-*.deleted"):
+        for path in output_dir.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,22 +174,57 @@ def clean_temporary(output_dir: str | Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _together(run, write) -> None:
+    """Run `write` (this rank's share of a save), then agree with every rank: if any failed, all raise.
+
+    The agreement is one all-reduce, so it is also the barrier between the phases of a save.
+    """
+    error = None
+    try:
+        write()
+    except faults.WriteFailed as err:
+        error = err
+    if distributed.any_rank(error is not None, run.device):
+        raise error or faults.WriteFailed(f"another process could not write into {str(run.output_dir)!r}")
+
+
+def _torch_save(obj, path: Path) -> None:
+    # Through an open file: a failed write then raises OSError with its errno, where torch.save(obj, path)
+    # raises "[enforce fail at inline_container.cc] unexpected pos".
+    with faults.writing(path), open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write-then-rename, so the file is whole whenever it exists (trainer_state.json marks a complete save)."""
+    part = path.with_name(path.name + ".part")
+    with faults.writing(path):
+        part.write_text(json.dumps(data, indent=2))
+        os.replace(part, path)
+
+
+def _write_model(model, state: dict, tokenizer, directory: Path, original_format: bool) -> None:
+    module = distributed.unwrap(model)
+    kwargs = {}
+    if "save_original_format" in inspect.signature(module.save_pretrained).parameters:
+        kwargs["save_original_format"] = original_format
+    with faults.quiet_transformers_progress(), faults.writing(directory):
+        module.save_pretrained(directory, state_dict=state, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+
+
 def save_model(run, model, tokenizer, directory: str | Path, *, original_format: bool = True) -> None:
     """`save_pretrained` (safetensors) of the unwrapped model, plus the tokenizer; collective, rank 0 writes.
 
     original_format=False keeps transformers' internal parameter names (what `set_state` loads);
     True (the final model) lets transformers convert them back to the model's published layout.
+    Raises `faults.WriteFailed` on every rank when the write fails.
     """
     state = get_state(model)["model"]
-    if run.is_main:
-        module = distributed.unwrap(model)
-        kwargs = {}
-        if "save_original_format" in inspect.signature(module.save_pretrained).parameters:
-            kwargs["save_original_format"] = original_format
-        module.save_pretrained(directory, state_dict=state, **kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-    distributed.barrier()
+    _together(
+        run, lambda: run.is_main and _write_model(model, state, tokenizer, Path(directory), original_format)
+    )
 
 
 def save_checkpoint(run, model, optimizer, scheduler, trainer_state: dict, tokenizer=None) -> Path:
@@ -173,31 +235,42 @@ def save_checkpoint(run, model, optimizer, scheduler, trainer_state: dict, token
     """
     step = trainer_state["global_step"]
     final = Path(run.output_dir) / f"checkpoint-{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    if run.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    distributed.barrier()
-    state = get_state(model, optimizer)
-    save_model(run, model, tokenizer, tmp, original_format=False)
-    if run.is_main:
-        torch.save(state["optimizer"], tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / f"rng_state_rank{run.rank}.pt")
-    distributed.barrier()  # every rank's files are in tmp before it becomes the checkpoint
-    if run.is_main:
-        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
-        if final.exists():  # re-running a step after resuming from an older checkpoint
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            shutil.rmtree(old)
-        os.replace(tmp, final)
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    state = get_state(model, optimizer)  # collective under FSDP2
+
+    def write_main():
+        with faults.writing(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _write_model(model, state["model"], tokenizer, tmp, original_format=False)
+        _torch_save(state["optimizer"], tmp / "optimizer.pt")
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+
+    def commit():
+        _write_json(tmp / TRAINER_STATE, trainer_state)
+        with faults.writing(final):
+            if final.exists():  # re-saving a step after resuming from an older checkpoint
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)  # the new copy is in place before the old one goes
+        shutil.rmtree(old, ignore_errors=True)
         limit = run.config.save_total_limit
         if limit is not None:
             for _, path in list_checkpoints(run.output_dir)[:-limit]:
-                shutil.rmtree(path)
-    distributed.barrier()
+                doomed = path.with_name(path.name + ".deleted")  # never a half-deleted checkpoint-N
+                os.replace(path, doomed)
+                shutil.rmtree(doomed)
+
+    try:
+        _together(run, lambda: run.is_main and write_main())
+        _together(run, lambda: _torch_save(rng_state(), tmp / f"rng_state_rank{run.rank}.pt"))
+        _together(run, lambda: run.is_main and commit())
+    except faults.WriteFailed:
+        if run.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not final.exists():
+                os.replace(old, final)
+        raise
     return final
 
 
@@ -220,8 +293,11 @@ def load_checkpoint(run, path: str | Path, model, optimizer, scheduler) -> dict:
     path = Path(path)
     trainer_state = read_trainer_state(path)
     rng_file = path / f"rng_state_rank{run.rank}.pt"
-    if not rng_file.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} has no {rng_file.name} for rank {run.rank}")
+    missing = [
+        name for name in ("optimizer.pt", "scheduler.pt", rng_file.name) if not (path / name).is_file()
+    ]
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} is missing {', '.join(missing)} (for rank {run.rank})")
     optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     set_state(model, optimizer, {"model": _load_weights(path), "optimizer": optimizer_state})
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))

@@ -152,6 +152,13 @@ class TrainConfig:
             "help": "'latest' (the newest checkpoint in output_dir) or a checkpoint folder to resume from."
         },
     )
+    skip_nonfinite_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Skip up to this many optimizer steps in a row whose loss or gradient norm is NaN/inf "
+            "(update not applied, logged as skipped_steps); 0: stop at the first."
+        },
+    )
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
     report_to: str = field(
         default="auto",
@@ -197,6 +204,7 @@ class TrainConfig:
             )
         _check(self.logging_steps >= 0, "logging_steps", ">= 0", self.logging_steps)
         _check(self.save_steps >= 0, "save_steps", ">= 0", self.save_steps)
+        _check(self.skip_nonfinite_steps >= 0, "skip_nonfinite_steps", ">= 0", self.skip_nonfinite_steps)
         if self.save_total_limit is not None:
             _check(self.save_total_limit >= 1, "save_total_limit", ">= 1 (or none)", self.save_total_limit)
         if self.eval_steps is not None:

@@ -51,6 +51,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any (one all-reduce, so also a barrier)."""
+    if not is_distributed():
+        return flag
+    total = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.item() > 0
+
+
 def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -88,8 +88,11 @@ class MetricsLogger:
         )
 
     def _write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()  # a killed run keeps every line up to its last step
+        from posttrain.rl.faults import writing
+
+        with writing(self.file.name):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()  # a killed run keeps every line up to its last step
 
     def print(self, text: str) -> None:
         if self.enabled:

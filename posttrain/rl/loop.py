@@ -14,8 +14,8 @@ gives the step's mean loss however the step is split, which is what makes gradie
 data parallelism exact (each loss unit weighs the same). Metrics follow the same rule.
 
 An online loop (GRPO, PPO) calls `start`, `prepare_model`, `build_optimizer`, `build_scheduler`,
-`accumulate`, `evaluate`, `checkpoint.save_checkpoint` / `load_checkpoint`, `MetricsLogger` and
-`finish` itself.
+`accumulate` (with a `faults.StepGuard` for non-finite steps and stop signals), `evaluate`,
+`checkpoint.save_checkpoint` / `load_checkpoint`, `MetricsLogger` and `finish` itself.
 
 Data order, as transformers' Trainer (with accelerate) counts it. Epoch e visits the rows in an order
 that is a pure function of (seed, e): a fresh seeded permutation per epoch (`random`), the dataset's
@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from posttrain.rl import checkpoint, distributed
+from posttrain.rl import checkpoint, distributed, faults
 from posttrain.rl.config import ConfigError, TrainConfig, save_config
 from posttrain.rl.logger import METRICS_FILE, MetricsLogger, tensorboard_available
 
@@ -149,6 +149,10 @@ def start(config: TrainConfig, command: str, *, default_learning_rate: float | N
         )
 
     output_dir = Path(config.output_dir if config.output_dir is not None else f"runs/{command}")
+    distributed.init(device)
+    if rank == 0:  # a save killed midway may have left the newest checkpoint under a temporary name
+        checkpoint.clean_temporary(output_dir)
+    distributed.barrier()
     resume_from = None
     if config.resume_from_checkpoint is not None:
         resume_from = checkpoint.resolve_resume(output_dir, config.resume_from_checkpoint)
@@ -160,11 +164,9 @@ def start(config: TrainConfig, command: str, *, default_learning_rate: float | N
             "--resume_from_checkpoint latest to continue it, or choose another --output_dir"
         )
 
-    distributed.init(device)
     set_seed(config.seed)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.clean_temporary(output_dir)
         save_config(config, output_dir / "config.yaml")
     distributed.barrier()
     return Run(
@@ -343,35 +345,57 @@ def forward_backward(run: Run, model, micro_batches: list[dict], loss_fn: LossFn
     return sums
 
 
-def optimizer_step(run: Run, model, optimizer, scheduler) -> tuple[torch.Tensor, float]:
-    """Clip, step, advance the schedule, zero the gradients; returns (grad norm before clipping, lr used)."""
+def clip_gradients(run: Run, model) -> torch.Tensor:
+    """Clip the global gradient norm to max_grad_norm (0: no clipping); returns the norm before clipping."""
     max_norm = run.config.max_grad_norm if run.config.max_grad_norm > 0 else math.inf  # inf: norm only
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    learning_rate = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def optimizer_step(optimizer, scheduler, apply: bool = True) -> None:
+    """Step the optimizer and the schedule (unless the step is skipped: `apply` False), zero the gradients."""
+    if apply:
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, learning_rate
 
 
 def accumulate(
-    run: Run, model, optimizer, scheduler, micro_batches: list[dict], loss_fn: LossFn, count_fn
+    run: Run,
+    model,
+    optimizer,
+    scheduler,
+    micro_batches: list[dict],
+    loss_fn: LossFn,
+    count_fn,
+    guard: faults.StepGuard | None = None,
 ) -> dict:
     """One optimizer step over this rank's `micro_batches`; returns its global metrics as floats.
 
     Keys: loss, num_tokens (this step's non-pad input tokens, all ranks), the loss_fn's metrics (sums
     over micro-batches and ranks: global means when loss_fn divides by num_items), grad_norm (before
     clipping), learning_rate (the one this step used), tokens_per_second.
+
+    A step whose loss or grad norm is not finite is not applied; `guard` decides whether the run goes
+    on (skip_nonfinite_steps) and carries this rank's stop request in and every rank's verdict out
+    (`guard.stop`). Without a guard a non-finite step raises `faults.NonFiniteStep`.
     """
     t0 = time.perf_counter()
     sums = forward_backward(run, model, micro_batches, loss_fn, count_fn)
-    grad_norm, learning_rate = optimizer_step(run, model, optimizer, scheduler)
+    grad_norm = clip_gradients(run, model)
     names = list(sums)
-    reduced = distributed.all_reduce_sum(torch.stack([sums[n] for n in names]))
-    # The step's one host sync: every metric crosses to the CPU in a single transfer.
-    values = torch.cat([reduced, grad_norm.detach().float().reshape(1).to(reduced.device)]).tolist()
-    out = dict(zip(names + ["grad_norm"], values, strict=True))
-    out["learning_rate"] = learning_rate
+    stop = torch.full((), float(guard is not None and guard.stop_requested), device=run.device)  # no copy
+    reduced = distributed.all_reduce_sum(torch.stack([sums[n] for n in names] + [stop]))
+    # The step's one host sync: every metric, the stop flag and the grad norm cross to the CPU in a
+    # single transfer, before optimizer.step() so that a non-finite step never reaches the weights.
+    *values, stop_ranks, norm = torch.cat(
+        [reduced, grad_norm.detach().float().reshape(1).to(reduced.device)]
+    ).tolist()
+    out = dict(zip(names, values, strict=True))
+    out["grad_norm"] = norm
+    out["learning_rate"] = scheduler.get_last_lr()[0]
+    finite = math.isfinite(out["loss"]) and math.isfinite(norm)
+    optimizer_step(optimizer, scheduler, apply=finite)
+    (guard or faults.StepGuard(run, limit=0)).after_step(out, finite, stop=stop_ranks > 0)
     out["tokens_per_second"] = out["num_tokens"] / max(time.perf_counter() - t0, 1e-9)
     return out
 
@@ -611,7 +635,7 @@ def fit(
     model = prepare_model(run, model)
     optimizer = build_optimizer(model, config, run.learning_rate)
     scheduler = build_scheduler(optimizer, config, total_steps)
-    step, num_tokens, last_eval_step = 0, 0, None
+    step, num_tokens, last_eval_step, state = 0, 0, None, None
     if run.resume_from is not None:
         state = checkpoint.load_checkpoint(run, run.resume_from, model, optimizer, scheduler)
         if state["num_train_rows"] != len(train_rows):
@@ -635,6 +659,7 @@ def fit(
         eval_fn is not None or (eval_rows is not None and len(eval_rows) > 0)
     ) and config.eval_steps != 0
     logger = MetricsLogger(run, total_steps, resume_step=step)
+    guard = faults.StepGuard(run, step, state).install()  # non-finite steps, SIGTERM / SIGINT
     last: dict[str, Any] = {}
 
     def run_eval():
@@ -661,7 +686,7 @@ def fit(
                 order_epoch = epoch
             indices = step_indices(order, position, config, run.rank, run.world_size)
             micro_batches = [collate_fn(take_rows(train_rows, idx)) for idx in indices]
-            metrics = accumulate(run, model, optimizer, scheduler, micro_batches, loss_fn, count_fn)
+            metrics = accumulate(run, model, optimizer, scheduler, micro_batches, loss_fn, count_fn, guard)
             step += 1
             num_tokens += int(metrics.pop("num_tokens"))
             record = {"epoch": epoch_of(step)}
@@ -674,7 +699,7 @@ def fit(
             last.update(record)
             if has_eval and config.eval_steps and step % config.eval_steps == 0:
                 run_eval()
-            if config.save_steps and step % config.save_steps == 0:
+            if guard.stop or (config.save_steps and step % config.save_steps == 0):
                 trainer_state = {
                     "global_step": step,
                     "epoch": epoch_of(step),
@@ -684,12 +709,18 @@ def fit(
                     "num_train_rows": len(train_rows),
                     "world_size": run.world_size,
                     **{name: getattr(config, name) for name in DATA_ORDER_OPTIONS},
+                    **guard.state(),
                 }
-                checkpoint.save_checkpoint(run, model, optimizer, scheduler, trainer_state, tokenizer)
+                saved = checkpoint.save_checkpoint(run, model, optimizer, scheduler, trainer_state, tokenizer)
+                if guard.stop:
+                    raise guard.preempted(step, saved)
         if has_eval and last_eval_step != step:
             run_eval()
         checkpoint.save_model(run, model, tokenizer, run.output_dir)
+    except faults.WriteFailed as err:
+        raise faults.WriteFailed(f"{err}; the run stopped; {faults.resume_hint(run)}") from err
     finally:
+        guard.restore()
         logger.close()
     finish(run)
     return {"global_step": step, **last}
