@@ -604,6 +604,42 @@ def _eval_logged(run: Run, step: int) -> bool:
     return distributed.all_reduce_sum(flag).item() > 0
 
 
+def _resume(run: Run, model, optimizer, scheduler, num_rows: int, steps_per_epoch: int) -> dict:
+    """Load `run.resume_from` into the model, optimizer and schedule; refuse a checkpoint whose data
+    position would not mean the same rows here. Returns its trainer state."""
+    state = checkpoint.load_checkpoint(run, run.resume_from, model, optimizer, scheduler)
+    if state["num_train_rows"] != num_rows:
+        raise ValueError(
+            f"checkpoint {str(run.resume_from)!r} was trained on {state['num_train_rows']} rows but the train "
+            f"set now has {num_rows}: resume with the same data"
+        )
+    if state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        # same options and rows, other step count: written by a version that dropped leftover rows
+        raise ValueError(
+            f"checkpoint {str(run.resume_from)!r} has {state['steps_per_epoch']} steps per epoch where this "
+            f"version counts {steps_per_epoch} (epochs now train every row): its data position cannot be "
+            "resumed exactly; start a new run"
+        )
+    return state
+
+
+def _data_position_state(run: Run, num_rows: int, steps_per_epoch: int, total_steps: int) -> dict:
+    """What a checkpoint records so that a resume can check it sees the same rows in the same order."""
+    return {
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "num_train_rows": num_rows,
+        "world_size": run.world_size,
+        **{name: getattr(run.config, name) for name in DATA_ORDER_OPTIONS},
+    }
+
+
+def _config_epoch_order(config: TrainConfig, num_rows: int, epoch: int, lengths) -> list[int]:
+    # transformers' LengthGroupedSampler groups by per-device batch x accumulation
+    group_size = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    return epoch_order(num_rows, config.seed, epoch, config.train_sampling_strategy, lengths, group_size)
+
+
 def fit(
     run: Run,
     model,
@@ -637,19 +673,7 @@ def fit(
     scheduler = build_scheduler(optimizer, config, total_steps)
     step, num_tokens, last_eval_step, state = 0, 0, None, None
     if run.resume_from is not None:
-        state = checkpoint.load_checkpoint(run, run.resume_from, model, optimizer, scheduler)
-        if state["num_train_rows"] != len(train_rows):
-            raise ValueError(
-                f"checkpoint {str(run.resume_from)!r} was trained on {state['num_train_rows']} rows but the train "
-                f"set now has {len(train_rows)}: resume with the same data"
-            )
-        if state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-            # same options and rows, other step count: written by a version that dropped leftover rows
-            raise ValueError(
-                f"checkpoint {str(run.resume_from)!r} has {state['steps_per_epoch']} steps per epoch where this "
-                f"version counts {steps_per_epoch} (epochs now train every row): its data position cannot be "
-                "resumed exactly; start a new run"
-            )
+        state = _resume(run, model, optimizer, scheduler, len(train_rows), steps_per_epoch)
         step, num_tokens = state["global_step"], state["num_tokens"]
         if (config.eval_steps and step % config.eval_steps == 0) or _eval_logged(run, step):
             # evaluated before that checkpoint was written, or (the final checkpoint) after it
@@ -674,16 +698,7 @@ def fit(
         while step < total_steps:
             epoch, position = divmod(step, steps_per_epoch)
             if epoch != order_epoch:
-                order = epoch_order(
-                    len(train_rows),
-                    config.seed,
-                    epoch,
-                    config.train_sampling_strategy,
-                    lengths,
-                    # transformers' LengthGroupedSampler groups by per-device batch x accumulation
-                    group_size=config.per_device_train_batch_size * config.gradient_accumulation_steps,
-                )
-                order_epoch = epoch
+                order, order_epoch = _config_epoch_order(config, len(train_rows), epoch, lengths), epoch
             indices = step_indices(order, position, config, run.rank, run.world_size)
             micro_batches = [collate_fn(take_rows(train_rows, idx)) for idx in indices]
             metrics = accumulate(run, model, optimizer, scheduler, micro_batches, loss_fn, count_fn, guard)
@@ -704,11 +719,7 @@ def fit(
                     "global_step": step,
                     "epoch": epoch_of(step),
                     "num_tokens": num_tokens,
-                    "steps_per_epoch": steps_per_epoch,
-                    "total_steps": total_steps,
-                    "num_train_rows": len(train_rows),
-                    "world_size": run.world_size,
-                    **{name: getattr(config, name) for name in DATA_ORDER_OPTIONS},
+                    **_data_position_state(run, len(train_rows), steps_per_epoch, total_steps),
                     **guard.state(),
                 }
                 saved = checkpoint.save_checkpoint(run, model, optimizer, scheduler, trainer_state, tokenizer)
