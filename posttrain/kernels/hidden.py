@@ -172,14 +172,14 @@ def _check_index_range(index, V, rows):
     """index (n,) of the kept rows; on the CPU the message names the row in the flattened (N,) input."""
     if index.numel() == 0:
         return
-    bad = (index < 0) | (index >= V)  # (n,)
+    ok = (index >= 0) & (index < V)  # (n,)
     if _sync_free(index.device):
         # Device-side assert, no sync: naming the row would need one. An out-of-range index would not read out of
         # bounds (the folds compare columns with it), but it would silently give a wrong log-prob.
-        torch._assert_async(~bad.any(), f"index out of range [0, {V}) in logprobs_from_hidden")
+        torch._assert_async(ok.all(), f"index out of range [0, {V}) in logprobs_from_hidden")
         return
-    if bad.any():
-        i = int(bad.nonzero()[0, 0])
+    if not ok.all():
+        i = int((~ok).nonzero()[0, 0])
         where = i if rows is None else int(rows[i])
         raise ValueError(f"index out of range [0, {V}) at flattened row {where}: {int(index[i])}")
 
