@@ -26,6 +26,16 @@ then chained through dz/da = logit_scale / temperature, times the softcap's 1 - 
     dhidden = dL/da @ weight, dweight = dL/da.T @ hidden, dbias = sum_rows dL/da
 The backward recomputes each tile's logits from hidden and weight (one extra matmul) instead of storing them.
 
+Structure, the same on every device: the tile matmuls are plain `torch.mm` calls (cuBLAS on a GPU, where
+they run near the tensor-core peak), and the per-tile work between them, folding a tile into the running
+statistics in forward and turning it into dL/da in backward, is one "fold" function: Triton kernels on CUDA
+(one read of the tile, or one read and one in-place write), a few torch ops elsewhere. A fully fused Triton
+matmul (logits tiles never leaving registers) saves those tile passes but must either atomically add into
+dweight or recompute the logits once more per gradient. The price of running at cuBLAS speed, by a count (not
+yet a GPU measurement): a tile pass moves 2-4 bytes per bf16 logit where the matmuls do 2H FLOPs (forward) or
+6H (backward) per logit; at an H100's ~990 TFLOP/s and 3.35 TB/s that is ~300/H of the forward's matmul time
+and ~200/H of the backward's (~30% / 20% at H = 896, ~7% / 5% at H = 4096).
+
 Precision: the matmuls take their operands in the compute dtype (the autocast dtype when autocast is on for
 the device, else the input dtype, as `nn.Linear` would) and produce the tile in that dtype, so bf16/fp16
 logits are rounded once, exactly like a bf16 `lm_head`; everything after the matmul is float32. In the
@@ -295,9 +305,8 @@ def _fold_backward_torch(a, index, c0, ref, log_s, mu, g, ge, tr: Transform):
         d.mul_((-ge * f * inv_s).unsqueeze(1)).sub_((g * f * inv_s).unsqueeze(1))
         dz = d.mul_(p)  # -f p (g + ge (d - mu))
     col, inside = _local_targets(index, c0, dz.shape[1])
-    dz.scatter_add_(
-        1, col, (g * f * inside).unsqueeze(1)
-    )  # + f g at the target column, where it is in this tile
+    # + f g at the target column, where it is in this tile
+    dz.scatter_add_(1, col, (g * f * inside).unsqueeze(1))
     if dcap is not None:
         dz *= dcap
     if dz.data_ptr() != a.data_ptr():
@@ -558,7 +567,8 @@ class _HiddenLogProbs(torch.autograd.Function):
     Saves hidden, weight, bias, index and per-row ref, log s (n,) and mu (n,): O(n + V H) memory.
     Extra memory: one (R, C) tile in the compute dtype and what the fold needs (torch: up to two float32
     tiles, Triton: none); in backward also float32 dhidden (n, H), dweight in the weight's dtype (float32
-    accumulated, through a (C, H) float32 buffer for 16-bit weights with more than one row tile)."""
+    accumulated, through a (C, H) float32 buffer for 16-bit weights with more than one row tile), and for 16-bit
+    tiles the float32 temporaries of the mixed-dtype gradient matmuls (freed at once; see _mixed_mm_form)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, index, options):
