@@ -309,8 +309,10 @@ def _fold_backward_torch(a, index, c0, ref, log_s, mu, g, ge, tr: Transform):
     dz.scatter_add_(1, col, (g * f * inside).unsqueeze(1))
     if dcap is not None:
         dz *= dcap
-    if dz.data_ptr() != a.data_ptr():
-        a.copy_(dz)  # a 16-bit tile: one rounding of dL/da
+    if dz is not a:
+        a.copy_(
+            dz
+        )  # a 16-bit tile: one rounding of dL/da (in-place ops return their own tensor, so f32 skips this)
 
 
 # ----------------------------------------------------------------------------------------------------------
