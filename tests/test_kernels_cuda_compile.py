@@ -192,14 +192,23 @@ def logits_backward_case(
     )
 
 
-# The hidden path's folds run on one (R, C) tile of hidden @ weight.T in the compute dtype; C is the tile width
-# (a multiple of 256 by construction, so the tile's row stride is a multiple of 16) and the per-row vectors are
-# slices at multiples of the tile height. Default tile on CUDA: 4096 x 8192.
+# The hidden path's folds run on one (R, C) tile of hidden @ weight.T in the compute dtype. The tile buffer's row
+# stride is a multiple of 256 (HK.ROW_ALIGN) whatever V and the row count, and the loads run to C_pad (C rounded up
+# to 16), so the JIT can prove 16-byte alignment for every tile: the full ones (C = HIDDEN_TILE_C) and the ragged
+# ones (GPT-2's V = 50257 in one tile when there are few rows, or a last vocabulary tile of 17 columns), where C
+# itself is not a multiple of 16 and only masks in registers. Default tile on CUDA: 4096 x 8192.
 HIDDEN_TILE_C = HK.TILE_ELEMENTS["cuda"] // HK.ROWS_PER_TILE["cuda"]
 
 
-def hidden_forward_case(dtype: str, *, softcap: bool, entropy: bool) -> KernelCase:
-    """HK._fold_forward_kernel on a contiguous (R, HIDDEN_TILE_C) tile of `dtype`, launched as the CUDA fold."""
+def _hidden_widths(ragged: bool) -> tuple[str, tuple[str, ...]]:
+    """(name suffix, the width arguments the JIT marks divisible) for a full or a ragged tile."""
+    return ("Cragged", ("C_pad",)) if ragged else (f"C{HIDDEN_TILE_C}", ("C", "C_pad"))
+
+
+def hidden_forward_case(
+    dtype: str, *, softcap: bool, entropy: bool, top1: bool, ragged: bool = False
+) -> KernelCase:
+    """HK._fold_forward_kernel on a (R, C) tile of `dtype` in a 256-aligned buffer, launched as the CUDA fold."""
     (block, warps), _ = HK.FOLD_LAUNCH["cuda"]
     signature = {
         "tile_ptr": f"*{dtype}",
@@ -210,57 +219,68 @@ def hidden_forward_case(dtype: str, *, softcap: bool, entropy: bool) -> KernelCa
         "s_ptr": "*fp32",
         "t_ptr": "*fp32",  # the launcher passes s when there is no entropy
         "target_ptr": "*fp32",
+        "arg_ptr": "*i64",  # the launcher passes index when top-1 is not asked for
         "C": "i32",
+        "C_pad": "i32",
         "logit_scale": "fp32",
         "softcap": "fp32",
-        "inv_t": "fp32",
+        "k": "fp32",
         "HAS_SOFTCAP": "constexpr",
         "WANT_ENTROPY": "constexpr",
+        "WANT_TOP1": "constexpr",
         "BLOCK_C": "constexpr",
     }
+    width, divisible = _hidden_widths(ragged)
     return KernelCase(
-        name=_flags_name("hidden_fold_fwd", dtype, HIDDEN_TILE_C, {"softcap": softcap, "entropy": entropy}),
+        name=_flags_name(
+            "hidden_fold_fwd", dtype, width, {"softcap": softcap, "entropy": entropy, "top1": top1}
+        ).replace("-V", "-"),
         fn=HK._fold_forward_kernel,
         signature=signature,
-        constexprs={"HAS_SOFTCAP": softcap, "WANT_ENTROPY": entropy, "BLOCK_C": block},
+        constexprs={"HAS_SOFTCAP": softcap, "WANT_ENTROPY": entropy, "WANT_TOP1": top1, "BLOCK_C": block},
         num_warps=warps,
-        divisible=_pointers(signature) + ("stride_r", "c0", "C"),
+        divisible=_pointers(signature) + ("stride_r", "c0") + divisible,
         streamed=(("tile load", "x = tl.load(row_ptr + cols"),),
-        default_archs=(90,) if softcap and entropy else (),
+        default_archs=(90,) if softcap and entropy and top1 and (dtype == "bf16" or not ragged) else (),
     )
 
 
-def hidden_backward_case(dtype: str, *, softcap: bool, grad_entropy: bool) -> KernelCase:
-    """HK._fold_backward_kernel, rewriting a contiguous (R, HIDDEN_TILE_C) tile of `dtype` in place."""
+def hidden_backward_case(
+    dtype: str, *, softcap: bool, grad_entropy: bool, ragged: bool = False
+) -> KernelCase:
+    """HK._fold_backward_kernel, rewriting a (R, C) tile of `dtype` in a 256-aligned buffer in place."""
     _, (block, warps) = HK.FOLD_LAUNCH["cuda"]
     signature = {
         "tile_ptr": f"*{dtype}",
         "stride_r": "i32",
         "index_ptr": "*i64",
         "c0": "i32",
-        "lse_ptr": "*fp32",
-        "mu_ptr": "*fp32",  # lse when there is no entropy gradient
+        "ref_ptr": "*fp32",
+        "log_s_ptr": "*fp32",
+        "mu_ptr": "*fp32",  # log_s when there is no entropy gradient
         "g_ptr": "*fp32",
         "ge_ptr": "*fp32",  # g when there is no entropy gradient
         "C": "i32",
+        "C_pad": "i32",
         "logit_scale": "fp32",
         "softcap": "fp32",
-        "inv_t": "fp32",
+        "k": "fp32",
         "HAS_SOFTCAP": "constexpr",
         "HAS_GE": "constexpr",
         "BLOCK_C": "constexpr",
     }
+    width, divisible = _hidden_widths(ragged)
     return KernelCase(
         name=_flags_name(
-            "hidden_fold_bwd", dtype, HIDDEN_TILE_C, {"softcap": softcap, "gentropy": grad_entropy}
-        ),
+            "hidden_fold_bwd", dtype, width, {"softcap": softcap, "gentropy": grad_entropy}
+        ).replace("-V", "-"),
         fn=HK._fold_backward_kernel,
         signature=signature,
         constexprs={"HAS_SOFTCAP": softcap, "HAS_GE": grad_entropy, "BLOCK_C": block},
         num_warps=warps,
-        divisible=_pointers(signature) + ("stride_r", "c0", "C"),
-        streamed=(("tile load", "x = tl.load(ptrs"), ("dL/da store", "tl.store(ptrs, dz")),
-        default_archs=(90,) if softcap and grad_entropy else (),
+        divisible=_pointers(signature) + ("stride_r", "c0") + divisible,
+        streamed=(("tile load", "tl.load(ptrs"), ("dL/da store", "tl.store(ptrs, dz")),
+        default_archs=(90,) if softcap and grad_entropy and (dtype == "bf16" or not ragged) else (),
     )
 
 
@@ -283,8 +303,17 @@ CASES: list[KernelCase] = [
         for mask in _BOOLS
         for g, gh in _GRAD_FLAGS
     ),
-    *(hidden_forward_case(dt, softcap=c, entropy=e) for dt in DTYPES for c in _BOOLS for e in _BOOLS),
+    # every flag combination on full tiles; the ragged tile (GPT-2's vocabulary, a last vocabulary tile) with all on
+    *(
+        hidden_forward_case(dt, softcap=c, entropy=e, top1=t)
+        for dt in DTYPES
+        for c in _BOOLS
+        for e in _BOOLS
+        for t in _BOOLS
+    ),
+    *(hidden_forward_case(dt, softcap=True, entropy=True, top1=True, ragged=True) for dt in DTYPES),
     *(hidden_backward_case(dt, softcap=c, grad_entropy=e) for dt in DTYPES for c in _BOOLS for e in _BOOLS),
+    *(hidden_backward_case(dt, softcap=True, grad_entropy=True, ragged=True) for dt in DTYPES),
 ]
 
 
@@ -582,6 +611,16 @@ def test_without_alignment_hints_the_logits_load_is_narrow():
     assert accesses and all(bits < 128 for _, bits, _ in accesses), _describe_widths(accesses)
 
 
+def test_without_the_padded_width_the_ragged_hidden_tile_load_is_narrow():
+    """The same for the hidden path's ragged tile: with the load bound and the row stride not known to be multiples
+    of 16 (what bounding by C = 50257 in a V-wide buffer gave before the 256-aligned buffer and C_pad), the tile load
+    is not 128-bit."""
+    case = hidden_forward_case("bf16", softcap=True, entropy=True, top1=True, ragged=True)
+    kernel = compile_case(case, 90, divisible=_pointers(case.signature) + ("c0",))
+    accesses = streamed_accesses(kernel, case.fn, case.streamed[0][1])
+    assert accesses and all(bits < 128 for _, bits, _ in accesses), _describe_widths(accesses)
+
+
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -665,9 +704,11 @@ def test_cases_are_what_the_jit_makes_of_the_launchers_arguments(dtype: str, V: 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hidden_cases_are_what_the_jit_makes_of_the_launchers_arguments(dtype: str, monkeypatch):
-    """As above for the hidden path's folds: a real launch (tiles HIDDEN_TILE_C wide, every option combination)
-    recorded and specialised by triton must give each case's signature, constexprs and divisible arguments.
-    BLOCK_C and num_warps are the launcher's per-device choice, so only they may differ off a GPU."""
+    """As above for the hidden path's folds: real launches, recorded and specialised by triton, must give each case's
+    signature, constexprs and divisible arguments. Every option combination on V = 2 HIDDEN_TILE_C + 17 (two full
+    tiles and a ragged 17-column one), and GPT-2's V = 50257 (not a multiple of 16) in one tile at the default
+    sizes for 3 rows: the ragged cases, whose 128-bit accesses the compile tests assert, are what these launches
+    make. BLOCK_C and num_warps are the launcher's per-device choice, so only they may differ off a GPU."""
     _needs_jit_internals()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -677,23 +718,29 @@ def test_hidden_cases_are_what_the_jit_makes_of_the_launchers_arguments(dtype: s
     monkeypatch.setattr(
         HK, "_kernels", lambda: (Recorder(HK._fold_forward_kernel), Recorder(HK._fold_backward_kernel))
     )
-    V, width = 2 * HIDDEN_TILE_C, HIDDEN_TILE_C  # two full tiles: every launch sees C = HIDDEN_TILE_C
+    runs = [
+        (2 * HIDDEN_TILE_C + 17, HIDDEN_TILE_C, (False, False, True), dict(softcap=c, entropy=e, top1=t))
+        for c in _BOOLS
+        for e in _BOOLS
+        for t in _BOOLS
+    ]
+    runs.append((50257, None, (True,), dict(softcap=True, entropy=True, top1=True)))
     expected = []
-    for softcap in _BOOLS:
-        for entropy in _BOOLS:
-            hidden = torch.randn(3, 16, device=device).to(_TORCH_DTYPES[dtype]).requires_grad_()
-            weight = torch.randn(V, 16, device=device).to(_TORCH_DTYPES[dtype])
-            index = torch.randint(V, (3,), device=device)
-            out = HK.logprobs_from_hidden_triton(
-                hidden, weight, index, softcap=30.0 if softcap else None, return_entropy=entropy,
-                vocab_per_tile=width,
-            )  # fmt: skip
-            logps, ent = out if entropy else (out, None)
-            (logps.sum() + (ent.sum() if entropy else 0)).backward()
-            for _ in range(V // width):
-                expected.append(hidden_forward_case(dtype, softcap=softcap, entropy=entropy))
-            for _ in range(V // width):
-                expected.append(hidden_backward_case(dtype, softcap=softcap, grad_entropy=entropy))
+    for V, width, ragged, flags in runs:
+        hidden = torch.randn(3, 16, device=device).to(_TORCH_DTYPES[dtype]).requires_grad_()
+        weight = torch.randn(V, 16, device=device).to(_TORCH_DTYPES[dtype])
+        index = torch.randint(V, (3,), device=device)
+        out = HK.logprobs_from_hidden_triton(
+            hidden, weight, index, softcap=30.0 if flags["softcap"] else None, return_entropy=flags["entropy"],
+            return_top1=flags["top1"], vocab_per_tile=width,
+        )  # fmt: skip
+        out = out if isinstance(out, tuple) else (out,)
+        (out[0].sum() + (out[1].sum() if flags["entropy"] else 0)).backward()
+        expected += [hidden_forward_case(dtype, **flags, ragged=r) for r in ragged]
+        expected += [
+            hidden_backward_case(dtype, softcap=flags["softcap"], grad_entropy=flags["entropy"], ragged=r)
+            for r in ragged
+        ]
     assert len(launches) == len(expected)
     for (fn, args, kwargs), case in zip(launches, expected, strict=True):
         assert fn is case.fn
@@ -791,7 +838,8 @@ def report(cases: list[KernelCase], archs: tuple[int, ...] = ARCHS, file=sys.std
 
 if __name__ == "__main__":
     every = "--all" in sys.argv[1:]
-    # GPT-2's vocabulary is not a multiple of 16: the JIT cannot prove its rows aligned (shown, not tested)
+    # GPT-2's vocabulary is not a multiple of 16: the JIT cannot prove the logits path's rows aligned (shown, not
+    # tested); the hidden path's tiles are aligned for it by construction (ragged cases, tested)
     shown = [
         *(logits_forward_case(dt, V, mask=True, entropy=True) for dt in DTYPES for V in (*VOCABS, 50257)),
         *(
@@ -799,8 +847,16 @@ if __name__ == "__main__":
             for dt in DTYPES
             for V in (*VOCABS, 50257)
         ),
-        *(hidden_forward_case(dt, softcap=True, entropy=True) for dt in DTYPES),
-        *(hidden_backward_case(dt, softcap=True, grad_entropy=True) for dt in DTYPES),
+        *(
+            hidden_forward_case(dt, softcap=True, entropy=True, top1=True, ragged=r)
+            for dt in DTYPES
+            for r in _BOOLS
+        ),
+        *(
+            hidden_backward_case(dt, softcap=True, grad_entropy=True, ragged=r)
+            for dt in DTYPES
+            for r in _BOOLS
+        ),
     ]
     try:
         report(CASES if every else shown)

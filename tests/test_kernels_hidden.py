@@ -53,14 +53,76 @@ def _fn(backend):
     return _torch_small if backend == "torch" else _triton_on_device
 
 
-# Max abs error allowed on (logps, entropy) and the relative (to max |ref|) error on gradients, per dtype.
-# bf16/fp16 logits are rounded once (the matmul runs in the input dtype), and so is dz before the
-# gradient matmuls; the reference is float64 math on the same (rounded) inputs.
-TOL = {
-    torch.float32: (2e-5, 2e-5),
-    torch.bfloat16: (8e-2, 3e-2),
-    torch.float16: (1e-2, 4e-3),
+class _RoundGrad(torch.autograd.Function):
+    """Identity forward; backward rounds the gradient to `dtype` (as autograd does for a 16-bit lm_head's output)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype).to(grad.dtype), None
+
+
+def plain_reference(
+    hidden, weight, index, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None, dtype=torch.float64
+):
+    """float64 log-softmax of the logits built explicitly, written independently of the package's reference:
+    hidden (N, H), weight (V, H), bias (V,) float64 -> logps (N,), entropy (N,), differentiable.
+
+    dtype bfloat16/float16 (the values of hidden, weight, bias must be that dtype's): the logits are what a 16-bit
+    lm_head computes (F.linear in that dtype, rounded once) and their gradient is rounded to that dtype before it
+    reaches hidden, weight and bias, as the kernel does; everything else stays float64."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)  # (N, V) exact
+    if dtype != torch.float64:
+        low = torch.nn.functional.linear(
+            *(None if x is None else x.detach().to(dtype) for x in (hidden, weight, bias))
+        )
+        logits = _RoundGrad.apply(logits + (low.double() - logits).detach(), dtype)
+    x = logits * logit_scale
+    if softcap is not None:
+        x = torch.tanh(x / softcap) * softcap
+    z = x / temperature
+    lse = torch.logsumexp(z, dim=-1)  # (N,)
+    logps = z[torch.arange(len(index)), index] - lse
+    p = torch.softmax(z, dim=-1)
+    entropy = lse - (p * z).sum(-1)
+    return logps, entropy
+
+
+# Max abs error allowed on (logps, entropy) and the relative (to max |ref|) error on gradients, per dtype, against
+# plain_reference (16-bit: the rounded logits and rounded dL/dlogits of a 16-bit lm_head, float64 otherwise).
+# Measured maxima over the grid of test_values_and_grads_match_float64_reference: bfloat16 5.0e-7 (values),
+# 3.1e-3 (gradients: the final rounding of a gradient to bf16 alone is up to 2^-9 = 2.0e-3 of the element);
+# float16 4.5e-7, 3.4e-4. Tolerances are 2.5-4x those.
+TOL = {  # (atol, rtol) on values, then gtol
+    torch.float32: (2e-5, 1e-5, 2e-5),
+    torch.bfloat16: (2e-6, 0.0, 8e-3),
+    torch.float16: (2e-6, 0.0, 1e-3),
 }
+# Triton's interpreter casts float32 to bfloat16 by truncation (a GPU rounds to nearest, and so does torch): dL/da
+# then carries up to 2^-8 relative error with a consistent sign, measured 8.8e-3 on the gradients.
+INTERPRETED_BF16_GTOL = 2e-2
+
+
+# On a GPU the tile matmuls run in cuBLAS, which need not round each 16-bit logit as the test's CPU F.linear does
+# (another summation order, reduced-precision reductions): a logit one 16-bit ulp apart moves a log-prob by up to
+# |z| 2^-8. There the 16-bit paths are checked against the exact float64 logits, with tolerances for that rounding.
+TOL_EXACT_LOGITS = {torch.bfloat16: (8e-2, 1e-5, 3e-2), torch.float16: (1e-2, 1e-5, 4e-3)}
+
+
+def _reference_mode(backend, dtype):
+    """(plain_reference's dtype, (atol, rtol, gtol)) for a run of `backend` on inputs of `dtype`."""
+    if dtype not in TOL_EXACT_LOGITS:
+        return torch.float64, TOL[dtype]
+    if backend == "triton" and CUDA:
+        return torch.float64, TOL_EXACT_LOGITS[dtype]
+    atol, rtol, gtol = TOL[dtype]
+    if backend == "triton" and dtype == torch.bfloat16:
+        gtol = INTERPRETED_BF16_GTOL
+    return dtype, (atol, rtol, gtol)
 
 
 def _inputs(N, V, H, dtype, *, bias, seed=0, scale=1.0, lead=None):
@@ -74,24 +136,35 @@ def _inputs(N, V, H, dtype, *, bias, seed=0, scale=1.0, lead=None):
     return hidden, weight, b, index
 
 
-def _check(out, ref, params, ref_params, dtype, *, seed=1, gtol=None):
-    """Compare (logps, entropy) values, then gradients of a random combination of both."""
-    atol, gtol = TOL[dtype][0], gtol or TOL[dtype][1]
-    for got, want in zip(out, ref, strict=True):
+def _errors(out, ref, params, ref_params, *, rtol=0.0, seed=1):
+    """Errors of the outputs (max of |got - want| - rtol |want|) and max-relative errors of the gradients of a
+    random combination of them."""
+    errs = {}
+    for name, got, want in zip(("logps", "entropy"), out, ref, strict=False):
         assert got.dtype == torch.float32
         assert torch.isfinite(got).all()
-        torch.testing.assert_close(got.double(), want, atol=atol, rtol=1e-5)
+        errs[name] = float(((got.detach().double() - want.detach()).abs() - rtol * want.detach().abs()).max())
     g = torch.Generator().manual_seed(seed)
     weights = [torch.randn(o.shape, generator=g) for o in out]
     loss = sum((o * w).sum() for o, w in zip(out, weights, strict=True))
     ref_loss = sum((o * w.double()).sum() for o, w in zip(ref, weights, strict=True))
     grads = torch.autograd.grad(loss, params)
     ref_grads = torch.autograd.grad(ref_loss, ref_params)
-    for name, got, want in zip(("dhidden", "dweight", "dbias"), grads, ref_grads, strict=False):
-        assert got.dtype == dtype, name
+    for name, got, want, p in zip(("dhidden", "dweight", "dbias"), grads, ref_grads, params, strict=False):
+        assert got.dtype == p.dtype, name
         assert torch.isfinite(got).all(), name
-        err = (got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)
-        assert err < gtol, f"{name}: relative error {err:.2e}"
+        errs[name] = float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    return errs
+
+
+def _check(out, ref, params, ref_params, dtype, *, seed=1, gtol=None, tol=None):
+    """Compare (logps, entropy) values, then gradients of a random combination of both; tol (atol, rtol, gtol)
+    defaults to TOL[dtype], gtol overrides its last entry."""
+    atol, rtol, default_gtol = tol or TOL[dtype]
+    gtol = gtol or default_gtol
+    errs = _errors(out, ref, params, ref_params, rtol=rtol, seed=seed)
+    for name, err in errs.items():
+        assert err < (gtol if name.startswith("d") else atol), f"{name}: error {err:.2e}"
 
 
 OPTIONS = [
@@ -121,8 +194,9 @@ def test_values_and_grads_match_float64_reference(backend, dtype, H, opts):
     rh, rw = ref_params[:2]
     rb = ref_params[2] if bias else None
     out = _fn(backend)(hidden, weight, index, bias=b, return_entropy=True, **opts)
-    ref = reference_logprobs_from_hidden(rh, rw, index, bias=rb, return_entropy=True, **opts)
-    _check(out, ref, params, ref_params, dtype)
+    ref_dtype, tol = _reference_mode(backend, dtype)
+    ref = plain_reference(rh, rw, index, bias=rb, dtype=ref_dtype, **opts)
+    _check(out, ref, params, ref_params, dtype, tol=tol)
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -375,8 +449,9 @@ def test_default_tiles_match_the_float64_reference(backend, dtype):
     params = [hidden, weight, b]
     ref_params = [p.detach().double().requires_grad_() for p in params]
     got = logprobs_from_hidden(hidden, weight, index, bias=b, backend=backend, return_entropy=True)
-    ref = reference_logprobs_from_hidden(*ref_params[:2], index, bias=ref_params[2], return_entropy=True)
-    _check(got, ref, params, ref_params, dtype)
+    ref_dtype, tol = _reference_mode(backend, dtype)
+    ref = plain_reference(*ref_params[:2], index, bias=ref_params[2], dtype=ref_dtype)
+    _check(got, ref, params, ref_params, dtype, tol=tol)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -477,5 +552,322 @@ def test_default_cuda_tiles_several_row_and_vocabulary_tiles(dtype):
         *(p.cuda() for p in params[:2]), index.cuda(), bias=b.cuda(), return_entropy=True
     )
     out = tuple(o.cpu() for o in out)
-    ref = reference_logprobs_from_hidden(*ref_params[:2], index, bias=ref_params[2], return_entropy=True)
-    _check(out, ref, params, ref_params, dtype)
+    ref_dtype, tol = _reference_mode("triton", dtype)
+    ref = plain_reference(*ref_params[:2], index, bias=ref_params[2], dtype=ref_dtype)
+    _check(out, ref, params, ref_params, dtype, tol=tol)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The float64 references themselves, checked against each other.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [dict(), dict(temperature=0.7, logit_scale=1.3), dict(softcap=2.5, logit_scale=0.8, temperature=1.4)],
+    ids=["plain", "scale", "softcap"],
+)
+def test_package_reference_equals_plain_log_softmax(opts):
+    """reference_logprobs_from_hidden (the oracle of the kernel tests) against plain_reference, a float64
+    torch.log_softmax of logits built explicitly in this file: values, entropy and the hidden, weight and bias
+    gradients agree to float64 rounding, with bias, logit_scale, softcap and temperature."""
+    g = torch.Generator().manual_seed(30)
+    hidden = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(13, generator=g, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 13, (5,), generator=g)
+    got = reference_logprobs_from_hidden(hidden, weight, index, bias=bias, return_entropy=True, **opts)
+    want = plain_reference(hidden, weight, index, bias=bias, **opts)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-12)
+    w = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((got[0] * w[0] + got[1] * w[1]).sum(), (hidden, weight, bias))
+    ref_grads = torch.autograd.grad((want[0] * w[0] + want[1] * w[1]).sum(), (hidden, weight, bias))
+    for x, y in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 16 item 3: accuracy at large logits. Issue 17 item 4: top-1 ties. Row tiles, alignment, syncs.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _dyadic_inputs(N, V, H, shift, seed):
+    """hidden, weight in multiples of 1/8 and a bias of shift + multiples of 1/64: every float32 partial sum of
+    hidden @ weight.T + bias is exact (at most 20 significant bits), so the float32 logits equal the float64 ones
+    and any error left is the kernel's own."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randint(-8, 9, (N, H), generator=g) / 8).requires_grad_()
+    weight = (torch.randint(-8, 9, (V, H), generator=g) / 8).requires_grad_()
+    bias = (shift + torch.randint(-64, 65, (V,), generator=g) / 64).requires_grad_()
+    index = torch.randint(0, V, (N,), generator=g)
+    return hidden, weight, bias, index
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("opts", [dict(), dict(temperature=0.7, logit_scale=1.3)], ids=["plain", "scaled"])
+def test_logits_shifted_by_1e4_lose_no_accuracy(backend, opts):
+    """All logits near 1e4 (float32 ulp 1e-3): logps, entropy and gradients stay as accurate as at 0, because
+    they are kept relative to the row max (absolute lse and mu lost ~5e-4 here)."""
+    hidden, weight, bias, index = _dyadic_inputs(6, 70, 8, 1e4, seed=31)
+    with torch.no_grad():
+        exact = torch.nn.functional.linear(hidden.double(), weight.double(), bias.double())
+        assert torch.equal(torch.nn.functional.linear(hidden, weight, bias).double(), exact)
+    params = [hidden, weight, bias]
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    out = _fn(backend)(hidden, weight, index, bias=bias, return_entropy=True, **opts)
+    ref = plain_reference(*ref_params[:2], index, bias=ref_params[2], **opts)
+    errs = _errors(out, ref, params, ref_params)
+    assert errs["logps"] < 2e-6 and errs["entropy"] < 2e-6, errs
+    assert max(errs["dhidden"], errs["dweight"], errs["dbias"]) < 2e-6, errs
+
+
+def _tied_inputs(first_copy):
+    """hidden (6, 8) with entries in [1/8, 1] and weight (100, 8) in multiples of 1/8 in [-1, 7/8], except the rows
+    listed in first_copy and its tail, which are all ones: they hold every row's maximum logit, exactly tied (all
+    sums exact). The copies sit in different vocabulary tiles and Triton blocks (tiles of 16 or 48, blocks of 32)."""
+    g = torch.Generator().manual_seed(32)
+    hidden = torch.randint(1, 9, (6, 8), generator=g) / 8
+    weight = torch.randint(-8, 8, (100, 8), generator=g) / 8
+    weight[first_copy] = 1.0
+    return hidden, weight
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize(
+    ("copies", "index", "expected"),
+    [
+        # copies at 5 and 6 (same tile and block), 40 (another block; another tile at 16 wide), 70 and 90
+        ([5, 6, 40, 70, 90], [5, 6, 40, 70, 90, 3], [True, False, False, False, False, False]),
+        # the first copy in a later vocabulary tile: it wins, the copy in a still later tile does not
+        ([70, 90], [70, 90, 70, 90, 0, 99], [True, False, True, False, False, False]),
+    ],
+    ids=["first-tile", "later-tile"],
+)
+def test_top1_follows_argmax_first_index_rule(backend, copies, index, expected):
+    """is_top1 is `argmax == index` with torch.argmax's rule: a target tied with the maximum at a lower vocabulary
+    index is not top-1, also when the lower one is in an earlier vocabulary tile or block."""
+    hidden, weight = _tied_inputs(copies)
+    index = torch.tensor(index)
+    z = hidden @ weight.T  # exact
+    assert (z[:, copies] == z.amax(1, keepdim=True)).all()  # the ties are real
+    truth = z.argmax(-1) == index
+    assert truth.tolist() == expected
+    _, top1 = _fn(backend)(hidden, weight, index, return_top1=True)
+    assert top1.tolist() == expected
+    _, ref_top1 = reference_logprobs_from_hidden(hidden, weight, index, return_top1=True)
+    assert ref_top1.tolist() == expected
+    # bf16 logits (rounded to 8 bits, where ties are frequent): the argmax of the logits a bf16 lm_head computes
+    h16, w16 = hidden.bfloat16(), weight.bfloat16()
+    _, top1_bf16 = _fn(backend)(h16, w16, index, return_top1=True)
+    assert top1_bf16.tolist() == (torch.nn.functional.linear(h16, w16).argmax(-1) == index).tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", _backends())
+def test_several_row_tiles_at_default_sizes(backend, dtype, monkeypatch):
+    """Default tiles shrunk through the module constants (4 rows, 256 columns): 21 rows make 6 row tiles, V = 600
+    three vocabulary tiles (the last one ragged), so dhidden, dweight and dbias are float32 sums over row tiles
+    (a 16-bit weight through the float32 (C, H) buffer)."""
+    monkeypatch.setattr(K, "ROWS_PER_TILE", {"cpu": 4, "cuda": 4})
+    monkeypatch.setattr(K, "TILE_ELEMENTS", {"cpu": 4 * 256, "cuda": 4 * 256})
+    seen = []
+    fold_forward, fold_backward = K.FOLDS[backend]
+
+    def spy(a, *args):
+        seen.append(tuple(a.shape))
+        return fold_forward(a, *args)
+
+    monkeypatch.setitem(K.FOLDS, backend, (spy, fold_backward))
+    hidden, weight, b, index = _inputs(21, 600, 16, dtype, bias=True, seed=33)
+    params = [hidden, weight, b]
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    dev = "cuda" if backend == "triton" and CUDA else "cpu"
+    fn = K.logprobs_from_hidden_torch if backend == "torch" else K.logprobs_from_hidden_triton
+    got = fn(*(p.to(dev) for p in (hidden, weight)), index.to(dev), bias=b.to(dev), return_entropy=True)
+    got = tuple(o.cpu() for o in got)
+    # 21 rows: five tiles of 4 and one of 1
+    assert sorted(set(seen)) == [(1, 88), (1, 256), (4, 88), (4, 256)] and len(seen) == 6 * 3
+    ref_dtype, tol = _reference_mode(backend, dtype)
+    ref = plain_reference(*ref_params[:2], index, bias=ref_params[2], dtype=ref_dtype)
+    _check(got, ref, params, ref_params, dtype, tol=tol)
+
+
+@pytest.mark.parametrize(
+    ("backend", "N", "V", "vocab_per_tile"),
+    [
+        (
+            "torch",
+            3,
+            50257,
+            None,
+        ),  # the buffer code is shared; the interpreter would take ~40 s on 50257 columns
+        *(
+            (backend, N, V, C)
+            for backend in ("torch", "triton")
+            for N, V, C in ((5, 1000, 300), (2, 37, None))
+        ),
+    ],
+)
+def test_tile_rows_start_128_bit_aligned(backend, N, V, vocab_per_tile, monkeypatch):
+    """Every tile the folds see has a row stride that is a multiple of 256 elements (so each row starts 16-byte
+    aligned and the Triton folds vectorise), for V not a multiple of 16, few rows and a ragged last tile."""
+    if backend == "triton" and not TRITON_OK:
+        pytest.skip("triton missing, or neither a GPU nor TRITON_INTERPRET=1")
+    strides = []
+    fold_forward, fold_backward = K.FOLDS[backend]
+
+    def spy(fold):
+        def run(a, *args):
+            strides.append((a.stride(0), a.shape[1], a.data_ptr() % 16))
+            return fold(a, *args)
+
+        return run
+
+    monkeypatch.setitem(K.FOLDS, backend, (spy(fold_forward), spy(fold_backward)))
+    hidden, weight, _, index = _inputs(N, V, 4, torch.float32, bias=False, seed=34)
+    dev = "cuda" if backend == "triton" and CUDA else "cpu"
+    fn = K.logprobs_from_hidden_torch if backend == "torch" else K.logprobs_from_hidden_triton
+    logps = fn(hidden.to(dev), weight.to(dev), index.to(dev), vocab_per_tile=vocab_per_tile).cpu()
+    logps.sum().backward()
+    assert strides and all(stride % 256 == 0 and ptr == 0 for stride, _, ptr in strides), strides
+    assert {width for _, width, _ in strides} == ({300, 100} if vocab_per_tile else {V})
+    ref = reference_logprobs_from_hidden(hidden.detach(), weight.detach(), index)
+    torch.testing.assert_close(logps.detach().double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_mixed_mm_form_selection():
+    """acc (float32) += a @ b (16-bit): torch.mm(out_dtype=float32) on CUDA from torch 2.8, never the
+    addmm(out_dtype, out=acc) form that 2.8 and 2.9 reject; versions compared as versions ("2.10" > "2.8")."""
+    form = K._mixed_mm_form
+    assert form("cuda", "2.8.0") == form("cuda", "2.9.1+cu128") == "mm_out_dtype"
+    assert (
+        form("cuda", "2.10.0") == form("cuda", "2.13.0+cu130") == "mm_out_dtype"
+    )  # a string compare says no
+    assert (
+        form("cuda", "2.7.1+cu126") == form("cuda", "2.4.0") == form("cuda", "2.8.0a0+gitabcdef") == "upcast"
+    )
+    assert (
+        form("cpu", "2.13.0+cpu") == form("cpu", "2.8.0") == "upcast"
+    )  # the CPU has no aten::mm.dtype kernel
+    assert set(K._MIXED_MM) == {"mm_out_dtype", "upcast"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("form", ["upcast", "mm_out_dtype"])
+def test_mixed_mm_forms_match_float64(form, dtype):
+    """Each form adds the exact product of the 16-bit operands to a float32 accumulator (one float32 rounding of
+    the sum, no 16-bit rounding of the product)."""
+    if form == "mm_out_dtype" and not CUDA:
+        pytest.skip("torch.mm(out_dtype=float32) runs on CUDA only: CPU torch has no aten::mm.dtype kernel")
+    dev = "cuda" if CUDA else "cpu"
+    g = torch.Generator().manual_seed(35)
+    acc = torch.randn(64, 48, generator=g).to(dev)
+    a = torch.randn(64, 200, generator=g).to(dtype).to(dev)
+    b = torch.randn(200, 48, generator=g).to(dtype).to(dev)
+    want = acc.double() + a.double() @ b.double()
+    K._MIXED_MM[form](acc, a, b)
+    assert acc.dtype == torch.float32
+    err = ((acc.double() - want).abs() / want.abs().clamp_min(1.0)).max()
+    assert err < 1e-5, err  # a product rounded to 16 bits first would be off by ~4e-3 (bf16) / 5e-4 (fp16)
+    rounded = torch.randn(64, 48, generator=g).to(dev)
+    rounded_want = rounded.double() + (a @ b).double()
+    assert (
+        (rounded_want - (rounded.double() + a.double() @ b.double())).abs().max()
+    ) > 1e-3  # the check can fail
+
+
+def test_fake_cuda_index_check_reads_nothing_on_the_host_and_mm_out_dtype_is_accepted():
+    """On (fake) CUDA tensors, FakeTensorMode raises on any data-dependent host read (.item(), .tolist(), nonzero):
+    the index range check passes it (torch._assert_async), the CPU-style check would not; and the gradient
+    accumulation of 16-bit tiles takes the torch.mm(out_dtype=float32) form, which the fake accepts with the
+    expected dtype. (A whole call cannot run on fake CUDA tensors in a CPU-only build: its allocations with a device
+    index abort; the next test covers the whole call.)"""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    with FakeTensorMode():
+        index = torch.randint(0, 1000, (300,), device="cuda")
+        K._check_index_range(index, 1000, None)
+        with pytest.raises(DataDependentOutputException):  # the fake does catch a host read
+            bool((index < 0).any())
+        acc = torch.zeros(300, 16, device="cuda")
+        K._add_mm(
+            acc,
+            torch.randn(300, 1000, device="cuda").bfloat16(),
+            torch.randn(1000, 16, device="cuda").bfloat16(),
+        )
+        assert acc.dtype == torch.float32 and acc.shape == (300, 16)
+    assert K._mixed_mm_form("cuda", torch.__version__) == "mm_out_dtype"
+
+
+def test_sync_free_path_reads_nothing_on_the_host_and_masks_cost_one(monkeypatch):
+    """The whole call, forward and backward, with the CUDA choice forced on CPU tensors: under FakeTensorMode, which
+    raises on any data-dependent host read (.item(), .tolist(), nonzero, bool()), without a mask; with a mask
+    exactly one such op is recorded, the nonzero that sizes the matmuls."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    monkeypatch.setattr(K, "_sync_free", lambda device: True)
+    with FakeTensorMode():
+        hidden = torch.randn(30, 16, dtype=torch.bfloat16, requires_grad=True)
+        weight = torch.randn(100, 16, dtype=torch.bfloat16, requires_grad=True)
+        bias = torch.randn(100, dtype=torch.bfloat16, requires_grad=True)
+        index = torch.randint(0, 100, (30,))
+        logps, entropy, top1 = logprobs_from_hidden_torch(
+            hidden, weight, index, bias=bias, return_entropy=True, return_top1=True, rows_per_tile=8,
+            vocab_per_tile=32,
+        )  # fmt: skip
+        (logps.sum() + entropy.sum()).backward()
+        assert weight.grad.shape == (100, 16) and top1.dtype == torch.bool
+    monkeypatch.setattr(K, "_sync_free", lambda device: False)
+    with FakeTensorMode(), pytest.raises(DataDependentOutputException):  # the CPU's check does read the host
+        logprobs_from_hidden_torch(torch.randn(3, 16), torch.randn(10, 16), torch.randint(0, 10, (3,)))
+
+    monkeypatch.setattr(K, "_sync_free", lambda device: True)
+    syncs = ("aten._local_scalar_dense", "aten.nonzero", "aten.item", "aten.is_nonzero", "aten.equal")
+    hidden, weight, b, index = _inputs(7, 40, 8, torch.float32, bias=True, seed=36)
+    mask = torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.bool)
+    with _OpNames() as rec:
+        logps = K.logprobs_from_hidden_torch(hidden, weight, index, bias=b, mask=mask, return_top1=True)[0]
+        logps.sum().backward()
+    assert [op.rsplit(".", 1)[0] for op in rec.names if op.startswith(syncs)] == ["aten.nonzero"]
+
+
+class _OpNames(TorchDispatchMode):
+    """Records the name of every aten op, whatever it returns (a host read returns a Python number)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_device_side_index_check_fails_without_naming_the_row(monkeypatch):
+    """With the CUDA choice forced, an out-of-range index stops the call through torch._assert_async (on a GPU a
+    device-side assert; on the CPU it raises at once), the message giving the range."""
+    monkeypatch.setattr(K, "_sync_free", lambda device: True)
+    hidden, weight, _, _ = _inputs(3, 10, 8, torch.float32, bias=False)
+    with pytest.raises(RuntimeError, match=r"index out of range \[0, 10\) in logprobs_from_hidden"):
+        K.logprobs_from_hidden_torch(hidden, weight, torch.tensor([0, 10, 2]))
+    # masked rows are not checked
+    logps = K.logprobs_from_hidden_torch(
+        hidden, weight, torch.tensor([0, 10, 2]), mask=torch.tensor([True, False, True])
+    )
+    assert logps[1] == 0
+
+
+@pytest.mark.parametrize("name", ["weight", "index", "bias", "mask"])
+def test_inputs_on_another_device_are_named(name):
+    args = dict(
+        hidden=torch.zeros(3, 8),
+        weight=torch.zeros(10, 8),
+        index=torch.tensor([0, 1, 2]),
+        bias=torch.zeros(10),
+        mask=torch.ones(3, dtype=torch.bool),
+    )
+    args[name] = args[name].to("meta")
+    hidden, weight, index = args.pop("hidden"), args.pop("weight"), args.pop("index")
+    with pytest.raises(ValueError, match=f"^{name} is on meta but hidden is on cpu$"):
+        logprobs_from_hidden_torch(hidden, weight, index, **args)

@@ -4,22 +4,25 @@ Notation: N rows (any leading batch shape, flattened), V vocabulary, H hidden si
 R rows per tile, C vocabulary entries per tile.
 
     a = hidden @ weight.T (+ bias)           (N, V)  never built: only (R, C) tiles exist
-    x = a * logit_scale
-    y = softcap * tanh(x / softcap)           if softcap (Gemma's final_logit_softcapping), else x
-    z = y / temperature
+    u = softcap * tanh(a * logit_scale / softcap)   if softcap (Gemma's final_logit_softcapping), else a
+    z = k u,  k = 1 / temperature  (softcap)  or  logit_scale / temperature  (no softcap)
     logps   = z[index] - logsumexp(z)         (N,)
     entropy = logsumexp(z) - sum_j p_j z_j    (N,)   p = softmax(z)
-    is_top1 = z[index] >= max_j z_j           (N,)   ties count as top-1
+    is_top1 = argmax_j z_j == index           (N,)   torch.argmax's rule: a tie goes to the lowest index
 
-The log-sum-exp is accumulated across vocabulary tiles with the online softmax recurrence
-(Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"): a running max m, a running
-sum s = sum exp(z - m) and, for the entropy, t = sum exp(z - m) (z - m), all rescaled when m grows.
+Everything is kept relative to the row's reference r = max_j u_j, as the logits path does: with d = k (u - r)
+(the subtraction first, so it is exact for the entries that matter, then one rounding of a small number),
+    logps = k (u[index] - r) - log s,   entropy = log s - t / s,   s = sum_j exp(d_j),  t = sum_j exp(d_j) d_j
+so a shift of every logit by 1e4 costs nothing in accuracy (absolute lse and mu would lose an ulp of |z|).
+s and t are accumulated across vocabulary tiles with the online softmax recurrence (Milakov & Gimelshein 2018,
+"Online normalizer calculation for softmax"): rescaled by exp(k (r_old - r_new)) when the reference grows.
+The argmax runs along: a later tile takes it over only with a strictly greater maximum.
 
-Gradients (g = dL/dlogps, e = dL/dentropy, mu = sum_j p_j z_j):
+Gradients (g = dL/dlogps, e = dL/dentropy, mu = sum_j p_j d_j, p_j = exp(d_j) / s):
     dlogp/dz_j    = onehot_j - p_j
-    dentropy/dz_j = -p_j (z_j - mu)
-    dL/dz_j       = g onehot_j - p_j (g + e (z_j - mu))
-then chained through 1 / temperature, the softcap (d/dx c tanh(x / c) = 1 - tanh^2) and logit_scale:
+    dentropy/dz_j = -p_j (d_j - mu)
+    dL/dz_j       = g onehot_j - p_j (g + e (d_j - mu))
+then chained through dz/da = logit_scale / temperature, times the softcap's 1 - tanh^2 when there is one:
     dhidden = dL/da @ weight, dweight = dL/da.T @ hidden, dbias = sum_rows dL/da
 The backward recomputes each tile's logits from hidden and weight (one extra matmul) instead of storing them.
 
@@ -37,9 +40,14 @@ Precision: the matmuls take their operands in the compute dtype (the autocast dt
 the device, else the input dtype, as `nn.Linear` would) and produce the tile in that dtype, so bf16/fp16
 logits are rounded once, exactly like a bf16 `lm_head`; everything after the matmul is float32. In the
 backward dL/da is rounded to the compute dtype (as autograd does for a bf16 `lm_head`) and the gradient
-matmuls accumulate into float32 dhidden / dweight / dbias without rounding each tile's product (on CUDA
-`addmm(out_dtype=float32)`; on the CPU 16-bit operands are upcast), cast to the parameter dtype at the end.
+matmuls accumulate into float32 dhidden / dweight / dbias without rounding each tile's product (`_MIXED_MM`),
+cast to the parameter dtype at the end.
 Outputs are float32 (float64 for float64 inputs on the torch path, which gradcheck uses).
+
+Host syncs: none on CUDA without a mask (the index range is checked on the device); a mask costs exactly one, the
+count of kept rows that sizes the matmuls. Alignment: every tile buffer has a row stride that is a multiple of 256
+elements, so the Triton folds read and write 128 bits per access for any V (GPT-2's 50257), row count and ragged
+last vocabulary tile.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ import os
 from typing import NamedTuple
 
 import torch
+from torch.torch_version import TorchVersion
 
 from ._outputs import select_outputs
 from .logits import FP_FUSION, device_of
@@ -101,7 +110,7 @@ def reference_logprobs_from_hidden(
     # p log p = 0 where p = 0 (a -inf logit); the where() sits on log p so backward never meets 0 * -inf
     p = logp_all.exp()
     entropy = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)  # (...)
-    is_top1 = z.gather(-1, index.long().unsqueeze(-1)).squeeze(-1) >= z.amax(-1)  # ties count
+    is_top1 = z.argmax(-1) == index  # a tie goes to the lowest index
     if mask is not None:
         mask = mask.bool()
         logps = torch.where(mask, logps, torch.zeros_like(logps))
@@ -118,6 +127,9 @@ def reference_logprobs_from_hidden(
 def _check_inputs(hidden, weight, index, bias, temperature, logit_scale, softcap, mask):
     if weight.dim() != 2:
         raise ValueError(f"weight must be (V, H); got shape {tuple(weight.shape)}")
+    for name, x in (("weight", weight), ("index", index), ("bias", bias), ("mask", mask)):
+        if x is not None and x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"hidden (..., H) must end with H = weight.shape[1] = {weight.shape[1]}; got shape {tuple(hidden.shape)}"
@@ -152,22 +164,34 @@ def _flatten_valid(hidden, index, mask):
     if mask is None:
         rows = None
     else:
-        # Host sync: the number of kept rows decides the matmul sizes (the index range check is another).
+        # The one host sync of a masked call, and unavoidable: the count of kept rows sizes every matmul (the
+        # alternative, all N rows through the matmuls, costs more than the sync on the batches masks come with).
         rows = mask.reshape(-1).bool().nonzero().squeeze(1)  # (n,)
         flat_hidden = flat_hidden.index_select(0, rows)
         flat_index = flat_index.index_select(0, rows)
     return rows, flat_hidden, flat_index
 
 
+def _sync_free(device: torch.device) -> bool:
+    """Whether checks must stay on the device: on CUDA a host sync stalls the launch queue and breaks graph
+    capture; on the CPU there is no queue, and the check can afford to name the row."""
+    return device.type == "cuda"
+
+
 def _check_index_range(index, V, rows):
-    """index (n,) of the kept rows; the message names the row in the flattened (N,) input."""
+    """index (n,) of the kept rows; on the CPU the message names the row in the flattened (N,) input."""
     if index.numel() == 0:
         return
-    low, high = torch.stack(torch.aminmax(index)).tolist()  # one host sync for both ends
-    if low < 0 or high >= V:
-        bad = int(((index < 0) | (index >= V)).nonzero()[0, 0])
-        where = bad if rows is None else int(rows[bad])
-        raise ValueError(f"index out of range [0, {V}) at flattened row {where}: {int(index[bad])}")
+    ok = (index >= 0) & (index < V)  # (n,)
+    if _sync_free(index.device):
+        # Device-side assert, no sync: naming the row would need one. An out-of-range index would not read out of
+        # bounds (the folds compare columns with it), but it would silently give a wrong log-prob.
+        torch._assert_async(ok.all(), f"index out of range [0, {V}) in logprobs_from_hidden")
+        return
+    if not ok.all():
+        i = int((~ok).nonzero()[0, 0])
+        where = i if rows is None else int(rows[i])
+        raise ValueError(f"index out of range [0, {V}) at flattened row {where}: {int(index[i])}")
 
 
 def _unflatten(rows, shape, logps, entropy, is_top1):
@@ -186,11 +210,16 @@ def _unflatten(rows, shape, logps, entropy, is_top1):
 
 
 class Transform(NamedTuple):
-    """a -> z: x = a * logit_scale, y = softcap tanh(x / softcap) (softcap None: y = x), z = y * inv_t."""
+    """a -> u = softcap tanh(a logit_scale / softcap) (softcap None: u = a) -> z = k u (see the module docstring)."""
 
     logit_scale: float
     softcap: float | None
     inv_t: float
+
+    @property
+    def k(self) -> float:
+        """dz/du: the factor applied after subtracting the row reference."""
+        return self.inv_t if self.softcap is not None else self.logit_scale * self.inv_t
 
 
 def _acc_dtype(x):
@@ -199,23 +228,19 @@ def _acc_dtype(x):
 
 
 def _transform_torch(a, tr: Transform, cap_grad=False):
-    """a (R, C) tile of hidden @ weight.T + bias -> z (R, C) float32 tempered logits [, d softcap / dx].
+    """a (R, C) tile of hidden @ weight.T + bias -> u (R, C) in the math dtype [, du/da / logit_scale].
 
     Works in place when `a` is already in the math dtype (the caller's own tile buffer). The softcap derivative
-    1 - tanh^2(x / c) is computed as 1 / cosh^2(x / c) from the uncapped x: 1 - (y / c)^2 from the capped y
+    1 - tanh^2(x / c) is computed as 1 / cosh^2(x / c) from the uncapped x: 1 - (u / c)^2 from the capped u
     loses all precision once tanh rounds to 1."""
-    z = a if a.dtype == _acc_dtype(a) else a.to(_acc_dtype(a))
-    if tr.logit_scale != 1.0:
-        z *= tr.logit_scale
+    u = a if a.dtype == _acc_dtype(a) else a.to(_acc_dtype(a))
     dcap = None
     if tr.softcap is not None:
-        z /= tr.softcap
+        u *= tr.logit_scale / tr.softcap
         if cap_grad:
-            dcap = torch.cosh(z).square_().reciprocal_()  # cosh overflows to inf -> derivative 0, no NaN
-        z = z.tanh_().mul_(tr.softcap)
-    if tr.inv_t != 1.0:
-        z *= tr.inv_t
-    return z, dcap
+            dcap = torch.cosh(u).square_().reciprocal_()  # cosh overflows to inf -> derivative 0, no NaN
+        u = u.tanh_().mul_(tr.softcap)
+    return u, dcap
 
 
 def _local_targets(index, c0, C):
@@ -224,50 +249,70 @@ def _local_targets(index, c0, C):
     return local.clamp(0, C - 1).unsqueeze(1), (local >= 0) & (local < C)
 
 
+def _row_ref(m):
+    """The row reference r from the running max m (R,): 0 while nothing finite was seen (no -inf - -inf)."""
+    return torch.where(m == float("-inf"), 0.0, m)
+
+
 def _fold_forward_torch(a, index, c0, stats, tr: Transform, want_entropy):
     """Fold tile a (R, C), columns c0 .. c0 + C of the vocabulary, into the running statistics
-    stats = (m, s, t, target), each (R,), in place. index (R,): the rows' target columns in the vocabulary."""
-    m, s, t, target = stats
-    z, _ = _transform_torch(a, tr)
-    col, inside = _local_targets(index, c0, z.shape[1])
-    torch.where(inside, z.gather(1, col).squeeze(1), target, out=target)
-    m_new = torch.maximum(m, z.amax(1))
-    ref = torch.where(m_new == float("-inf"), 0.0, m_new)  # a tile of -inf only (-inf bias): shift by 0
-    alpha = torch.exp(m - ref)  # 0 on the first tile (m = -inf)
-    z -= ref.unsqueeze(1)
+    stats = (m, s, t, target, arg), each (R,), in place (t only with want_entropy, arg (int64) only when top-1 is
+    asked for, else None). index (R,): the rows' target columns in the vocabulary. m and target are in u units."""
+    m, s, t, target, arg = stats
+    u, _ = _transform_torch(a, tr)
+    col, inside = _local_targets(index, c0, u.shape[1])
+    torch.where(inside, u.gather(1, col).squeeze(1), target, out=target)
+    if arg is None:
+        tile_max = u.amax(1)
+    else:
+        tile_max, tile_arg = u.max(1)  # the first column holding the maximum
+        # strictly greater: an equal maximum in an earlier tile keeps its lower index, as torch.argmax does
+        torch.where(tile_max > m, tile_arg + c0, arg, out=arg)
+    m_new = torch.maximum(m, tile_max)
+    ref = _row_ref(m_new)
+    alpha = torch.exp((m - ref) * tr.k)  # 0 on the first tile (m = -inf)
+    d = u.sub_(ref.unsqueeze(1))  # exact where it matters (u near ref), then one rounding of a small number
+    if tr.k != 1.0:
+        d *= tr.k
     if want_entropy:
-        e = torch.exp(z)  # (R, C)
-        # t relative to the new max: alpha (t + (m - ref) s); m - ref = -inf only where s = 0
-        t.copy_(alpha * (t + torch.where(s > 0, m - ref, 0.0) * s))
-        z.masked_fill_(e == 0, 0.0)  # e (z - ref) = 0 where z = -inf, not NaN
-        t += torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # row-wise dot, no (R, C) temporary
+        e = torch.exp(d)  # (R, C)
+        # t relative to the new reference: alpha (t + k (m - ref) s); m - ref = -inf only where s = 0
+        t.copy_(alpha * (t + torch.where(s > 0, (m - ref) * tr.k, 0.0) * s))
+        d.clamp_(min=torch.finfo(d.dtype).min)  # e d = 0, not NaN, where d = -inf (one pass, no mask tile)
+        t += torch.bmm(e.unsqueeze(1), d.unsqueeze(2)).view(-1)  # row-wise dot, no (R, C) temporary
         s.mul_(alpha).add_(e.sum(1))
     else:
-        s.mul_(alpha).add_(z.exp_().sum(1))
+        s.mul_(alpha).add_(d.exp_().sum(1))
     m.copy_(m_new)
 
 
-def _fold_backward_torch(a, index, c0, lse, mu, g, ge, tr: Transform):
-    """Overwrite tile a (R, C) with dL/da, in a's dtype. lse, mu, g, ge (R,) float32; mu and ge None without an
-    entropy gradient; index and c0 as in the forward fold. Holds at most three float32 (R, C) tiles."""
-    z, dcap = _transform_torch(a, tr, cap_grad=True)
-    p = z.sub(lse.unsqueeze(1)).exp_()  # (R, C) softmax probabilities
-    if ge is not None:
-        z -= mu.unsqueeze(1)
-        z.masked_fill_(p == 0, 0.0)  # p (z - mu) = 0 where z = -inf
-        z *= ge.unsqueeze(1)
-        z += g.unsqueeze(1)
-        dz = p.mul_(z).neg_()
+def _fold_backward_torch(a, index, c0, ref, log_s, mu, g, ge, tr: Transform):
+    """Overwrite tile a (R, C) with dL/da, in a's dtype. ref, log_s, g, mu, ge (R,) in the math dtype (mu and ge
+    None without an entropy gradient); index and c0 as in the forward fold. Without an entropy gradient a float32
+    tile is worked on in place (a 16-bit one through one float32 copy); with it, one more float32 tile holds p."""
+    u, dcap = _transform_torch(a, tr, cap_grad=True)
+    f = tr.logit_scale * tr.inv_t  # dz/da without the softcap's derivative
+    d = u.sub_(ref.unsqueeze(1))
+    if tr.k != 1.0:
+        d *= tr.k
+    inv_s = torch.exp(-log_s)  # p = exp(d) / s: the row factors go into the one per-row multiply
+    if ge is None:
+        dz = d.exp_().mul_((-g * f * inv_s).unsqueeze(1))  # -f g p
     else:
-        dz = p.mul_(-g.unsqueeze(1))
-    del z
+        p = torch.exp(d)  # (R, C), p s
+        d -= mu.unsqueeze(1)
+        d.masked_fill_(p == 0, 0.0)  # p (d - mu) = 0 where d = -inf
+        d.mul_((-ge * f * inv_s).unsqueeze(1)).sub_((g * f * inv_s).unsqueeze(1))
+        dz = d.mul_(p)  # -f p (g + ge (d - mu))
     col, inside = _local_targets(index, c0, dz.shape[1])
-    dz.scatter_add_(1, col, (g * inside).unsqueeze(1))  # + g at the target column, where it is in this tile
+    # + f g at the target column, where it is in this tile
+    dz.scatter_add_(1, col, (g * f * inside).unsqueeze(1))
     if dcap is not None:
         dz *= dcap
-    if tr.logit_scale * tr.inv_t != 1.0:
-        dz *= tr.logit_scale * tr.inv_t  # the chain rule's constant factor
-    a.copy_(dz)
+    if dz is not a:
+        a.copy_(
+            dz
+        )  # a 16-bit tile: one rounding of dL/da (in-place ops return their own tensor, so f32 skips this)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -277,20 +322,23 @@ def _fold_backward_torch(a, index, c0, lse, mu, g, ge, tr: Transform):
 
 
 def _fold_forward_kernel(
-    tile_ptr,  # (R, C) compute dtype, row stride stride_r, unit column stride
+    tile_ptr,  # (R, C) compute dtype, row stride stride_r (a multiple of 256), unit column stride
     stride_r,
     index_ptr,  # (R,) int64: target columns in the vocabulary
     c0,  # the tile's first vocabulary column
-    m_ptr,  # (R,) float32 in/out: running max
-    s_ptr,  # (R,) float32 in/out: sum exp(z - m)
-    t_ptr,  # (R,) float32 in/out: sum exp(z - m) (z - m), only when WANT_ENTROPY
-    target_ptr,  # (R,) float32 in/out: z[index], written by the tile holding it
-    C,
+    m_ptr,  # (R,) float32 in/out: running max of u
+    s_ptr,  # (R,) float32 in/out: sum exp(k (u - m))
+    t_ptr,  # (R,) float32 in/out: sum exp(k (u - m)) k (u - m), only when WANT_ENTROPY
+    target_ptr,  # (R,) float32 in/out: u[index], written by the tile holding it
+    arg_ptr,  # (R,) int64 in/out: first column of the running max, only when WANT_TOP1
+    C,  # the tile's width
+    C_pad,  # C rounded up to 16: the loads run to it, so their mask is uniform over 16 columns (128-bit accesses)
     logit_scale,
     softcap,
-    inv_t,
+    k,
     HAS_SOFTCAP: tl.constexpr,
     WANT_ENTROPY: tl.constexpr,
+    WANT_TOP1: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """One program per row: stream the row of the tile in BLOCK_C blocks, online max / sum (see the module
@@ -305,23 +353,34 @@ def _fold_forward_kernel(
     t = 0.0
     if WANT_ENTROPY:
         t = tl.load(t_ptr + row)
-    for start in range(0, C, BLOCK_C):
+    arg = 0
+    if WANT_TOP1:
+        arg = tl.load(arg_ptr + row)
+    for start in range(0, C_pad, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
-        x = tl.load(row_ptr + cols, mask=cols < C, other=0.0).to(tl.float32) * logit_scale
+        # columns C .. C_pad hold whatever the buffer held (inside its row): loaded, then zeroed in registers
+        x = tl.load(row_ptr + cols, mask=cols < C_pad, other=0.0).to(tl.float32)
+        x = tl.where(cols < C, x, 0.0)
         if HAS_SOFTCAP:
-            # tanh from q = exp(-2|u|) <= 1: no overflow at large |u|
-            q = tl.exp(-2.0 * tl.abs(x / softcap))
+            # tanh from q = exp(-2|x|) <= 1: no overflow at large |x|
+            x = x * (logit_scale / softcap)
+            q = tl.exp(-2.0 * tl.abs(x))
             x = tl.where(x < 0, -softcap, softcap) * (1.0 - q) / (1.0 + q)
-        z = tl.where(cols < C, x * inv_t, float("-inf"))
+        u = tl.where(cols < C, x, float("-inf"))
         if (local >= start) & (local < start + BLOCK_C):  # the block holding the target: same program-wide
-            target = tl.sum(tl.where(cols == local, z, 0.0), axis=0)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
+            target = tl.sum(tl.where(cols == local, u, 0.0), axis=0)
+        block_max = tl.max(u, axis=0)
+        if WANT_TOP1:
+            first = tl.min(tl.where(u == block_max, cols, C_pad), axis=0)  # first column holding the maximum
+            arg = tl.where(block_max > m, c0 + first, arg)  # strictly greater: ties keep the lower index
+        m_new = tl.maximum(m, block_max)
         ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing finite yet: shift by 0, no -inf - -inf
-        alpha = tl.exp(m - ref)
-        e = tl.exp(z - ref)
+        alpha = tl.exp((m - ref) * k)
+        d = (u - ref) * k
+        e = tl.exp(d)
         if WANT_ENTROPY:
-            shift = tl.where(s > 0, m - ref, 0.0) * s  # 0 while s = 0 (m = -inf: no -inf * 0)
-            t = alpha * (t + shift) + tl.sum(e * tl.where(e > 0, z - ref, 0.0), axis=0)
+            shift = tl.where(s > 0, (m - ref) * k, 0.0) * s  # 0 while s = 0 (m = -inf: no -inf * 0)
+            t = alpha * (t + shift) + tl.sum(e * tl.where(e > 0, d, 0.0), axis=0)
         s = s * alpha + tl.sum(e, axis=0)
         m = m_new
     tl.store(m_ptr + row, m)
@@ -329,6 +388,8 @@ def _fold_forward_kernel(
     tl.store(target_ptr + row, target)
     if WANT_ENTROPY:
         tl.store(t_ptr + row, t)
+    if WANT_TOP1:
+        tl.store(arg_ptr + row, arg)
 
 
 def _fold_backward_kernel(
@@ -336,41 +397,47 @@ def _fold_backward_kernel(
     stride_r,
     index_ptr,  # (R,) int64
     c0,
-    lse_ptr,  # (R,) float32
-    mu_ptr,  # (R,) float32, read only when HAS_GE
+    ref_ptr,  # (R,) float32: the row reference r (u units)
+    log_s_ptr,  # (R,) float32: log sum_j exp(d_j)
+    mu_ptr,  # (R,) float32 sum_j p_j d_j, read only when HAS_GE
     g_ptr,  # (R,) float32 dL/dlogps
     ge_ptr,  # (R,) float32 dL/dentropy, read only when HAS_GE
-    C,
+    C,  # the tile's width
+    C_pad,  # C rounded up to 16, as in the forward: columns C .. C_pad are written, but lie outside the tile
     logit_scale,
     softcap,
-    inv_t,
+    k,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GE: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Grid (R, cdiv(C, BLOCK_C)): each program turns one block of one row into
-    dL/da = (g onehot - p (g + e (z - mu))) * dcap * logit_scale / T, read and written in place (the programs'
+    """Grid (R, cdiv(C_pad, BLOCK_C)): each program turns one block of one row into
+    dL/da = (g onehot - p (g + e (d - mu))) * dcap * logit_scale / T, read and written in place (the programs'
     blocks are disjoint)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = cols < C
+    ok = cols < C_pad
     ptrs = tile_ptr + row * stride_r + cols
-    x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * logit_scale
+    x = tl.where(cols < C, tl.load(ptrs, mask=ok, other=0.0).to(tl.float32), 0.0)
     dcap = 1.0
     if HAS_SOFTCAP:
         # the forward's tanh, and 1 - tanh^2 = 4 q / (1 + q)^2 from the same q: no overflow, no cancellation
-        q = tl.exp(-2.0 * tl.abs(x / softcap))
+        x = x * (logit_scale / softcap)
+        q = tl.exp(-2.0 * tl.abs(x))
         x = tl.where(x < 0, -softcap, softcap) * (1.0 - q) / (1.0 + q)
         dcap = 4.0 * q / ((1.0 + q) * (1.0 + q))
-    z = x * inv_t
-    p = tl.exp(z - tl.load(lse_ptr + row))
+    d = (x - tl.load(ref_ptr + row)) * k
+    p = tl.exp(d - tl.load(log_s_ptr + row))
     g = tl.load(g_ptr + row)
     coef = g
     if HAS_GE:
-        # p (z - mu) = 0 where p = 0: z = -inf there would make it NaN
-        coef = g + tl.load(ge_ptr + row) * tl.where(p > 0, z - tl.load(mu_ptr + row), 0.0)
+        # p (d - mu) = 0 where p = 0: d = -inf there would make it NaN
+        coef = g + tl.load(ge_ptr + row) * tl.where(p > 0, d - tl.load(mu_ptr + row), 0.0)
     dz = tl.where(cols == tl.load(index_ptr + row) - c0, g, 0.0) - p * coef
-    dz = dz * dcap * (logit_scale * inv_t)
+    scale = k  # dz/da without the softcap's derivative: logit_scale / T
+    if HAS_SOFTCAP:
+        scale = logit_scale * k
+    dz = dz * dcap * scale
     tl.store(ptrs, dz.to(tile_ptr.dtype.element_ty), mask=ok)
 
 
@@ -386,32 +453,38 @@ def _kernels():
 FOLD_LAUNCH = {"cuda": ((2048, 8), (1024, 4)), "interpret": ((32, 1), (32, 1))}
 
 
+def _pad16(C):
+    return -(-C // 16) * 16
+
+
 def _fold_forward_triton(a, index, c0, stats, tr: Transform, want_entropy):
     (block, warps), _ = FOLD_LAUNCH["cuda" if a.is_cuda else "interpret"]
-    m, s, t, target = stats
+    m, s, t, target, arg = stats
     forward, _ = _kernels()
     with device_of(a):
         forward[(a.shape[0],)](
-            a, a.stride(0), index, c0, m, s, t if want_entropy else s, target, a.shape[1], *_scalars(tr),
-            HAS_SOFTCAP=tr.softcap is not None, WANT_ENTROPY=want_entropy, BLOCK_C=block,
-            num_warps=warps, enable_fp_fusion=FP_FUSION,
+            a, a.stride(0), index, c0, m, s, t if want_entropy else s, target, index if arg is None else arg,
+            a.shape[1], _pad16(a.shape[1]), *_scalars(tr), HAS_SOFTCAP=tr.softcap is not None,
+            WANT_ENTROPY=want_entropy, WANT_TOP1=arg is not None, BLOCK_C=block, num_warps=warps,
+            enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
 
 
-def _fold_backward_triton(a, index, c0, lse, mu, g, ge, tr: Transform):
+def _fold_backward_triton(a, index, c0, ref, log_s, mu, g, ge, tr: Transform):
     _, (block, warps) = FOLD_LAUNCH["cuda" if a.is_cuda else "interpret"]
     _, backward = _kernels()
+    C_pad = _pad16(a.shape[1])
     with device_of(a):
-        backward[(a.shape[0], triton.cdiv(a.shape[1], block))](
-            a, a.stride(0), index, c0, lse, lse if mu is None else mu, g, g if ge is None else ge, a.shape[1],
-            *_scalars(tr), HAS_SOFTCAP=tr.softcap is not None, HAS_GE=ge is not None, BLOCK_C=block,
+        backward[(a.shape[0], triton.cdiv(C_pad, block))](
+            a, a.stride(0), index, c0, ref, log_s, log_s if mu is None else mu, g, g if ge is None else ge,
+            a.shape[1], C_pad, *_scalars(tr), HAS_SOFTCAP=tr.softcap is not None, HAS_GE=ge is not None, BLOCK_C=block,
             num_warps=warps, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
 
 
 def _scalars(tr: Transform):
-    """The kernels' float arguments; softcap is unused (any value) when it is None."""
-    return float(tr.logit_scale), float(tr.softcap or 1.0), float(tr.inv_t)
+    """The kernels' float arguments (logit_scale, softcap, k); softcap is unused (any value) when it is None."""
+    return float(tr.logit_scale), float(tr.softcap or 1.0), float(tr.k)
 
 
 FOLDS = {
@@ -441,19 +514,45 @@ def _tile_matmul(h, w, b, out):
     return torch.addmm(b, h, w.T, out=out)
 
 
-# addmm with out_dtype (16-bit operands, float32 result): CUDA, torch >= 2.8
-_MM_OUT_DTYPE = torch.__version__ >= "2.8"
+# Row strides of the tile buffers are multiples of this many elements (512 bytes in bf16): every tile row starts
+# 16-byte aligned, so the Triton folds' loads and stores vectorise to 128 bits whatever V and the row count are.
+ROW_ALIGN = 256
+
+
+def _tile_buffer(rows, cols, V, device, dtype):
+    """(rows, C) tile buffer, C = min(cols, V), as a view of a (rows, C rounded up to ROW_ALIGN) allocation."""
+    C = min(cols, V)
+    return torch.empty(rows, -(-C // ROW_ALIGN) * ROW_ALIGN, device=device, dtype=dtype)[:, :C]
+
+
+@functools.cache
+def _mixed_mm_form(device_type: str, version: str) -> str:
+    """How acc (float32) += a @ b (16-bit a, b) runs without rounding a @ b to 16 bits first (a bf16 product rounded
+    per tile and then summed drifts, as TRL's chunked kernel notes):
+
+    'mm_out_dtype': acc += torch.mm(a, b, out_dtype=float32), on CUDA from torch 2.8 (aten::mm.dtype). Not
+        addmm(acc, a, b, out_dtype=float32, out=acc), which saves the temporary but which torch 2.8 and 2.9 reject
+        for a float32 acc ("self and mat2 must have the same dtype", relaxed later by pytorch#167931);
+    'upcast': acc += a.float() @ b.float() (16-bit products are exact in float32): the CPU, which has no mm.dtype
+        kernel, and CUDA before 2.8.
+    `version` is torch.__version__, compared as a version ("2.10" > "2.8"), pre-releases of 2.8 below it."""
+    if device_type == "cuda" and TorchVersion(version) >= (2, 8):
+        return "mm_out_dtype"
+    return "upcast"
+
+
+_MIXED_MM = {
+    "mm_out_dtype": lambda acc, a, b: acc.add_(torch.mm(a, b, out_dtype=acc.dtype)),
+    "upcast": lambda acc, a, b: acc.addmm_(a.to(acc.dtype), b.to(acc.dtype)),
+}
 
 
 def _add_mm(acc, a, b):
-    """acc += a @ b for a float32 (or float64) acc, without rounding a @ b to a's dtype first (a bf16 product
-    rounded per tile and then summed drifts, as TRL's chunked kernel notes)."""
+    """acc += a @ b for a float32 (or float64) acc, a and b in acc's dtype or 16-bit."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.is_cuda and _MM_OUT_DTYPE:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:  # no mixed-dtype addmm here: 16-bit products are exact in float32
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    else:
+        _MIXED_MM[_mixed_mm_form(acc.device.type, torch.__version__)](acc, a, b)
 
 
 def _row_tiles(n, rows):
@@ -464,24 +563,27 @@ def _row_tiles(n, rows):
 
 
 class _HiddenLogProbs(torch.autograd.Function):
-    """hidden (n, H), weight (V, H), bias (V,) or None, index (n,) -> logps (n,), entropy (n,), is_top1 (n,).
+    """hidden (n, H), weight (V, H), bias (V,) or None, index (n,) -> logps (n,), entropy (n,) or None,
+    is_top1 (n,) or None.
 
-    Saves hidden, weight, bias, index and per-row lse (n,) and mu = sum_j p_j z_j (n,): O(n + V H) memory.
-    Extra memory: one (R, C) tile in the compute dtype and what the fold needs (torch: up to three float32
+    Saves hidden, weight, bias, index and per-row ref, log s (n,) and mu (n,): O(n + V H) memory.
+    Extra memory: one (R, C) tile in the compute dtype and what the fold needs (torch: up to two float32
     tiles, Triton: none); in backward also float32 dhidden (n, H), dweight in the weight's dtype (float32
-    accumulated, through a (C, H) float32 buffer for 16-bit weights with more than one row tile)."""
+    accumulated, through a (C, H) float32 buffer for 16-bit weights with more than one row tile), and for 16-bit
+    tiles the float32 temporaries of the mixed-dtype gradient matmuls (freed at once; see _mixed_mm_form)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, index, options):
-        backend, tr, want_entropy, rows, cols = options
+        backend, tr, want_entropy, want_top1, rows, cols = options
         n, V = hidden.shape[0], weight.shape[0]
         fold_forward, _ = FOLDS[backend]
         dtype = _compute_dtype(hidden)
         f = dict(device=hidden.device, dtype=_acc_dtype(hidden))
         m = torch.full((n,), float("-inf"), **f)
         s, t, target = (torch.zeros(n, **f) for _ in range(3))
+        arg = torch.zeros(n, device=hidden.device, dtype=torch.long) if want_top1 else None
         tiles = _row_tiles(n, rows)
-        buf = torch.empty(tiles[0][1] if tiles else 0, min(cols, V), device=hidden.device, dtype=dtype)
+        buf = _tile_buffer(tiles[0][1] if tiles else 0, cols, V, hidden.device, dtype)
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit below
             h_all = hidden.to(dtype)
             for c0 in range(0, V, cols):
@@ -489,20 +591,21 @@ class _HiddenLogProbs(torch.autograd.Function):
                 b = None if bias is None else bias[c0 : c0 + cols].to(dtype)
                 for r0, R in tiles:
                     a = _tile_matmul(h_all[r0 : r0 + R], w, b, buf[:R, : w.shape[0]])  # (R, C)
-                    stats = tuple(x[r0 : r0 + R] for x in (m, s, t, target))
+                    stats = tuple(None if x is None else x[r0 : r0 + R] for x in (m, s, t, target, arg))
                     fold_forward(a, index[r0 : r0 + R], c0, stats, tr, want_entropy)
-            ref = torch.where(m == float("-inf"), 0.0, m)
-            lse = ref + torch.log(s)
-            logps = target - lse
-            is_top1 = target >= m
+            ref = _row_ref(m)
+            log_s = torch.log(s)
+            logps = (target - ref) * tr.k - log_s
+            is_top1 = None if arg is None else arg == index
             mu = entropy = None
             if want_entropy:
-                mu = ref + t / s
-                entropy = lse - mu
-        ctx.save_for_backward(hidden, weight, bias, index, lse, mu)
+                mu = t / s
+                entropy = log_s - mu
+        ctx.save_for_backward(hidden, weight, bias, index, ref, log_s, mu)
         ctx.options = options
         ctx.dtype = dtype
-        ctx.mark_non_differentiable(is_top1)
+        if is_top1 is not None:
+            ctx.mark_non_differentiable(is_top1)
         ctx.set_materialize_grads(False)
         return logps, entropy, is_top1
 
@@ -510,8 +613,8 @@ class _HiddenLogProbs(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent, _g_top1):
         if g_logp is None and g_ent is None:
             return None, None, None, None, None
-        hidden, weight, bias, index, lse, mu = ctx.saved_tensors
-        backend, tr, _, rows, cols = ctx.options
+        hidden, weight, bias, index, ref, log_s, mu = ctx.saved_tensors
+        backend, tr, _, _, rows, cols = ctx.options
         _, fold_backward = FOLDS[backend]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, V = hidden.shape[0], weight.shape[0]
@@ -521,7 +624,7 @@ class _HiddenLogProbs(torch.autograd.Function):
         ge = None if g_ent is None else g_ent.to(f["dtype"]).contiguous()
         mu = None if ge is None else mu
         tiles = _row_tiles(n, rows)
-        buf = torch.empty(tiles[0][1] if tiles else 0, min(cols, V), device=hidden.device, dtype=dtype)
+        buf = _tile_buffer(tiles[0][1] if tiles else 0, cols, V, hidden.device, dtype)
         dhidden = torch.zeros(n, hidden.shape[1], **f) if need_h else None  # (n, H) float32
         dweight = dbias = dw = None
         if need_w:
@@ -547,7 +650,7 @@ class _HiddenLogProbs(torch.autograd.Function):
                     h = h_all[r0 : r0 + R]
                     rs = slice(r0, r0 + R)
                     a = _tile_matmul(h, w, b, buf[:R, :C])  # (R, C) logits, then dL/da in place
-                    fold_backward(a, index[rs], c0, lse[rs], None if mu is None else mu[rs], g[rs],
+                    fold_backward(a, index[rs], c0, ref[rs], log_s[rs], None if mu is None else mu[rs], g[rs],
                                   None if ge is None else ge[rs], tr)  # fmt: skip
                     if need_h:
                         _add_mm(dhidden[rs], a, w)
@@ -579,8 +682,8 @@ def _tiles(device, n, rows_per_tile, vocab_per_tile):
         )
     if vocab_per_tile is not None:
         return rows, vocab_per_tile
-    # a multiple of 256 columns, so every tile row starts 16-byte aligned and the folds' loads vectorise
-    return rows, max(1, TILE_ELEMENTS[kind] // max(1, min(rows, n)) // 256) * 256
+    # a multiple of ROW_ALIGN columns, so every vocabulary tile starts at an aligned column of the weight too
+    return rows, max(1, TILE_ELEMENTS[kind] // max(1, min(rows, n)) // ROW_ALIGN) * ROW_ALIGN
 
 
 def _logprobs_from_hidden(backend, hidden, weight, index, bias, temperature, logit_scale, softcap, mask,
@@ -592,7 +695,7 @@ def _logprobs_from_hidden(backend, hidden, weight, index, bias, temperature, log
     tr = Transform(float(logit_scale), None if softcap is None else float(softcap), 1.0 / float(temperature))
     # every row masked still goes through the Function: zero gradients for weight and bias, not None, so DDP
     # sees every parameter used on a rank whose micro-batch has no target token
-    options = (backend, tr, return_entropy, tile_rows, tile_cols)
+    options = (backend, tr, return_entropy, return_top1, tile_rows, tile_cols)
     logps, entropy, is_top1 = _HiddenLogProbs.apply(h, weight, bias, idx, options)
     logps, entropy, is_top1 = _unflatten(rows, index.shape, logps, entropy, is_top1)
     return select_outputs(logps, entropy, is_top1, return_entropy, return_top1)
