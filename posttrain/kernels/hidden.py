@@ -104,13 +104,15 @@ def reference_logprobs_from_hidden(
     z = z * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
+    # top-1 of the model's logits, before the temperature (as the logits path): z / T may round two
+    # neighbouring values to one in a lower precision
+    is_top1 = z.argmax(-1) == index  # a tie goes to the lowest index
     z = z / temperature
     logp_all = torch.log_softmax(z, dim=-1)  # (..., V)
     logps = logp_all.gather(-1, index.long().unsqueeze(-1)).squeeze(-1)  # (...)
     # p log p = 0 where p = 0 (a -inf logit); the where() sits on log p so backward never meets 0 * -inf
     p = logp_all.exp()
     entropy = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)  # (...)
-    is_top1 = z.argmax(-1) == index  # a tie goes to the lowest index
     if mask is not None:
         mask = mask.bool()
         logps = torch.where(mask, logps, torch.zeros_like(logps))
