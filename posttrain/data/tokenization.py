@@ -33,7 +33,7 @@ label masking, expressed as a `completion_mask` (1 where TRL's `labels != -100`)
   never sees at inference.
 - completion_only_loss (default: True for prompt-completion) keeps only completion tokens as targets;
   both masks apply together when both are on.
-- an empty prompt or completion is a row (TRL trains prompt + eos).
+- an empty prompt or completion string is a row (TRL trains prompt + eos); see formats.MAY_BE_EMPTY.
 - truncation keeps the first `max_length` tokens. A row whose prompt alone fills `max_length` (no target
   survives) is dropped and counted, or raises with overlong_prompt="error" — never truncated into an
   empty completion. TRL drops rows left with no target; the two agree except with
