@@ -17,6 +17,7 @@ appends and trains the next header; llava_next's trailing space after "</s>".
 
 import difflib
 import functools
+import json
 import pathlib
 import re
 import tempfile
@@ -323,6 +324,48 @@ def test_turns_rendered_differently_when_last():
     ]
 
 
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_5_nothink", "qwen3_5_think", "qwen3_6", "gptoss"])
+def test_tool_calling_multi_turn_against_trl(name):
+    """A tool call, its result, an answer, a new user message: Qwen3's templates drop the reasoning of both earlier
+    turns only because a user message follows them (so messages[:k] alone renders them otherwise), gpt-oss closes the
+    tool call with "<|call|>" and the answers with "<|end|>" / "<|return|>". Differences: the EXPECTED rules only."""
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add.", "parameters": {}}}]
+    conversation = [
+        U("What is 2 + 2?"),
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "name": "add", "content": "4"},
+        A("It is 4."),
+        U("thanks"),
+        A("You are welcome."),
+    ]
+    tokenizer = patchable_tokenizer(name)
+    row = Dataset.from_list([{"messages": conversation, "tools": json.dumps(tools)}])
+    (theirs,) = trl_reference(tokenizer, row, max_length=None, assistant_only_loss=True)
+    ids, mask = tokenize_conversation(tokenizer, conversation, tools=tools)
+    got = {key: "".join(value) for key, value in difference(tokenizer, (ids, mask), theirs).items()}
+    rule, piece = EXPECTED[name]
+    if rule == "dropped reasoning":  # both earlier turns' think blocks, in TRL's ids only
+        assert got == {"trl_ids": "<think>\n\n</think>\n\n" * 2, **({"trl_trains": piece} if piece else {})}
+    else:
+        assert got == expected_difference(rule, piece, 3)
+    spans = [tokenizer.decode(ids[s:e]) for s, e in turns(mask)]
+    assert (
+        spans[1:]
+        == {
+            "gptoss": [
+                "<|channel|>final<|message|>It is 4.<|end|>",
+                "<|channel|>final<|message|>You are welcome.<|return|>",
+            ],
+            "qwen3": ["It is 4.<|im_end|>\n", "<think>\n\n</think>\n\nYou are welcome.<|im_end|>\n"],
+            "qwen3_5_nothink": ["It is 4.<|im_end|>\n", "You are welcome.<|im_end|>\n"],
+            "qwen3_5_think": ["It is 4.<|im_end|>\n", "\n</think>\n\nYou are welcome.<|im_end|>\n"],
+            "qwen3_6": ["It is 4.<|im_end|>\n", "\n</think>\n\nYou are welcome.<|im_end|>\n"],
+        }[name]
+    )
+    assert spans[0].endswith("<|call|>" if name == "gptoss" else "</tool_call><|im_end|>\n")
+
+
 def test_multi_turn_prompt_completion_matches_trl():
     """Conversational prompt-completion with assistant_only_loss: both masks at once, as TRL."""
     tokenizer = family_tokenizer("llama3")
@@ -419,20 +462,29 @@ def test_not_prefix_consistent_templates_raise():
     assert trained(qwen3, ids, mask) == "<think>\n\n</think>\n\nIt is 4.<|im_end|>\n"
     ids, mask = tokenize_conversation(qwen3, CONVERSATIONS[2])
     assert trained(qwen3, ids, mask) == "It is 4.<|im_end|>\n<think>\n\n</think>\n\nHello, fine.<|im_end|>\n"
-    # A template that renders a turn differently with each later message (it counts the messages).
+    # A template that renders a turn differently with each later message (it counts them): each turn is trained as
+    # the whole conversation renders it.
     counting = embedded.build_tokenizer()
-    counting.chat_template = (
-        "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-        "{%- if m['role'] == 'assistant' %} of {{ messages|length }}{% endif %}<|im_end|>\n"
-        "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+    chatml = "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{TURN}<|im_end|>\n{%- endfor %}"
+    chatml += "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+    counting.chat_template = chatml.replace(
+        "{TURN}", "{%- if m['role'] == 'assistant' %} of {{ messages|length }}{% endif %}"
+    )
+    ids, mask = tokenize_conversation(counting, [U("a"), A("b"), U("c"), A("d")])
+    assert [counting.decode(ids[s:e]) for s, e in turns(mask)] == ["b of 4<|im_end|>", "d of 4<|im_end|>"]
+    # One that writes the next message's content into a turn: the turn's tokens depend on text the model cannot see.
+    peeking = embedded.build_tokenizer()
+    peeking.chat_template = chatml.replace(
+        "{TURN}",
+        "{%- if m['role'] == 'assistant' and not loop.last %} (next: {{ messages[loop.index0 + 1]['content'] }}){% endif %}",
     )
     with pytest.raises(
         ValueError,
         match=r"row 0, message 1: the chat template has no \{% generation %\} markers and does not render "
         r"conversations prefix-consistently \(it renders message 1 differently once later messages follow.*"
-        r"alone it ends in '2<\|im_end\|>', where the whole conversation has '4<\|im_end\|>",
+        r"alone it ends in '<\|im_end\|>', where the whole conversation has ' \(next: c\)<\|im_end\|>",
     ):
-        tokenize_conversation(counting, [U("a"), A("b"), U("c"), A("d")])
+        tokenize_conversation(peeking, [U("a"), A("b"), U("c"), A("d")])
     # A template that rewrites earlier turns (numbers them from the end).
     rewriting = embedded.build_tokenizer()
     rewriting.chat_template = (
