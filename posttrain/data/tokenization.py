@@ -25,8 +25,9 @@ label masking, expressed as a `completion_mask` (1 where TRL's `labels != -100`)
      trains each turn's following "<|user|>"; we keep the model's ids, train no stop token, and warn.
   4. llava_next: the space the template writes after "</s>" is trained with the turn; TRL's copy leaves it out.
      (Its messages hold lists of content parts: `tokenize_conversations` takes them, SFT dataset rows do not.)
-  A template that renders an earlier turn differently once later messages follow (beyond how it renders a
-  last turn) raises, naming the row and message.
+  Each turn is found in the whole rendering, also where a template renders it differently as the last message
+  (see `tokenize_conversations`); a template that writes a later message's text into a turn, or rewrites
+  earlier turns with no opener token to place them by, raises, naming the row and message.
 - conversational prompt-completion: the template on the prompt with the generation prompt, and on
   prompt + completion; the completion is the suffix. Departure: TRL warns and cuts at the common prefix
   when the first is not a prefix of the second; we raise, because the model would train on a context it
@@ -363,17 +364,25 @@ class _Derivation:
     def render(self, messages, row, **kw) -> str:
         return _render(self.tokenizer, messages, row, **kw, **self.kwargs)
 
+    def probe(self, messages, row, **kw) -> str:
+        """`render` of a conversation made up for the derivation: "" where the template refuses it, so that the
+        derivation's own error (naming what differs) is the one raised."""
+        try:
+            return self.render(messages, row, **kw)
+        except ValueError:
+            return ""
+
     def opener(self, row) -> str | None:
         """The generation prompt's first token when it is an added token ("<|im_start|>", "<|start|>"): the
         token that opens every message of such templates; None otherwise."""
         if self._opener is None:
             probe = [{"role": "user", "content": _SENTINEL}]
-            bare, with_prompt = self.render(probe, row), self.render(probe, row, add_generation_prompt=True)
+            bare, with_prompt = self.probe(probe, row), self.probe(probe, row, add_generation_prompt=True)
             self.generation_prompt = with_prompt[_common_prefix_length(bare, with_prompt) :]
             first = self.tokenizer(
                 self.generation_prompt, add_special_tokens=False, return_offsets_mapping=True
             )
-            ok = first["input_ids"] and first["input_ids"][0] in self.added_ids
+            ok = bare and first["input_ids"] and first["input_ids"][0] in self.added_ids
             self._opener = self.generation_prompt[slice(*first["offset_mapping"][0])] if ok else ""
         return self._opener or None
 
@@ -387,7 +396,7 @@ class _Derivation:
         if opener is None:
             return None
         changed = {**messages[k - 1], "content": _SENTINEL}
-        before = self.render([*messages[: k - 1], changed, *messages[k:]], row)
+        before = self.probe([*messages[: k - 1], changed, *messages[k:]], row)
         sentinel = before.find(_SENTINEL)
         at = before.find(opener, sentinel) if sentinel >= 0 else -1
         if at < 0 or not text.endswith(before[at:]):
@@ -432,7 +441,7 @@ class _Derivation:
         # The whole conversation with the next message's content replaced by a sentinel: what decides the turn's
         # rendering (Qwen3: is a user message still to come?) is as in `text`, and the sentinel shows where the
         # next message's own text begins.
-        after = self.render(
+        after = self.probe(
             [*messages[: k + 1], {**messages[k + 1], "content": _SENTINEL}, *messages[k + 2 :]], row
         )
         sentinel = after.find(_SENTINEL, start)
