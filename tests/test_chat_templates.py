@@ -49,10 +49,12 @@ FAMILIES = {
     "deepseekv3": (["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>"], "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
 }  # fmt: skip
 
-# What TRL's training template trains that the generation prompt holds, per assistant turn (see module docstring):
-# Qwen2.5's training template opens {% generation %} before the "\n" that ends "<|im_start|>assistant\n";
-# DeepSeek-V3's puts the "<｜Assistant｜>" header inside it (its generation prompt is "<｜Assistant｜><think>\n").
-GENERATION_PROMPT_PIECES = {"qwen2_5": ["\n"], "deepseekv3": ["<｜Assistant｜>"]}
+
+def generation_prompt_pieces(family) -> list[str]:
+    """What TRL's training template trains per assistant turn that the generation prompt holds (see `EXPECTED`)."""
+    rule, piece = EXPECTED[family]
+    return [piece] if rule == "generation prompt" else []
+
 
 CONVERSATIONS = [
     [U("Hello there"), A("I am fine.")],
@@ -146,6 +148,7 @@ def turns(mask):
     return runs
 
 
+# qwen3: TRL keeps earlier turns' think blocks (other input_ids), see test_patchable_templates_against_trl.
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen3"])
 def test_masks_match_trl(family):
     tokenizer = family_tokenizer(family)
@@ -156,9 +159,7 @@ def test_masks_match_trl(family):
     out, _ = tokenize_sft(dataset, tokenizer, max_length=None, assistant_only_loss=True)
     ours = [(r["input_ids"], r["completion_mask"]) for r in out]
     n_turns = sum(m["role"] == "assistant" for c in conversations for m in c)
-    assert_equal_up_to_generation_prompt(
-        tokenizer, ours, theirs, GENERATION_PROMPT_PIECES.get(family, []), n_turns
-    )
+    assert_equal_up_to_generation_prompt(tokenizer, ours, theirs, generation_prompt_pieces(family), n_turns)
     # Every assistant turn is trained through its end-of-turn token (and nothing after it but whitespace or,
     # for the last message of a conversation, the template's closing eos).
     end_of_turn = FAMILIES[family][3]
@@ -404,7 +405,7 @@ def test_tool_calls_and_tool_roles_match_trl():
             theirs = trl_reference(tokenizer, Dataset.from_list(rows), max_length=None, **options)
             out, _ = tokenize_sft(Dataset.from_list(rows), tokenizer, max_length=None, **options)
             ours = [(r["input_ids"], r["completion_mask"]) for r in out]
-            pieces = GENERATION_PROMPT_PIECES.get(family, []) if options else []
+            pieces = generation_prompt_pieces(family) if options else []
             assert_equal_up_to_generation_prompt(tokenizer, ours, theirs, pieces, 3)
             # As prompt-completion: the first turn's header is in the prompt, so only the second turn differs.
             pc = Dataset.from_list(
