@@ -367,6 +367,44 @@ def test_tool_calling_multi_turn_against_trl(name):
     assert spans[0].endswith("<|call|>" if name == "gptoss" else "</tool_call><|im_end|>\n")
 
 
+@pytest.mark.parametrize(
+    "name,key,spans,differs",
+    [
+        (
+            "gptoss",
+            "thinking",  # gpt-oss renders the analysis channel of the last turn only, in both templates
+            [
+                "<|channel|>final<|message|>It is 4.<|end|>",
+                "<|channel|>analysis<|message|>Adding again.<|end|><|start|>assistant<|channel|>final<|message|>6.<|return|>",
+            ],
+            {"trl_trains": "<|start|>assistant" * 2},
+        ),
+        (
+            "qwen3_6",
+            "reasoning_content",  # the model's template drops the first turn's reasoning; TRL's keeps it
+            ["It is 4.<|im_end|>\n", "Adding again.\n</think>\n\n6.<|im_end|>\n"],
+            {"trl_ids": "\n<think>\nAdding.\n</think>\n", "trl_trains": "\n<think>\n"},
+        ),
+    ],
+)
+def test_reasoning_multi_turn_against_trl(name, key, spans, differs):
+    """Turns with reasoning: each is trained as the model's template renders it in the conversation."""
+    conversation = [
+        U("What is 2 + 2?"),
+        {"role": "assistant", "content": "It is 4.", key: "Adding."},
+        U("and 3 + 3?"),
+        {"role": "assistant", "content": "6.", key: "Adding again."},
+    ]
+    tokenizer = patchable_tokenizer(name)
+    (theirs,) = trl_reference(
+        tokenizer, Dataset.from_list([{"messages": conversation}]), max_length=None, assistant_only_loss=True
+    )
+    ids, mask = tokenize_conversation(tokenizer, conversation)
+    assert [tokenizer.decode(ids[s:e]) for s, e in turns(mask)] == spans
+    got = {key: "".join(value) for key, value in difference(tokenizer, (ids, mask), theirs).items()}
+    assert got == differs
+
+
 def test_multi_turn_prompt_completion_matches_trl():
     """Conversational prompt-completion with assistant_only_loss: both masks at once, as TRL."""
     tokenizer = family_tokenizer("llama3")
