@@ -291,9 +291,8 @@ def tokenize_conversations(
     prompts = _render_all(
         tokenizer, [conversations[i][:k] for i, k in turns], [rows[i] for i, _ in turns], kwargs, True
     )
-    inner = [
-        (i, k) for i, k in turns if k + 1 < len(conversations[i])
-    ]  # the last message's prefix is the text
+    # The prefix ending on a conversation's last message is the conversation's text: not rendered again.
+    inner = [(i, k) for i, k in turns if k + 1 < len(conversations[i])]
     prefixes = _render_all(
         tokenizer, [conversations[i][: k + 1] for i, k in inner], [rows[i] for i, _ in inner], kwargs
     )
