@@ -214,6 +214,9 @@ def test_messages_column_of_strings_names_row_and_field():
         check_format(ds, ["language_modeling"], "sft")
     with pytest.raises(ValueError, match=r"^field 'messages' must be a list of .*messages, got str$"):
         detect_format({"messages": "hello"})
+    for value, got in ((["a"], "a list of str"), ([1, "a"], "a list of int and str"), ([], "an empty list")):
+        with pytest.raises(ValueError, match=rf"^field 'messages' must be a list of .*messages, got {got}$"):
+            detect_format({"messages": value})
 
 
 def test_message_rows_as_real_datasets_have_them():
@@ -241,6 +244,27 @@ def test_message_rows_as_real_datasets_have_them():
         validate_rows(bad, detect_format(bad))
 
 
-def test_empty_prompt_and_completion_are_rows():
-    ds = Dataset.from_list([{"prompt": "a", "completion": ""}, {"prompt": "", "completion": "b"}])
-    validate_rows(ds, detect_format(ds))
+def test_empty_strings_only_where_trl_trains_the_row():
+    """TRL 1.16 trains an empty prompt (SFT, DPO, reward, KTO: no prompt tokens) and an empty completion (SFT, KTO:
+    eos alone); a prompt-only prompt, a text, a chosen or a rejected must not be empty."""
+    allowed = [
+        [{"prompt": "a", "completion": ""}, {"prompt": "", "completion": "b"}],
+        [{"prompt": "", "chosen": "a", "rejected": "b"}],
+        [{"prompt": "", "completion": "", "label": True}],
+    ]
+    for rows in allowed:
+        ds = Dataset.from_list(rows)
+        validate_rows(ds, detect_format(ds))
+    refused = [
+        (
+            [{"prompt": "a"}, {"prompt": ""}],
+            r"^row 1: field 'prompt' is an empty string \(a prompt-only row is what ",
+        ),
+        ([{"prompt": "", "chosen": "", "rejected": "b"}], r"^row 0: field 'chosen' is an empty string$"),
+        ([{"prompt": "p", "chosen": "a", "rejected": ""}], r"^row 0: field 'rejected' is an empty string$"),
+        ([{"text": ""}], r"^row 0: field 'text' is an empty string$"),
+    ]
+    for rows, message in refused:
+        ds = Dataset.from_list(rows)
+        with pytest.raises(ValueError, match=message):
+            validate_rows(ds, detect_format(ds))

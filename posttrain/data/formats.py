@@ -112,9 +112,18 @@ def _not_messages(obj, field: str) -> str:
         got, row = obj.features.arrow_schema.field(field).type, 0  # one Arrow type: row 0 already differs
         got = "strings" if _is_string_type(got) else str(got)
     else:
-        got, row = type(obj[field]).__name__, None
+        got, row = _python_type_name(obj[field]), None
     where = f"row {row}: field {field!r}" if row is not None else f"field {field!r}"
     return f"{where} must be a list of {{'role', 'content'}} messages, got {got}"
+
+
+def _python_type_name(value) -> str:
+    """'str', 'a list of str', 'a list of int and str', 'an empty list': what an in-memory field holds."""
+    if not isinstance(value, list):
+        return type(value).__name__
+    if not value:
+        return "an empty list"
+    return "a list of " + " and ".join(sorted({type(v).__name__ for v in value}))
 
 
 def _columns_and_probe(obj):
@@ -195,8 +204,8 @@ def check_format(dataset, allowed_kinds: Iterable[str], command: str, *, text_fi
 def validate_rows(dataset, fmt: DatasetFormat) -> None:
     """Raise ValueError naming the first malformed row and field of `dataset` for format `fmt`.
 
-    Checks: no None, no empty text or message list (an empty prompt or completion string is a row TRL
-    trains: prompt + eos), the right type (a string, a message list, a bool label), every message has a
+    Checks: no None, no empty text or message list, no empty string except where TRL trains the row
+    (`MAY_BE_EMPTY`), the right type (a string, a message list, a bool label), every message has a
     known `role` and a string `content` (or, for an assistant message, `tool_calls` and content None: the
     OpenAI tool-calling form), and that prompt and completions agree on conversational-ness (except for an
     implicit prompt). Works on Arrow columns (no Python loop over rows), so it is cheap enough to run on
@@ -210,8 +219,19 @@ def validate_rows(dataset, fmt: DatasetFormat) -> None:
         elif fmt.conversational and not (field == "prompt" and fmt.implicit_prompt):
             _check_messages(column, field)
         else:
-            # An empty prompt or completion is a real row (TRL trains prompt + eos); an empty text is not.
-            _check_strings(column, field, allow_empty=field in ("prompt", "completion"))
+            _check_strings(column, field, allow_empty=field in MAY_BE_EMPTY.get(fmt.kind, ()), kind=fmt.kind)
+
+
+# Standard fields that may be an empty string, per format: where TRL 1.16 tokenizes and trains such a row. SFT,
+# DPO, reward and KTO tokenize an empty prompt as no tokens (or just bos) and train what follows; SFT and KTO append
+# eos to an empty completion and train it. Not: a prompt-only prompt (generation starts from it: there would be no
+# context at all), a language-modelling text (nothing to train), nor an empty chosen / rejected (TRL would train its
+# eos alone; an empty answer in a preference pair is far likelier a broken row, so it stays an error here).
+MAY_BE_EMPTY = {
+    "prompt_completion": ("prompt", "completion"),
+    "preference": ("prompt",),
+    "unpaired_preference": ("prompt", "completion"),
+}
 
 
 def _first(mask) -> int | None:
@@ -241,7 +261,7 @@ def _is_string_type(arrow_type) -> bool:
     return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
 
 
-def _check_strings(column, field: str, allow_empty: bool) -> None:
+def _check_strings(column, field: str, allow_empty: bool, kind: str = "") -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -253,7 +273,8 @@ def _check_strings(column, field: str, allow_empty: bool) -> None:
         )
     row = None if allow_empty else _first(pc.equal(pc.utf8_length(column), 0))
     if row is not None:
-        raise ValueError(f"row {row}: field {field!r} is an empty string")
+        why = " (a prompt-only row is what generation starts from)" if kind == "prompt_only" else ""
+        raise ValueError(f"row {row}: field {field!r} is an empty string{why}")
 
 
 def _check_messages(column, field: str) -> None:
