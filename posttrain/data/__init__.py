@@ -4,7 +4,7 @@
     formats        detect_format / check_format / validate_rows: TRL's dataset formats, standard and
                    conversational; extract_prompt / with_explicit_prompt for implicit-prompt preferences
     tokenization   tokenize_prompt(s), tokenize_prompt_completion(s), tokenize_sft (TRL 1.16 semantics);
-                   tokenize_conversation(s): ids + assistant mask from any prefix-consistent chat template
+                   tokenize_conversation(s): ids + assistant mask from any chat template (markers or derived)
     collate        pad_collate, padding_free_collate, pack (best fit decreasing), packed_collate;
                    for_attention: packed rows as one row where flash attention needs it
     embedded       the offline tokenizer, tiny model and synthetic task
