@@ -68,7 +68,8 @@ def test_bf16_forwards_run_in_bfloat16(tmp_path, monkeypatch):
             bf16_loss, _ = sft.sft_step_loss(model, batch, mask.sum())
         float32_loss, _ = sft.sft_step_loss(model, batch, mask.sum())
     assert logged == pytest.approx(bf16_loss.item(), rel=1e-6)
-    assert abs(logged - float32_loss.item()) > 1e-4 * abs(logged)
+    # bf16 moves this loss by ~1.6e-4 relative (measured): 8x the margin below, itself 20x the equality's
+    assert logged != pytest.approx(float32_loss.item(), rel=2e-5)
 
 
 def _completion_mask(inputs) -> torch.Tensor:
