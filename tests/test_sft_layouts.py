@@ -95,16 +95,18 @@ def runs(tmp_path_factory):
 
 def test_padded_batches_reach_the_model_with_an_attention_mask(runs):
     _, seen = runs["padded"]
+    tokenizer = load_tokenizer(None)
     assert len(seen) == 2 * ACCUMULATION
-    for inputs in seen:
-        assert inputs["input_ids"].shape[0] == PER_DEVICE
-        assert inputs["attention_mask"] is not None
-        # position_ids count real tokens: 0 .. n-1 on each row's real tokens
-        n = inputs["attention_mask"].sum(-1)
-        expected = torch.arange(inputs["input_ids"].shape[1]).expand_as(inputs["input_ids"])
-        real = inputs["attention_mask"].bool()
+    documents = []
+    for inputs in seen[:ACCUMULATION]:  # step 1's micro-batches
+        ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
+        assert ids.shape[0] == PER_DEVICE
+        assert (ids[~real] == tokenizer.pad_token_id).all()
+        # position_ids count each row's real tokens from 0
+        expected = torch.arange(ids.shape[1]).expand_as(ids)
         assert torch.equal(inputs["position_ids"][real], expected[real])
-        assert (n <= inputs["input_ids"].shape[1]).all()
+        documents += [tokenizer.decode(row[mask]) for row, mask in zip(ids, real, strict=True)]
+    assert sorted(documents) == sorted(_documents())
 
 
 def test_padding_free_batches_are_one_row_of_whole_documents(runs):
