@@ -60,16 +60,6 @@ def test_embedded_sft_learns(tmp_path):
     assert _eval_loss(reloaded, config, tokenizer) == pytest.approx(after["eval_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["padding_free", "packing"])
-def test_sft_runs_with_padding_free_and_packing(tmp_path, layout):
-    config = SFTConfig(output_dir=str(tmp_path), max_steps=2, save_steps=0, eval_steps=0, disable_tqdm=True)
-    setattr(config, layout, True)
-    out = train(config)
-    train_lines, _ = _read_metrics(tmp_path)
-    assert len(train_lines) == 2 and all(r["loss"] > 0 for r in train_lines)
-    assert out.output_dir == tmp_path
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     """torchrun DDP (gloo) through the real SFT path (fused log-probs, token-normalised accumulation)."""
