@@ -74,7 +74,8 @@ def test_token_logprobs_match_reference_float64(tokenizer, monkeypatch, name, pa
         monkeypatch.setattr(lp, "FUSED_MODEL_TYPES", frozenset())
     assert lp.supports_fused(model) == (path == "fused")
     batch = _batch(tokenizer, ["12+7=19", "3-11=-8", "5+5=10"], prompt_lens=[5, 5, 4])
-    weights = torch.randn(batch["input_ids"].shape, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)  # the same weights whatever ran before
+    weights = torch.randn(batch["input_ids"].shape, dtype=torch.float64, generator=generator)
 
     ours = lp.token_logprobs(model, batch, temperature=temperature, return_entropy=True, return_top1=True)
     ((ours.logps + 0.1 * ours.entropy) * weights).sum().backward()

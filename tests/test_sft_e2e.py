@@ -39,8 +39,16 @@ def test_embedded_sft_learns(tmp_path):
     train_lines, eval_lines = _read_metrics(tmp_path)
     assert [r["step"] for r in train_lines] == list(range(1, 601))
     after = eval_lines[-1]
-    assert after["eval_loss"] <= 0.5 * before_loss, (before_loss, after)
-    assert after["eval_exact_match"] >= before_match + 0.1, (before_match, after)
+    assert before_loss > 4.5 and before_match == 0.0  # ~ln(128) = 4.85: a random model
+    # Measured: this run reaches eval_loss 0.50 and exact match 0.41. Rerun with its initial weights scaled
+    # by 1 + (1e-6 .. 1e-3) noise (a stand-in for another machine's rounding), 6 runs reached loss 0.22-0.53
+    # and exact match 0.41-0.85, so the thresholds sit just outside that spread. A slower learner fails: with
+    # the learning rate left undecayed (a scheduler bug) the run ends at 1.07 / 0.17, which passed the earlier
+    # thresholds (loss <= half the initial 4.8, exact match >= 0.1). Other seeds (other weights AND data order)
+    # vary more (seeds 1, 7: 0.80 / 0.14, 1.00 / 0.08): a change to the init or the data order may need these
+    # rechecked.
+    assert after["eval_loss"] <= 0.7, (before_loss, after)
+    assert after["eval_exact_match"] >= 0.3, (before_match, after)
 
     # The final model in output_dir is the trained one, loadable by transformers.
     from transformers import AutoModelForCausalLM
@@ -50,16 +58,6 @@ def test_embedded_sft_learns(tmp_path):
         after["eval_exact_match"]
     )
     assert _eval_loss(reloaded, config, tokenizer) == pytest.approx(after["eval_loss"], rel=1e-5)
-
-
-@pytest.mark.parametrize("layout", ["padding_free", "packing"])
-def test_sft_runs_with_padding_free_and_packing(tmp_path, layout):
-    config = SFTConfig(output_dir=str(tmp_path), max_steps=2, save_steps=0, eval_steps=0, disable_tqdm=True)
-    setattr(config, layout, True)
-    out = train(config)
-    train_lines, _ = _read_metrics(tmp_path)
-    assert len(train_lines) == 2 and all(r["loss"] > 0 for r in train_lines)
-    assert out.output_dir == tmp_path
 
 
 @pytest.mark.slow
