@@ -285,19 +285,23 @@ def count_tokens(batch: dict) -> torch.Tensor:
 
 
 def global_count(run: Run, batches: list[dict], count_fn) -> torch.Tensor:
-    """Σ count_fn over `batches` and over all ranks, float32 on the device, at least 1 (no host sync).
+    """Σ count_fn over `batches` and over all ranks, on the device, at least 1 (no host sync).
 
-    The clamp makes a step without any loss unit a zero loss with zero gradient instead of 0/0.
+    int64 when every count is an integer (tokens, sequences, pairs), else float64: exact far past the 2^24
+    units at which a float32 sum stops counting by ones. The clamp makes a step without any loss unit a zero
+    loss with zero gradient instead of 0/0.
     """
-    counts = [torch.as_tensor(count_fn(b), dtype=torch.float32, device=run.device) for b in batches]
-    total = torch.stack(counts).sum() if counts else torch.zeros((), device=run.device)
-    return distributed.all_reduce_sum(total).clamp(min=1.0)
+    counts = [torch.as_tensor(count_fn(b), device=run.device) for b in batches]
+    exact = torch.float64 if any(c.is_floating_point() for c in counts) else torch.int64
+    total = sum((c.to(exact) for c in counts), torch.zeros((), dtype=exact, device=run.device))
+    return distributed.all_reduce_sum(total).clamp(min=1)
 
 
 def _accumulate_metrics(sums: dict, values: dict, device: torch.device) -> None:
-    """sums[name] += value, as detached float32 scalars on the device (no host sync)."""
+    """sums[name] += value, as detached float64 scalars on the device (no host sync; float64 keeps counts
+    such as num_tokens exact past 2^24)."""
     for name, value in values.items():
-        value = torch.as_tensor(value, device=device).detach().float()
+        value = torch.as_tensor(value, device=device).detach().to(torch.float64)
         sums[name] = sums[name] + value if name in sums else value
 
 
