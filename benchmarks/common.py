@@ -106,14 +106,17 @@ def step_flops(config, batch_tokens: int, seq_len: int, head_tokens: int) -> dic
 def linear_fwd_bwd_seconds(n: int, k: int, m: int, repeats: int = 5) -> float:
     """Seconds of the three fp32 matmuls of a linear map y = x @ w.T, x (n, k), w (m, k): forward
     x @ w.T (n, m); backward dy @ w (n, k) and dy.T @ x (m, k). The fastest of `repeats`: a floor is a
-    lower bound, and other work on the machine can only slow a repeat down."""
+    lower bound, and other work on the machine can only slow a repeat down. Each product goes into a
+    buffer allocated once: a fresh output of more than the allocator keeps would be faulted in and zeroed
+    by the kernel at every call, which times the allocator, not the matmul."""
     x, w, dy = torch.randn(n, k), torch.randn(m, k), torch.randn(n, m)
+    y, dx, dw = torch.empty(n, m), torch.empty(n, k), torch.empty(m, k)
     times = []
-    for _ in range(repeats + 1):  # the first call warms up the allocator and the BLAS threads
+    for _ in range(repeats + 1):  # the first call warms up the BLAS threads and touches the buffers
         t0 = time.perf_counter()
-        x @ w.T
-        dy @ w
-        dy.T @ x
+        torch.mm(x, w.T, out=y)
+        torch.mm(dy, w, out=dx)
+        torch.mm(dy.T, x, out=dw)
         times.append(time.perf_counter() - t0)
     return min(times[1:])
 

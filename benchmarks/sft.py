@@ -16,7 +16,8 @@ Each side runs in its own subprocess (fresh allocator, its own peak-RSS counter)
     ours  per step: `collate.pad_collate` on the step's rows, then `posttrain.rl.loop.accumulate` (the
           loops' machinery: forward, `posttrain.rl.sft.sft_step_loss`, backward, clip, AdamW, schedule,
           metrics to the host) with the optimizer and schedule from `loop.build_optimizer` /
-          `loop.build_scheduler`.
+          `loop.build_scheduler`, after `loop.start` (which also keeps freed CPU memory for reuse:
+          `loop.keep_freed_cpu_memory`; TRL's side runs with glibc's defaults).
     trl   `SFTTrainer.train()` with max_steps = warmup + steps on a pre-tokenized dataset (labels -100
           on the prompt), sequential sampling; a callback stamps the time at each `on_step_end`, so a
           step is everything TRL's loop does between two optimizer steps (fetch + collate, forward,

@@ -12,6 +12,7 @@ final hidden states are captured at the input of the output embedding and fed, w
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import NamedTuple
 
 import torch
@@ -100,15 +101,20 @@ def token_logprobs(
     """
     input_ids = batch["input_ids"]
     mask = batch["completion_mask"] if mask is None else mask
-    targets = mask[:, 1:].bool()  # (B, T-1): token t+1 is predicted from position t
-    index = input_ids[:, 1:][targets]  # (N,)
+    B, T = input_ids.shape
+    # Position t predicts token t + 1: the target rows are the flat positions b * T + t whose next token is
+    # in the mask. nonzero is the one host sync: N, the number of targets, sizes the output layer's matmuls.
+    b, t = mask[:, 1:].nonzero(as_tuple=True)
+    rows = b * T + t  # (N,) into the flattened (B * T,) positions
+    index = input_ids.reshape(-1).index_select(0, rows + 1)  # (N,) the target tokens
     flags = dict(temperature=temperature, return_entropy=return_entropy, return_top1=return_top1)
 
     if supports_fused(model):
         inner = unwrap(model)
         with _capture_output_layer_input(model) as captured:
             model(**_model_inputs(batch))
-        hidden = captured["hidden"][:, :-1][targets]  # (N, H)
+        hidden = captured["hidden"]
+        hidden = hidden.reshape(B * T, hidden.shape[-1]).index_select(0, rows)  # (N, H)
         head = inner.get_output_embeddings()
         config = inner.config
         out = logprobs_from_hidden(
@@ -122,21 +128,22 @@ def token_logprobs(
         )
     else:
         logits = model(**_model_inputs(batch)).logits  # (B, T, V)
-        # The boolean selection copies the target rows, and nothing reads that copy again: its buffer
-        # can take dlogits, saving an (N, V) tensor in backward.
-        out = logprobs_from_logits(logits[:, :-1][targets], index, inplace_backward=True, **flags)
+        # The row selection copies the target rows, and nothing reads that copy again: its buffer can take
+        # dlogits, saving an (N, V) tensor in backward.
+        logits = logits.reshape(B * T, logits.shape[-1]).index_select(0, rows)  # (N, V)
+        out = logprobs_from_logits(logits, index, inplace_backward=True, **flags)
 
     outs = out if isinstance(out, tuple) else (out,)
-    logps = _scatter(outs[0], targets)
-    entropy = _scatter(outs[1], targets) if return_entropy else None
-    is_top1 = _scatter(outs[-1], targets) if return_top1 else None
+    place = functools.partial(_place, positions=rows + 1, shape=(B, T))
+    logps = place(outs[0])
+    entropy = place(outs[1]) if return_entropy else None
+    is_top1 = place(outs[-1]) if return_top1 else None
     return TokenLogProbs(logps, entropy, is_top1)
 
 
-def _scatter(values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(N,) values at the True entries of targets (B, T-1) -> (B, T), zero elsewhere and at t = 0."""
-    out = values.new_zeros(targets.shape[0], targets.shape[1] + 1)
-    return out.masked_scatter(torch.nn.functional.pad(targets, (1, 0)), values)
+def _place(values: torch.Tensor, positions: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(N,) values at the flat `positions` of a zero (B, T) tensor (differentiable: backward gathers)."""
+    return values.new_zeros(shape[0] * shape[1]).index_copy(0, positions, values).view(shape)
 
 
 def sequence_logprobs(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
