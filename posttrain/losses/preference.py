@@ -409,9 +409,9 @@ def preference_loss(
     loss = chosen_logps.new_zeros(())
     metrics = {}
     for name, fn, weight in zip(loss_types, losses, loss_weights, strict=True):
-        accepted = inspect.signature(fn).parameters
-        per_pair = fn(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                      **{k: v for k, v in kwargs.items() if k in accepted})  # fmt: skip
+        per_pair = fn(
+            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, **_accepted(fn, kwargs)
+        )
         if pair_weights is not None:
             per_pair = per_pair * pair_weights
         term = per_pair.sum() / n
@@ -422,6 +422,14 @@ def preference_loss(
         reward_metrics(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, n)
     )
     return loss, metrics
+
+
+def _accepted(fn: Callable, kwargs: dict) -> dict:
+    """The inputs `fn`'s signature names (all of them if it takes **kwargs)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def _check_inputs(name: str, fn: Callable, kwargs: dict, have_reference: bool) -> None:
