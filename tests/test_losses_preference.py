@@ -340,7 +340,7 @@ def test_f_divergence_refused_for_losses_of_the_log_ratios_alone():
     with pytest.raises(
         ValueError, match=r"unknown f_divergence_type 'kl'; expected one of \['alpha_divergence'"
     ):
-        preference_loss(["sigmoid"], *logps(), beta=0.1, f_divergence_type="kl")
+        preference_loss(["bco_pair"], *logps(), beta=0.1, f_divergence_type="kl")
 
 
 def test_alpha_divergence_near_one_is_reverse_kl():

@@ -444,6 +444,8 @@ def _check_inputs(name: str, fn: Callable, kwargs: dict, have_reference: bool) -
     # The f-DPO reparameterisation only cancels log Z(x) in s_w - s_l: losses of the log-ratios alone have
     # no f-divergence form (TRL refuses the same combinations).
     f_div = kwargs.get("f_divergence_type", "reverse_kl")
+    if f_div not in F_DIVERGENCES:
+        raise ValueError(f"unknown f_divergence_type {f_div!r}; expected one of {sorted(F_DIVERGENCES)}")
     if f_div != "reverse_kl" and needs_reference(fn) and "f_divergence_type" not in params:
         raise ValueError(f"f_divergence_type={f_div!r} does not apply to loss_type {name!r}; use reverse_kl")
 
