@@ -19,6 +19,8 @@ _REGISTRY: dict[str, dict[str, Callable]] = {}
 # without the caller importing it for its registration side effect.
 BUILTIN_MODULES = {"sft": "posttrain.losses.sft"}
 
+BUILTIN_MODULES["preference"] = "posttrain.losses.preference"
+
 
 def register(kind: str, name: str) -> Callable[[Callable], Callable]:
     """Decorator: register `fn` as variant `name` of `kind`. Re-registering a name with a different function raises."""
