@@ -24,7 +24,8 @@ from posttrain.rl.models import load_causal_lm, load_tokenizer
 # Defaults that depend on the run. The embedded model starts from random weights, so it needs a
 # pre-training-sized learning rate; the embedded task's rows are ~8 tokens, so large batches, many
 # epochs and short packed rows cost little.
-EMBEDDED_MODEL_LEARNING_RATE = 3e-3
+# 600 steps, seeds 42/1/7: held-out exact match 0.87/0.70/0.73 at 1e-3, 0.18/0.08/0.13 at 3e-3.
+EMBEDDED_MODEL_LEARNING_RATE = 1e-3
 PRETRAINED_LEARNING_RATE = 2e-5  # TRL's SFT default
 #                              embedded task     any other data (TRL's defaults)
 RUN_DEFAULTS = {
