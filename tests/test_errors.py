@@ -131,21 +131,23 @@ def test_build_optimizer_without_learning_rate(tmp_path):
         loop.build_optimizer(embedded.build_model(num_hidden_layers=1), config)
 
 
-def test_train_set_smaller_than_one_step(tmp_path):
+def test_train_set_smaller_than_one_micro_batch_with_drop_last(tmp_path):
+    """Without drop_last a short epoch still trains (tests/test_epochs.py); with it, 788 rows under a
+    micro-batch of 800 leave nothing: a named error before the run folder is written."""
     config = sft.SFTConfig(
         output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=400,
-        gradient_accumulation_steps=2,
+        per_device_train_batch_size=800,
+        dataloader_drop_last=True,
         report_to="none",
         disable_tqdm=True,
     )
     message = (
-        r"the train set has 788 rows, fewer than one optimizer step takes: per_device_train_batch_size \(400\) "
-        r"x processes \(1\) x gradient_accumulation_steps \(2\) = 800"
+        r"the train set has 788 rows, fewer than one micro-batch on all processes \(per_device_train_batch_size "
+        r"800 x processes 1 = 800\): dataloader_drop_last=true drops every micro-batch of the epoch"
     )
     with pytest.raises(ConfigError, match=message):
         sft.train(config)
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # raised before the first step
+    assert not (tmp_path / "run").exists()  # raised before the run folder is written
 
 
 def test_sft_max_length_below_two():

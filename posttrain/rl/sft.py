@@ -16,7 +16,7 @@ import torch
 
 from posttrain.data import collate, embedded, loading, tokenization
 from posttrain.losses import registry
-from posttrain.rl import loop
+from posttrain.rl import distributed, loop
 from posttrain.rl.config import ConfigError, TrainConfig
 from posttrain.rl.logprobs import token_logprobs
 from posttrain.rl.models import load_causal_lm, load_tokenizer
@@ -182,6 +182,7 @@ def train(config: SFTConfig):
     # Data first: a bad dataset or option stops here, before the run folder is written.
     tokenizer = load_tokenizer(config.model_name_or_path)
     train_rows, eval_rows, info = load_sft_data(config, tokenizer)
+    loop.plan_steps(len(train_rows), config, distributed.env_world()[1])  # too few rows: stop here
     run = loop.start(config, command="sft")
     run.log_info({f"{split}_{key}": value for split, counts in info.items() for key, value in counts.items()})
     model = load_causal_lm(config.model_name_or_path, seed=config.seed)
