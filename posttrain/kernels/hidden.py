@@ -627,14 +627,22 @@ class _HiddenLogProbs(torch.autograd.Function):
         mu = None if ge is None else mu
         tiles = _row_tiles(n, rows)
         buf = _tile_buffer(tiles[0][1] if tiles else 0, cols, V, hidden.device, dtype)
-        dhidden = torch.zeros(n, hidden.shape[1], **f) if need_h else None  # (n, H) float32
+        # A gradient's first term is written rather than added to zeros (a (V, H) fill less) wherever the
+        # tile's product is already in the accumulator's dtype; elsewhere it starts at zero.
+        writes_first = bool(tiles) and dtype == f["dtype"]
+        new = torch.empty if writes_first else torch.zeros
+        dhidden = new(n, hidden.shape[1], **f) if need_h else None  # (n, H) float32
         dweight = dbias = dw = None
         if need_w:
             # float32 weights accumulate in place; 16-bit ones through a float32 (C, H) buffer per vocabulary
             # tile, unless one row tile makes the product a single term (rounded once, as autograd's would be)
             direct = weight.dtype == f["dtype"] or (len(tiles) == 1 and weight.dtype == dtype)
-            # accumulated in place (float32: starts at zero) or written slice by slice (16-bit)
-            new = torch.zeros if weight.dtype == f["dtype"] else torch.empty
+            # accumulated in place, or written slice by slice (16-bit, or the single term of one row tile)
+            new = (
+                torch.zeros
+                if not tiles or (weight.dtype == f["dtype"] and dtype != f["dtype"])
+                else torch.empty
+            )
             dweight = new(weight.shape, device=weight.device, dtype=weight.dtype)
             dw = None if direct else torch.empty(min(cols, V), weight.shape[1], **f)
         if need_b:
@@ -655,10 +663,13 @@ class _HiddenLogProbs(torch.autograd.Function):
                     fold_backward(a, index[rs], c0, ref[rs], log_s[rs], None if mu is None else mu[rs], g[rs],
                                   None if ge is None else ge[rs], tr)  # fmt: skip
                     if need_h:
-                        _add_mm(dhidden[rs], a, w)
+                        if c0 == 0 and writes_first:
+                            torch.mm(a, w, out=dhidden[rs])
+                        else:
+                            _add_mm(dhidden[rs], a, w)
                     if need_w:
-                        if acc.dtype == a.dtype and acc.dtype != f["dtype"]:
-                            torch.mm(a.T, h, out=acc)  # the single row tile of a 16-bit weight
+                        if r0 == 0 and acc.dtype == a.dtype:
+                            torch.mm(a.T, h, out=acc)  # the first row tile (the only one of a 16-bit weight)
                         else:
                             _add_mm(acc, a.T, h)
                     if need_b:
