@@ -14,6 +14,7 @@ import sys
 # command -> (module, config class name)
 COMMANDS = {
     "sft": ("posttrain.rl.sft", "SFTConfig"),
+    "rm": ("posttrain.rl.reward", "RewardConfig"),
 }
 
 USAGE = "usage: posttrain <command> [--config file.yaml] [--key value ...] [--help]\ncommands: " + ", ".join(

@@ -17,7 +17,7 @@ from collections.abc import Callable
 _REGISTRY: dict[str, dict[str, Callable]] = {}
 # The module holding each kind's built-in variants, imported on first lookup so that `get` works
 # without the caller importing it for its registration side effect.
-BUILTIN_MODULES = {"sft": "posttrain.losses.sft"}
+BUILTIN_MODULES = {"sft": "posttrain.losses.sft", "reward": "posttrain.losses.reward"}
 
 BUILTIN_MODULES["preference"] = "posttrain.losses.preference"
 

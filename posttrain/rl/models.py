@@ -112,3 +112,47 @@ def load_causal_lm(model_name_or_path: str | None, *, seed: int = 0, dtype: torc
     from transformers import AutoModelForCausalLM
 
     return _from_pretrained(AutoModelForCausalLM.from_pretrained, model_name_or_path, "model", dtype=dtype)
+
+
+def load_reward_model(
+    model_name_or_path: str | None, *, pad_token_id: int, seed: int = 0, dtype: torch.dtype = torch.float32
+):
+    """An `AutoModelForSequenceClassification` with one output (the reward) in `dtype`.
+
+    A causal-LM checkpoint (e.g. an SFT output) gets its architecture's score head, freshly initialised by
+    transformers under `seed` (its lm_head is left out); None: the embedded tiny model's architecture with
+    random weights. `pad_token_id` goes into the config: the model scores each sequence at its last token
+    that is not padding, which it finds by that id.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if model_name_or_path is None:
+            config = embedded.tiny_model_config(num_labels=1)
+            model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        else:
+            try:
+                model = _from_pretrained(
+                    AutoModelForSequenceClassification.from_pretrained,
+                    model_name_or_path,
+                    "model",
+                    num_labels=1,
+                    dtype=dtype,
+                )
+            except ValueError as err:
+                if "Unrecognized configuration class" not in str(err):
+                    raise
+                raise ValueError(
+                    f"model_name_or_path={model_name_or_path!r}: its architecture has no sequence-classification "
+                    "model in transformers (AutoModelForSequenceClassification), so it cannot be a reward model"
+                ) from None
+    model.config.get_text_config().pad_token_id = pad_token_id
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every `nn.Dropout`'s probability to 0 (TRL's `disable_dropout`), so training is deterministic."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

@@ -1,0 +1,215 @@
+"""Reward modelling: train a scalar score r(x, y) so that chosen answers outscore rejected ones.
+
+    1. model and tokenizer: a sequence-classification model with one output (a causal-LM checkpoint gets
+       a fresh score head; the embedded tiny model's architecture when none is named), dropout off
+    2. data: load, check the preference format, tokenize prompt + chosen and prompt + rejected, drop the
+       pairs longer than max_length (counted)
+    3. for each optimizer step: chosen and rejected sequences in ONE forward (a 2B-row batch, chosen
+       first), each scored at its last non-padding token -> Bradley–Terry loss -> step
+
+Metrics (TRL 1.16's names): loss, accuracy (share of pairs with r_chosen > r_rejected), margin (mean
+r_chosen - r_rejected), min_reward / mean_reward / max_reward (over both sides), num_tokens,
+learning_rate, grad_norm; eval_ versions on the held-out pairs.
+
+TRL logs each micro-batch's min and max reward and averages them over the logging window; here a step's
+min_reward / max_reward is the pair-weighted mean of its micro-batches' extremes (the same number with one
+micro-batch per step, or micro-batches of equal size). Pairs whose chosen and rejected tokens are identical
+are dropped and counted (see `posttrain.data.preference`); TRL trains them.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from posttrain.data import embedded, loading, preference
+from posttrain.losses import registry
+from posttrain.rl import loop
+from posttrain.rl.config import ConfigError, TrainConfig
+from posttrain.rl.models import disable_dropout, load_reward_model, load_tokenizer
+
+# Defaults that depend on the run. The embedded model starts from random weights; its pairs are ~10
+# tokens, so large batches and many epochs cost little.
+EMBEDDED_MODEL_LEARNING_RATE = 3e-3
+PRETRAINED_LEARNING_RATE = 1e-4  # TRL's RewardConfig default
+#                              embedded task     any other data (TRL's defaults)
+RUN_DEFAULTS = {
+    "per_device_train_batch_size": (32, 8),
+    "num_train_epochs": (40.0, 3.0),
+    "warmup_steps": (20, 0),
+    "max_length": (64, 1024),
+}
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    # Redeclared with a `None` default: filled from RUN_DEFAULTS, so an explicit value always wins.
+    per_device_train_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Pairs per micro-batch per process; none: 32 on the embedded task, else 8."},
+    )
+    num_train_epochs: float | None = field(
+        default=None,
+        metadata={"help": "Passes over the train set (unless max_steps); none: 40 embedded, else 3."},
+    )
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps of linear warmup from 0; none: 20 embedded, else 0."}
+    )
+    max_length: int | None = field(
+        default=-1,
+        metadata={
+            "help": "Drop (and count) the pairs whose prompt + chosen or prompt + rejected is longer than "
+            "this many tokens; -1: 64 embedded, else 1024; none: keep every pair."
+        },
+    )
+    center_rewards_coefficient: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the mean (r_chosen + r_rejected)^2 term that centres rewards; none: off."
+        },
+    )
+    disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0."})
+    loss_type: str = field(
+        default="bradley_terry",
+        metadata={"help": "Reward-model loss: " + ", ".join(registry.names("reward")) + "."},
+    )
+
+    def __post_init__(self):
+        embedded_task = self.dataset_name is None
+        for name, (on_embedded, otherwise) in RUN_DEFAULTS.items():
+            # max_length's "unset" is -1 because none already means "keep every pair".
+            if getattr(self, name) == (-1 if name == "max_length" else None):
+                setattr(self, name, on_embedded if embedded_task else otherwise)
+        if self.learning_rate is None:
+            random_init = self.model_name_or_path is None
+            self.learning_rate = EMBEDDED_MODEL_LEARNING_RATE if random_init else PRETRAINED_LEARNING_RATE
+        super().__post_init__()
+        if self.loss_type not in registry.names("reward"):
+            raise ConfigError(
+                f"loss_type={self.loss_type!r} is not a reward-model loss; expected one of "
+                f"{registry.names('reward')}"
+            )
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2 (or none), got {self.max_length}")
+        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
+            raise ConfigError(
+                f"center_rewards_coefficient must be >= 0 (or none), got {self.center_rewards_coefficient}"
+            )
+
+
+def load_preference_data(config: RewardConfig, tokenizer):
+    """Tokenized train and eval pairs (eval may be None) and the dropped-pair counts."""
+    if config.dataset_name is None:
+        train, evaluation = (
+            embedded.dataset("preference", "train"),
+            embedded.dataset("preference", "test"),
+        )
+    else:
+        train, evaluation = loading.load_splits(
+            config.dataset_name,
+            name=config.dataset_config,
+            train_split=config.dataset_train_split,
+            eval_split=config.dataset_test_split,
+            require_eval=config.dataset_test_split != "test" or bool(config.eval_steps),
+        )
+    out, info = [], {}
+    for split, dataset in (("train", train), ("eval", evaluation)):
+        if dataset is None:
+            out.append(None)
+            continue
+        rows, counts = preference.tokenize_preference(dataset, tokenizer, command="rm")
+        rows, counts["dropped_overlong_pairs"] = preference.drop_overlong_pairs(rows, config.max_length)
+        out.append(rows)
+        info[split] = counts
+    return out[0], out[1], info
+
+
+def collate_pairs(rows, pad_token_id: int) -> dict:
+    """B pairs -> one batch of 2B sequences, the chosen ones first, right-padded.
+
+    Returns input_ids, attention_mask (2B, T) and, when the rows have one, margin (B,) float32.
+    """
+    if not rows:
+        raise ValueError("cannot collate an empty list of pairs")
+    sequences = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [
+        r["prompt_ids"] + r["rejected_ids"] for r in rows
+    ]
+    T = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(sequences), T, dtype=torch.long)
+    for b, seq in enumerate(sequences):
+        input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[b, : len(seq)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "margin" in rows[0]:
+        batch["margin"] = torch.tensor([float(r["margin"]) for r in rows], dtype=torch.float32)
+    return batch
+
+
+def reward_step_loss(
+    model, batch, num_items, *, loss_type: str = "bradley_terry", center_rewards_coefficient=None
+):
+    """One micro-batch's share of the step's loss, and its metrics.
+
+    batch: input_ids, attention_mask (2B, T), chosen rows first [+ margin (B,)]; num_items: pairs in the
+    whole optimizer step. Returns (loss, {"accuracy", "margin", "min_reward", "mean_reward",
+    "max_reward"}): scalars, each a sum over this micro-batch's pairs divided by num_items.
+    """
+    rewards = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits.squeeze(-1)  # (2B,)
+    chosen, rejected = rewards.chunk(2)  # (B,), (B,)
+    loss = registry.get("reward", loss_type)(
+        chosen,
+        rejected,
+        num_items,
+        margin=batch.get("margin"),
+        center_rewards_coefficient=center_rewards_coefficient,
+    )
+    with torch.no_grad():
+        pairs = chosen.numel()
+        metrics = {
+            "accuracy": (chosen > rejected).sum() / num_items,
+            "margin": (chosen - rejected).sum() / num_items,
+            "min_reward": rewards.min() * pairs / num_items,
+            "mean_reward": rewards.sum() / 2 / num_items,
+            "max_reward": rewards.max() * pairs / num_items,
+        }
+    return loss, metrics
+
+
+def count_pairs(batch) -> int:
+    """Pairs in a batch: the unit the reward model's loss is averaged over."""
+    return batch["input_ids"].shape[0] // 2
+
+
+def train(config: RewardConfig):
+    """Train the reward model to the end; returns the run (its output_dir holds metrics.jsonl, the model)."""
+    # Data first: a bad dataset or option stops here, before the run folder is written.
+    tokenizer = load_tokenizer(config.model_name_or_path)
+    train_rows, eval_rows, info = load_preference_data(config, tokenizer)
+    run = loop.start(config, command="rm")
+    run.log_info({f"{split}_{key}": value for split, counts in info.items() for key, value in counts.items()})
+    model = load_reward_model(
+        config.model_name_or_path, pad_token_id=tokenizer.pad_token_id, seed=config.seed
+    )
+    if config.disable_dropout:
+        disable_dropout(model)
+
+    loop.fit(
+        run,
+        model,
+        tokenizer,
+        train_rows,
+        functools.partial(collate_pairs, pad_token_id=tokenizer.pad_token_id),
+        functools.partial(
+            reward_step_loss,
+            loss_type=config.loss_type,
+            center_rewards_coefficient=config.center_rewards_coefficient,
+        ),
+        count_fn=count_pairs,
+        eval_rows=eval_rows,
+    )
+    return run
