@@ -1,0 +1,262 @@
+"""Reward-model step: posttrain vs TRL 1.16's RewardTrainer, side by side in one run, with the compute floor.
+
+    python benchmarks/reward.py              # per side: 2 rounds x (3 warm-up + 10 timed steps)
+    python benchmarks/reward.py --quick      # a smoke run: tiny model, 1 round of 1 + 2 steps
+
+Model: the SFT benchmark's Qwen2 (benchmarks/sft.py: V = 32000, H = 256, L = 4, I = 1024, float32) as
+`Qwen2ForSequenceClassification` with one output (a (1, H) score head instead of the (V, H) lm_head).
+Data: B = 8 random-token pairs per step, each 64 prompt + 64 chosen and 64 prompt + 64 rejected tokens
+(2B = 16 sequences of T = 128, no padding), explicit prompt; Bradley–Terry loss, no margin or centring.
+Both sides: AdamW (lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay), constant learning rate,
+gradient clipping at norm 1.0, no gradient checkpointing, dropout off, fp32, CPU, one micro-batch per step.
+
+    ours  per step: `posttrain.rl.reward.collate_pairs` on the step's pairs, then `posttrain.rl.loop.accumulate`
+          (forward of chosen and rejected in one batch, `reward_step_loss`, backward, clip, AdamW, schedule,
+          metrics to the host).
+    trl   `RewardTrainer.train()` with max_steps = warmup + steps on a pre-tokenized dataset (chosen_ids,
+          rejected_ids), sequential sampling; a callback stamps the time at each `on_step_end`.
+
+Floor: a reward model needs no logits, so the floor is the backbone's matmuls over all 2B*T tokens (body
+and attention, `common.step_flops`) plus the score head, 6 * H * 2B*T (the model applies its (1, H) head at
+every position and keeps the last; it is < 0.1% of the work either way).
+
+Columns: see benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import sft  # noqa: E402  the same model shapes
+
+BATCH, PROMPT_LEN, COMPLETION_LEN = sft.BATCH, sft.PROMPT_LEN, sft.COMPLETION_LEN
+LEARNING_RATE, MAX_GRAD_NORM = sft.LEARNING_RATE, sft.MAX_GRAD_NORM
+
+
+def build_model(quick: bool):
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.rl.models import disable_dropout
+
+    config = sft.model_config(quick)
+    config.num_labels, config.pad_token_id = 1, 0
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    disable_dropout(model)
+    return model
+
+
+def random_pairs(n: int, vocab_size: int, seed: int = 0) -> list[dict]:
+    """n pairs: a random prompt and two random completions (ids >= 3: no pad/eos/special ids)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (n, PROMPT_LEN + 2 * COMPLETION_LEN), generator=g).tolist()
+    return [
+        {
+            "prompt_ids": row[:PROMPT_LEN],
+            "chosen_ids": row[PROMPT_LEN : PROMPT_LEN + COMPLETION_LEN],
+            "rejected_ids": row[PROMPT_LEN + COMPLETION_LEN :],
+        }
+        for row in ids
+    ]
+
+
+def run_ours(args) -> dict:
+    from posttrain.rl import loop, reward
+    from posttrain.rl.config import TrainConfig
+
+    n_steps = args.warmup + args.steps
+    with tempfile.TemporaryDirectory() as out:
+        config = TrainConfig(
+            output_dir=out,
+            learning_rate=LEARNING_RATE,
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            max_grad_norm=MAX_GRAD_NORM,
+            per_device_train_batch_size=BATCH,
+            bf16=False,
+            report_to="none",
+            seed=0,
+        )
+        run = loop.start(config, command="rm")
+        model = loop.prepare_model(run, build_model(args.quick))
+        optimizer = loop.build_optimizer(model, config, run.learning_rate)
+        scheduler = loop.build_scheduler(optimizer, config, n_steps)
+        pairs = random_pairs(n_steps * BATCH, model.config.vocab_size)
+        batches, losses = iter(range(0, len(pairs), BATCH)), []
+
+        def step():
+            i = next(batches)
+            batch = reward.collate_pairs(pairs[i : i + BATCH], pad_token_id=0)
+            metrics = loop.accumulate(
+                run, model, optimizer, scheduler, [batch], reward.reward_step_loss, reward.count_pairs
+            )
+            losses.append(metrics["loss"])
+
+        rss_before = common.rss_mib()
+        common.reset_peak_rss()
+        times = common.time_steps(step, args.steps, args.warmup)
+        result = {"times": times, "peak_mib": common.peak_rss_mib() - rss_before}
+        loop.finish(run)
+    return {**result, "losses": losses}
+
+
+def run_trl(args) -> dict:
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from posttrain.data.embedded import build_tokenizer
+
+    model = build_model(args.quick)
+    n_steps = args.warmup + args.steps
+    # Pre-tokenized: TRL skips tokenization when chosen_ids / rejected_ids exist (they hold the prompt too).
+    rows = [
+        {"chosen_ids": p["prompt_ids"] + p["chosen_ids"], "rejected_ids": p["prompt_ids"] + p["rejected_ids"]}
+        for p in random_pairs(n_steps * BATCH, model.config.vocab_size)
+    ]
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.stamps, self.rss_before, self.peak = [], None, None
+
+        def on_train_begin(self, *a, **k):
+            self.rss_before = common.rss_mib()
+            common.reset_peak_rss()
+            self.stamps.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            self.stamps.append(time.perf_counter())
+
+        def on_train_end(self, *a, **k):
+            self.peak = common.peak_rss_mib()
+
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as out:
+        config = trl.RewardConfig(
+            output_dir=out,
+            use_cpu=True,
+            bf16=False,
+            activation_checkpointing=False,
+            report_to=[],
+            per_device_train_batch_size=BATCH,
+            max_length=None,
+            max_steps=n_steps,
+            learning_rate=LEARNING_RATE,
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            max_grad_norm=MAX_GRAD_NORM,
+            logging_steps=10**6,
+            save_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            train_sampling_strategy="sequential",
+            seed=0,
+        )
+        trainer = trl.RewardTrainer(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=build_tokenizer(),
+            callbacks=[clock],
+        )
+        losses, compute_loss = [], trainer.compute_loss
+
+        def recording_compute_loss(*a, **k):
+            loss = compute_loss(*a, **k)
+            losses.append(loss.detach())
+            return loss
+
+        trainer.compute_loss = recording_compute_loss
+        trainer.train()
+    times = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)][args.warmup :]
+    return {"times": times, "peak_mib": clock.peak - clock.rss_before, "losses": [x.item() for x in losses]}
+
+
+def floor(config) -> dict:
+    """The backbone's floor over all 2B*T tokens (no output layer: head_tokens = 0) plus the score head's
+    6 * H * 2B*T FLOPs at the body's matmul rate."""
+    seq_len = PROMPT_LEN + COMPLETION_LEN
+    tokens = 2 * BATCH * seq_len
+    out = common.compute_floor(config, tokens, seq_len, head_tokens=1)  # its (1-row) output layer: dropped
+    flops = {**out["flops"], "head": 6.0 * config.hidden_size * tokens}
+    return {**out, "flops": flops, "floor_s": sum(flops.values()) / out["body_rate"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side before the timed ones")
+    parser.add_argument("--rounds", type=int, default=2, help="alternate the sides this many times")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1 + 2 steps, 1 round")
+    parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.warmup, args.rounds = min(args.steps, 2), min(args.warmup, 1), 1
+
+    config = sft.model_config(args.quick)
+    if args.side:
+        result = (run_ours if args.side == "ours" else run_trl)(args)
+        common.emit_result({**result, "floor": floor(config)})  # measured right after the steps
+        return
+
+    sides = ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--quick"] if args.quick else [])
+    results = {side: {"times": [], "peak_mib": 0.0, "losses": [], "floors": []} for side in ("ours", "trl")}
+    for _ in range(args.rounds):
+        for side in ("ours", "trl"):
+            result = common.run_side(__file__, ["--side", side, *sides])
+            results[side]["times"] += result["times"]
+            results[side]["floors"].append(result["floor"])
+            results[side]["peak_mib"] = max(results[side]["peak_mib"], result["peak_mib"])
+            results[side]["losses"] = result["losses"]
+    for r in results.values():
+        r["floor_s"] = common.median([f["floor_s"] for f in r["floors"]])
+
+    print(f"Reward-model step, {common.machine_line()}")
+    print(
+        f"model: Qwen2ForSequenceClassification V={config.vocab_size} H={config.hidden_size} "
+        f"L={config.num_hidden_layers} I={config.intermediate_size}; batch {BATCH} pairs x ({PROMPT_LEN} prompt "
+        f"+ {COMPLETION_LEN} completion) x 2 sides; {args.rounds} x ({args.warmup} warm-up + {args.steps} "
+        "timed steps) per side, alternating"
+    )
+    f = results["ours"]["floors"][0]["flops"]
+    print(
+        f"floor: {sum(f.values()) / 1e9:.1f} GFLOP (body {f['body'] / 1e9:.1f} + attn {f['attn'] / 1e9:.1f} "
+        f"+ score head {f['head'] / 1e9:.3f}; no logits) per step; floor ours {results['ours']['floor_s']:.3f} s, "
+        f"TRL {results['trl']['floor_s']:.3f} s"
+    )
+    rows = []
+    for side in ("ours", "trl"):
+        t = common.median(results[side]["times"])
+        rows.append(
+            [
+                "posttrain" if side == "ours" else "TRL 1.16",
+                f"{t:.3f}",
+                f"{min(results[side]['times']):.3f}",
+                f"{results[side]['floor_s']:.3f}",
+                f"{t / results[side]['floor_s']:.2f}",
+                f"{results[side]['peak_mib']:.0f}",
+            ]
+        )
+    t_ours, t_trl = (common.median(results[s]["times"]) for s in ("ours", "trl"))
+    m_ours, m_trl = (results[s]["peak_mib"] for s in ("ours", "trl"))
+    rows.append(["ours / TRL", f"{t_ours / t_trl:.2f}", "", "", "", f"{m_ours / m_trl:.2f}"])
+    header = ["side", "median s/step", "min s/step", "floor s", "measured / floor", "peak MiB"]
+    print(common.markdown_table(header, rows))
+    ours_l, trl_l = results["ours"]["losses"], results["trl"]["losses"]
+    worst = max(abs(a - b) / abs(b) for a, b in zip(ours_l, trl_l, strict=True))
+    print(
+        f"agreement: loss per step, ours vs TRL, {len(trl_l)} steps: max relative difference {worst:.1e} "
+        f"(first step {ours_l[0]:.6f} vs {trl_l[0]:.6f}, last {ours_l[-1]:.6f} vs {trl_l[-1]:.6f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
