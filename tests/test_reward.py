@@ -123,7 +123,9 @@ def test_overlong_pairs_dropped_and_counted_in_run_info(tmp_path):
 
     expected = sum(
         max(length(r["prompt"], r["chosen"]), length(r["prompt"], r["rejected"])) > 7
-        for r in embedded.rows("preference", "train")
+        for r in embedded.ranked_preference_rows(
+            "train", rejected_per_prompt=reward.EMBEDDED_REJECTED_PER_PROMPT
+        )
     )
     assert info["train_dropped_overlong_pairs"] == expected > 0
     assert info["train_dropped_identical_pairs"] == 0
@@ -258,3 +260,22 @@ def test_reward_options_are_trls_with_trls_defaults():
     assert len(shared) >= 25
     different = {n for n in shared - DIFFERENT_ON_PURPOSE if getattr(ours, n) != getattr(theirs, n)}
     assert different == set(), {n: (getattr(ours, n), getattr(theirs, n)) for n in different}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The embedded default
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_embedded_default_reaches_95_percent_held_out_accuracy(tmp_path):
+    # `posttrain rm` with no arguments but a run folder, through the CLI.
+    assert main(["rm", "--output_dir", str(tmp_path), "--disable_tqdm", "true"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in records if "loss" in r]
+    final_eval = [r for r in records if "eval_accuracy" in r][-1]
+    assert final_eval["eval_accuracy"] >= 0.95, final_eval
+    assert train_lines[-1]["accuracy"] >= 0.95 and train_lines[0]["loss"] > 0.6
+    held_out = embedded.rows("preference", "test")
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["eval_dropped_overlong_pairs"] == 0 and len(held_out) == 112

@@ -213,3 +213,23 @@ def exact_match(model, tokenizer, split: str = "test", seed: int = 0, limit: int
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     correct = sum(is_correct(p, t) for (p, _), t in zip(pairs, texts, strict=True))
     return {"exact_match": correct / max(len(pairs), 1)}
+
+
+def ranked_preference_rows(split: str = "train", seed: int = 0, rejected_per_prompt: int = 12):
+    """Standard preference rows with several rejected answers per problem: every plausible mistake
+    (off by one or ten, the difference; see `_wrong_answer`) and random wrong sums in 0..58 up to
+    `rejected_per_prompt` pairs per prompt. The reward model's default run trains on these: with one
+    rejected answer per problem (`rows("preference")`) the tiny model memorises the training pairs
+    instead of learning to check a sum."""
+    rng = random.Random(f"{seed}-ranked-{split}")
+    out = []
+    for prompt, answer in problems(split, seed):
+        a, b = _parse(prompt)
+        right = a + b
+        wrong = sorted(
+            c for c in {right + 1, right - 1, right + 10, right - 10, abs(a - b)} if c >= 0 and c != right
+        )
+        others = [c for c in range(2 * MAX_OPERAND + 1) if c != right and c not in wrong]
+        wrong += rng.sample(others, max(0, rejected_per_prompt - len(wrong)))
+        out.extend({"prompt": prompt, "chosen": answer, "rejected": str(c)} for c in wrong)
+    return out

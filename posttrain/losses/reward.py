@@ -4,6 +4,8 @@ Notation: B pairs in this micro-batch. Every loss takes
     chosen_rewards    (B,)  r(x, y_w), the model's scalar score of the chosen sequence
     rejected_rewards  (B,)  r(x, y_l), the score of the rejected one
     num_items               the number of pairs in the whole optimizer step (all micro-batches, all ranks)
+    margin            (B,)  keyword: the dataset's per-pair `margin` column, or None
+    center_rewards_coefficient  keyword: the config's value, or None
 and returns the step's share of the loss: a sum over this micro-batch's pairs divided by `num_items`, so
 that gradient accumulation and data parallelism give the gradient of one big batch.
 """

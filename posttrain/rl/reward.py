@@ -31,13 +31,16 @@ from posttrain.rl.config import ConfigError, TrainConfig
 from posttrain.rl.models import disable_dropout, load_reward_model, load_tokenizer
 
 # Defaults that depend on the run. The embedded model starts from random weights; its pairs are ~10
-# tokens, so large batches and many epochs cost little.
-EMBEDDED_MODEL_LEARNING_RATE = 3e-3
+# tokens, so large batches cost little. With one rejected answer per problem it memorises the training
+# pairs (held-out accuracy peaks near 65%), so the default run trains on 12 per problem
+# (`embedded.ranked_preference_rows`): about 520 steps, under two minutes on two CPU cores.
+EMBEDDED_MODEL_LEARNING_RATE = 1e-3
+EMBEDDED_REJECTED_PER_PROMPT = 12
 PRETRAINED_LEARNING_RATE = 1e-4  # TRL's RewardConfig default
 #                              embedded task     any other data (TRL's defaults)
 RUN_DEFAULTS = {
-    "per_device_train_batch_size": (32, 8),
-    "num_train_epochs": (40.0, 3.0),
+    "per_device_train_batch_size": (64, 8),
+    "num_train_epochs": (3.5, 3.0),
     "warmup_steps": (20, 0),
     "max_length": (64, 1024),
 }
@@ -48,11 +51,11 @@ class RewardConfig(TrainConfig):
     # Redeclared with a `None` default: filled from RUN_DEFAULTS, so an explicit value always wins.
     per_device_train_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Pairs per micro-batch per process; none: 32 on the embedded task, else 8."},
+        metadata={"help": "Pairs per micro-batch per process; none: 64 on the embedded task, else 8."},
     )
     num_train_epochs: float | None = field(
         default=None,
-        metadata={"help": "Passes over the train set (unless max_steps); none: 40 embedded, else 3."},
+        metadata={"help": "Passes over the train set (unless max_steps); none: 3.5 embedded, else 3."},
     )
     warmup_steps: int | None = field(
         default=None, metadata={"help": "Optimizer steps of linear warmup from 0; none: 20 embedded, else 0."}
@@ -102,10 +105,14 @@ class RewardConfig(TrainConfig):
 def load_preference_data(config: RewardConfig, tokenizer):
     """Tokenized train and eval pairs (eval may be None) and the dropped-pair counts."""
     if config.dataset_name is None:
-        train, evaluation = (
-            embedded.dataset("preference", "train"),
-            embedded.dataset("preference", "test"),
+        # Train on several rejected answers per problem (see `embedded.ranked_preference_rows`); evaluate
+        # on the held-out problems' preference split, one pair each.
+        from datasets import Dataset
+
+        train = Dataset.from_list(
+            embedded.ranked_preference_rows("train", rejected_per_prompt=EMBEDDED_REJECTED_PER_PROMPT)
         )
+        evaluation = embedded.dataset("preference", "test")
     else:
         train, evaluation = loading.load_splits(
             config.dataset_name,
