@@ -270,12 +270,12 @@ def test_reward_options_are_trls_with_trls_defaults():
 @pytest.mark.slow
 def test_embedded_default_learns_to_rank_held_out_pairs(tmp_path):
     # `posttrain rm` with no arguments but a run folder, through the CLI. Held-out pair accuracy starts at
-    # chance (0.5) and ends near 0.74 on the tiny model; the target (>= 0.95) is not reached.
+    # chance (0.5) and ends near 0.82 on the tiny model; the target (>= 0.95) is not reached.
     assert main(["rm", "--output_dir", str(tmp_path), "--disable_tqdm", "true"]) == 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_lines = [r for r in records if "loss" in r]
     eval_lines = [r for r in records if "eval_accuracy" in r]
-    assert len(train_lines) == 518 and [r["step"] for r in eval_lines] == [518]  # one eval, at the end
+    assert len(train_lines) == 1036 and [r["step"] for r in eval_lines] == [1036]  # one eval, at the end
     assert train_lines[0]["loss"] > 0.6 and max(r["loss"] for r in train_lines[-20:]) < 0.45
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["train_dropped_overlong_pairs"] == 0 == info["eval_dropped_overlong_pairs"]
@@ -290,4 +290,4 @@ def test_embedded_default_learns_to_rank_held_out_pairs(tmp_path):
     with torch.no_grad():
         _, metrics = reward.reward_step_loss(model, batch, len(held_out))
     assert metrics["accuracy"].item() == pytest.approx(eval_lines[0]["eval_accuracy"])
-    assert eval_lines[0]["eval_accuracy"] >= 0.65, eval_lines  # 0.74 on this machine; chance is 0.5
+    assert eval_lines[0]["eval_accuracy"] >= 0.7, eval_lines  # 0.82 on this machine; chance is 0.5
