@@ -29,6 +29,9 @@ Departures from TRL, each counted in the returned info rather than trained:
   no preference: both sides get the same score, so its loss is a constant (log 2 for the reward model,
   and for DPO) with zero gradient that only dilutes the step's mean and counts as a wrong answer in the
   accuracy. TRL trains it.
+- a conversational prompt whose template renders differently alone than followed by an answer raises
+  (from `tokenization.tokenize_prompt_completions`); TRL's reward model never renders the prompt alone and
+  its DPO cuts at the common prefix with a warning.
 """
 
 from __future__ import annotations
