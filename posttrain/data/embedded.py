@@ -45,14 +45,20 @@ def build_tokenizer():
     """A character-level `PreTrainedTokenizerFast` with ChatML special tokens and chat template.
 
     Ids: 0 pad `<|endoftext|>`, 1 `<|im_start|>`, 2 eos `<|im_end|>`, then one id per character.
+    The vocabulary is written in GPT-2's byte-to-unicode alphabet ("\n" is "Ċ", " " is "Ġ") with a byte-level
+    pre-tokenizer, as Qwen2's own tokenizer is: transformers 5 reloads the tokenizer of a qwen2 model folder as
+    a `Qwen2Tokenizer` whatever class was saved, and that one drops characters outside the alphabet.
     """
-    from tokenizers import Tokenizer, decoders, models
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
-    # BPE with no merges splits any text into single characters; `Fuse` joins them back without spaces.
+    alphabet = bytes_to_unicode()  # byte -> printable character
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + [alphabet[ord(c)] for c in CHARACTERS])}
+    # BPE with no merges splits any text into single characters; the byte-level decoder joins them back.
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
-    backend.decoder = decoders.Fuse()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD_TOKEN,
