@@ -8,6 +8,7 @@ float32: values are compared at float32 precision.
 import json
 import math
 import shutil
+import time
 
 import pytest
 from _optional import import_or_skip
@@ -69,16 +70,22 @@ def test_events_hold_the_metrics_of_metrics_jsonl(tmp_path):
 
     # A killed run resumed from checkpoint-2 logs step 3 again: TensorBoard must show it once, as
     # metrics.jsonl does (its lines after the checkpoint are dropped at resume).
+    # Event files are read in name order, "events.out.tfevents.<second>.<host>.<pid>.<counter>": a resumed
+    # run is a later process, so its file sorts last; in this one process, a later second does the same
+    # (the counter alone compares as text: "10" < "9").
+    time.sleep(1.1)
     train(SFTConfig(**config, resume_from_checkpoint=str(tmp_path / "checkpoint-2")))
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
     resumed = _jsonl_scalars(tmp_path)
     assert [s for s, _ in resumed["train/loss"]] == [1, 2, 3]
     _assert_same(_event_scalars(tmp_path), resumed)
 
-    # A fresh run in the same folder (its checkpoints removed) starts metrics.jsonl anew: TensorBoard too.
+    # A fresh run in the same folder (its checkpoints removed) starts metrics.jsonl anew: TensorBoard too
+    # (the earlier event files are removed).
     for path in tmp_path.glob("checkpoint-*"):
         shutil.rmtree(path)
     train(SFTConfig(**{**config, "max_steps": 2, "save_steps": 0}))
     fresh = _jsonl_scalars(tmp_path)
     assert [s for s, _ in fresh["train/loss"]] == [1, 2]
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
     _assert_same(_event_scalars(tmp_path), fresh)

@@ -71,12 +71,16 @@ class MetricsLogger:
         ):
             from torch.utils.tensorboard import SummaryWriter
 
+            log_dir = Path(run.output_dir) / "tensorboard"
+            if resume_step == 0:
+                # a fresh run starts its events anew, as metrics.jsonl: an earlier run's files go (a purge
+                # would depend on the files' name order, which one process's writers do not keep)
+                for stale in log_dir.glob("events.out.tfevents.*"):
+                    stale.unlink()
             # purge_step makes TensorBoard's readers drop the earlier event files' steps from this one on,
-            # as metrics.jsonl drops its lines: all of them for a fresh run in a used output_dir, and for a
-            # resumed run the steps a killed run logged after its checkpoint (they are logged again).
-            self.writer = SummaryWriter(
-                log_dir=str(Path(run.output_dir) / "tensorboard"), purge_step=resume_step + 1
-            )
+            # as metrics.jsonl drops its lines: the steps a killed run logged after its checkpoint (they
+            # are logged again by the resumed run, whose later-named file is read last).
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resume_step + 1)
         from tqdm.auto import tqdm
 
         self.bar = tqdm(
