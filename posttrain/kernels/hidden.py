@@ -72,7 +72,8 @@ except ImportError:  # the torch path works without triton
 # than R rows). CPU, 2 cores, float32, forward + backward with entropy: 1M-element tiles (4 MiB, the folds'
 # passes stay in cache) against 4M: 0.94x at N=512, H=256 (512 x 2048 tiles), 0.96x at N=2048 (2048 x 512),
 # level (1.01x) at N=4096, H=896, V=32000, where fewer rows per tile slowed the matmuls.
-# CUDA: 4096-row tiles keep cuBLAS at its large-matrix rate; a 4096 x 8192 bf16 tile is 64 MiB, 1/80 of the 5 GiB of logits at N=16k, V=152k.
+# CUDA: 4096-row tiles keep cuBLAS at its large-matrix rate; a 4096 x 8192 bf16 tile is 64 MiB, 1/80 of
+# the 5 GiB of logits at N=16k, V=152k.
 ROWS_PER_TILE = {"cpu": 2048, "cuda": 4096}
 TILE_ELEMENTS = {"cpu": 2048 * 512, "cuda": 4096 * 8192}
 
