@@ -184,3 +184,33 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def print_comparison(results: dict) -> None:
+    """The side-by-side table (median / min s per step, floor, ratio, peak memory, ours / TRL) and the
+    per-step loss agreement of `results[side]` = {"times", "floor_s", "peak_mib", "losses"}."""
+    rows = []
+    for side in ("ours", "trl"):
+        t = median(results[side]["times"])
+        rows.append(
+            [
+                "posttrain" if side == "ours" else "TRL 1.16",
+                f"{t:.3f}",
+                f"{min(results[side]['times']):.3f}",
+                f"{results[side]['floor_s']:.3f}",
+                f"{t / results[side]['floor_s']:.2f}",
+                f"{results[side]['peak_mib']:.0f}",
+            ]
+        )
+    t_ours, t_trl = (median(results[s]["times"]) for s in ("ours", "trl"))
+    m_ours, m_trl = (results[s]["peak_mib"] for s in ("ours", "trl"))
+    rows.append(["ours / TRL", f"{t_ours / t_trl:.2f}", "", "", "", f"{m_ours / m_trl:.2f}"])
+    header = ["side", "median s/step", "min s/step", "floor s", "measured / floor", "peak MiB"]
+    print(markdown_table(header, rows))
+    # Same initial weights, batches and optimizer: the per-step losses must agree along the whole run.
+    ours_l, trl_l = results["ours"]["losses"], results["trl"]["losses"]
+    worst = max(abs(a - b) / abs(b) for a, b in zip(ours_l, trl_l, strict=True))
+    print(
+        f"agreement: loss per step, ours vs TRL, {len(trl_l)} steps: max relative difference {worst:.1e} "
+        f"(first step {ours_l[0]:.6f} vs {trl_l[0]:.6f}, last {ours_l[-1]:.6f} vs {trl_l[-1]:.6f})"
+    )

@@ -232,30 +232,7 @@ def main():
         f"+ score head {f['head'] / 1e9:.3f}; no logits) per step; floor ours {results['ours']['floor_s']:.3f} s, "
         f"TRL {results['trl']['floor_s']:.3f} s"
     )
-    rows = []
-    for side in ("ours", "trl"):
-        t = common.median(results[side]["times"])
-        rows.append(
-            [
-                "posttrain" if side == "ours" else "TRL 1.16",
-                f"{t:.3f}",
-                f"{min(results[side]['times']):.3f}",
-                f"{results[side]['floor_s']:.3f}",
-                f"{t / results[side]['floor_s']:.2f}",
-                f"{results[side]['peak_mib']:.0f}",
-            ]
-        )
-    t_ours, t_trl = (common.median(results[s]["times"]) for s in ("ours", "trl"))
-    m_ours, m_trl = (results[s]["peak_mib"] for s in ("ours", "trl"))
-    rows.append(["ours / TRL", f"{t_ours / t_trl:.2f}", "", "", "", f"{m_ours / m_trl:.2f}"])
-    header = ["side", "median s/step", "min s/step", "floor s", "measured / floor", "peak MiB"]
-    print(common.markdown_table(header, rows))
-    ours_l, trl_l = results["ours"]["losses"], results["trl"]["losses"]
-    worst = max(abs(a - b) / abs(b) for a, b in zip(ours_l, trl_l, strict=True))
-    print(
-        f"agreement: loss per step, ours vs TRL, {len(trl_l)} steps: max relative difference {worst:.1e} "
-        f"(first step {ours_l[0]:.6f} vs {trl_l[0]:.6f}, last {ours_l[-1]:.6f} vs {trl_l[-1]:.6f})"
-    )
+    common.print_comparison(results)
 
 
 if __name__ == "__main__":
