@@ -213,6 +213,22 @@ class TrainConfig:
             raise ConfigError("resume_from_checkpoint must be 'latest', a checkpoint folder or none, got ''")
 
 
+def fill_run_defaults(
+    config, defaults: dict, *, embedded_learning_rate: float, pretrained_learning_rate: float
+) -> None:
+    """Fill a loop's run-dependent options that were left unset: `defaults` maps a name to (value on the
+    embedded task, value for any other data); unset is None, or -1 for max_length (None means no limit
+    there). An unset learning rate is the embedded one for the randomly initialised embedded model, the
+    pretrained one for any named model. Called at the top of a loop config's __post_init__."""
+    embedded_task = config.dataset_name is None
+    for name, (on_embedded, otherwise) in defaults.items():
+        if getattr(config, name) == (-1 if name == "max_length" else None):
+            setattr(config, name, on_embedded if embedded_task else otherwise)
+    if config.learning_rate is None:
+        random_init = config.model_name_or_path is None
+        config.learning_rate = embedded_learning_rate if random_init else pretrained_learning_rate
+
+
 def _check(ok: bool, name: str, requirement: str, value) -> None:
     # `not ok` (rather than a negated comparison) so that NaN fails every check.
     if not ok:

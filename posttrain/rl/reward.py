@@ -27,7 +27,7 @@ import torch
 from posttrain.data import embedded, loading, preference
 from posttrain.losses import registry
 from posttrain.rl import loop
-from posttrain.rl.config import ConfigError, TrainConfig
+from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
 from posttrain.rl.models import disable_dropout, load_reward_model, load_tokenizer
 
 # Defaults that depend on the run. The embedded model starts from random weights; its pairs are ~10
@@ -82,14 +82,12 @@ class RewardConfig(TrainConfig):
     )
 
     def __post_init__(self):
-        embedded_task = self.dataset_name is None
-        for name, (on_embedded, otherwise) in RUN_DEFAULTS.items():
-            # max_length's "unset" is -1 because none already means "keep every pair".
-            if getattr(self, name) == (-1 if name == "max_length" else None):
-                setattr(self, name, on_embedded if embedded_task else otherwise)
-        if self.learning_rate is None:
-            random_init = self.model_name_or_path is None
-            self.learning_rate = EMBEDDED_MODEL_LEARNING_RATE if random_init else PRETRAINED_LEARNING_RATE
+        fill_run_defaults(
+            self,
+            RUN_DEFAULTS,
+            embedded_learning_rate=EMBEDDED_MODEL_LEARNING_RATE,
+            pretrained_learning_rate=PRETRAINED_LEARNING_RATE,
+        )
         super().__post_init__()
         if self.loss_type not in registry.names("reward"):
             raise ConfigError(
