@@ -374,8 +374,14 @@ def _subprocess_env() -> dict:
     return env
 
 
+# Long enough that a signal sent once the first steps are logged lands well before the end (a tiny-model step
+# takes milliseconds: with 8 steps the run could finish between the poll and the signal).
+SFT_STEPS = 200
+
+
 def _sft_cmd(out: Path, nproc: int) -> list[str]:
-    argv = ["sft", "--max_steps", "8", "--save_steps", "100", "--eval_steps", "0", "--logging_steps", "0"]
+    argv = ["sft", "--max_steps", str(SFT_STEPS), "--save_steps", "1000", "--eval_steps", "0"]
+    argv += ["--logging_steps", "0"]
     argv += [
         "--per_device_train_batch_size",
         str(8 // nproc),
@@ -438,7 +444,7 @@ def test_sigterm_at_a_random_step_then_resume_gives_the_same_losses(nproc, tmp_p
     assert 1 <= len(stops) <= nproc and len({step for step, _, _ in stops}) == 1, err[-3000:]
     step, saved, command = int(stops[0][0]), Path(stops[0][1]), stops[0][2]
     assert code == (143 if nproc == 1 else 1), err[-3000:]  # torchrun exits 1 when its workers fail
-    assert after <= step < 8 and saved == out / f"checkpoint-{step}"
+    assert after <= step < SFT_STEPS and saved == out / f"checkpoint-{step}"
     assert [p.name for p in sorted(saved.glob("rng_state_rank*.pt"))] == [
         f"rng_state_rank{r}.pt" for r in range(nproc)
     ]
