@@ -87,6 +87,7 @@ def test_explicit_prompt_rows_whose_sides_carry_different_prompts_are_an_error(t
     [
         ([0.5, None, 1.0], r"row 1: field 'margin' is None"),
         ([0.5, 1.0, math.nan], r"row 2: field 'margin' is nan"),
+        ([math.inf, 1.0, 0.5], r"row 0: field 'margin' is inf"),
         (["a", "b", "c"], r"field 'margin' must be a number"),
     ],
 )

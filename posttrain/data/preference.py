@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 
 from .formats import check_format, validate_rows, with_explicit_prompt
-from .tokenization import _groups, tokenize_prompt_completions  # _groups: per-row tools / template kwargs
+from .tokenization import template_kwargs_groups, tokenize_prompt_completions
 
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -69,7 +69,7 @@ def tokenize_preference(dataset, tokenizer, *, command: str = "rm", keep_columns
     def tokenize_batch(batch, indices):
         n = len(indices)
         out = {name: [] for name in (*COLUMNS, "identical")}
-        for group, kwargs in _groups(batch, n):
+        for group, kwargs in template_kwargs_groups(batch, n):
             prompts = [batch["prompt"][i] for i in group]
             rows = [indices[i] for i in group]
             sides = [
@@ -132,7 +132,7 @@ def _check_margin(dataset) -> None:
     if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
         raise ValueError(f"row 0: field 'margin' must be a number, got {column.type}")
     for i, value in enumerate(column.to_pylist()):
-        if value is None or math.isnan(value):
+        if value is None or not math.isfinite(value):
             raise ValueError(f"row {i}: field 'margin' is {value}; every row needs a finite margin")
 
 

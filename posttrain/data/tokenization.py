@@ -629,8 +629,9 @@ def _row_template_kwargs(batch, i: int) -> dict:
     }
 
 
-def _groups(batch, n: int):
-    """Row groups that share template kwargs: one group unless per-row tools / kwargs columns exist."""
+def template_kwargs_groups(batch, n: int):
+    """A batch's rows in groups that share template kwargs, as (row indices, kwargs) pairs: one group unless
+    per-row tools / chat_template_kwargs columns exist (then one row each)."""
     if "tools" not in batch and "chat_template_kwargs" not in batch:
         return [(list(range(n)), {})]
     return [([i], _row_template_kwargs(batch, i)) for i in range(n)]
@@ -639,7 +640,7 @@ def _groups(batch, n: int):
 def _tokenize_pc_batch(tokenizer, batch, indices, assistant_only_loss, completion_only):
     n = len(indices)
     prompt_ids, completion_ids, masks = [None] * n, [None] * n, [None] * n
-    for group, kwargs in _groups(batch, n):
+    for group, kwargs in template_kwargs_groups(batch, n):
         result = tokenize_prompt_completions(
             tokenizer,
             [batch["prompt"][i] for i in group],
@@ -664,7 +665,7 @@ def _tokenize_lm_batch(tokenizer, batch, indices, fmt, assistant_only_loss):
         ids = tokenizer([_with_eos(t, tokenizer) for t in batch[fmt.text_field]])["input_ids"]
         return ids, [[1] * len(x) for x in ids]
     ids, masks = [None] * n, [None] * n
-    for group, kwargs in _groups(batch, n):
+    for group, kwargs in template_kwargs_groups(batch, n):
         conversations = [batch["messages"][i] for i in group]
         if assistant_only_loss:
             group_ids, group_masks = tokenize_conversations(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from posttrain.data import embedded, loading, preference
+from posttrain.data import collate, embedded, loading, preference
 from posttrain.losses import registry
 from posttrain.rl import loop
 from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
@@ -140,16 +140,16 @@ def collate_pairs(rows, pad_token_id: int) -> dict:
     """
     if not rows:
         raise ValueError("cannot collate an empty list of pairs")
-    sequences = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [
-        r["prompt_ids"] + r["rejected_ids"] for r in rows
+    sequences = [
+        {
+            "input_ids": r["prompt_ids"] + r[side],
+            "completion_mask": [0] * len(r["prompt_ids"]) + [1] * len(r[side]),
+        }
+        for side in ("chosen_ids", "rejected_ids")
+        for r in rows
     ]
-    T = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), T), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(sequences), T, dtype=torch.long)
-    for b, seq in enumerate(sequences):
-        input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[b, : len(seq)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    padded = collate.pad_collate(sequences, pad_token_id)
+    batch = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
     if "margin" in rows[0]:
         batch["margin"] = torch.tensor([float(r["margin"]) for r in rows], dtype=torch.float32)
     return batch
