@@ -313,10 +313,9 @@ def _fold_backward_torch(a, index, c0, ref, log_s, mu, g, ge, tr: Transform):
     dz.scatter_add_(1, col, (g * f * inside).unsqueeze(1))
     if dcap is not None:
         dz *= dcap
+    # a 16-bit tile: one rounding of dL/da (in-place ops return their own tensor, so float32 skips this)
     if dz is not a:
-        a.copy_(
-            dz
-        )  # a 16-bit tile: one rounding of dL/da (in-place ops return their own tensor, so f32 skips this)
+        a.copy_(dz)
 
 
 # ----------------------------------------------------------------------------------------------------------
