@@ -23,10 +23,12 @@ every position and keeps the last; it is < 0.1% of the work either way).
 Memory floor (`memory_floor`, printed under the table in peak MiB's unit: besides the model): any exact
 AdamW step holds the gradients and the two moments together, 3 x the weights' bytes; a step that does not
 recompute activations also holds the moments and every activation the forward saves for the backward when
-the backward starts. On this shape that second floor (~300 MiB: 93 of moments, ~206 of activations) is
-above 0.6 x TRL's peak (~440 MiB, so ~264): the issue's memory target cannot be met by an exact step of
-this model without gradient checkpointing, which would cost time on both sides alike. Both sides' peaks
-sit ~130 MiB above it: the backward's temporaries and what glibc keeps of freed blocks.
+the backward starts. On this shape that second floor is 299 MiB (93 of moments, 206 of activations), 0.67 x
+TRL's peak (444 MiB in a full run): the issue's target, 0.6 x, cannot be met by an exact step of this model
+without gradient checkpointing, which would cost time on both sides alike. Both sides peak ~145 MiB above
+the floor (ours 447): the forward's temporaries (~55 MiB) and, in the backward, the gradients as they are
+built and the backward's own temporaries; handing freed memory back to the system after every step
+(malloc_trim) did not lower the peak, which falls inside a step.
 
 Columns: see benchmarks/README.md.
 """
