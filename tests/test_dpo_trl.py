@@ -1,0 +1,412 @@
+"""Our DPO loop against TRL 1.16's DPOTrainer: same tiny models, same rows, float32.
+
+1. Tokens: our pipeline (`tokenize_preference`, the keep_start filter, `dpo.collate_pairs`) gives TRL's
+   batch (`_prepare_dataset` + `DataCollatorForPreference`) exactly: input_ids, attention_mask,
+   completion_mask, for standard and conversational rows, explicit and implicit prompt, and with max_length
+   truncation (keep_start drops the rows whose prompt alone fills max_length, as TRL; keep_end drops none).
+2. One step: on that batch, `dpo.dpo_step_loss` (policy and a separate reference model, the policy a few
+   steps away from it) gives TRL's `compute_loss`, every parameter's gradient and every metric TRL logs
+   (num_tokens through the loop's count), relative error <= 1e-5, for each loss_type and option of
+   test_losses_preference.CASES.
+3. Trajectories: 10 optimizer steps of `dpo.train` and of `DPOTrainer.train` from the same saved weights,
+   the whole dataset as one batch, AdamW, constant learning rate: per-step losses within 1e-4, on Qwen2
+   (fused hidden-state path), GPT-2 (logits path) and Gemma 2 (logit soft-capping).
+4. Precomputed reference log-probs give the live reference's losses (ours, 10 steps), and TRL's step.
+5. TR-DPO (sync_ref_model) follows TRL's SyncRefModelCallback trajectory.
+6. padding_free (which TRL 1.16 turns off) gives the padded step's loss, gradients and metrics.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+from _optional import import_or_skip
+from _trl_drivers import (
+    TRL_TRAIN,
+    assert_same_step,
+    family_config,
+    logged,
+    pair_rows,
+    trained_policy_and_reference,
+    trl_dpo_step,
+    trl_logged,
+    write_jsonl,
+)
+from datasets import Dataset
+from test_losses_preference import CASES, ROWS
+
+from posttrain.data import embedded, preference
+from posttrain.rl import dpo
+from posttrain.rl.loop import count_tokens
+from posttrain.rl.models import load_tokenizer
+
+trl = import_or_skip("trl")  # a failure under CI, where trl is installed
+
+RTOL = 1e-5
+TRAJECTORY_ATOL = 1e-4
+MASKS = ("input_ids", "attention_mask", "completion_mask")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return embedded.build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    """(policy, reference): the tiny Qwen2 and that model after 3 steps of SFT (see _trl_drivers)."""
+    return trained_policy_and_reference(tokenizer)
+
+
+def our_batch(tokenizer, rows, *, max_length=None, truncation_mode="keep_start", padding_free=False):
+    """Our collated batch for `rows` and the number of rows the keep_start filter dropped."""
+    tokenized, _ = preference.tokenize_preference(Dataset.from_list(rows), tokenizer, command="dpo")
+    kept, dropped = dpo.drop_prompt_filled_pairs(tokenized, max_length, truncation_mode)
+    batch = dpo.collate_pairs(
+        list(kept),
+        tokenizer.pad_token_id,
+        max_length=max_length,
+        truncation_mode=truncation_mode,
+        padding_free=padding_free,
+    )
+    return batch, dropped
+
+
+def assert_same_batch(ours, theirs):
+    for key in MASKS:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def our_step(models, batches, **options):
+    """Our loss (summed over micro-batches), policy gradients and metrics for one optimizer step."""
+    policy, ref = models
+    config = dpo.DPOConfig(**options)
+    model = copy.deepcopy(policy).train()
+    num_pairs = sum(dpo.count_pairs(b) for b in batches)
+    loss, metrics = 0.0, {}
+    for batch in batches:
+        part, part_metrics = dpo.dpo_step_loss(model, batch, num_pairs, config=config, ref_model=ref)
+        part.backward()
+        loss = loss + part.detach()
+        for key, value in part_metrics.items():
+            metrics[key] = metrics.get(key, 0.0) + float(value)
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return {"loss": loss, "grads": grads, "metrics": metrics}
+
+
+def assert_same_metrics(ours, theirs, batch):
+    """Every metric TRL logs, under its name; num_tokens is the loop's count of the batch."""
+    assert count_tokens(batch).item() == theirs["metrics"]["num_tokens"]
+    for key, value in theirs["metrics"].items():
+        if key == "num_tokens":
+            continue
+        assert key in ours["metrics"], f"{key} missing from our metrics {sorted(ours['metrics'])}"
+        assert math.isclose(ours["metrics"][key], value, rel_tol=RTOL, abs_tol=1e-6), (
+            key,
+            ours["metrics"][key],
+            value,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Tokens, masks and dropped rows
+# ---------------------------------------------------------------------------------------------------------
+
+LAYOUTS = {
+    "standard, explicit prompt": (False, False),
+    "standard, implicit prompt": (False, True),
+    "conversational, explicit prompt": (True, False),
+    "conversational, implicit prompt": (True, True),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_tokens_masks_and_step_match_trl(models, tokenizer, layout):
+    rows = pair_rows(*LAYOUTS[layout], n=8)
+    theirs = trl_dpo_step(*models, tokenizer, rows)
+    batch, dropped = our_batch(tokenizer, rows)
+    assert dropped == 0
+    assert_same_batch(batch, theirs["batch"])
+    ours = our_step(models, [batch])
+    assert_same_step(ours, theirs)
+    assert_same_metrics(ours, theirs, batch)
+
+
+def long_rows(conversational: bool, n: int = 16):
+    """Preference rows with prompts of two length groups and answers that differ from their first token, so
+    that truncation cuts answers without making chosen and rejected equal."""
+    out = []
+    for i, (prompt, answer) in enumerate(embedded.problems("train")[:n]):
+        prompt = ("please add: " if i % 3 == 0 else "") + prompt
+        sides = {"chosen": answer + " is the exact sum", "rejected": "maybe " + str(int(answer) + 1)}
+        if conversational:
+            prompt = [{"role": "user", "content": prompt}]
+            sides = {k: [{"role": "assistant", "content": v}] for k, v in sides.items()}
+        out.append({"prompt": prompt, **sides})
+    return out
+
+
+def _lengths(tokenizer, rows):
+    tokenized, _ = preference.tokenize_preference(Dataset.from_list(rows), tokenizer, command="dpo")
+    prompt = [len(r["prompt_ids"]) for r in tokenized]
+    longest = [
+        p + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for p, r in zip(prompt, tokenized, strict=True)
+    ]
+    return prompt, longest
+
+
+@pytest.mark.parametrize("conversational", [False, True], ids=["standard", "conversational"])
+@pytest.mark.parametrize("truncation_mode", ["keep_start", "keep_end"])
+def test_truncation_and_dropped_rows_match_trl(models, tokenizer, conversational, truncation_mode):
+    rows = long_rows(conversational)
+    prompt, longest = _lengths(tokenizer, rows)
+    # keep_start: the rows whose prompt has >= max_length tokens are dropped (as TRL), the others lose the
+    # ends of their answers. keep_end: nothing is dropped, the longer rows lose the start of their prompt.
+    max_length = max(prompt) - 1 if truncation_mode == "keep_start" else max(longest) - 3
+    theirs = trl_dpo_step(*models, tokenizer, rows, max_length=max_length, truncation_mode=truncation_mode)
+    batch, dropped = our_batch(tokenizer, rows, max_length=max_length, truncation_mode=truncation_mode)
+    assert dropped == len(rows) - len(theirs["dataset"])
+    if truncation_mode == "keep_start":
+        assert 0 < dropped < len(rows)
+    else:
+        assert dropped == 0
+    assert any(n > max_length for n, p in zip(longest, prompt, strict=True) if p < max_length)  # truncated
+    assert_same_batch(batch, theirs["batch"])
+    ours = our_step(models, [batch])
+    assert_same_step(ours, theirs)
+    assert_same_metrics(ours, theirs, batch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Every loss_type and option: loss, gradients, metrics on our batch
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_step_matches_trl(models, tokenizer, case):
+    options = CASES[case]
+    theirs = trl_dpo_step(*models, tokenizer, ROWS, **options)
+    batch, _ = our_batch(tokenizer, ROWS)
+    assert_same_batch(batch, theirs["batch"])
+    ours = our_step(models, [batch], **options)
+    assert theirs["loss"].abs() > 1e-3  # not at a flat point
+    assert_same_step(ours, theirs)
+    assert_same_metrics(ours, theirs, batch)
+
+
+def test_micro_batches_sum_to_the_whole_step(models, tokenizer):
+    """Pair normalisation: two micro-batches of one step give the whole batch's loss, gradients, metrics."""
+    rows = pair_rows(True, False, n=8)
+    options = {"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0, 0.5]}
+    whole = our_step(models, [our_batch(tokenizer, rows)[0]], **options)
+    halves = our_step(
+        models, [our_batch(tokenizer, rows[:3])[0], our_batch(tokenizer, rows[3:])[0]], **options
+    )
+    assert_same_step(halves, whole)
+    for key in ("rewards/margins", "rewards/accuracies", "logps/chosen"):
+        assert halves["metrics"][key] == pytest.approx(whole["metrics"][key], rel=RTOL, abs=1e-6), key
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. padding_free: one packed row, same step as the padded batch (TRL 1.16 turns padding_free off)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case", ["sigmoid", "ipo", "sigmoid-ld_alpha", "sigmoid-use_weighting", "mpo-loss_weights", "aot"]
+)
+def test_padding_free_gives_the_padded_step(models, tokenizer, case):
+    rows = pair_rows(True, False, n=8)
+    padded, _ = our_batch(tokenizer, rows)
+    packed, _ = our_batch(tokenizer, rows, padding_free=True)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    assert packed["input_ids"].shape[1] == padded["attention_mask"].sum()
+    ours = our_step(models, [packed], **CASES[case])
+    reference = our_step(models, [padded], **CASES[case])
+    assert_same_step(ours, reference)
+    for key, value in reference["metrics"].items():
+        assert ours["metrics"][key] == pytest.approx(value, rel=RTOL, abs=1e-6), key
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3-5. Trajectories through both trainers
+# ---------------------------------------------------------------------------------------------------------
+
+N_PAIRS, STEPS, LEARNING_RATE = 16, 10, 5e-4
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory, tokenizer):
+    """family -> a folder holding that family's tiny causal LM (random init, seed 0) and the tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    folders = {}
+
+    def get(family):
+        if family not in folders:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(family_config(family, tokenizer))
+            folder = tmp_path_factory.mktemp(family)
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            folders[family] = folder
+        return folders[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rows = pair_rows(True, False, n=N_PAIRS)
+    return rows, write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", rows)
+
+
+def shared_options(steps=STEPS, **options):
+    return dict(
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant",
+        max_steps=steps,
+        per_device_train_batch_size=N_PAIRS,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        max_length=64,
+        seed=0,
+        **options,
+    )
+
+
+def trl_run(folder, rows, out, ref_model=None, **options):
+    """TRL's logged records (one per step) of DPOTrainer.train from the model in `folder`."""
+    args = trl.DPOConfig(output_dir=str(out), **TRL_TRAIN, **options)
+    # The tokenizer as both sides load it from the folder (transformers 5 picks its class from the model
+    # config there, which for the embedded character tokenizer is not the class it was saved as).
+    trainer = trl.DPOTrainer(
+        model=str(folder),
+        ref_model=ref_model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=load_tokenizer(str(folder)),
+    )
+    trainer.train()
+    return trainer
+
+
+def our_run(folder, data_path, out, **options):
+    config = dpo.DPOConfig(
+        model_name_or_path=str(folder),
+        dataset_name=data_path,
+        output_dir=str(out),
+        save_steps=0,
+        eval_steps=0,
+        disable_tqdm=True,
+        report_to="none",
+        **options,
+    )
+    dpo.train(config)
+    return out / "metrics.jsonl"
+
+
+def assert_same_losses(ours, theirs, steps):
+    assert len(ours) == len(theirs) == steps
+    gaps = [a - b for a, b in zip(ours, theirs, strict=True)]
+    assert max(map(abs, gaps)) <= TRAJECTORY_ATOL, gaps
+
+
+TRAJECTORIES = {
+    "qwen2-sigmoid": ("qwen2", {"loss_type": ["sigmoid"]}),
+    "qwen2-ipo": ("qwen2", {"loss_type": ["ipo"]}),
+    "qwen2-robust": ("qwen2", {"loss_type": ["robust"], "label_smoothing": 0.1}),
+    "qwen2-apo_zero": ("qwen2", {"loss_type": ["apo_zero"]}),
+    "qwen2-mpo": ("qwen2", {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}),
+    "gpt2-sigmoid": ("gpt2", {"loss_type": ["sigmoid"]}),
+    "gpt2-mpo": ("gpt2", {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}),
+    "gemma2-sigmoid": ("gemma2", {"loss_type": ["sigmoid"]}),
+    "gemma2-ipo": ("gemma2", {"loss_type": ["ipo"]}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(TRAJECTORIES))
+def test_ten_steps_follow_trls_trajectory(tmp_path, start, data, case):
+    family, options = TRAJECTORIES[case]
+    rows, data_path = data
+    theirs = trl_logged(trl_run(start(family), rows, tmp_path / "trl", **shared_options(**options)))
+    ours = logged(our_run(start(family), data_path, tmp_path / "ours", **shared_options(**options)))
+    assert_same_losses(ours, theirs, STEPS)
+    assert abs(theirs[-1] - theirs[0]) > 0.02 * abs(theirs[0])  # the run moves: real updates are compared
+
+
+@pytest.mark.slow
+def test_precomputed_reference_gives_the_live_losses(tmp_path, start, data):
+    """Ours, 10 steps: reference log-probs computed once up front (in micro-batches of 4 pairs, so with other
+    padding than the training batch) or by the live reference model each step."""
+    _, data_path = data
+    options = shared_options(loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.01])
+    live = logged(our_run(start("qwen2"), data_path, tmp_path / "live", **options))
+    pre = logged(
+        our_run(
+            start("qwen2"),
+            data_path,
+            tmp_path / "pre",
+            precompute_ref_log_probs=True,
+            precompute_ref_batch_size=4,
+            **options,
+        )
+    )
+    assert len(live) == len(pre) == STEPS
+    assert max(abs(a - b) for a, b in zip(live, pre, strict=True)) <= 1e-5, (live, pre)
+    assert live[-1] < live[0] - 0.05
+
+
+def test_precomputed_reference_step_matches_trl(tmp_path, models, tokenizer, data):
+    """One step from a policy that is not its reference (the `models` fixture, saved), with the reference
+    log-probs precomputed by both trainers (in micro-batches of 4 pairs): every number TRL logs agrees."""
+    from transformers import AutoModelForCausalLM
+
+    policy, ref = models
+    for name, model in (("policy", policy), ("ref", ref)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    rows, data_path = data
+    options = shared_options(steps=1, precompute_ref_log_probs=True, precompute_ref_batch_size=4)
+    trainer = trl_run(
+        tmp_path / "policy",
+        rows,
+        tmp_path / "trl",
+        ref_model=AutoModelForCausalLM.from_pretrained(tmp_path / "ref", dtype=torch.float32),
+        **options,
+    )
+    metrics = our_run(
+        tmp_path / "policy",
+        data_path,
+        tmp_path / "ours",
+        ref_model_name_or_path=str(tmp_path / "ref"),
+        **options,
+    )
+    theirs = trainer.state.log_history[0]
+    assert 0 < theirs["rewards/accuracies"] < 1  # policy and reference differ
+    ours = next(r for r in logged(metrics, None) if "loss" in r)
+    for key, value in theirs.items():  # loss, grad_norm, num_tokens and every DPO metric
+        if key != "step":
+            assert key in ours, f"{key} missing from our log {sorted(ours)}"
+            assert math.isclose(ours[key], value, rel_tol=RTOL, abs_tol=1e-6), (key, ours[key], value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_tr_dpo_follows_trls_trajectory(tmp_path, start, data, family):
+    """TR-DPO: every 2 steps the reference becomes 0.5 x reference + 0.5 x policy (TRL's
+    SyncRefModelCallback, after the optimizer step)."""
+    rows, data_path = data
+    steps = 6
+    options = shared_options(
+        steps=steps, sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.5
+    )
+    theirs = trl_logged(trl_run(start(family), rows, tmp_path / "trl", **options))
+    ours = logged(our_run(start(family), data_path, tmp_path / "ours", **options))
+    assert_same_losses(ours, theirs, steps)
+    # The sync is visible: right after step 2 the reference moved halfway to the policy, which halves every
+    # log-ratio, so step 3's loss is above step 2's (without the sync the loss falls at every step).
+    assert theirs[2] > theirs[1]
