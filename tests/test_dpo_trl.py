@@ -61,8 +61,10 @@ def models(tokenizer):
 
 def our_batch(tokenizer, rows, *, max_length=None, truncation_mode="keep_start", padding_free=False):
     """Our collated batch for `rows` and the number of rows the keep_start filter dropped."""
-    tokenized, _ = preference.tokenize_preference(Dataset.from_list(rows), tokenizer, command="dpo")
-    kept, dropped = dpo.drop_prompt_filled_pairs(tokenized, max_length, truncation_mode)
+    tokenized, _ = preference.tokenize_preference(
+        Dataset.from_list(rows), tokenizer, command="dpo", keep_columns=()
+    )
+    kept, dropped = dpo.drop_filled_prompts(tokenized, max_length, truncation_mode)
     batch = dpo.collate_pairs(
         list(kept),
         tokenizer.pad_token_id,
