@@ -136,8 +136,3 @@ def logged(metrics_jsonl, key: str | None = "loss") -> list:
     """`key` of every record of one of our runs' metrics.jsonl that has it (key None: the records)."""
     records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
     return records if key is None else [r[key] for r in records if key in r]
-
-
-def trl_logged(trainer, key: str = "loss") -> list[float]:
-    """`key` of every record of a TRL trainer's log history that has it."""
-    return [r[key] for r in trainer.state.log_history if key in r]

@@ -9,15 +9,18 @@
    (num_tokens through the loop's count), relative error <= 1e-5, for each loss_type and option of
    test_losses_preference.CASES.
 3. Trajectories: 10 optimizer steps of `dpo.train` and of `DPOTrainer.train` from the same saved weights,
-   the whole dataset as one batch, AdamW, constant learning rate: per-step losses within 1e-4, on Qwen2
-   (fused hidden-state path), GPT-2 (logits path) and Gemma 2 (logit soft-capping).
-4. Precomputed reference log-probs give the live reference's losses (ours, 10 steps), and TRL's step.
+   the whole dataset as one batch, AdamW, constant learning rate: per-step losses within 1e-4 (and every
+   other number TRL logs within 1e-4 relative or absolute), on Qwen2 (fused hidden-state path), GPT-2
+   (logits path) and Gemma 2 (logit soft-capping).
+4. Precomputed reference log-probs give the live reference's losses (ours, 10 steps), and TRL's logged
+   step (plain and LD-DPO sums).
 5. TR-DPO (sync_ref_model) follows TRL's SyncRefModelCallback trajectory.
 6. padding_free (which TRL 1.16 turns off) gives the padded step's loss, gradients and metrics.
 """
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +33,6 @@ from _trl_drivers import (
     pair_rows,
     trained_policy_and_reference,
     trl_dpo_step,
-    trl_logged,
     write_jsonl,
 )
 from datasets import Dataset
@@ -310,10 +312,23 @@ def our_run(folder, data_path, out, **options):
     return out / "metrics.jsonl"
 
 
-def assert_same_losses(ours, theirs, steps):
+def step_records(trainer_or_metrics) -> list[dict]:
+    """The per-step records of a TRL trainer's log history or of one of our runs' metrics.jsonl."""
+    if isinstance(trainer_or_metrics, Path):
+        return [r for r in logged(trainer_or_metrics, None) if "loss" in r]
+    return [r for r in trainer_or_metrics.state.log_history if "loss" in r]
+
+
+def assert_same_trajectory(ours, theirs, steps):
+    """Per-step losses within TRAJECTORY_ATOL; every other number TRL logs (grad_norm, learning_rate,
+    num_tokens, each DPO metric) within 1e-4, relative or absolute."""
     assert len(ours) == len(theirs) == steps
-    gaps = [a - b for a, b in zip(ours, theirs, strict=True)]
+    gaps = [a["loss"] - b["loss"] for a, b in zip(ours, theirs, strict=True)]
     assert max(map(abs, gaps)) <= TRAJECTORY_ATOL, gaps
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True), start=1):
+        for key, value in b.items():
+            assert key in a, f"step {step}: {key} missing from our log {sorted(a)}"
+            assert math.isclose(a[key], value, rel_tol=1e-4, abs_tol=1e-4), (step, key, a[key], value)
 
 
 TRAJECTORIES = {
@@ -334,10 +349,11 @@ TRAJECTORIES = {
 def test_ten_steps_follow_trls_trajectory(tmp_path, start, data, case):
     family, options = TRAJECTORIES[case]
     rows, data_path = data
-    theirs = trl_logged(trl_run(start(family), rows, tmp_path / "trl", **shared_options(**options)))
-    ours = logged(our_run(start(family), data_path, tmp_path / "ours", **shared_options(**options)))
-    assert_same_losses(ours, theirs, STEPS)
-    assert abs(theirs[-1] - theirs[0]) > 0.02 * abs(theirs[0])  # the run moves: real updates are compared
+    theirs = step_records(trl_run(start(family), rows, tmp_path / "trl", **shared_options(**options)))
+    ours = step_records(our_run(start(family), data_path, tmp_path / "ours", **shared_options(**options)))
+    assert_same_trajectory(ours, theirs, STEPS)
+    first, last = theirs[0]["loss"], theirs[-1]["loss"]
+    assert abs(last - first) > 0.02 * abs(first)  # the run moves: real updates are compared
 
 
 @pytest.mark.slow
@@ -346,8 +362,8 @@ def test_precomputed_reference_gives_the_live_losses(tmp_path, start, data):
     padding than the training batch) or by the live reference model each step."""
     _, data_path = data
     options = shared_options(loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.01])
-    live = logged(our_run(start("qwen2"), data_path, tmp_path / "live", **options))
-    pre = logged(
+    live = step_records(our_run(start("qwen2"), data_path, tmp_path / "live", **options))
+    pre = step_records(
         our_run(
             start("qwen2"),
             data_path,
@@ -358,13 +374,17 @@ def test_precomputed_reference_gives_the_live_losses(tmp_path, start, data):
         )
     )
     assert len(live) == len(pre) == STEPS
-    assert max(abs(a - b) for a, b in zip(live, pre, strict=True)) <= 1e-5, (live, pre)
-    assert live[-1] < live[0] - 0.05
+    for key in ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "loss/ipo"):
+        gap = max(abs(a[key] - b[key]) for a, b in zip(live, pre, strict=True))
+        assert gap <= 1e-5 * max(1.0, abs(live[0][key])), (key, gap)
+    assert live[-1]["loss"] < live[0]["loss"] - 0.05
 
 
-def test_precomputed_reference_step_matches_trl(tmp_path, models, tokenizer, data):
+@pytest.mark.parametrize("ld_alpha", [None, 0.5])
+def test_precomputed_reference_step_matches_trl(tmp_path, models, tokenizer, data, ld_alpha):
     """One step from a policy that is not its reference (the `models` fixture, saved), with the reference
-    log-probs precomputed by both trainers (in micro-batches of 4 pairs): every number TRL logs agrees."""
+    log-probs precomputed by both trainers (in micro-batches of 4 pairs; with LD-DPO's weighted sums too):
+    every number TRL logs agrees."""
     from transformers import AutoModelForCausalLM
 
     policy, ref = models
@@ -372,7 +392,9 @@ def test_precomputed_reference_step_matches_trl(tmp_path, models, tokenizer, dat
         model.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
     rows, data_path = data
-    options = shared_options(steps=1, precompute_ref_log_probs=True, precompute_ref_batch_size=4)
+    options = shared_options(
+        steps=1, precompute_ref_log_probs=True, precompute_ref_batch_size=4, ld_alpha=ld_alpha
+    )
     trainer = trl_run(
         tmp_path / "policy",
         rows,
@@ -387,13 +409,11 @@ def test_precomputed_reference_step_matches_trl(tmp_path, models, tokenizer, dat
         ref_model_name_or_path=str(tmp_path / "ref"),
         **options,
     )
-    theirs = trainer.state.log_history[0]
+    (theirs,), (ours,) = step_records(trainer), step_records(metrics)
     assert 0 < theirs["rewards/accuracies"] < 1  # policy and reference differ
-    ours = next(r for r in logged(metrics, None) if "loss" in r)
     for key, value in theirs.items():  # loss, grad_norm, num_tokens and every DPO metric
-        if key != "step":
-            assert key in ours, f"{key} missing from our log {sorted(ours)}"
-            assert math.isclose(ours[key], value, rel_tol=RTOL, abs_tol=1e-6), (key, ours[key], value)
+        assert key in ours, f"{key} missing from our log {sorted(ours)}"
+        assert math.isclose(ours[key], value, rel_tol=RTOL, abs_tol=1e-6), (key, ours[key], value)
 
 
 @pytest.mark.slow
@@ -406,9 +426,9 @@ def test_tr_dpo_follows_trls_trajectory(tmp_path, start, data, family):
     options = shared_options(
         steps=steps, sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.5
     )
-    theirs = trl_logged(trl_run(start(family), rows, tmp_path / "trl", **options))
-    ours = logged(our_run(start(family), data_path, tmp_path / "ours", **options))
-    assert_same_losses(ours, theirs, steps)
+    theirs = step_records(trl_run(start(family), rows, tmp_path / "trl", **options))
+    ours = step_records(our_run(start(family), data_path, tmp_path / "ours", **options))
+    assert_same_trajectory(ours, theirs, steps)
     # The sync is visible: right after step 2 the reference moved halfway to the policy, which halves every
     # log-ratio, so step 3's loss is above step 2's (without the sync the loss falls at every step).
-    assert theirs[2] > theirs[1]
+    assert theirs[2]["loss"] > theirs[1]["loss"]
