@@ -217,13 +217,26 @@ def test_micro_batches_sum_to_the_whole_step(models, tokenizer):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "case", ["sigmoid", "ipo", "sigmoid-ld_alpha", "sigmoid-use_weighting", "mpo-loss_weights", "aot"]
-)
-def test_padding_free_gives_the_padded_step(models, tokenizer, case):
-    rows = pair_rows(True, False, n=8)
-    padded, _ = our_batch(tokenizer, rows)
-    packed, _ = our_batch(tokenizer, rows, padding_free=True)
+PADDING_FREE_CASES = {
+    # name: (CASES entry, truncation_mode or None for no max_length)
+    "sigmoid": ("sigmoid", None),
+    "ipo": ("ipo", None),
+    "sigmoid-ld_alpha": ("sigmoid-ld_alpha", None),
+    "sigmoid-use_weighting": ("sigmoid-use_weighting", None),
+    "mpo-loss_weights": ("mpo-loss_weights", None),
+    "aot": ("aot", None),
+    "mpo-keep_start": ("mpo-loss_weights", "keep_start"),
+    "sigmoid-keep_end": ("sigmoid", "keep_end"),
+}
+
+
+@pytest.mark.parametrize("name", list(PADDING_FREE_CASES))
+def test_padding_free_gives_the_padded_step(models, tokenizer, name):
+    case, truncation_mode = PADDING_FREE_CASES[name]
+    rows = pair_rows(True, False, n=8) if truncation_mode is None else long_rows(True, n=8)
+    cut = {} if truncation_mode is None else {"max_length": 40, "truncation_mode": truncation_mode}
+    padded, _ = our_batch(tokenizer, rows, **cut)
+    packed, _ = our_batch(tokenizer, rows, padding_free=True, **cut)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
     assert packed["input_ids"].shape[1] == padded["attention_mask"].sum()
     ours = our_step(models, [packed], **CASES[case])
@@ -335,6 +348,9 @@ TRAJECTORIES = {
     "gpt2-mpo": ("gpt2", {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}),
     "gemma2-sigmoid": ("gemma2", {"loss_type": ["sigmoid"]}),
     "gemma2-ipo": ("gemma2", {"loss_type": ["ipo"]}),
+    # padding_free: ours packs each batch into one row; TRL 1.16 warns and pads (so the reference is padded)
+    "gpt2-padding_free": ("gpt2", {"loss_type": ["sigmoid", "sft"], "padding_free": True}),
+    "gemma2-padding_free": ("gemma2", {"loss_type": ["sigmoid", "sft"], "padding_free": True}),
 }
 
 
@@ -351,11 +367,14 @@ def test_ten_steps_follow_trls_trajectory(tmp_path, start, data, case):
 
 
 @pytest.mark.slow
-def test_precomputed_reference_gives_the_live_losses(tmp_path, start, data):
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding_free"])
+def test_precomputed_reference_gives_the_live_losses(tmp_path, start, data, padding_free):
     """Ours, 10 steps: reference log-probs computed once up front (in micro-batches of 4 pairs, so with other
     padding than the training batch) or by the live reference model each step."""
     _, data_path = data
-    options = shared_options(loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.01])
+    options = shared_options(
+        loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.01], padding_free=padding_free
+    )
     live = step_records(our_run(start("qwen2"), data_path, tmp_path / "live", **options))
     pre = step_records(
         our_run(
