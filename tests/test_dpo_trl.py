@@ -2,7 +2,7 @@
 
 1. Tokens: our pipeline (`tokenize_preference`, the keep_start filter, `dpo.collate_pairs`) gives TRL's
    batch (`_prepare_dataset` + `DataCollatorForPreference`) exactly: input_ids, attention_mask,
-   completion_mask, for standard and conversational rows, explicit and implicit prompt, and with max_length
+   completion_mask, for standard, conversational and multi-turn rows, explicit and implicit prompt, and with max_length
    truncation (keep_start drops the rows whose prompt alone fills max_length, as TRL; keep_end drops none).
 2. One step: on that batch, `dpo.dpo_step_loss` (policy and a separate reference model, the policy a few
    steps away from it) gives TRL's `compute_loss`, every parameter's gradient and every metric TRL logs
@@ -117,17 +117,40 @@ def assert_same_metrics(ours, theirs, batch):
 # 1. Tokens, masks and dropped rows
 # ---------------------------------------------------------------------------------------------------------
 
+
+def multi_turn_rows(implicit: bool, n: int = 6):
+    """Conversational rows whose prompt is a system message and a finished exchange before the question."""
+    out = []
+    problems = embedded.problems("train")[: 2 * n]
+    for (first, first_answer), (second, answer) in zip(problems[::2], problems[1::2], strict=True):
+        prompt = [
+            {"role": "system", "content": "Add."},
+            {"role": "user", "content": first},
+            {"role": "assistant", "content": first_answer},
+            {"role": "user", "content": second},
+        ]
+        sides = {"chosen": answer, "rejected": str(int(answer) + 1)}
+        sides = {k: [{"role": "assistant", "content": v}] for k, v in sides.items()}
+        if implicit:
+            out.append({k: prompt + v for k, v in sides.items()})
+        else:
+            out.append({"prompt": prompt, **sides})
+    return out
+
+
 LAYOUTS = {
-    "standard, explicit prompt": (False, False),
-    "standard, implicit prompt": (False, True),
-    "conversational, explicit prompt": (True, False),
-    "conversational, implicit prompt": (True, True),
+    "standard, explicit prompt": lambda: pair_rows(False, False),
+    "standard, implicit prompt": lambda: pair_rows(False, True),
+    "conversational, explicit prompt": lambda: pair_rows(True, False),
+    "conversational, implicit prompt": lambda: pair_rows(True, True),
+    "multi-turn, explicit prompt": lambda: multi_turn_rows(False),
+    "multi-turn, implicit prompt": lambda: multi_turn_rows(True),
 }
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_tokens_masks_and_step_match_trl(models, tokenizer, layout):
-    rows = pair_rows(*LAYOUTS[layout], n=8)
+    rows = LAYOUTS[layout]()
     theirs = trl_dpo_step(*models, tokenizer, rows)
     batch, dropped = our_batch(tokenizer, rows)
     assert dropped == 0
