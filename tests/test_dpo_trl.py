@@ -2,8 +2,9 @@
 
 1. Tokens: our pipeline (`tokenize_preference`, the keep_start filter, `dpo.collate_pairs`) gives TRL's
    batch (`_prepare_dataset` + `DataCollatorForPreference`) exactly: input_ids, attention_mask,
-   completion_mask, for standard, conversational and multi-turn rows, explicit and implicit prompt, and with max_length
-   truncation (keep_start drops the rows whose prompt alone fills max_length, as TRL; keep_end drops none).
+   completion_mask, for standard, conversational and multi-turn rows, explicit and implicit prompt, and
+   with max_length truncation (keep_start drops the rows whose prompt alone fills max_length, as TRL;
+   keep_end drops none).
 2. One step: on that batch, `dpo.dpo_step_loss` (policy and a separate reference model, the policy a few
    steps away from it) gives TRL's `compute_loss`, every parameter's gradient and every metric TRL logs
    (num_tokens through the loop's count), relative error <= 1e-5, for each loss_type and option of
@@ -11,11 +12,12 @@
 3. Trajectories: 10 optimizer steps of `dpo.train` and of `DPOTrainer.train` from the same saved weights,
    the whole dataset as one batch, AdamW, constant learning rate: per-step losses within 1e-4 (and every
    other number TRL logs within 1e-4 relative or absolute), on Qwen2 (fused hidden-state path), GPT-2
-   (logits path) and Gemma 2 (logit soft-capping).
+   (logits path) and Gemma 2 (logit soft-capping); also with gradient accumulation, and the eval_ metrics.
 4. Precomputed reference log-probs give the live reference's losses (ours, 10 steps), and TRL's logged
    step (plain and LD-DPO sums).
 5. TR-DPO (sync_ref_model) follows TRL's SyncRefModelCallback trajectory.
-6. padding_free (which TRL 1.16 turns off) gives the padded step's loss, gradients and metrics.
+6. padding_free (which TRL 1.16 turns off) gives the padded step's loss, gradients and metrics, and TRL's
+   padded trajectory.
 """
 
 import copy
