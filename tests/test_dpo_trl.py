@@ -13,8 +13,8 @@
    the whole dataset as one batch, AdamW, constant learning rate: per-step losses within 1e-4 (and every
    other number TRL logs within 1e-4 relative or absolute), on Qwen2 (fused hidden-state path), GPT-2
    (logits path) and Gemma 2 (logit soft-capping); also with gradient accumulation, and the eval_ metrics.
-4. Precomputed reference log-probs give the live reference's losses (ours, 10 steps), and TRL's logged
-   step (plain and LD-DPO sums).
+4. Precomputed reference log-probs give the live reference's losses (ours, 10 steps); a named reference,
+   live or precomputed (plain and LD-DPO sums), gives TRL's logged steps.
 5. TR-DPO (sync_ref_model) follows TRL's SyncRefModelCallback trajectory.
 6. padding_free (which TRL 1.16 turns off) gives the padded step's loss, gradients and metrics, and TRL's
    padded trajectory.
@@ -418,11 +418,23 @@ def test_precomputed_reference_gives_the_live_losses(tmp_path, start, data, padd
     assert live[-1]["loss"] < live[0]["loss"] - 0.05
 
 
-@pytest.mark.parametrize("ld_alpha", [None, 0.5])
-def test_precomputed_reference_step_matches_trl(tmp_path, models, tokenizer, data, ld_alpha):
-    """One step from a policy that is not its reference (the `models` fixture, saved), with the reference
-    log-probs precomputed by both trainers (in micro-batches of 4 pairs; with LD-DPO's weighted sums too):
-    every number TRL logs agrees."""
+NAMED_REFERENCE_CASES = {
+    "live": {},
+    "precomputed": {"precompute_ref_log_probs": True, "precompute_ref_batch_size": 4},
+    "precomputed-ld_alpha": {
+        "precompute_ref_log_probs": True,
+        "precompute_ref_batch_size": 4,
+        "ld_alpha": 0.5,
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(NAMED_REFERENCE_CASES))
+def test_named_reference_matches_trl(tmp_path, models, tokenizer, data, case):
+    """3 steps from a policy that is not its reference (the `models` fixture, saved; ours names the reference
+    by ref_model_name_or_path, TRL gets it as ref_model), the reference live or its log-probs precomputed by
+    both trainers (in micro-batches of 4 pairs; with LD-DPO's weighted sums too). The first step: every
+    number TRL logs to 1e-5; all three: as the trajectories (a reference that moved would show)."""
     from transformers import AutoModelForCausalLM
 
     policy, ref = models
@@ -430,9 +442,8 @@ def test_precomputed_reference_step_matches_trl(tmp_path, models, tokenizer, dat
         model.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
     rows, data_path = data
-    options = shared_options(
-        steps=1, precompute_ref_log_probs=True, precompute_ref_batch_size=4, ld_alpha=ld_alpha
-    )
+    steps = 3
+    options = shared_options(steps=steps, **NAMED_REFERENCE_CASES[case])
     trainer = trl_run(
         tmp_path / "policy",
         rows,
@@ -447,11 +458,11 @@ def test_precomputed_reference_step_matches_trl(tmp_path, models, tokenizer, dat
         ref_model_name_or_path=str(tmp_path / "ref"),
         **options,
     )
-    (theirs,), (ours,) = step_records(trainer), step_records(metrics)
-    assert 0 < theirs["rewards/accuracies"] < 1  # policy and reference differ
-    for key, value in theirs.items():  # loss, grad_norm, num_tokens and every DPO metric
-        assert key in ours, f"{key} missing from our log {sorted(ours)}"
-        assert math.isclose(ours[key], value, rel_tol=RTOL, abs_tol=1e-6), (key, ours[key], value)
+    theirs, ours = step_records(trainer), step_records(metrics)
+    assert 0 < theirs[0]["rewards/accuracies"] < 1  # policy and reference differ
+    assert_same_trajectory(ours, theirs, steps)
+    for key, value in theirs[0].items():  # loss, grad_norm, num_tokens and every DPO metric
+        assert math.isclose(ours[0][key], value, rel_tol=RTOL, abs_tol=1e-6), (key, ours[0][key], value)
 
 
 @pytest.mark.slow
