@@ -140,6 +140,17 @@ def multi_turn_rows(implicit: bool, n: int = 6):
     return out
 
 
+def unshared_rows():
+    """Implicit-prompt string pairs whose texts differ from the first character: the prompt is empty, so each
+    sequence starts with a completion token (which no position predicts)."""
+    return [
+        {"chosen": "46 is right", "rejected": "9, maybe"},
+        {"chosen": "1+1=2", "rejected": "3 = 1+1"},
+        {"chosen": "yes", "rejected": "no"},
+        {"chosen": "24+22=46", "rejected": "24+22=45"},  # and one with a prompt
+    ]
+
+
 LAYOUTS = {
     "standard, explicit prompt": lambda: pair_rows(False, False),
     "standard, implicit prompt": lambda: pair_rows(False, True),
@@ -147,17 +158,21 @@ LAYOUTS = {
     "conversational, implicit prompt": lambda: pair_rows(True, True),
     "multi-turn, explicit prompt": lambda: multi_turn_rows(False),
     "multi-turn, implicit prompt": lambda: multi_turn_rows(True),
+    "standard, implicit prompt, empty": unshared_rows,
 }
+# Losses normalised by completion length (ipo, sigmoid_norm) beside plain sums, so that a different count of
+# completion tokens shows in the loss.
+LENGTH_LOSSES = {"loss_type": ["sigmoid", "ipo", "sigmoid_norm"], "loss_weights": [1.0, 0.1, 1.0]}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_tokens_masks_and_step_match_trl(models, tokenizer, layout):
     rows = LAYOUTS[layout]()
-    theirs = trl_dpo_step(*models, tokenizer, rows)
+    theirs = trl_dpo_step(*models, tokenizer, rows, **LENGTH_LOSSES)
     batch, dropped = our_batch(tokenizer, rows)
     assert dropped == 0
     assert_same_batch(batch, theirs["batch"])
-    ours = our_step(models, [batch])
+    ours = our_step(models, [batch], **LENGTH_LOSSES)
     assert_same_step(ours, theirs)
     assert_same_metrics(ours, theirs, batch)
 
@@ -179,30 +194,40 @@ def long_rows(conversational: bool, n: int = 16):
 def _lengths(tokenizer, rows):
     tokenized, _ = preference.tokenize_preference(Dataset.from_list(rows), tokenizer, command="dpo")
     prompt = [len(r["prompt_ids"]) for r in tokenized]
-    longest = [
-        p + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for p, r in zip(prompt, tokenized, strict=True)
-    ]
-    return prompt, longest
+    completion = [max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in tokenized]
+    return prompt, [p + c for p, c in zip(prompt, completion, strict=True)], completion
+
+
+TRUNCATIONS = {
+    # keep_start: the rows whose prompt has >= max_length tokens are dropped (as TRL), the others lose the
+    # ends of their answers. keep_end: nothing is dropped, the longer rows lose the start of their prompt;
+    # with max_length 8, the whole prompt and the start of the longer answers.
+    "keep_start": ("keep_start", lambda prompt, longest: max(prompt) - 1),
+    "keep_end": ("keep_end", lambda prompt, longest: max(longest) - 3),
+    "keep_end, answers cut": ("keep_end", lambda prompt, longest: 8),
+}
 
 
 @pytest.mark.parametrize("conversational", [False, True], ids=["standard", "conversational"])
-@pytest.mark.parametrize("truncation_mode", ["keep_start", "keep_end"])
-def test_truncation_and_dropped_rows_match_trl(models, tokenizer, conversational, truncation_mode):
+@pytest.mark.parametrize("truncation", list(TRUNCATIONS))
+def test_truncation_and_dropped_rows_match_trl(models, tokenizer, conversational, truncation):
     rows = long_rows(conversational)
-    prompt, longest = _lengths(tokenizer, rows)
-    # keep_start: the rows whose prompt has >= max_length tokens are dropped (as TRL), the others lose the
-    # ends of their answers. keep_end: nothing is dropped, the longer rows lose the start of their prompt.
-    max_length = max(prompt) - 1 if truncation_mode == "keep_start" else max(longest) - 3
-    theirs = trl_dpo_step(*models, tokenizer, rows, max_length=max_length, truncation_mode=truncation_mode)
-    batch, dropped = our_batch(tokenizer, rows, max_length=max_length, truncation_mode=truncation_mode)
+    prompt, longest, completion = _lengths(tokenizer, rows)
+    truncation_mode, choose = TRUNCATIONS[truncation]
+    max_length = choose(prompt, longest)
+    cut = {"max_length": max_length, "truncation_mode": truncation_mode}
+    theirs = trl_dpo_step(*models, tokenizer, rows, **cut, **LENGTH_LOSSES)
+    batch, dropped = our_batch(tokenizer, rows, **cut)
     assert dropped == len(rows) - len(theirs["dataset"])
     if truncation_mode == "keep_start":
         assert 0 < dropped < len(rows)
     else:
         assert dropped == 0
     assert any(n > max_length for n, p in zip(longest, prompt, strict=True) if p < max_length)  # truncated
+    if truncation_mode == "keep_end":  # some sequences keep no prompt token: only with max_length 8
+        assert (max(completion) >= max_length) == (truncation == "keep_end, answers cut")
     assert_same_batch(batch, theirs["batch"])
-    ours = our_step(models, [batch])
+    ours = our_step(models, [batch], **LENGTH_LOSSES)
     assert_same_step(ours, theirs)
     assert_same_metrics(ours, theirs, batch)
 
