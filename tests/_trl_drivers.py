@@ -19,6 +19,7 @@ from _optional import import_or_skip
 from datasets import Dataset
 
 from posttrain.data import embedded
+from posttrain.rl.models import disable_dropout
 
 RTOL = 1e-5
 # TRL 1.16 on the CPU: bf16 defaults to True even with use_cpu, activation checkpointing defaults to on.
@@ -62,10 +63,12 @@ def pair_rows(conversational: bool, implicit: bool, n: int = 8, margin: bool = F
     return out
 
 
-def trained_policy_and_reference(tokenizer):
-    """(policy, reference): the reference is the random tiny model, the policy that model after 3 AdamW
-    steps of next-token cross-entropy on other problems' prompts + chosen answers."""
-    ref = embedded.build_model(seed=0)
+def trained_policy_and_reference(tokenizer, reference=None):
+    """(policy, reference): the reference is `reference` (default: the random tiny Qwen2), dropout off, the
+    policy that model after 3 AdamW steps of next-token cross-entropy on other problems' prompts + chosen
+    answers."""
+    ref = embedded.build_model(seed=0) if reference is None else reference
+    disable_dropout(ref)
     policy = copy.deepcopy(ref)
     texts = [r["prompt"] + r["completion"] + tokenizer.eos_token for r in embedded.rows()[:32]]
     enc = tokenizer(texts, return_tensors="pt", padding=True)

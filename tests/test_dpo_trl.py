@@ -43,7 +43,7 @@ from test_losses_preference import CASES, ROWS
 from posttrain.data import embedded, preference
 from posttrain.rl import dpo
 from posttrain.rl.loop import count_tokens
-from posttrain.rl.models import load_tokenizer
+from posttrain.rl.models import disable_dropout, load_tokenizer
 
 trl = import_or_skip("trl")  # a failure under CI, where trl is installed
 
@@ -89,6 +89,7 @@ def our_step(models, batches, **options):
     policy, ref = models
     config = dpo.DPOConfig(**options)
     model = copy.deepcopy(policy).train()
+    disable_dropout(model)  # as TRL's trainer (GPT-2 configs default to dropout 0.1)
     num_pairs = sum(dpo.count_pairs(b) for b in batches)
     loss, metrics = 0.0, {}
     for batch in batches:
@@ -245,6 +246,41 @@ def test_step_matches_trl(models, tokenizer, case):
     assert_same_batch(batch, theirs["batch"])
     ours = our_step(models, [batch], **options)
     assert theirs["loss"].abs() > 1e-3  # not at a flat point
+    assert_same_step(ours, theirs)
+    assert_same_metrics(ours, theirs, batch)
+
+
+@pytest.fixture(scope="module")
+def family_models(tokenizer):
+    """family -> (policy, reference) as `models`, for the tiny GPT-2 (logits path) and Gemma 2 (soft-capping)."""
+    from transformers import AutoModelForCausalLM
+
+    pairs = {}
+
+    def get(family):
+        if family not in pairs:
+            torch.manual_seed(0)
+            start = AutoModelForCausalLM.from_config(family_config(family, tokenizer))
+            pairs[family] = trained_policy_and_reference(tokenizer, start)
+        return pairs[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])
+@pytest.mark.parametrize(
+    "case", ["sigmoid", "ipo", "sigmoid-use_weighting", "sigmoid-ld_alpha", "mpo-loss_weights"]
+)
+def test_step_matches_trl_on_other_families(family_models, tokenizer, family, case):
+    """As test_step_matches_trl, on models whose log-probs take the logits path (GPT-2) or go through the
+    output soft-capping (Gemma 2): entropy, WPO's log sum p^2, the mean logit and top-1 from those paths."""
+    options = CASES[case]
+    rows = pair_rows(True, False, n=8)
+    theirs = trl_dpo_step(*family_models(family), tokenizer, rows, **options)
+    batch, _ = our_batch(tokenizer, rows)
+    assert_same_batch(batch, theirs["batch"])
+    ours = our_step(family_models(family), [batch], **options)
+    assert 0 < theirs["metrics"]["rewards/accuracies"] < 1
     assert_same_step(ours, theirs)
     assert_same_metrics(ours, theirs, batch)
 
