@@ -564,16 +564,23 @@ def test_gradient_accumulation_follows_trls_trajectory(tmp_path, start, data):
     assert_same_trajectory(ours, theirs, steps)
 
 
-def test_evaluation_matches_trl(tmp_path, start, data):
-    """eval_ metrics on 16 held-out pairs in 2 batches of 8 after 3 steps. Not compared: TRL's timings, and
-    its eval_num_tokens (the training token count, which DPOTrainer logs under every mode's num_tokens)."""
+@pytest.mark.parametrize("precompute", [False, True], ids=["live", "precomputed"])
+def test_evaluation_matches_trl(tmp_path, start, data, precompute):
+    """eval_ metrics on 16 held-out pairs in 2 batches of 8 after 3 steps, with the live reference or its
+    log-probs precomputed for the held-out pairs too. Not compared: TRL's timings, and its eval_num_tokens
+    (the training token count, which DPOTrainer logs under every mode's num_tokens)."""
     rows, _ = data
     held_out = embedded.rows("preference", "test", seed=0, conversational=True)[:16]
     (tmp_path / "pairs").mkdir()
     write_jsonl(tmp_path / "pairs" / "train.jsonl", rows)
     write_jsonl(tmp_path / "pairs" / "test.jsonl", held_out)
     steps = 3
-    options = shared_options(steps=steps, loss_type=["sigmoid", "sft"], per_device_eval_batch_size=8)
+    options = shared_options(
+        steps=steps,
+        loss_type=["sigmoid", "sft"],
+        per_device_eval_batch_size=8,
+        precompute_ref_log_probs=precompute,
+    )
     args = trl.DPOConfig(
         output_dir=str(tmp_path / "trl"), eval_strategy="steps", eval_steps=steps, **TRL_TRAIN, **options
     )
