@@ -107,8 +107,8 @@ def trl_dpo_step(policy, ref, tokenizer, rows, **dpo_options):
 
 
 def family_config(family: str, tokenizer, num_labels: int | None = None):
-    """A tiny config of `family` ("qwen2", "gpt2", "gemma2") over the embedded tokenizer's ids; with
-    `num_labels`, for a sequence-classification head."""
+    """A tiny config of `family` ("qwen2", "gpt2", "gemma2", "qwen2_moe") over the embedded tokenizer's ids;
+    with `num_labels`, for a sequence-classification head."""
     from transformers import AutoConfig
 
     labels = {} if num_labels is None else {"num_labels": num_labels}
@@ -117,6 +117,21 @@ def family_config(family: str, tokenizer, num_labels: int | None = None):
         return embedded.tiny_model_config(**labels)
     if family == "gpt2":  # learned positions, LayerNorm, dropout 0.1 by default (disabled on both sides)
         return AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=64, **common)
+    if family == "qwen2_moe":  # mixture of experts: a router load-balancing loss, router_aux_loss_coef 0.001
+        return AutoConfig.for_model(
+            "qwen2_moe",
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            **common,
+        )
     return AutoConfig.for_model(  # gemma2: logit soft-capping in attention (and the output), sliding window
         "gemma2",
         hidden_size=64,

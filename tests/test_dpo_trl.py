@@ -285,6 +285,18 @@ def test_step_matches_trl_on_other_families(family_models, tokenizer, family, ca
     assert_same_metrics(ours, theirs, batch)
 
 
+def test_moe_router_aux_loss_matches_trl(family_models, tokenizer):
+    """A mixture-of-experts policy: TRL 1.16 adds router_aux_loss_coef (the config's, 0.001 here) x the
+    router's load-balancing loss to the DPO loss and logs it as aux_loss."""
+    rows = pair_rows(True, False, n=8)
+    theirs = trl_dpo_step(*family_models("qwen2_moe"), tokenizer, rows)
+    assert theirs["metrics"]["aux_loss"] > 1.0  # the term is there: 0.001 x ~2.5 in a loss of ~0.7
+    batch, _ = our_batch(tokenizer, rows)
+    ours = our_step(family_models("qwen2_moe"), [batch])
+    assert_same_step(ours, theirs)
+    assert_same_metrics(ours, theirs, batch)
+
+
 def test_micro_batches_sum_to_the_whole_step(models, tokenizer):
     """Pair normalisation: two micro-batches of one step give the whole batch's loss, gradients, metrics."""
     rows = pair_rows(True, False, n=8)
