@@ -499,6 +499,7 @@ NAMED_REFERENCE_CASES = {
         "precompute_ref_batch_size": 4,
         "ld_alpha": 0.5,
     },
+    "live-tr_dpo": {"sync_ref_model": True, "ref_model_sync_steps": 1, "ref_model_mixup_alpha": 0.5},
 }
 
 
@@ -506,8 +507,9 @@ NAMED_REFERENCE_CASES = {
 def test_named_reference_matches_trl(tmp_path, models, tokenizer, data, case):
     """3 steps from a policy that is not its reference (the `models` fixture, saved; ours names the reference
     by ref_model_name_or_path, TRL gets it as ref_model), the reference live or its log-probs precomputed by
-    both trainers (in micro-batches of 4 pairs; with LD-DPO's weighted sums too). The first step: every
-    number TRL logs to 1e-5; all three: as the trajectories (a reference that moved would show)."""
+    both trainers (in micro-batches of 4 pairs; with LD-DPO's weighted sums too), or mixed with the policy
+    after every step (TR-DPO). The first step: every number TRL logs to 1e-5; all three: as the
+    trajectories (a reference that moved, or did not move as TRL's, would show)."""
     from transformers import AutoModelForCausalLM
 
     policy, ref = models
