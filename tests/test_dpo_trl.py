@@ -252,7 +252,8 @@ def test_step_matches_trl(models, tokenizer, case):
 
 @pytest.fixture(scope="module")
 def family_models(tokenizer):
-    """family -> (policy, reference) as `models`, for the tiny GPT-2 (logits path) and Gemma 2 (soft-capping)."""
+    """family -> (policy, reference) as `models`, for the tiny GPT-2 (logits path), Gemma 2 (soft-capping)
+    and Qwen2-MoE (router loss)."""
     from transformers import AutoModelForCausalLM
 
     pairs = {}
