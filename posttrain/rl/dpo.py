@@ -292,7 +292,8 @@ def collate_pairs(
     Padded (default): input_ids, attention_mask, completion_mask, position_ids (2B, T), right-padded.
     padding_free: input_ids, completion_mask, position_ids (1, total tokens), plus sequence_index and
     sequence_position (1, total) mapping each token to its (sequence, position) in the padded layout, and
-    sequence_shape (2B, T) (a tuple). Either way, ref_chosen_logps / ref_rejected_logps (B,) float32 when
+    sequence_shape (2B, T) (a tuple). Either way completion_lengths (2B,) float32, the completion tokens of
+    each (cut) sequence, and ref_chosen_logps / ref_rejected_logps (B,) float32 when
     the rows carry precomputed reference log-probs.
     """
     if not rows:
@@ -308,14 +309,18 @@ def collate_pairs(
             ids = r["prompt_ids"] + r[side]
             mask = [0] * len(r["prompt_ids"]) + [1] * len(r[side])
             sequences.append({"input_ids": ids[cut], "completion_mask": mask[cut]})
+    # Completion tokens per sequence, the first token of a row included although nothing predicts it: the
+    # lengths ipo and sigmoid_norm divide by (TRL counts them so).
+    lengths = torch.tensor([sum(s["completion_mask"]) for s in sequences], dtype=torch.float32)
     if padding_free:
         batch = collate.padding_free_collate(sequences)
-        lengths = torch.tensor([len(s["input_ids"]) for s in sequences])
-        batch["sequence_index"] = torch.repeat_interleave(torch.arange(len(sequences)), lengths)[None]
+        sizes = torch.tensor([len(s["input_ids"]) for s in sequences])
+        batch["sequence_index"] = torch.repeat_interleave(torch.arange(len(sequences)), sizes)[None]
         batch["sequence_position"] = batch["position_ids"].clone()
-        batch["sequence_shape"] = (len(sequences), int(lengths.max()))
+        batch["sequence_shape"] = (len(sequences), int(sizes.max()))
     else:
         batch = collate.pad_collate(sequences, pad_token_id)
+    batch["completion_lengths"] = lengths
     if "ref_chosen_logps" in rows[0]:
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             batch[key] = torch.tensor([float(r[key]) for r in rows], dtype=torch.float32)
@@ -394,7 +399,7 @@ def dpo_step_loss(model, batch, num_items, *, config: DPOConfig, ref_model=None)
     if config.use_weighting:
         weights = preference_losses.wpo_weights(token, _by_sequence(out.log_sum_sq, batch), mask)
         pair_weights = weights[:pairs] * weights[pairs:]
-    lengths = mask.sum(1)
+    lengths = batch["completion_lengths"]
     loss, metrics = preference_losses.preference_loss(
         config.loss_type,
         chosen,
