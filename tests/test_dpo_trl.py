@@ -49,7 +49,6 @@ trl = import_or_skip("trl")  # a failure under CI, where trl is installed
 
 RTOL = 1e-5
 TRAJECTORY_ATOL = 1e-4
-MASKS = ("input_ids", "attention_mask", "completion_mask")
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +79,15 @@ def our_batch(tokenizer, rows, *, max_length=None, truncation_mode="keep_start",
 
 
 def assert_same_batch(ours, theirs):
-    for key in MASKS:
+    """input_ids and attention_mask equal; completion_mask equal wherever TRL reads it: shifted (positions
+    1..T-1, the predicted tokens) and summed per sequence (the lengths ipo and sigmoid_norm divide by; ours
+    carries them as completion_lengths). At position 0, which nothing predicts, our mask is always 0 (the
+    collators' convention) while TRL's is 1 when a sequence starts with a completion token (an empty prompt,
+    or keep_end cutting the whole prompt away)."""
+    for key in ("input_ids", "attention_mask"):
         assert torch.equal(ours[key], theirs[key]), key
+    assert torch.equal(ours["completion_mask"][:, 1:], theirs["completion_mask"][:, 1:])
+    assert torch.equal(ours["completion_lengths"], theirs["completion_mask"].sum(1).float())
 
 
 def our_step(models, batches, **options):
@@ -224,7 +230,10 @@ def test_truncation_and_dropped_rows_match_trl(models, tokenizer, conversational
         assert 0 < dropped < len(rows)
     else:
         assert dropped == 0
-    assert any(n > max_length for n, p in zip(longest, prompt, strict=True) if p < max_length)  # truncated
+    kept = [
+        n for n, p in zip(longest, prompt, strict=True) if truncation_mode == "keep_end" or p < max_length
+    ]
+    assert any(n > max_length for n in kept)  # rows that train are cut
     if truncation_mode == "keep_end":  # some sequences keep no prompt token: only with max_length 8
         assert (max(completion) >= max_length) == (truncation == "keep_end, answers cut")
     assert_same_batch(batch, theirs["batch"])
@@ -317,23 +326,24 @@ def test_micro_batches_sum_to_the_whole_step(models, tokenizer):
 
 
 PADDING_FREE_CASES = {
-    # name: (CASES entry, truncation_mode or None for no max_length)
+    # name: (CASES entry, truncation_mode and max_length, or None)
     "sigmoid": ("sigmoid", None),
     "ipo": ("ipo", None),
     "sigmoid-ld_alpha": ("sigmoid-ld_alpha", None),
     "sigmoid-use_weighting": ("sigmoid-use_weighting", None),
     "mpo-loss_weights": ("mpo-loss_weights", None),
     "aot": ("aot", None),
-    "mpo-keep_start": ("mpo-loss_weights", "keep_start"),
-    "sigmoid-keep_end": ("sigmoid", "keep_end"),
+    "mpo-keep_start": ("mpo-loss_weights", ("keep_start", 40)),
+    "sigmoid-keep_end": ("sigmoid", ("keep_end", 40)),
+    "ipo-keep_end-answers_cut": ("ipo", ("keep_end", 8)),  # sequences that start with a completion token
 }
 
 
 @pytest.mark.parametrize("name", list(PADDING_FREE_CASES))
 def test_padding_free_gives_the_padded_step(models, tokenizer, name):
-    case, truncation_mode = PADDING_FREE_CASES[name]
-    rows = pair_rows(True, False, n=8) if truncation_mode is None else long_rows(True, n=8)
-    cut = {} if truncation_mode is None else {"max_length": 40, "truncation_mode": truncation_mode}
+    case, truncation = PADDING_FREE_CASES[name]
+    rows = pair_rows(True, False, n=8) if truncation is None else long_rows(True, n=8)
+    cut = {} if truncation is None else dict(zip(("truncation_mode", "max_length"), truncation, strict=True))
     padded, _ = our_batch(tokenizer, rows, **cut)
     packed, _ = our_batch(tokenizer, rows, padding_free=True, **cut)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
