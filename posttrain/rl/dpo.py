@@ -16,7 +16,9 @@ Metrics (TRL 1.16's names): loss, rewards/chosen, rewards/rejected, rewards/accu
 logps/chosen, logps/rejected, logits/chosen, logits/rejected (the mean logit over the vocabulary, averaged over
 the completion tokens, from the kernel's running sums: the (N, V) logits are never built), entropy (over
 chosen and rejected completion tokens), mean_token_accuracy (chosen tokens), num_tokens, learning_rate,
-grad_norm; loss/<name> per loss when there are several; eval_ versions on the held-out pairs.
+grad_norm; loss/<name> per loss when there are several; aux_loss (mixture-of-experts policies: the router's
+load-balancing loss, weighted into the loss by router_aux_loss_coef as TRL does); eval_ versions on the
+held-out pairs.
 
 Token means (logits/*, entropy, mean_token_accuracy) are TRL's per micro-batch means; a step with several
 micro-batches logs their pair-weighted mean (TRL: their plain mean; equal with one micro-batch per step).
@@ -36,7 +38,7 @@ from posttrain.losses import registry
 from posttrain.rl import distributed, loop
 from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
 from posttrain.rl.logprobs import token_logprobs
-from posttrain.rl.models import disable_dropout, load_causal_lm, load_tokenizer
+from posttrain.rl.models import disable_dropout, load_causal_lm, load_tokenizer, router_aux_loss_coef
 
 # Defaults that depend on the run. The embedded task starts from the embedded SFT model, which already
 # answers most held-out sums; DPO then trains against one wrong answer per problem.
@@ -133,6 +135,13 @@ class DPOConfig(TrainConfig):
     precompute_ref_batch_size: int | None = field(
         default=None,
         metadata={"help": "Pairs per batch of that precomputation; none: per_device_train_batch_size."},
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of a mixture-of-experts model's router load-balancing loss; none: the model "
+            "config's own (0 for other models); 0: off."
+        },
     )
     sync_ref_model: bool = field(
         default=False,
@@ -366,17 +375,19 @@ def reference_logps(ref_model, batch: dict, ld_alpha: float | None) -> tuple[tor
     return sequence_logps(_by_sequence(out.logps, batch), mask, ld_alpha)
 
 
-def dpo_step_loss(model, batch, num_items, *, config: DPOConfig, ref_model=None):
+def dpo_step_loss(model, batch, num_items, *, config: DPOConfig, ref_model=None, router_aux_loss_coef=0.0):
     """One micro-batch's share of the step's loss, and its metrics.
 
     batch: from `collate_pairs` (2B sequences, chosen first) [+ ref_chosen_logps, ref_rejected_logps (B,)];
     num_items: pairs in the whole optimizer step; ref_model: the live reference (None when the batch
-    carries precomputed reference log-probs, or no loss needs one). Returns (loss, metrics): scalars, each
-    a sum over this micro-batch's pairs divided by num_items (see the module docstring for the names).
+    carries precomputed reference log-probs, or no loss needs one); router_aux_loss_coef: the weight of a
+    mixture-of-experts policy's router loss (`models.router_aux_loss_coef`; 0: none), added per micro-batch
+    as TRL adds it. Returns (loss, metrics): scalars, each a sum over this micro-batch's pairs divided by
+    num_items (see the module docstring for the names).
     """
     out = token_logprobs(
         model, batch, return_entropy=True, return_top1=True, return_mean_logit=True,
-        return_log_sum_sq=config.use_weighting,
+        return_log_sum_sq=config.use_weighting, return_router_aux_loss=router_aux_loss_coef != 0,
     )  # fmt: skip
     mask = _by_sequence(batch["completion_mask"], batch).float()  # (2B, T)
     token = _by_sequence(out.logps, batch)
@@ -417,6 +428,9 @@ def dpo_step_loss(model, batch, num_items, *, config: DPOConfig, ref_model=None)
         **config.loss_options(),
     )
     metrics.update(_token_metrics(out, batch, mask, pairs / num_items))
+    if router_aux_loss_coef:
+        loss = loss + router_aux_loss_coef * out.aux_loss * (pairs / num_items)
+        metrics["aux_loss"] = out.aux_loss.detach() * (pairs / num_items)
     return loss, metrics
 
 
@@ -505,6 +519,7 @@ def train(config: DPOConfig):
     model = load_causal_lm(_starting_model(config, log=run.log_info), seed=config.seed)
     if config.disable_dropout:
         disable_dropout(model)
+    aux_coef = router_aux_loss_coef(model, config.router_aux_loss_coef)
     ref = load_reference(config, model, run.device)
 
     collate_fn = collate.for_attention(
@@ -549,7 +564,7 @@ def train(config: DPOConfig):
         tokenizer,
         train_rows,
         collate_fn,
-        functools.partial(dpo_step_loss, config=config, ref_model=ref),
+        functools.partial(dpo_step_loss, config=config, ref_model=ref, router_aux_loss_coef=aux_coef),
         count_fn=count_pairs,
         eval_rows=eval_rows,
         eval_fn=eval_fn,
