@@ -43,7 +43,7 @@ from test_losses_preference import CASES, ROWS
 from posttrain.data import embedded, preference
 from posttrain.rl import dpo
 from posttrain.rl.loop import count_tokens
-from posttrain.rl.models import disable_dropout, load_tokenizer
+from posttrain.rl.models import disable_dropout, load_tokenizer, router_aux_loss_coef
 
 trl = import_or_skip("trl")  # a failure under CI, where trl is installed
 
@@ -97,9 +97,12 @@ def our_step(models, batches, **options):
     model = copy.deepcopy(policy).train()
     disable_dropout(model)  # as TRL's trainer (GPT-2 configs default to dropout 0.1)
     num_pairs = sum(dpo.count_pairs(b) for b in batches)
+    aux_coef = router_aux_loss_coef(model, config.router_aux_loss_coef)  # as dpo.train decides it
     loss, metrics = 0.0, {}
     for batch in batches:
-        part, part_metrics = dpo.dpo_step_loss(model, batch, num_pairs, config=config, ref_model=ref)
+        part, part_metrics = dpo.dpo_step_loss(
+            model, batch, num_pairs, config=config, ref_model=ref, router_aux_loss_coef=aux_coef
+        )
         part.backward()
         loss = loss + part.detach()
         for key, value in part_metrics.items():
@@ -460,6 +463,8 @@ TRAJECTORIES = {
     # padding_free: ours packs each batch into one row; TRL 1.16 warns and pads (so the reference is padded)
     "gpt2-padding_free": ("gpt2", {"loss_type": ["sigmoid", "sft"], "padding_free": True}),
     "gemma2-padding_free": ("gemma2", {"loss_type": ["sigmoid", "sft"], "padding_free": True}),
+    # mixture of experts: the router loss (router_aux_loss_coef from the config) is in the loss, aux_loss logged
+    "qwen2_moe-sigmoid": ("qwen2_moe", {"loss_type": ["sigmoid"]}),
 }
 
 
