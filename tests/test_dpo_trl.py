@@ -465,6 +465,7 @@ TRAJECTORIES = {
     "gemma2-padding_free": ("gemma2", {"loss_type": ["sigmoid", "sft"], "padding_free": True}),
     # mixture of experts: the router loss (router_aux_loss_coef from the config) is in the loss, aux_loss logged
     "qwen2_moe-sigmoid": ("qwen2_moe", {"loss_type": ["sigmoid"]}),
+    "qwen2_moe-padding_free": ("qwen2_moe", {"loss_type": ["sigmoid"], "padding_free": True}),
 }
 
 
