@@ -35,7 +35,7 @@ import torch
 from posttrain.data import collate, embedded, loading, preference
 from posttrain.losses import preference as preference_losses
 from posttrain.losses import registry
-from posttrain.rl import distributed, loop
+from posttrain.rl import distributed, loop, sft
 from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
 from posttrain.rl.logprobs import token_logprobs
 from posttrain.rl.models import disable_dropout, load_causal_lm, load_tokenizer, router_aux_loss_coef
@@ -61,6 +61,14 @@ TRUNCATION_MODES = ("keep_start", "keep_end")
 
 @dataclass
 class DPOConfig(TrainConfig):
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local path or hub id of the causal LM to train (the policy); none: the embedded SFT "
+            "model (what `posttrain sft` trains by default; trained once, cached in $POSTTRAIN_CACHE, "
+            "default ~/.cache/posttrain)."
+        },
+    )
     # Redeclared with a `None` default: filled from RUN_DEFAULTS, so an explicit value always wins.
     per_device_train_batch_size: int | None = field(
         default=None,
@@ -506,14 +514,6 @@ def mix_into_reference(policy, ref_model, alpha: float) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _starting_model(config: DPOConfig, log) -> str | None:
-    if config.model_name_or_path is not None:
-        return config.model_name_or_path
-    from posttrain.rl.sft import embedded_sft_model
-
-    return embedded_sft_model(log=log)
-
-
 def train(config: DPOConfig):
     """Run DPO to the end; returns the run (its output_dir holds metrics.jsonl, checkpoints, the model)."""
     # Data first: a bad dataset or option stops here, before the run folder is written.
@@ -522,9 +522,13 @@ def train(config: DPOConfig):
     loop.plan_steps(len(train_rows), config, distributed.env_world()[1])  # too few rows: stop here
     if config.ref_model_name_or_path is not None:
         load_tokenizer(config.ref_model_name_or_path)  # a missing reference stops here too
+    # No model named: the embedded SFT model (`posttrain sft` defaults, trained once and cached); the config
+    # keeps model_name_or_path None, so the embedded defaults above apply.
+    start_model = config.model_name_or_path or sft.embedded_sft_model()
     run = loop.start(config, command="dpo")
-    run.log_info({f"{split}_{key}": value for split, counts in info.items() for key, value in counts.items()})
-    model = load_causal_lm(_starting_model(config, log=run.log_info), seed=config.seed)
+    dropped = {f"{split}_{key}": value for split, counts in info.items() for key, value in counts.items()}
+    run.log_info({"start_model": start_model, **dropped})
+    model = load_causal_lm(start_model, seed=config.seed)
     if config.disable_dropout:
         disable_dropout(model)
     aux_coef = router_aux_loss_coef(model, config.router_aux_loss_coef)
