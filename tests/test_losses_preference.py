@@ -12,12 +12,11 @@ of order one and of both signs (a policy equal to its reference makes every comp
 
 import copy
 import math
-import tempfile
 
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
+from _trl_drivers import assert_same_step, trained_policy_and_reference, trl_dpo_step
 
 from posttrain.data import embedded
 from posttrain.losses import registry
@@ -55,11 +54,6 @@ METRICS = (
 LOSS_INPUTS = ("label_smoothing", "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau")
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| (b the reference)."""
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return embedded.build_tokenizer()
@@ -67,50 +61,13 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def models(tokenizer):
-    """(policy, reference): the reference is the random tiny model, the policy that model after 3 AdamW
-    steps of next-token cross-entropy on other problems' prompts + chosen answers."""
-    ref = embedded.build_model(seed=0)
-    policy = copy.deepcopy(ref)
-    texts = [r["prompt"] + r["completion"] + tokenizer.eos_token for r in embedded.rows()[:32]]
-    enc = tokenizer(texts, return_tensors="pt", padding=True)
-    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    for _ in range(3):
-        policy(**enc, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return policy, ref
+    """(policy, reference): see `trained_policy_and_reference`."""
+    return trained_policy_and_reference(tokenizer)
 
 
 def trl_step(models, tokenizer, **dpo_options):
     """TRL's loss, policy gradients, metrics and collated batch for ROWS in one micro-batch."""
-    policy, ref = models
-    with tempfile.TemporaryDirectory() as out:
-        args = trl.DPOConfig(
-            output_dir=out,
-            use_cpu=True,
-            bf16=False,
-            activation_checkpointing=False,
-            report_to=[],
-            per_device_train_batch_size=len(ROWS),
-            precompute_ref_log_probs=False,
-            **dpo_options,
-        )
-        trainer = trl.DPOTrainer(
-            model=copy.deepcopy(policy),
-            ref_model=copy.deepcopy(ref),
-            args=args,
-            train_dataset=Dataset.from_list(ROWS),
-            processing_class=tokenizer,
-        )
-        dataset = trainer.train_dataset
-        batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
-        trainer.model.train()
-        loss = trainer.compute_loss(trainer.model, dict(batch))
-        loss.backward()
-        grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
-        metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
-    return {"loss": loss.detach(), "grads": grads, "metrics": metrics, "batch": batch}
+    return trl_dpo_step(*models, tokenizer, ROWS, precompute_ref_log_probs=False, **dpo_options)
 
 
 def token_logps(model, batch):
@@ -209,23 +166,6 @@ CASES.update(
         },
     }
 )
-
-
-def assert_same_step(ours, theirs):
-    """Loss and gradients within RTOL, norm-relative, over all parameters together and per parameter; as in
-    test_sft_trl, the per-parameter reference norm is floored at 1e-3 x the largest one (the query / key
-    projections of the nearly uniform attention layers get gradients ~1e-3 of the others, where float32
-    rounding alone gives relative errors ~1e-4 whatever the order of operations)."""
-    assert rel_err(ours["loss"], theirs["loss"]) <= RTOL, (ours["loss"], theirs["loss"])
-    assert ours["grads"].keys() == theirs["grads"].keys()
-    names = list(theirs["grads"])
-    flat = [torch.cat([g[n].flatten() for n in names]) for g in (ours["grads"], theirs["grads"])]
-    assert rel_err(*flat) <= RTOL
-    floor = 1e-3 * max(g.norm().item() for g in theirs["grads"].values())
-    for name in names:
-        a, b = ours["grads"][name].double(), theirs["grads"][name].double()
-        error = (a - b).norm().item() / max(b.norm().item(), floor)
-        assert error <= RTOL, f"{name}: gradient relative error {error:.2e}"
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -17,6 +17,7 @@ import tempfile
 
 import pytest
 import torch
+from _trl_drivers import assert_same_step, family_config, pair_rows
 from datasets import Dataset
 
 from posttrain.data import embedded, preference
@@ -28,11 +29,6 @@ trl = pytest.importorskip("trl")
 
 N_PAIRS = 8
 RTOL = 1e-5
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| (b the reference)."""
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
 @pytest.fixture(scope="module")
@@ -54,20 +50,6 @@ def model(tokenizer):
         optimizer.step()
         optimizer.zero_grad()
     return model
-
-
-def pair_rows(conversational: bool, implicit: bool, n: int = N_PAIRS, margin: bool = False):
-    """n preference rows of the embedded task, with ultrafeedback-style extra columns."""
-    rows = embedded.rows("preference", "train", seed=0, conversational=conversational)[:n]
-    out = []
-    for i, row in enumerate(rows):
-        if implicit:
-            row = {"chosen": row["prompt"] + row["chosen"], "rejected": row["prompt"] + row["rejected"]}
-        row = {**row, "score_chosen": 8.0, "score_rejected": 2.0}
-        if margin:
-            row["margin"] = 0.25 * (i % 4)
-        out.append(row)
-    return out
 
 
 def trl_step(model, tokenizer, rows, **options):
@@ -122,21 +104,6 @@ def our_step(model, batches, **options):
             metrics[k] = metrics.get(k, 0.0) + v.item()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     return {"loss": loss, "grads": grads, "metrics": metrics}
-
-
-def assert_same_step(ours, theirs):
-    """Loss and gradients within RTOL, norm-relative: over all parameters together, and per parameter
-    (the reference norm floored at 1e-3 x the largest parameter-gradient norm, as in test_sft_trl.py)."""
-    assert rel_err(ours["loss"], theirs["loss"]) <= RTOL, (ours["loss"], theirs["loss"])
-    assert ours["grads"].keys() == theirs["grads"].keys()
-    names = list(theirs["grads"])
-    flat = [torch.cat([g[n].flatten() for n in names]) for g in (ours["grads"], theirs["grads"])]
-    assert rel_err(*flat) <= RTOL
-    floor = 1e-3 * max(g.norm().item() for g in theirs["grads"].values())
-    for name in names:
-        a, b = ours["grads"][name].double(), theirs["grads"][name].double()
-        error = (a - b).norm().item() / max(b.norm().item(), floor)
-        assert error <= RTOL, f"{name}: gradient relative error {error:.2e}"
 
 
 METRICS = ("accuracy", "margin", "min_reward", "mean_reward", "max_reward")
@@ -221,33 +188,12 @@ def test_micro_batches_sum_to_the_whole_batch(model, tokenizer):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _family_config(family: str, tokenizer):
-    from transformers import AutoConfig
-
-    common = dict(vocab_size=128, num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    if family == "qwen2":
-        return embedded.tiny_model_config(num_labels=1)
-    if family == "gpt2":  # learned positions, LayerNorm, dropout 0.1 by default (disabled on both sides)
-        return AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=64, **common)
-    return AutoConfig.for_model(  # gemma2: logit soft-capping in attention, sliding window
-        "gemma2",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=64,
-        **common,
-    )
-
-
 @pytest.mark.parametrize("family", ["qwen2", "gpt2", "gemma2"])
 def test_ten_steps_follow_trls_trajectory(tmp_path, tokenizer, family):
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    start = AutoModelForSequenceClassification.from_config(_family_config(family, tokenizer))
+    start = AutoModelForSequenceClassification.from_config(family_config(family, tokenizer, num_labels=1))
     start.config.pad_token_id = tokenizer.pad_token_id
     start.save_pretrained(tmp_path / "start")
     tokenizer.save_pretrained(tmp_path / "start")
