@@ -22,6 +22,11 @@ held-out pairs.
 
 Token means (logits/*, entropy, mean_token_accuracy) are TRL's per micro-batch means; a step with several
 micro-batches logs their pair-weighted mean (TRL: their plain mean; equal with one micro-batch per step).
+
+Departures from TRL 1.16, by choice: a loss set that reads no reference (`sft` alone, or registered losses
+marked `reference_free`) loads no reference model and so logs no rewards/* (TRL loads and runs one anyway);
+pairs whose chosen and rejected tokens are identical are dropped and counted (`data.preference`);
+padding_free works (TRL 1.16 turns it off and pads).
 """
 
 from __future__ import annotations
