@@ -13,13 +13,14 @@ micro-batch per step.
 Two references, each run on both sides:
     live         a frozen copy of the starting model, run forward at every step;
     precomputed  `precompute_ref_log_probs=True`: the reference log-probs of every pair computed once before
-                 training (8 pairs per forward, by the starting policy itself) and read from the rows; only the
-                 training steps are timed, the one-off precompute is reported on its own line.
+                 training (8 pairs per forward) and read from the rows; only the training steps are timed, the
+                 one-off precompute is reported on its own line.
 
     ours  per step: `posttrain.rl.dpo.collate_pairs` on the step's pairs, then `posttrain.rl.loop.accumulate`
           (policy forward of chosen and rejected in one batch, the reference's under no_grad when live,
           `dpo_step_loss`, backward, clip, AdamW, schedule, metrics to the host). Precomputed: the rows carry
-          ref_chosen_logps / ref_rejected_logps from `dpo.precompute_ref_logps`, the loop's own function.
+          ref_chosen_logps / ref_rejected_logps from `dpo.precompute_reference`, as `dpo.train` computes them
+          (a copy of the starting model, `dpo.load_reference`, freed afterwards).
     trl   `DPOTrainer.train()` with max_steps = warmup + steps on a pre-tokenized dataset (prompt_ids,
           chosen_ids, rejected_ids), sequential sampling; a callback stamps the time at each `on_step_end`.
           Live: `ref_model` is a copy of the starting model. Precomputed: no reference model (TRL's policy
@@ -92,6 +93,8 @@ def random_pairs(n: int, vocab_size: int, seed: int = 0) -> list[dict]:
 
 
 def run_ours(args) -> dict:
+    from datasets import Dataset
+
     from posttrain.rl import dpo, loop
 
     n_steps, precomputed = args.warmup + args.steps, args.ref == "precomputed"
@@ -116,25 +119,32 @@ def run_ours(args) -> dict:
         model = loop.prepare_model(run, build_model(args.quick))
         optimizer = loop.build_optimizer(model, config, run.learning_rate)
         scheduler = loop.build_scheduler(optimizer, config, n_steps)
-        pairs = random_pairs(n_steps * BATCH, model.config.vocab_size)
-        precompute_s, ref = None, None
-        if precomputed:  # the starting policy is the reference: no second model
+        rows = Dataset.from_list(random_pairs(n_steps * BATCH, model.config.vocab_size))
+        collate_fn = functools.partial(dpo.collate_pairs, pad_token_id=0)
+        rss_before = common.rss_mib()
+        if precomputed:
+            # As `dpo.train` does: a copy of the starting model scores every pair, then is freed. The peak is
+            # counted from before the copy, so whatever it leaves in the allocator counts against this side.
+            common.reset_peak_rss()
             t0 = time.perf_counter()
-            pairs = dpo.precompute_ref_logps(model, pairs, config, pad_token_id=0)
-            precompute_s = time.perf_counter() - t0
+            ref = dpo.load_reference(config, model, run.device)
+            rows = dpo.precompute_reference(
+                rows, ref, collate_fn, batch_size=BATCH, device=run.device, ld_alpha=config.ld_alpha
+            )
+            precompute_s, ref = time.perf_counter() - t0, None
         else:
-            ref = frozen_copy(model)
+            ref, precompute_s = dpo.load_reference(config, model, run.device), None
+            rss_before = common.rss_mib()  # the reference, like the policy, is not counted
+            common.reset_peak_rss()
         step_loss = functools.partial(dpo.dpo_step_loss, config=config, ref_model=ref)
-        batches, losses = iter(range(0, len(pairs), BATCH)), []
+        batches, losses = iter(range(0, len(rows), BATCH)), []
 
         def step():
             i = next(batches)
-            batch = dpo.collate_pairs(pairs[i : i + BATCH], pad_token_id=0)
+            batch = collate_fn(loop.take_rows(rows, list(range(i, i + BATCH))))
             metrics = loop.accumulate(run, model, optimizer, scheduler, [batch], step_loss, dpo.count_pairs)
             losses.append(metrics["loss"])
 
-        rss_before = common.rss_mib()
-        common.reset_peak_rss()
         times = common.time_steps(step, args.steps, args.warmup)
         result = {"times": times, "peak_mib": common.peak_rss_mib() - rss_before}
         loop.finish(run)
