@@ -15,6 +15,7 @@ import sys
 COMMANDS = {
     "sft": ("posttrain.rl.sft", "SFTConfig"),
     "rm": ("posttrain.rl.reward", "RewardConfig"),
+    "dpo": ("posttrain.rl.dpo", "DPOConfig"),
 }
 
 USAGE = "usage: posttrain <command> [--config file.yaml] [--key value ...] [--help]\ncommands: " + ", ".join(

@@ -68,8 +68,9 @@ def test_token_logprobs_ignores_the_first_column_of_a_mask():
     batch = {"input_ids": input_ids, "completion_mask": mask}
     marked = mask.clone()
     marked[:, 0] = 1
-    ours = lp.token_logprobs(model, batch, return_entropy=True, return_top1=True)
-    first_marked = lp.token_logprobs(model, batch, mask=marked, return_entropy=True, return_top1=True)
+    every = dict(return_entropy=True, return_top1=True, return_mean_logit=True, return_log_sum_sq=True)
+    ours = lp.token_logprobs(model, batch, **every)
+    first_marked = lp.token_logprobs(model, batch, mask=marked, **every)
     for a, b in zip(ours, first_marked, strict=True):
         assert torch.equal(a, b)
     # and row by row, each row alone gives the same values (the flat positions do not mix rows)

@@ -114,8 +114,11 @@ def _flags_name(kernel: str, dtype: str, V: int, flags: dict[str, bool]) -> str:
     return f"{kernel}-{dtype}-V{V}-{'+'.join(on) or 'none'}"
 
 
-def logits_forward_case(dtype: str, V: int, *, mask: bool, entropy: bool) -> KernelCase:
-    """L._forward_kernel for logits (N, V) of `dtype`, launched contiguous (row stride V) with _launch_config(V)."""
+def logits_forward_case(
+    dtype: str, V: int, *, mask: bool, entropy: bool, metrics: bool = False
+) -> KernelCase:
+    """L._forward_kernel for logits (N, V) of `dtype`, launched contiguous (row stride V) with _launch_config(V).
+    metrics: mean_logit and log_sum_sq asked for."""
     block, warps = L._launch_config(V)
     signature = {
         "logits_ptr": f"*{dtype}",
@@ -127,22 +130,32 @@ def logits_forward_case(dtype: str, V: int, *, mask: bool, entropy: bool) -> Ker
         "log_norm_ptr": "*fp32",
         "entropy_ptr": "*fp32",
         "top1_ptr": "*i8",
+        "mean_logit_ptr": "*fp32",  # the launcher passes logps when the metrics are not asked for
+        "log_sum_sq_ptr": "*fp32",
         "V": "i32",
         "inv_t": "fp32",
         "HAS_MASK": "constexpr",
         "HAS_ENTROPY": "constexpr",
+        "HAS_MEAN_LOGIT": "constexpr",
+        "HAS_LOG_SUM_SQ": "constexpr",
         "BLOCK_V": "constexpr",
     }
     aligned = V % 16 == 0
     return KernelCase(
-        name=_flags_name("logits_fwd", dtype, V, {"mask": mask, "entropy": entropy}),
+        name=_flags_name("logits_fwd", dtype, V, {"mask": mask, "entropy": entropy, "metrics": metrics}),
         fn=L._forward_kernel,
         signature=signature,
-        constexprs={"HAS_MASK": mask, "HAS_ENTROPY": entropy, "BLOCK_V": block},
+        constexprs={
+            "HAS_MASK": mask,
+            "HAS_ENTROPY": entropy,
+            "HAS_MEAN_LOGIT": metrics,
+            "HAS_LOG_SUM_SQ": metrics,
+            "BLOCK_V": block,
+        },
         num_warps=warps,
         divisible=_pointers(signature) + (("stride_n", "V") if aligned else ()),
         streamed=(("logits load", "z = tl.load(row_ptr + cols"),) if aligned else (),
-        default_archs=_default_archs(dtype, V, mask and entropy),
+        default_archs=_default_archs(dtype, V, mask and entropy and metrics),
     )
 
 
@@ -206,9 +219,10 @@ def _hidden_widths(ragged: bool) -> tuple[str, tuple[str, ...]]:
 
 
 def hidden_forward_case(
-    dtype: str, *, softcap: bool, entropy: bool, top1: bool, ragged: bool = False
+    dtype: str, *, softcap: bool, entropy: bool, top1: bool, metrics: bool = False, ragged: bool = False
 ) -> KernelCase:
-    """HK._fold_forward_kernel on a (R, C) tile of `dtype` in a 256-aligned buffer, launched as the CUDA fold."""
+    """HK._fold_forward_kernel on a (R, C) tile of `dtype` in a 256-aligned buffer, launched as the CUDA fold.
+    metrics: mean_logit and log_sum_sq asked for."""
     (block, warps), _ = HK.FOLD_LAUNCH["cuda"]
     signature = {
         "tile_ptr": f"*{dtype}",
@@ -220,6 +234,8 @@ def hidden_forward_case(
         "t_ptr": "*fp32",  # the launcher passes s when there is no entropy
         "target_ptr": "*fp32",
         "arg_ptr": "*i64",  # the launcher passes index when top-1 is not asked for
+        "u_sum_ptr": "*fp32",  # the launcher passes s when the metrics are not asked for
+        "sq_ptr": "*fp32",
         "C": "i32",
         "C_pad": "i32",
         "logit_scale": "fp32",
@@ -228,20 +244,29 @@ def hidden_forward_case(
         "HAS_SOFTCAP": "constexpr",
         "WANT_ENTROPY": "constexpr",
         "WANT_TOP1": "constexpr",
+        "WANT_MEAN_LOGIT": "constexpr",
+        "WANT_LOG_SUM_SQ": "constexpr",
         "BLOCK_C": "constexpr",
     }
     width, divisible = _hidden_widths(ragged)
+    flags = {"softcap": softcap, "entropy": entropy, "top1": top1, "metrics": metrics}
+    all_on = softcap and entropy and top1 and metrics
     return KernelCase(
-        name=_flags_name(
-            "hidden_fold_fwd", dtype, width, {"softcap": softcap, "entropy": entropy, "top1": top1}
-        ).replace("-V", "-"),
+        name=_flags_name("hidden_fold_fwd", dtype, width, flags).replace("-V", "-"),
         fn=HK._fold_forward_kernel,
         signature=signature,
-        constexprs={"HAS_SOFTCAP": softcap, "WANT_ENTROPY": entropy, "WANT_TOP1": top1, "BLOCK_C": block},
+        constexprs={
+            "HAS_SOFTCAP": softcap,
+            "WANT_ENTROPY": entropy,
+            "WANT_TOP1": top1,
+            "WANT_MEAN_LOGIT": metrics,
+            "WANT_LOG_SUM_SQ": metrics,
+            "BLOCK_C": block,
+        },
         num_warps=warps,
         divisible=_pointers(signature) + ("stride_r", "c0") + divisible,
         streamed=(("tile load", "x = tl.load(row_ptr + cols"),),
-        default_archs=(90,) if softcap and entropy and top1 and (dtype == "bf16" or not ragged) else (),
+        default_archs=(90,) if all_on and (dtype == "bf16" or not ragged) else (),
     )
 
 
@@ -290,11 +315,12 @@ _GRAD_FLAGS = ((True, False), (False, True), (True, True))
 
 CASES: list[KernelCase] = [
     *(
-        logits_forward_case(dtype, V, mask=mask, entropy=entropy)
+        logits_forward_case(dtype, V, mask=mask, entropy=entropy, metrics=metrics)
         for dtype in DTYPES
         for V in VOCABS
         for mask in _BOOLS
         for entropy in _BOOLS
+        for metrics in _BOOLS
     ),
     *(
         logits_backward_case(dtype, V, mask=mask, grad_logps=g, grad_entropy=gh)
@@ -305,13 +331,17 @@ CASES: list[KernelCase] = [
     ),
     # every flag combination on full tiles; the ragged tile (GPT-2's vocabulary, a last vocabulary tile) with all on
     *(
-        hidden_forward_case(dt, softcap=c, entropy=e, top1=t)
+        hidden_forward_case(dt, softcap=c, entropy=e, top1=t, metrics=x)
         for dt in DTYPES
         for c in _BOOLS
         for e in _BOOLS
         for t in _BOOLS
+        for x in _BOOLS
     ),
-    *(hidden_forward_case(dt, softcap=True, entropy=True, top1=True, ragged=True) for dt in DTYPES),
+    *(
+        hidden_forward_case(dt, softcap=True, entropy=True, top1=True, metrics=True, ragged=True)
+        for dt in DTYPES
+    ),
     *(hidden_backward_case(dt, softcap=c, grad_entropy=e) for dt in DTYPES for c in _BOOLS for e in _BOOLS),
     *(hidden_backward_case(dt, softcap=True, grad_entropy=True, ragged=True) for dt in DTYPES),
 ]
@@ -681,15 +711,19 @@ def test_cases_are_what_the_jit_makes_of_the_launchers_arguments(dtype: str, V: 
     expected = []
     for mask in _BOOLS:
         for g, gh in _GRAD_FLAGS:
-            for entropy in (True,) if gh else _BOOLS:
+            for entropy, metrics in ((e, x) for e in ((True,) if gh else _BOOLS) for x in _BOOLS):
                 logits = torch.randn(3, V, device=device).to(_TORCH_DTYPES[dtype]).requires_grad_()
                 index = torch.randint(V, (3,), device=device)
                 keep = torch.tensor([True, False, True], device=device) if mask else None
-                out = L.logprobs_from_logits_triton(logits, index, mask=keep, return_entropy=entropy)
-                logps, ent = out if entropy else (out, None)
+                out = L.logprobs_from_logits_triton(
+                    logits, index, mask=keep, return_entropy=entropy, return_mean_logit=metrics,
+                    return_log_sum_sq=metrics,
+                )  # fmt: skip
+                out = out if isinstance(out, tuple) else (out,)
+                logps, ent = out[0], out[1] if entropy else None
                 # an output left out of the loss gets no gradient, so the launcher drops its HAS_GRAD_* flag
                 sum(out.sum() for out, used in ((logps, g), (ent, gh)) if used).backward()
-                expected.append(logits_forward_case(dtype, V, mask=mask, entropy=entropy))
+                expected.append(logits_forward_case(dtype, V, mask=mask, entropy=entropy, metrics=metrics))
                 expected.append(logits_backward_case(dtype, V, mask=mask, grad_logps=g, grad_entropy=gh))
     assert len(launches) == len(expected)
 
@@ -719,12 +753,18 @@ def test_hidden_cases_are_what_the_jit_makes_of_the_launchers_arguments(dtype: s
         HK, "_kernels", lambda: (Recorder(HK._fold_forward_kernel), Recorder(HK._fold_backward_kernel))
     )
     runs = [
-        (2 * HIDDEN_TILE_C + 17, HIDDEN_TILE_C, (False, False, True), dict(softcap=c, entropy=e, top1=t))
+        (
+            2 * HIDDEN_TILE_C + 17,
+            HIDDEN_TILE_C,
+            (False, False, True),
+            dict(softcap=c, entropy=e, top1=t, metrics=x),
+        )
         for c in _BOOLS
         for e in _BOOLS
         for t in _BOOLS
+        for x in _BOOLS
     ]
-    runs.append((50257, None, (True,), dict(softcap=True, entropy=True, top1=True)))
+    runs.append((50257, None, (True,), dict(softcap=True, entropy=True, top1=True, metrics=True)))
     expected = []
     for V, width, ragged, flags in runs:
         hidden = torch.randn(3, 16, device=device).to(_TORCH_DTYPES[dtype]).requires_grad_()
@@ -732,7 +772,8 @@ def test_hidden_cases_are_what_the_jit_makes_of_the_launchers_arguments(dtype: s
         index = torch.randint(V, (3,), device=device)
         out = HK.logprobs_from_hidden_triton(
             hidden, weight, index, softcap=30.0 if flags["softcap"] else None, return_entropy=flags["entropy"],
-            return_top1=flags["top1"], vocab_per_tile=width,
+            return_top1=flags["top1"], return_mean_logit=flags["metrics"], return_log_sum_sq=flags["metrics"],
+            vocab_per_tile=width,
         )  # fmt: skip
         out = out if isinstance(out, tuple) else (out,)
         (out[0].sum() + (out[1].sum() if flags["entropy"] else 0)).backward()
@@ -841,14 +882,18 @@ if __name__ == "__main__":
     # GPT-2's vocabulary is not a multiple of 16: the JIT cannot prove the logits path's rows aligned (shown, not
     # tested); the hidden path's tiles are aligned for it by construction (ragged cases, tested)
     shown = [
-        *(logits_forward_case(dt, V, mask=True, entropy=True) for dt in DTYPES for V in (*VOCABS, 50257)),
+        *(
+            logits_forward_case(dt, V, mask=True, entropy=True, metrics=True)
+            for dt in DTYPES
+            for V in (*VOCABS, 50257)
+        ),
         *(
             logits_backward_case(dt, V, mask=True, grad_logps=True, grad_entropy=True)
             for dt in DTYPES
             for V in (*VOCABS, 50257)
         ),
         *(
-            hidden_forward_case(dt, softcap=True, entropy=True, top1=True, ragged=r)
+            hidden_forward_case(dt, softcap=True, entropy=True, top1=True, metrics=True, ragged=r)
             for dt in DTYPES
             for r in _BOOLS
         ),

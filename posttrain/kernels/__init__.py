@@ -1,15 +1,24 @@
-"""Log-softmax gathering: per-token log-probs (and entropy) without a full float32 (N, V) tensor.
+"""Log-softmax gathering: per-token log-probs (and entropy, ...) without a full float32 (N, V) tensor.
 
-Notation: N rows (any leading batch shape, flattened), V vocabulary, H hidden size.
+Notation: N rows (any leading batch shape, flattened), V vocabulary, H hidden size; z (..., V) the logits the
+softmax sees: logits / temperature, or softcap(logit_scale * (hidden @ weight.T + bias)) / temperature.
 
     logprobs_from_logits(logits (..., V), index (...))            -> logps (...) float32
     logprobs_from_hidden(hidden (..., H), weight (V, H), index)   -> logps (...) float32, logits never built
 
-Both return `logps` alone, or a tuple `(logps, entropy)` / `(logps, is_top1)` / `(logps, entropy, is_top1)`
-when `return_entropy` / `return_top1` ask for them. `entropy` is the entropy of the tempered
-distribution (float32, differentiable); `is_top1` says whether `index` is the arg-max of the logits (before
-the temperature) with torch.argmax's tie rule, the first index holding the maximum, as TRL's
-`mean_token_accuracy` counts it: a target tied with a lower index is not top-1 (bool, no grad).
+Both return `logps` alone, or the tuple `(logps, [entropy], [is_top1], [mean_logit], [log_sum_sq])` of the
+outputs asked for, always in that order (`return_entropy`, `return_top1`, `return_mean_logit`, `return_log_sum_sq`;
+`_outputs.select_outputs`), each of logps' shape:
+- `entropy`: the entropy of softmax(z) (float32, differentiable);
+- `is_top1`: whether `index` is the arg-max of the logits (before the temperature) with torch.argmax's tie rule,
+  the first index holding the maximum, as TRL's `mean_token_accuracy` counts it: a target tied with a lower index
+  is not top-1 (bool, no grad);
+- `mean_logit`: sum_v z_v / V, the mean of z over the whole vocabulary, temperature included (TRL's
+  `mean_logits`, which its DPO logs as `logits/chosen` and `logits/rejected`) (float32, no grad);
+- `log_sum_sq`: log sum_v softmax(z)_v^2 (TRL's `log_sum_sq_probs`, the per-token term of DPO's
+  `use_weighting`, WPO) (float32, no grad).
+The last two are metrics and weights: no gradient flows from them, the backward is the one without them, and
+when they are not asked for the kernels do none of their work.
 Rows where `mask` is False cost nothing and return 0 (and False).
 
 Backends: Triton on CUDA tensors of the dtypes it serves (float32, bfloat16, float16; and on the CPU under
@@ -98,6 +107,8 @@ def logprobs_from_logits(
     mask: torch.Tensor | None = None,
     return_entropy: bool = False,
     return_top1: bool = False,
+    return_mean_logit: bool = False,
+    return_log_sum_sq: bool = False,
     inplace_backward: bool = False,
     backend: str | None = None,
 ):
@@ -119,6 +130,8 @@ def logprobs_from_logits(
         mask=mask,
         return_entropy=return_entropy,
         return_top1=return_top1,
+        return_mean_logit=return_mean_logit,
+        return_log_sum_sq=return_log_sum_sq,
         inplace_backward=inplace_backward,
     )
 
@@ -135,6 +148,8 @@ def logprobs_from_hidden(
     mask: torch.Tensor | None = None,
     return_entropy: bool = False,
     return_top1: bool = False,
+    return_mean_logit: bool = False,
+    return_log_sum_sq: bool = False,
     backend: str | None = None,
 ):
     """log softmax(z / temperature)[index] with z = softcap(logit_scale * (hidden @ weight.T + bias)),
@@ -156,6 +171,8 @@ def logprobs_from_hidden(
         mask=mask,
         return_entropy=return_entropy,
         return_top1=return_top1,
+        return_mean_logit=return_mean_logit,
+        return_log_sum_sq=return_log_sum_sq,
     )
 
 

@@ -9,6 +9,8 @@ R rows per tile, C vocabulary entries per tile.
     logps   = z[index] - logsumexp(z)         (N,)
     entropy = logsumexp(z) - sum_j p_j z_j    (N,)   p = softmax(z)
     is_top1 = argmax_j z_j == index           (N,)   torch.argmax's rule: a tie goes to the lowest index
+    mean_logit = sum_j z_j / V                (N,)   no gradient (TRL's logits/chosen, /rejected metrics)
+    log_sum_sq = log sum_j p_j^2              (N,)   no gradient (WPO's per-token weight)
 
 Everything is kept relative to the row's reference r = max_j u_j, as the logits path does: with d = k (u - r)
 (the subtraction first, so it is exact for the entries that matter, then one rounding of a small number),
@@ -16,7 +18,10 @@ Everything is kept relative to the row's reference r = max_j u_j, as the logits 
 so a shift of every logit by 1e4 costs nothing in accuracy (absolute lse and mu would lose an ulp of |z|).
 s and t are accumulated across vocabulary tiles with the online softmax recurrence (Milakov & Gimelshein 2018,
 "Online normalizer calculation for softmax"): rescaled by exp(k (r_old - r_new)) when the reference grows.
-The argmax runs along: a later tile takes it over only with a strictly greater maximum.
+The argmax runs along: a later tile takes it over only with a strictly greater maximum. The two metrics, only
+when asked for, run along too: sum_j u_j (mean_logit = k sum_j u_j / V; summed after the softcap, which is not
+linear, so never as hidden @ mean(weight)) and sq = sum_j exp(d_j)^2, rescaled by the square of s's factor
+(log_sum_sq = log sq - 2 log s).
 
 Gradients (g = dL/dlogps, e = dL/dentropy, mu = sum_j p_j d_j, p_j = exp(d_j) / s):
     dlogp/dz_j    = onehot_j - p_j
@@ -95,11 +100,13 @@ def reference_logprobs_from_hidden(
     mask: torch.Tensor | None = None,
     return_entropy: bool = False,
     return_top1: bool = False,
+    return_mean_logit: bool = False,
+    return_log_sum_sq: bool = False,
 ):
     """Naive float64 version: hidden (..., H), weight (V, H), index (...), bias (V,), mask (...) bool.
 
-    Returns float64 logps (...) [, entropy (...)] [, is_top1 (...)]; masked rows are 0 / False.
-    Differentiable through hidden, weight and bias (use it for gradient references)."""
+    Returns float64 logps (...) [, entropy (...)] [, is_top1 (...)] [, mean_logit (...)] [, log_sum_sq (...)];
+    masked rows are 0 / False. Differentiable through hidden, weight and bias (use it for gradient references)."""
     z = hidden.double() @ weight.double().T  # (..., V)
     if bias is not None:
         z = z + bias.double()
@@ -115,12 +122,16 @@ def reference_logprobs_from_hidden(
     # p log p = 0 where p = 0 (a -inf logit); the where() sits on log p so backward never meets 0 * -inf
     p = logp_all.exp()
     entropy = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)  # (...)
+    mean_logit = z.mean(-1)  # (...)
+    log_sum_sq = torch.logsumexp(2 * logp_all, dim=-1)  # (...) log sum_j p_j^2
     if mask is not None:
         mask = mask.bool()
-        logps = torch.where(mask, logps, torch.zeros_like(logps))
-        entropy = torch.where(mask, entropy, torch.zeros_like(entropy))
+        logps, entropy, mean_logit, log_sum_sq = (
+            torch.where(mask, x, torch.zeros_like(x)) for x in (logps, entropy, mean_logit, log_sum_sq)
+        )
         is_top1 = is_top1 & mask
-    return select_outputs(logps, entropy, is_top1, return_entropy, return_top1)
+    wanted = (return_entropy, return_top1, return_mean_logit, return_log_sum_sq)
+    return select_outputs(logps, (entropy, is_top1, mean_logit, log_sum_sq), wanted)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,14 +209,16 @@ def _check_index_range(index, V, rows):
         raise ValueError(f"index out of range [0, {V}) at flattened row {where}: {int(index[i])}")
 
 
-def _unflatten(rows, shape, logps, entropy, is_top1):
-    """Scatter the kept rows back to the leading shape; masked rows are 0 / False (and get zero grad)."""
-    if rows is not None:
-        N = shape.numel()
-        logps = logps.new_zeros(N).index_copy(0, rows, logps)
-        entropy = None if entropy is None else entropy.new_zeros(N).index_copy(0, rows, entropy)
-        is_top1 = None if is_top1 is None else is_top1.new_zeros(N).index_copy(0, rows, is_top1)
-    return tuple(None if x is None else x.reshape(shape) for x in (logps, entropy, is_top1))
+def _unflatten(rows, shape, outputs):
+    """Scatter each output's kept rows (n,) back to the leading shape; masked rows are 0 / False (and get zero
+    grad). outputs: a tuple of (n,) tensors or None, returned in the same order."""
+
+    def back(x):
+        if rows is not None:
+            x = x.new_zeros(shape.numel()).index_copy(0, rows, x)
+        return x.reshape(shape)
+
+    return tuple(None if x is None else back(x) for x in outputs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,10 +273,13 @@ def _row_ref(m):
 
 def _fold_forward_torch(a, index, c0, stats, tr: Transform, want_entropy):
     """Fold tile a (R, C), columns c0 .. c0 + C of the vocabulary, into the running statistics
-    stats = (m, s, t, target, arg), each (R,), in place (t only with want_entropy, arg (int64) only when top-1 is
-    asked for, else None). index (R,): the rows' target columns in the vocabulary. m and target are in u units."""
-    m, s, t, target, arg = stats
+    stats = (m, s, t, target, arg, u_sum, sq), each (R,), in place (t only with want_entropy, arg (int64) only when
+    top-1 is asked for, u_sum = sum u and sq = sum exp(d)^2 only when mean_logit and log_sum_sq are, else None).
+    index (R,): the rows' target columns in the vocabulary. m, target and u_sum are in u units."""
+    m, s, t, target, arg, u_sum, sq = stats
     u, _ = _transform_torch(a, tr)
+    if u_sum is not None:
+        u_sum += u.sum(1)  # before u is shifted in place below
     col, inside = _local_targets(index, c0, u.shape[1])
     torch.where(inside, u.gather(1, col).squeeze(1), target, out=target)
     if arg is None:
@@ -284,9 +300,12 @@ def _fold_forward_torch(a, index, c0, stats, tr: Transform, want_entropy):
         t.copy_(alpha * (t + torch.where(s > 0, (m - ref) * tr.k, 0.0) * s))
         d.clamp_(min=torch.finfo(d.dtype).min)  # e d = 0, not NaN, where d = -inf (one pass, no mask tile)
         t += torch.bmm(e.unsqueeze(1), d.unsqueeze(2)).view(-1)  # row-wise dot, no (R, C) temporary
-        s.mul_(alpha).add_(e.sum(1))
     else:
-        s.mul_(alpha).add_(d.exp_().sum(1))
+        e = d.exp_()
+    s.mul_(alpha).add_(e.sum(1))
+    if sq is not None:
+        e2 = torch.bmm(e.unsqueeze(1), e.unsqueeze(2)).view(-1)  # sum e^2 per row, a dot: no (R, C) temporary
+        sq.mul_(alpha.square()).add_(e2)
     m.copy_(m_new)
 
 
@@ -334,6 +353,8 @@ def _fold_forward_kernel(
     t_ptr,  # (R,) float32 in/out: sum exp(k (u - m)) k (u - m), only when WANT_ENTROPY
     target_ptr,  # (R,) float32 in/out: u[index], written by the tile holding it
     arg_ptr,  # (R,) int64 in/out: first column of the running max, only when WANT_TOP1
+    u_sum_ptr,  # (R,) float32 in/out: sum u, only when WANT_MEAN_LOGIT
+    sq_ptr,  # (R,) float32 in/out: sum exp(k (u - m))^2, only when WANT_LOG_SUM_SQ
     C,  # the tile's width
     C_pad,  # C rounded up to 16: the loads run to it, so their mask is uniform over 16 columns (128-bit accesses)
     logit_scale,
@@ -342,6 +363,8 @@ def _fold_forward_kernel(
     HAS_SOFTCAP: tl.constexpr,
     WANT_ENTROPY: tl.constexpr,
     WANT_TOP1: tl.constexpr,
+    WANT_MEAN_LOGIT: tl.constexpr,
+    WANT_LOG_SUM_SQ: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """One program per row: stream the row of the tile in BLOCK_C blocks, online max / sum (see the module
@@ -359,6 +382,12 @@ def _fold_forward_kernel(
     arg = 0
     if WANT_TOP1:
         arg = tl.load(arg_ptr + row)
+    u_sum = 0.0
+    if WANT_MEAN_LOGIT:
+        u_sum = tl.load(u_sum_ptr + row)
+    sq = 0.0
+    if WANT_LOG_SUM_SQ:
+        sq = tl.load(sq_ptr + row)
     for start in range(0, C_pad, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         # columns C .. C_pad hold whatever the buffer held (inside its row): loaded, then zeroed in registers
@@ -369,6 +398,8 @@ def _fold_forward_kernel(
             x = x * (logit_scale / softcap)
             q = tl.exp(-2.0 * tl.abs(x))
             x = tl.where(x < 0, -softcap, softcap) * (1.0 - q) / (1.0 + q)
+        if WANT_MEAN_LOGIT:
+            u_sum += tl.sum(x, axis=0)  # x is 0 in columns C .. C_pad (the softcap keeps 0 at 0)
         u = tl.where(cols < C, x, float("-inf"))
         if (local >= start) & (local < start + BLOCK_C):  # the block holding the target: same program-wide
             target = tl.sum(tl.where(cols == local, u, 0.0), axis=0)
@@ -384,6 +415,8 @@ def _fold_forward_kernel(
         if WANT_ENTROPY:
             shift = tl.where(s > 0, (m - ref) * k, 0.0) * s  # 0 while s = 0 (m = -inf: no -inf * 0)
             t = alpha * (t + shift) + tl.sum(e * tl.where(e > 0, d, 0.0), axis=0)
+        if WANT_LOG_SUM_SQ:
+            sq = sq * (alpha * alpha) + tl.sum(e * e, axis=0)
         s = s * alpha + tl.sum(e, axis=0)
         m = m_new
     tl.store(m_ptr + row, m)
@@ -393,6 +426,10 @@ def _fold_forward_kernel(
         tl.store(t_ptr + row, t)
     if WANT_TOP1:
         tl.store(arg_ptr + row, arg)
+    if WANT_MEAN_LOGIT:
+        tl.store(u_sum_ptr + row, u_sum)
+    if WANT_LOG_SUM_SQ:
+        tl.store(sq_ptr + row, sq)
 
 
 def _fold_backward_kernel(
@@ -462,13 +499,14 @@ def _pad16(C):
 
 def _fold_forward_triton(a, index, c0, stats, tr: Transform, want_entropy):
     (block, warps), _ = FOLD_LAUNCH["cuda" if a.is_cuda else "interpret"]
-    m, s, t, target, arg = stats
+    m, s, t, target, arg, u_sum, sq = stats
     forward, _ = _kernels()
     with device_of(a):
         forward[(a.shape[0],)](
             a, a.stride(0), index, c0, m, s, t if want_entropy else s, target, index if arg is None else arg,
-            a.shape[1], _pad16(a.shape[1]), *_scalars(tr), HAS_SOFTCAP=tr.softcap is not None,
-            WANT_ENTROPY=want_entropy, WANT_TOP1=arg is not None, BLOCK_C=block, num_warps=warps,
+            s if u_sum is None else u_sum, s if sq is None else sq, a.shape[1], _pad16(a.shape[1]), *_scalars(tr),
+            HAS_SOFTCAP=tr.softcap is not None, WANT_ENTROPY=want_entropy, WANT_TOP1=arg is not None,
+            WANT_MEAN_LOGIT=u_sum is not None, WANT_LOG_SUM_SQ=sq is not None, BLOCK_C=block, num_warps=warps,
             enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
 
@@ -567,7 +605,7 @@ def _row_tiles(n, rows):
 
 class _HiddenLogProbs(torch.autograd.Function):
     """hidden (n, H), weight (V, H), bias (V,) or None, index (n,) -> logps (n,), entropy (n,) or None,
-    is_top1 (n,) or None.
+    is_top1 (n,) or None, mean_logit (n,) or None, log_sum_sq (n,) or None (the last two without gradient).
 
     Saves hidden, weight, bias, index and per-row ref, log s (n,) and mu (n,): O(n + V H) memory.
     Extra memory: one (R, C) tile in the compute dtype and what the fold needs (torch: up to two float32
@@ -577,7 +615,7 @@ class _HiddenLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, index, options):
-        backend, tr, want_entropy, want_top1, rows, cols = options
+        backend, tr, want_entropy, want_top1, want_mean, want_sum_sq, rows, cols = options
         n, V = hidden.shape[0], weight.shape[0]
         fold_forward, _ = FOLDS[backend]
         dtype = _compute_dtype(hidden)
@@ -585,6 +623,8 @@ class _HiddenLogProbs(torch.autograd.Function):
         m = torch.full((n,), float("-inf"), **f)
         s, t, target = (torch.zeros(n, **f) for _ in range(3))
         arg = torch.zeros(n, device=hidden.device, dtype=torch.long) if want_top1 else None
+        u_sum = torch.zeros(n, **f) if want_mean else None
+        sq = torch.zeros(n, **f) if want_sum_sq else None
         tiles = _row_tiles(n, rows)
         buf = _tile_buffer(tiles[0][1] if tiles else 0, cols, V, hidden.device, dtype)
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit below
@@ -594,7 +634,9 @@ class _HiddenLogProbs(torch.autograd.Function):
                 b = None if bias is None else bias[c0 : c0 + cols].to(dtype)
                 for r0, R in tiles:
                     a = _tile_matmul(h_all[r0 : r0 + R], w, b, buf[:R, : w.shape[0]])  # (R, C)
-                    stats = tuple(None if x is None else x[r0 : r0 + R] for x in (m, s, t, target, arg))
+                    stats = tuple(
+                        None if x is None else x[r0 : r0 + R] for x in (m, s, t, target, arg, u_sum, sq)
+                    )
                     fold_forward(a, index[r0 : r0 + R], c0, stats, tr, want_entropy)
             ref = _row_ref(m)
             log_s = torch.log(s)
@@ -604,20 +646,21 @@ class _HiddenLogProbs(torch.autograd.Function):
             if want_entropy:
                 mu = t / s
                 entropy = log_s - mu
+            mean_logit = None if u_sum is None else u_sum * (tr.k / V)
+            log_sum_sq = None if sq is None else torch.log(sq) - 2 * log_s
         ctx.save_for_backward(hidden, weight, bias, index, ref, log_s, mu)
         ctx.options = options
         ctx.dtype = dtype
-        if is_top1 is not None:
-            ctx.mark_non_differentiable(is_top1)
+        ctx.mark_non_differentiable(*(x for x in (is_top1, mean_logit, log_sum_sq) if x is not None))
         ctx.set_materialize_grads(False)
-        return logps, entropy, is_top1
+        return logps, entropy, is_top1, mean_logit, log_sum_sq
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent, _g_top1):
+    def backward(ctx, g_logp, g_ent, *_non_differentiable):
         if g_logp is None and g_ent is None:
             return None, None, None, None, None
         hidden, weight, bias, index, ref, log_s, mu = ctx.saved_tensors
-        backend, tr, _, _, rows, cols = ctx.options
+        backend, tr, _, _, _, _, rows, cols = ctx.options
         _, fold_backward = FOLDS[backend]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, V = hidden.shape[0], weight.shape[0]
@@ -700,8 +743,9 @@ def _tiles(device, n, rows_per_tile, vocab_per_tile):
     return rows, max(1, TILE_ELEMENTS[kind] // max(1, min(rows, n)) // ROW_ALIGN) * ROW_ALIGN
 
 
-def _logprobs_from_hidden(backend, hidden, weight, index, bias, temperature, logit_scale, softcap, mask,
-                          return_entropy, return_top1, rows_per_tile, vocab_per_tile):  # fmt: skip
+def _logprobs_from_hidden(backend, hidden, weight, index, bias, temperature, logit_scale, softcap, mask, wanted,
+                          rows_per_tile, vocab_per_tile):  # fmt: skip
+    """wanted: (return_entropy, return_top1, return_mean_logit, return_log_sum_sq), as select_outputs takes them."""
     _check_inputs(hidden, weight, index, bias, temperature, logit_scale, softcap, mask)
     rows, h, idx = _flatten_valid(hidden, index, mask)
     _check_index_range(idx, weight.shape[0], rows)
@@ -709,10 +753,9 @@ def _logprobs_from_hidden(backend, hidden, weight, index, bias, temperature, log
     tr = Transform(float(logit_scale), None if softcap is None else float(softcap), 1.0 / float(temperature))
     # every row masked still goes through the Function: zero gradients for weight and bias, not None, so DDP
     # sees every parameter used on a rank whose micro-batch has no target token
-    options = (backend, tr, return_entropy, return_top1, tile_rows, tile_cols)
-    logps, entropy, is_top1 = _HiddenLogProbs.apply(h, weight, bias, idx, options)
-    logps, entropy, is_top1 = _unflatten(rows, index.shape, logps, entropy, is_top1)
-    return select_outputs(logps, entropy, is_top1, return_entropy, return_top1)
+    options = (backend, tr, *wanted, tile_rows, tile_cols)
+    outputs = _unflatten(rows, index.shape, _HiddenLogProbs.apply(h, weight, bias, idx, options))
+    return select_outputs(outputs[0], outputs[1:], wanted)
 
 
 def logprobs_from_hidden_torch(
@@ -727,18 +770,20 @@ def logprobs_from_hidden_torch(
     mask: torch.Tensor | None = None,
     return_entropy: bool = False,
     return_top1: bool = False,
+    return_mean_logit: bool = False,
+    return_log_sum_sq: bool = False,
     rows_per_tile: int | None = None,
     vocab_per_tile: int | None = None,
 ):
     """Tiles with torch folds: hidden (..., H), weight (V, H), index (...) -> float32 logps (...) [, entropy]
-    [, is_top1]. Any device and dtype (float64 included).
+    [, is_top1] [, mean_logit] [, log_sum_sq]. Any device and dtype (float64 included).
 
     Never builds the (N, V) logits: extra memory is one (rows_per_tile, vocab_per_tile) tile in the compute dtype
     and at most two float32 ones, plus the float32 gradient accumulators dhidden (N, H) and dweight (V, H) for
     the inputs that need them. Defaults: ROWS_PER_TILE / TILE_ELEMENTS for the device."""
     return _logprobs_from_hidden(
         "torch", hidden, weight, index, bias, temperature, logit_scale, softcap, mask,
-        return_entropy, return_top1, rows_per_tile, vocab_per_tile,
+        (return_entropy, return_top1, return_mean_logit, return_log_sum_sq), rows_per_tile, vocab_per_tile,
     )  # fmt: skip
 
 
@@ -754,6 +799,8 @@ def logprobs_from_hidden_triton(
     mask: torch.Tensor | None = None,
     return_entropy: bool = False,
     return_top1: bool = False,
+    return_mean_logit: bool = False,
+    return_log_sum_sq: bool = False,
     rows_per_tile: int | None = None,
     vocab_per_tile: int | None = None,
 ):
@@ -770,5 +817,5 @@ def logprobs_from_hidden_triton(
         raise RuntimeError("logprobs_from_hidden_triton on a CPU tensor needs TRITON_INTERPRET=1")
     return _logprobs_from_hidden(
         "triton", hidden, weight, index, bias, temperature, logit_scale, softcap, mask,
-        return_entropy, return_top1, rows_per_tile, vocab_per_tile,
+        (return_entropy, return_top1, return_mean_logit, return_log_sum_sq), rows_per_tile, vocab_per_tile,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Per-token log-probs (and entropy, top-1) from full logits, without a float32 copy of the (N, V) logits.
+"""Per-token log-probs (and entropy, top-1, ...) from full logits, without a float32 copy of the (N, V) logits.
 
 Notation: N rows (any leading shape, flattened), V vocabulary, T the sampling temperature.
 
@@ -9,6 +9,8 @@ Notation: N rows (any leading shape, flattened), V vocabulary, T the sampling te
     is_top1 = index == argmax_j logits_j             (N,) bool; torch.argmax's tie rule: the first index holding
                                                      the maximum, so a target tied with a lower index is not
                                                      top-1 (TRL's mean_token_accuracy; hidden.py the same)
+    mean_logit = sum_j z_j / V                       (N,) the mean tempered logit (TRL's logits/chosen, /rejected)
+    log_sum_sq = log sum_j p_j^2                     (N,) (WPO's per-token weight, TRL's use_weighting)
 
 Gradients (g = dL/dlogps, gH = dL/dentropy), per row:
 
@@ -22,7 +24,10 @@ This file holds the three implementations behind `posttrain.kernels.logprobs_fro
 - `logprobs_from_logits_triton`: one Triton program per row, one pass over the row in forward (online
   softmax) and one in backward.
 
-Conventions shared by all three: outputs `logps` and `entropy` are float32 (float64 for float64 input on
+mean_logit and log_sum_sq are metrics and weights, never differentiated: no gradient flows from them, and the
+backward is the same whether they were asked for or not.
+
+Conventions shared by all three: outputs `logps`, `entropy`, `mean_logit`, `log_sum_sq` are float32 (float64 for float64 input on
 the torch path, so `gradcheck` can run), `is_top1` bool; rows where `mask` is False give 0 / False and a zero
 gradient and cost nothing; a target whose logit is -inf gives logps = -inf; p log p is taken as 0 where
 p = 0, so -inf logits never make the entropy NaN. A row whose logits are all -inf has no distribution
@@ -130,11 +135,14 @@ def reference_logprobs_from_logits(
     mask: torch.Tensor | None = None,
     return_entropy: bool = False,
     return_top1: bool = False,
+    return_mean_logit: bool = False,
+    return_log_sum_sq: bool = False,
 ):
     """log_softmax(logits / temperature) gathered at `index`, in float64, whole (N, V) at once.
 
-    logits (..., V), index (...) long, mask (...) bool -> logps (...) float64 [, entropy (...), is_top1 (...)].
-    Differentiable with respect to `logits`. Memory-hungry on purpose: it is the test reference.
+    logits (..., V), index (...) long, mask (...) bool -> logps (...) float64 [, entropy (...), is_top1 (...),
+    mean_logit (...), log_sum_sq (...)]. Differentiable with respect to `logits`. Memory-hungry on purpose: it is the
+    test reference.
     """
     z = logits.double() / temperature  # (..., V)
     logp_all = torch.log_softmax(z, dim=-1)  # (..., V)
@@ -144,17 +152,16 @@ def reference_logprobs_from_logits(
     entropy = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)  # (...)
     # top-1 on the untempered logits; torch.argmax gives the first index holding the maximum
     top1 = logits.argmax(-1) == index  # (...)
+    mean_logit = z.mean(-1)  # (...)
+    log_sum_sq = torch.logsumexp(2 * logp_all, dim=-1)  # (...) log sum_j p_j^2
     if mask is not None:
         keep = mask.bool()
-        logps = torch.where(keep, logps, torch.zeros_like(logps))
-        entropy = torch.where(keep, entropy, torch.zeros_like(entropy))
+        logps, entropy, mean_logit, log_sum_sq = (
+            torch.where(keep, x, torch.zeros_like(x)) for x in (logps, entropy, mean_logit, log_sum_sq)
+        )
         top1 = top1 & keep
-    out = [logps]
-    if return_entropy:
-        out.append(entropy)
-    if return_top1:
-        out.append(top1)
-    return out[0] if len(out) == 1 else tuple(out)
+    wanted = (return_entropy, return_top1, return_mean_logit, return_log_sum_sq)
+    return select_outputs(logps, (entropy, top1, mean_logit, log_sum_sq), wanted)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -202,7 +209,8 @@ def _softmax_into(z: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
 
 
 class _ChunkedLogProbs(torch.autograd.Function):
-    """logits2d (N, V) -> logps (N,), entropy (N,) or None, is_top1 (N,) bool.
+    """logits2d (N, V) -> logps (N,), entropy (N,) or None, is_top1 (N,) bool, mean_logit (N,) or None,
+    log_sum_sq (N,) or None (the last two without gradient).
 
     Saves the logits it was given (no copy), index, and the per-row entropy. Forward and backward walk the
     rows in chunks through (chunk, V) work buffers allocated once per call (fresh pages for every chunk cost
@@ -216,7 +224,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits2d, index, rows, options):
-        temperature, with_entropy, with_top1, inplace_backward = options
+        temperature, with_entropy, with_top1, with_mean, with_sum_sq, inplace_backward = options
         N, V = logits2d.shape
         T = temperature
         dev = logits2d.device
@@ -226,6 +234,8 @@ class _ChunkedLogProbs(torch.autograd.Function):
         logps = new(N, dtype=math_dtype, device=dev)
         entropy = new(N, dtype=math_dtype, device=dev) if with_entropy else None
         top1 = (torch.zeros if rows is not None or not with_top1 else _empty)(N, dtype=torch.bool, device=dev)
+        mean_logit = new(N, dtype=math_dtype, device=dev) if with_mean else None
+        log_sum_sq = new(N, dtype=math_dtype, device=dev) if with_sum_sq else None
         n_rows = N if rows is None else rows.numel()
         shape = (min(_chunk_rows(V), n_rows), V)
         # torch.empty maps pages without touching them: a buffer a call never uses costs no memory
@@ -243,19 +253,27 @@ class _ChunkedLogProbs(torch.autograd.Function):
             logp = _log_softmax_into(z, buf_l)  # (n, V)
             logps[sel] = logp.gather(-1, idx).squeeze(-1)
             # 4. entropy = -sum_j p_j log p_j; clamping log p = -inf to the lowest float makes p log p = 0 there
-            if with_entropy:
+            if with_entropy or with_sum_sq:
                 p = _softmax_into(z, buf_p)
+            if with_entropy:
                 logp.clamp_(min=torch.finfo(math_dtype).min)
                 entropy[sel] = -logp.mul_(p).sum(-1)  # sum(), not a dot: its cascade keeps V = 152k accurate
+            # 5. the metrics, each an extra pass, so only when asked: log sum_j p_j^2 (terms in [0, 1], no
+            #    overflow; the sum is at least 1/V, so underflowing tiny terms cost nothing) and the mean of z.
+            #    buf_l is free again: log p was gathered, and the entropy has consumed it
+            if with_sum_sq:
+                log_sum_sq[sel] = torch.mul(p, p, out=buf_l[: p.shape[0]]).sum(-1).log_()
+            if with_mean:
+                mean_logit[sel] = z.mean(-1)
         ctx.save_for_backward(logits2d, index, entropy, rows)
         ctx.temperature = T
         ctx.inplace_backward = inplace_backward
-        ctx.mark_non_differentiable(top1)
+        ctx.mark_non_differentiable(*(x for x in (top1, mean_logit, log_sum_sq) if x is not None))
         ctx.set_materialize_grads(False)
-        return logps, entropy, top1
+        return logps, entropy, top1, mean_logit, log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad_logps, grad_entropy, _grad_top1):
+    def backward(ctx, grad_logps, grad_entropy, *_non_differentiable):
         if grad_logps is None and grad_entropy is None:
             return None, None, None, None
         logits2d, index, entropy, rows = ctx.saved_tensors
@@ -310,9 +328,12 @@ def logprobs_from_logits_torch(
     mask: torch.Tensor | None = None,
     return_entropy: bool = False,
     return_top1: bool = False,
+    return_mean_logit: bool = False,
+    return_log_sum_sq: bool = False,
     inplace_backward: bool = False,
 ):
-    """Chunked torch log-softmax gathering: logits (..., V), index (...) -> logps (...) float32 [, entropy, is_top1].
+    """Chunked torch log-softmax gathering: logits (..., V), index (...) -> logps (...) float32 [, entropy, is_top1,
+    mean_logit, log_sum_sq].
 
     Peak extra memory beyond the input is one to four float32 (chunk, V) work buffers (CHUNK_ELEMENTS each) plus the
     gradient, which has the shape and dtype of `logits` and is allocated once. With `inplace_backward=True` the
@@ -321,9 +342,10 @@ def logprobs_from_logits_torch(
     """
     logits2d, index1d, mask1d, lead = _check_inputs(logits, index, mask, temperature)
     rows = None if mask1d is None else mask1d.nonzero().squeeze(-1)  # (n_valid,) the rows that cost anything
-    options = (float(temperature), return_entropy, return_top1, inplace_backward)
-    logps, entropy, top1 = _ChunkedLogProbs.apply(logits2d, index1d, rows, options)
-    return select_outputs(logps, entropy, top1, return_entropy, return_top1, lead)
+    wanted = (return_entropy, return_top1, return_mean_logit, return_log_sum_sq)
+    options = (float(temperature), *wanted, inplace_backward)
+    outputs = _ChunkedLogProbs.apply(logits2d, index1d, rows, options)
+    return select_outputs(outputs[0], outputs[1:], wanted, lead)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -343,16 +365,21 @@ def _forward_kernel(
     log_norm_ptr,  # (N,) float32 out: log sum_j exp(z_j - max), saved for backward; lse = max + log_norm
     entropy_ptr,  # (N,) float32 out, written only when HAS_ENTROPY
     top1_ptr,  # (N,) int8 out
+    mean_logit_ptr,  # (N,) float32 out, written only when HAS_MEAN_LOGIT
+    log_sum_sq_ptr,  # (N,) float32 out, written only when HAS_LOG_SUM_SQ
     V,
     inv_t,
     HAS_MASK: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
+    HAS_MEAN_LOGIT: tl.constexpr,
+    HAS_LOG_SUM_SQ: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """Online softmax (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax",
     arXiv:1805.02867): one pass keeps a running max m and a running sum d = sum_j exp(z_j - m), rescaling d
     by exp(m_old - m_new) when the max grows. For the entropy it also keeps s = sum_j exp(z_j - m) (z_j - m),
-    rescaled the same way, so H = log d - s / d stays relative to the max (no lse - sum p z cancellation)."""
+    rescaled the same way, so H = log d - s / d stays relative to the max (no lse - sum p z cancellation); for
+    log sum_j p_j^2 = log q - 2 log d it keeps q = sum_j exp(z_j - m)^2, rescaled by the square of d's factor."""
     # 1. This program's row. program_id is int32: cast before multiplying by the row stride, or
     #    row * stride_n wraps once N * V > 2^31 (triton-lang/triton#1058; Liger's cross-entropy guards the same way).
     row = tl.program_id(0).to(tl.int64)
@@ -366,6 +393,10 @@ def _forward_kernel(
             tl.store(top1_ptr + row, 0)
             if HAS_ENTROPY:
                 tl.store(entropy_ptr + row, 0.0)
+            if HAS_MEAN_LOGIT:
+                tl.store(mean_logit_ptr + row, 0.0)
+            if HAS_LOG_SUM_SQ:
+                tl.store(log_sum_sq_ptr + row, 0.0)
             return
 
     # 3. One pass over the row in BLOCK_V blocks, fp32 statistics. While the row has been all -inf so far,
@@ -374,6 +405,8 @@ def _forward_kernel(
     m = float("-inf")
     d = 0.0
     s = 0.0
+    q = 0.0
+    z_sum = 0.0
     x_max = float("-inf")  # running max of the untempered logits
     arg = 0  # its first column: torch.argmax's tie rule (0 for a row of all -inf, as torch.argmax)
     for start in range(0, V, BLOCK_V):
@@ -387,6 +420,8 @@ def _forward_kernel(
         arg = tl.where(block_max > x_max, block_arg, arg)
         x_max = tl.maximum(x_max, block_max)
         z = z * inv_t
+        if HAS_MEAN_LOGIT:
+            z_sum += tl.sum(tl.where(cols < V, z, 0.0), axis=0)  # the tail past V was loaded as -inf
         # x -> fl(x * inv_t) is monotone, so the tempered max is fl(x_max * inv_t): no second reduction
         m_new = x_max * inv_t
         ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -397,6 +432,8 @@ def _forward_kernel(
             # e (z - ref) is 0 where e is 0 (z = -inf, or the masked tail of the last block)
             shift = (tl.where(d > 0, m, ref) - ref) * d  # 0 while d = 0 (m = -inf: no -inf * 0)
             s = alpha * (s + shift) + tl.sum(e * tl.where(e > 0, z - ref, 0.0), axis=0)
+        if HAS_LOG_SUM_SQ:
+            q = q * (alpha * alpha) + tl.sum(e * e, axis=0)
         d = d * alpha + tl.sum(e, axis=0)
         m = m_new
 
@@ -412,6 +449,10 @@ def _forward_kernel(
     tl.store(top1_ptr + row, (arg == target).to(tl.int8))
     if HAS_ENTROPY:
         tl.store(entropy_ptr + row, log_norm - s / d)
+    if HAS_MEAN_LOGIT:
+        tl.store(mean_logit_ptr + row, z_sum / V)
+    if HAS_LOG_SUM_SQ:
+        tl.store(log_sum_sq_ptr + row, tl.log(q) - 2.0 * log_norm)
 
 
 def _backward_kernel(
@@ -507,11 +548,12 @@ def _launch_config(V: int) -> tuple[int, int]:
 
 
 class _TritonLogProbs(torch.autograd.Function):
-    """logits2d (N, V) -> logps (N,) float32, entropy (N,) float32 or None, is_top1 (N,) bool."""
+    """logits2d (N, V) -> logps (N,) float32, entropy (N,) float32 or None, is_top1 (N,) bool, mean_logit (N,)
+    float32 or None, log_sum_sq (N,) float32 or None (the last two without gradient)."""
 
     @staticmethod
     def forward(ctx, logits2d, index, mask_i8, options):
-        temperature, with_entropy, inplace_backward = options
+        temperature, with_entropy, with_mean, with_sum_sq, inplace_backward = options
         N, V = logits2d.shape
         dev = logits2d.device
         logps = _empty(N, torch.float32, dev)
@@ -519,6 +561,8 @@ class _TritonLogProbs(torch.autograd.Function):
         log_norm = _empty(N, torch.float32, dev)
         entropy = _empty(N, torch.float32, dev) if with_entropy else None
         top1 = _empty(N, torch.int8, dev)
+        mean_logit = _empty(N, torch.float32, dev) if with_mean else None
+        log_sum_sq = _empty(N, torch.float32, dev) if with_sum_sq else None
         block, warps = _launch_config(V)
         if N > 0:
             forward_kernel, _ = _kernels()
@@ -533,10 +577,14 @@ class _TritonLogProbs(torch.autograd.Function):
                     log_norm,
                     entropy if with_entropy else logps,
                     top1,
+                    mean_logit if with_mean else logps,
+                    log_sum_sq if with_sum_sq else logps,
                     V,
                     1.0 / temperature,
                     HAS_MASK=mask_i8 is not None,
                     HAS_ENTROPY=with_entropy,
+                    HAS_MEAN_LOGIT=with_mean,
+                    HAS_LOG_SUM_SQ=with_sum_sq,
                     BLOCK_V=block,
                     num_warps=warps,
                     enable_fp_fusion=FP_FUSION,
@@ -545,12 +593,12 @@ class _TritonLogProbs(torch.autograd.Function):
         ctx.temperature = temperature
         ctx.inplace_backward = inplace_backward
         top1 = top1.view(torch.bool)  # 0/1 bytes reinterpreted, no copy
-        ctx.mark_non_differentiable(top1)
+        ctx.mark_non_differentiable(*(x for x in (top1, mean_logit, log_sum_sq) if x is not None))
         ctx.set_materialize_grads(False)
-        return logps, entropy, top1
+        return logps, entropy, top1, mean_logit, log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad_logps, grad_entropy, _grad_top1):
+    def backward(ctx, grad_logps, grad_entropy, *_non_differentiable):
         if grad_logps is None and grad_entropy is None:
             return None, None, None, None
         logits2d, index, mask_i8, row_max, log_norm, entropy = ctx.saved_tensors
@@ -598,9 +646,12 @@ def logprobs_from_logits_triton(
     mask: torch.Tensor | None = None,
     return_entropy: bool = False,
     return_top1: bool = False,
+    return_mean_logit: bool = False,
+    return_log_sum_sq: bool = False,
     inplace_backward: bool = False,
 ):
-    """Triton log-softmax gathering: logits (..., V), index (...) -> logps (...) float32 [, entropy, is_top1].
+    """Triton log-softmax gathering: logits (..., V), index (...) -> logps (...) float32 [, entropy, is_top1,
+    mean_logit, log_sum_sq].
 
     Reads the logits once in forward and once in backward, writes the gradient once (in the logits' dtype,
     into the logits buffer itself with `inplace_backward=True`). Any row stride is read in place; a layout
@@ -622,6 +673,7 @@ def logprobs_from_logits_triton(
         # the kernels read rows as contiguous runs (coalesced); a strided vocabulary axis is copied once
         logits2d = logits2d.contiguous()
     mask_i8 = None if mask1d is None else mask1d.contiguous().view(torch.int8)
-    options = (float(temperature), return_entropy, inplace_backward)
-    logps, entropy, top1 = _TritonLogProbs.apply(logits2d, index1d.contiguous(), mask_i8, options)
-    return select_outputs(logps, entropy, top1, return_entropy, return_top1, lead)
+    options = (float(temperature), return_entropy, return_mean_logit, return_log_sum_sq, inplace_backward)
+    outputs = _TritonLogProbs.apply(logits2d, index1d.contiguous(), mask_i8, options)
+    wanted = (return_entropy, return_top1, return_mean_logit, return_log_sum_sq)
+    return select_outputs(outputs[0], outputs[1:], wanted, lead)

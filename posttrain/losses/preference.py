@@ -441,13 +441,22 @@ def _check_inputs(name: str, fn: Callable, kwargs: dict, have_reference: bool) -
     for param in params.values():
         if param.kind is param.KEYWORD_ONLY and param.default is param.empty and param.name not in kwargs:
             raise ValueError(f"preference loss {name!r} needs the input {param.name!r}")
+    check_f_divergence(name, fn, kwargs.get("f_divergence_type", "reverse_kl"))
+
+
+def check_f_divergence(name: str, fn: Callable, f_divergence_type: str) -> None:
+    """Raise unless loss `name` (function `fn`) can use `f_divergence_type`."""
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(
+            f"unknown f_divergence_type {f_divergence_type!r}; expected one of {sorted(F_DIVERGENCES)}"
+        )
     # The f-DPO reparameterisation only cancels log Z(x) in s_w - s_l: losses of the log-ratios alone have
     # no f-divergence form (TRL refuses the same combinations).
-    f_div = kwargs.get("f_divergence_type", "reverse_kl")
-    if f_div not in F_DIVERGENCES:
-        raise ValueError(f"unknown f_divergence_type {f_div!r}; expected one of {sorted(F_DIVERGENCES)}")
-    if f_div != "reverse_kl" and needs_reference(fn) and "f_divergence_type" not in params:
-        raise ValueError(f"f_divergence_type={f_div!r} does not apply to loss_type {name!r}; use reverse_kl")
+    takes_it = "f_divergence_type" in inspect.signature(fn).parameters
+    if f_divergence_type != "reverse_kl" and needs_reference(fn) and not takes_it:
+        raise ValueError(
+            f"f_divergence_type={f_divergence_type!r} does not apply to loss_type {name!r}; use reverse_kl"
+        )
 
 
 def reward_metrics(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, num_pairs):

@@ -7,6 +7,8 @@ Layout of `output_dir/checkpoint-{step}/`:
     optimizer.pt, scheduler.pt              state dicts
     rng_state_rank{r}.pt                    python, numpy, torch CPU (+ CUDA) generators of rank r
     trainer_state.json                      global step, data position, the options that fix the data order
+    {name}.safetensors                      each companion module's state dict (a frozen model the loop
+                                            changes outside the optimizer: TR-DPO's reference)
 
 A checkpoint is written into the sibling `checkpoint-{step}.tmp/`, trainer_state.json last (itself
 written to a side file and renamed), and renamed with `os.replace` once every rank has written its files,
@@ -227,11 +229,14 @@ def save_model(run, model, tokenizer, directory: str | Path, *, original_format:
     )
 
 
-def save_checkpoint(run, model, optimizer, scheduler, trainer_state: dict, tokenizer=None) -> Path:
+def save_checkpoint(
+    run, model, optimizer, scheduler, trainer_state: dict, tokenizer=None, companions: dict | None = None
+) -> Path:
     """Write `output_dir/checkpoint-{step}` atomically (called on every rank); returns its path.
 
     trainer_state must hold "global_step"; everything in it is stored as JSON and returned by
-    `load_checkpoint`. Prunes the oldest checkpoints beyond `save_total_limit`.
+    `load_checkpoint`. companions: name -> module (replicated on every rank), saved as {name}.safetensors.
+    Prunes the oldest checkpoints beyond `save_total_limit`.
     """
     step = trainer_state["global_step"]
     final = Path(run.output_dir) / f"checkpoint-{step}"
@@ -245,6 +250,8 @@ def save_checkpoint(run, model, optimizer, scheduler, trainer_state: dict, token
         _write_model(model, state["model"], tokenizer, tmp, original_format=False)
         _torch_save(state["optimizer"], tmp / "optimizer.pt")
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        for name, module in (companions or {}).items():
+            _save_companion(module, tmp / f"{name}.safetensors")
 
     def commit():
         _write_json(tmp / TRAINER_STATE, trainer_state)
@@ -288,18 +295,33 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def load_checkpoint(run, path: str | Path, model, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG from `path`; returns its trainer_state."""
+def _save_companion(module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    # clone: tied weights share storage, which safetensors refuses
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+    with faults.writing(path):
+        save_file(state, path)
+
+
+def load_checkpoint(
+    run, path: str | Path, model, optimizer, scheduler, companions: dict | None = None
+) -> dict:
+    """Restore model, optimizer, scheduler, companions and this rank's RNG from `path`; returns its
+    trainer_state."""
     path = Path(path)
     trainer_state = read_trainer_state(path)
     rng_file = path / f"rng_state_rank{run.rank}.pt"
-    missing = [
-        name for name in ("optimizer.pt", "scheduler.pt", rng_file.name) if not (path / name).is_file()
-    ]
+    files = ["optimizer.pt", "scheduler.pt", rng_file.name, *(f"{n}.safetensors" for n in companions or {})]
+    missing = [name for name in files if not (path / name).is_file()]
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} is missing {', '.join(missing)} (for rank {run.rank})")
     optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     set_state(model, optimizer, {"model": _load_weights(path), "optimizer": optimizer_state})
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(rng_file, weights_only=True))
+    from safetensors.torch import load_file
+
+    for name, module in (companions or {}).items():
+        module.load_state_dict(load_file(path / f"{name}.safetensors", device="cpu"))
     return trainer_state

@@ -42,11 +42,14 @@ FUSED_MODEL_TYPES = frozenset(
 
 class TokenLogProbs(NamedTuple):
     """Per-token outputs, each (B, T), aligned to tokens: entry t is about input_ids[:, t] given the
-    tokens before it; 0 (False) wherever the mask is 0. `entropy` and `is_top1` are None unless asked."""
+    tokens before it; 0 (False) wherever the mask is 0. All but `logps` are None unless asked; their
+    definitions are in `posttrain.kernels` (mean_logit and log_sum_sq carry no gradient)."""
 
     logps: torch.Tensor
     entropy: torch.Tensor | None
     is_top1: torch.Tensor | None
+    mean_logit: torch.Tensor | None
+    log_sum_sq: torch.Tensor | None
 
 
 def supports_fused(model: torch.nn.Module) -> bool:
@@ -90,6 +93,8 @@ def token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     return_top1: bool = False,
+    return_mean_logit: bool = False,
+    return_log_sum_sq: bool = False,
     mask: torch.Tensor | None = None,
 ) -> TokenLogProbs:
     """log p(input_ids[b, t] | input_ids[b, <t]) at every target token.
@@ -107,7 +112,13 @@ def token_logprobs(
     b, t = mask[:, 1:].nonzero(as_tuple=True)
     rows = b * T + t  # (N,) into the flattened (B * T,) positions
     index = input_ids.reshape(-1).index_select(0, rows + 1)  # (N,) the target tokens
-    flags = dict(temperature=temperature, return_entropy=return_entropy, return_top1=return_top1)
+    wanted = dict(
+        return_entropy=return_entropy,
+        return_top1=return_top1,
+        return_mean_logit=return_mean_logit,
+        return_log_sum_sq=return_log_sum_sq,
+    )
+    flags = dict(temperature=temperature, **wanted)
 
     if supports_fused(model):
         inner = unwrap(model)
@@ -133,12 +144,12 @@ def token_logprobs(
         logits = logits.reshape(B * T, logits.shape[-1]).index_select(0, rows)  # (N, V)
         out = logprobs_from_logits(logits, index, inplace_backward=True, **flags)
 
-    outs = out if isinstance(out, tuple) else (out,)
+    # the kernels return logps followed by the wanted outputs in TokenLogProbs' order: deal them back out
+    outs = iter(out if isinstance(out, tuple) else (out,))
     place = functools.partial(_place, positions=rows + 1, shape=(B, T))
-    logps = place(outs[0])
-    entropy = place(outs[1]) if return_entropy else None
-    is_top1 = place(outs[-1]) if return_top1 else None
-    return TokenLogProbs(logps, entropy, is_top1)
+    logps = place(next(outs))
+    optional = [place(next(outs)) if want else None for want in wanted.values()]
+    return TokenLogProbs(logps, *optional)
 
 
 def _place(values: torch.Tensor, positions: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

@@ -632,10 +632,12 @@ def _eval_logged(run: Run, step: int) -> bool:
     return distributed.all_reduce_sum(flag).item() > 0
 
 
-def _resume(run: Run, model, optimizer, scheduler, num_rows: int, steps_per_epoch: int) -> dict:
-    """Load `run.resume_from` into the model, optimizer and schedule; refuse a checkpoint whose data
-    position would not mean the same rows here. Returns its trainer state."""
-    state = checkpoint.load_checkpoint(run, run.resume_from, model, optimizer, scheduler)
+def _resume(
+    run: Run, model, optimizer, scheduler, num_rows: int, steps_per_epoch: int, companions=None
+) -> dict:
+    """Load `run.resume_from` into the model, optimizer, schedule and companions; refuse a checkpoint
+    whose data position would not mean the same rows here. Returns its trainer state."""
+    state = checkpoint.load_checkpoint(run, run.resume_from, model, optimizer, scheduler, companions)
     if state["num_train_rows"] != num_rows:
         raise ValueError(
             f"checkpoint {str(run.resume_from)!r} was trained on {state['num_train_rows']} rows but the train "
@@ -679,12 +681,16 @@ def fit(
     *,
     eval_rows=None,
     eval_fn=None,
+    on_step=None,
+    companions: dict | None = None,
 ) -> dict[str, Any]:
     """Train to the end (resuming if the run says so), then save the final model and tokenizer.
 
     train_rows / eval_rows: tokenized rows (list of dicts or `datasets.Dataset`); collate_fn(list of rows)
     -> batch dict of tensors; loss_fn(model, batch, num_items) -> (loss, metrics), both already divided
     by num_items = Σ count_fn(batch) over the optimizer step's micro-batches on all ranks.
+    on_step(step, model): called after each optimizer step, before its logging, evaluation and checkpoint.
+    companions: name -> module that on_step changes outside the optimizer; checkpointed and resumed too.
     Returns the last step's metrics merged with the last evaluation's.
     """
     config = run.config
@@ -701,7 +707,7 @@ def fit(
     scheduler = build_scheduler(optimizer, config, total_steps)
     step, num_tokens, last_eval_step, state = 0, 0, None, None
     if run.resume_from is not None:
-        state = _resume(run, model, optimizer, scheduler, len(train_rows), steps_per_epoch)
+        state = _resume(run, model, optimizer, scheduler, len(train_rows), steps_per_epoch, companions)
         step, num_tokens = state["global_step"], state["num_tokens"]
         if (config.eval_steps and step % config.eval_steps == 0) or _eval_logged(run, step):
             # evaluated before that checkpoint was written, or (the final checkpoint) after it
@@ -731,6 +737,8 @@ def fit(
             micro_batches = [collate_fn(take_rows(train_rows, idx)) for idx in indices]
             metrics = accumulate(run, model, optimizer, scheduler, micro_batches, loss_fn, count_fn, guard)
             step += 1
+            if on_step is not None:
+                on_step(step, model)
             num_tokens += int(metrics.pop("num_tokens"))
             record = {"epoch": epoch_of(step)}
             for name in ("loss", "learning_rate", "grad_norm"):
@@ -750,7 +758,9 @@ def fit(
                     **_data_position_state(run, len(train_rows), steps_per_epoch, total_steps),
                     **guard.state(),
                 }
-                saved = checkpoint.save_checkpoint(run, model, optimizer, scheduler, trainer_state, tokenizer)
+                saved = checkpoint.save_checkpoint(
+                    run, model, optimizer, scheduler, trainer_state, tokenizer, companions
+                )
                 if guard.stop:
                     raise guard.preempted(step, saved)
         if has_eval and last_eval_step != step:

@@ -1,0 +1,554 @@
+"""Direct preference optimisation and its family: raise log pi(chosen) - log pi(rejected) relative to a reference.
+
+    1. model and tokenizer (the embedded SFT model when none is named); the reference: a frozen copy of the
+       starting model, another model (`ref_model_name_or_path`), or none when every loss is reference-free
+    2. data: load, check the preference format, tokenize prompt / chosen / rejected (`data.preference`), cut
+       prompts to their last max_prompt_length tokens, drop (and count) the rows whose prompt alone fills
+       max_length under keep_start truncation, as TRL 1.16 does
+    3. optionally the reference's log-probs of every pair, once, before training (`precompute_ref_log_probs`);
+       the reference model is then freed
+    4. for each optimizer step: chosen and rejected sequences in ONE forward (a 2B-row batch, chosen first),
+       log-probs of the completion tokens only (`rl.logprobs`), summed per sequence (or LD-DPO's
+       length-desensitised sums) -> the registered preference losses (`losses.preference`) -> step; TR-DPO
+       mixes the policy into the reference every ref_model_sync_steps steps
+
+Metrics (TRL 1.16's names): loss, rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
+logps/chosen, logps/rejected, logits/chosen, logits/rejected (the mean logit over the vocabulary, averaged over
+the completion tokens, from the kernel's running sums: the (N, V) logits are never built), entropy (over
+chosen and rejected completion tokens), mean_token_accuracy (chosen tokens), num_tokens, learning_rate,
+grad_norm; loss/<name> per loss when there are several; eval_ versions on the held-out pairs.
+
+Token means (logits/*, entropy, mean_token_accuracy) are TRL's per micro-batch means; a step with several
+micro-batches logs their pair-weighted mean (TRL: their plain mean; equal with one micro-batch per step).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from posttrain.data import collate, embedded, loading, preference
+from posttrain.losses import preference as preference_losses
+from posttrain.losses import registry
+from posttrain.rl import distributed, loop
+from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
+from posttrain.rl.logprobs import token_logprobs
+from posttrain.rl.models import disable_dropout, load_causal_lm, load_tokenizer
+
+# Defaults that depend on the run. The embedded task starts from the embedded SFT model, which already
+# answers most held-out sums; DPO then trains against one wrong answer per problem.
+EMBEDDED_MODEL_LEARNING_RATE = 1e-4
+PRETRAINED_LEARNING_RATE = 1e-6  # TRL's DPOConfig default
+#                              embedded task     any other data (TRL's defaults)
+RUN_DEFAULTS = {
+    "per_device_train_batch_size": (32, 8),
+    "num_train_epochs": (4.0, 3.0),
+    "warmup_steps": (10, 0),
+    "max_length": (64, 1024),
+}
+TRUNCATION_MODES = ("keep_start", "keep_end")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    # Redeclared with a `None` default: filled from RUN_DEFAULTS, so an explicit value always wins.
+    per_device_train_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Pairs per micro-batch per process; none: 32 on the embedded task, else 8."},
+    )
+    num_train_epochs: float | None = field(
+        default=None,
+        metadata={"help": "Passes over the train set (unless max_steps); none: 4 embedded, else 3."},
+    )
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps of linear warmup from 0; none: 10 embedded, else 0."}
+    )
+    max_length: int | None = field(
+        default=-1,
+        metadata={
+            "help": "Cut each prompt + completion to this many tokens (truncation_mode says which end stays); "
+            "-1: 64 embedded, else 1024; none: no limit."
+        },
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Cut prompts to their last this many tokens before max_length applies; none: no cut."
+        },
+    )
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={
+            "help": "keep_start: keep each sequence's first max_length tokens (rows whose prompt alone fills "
+            "max_length are dropped); keep_end: its last ones."
+        },
+    )
+    beta: float = field(default=0.1, metadata={"help": "Strength of the tie to the reference (DPO's beta)."})
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={
+            "help": "Preference loss(es), several summed with loss_weights (MPO): "
+            + ", ".join(registry.names("preference"))
+            + "."
+        },
+    )
+    loss_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per loss_type; none: all 1."}
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "Label-flip probability of robust / exo_pair / aot / aot_unpaired."},
+    )
+    ld_alpha: float | None = field(
+        default=None,
+        metadata={"help": "LD-DPO: weight in [0, 1] of the longer completion's excess tokens; none: off."},
+    )
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={
+            "help": "f-divergence of the sigmoid family: "
+            + ", ".join(preference_losses.F_DIVERGENCES)
+            + " (reverse_kl is DPO)."
+        },
+    )
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "alpha of alpha_divergence."})
+    use_weighting: bool = field(default=False, metadata={"help": "WPO's per-pair weights."})
+    discopop_tau: float = field(default=0.05, metadata={"help": "Temperature of discopop's mixing."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0."})
+    padding_free: bool = field(
+        default=False, metadata={"help": "Concatenate a batch's sequences into one row without padding."}
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Reference model; none: a frozen copy of the starting model."}
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the reference's log-probs of every pair once before training, then free it."
+        },
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Pairs per batch of that precomputation; none: per_device_train_batch_size."},
+    )
+    sync_ref_model: bool = field(
+        default=False,
+        metadata={
+            "help": "TR-DPO: every ref_model_sync_steps steps, ref <- alpha * policy + (1 - alpha) * ref."
+        },
+    )
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO's alpha."})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO's tau, in optimizer steps."})
+
+    def __post_init__(self):
+        if isinstance(self.loss_type, str):  # one name, or names separated by commas (as on the command line)
+            self.loss_type = [name.strip() for name in self.loss_type.split(",") if name.strip()]
+        fill_run_defaults(
+            self,
+            RUN_DEFAULTS,
+            embedded_learning_rate=EMBEDDED_MODEL_LEARNING_RATE,
+            pretrained_learning_rate=PRETRAINED_LEARNING_RATE,
+        )
+        super().__post_init__()
+        self._check_losses()
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2 (or none), got {self.max_length}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ConfigError(f"max_prompt_length must be >= 1 (or none), got {self.max_prompt_length}")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ConfigError(
+                f"truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, got {self.truncation_mode!r}"
+            )
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
+            raise ConfigError(f"precompute_ref_batch_size must be >= 1, got {self.precompute_ref_batch_size}")
+        if self.sync_ref_model:
+            if self.precompute_ref_log_probs:
+                raise ConfigError(
+                    "sync_ref_model=true moves the reference during training, so precomputed reference "
+                    "log-probs would go stale: turn one of them off"
+                )
+            if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
+                raise ConfigError(
+                    f"ref_model_mixup_alpha must lie in [0, 1], got {self.ref_model_mixup_alpha}"
+                )
+            if self.ref_model_sync_steps < 1:
+                raise ConfigError(f"ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
+
+    def _check_losses(self) -> None:
+        """Every option a loss reads is checked here, at start-up, rather than at the first step."""
+        valid = registry.names("preference")
+        if not self.loss_type:
+            raise ConfigError(f"loss_type is empty; expected one or more of {valid}")
+        for name in self.loss_type:
+            if name not in valid:
+                raise ConfigError(f"loss_type {name!r} is not a preference loss; expected one of {valid}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ConfigError(
+                f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss_type "
+                f"{self.loss_type}: give one weight per loss"
+            )
+        if "robust" in self.loss_type and not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must lie in [0, 0.5) for robust, got {self.label_smoothing}")
+        if "exo_pair" in self.loss_type and not 0.0 < self.label_smoothing < 1.0:
+            raise ConfigError(
+                f"label_smoothing must lie in (0, 1) for exo_pair (the paper suggests 1e-3), got "
+                f"{self.label_smoothing}"
+            )
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ConfigError(f"ld_alpha must lie in [0, 1] (or none), got {self.ld_alpha}")
+        for name in self.loss_type:
+            fn = registry.get("preference", name)
+            try:
+                preference_losses.check_f_divergence(name, fn, self.f_divergence_type)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            if self.use_weighting and getattr(fn, "sorts_pairs", False):
+                raise ConfigError(f"use_weighting does not apply to loss_type {name!r}: it sorts the pairs")
+
+    def loss_options(self) -> dict:
+        """The hyperparameters the registered losses may read, by the names their signatures use."""
+        return {
+            "label_smoothing": self.label_smoothing,
+            "f_divergence_type": self.f_divergence_type,
+            "f_alpha_divergence_coef": self.f_alpha_divergence_coef,
+            "discopop_tau": self.discopop_tau,
+        }
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(preference_losses.needs_reference(registry.get("preference", n)) for n in self.loss_type)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_preference_data(config: DPOConfig, tokenizer):
+    """Tokenized train and eval pairs (eval may be None) and the dropped-pair counts."""
+    if config.dataset_name is None:
+        train, evaluation = embedded.dataset("preference", "train"), embedded.dataset("preference", "test")
+    else:
+        train, evaluation = loading.load_splits(
+            config.dataset_name,
+            name=config.dataset_config,
+            train_split=config.dataset_train_split,
+            eval_split=config.dataset_test_split,
+            require_eval=config.dataset_test_split != "test" or bool(config.eval_steps),
+        )
+    out, info = [], {}
+    for split, dataset in (("train", train), ("eval", evaluation)):
+        if dataset is None:
+            out.append(None)
+            continue
+        rows, counts = preference.tokenize_preference(dataset, tokenizer, command="dpo", keep_columns=())
+        rows = cut_prompts(rows, config.max_prompt_length)
+        rows, counts["dropped_prompt_fills_max_length"] = drop_filled_prompts(
+            rows, config.max_length, config.truncation_mode
+        )
+        out.append(rows)
+        info[split] = counts
+    return out[0], out[1], info
+
+
+def cut_prompts(rows, max_prompt_length: int | None):
+    """Each prompt cut to its last `max_prompt_length` tokens (the end, which the answer follows, stays)."""
+    if max_prompt_length is None:
+        return rows
+    return rows.map(
+        lambda ids: {"prompt_ids": ids[-max_prompt_length:]},
+        input_columns="prompt_ids",
+        desc="Cutting prompts to max_prompt_length",
+    )
+
+
+def drop_filled_prompts(rows, max_length: int | None, truncation_mode: str):
+    """Under keep_start, drop the rows whose prompt alone has max_length tokens or more: truncation would
+    leave them no completion token (TRL drops them too). Returns (rows, number dropped); raises if none is left."""
+    if max_length is None or truncation_mode != "keep_start":
+        return rows, 0
+    lengths = rows.with_format("arrow")["prompt_ids"].combine_chunks().value_lengths().to_numpy()
+    keep = lengths < max_length
+    if not keep.any():
+        raise ValueError(
+            f"every prompt has max_length={max_length} tokens or more, so no completion token would be left: "
+            "raise max_length, set max_prompt_length, or use truncation_mode=keep_end"
+        )
+    dropped = int((~keep).sum())
+    return (rows.select(keep.nonzero()[0]) if dropped else rows), dropped
+
+
+def collate_pairs(
+    rows, pad_token_id: int, *, max_length: int | None = None, truncation_mode: str = "keep_start",
+    padding_free: bool = False,
+) -> dict:  # fmt: skip
+    """B pairs -> one batch of 2B sequences, the chosen ones first, each cut to max_length tokens.
+
+    Padded (default): input_ids, attention_mask, completion_mask, position_ids (2B, T), right-padded.
+    padding_free: input_ids, completion_mask, position_ids (1, total tokens), plus sequence_index and
+    sequence_position (1, total) mapping each token to its (sequence, position) in the padded layout, and
+    sequence_shape (2B, T) (a tuple). Either way, ref_chosen_logps / ref_rejected_logps (B,) float32 when
+    the rows carry precomputed reference log-probs.
+    """
+    if not rows:
+        raise ValueError("cannot collate an empty list of pairs")
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    cut = slice(None)
+    if max_length is not None:
+        cut = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
+    sequences = []
+    for side in ("chosen_ids", "rejected_ids"):
+        for r in rows:
+            ids = r["prompt_ids"] + r[side]
+            mask = [0] * len(r["prompt_ids"]) + [1] * len(r[side])
+            sequences.append({"input_ids": ids[cut], "completion_mask": mask[cut]})
+    if padding_free:
+        batch = collate.padding_free_collate(sequences)
+        lengths = torch.tensor([len(s["input_ids"]) for s in sequences])
+        batch["sequence_index"] = torch.repeat_interleave(torch.arange(len(sequences)), lengths)[None]
+        batch["sequence_position"] = batch["position_ids"].clone()
+        batch["sequence_shape"] = (len(sequences), int(lengths.max()))
+    else:
+        batch = collate.pad_collate(sequences, pad_token_id)
+    if "ref_chosen_logps" in rows[0]:
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            batch[key] = torch.tensor([float(r[key]) for r in rows], dtype=torch.float32)
+    return batch
+
+
+def count_pairs(batch) -> int:
+    """Pairs in a batch: the unit the preference losses are averaged over."""
+    if "sequence_shape" in batch:
+        return batch["sequence_shape"][0] // 2
+    return batch["input_ids"].shape[0] // 2
+
+
+def _by_sequence(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-token values in the batch's layout -> (2B, T), one row per sequence (padding-free batches are
+    unpacked; differentiable)."""
+    if "sequence_index" not in batch:
+        return values
+    rows = values.new_zeros(batch["sequence_shape"])
+    return rows.index_put((batch["sequence_index"][0], batch["sequence_position"][0]), values[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, ld_alpha: float | None):
+    """Per-token log-probs and completion mask (2B, T), chosen rows first -> (chosen, rejected) (B,) each:
+    plain sums, or LD-DPO's length-desensitised sums when ld_alpha is set."""
+    if ld_alpha is None:
+        return (token_logps * mask).sum(1).chunk(2)
+    chosen, rejected = token_logps.chunk(2)
+    chosen_mask, rejected_mask = mask.chunk(2)
+    return preference_losses.ld_logps(chosen, rejected, chosen_mask, rejected_mask, ld_alpha)
+
+
+@torch.no_grad()
+def reference_logps(ref_model, batch: dict, ld_alpha: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's (chosen, rejected) sequence log-probs (B,) each, for a batch from `collate_pairs`."""
+    out = token_logprobs(ref_model, batch)
+    mask = _by_sequence(batch["completion_mask"], batch).float()
+    return sequence_logps(_by_sequence(out.logps, batch), mask, ld_alpha)
+
+
+def dpo_step_loss(model, batch, num_items, *, config: DPOConfig, ref_model=None):
+    """One micro-batch's share of the step's loss, and its metrics.
+
+    batch: from `collate_pairs` (2B sequences, chosen first) [+ ref_chosen_logps, ref_rejected_logps (B,)];
+    num_items: pairs in the whole optimizer step; ref_model: the live reference (None when the batch
+    carries precomputed reference log-probs, or no loss needs one). Returns (loss, metrics): scalars, each
+    a sum over this micro-batch's pairs divided by num_items (see the module docstring for the names).
+    """
+    out = token_logprobs(
+        model, batch, return_entropy=True, return_top1=True, return_mean_logit=True,
+        return_log_sum_sq=config.use_weighting,
+    )  # fmt: skip
+    mask = _by_sequence(batch["completion_mask"], batch).float()  # (2B, T)
+    token = _by_sequence(out.logps, batch)
+    chosen, rejected = sequence_logps(token, mask, config.ld_alpha)
+    pairs = chosen.shape[0]
+
+    ref_chosen = ref_rejected = None
+    if config.needs_reference:
+        if "ref_chosen_logps" in batch:
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        elif ref_model is not None:
+            ref_chosen, ref_rejected = reference_logps(ref_model, batch, config.ld_alpha)
+        else:
+            raise ValueError(
+                f"loss_type {config.loss_type} needs reference log-probs, but the batch carries none "
+                "(precompute_ref_log_probs) and there is no reference model"
+            )
+
+    pair_weights = None
+    if config.use_weighting:
+        weights = preference_losses.wpo_weights(token, _by_sequence(out.log_sum_sq, batch), mask)
+        pair_weights = weights[:pairs] * weights[pairs:]
+    lengths = mask.sum(1)
+    loss, metrics = preference_losses.preference_loss(
+        config.loss_type,
+        chosen,
+        rejected,
+        ref_chosen,
+        ref_rejected,
+        beta=config.beta,
+        loss_weights=config.loss_weights,
+        pair_weights=pair_weights,
+        num_pairs=num_items,
+        chosen_lengths=lengths[:pairs],
+        rejected_lengths=lengths[pairs:],
+        chosen_token_logps=token[:pairs],
+        chosen_mask=mask[:pairs],
+        **config.loss_options(),
+    )
+    metrics.update(_token_metrics(out, batch, mask, pairs / num_items))
+    return loss, metrics
+
+
+@torch.no_grad()
+def _token_metrics(out, batch: dict, mask: torch.Tensor, share) -> dict:
+    """This micro-batch's token means (TRL's), weighted by its share of the step's pairs."""
+    chosen_mask, rejected_mask = mask.chunk(2)
+
+    def mean(values, m):
+        return (values * m).sum() / m.sum().clamp(min=1) * share
+
+    mean_logit = _by_sequence(out.mean_logit, batch)
+    chosen_logit, rejected_logit = mean_logit.chunk(2)
+    return {
+        "logits/chosen": mean(chosen_logit, chosen_mask),
+        "logits/rejected": mean(rejected_logit, rejected_mask),
+        "entropy": mean(_by_sequence(out.entropy.detach(), batch), mask),
+        "mean_token_accuracy": mean(_by_sequence(out.is_top1, batch).chunk(2)[0].float(), chosen_mask),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The reference model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_reference(config: DPOConfig, policy, device):
+    """The frozen reference: `ref_model_name_or_path`, or a copy of the policy as it starts; None when no
+    loss needs one."""
+    if not config.needs_reference:
+        return None
+    if config.ref_model_name_or_path is not None:
+        ref = load_causal_lm(config.ref_model_name_or_path, dtype=next(policy.parameters()).dtype)
+        if config.disable_dropout:
+            disable_dropout(ref)
+    else:
+        ref = copy.deepcopy(policy)
+    ref.eval().requires_grad_(False)
+    return ref.to(device)
+
+
+def precompute_reference(rows, ref_model, collate_fn, *, batch_size: int, device, ld_alpha):
+    """rows with two float32 columns added, ref_chosen_logps and ref_rejected_logps: the reference's
+    sequence log-probs of each pair, computed in batches of `batch_size` pairs. Every rank computes all
+    rows (the reference forward is the cheap half of a step, and the rows then stay identical across ranks)."""
+    chosen, rejected = [], []
+    for start in range(0, len(rows), batch_size):
+        batch = loop.to_device(collate_fn(loop.take_rows(rows, list(range(start, min(start + batch_size, len(rows)))))), device)  # fmt: skip
+        c, r = reference_logps(ref_model, batch, ld_alpha)
+        chosen.append(c.float().cpu())
+        rejected.append(r.float().cpu())
+    chosen, rejected = torch.cat(chosen).tolist(), torch.cat(rejected).tolist()
+    return rows.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+
+@torch.no_grad()
+def mix_into_reference(policy, ref_model, alpha: float) -> None:
+    """TR-DPO's soft update (Gorbatovski et al. 2024, arXiv:2404.09656): ref <- alpha * policy + (1 - alpha) * ref."""
+    for p_ref, p in zip(ref_model.parameters(), distributed.unwrap(policy).parameters(), strict=True):
+        p_ref.mul_(1.0 - alpha).add_(p.detach().to(p_ref.dtype), alpha=alpha)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _starting_model(config: DPOConfig, log) -> str | None:
+    if config.model_name_or_path is not None:
+        return config.model_name_or_path
+    from posttrain.rl.sft import embedded_sft_model
+
+    return embedded_sft_model(log=log)
+
+
+def train(config: DPOConfig):
+    """Run DPO to the end; returns the run (its output_dir holds metrics.jsonl, checkpoints, the model)."""
+    # Data first: a bad dataset or option stops here, before the run folder is written.
+    tokenizer = load_tokenizer(config.model_name_or_path)
+    train_rows, eval_rows, info = load_preference_data(config, tokenizer)
+    loop.plan_steps(len(train_rows), config, distributed.env_world()[1])  # too few rows: stop here
+    if config.ref_model_name_or_path is not None:
+        load_tokenizer(config.ref_model_name_or_path)  # a missing reference stops here too
+    run = loop.start(config, command="dpo")
+    run.log_info({f"{split}_{key}": value for split, counts in info.items() for key, value in counts.items()})
+    model = load_causal_lm(_starting_model(config, log=run.log_info), seed=config.seed)
+    if config.disable_dropout:
+        disable_dropout(model)
+    ref = load_reference(config, model, run.device)
+
+    collate_fn = collate.for_attention(
+        functools.partial(
+            collate_pairs,
+            pad_token_id=tokenizer.pad_token_id,
+            max_length=config.max_length,
+            truncation_mode=config.truncation_mode,
+            padding_free=config.padding_free,
+        ),
+        model.config._attn_implementation,
+    )
+    if config.precompute_ref_log_probs and ref is not None:
+        ref = ref.to(run.device)
+        size = config.precompute_ref_batch_size or config.per_device_train_batch_size
+        precompute = functools.partial(
+            precompute_reference, ref_model=ref, collate_fn=collate_fn, batch_size=size, device=run.device,
+            ld_alpha=config.ld_alpha,
+        )  # fmt: skip
+        train_rows = precompute(train_rows)
+        eval_rows = precompute(eval_rows) if eval_rows is not None else None
+        ref = None  # freed: the rows carry what the loss reads
+
+    on_step = None
+    if config.sync_ref_model and ref is not None:
+
+        def on_step(step, policy):
+            if step % config.ref_model_sync_steps == 0:
+                mix_into_reference(policy, ref, config.ref_model_mixup_alpha)
+
+    eval_fn = None
+    if config.dataset_name is None:
+        # The embedded task has checkable answers: report held-out exact-match accuracy too, and where the
+        # starting model stands, so the log shows what DPO added.
+        eval_fn = functools.partial(embedded.exact_match, tokenizer=tokenizer, split="test")
+        if run.resume_from is None:
+            start = loop.evaluate(run, model.to(run.device), None, collate_fn, None, None, eval_fn)
+            run.log_info({f"start_{k}": v for k, v in start.items()})
+    loop.fit(
+        run,
+        model,
+        tokenizer,
+        train_rows,
+        collate_fn,
+        functools.partial(dpo_step_loss, config=config, ref_model=ref),
+        count_fn=count_pairs,
+        eval_rows=eval_rows,
+        eval_fn=eval_fn,
+        on_step=on_step,
+        companions={"ref_model": ref} if on_step is not None else None,
+    )
+    return run
