@@ -33,7 +33,7 @@ completion token); the precomputed one adds nothing.
 
 Agreement: both sides start from the same weights and see the same pairs in the same order, so their per-step
 losses must agree. At lr 1e-6 the loss stays within ~1e-5 of ln 2 over the run, and a pair's log-ratio is
-the difference of two sums of ~-500 (each rounded to ~3e-5 in float32), so the line can show that both sides
+the difference of two sums of ~-660 (float32 spacing 6e-5 there), so the line can show that both sides
 compute the same loss to float32 rounding, not how far their weights drift apart.
 
 Columns: see benchmarks/README.md.
