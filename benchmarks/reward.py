@@ -20,6 +20,16 @@ Floor: a reward model needs no logits, so the floor is the backbone's matmuls ov
 and attention, `common.step_flops`) plus the score head, 6 * H * 2B*T (the model applies its (1, H) head at
 every position and keeps the last; it is < 0.1% of the work either way).
 
+Memory floor (`memory_floor`, printed under the table in peak MiB's unit: besides the model): any exact
+AdamW step holds the gradients and the two moments together, 3 x the weights' bytes; a step that does not
+recompute activations also holds the moments and every activation the forward saves for the backward when
+the backward starts. On this shape that second floor is 299 MiB (93 of moments, 206 of activations), 0.67 x
+TRL's peak (444 MiB in a full run): the issue's target, 0.6 x, cannot be met by an exact step of this model
+without gradient checkpointing, which would cost time on both sides alike. Both sides peak ~145 MiB above
+the floor (ours 447): the forward's temporaries (~55 MiB) and, in the backward, the gradients as they are
+built and the backward's own temporaries; handing freed memory back to the system after every step
+(malloc_trim) did not lower the peak, which falls inside a step.
+
 Columns: see benchmarks/README.md.
 """
 
@@ -104,6 +114,8 @@ def run_ours(args) -> dict:
         common.reset_peak_rss()
         times = common.time_steps(step, args.steps, args.warmup)
         result = {"times": times, "peak_mib": common.peak_rss_mib() - rss_before}
+        # after the peak is read: the measuring forward allocates activations of its own
+        result["memory_floor"] = memory_floor(model, reward.collate_pairs(pairs[:BATCH], pad_token_id=0))
         loop.finish(run)
     return {**result, "losses": losses}
 
@@ -190,6 +202,39 @@ def floor(config) -> dict:
     return {**out, "flops": flops, "floor_s": sum(flops.values()) / out["body_rate"]}
 
 
+def memory_floor(model, batch) -> dict:
+    """What an exact fp32 step must hold besides the model, in MiB (the unit of the table's peak MiB,
+    which leaves out the model and the process baseline: both are resident before the steps).
+
+    grads_moments: the gradients and AdamW's two moments, 3 x the parameters' bytes, alive together at
+    the optimizer step in any implementation. no_recompute: the two moments plus the activations the
+    model's forward saves for its backward (autograd's saved tensors, each storage once, the parameters
+    left out), alive together when the backward starts: the floor of any step of this model (transformers'
+    Qwen2 code) that does not recompute activations, as neither side does here (no gradient checkpointing).
+    """
+    from posttrain.rl import reward
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        reward.reward_step_loss(model, batch, torch.tensor(1))  # forward only: nothing is stepped
+    param_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    activation_mib = sum(saved.values()) / 2**20
+    return {
+        "params_mib": param_mib,
+        "activations_mib": activation_mib,
+        "grads_moments_mib": 3 * param_mib,
+        "no_recompute_mib": 2 * param_mib + activation_mib,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
@@ -216,6 +261,7 @@ def main():
             results[side]["floors"].append(result["floor"])
             results[side]["peak_mib"] = max(results[side]["peak_mib"], result["peak_mib"])
             results[side]["losses"] = result["losses"]
+            results[side]["memory_floor"] = result.get("memory_floor")
     for r in results.values():
         r["floor_s"] = common.median([f["floor_s"] for f in r["floors"]])
 
@@ -233,6 +279,14 @@ def main():
         f"TRL {results['trl']['floor_s']:.3f} s"
     )
     common.print_comparison(results)
+    m, trl_peak = results["ours"]["memory_floor"], results["trl"]["peak_mib"]
+    print(
+        f"memory floor besides the model ({m['params_mib']:.0f} MiB of weights): gradients + 2 AdamW moments "
+        f"{m['grads_moments_mib']:.0f} MiB in any exact step; without recomputing activations, 2 moments "
+        f"{2 * m['params_mib']:.0f} + the activations the forward saves {m['activations_mib']:.0f} = "
+        f"{m['no_recompute_mib']:.0f} MiB ({m['no_recompute_mib'] / trl_peak:.2f} x TRL's peak; the target "
+        f"0.6 x is {0.6 * trl_peak:.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ TRITON_INTERPRET must be set before triton is first imported anywhere in the pro
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -15,3 +16,14 @@ if not torch.cuda.is_available():
 # than with 1 while other processes ran). Subprocesses the tests start inherit the same setting.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def posttrain_cache(tmp_path_factory):
+    """POSTTRAIN_CACHE in a temporary folder for the whole session (subprocesses inherit it): tests never
+    touch ~/.cache, and the embedded SFT model that `posttrain rm` starts from when no model is named
+    (`sft.embedded_sft_model`) is trained at most once per session, by the first test that needs it."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("posttrain-cache")
+        patch.setenv("POSTTRAIN_CACHE", str(path))
+        yield path

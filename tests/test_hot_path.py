@@ -71,7 +71,7 @@ def test_token_logprobs_ignores_the_first_column_of_a_mask():
     every = dict(return_entropy=True, return_top1=True, return_mean_logit=True, return_log_sum_sq=True)
     ours = lp.token_logprobs(model, batch, **every)
     first_marked = lp.token_logprobs(model, batch, mask=marked, **every)
-    for a, b in zip(ours, first_marked, strict=True):
+    for a, b in zip(ours[:-1], first_marked[:-1], strict=True):  # all but aux_loss (not a MoE model)
         assert torch.equal(a, b)
     # and row by row, each row alone gives the same values (the flat positions do not mix rows)
     for r in range(3):

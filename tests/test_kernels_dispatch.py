@@ -130,6 +130,8 @@ def _on(device, monkeypatch):
 # its logits tiles to the 16-bit dtype (as the model's lm_head would), so its 16-bit results sit ~ulp(|z|) from
 # the float64 reference. The tight numerics are in test_kernels_logits.py and test_kernels_hidden.py; here a
 # wrong implementation or a lost gradient must fail.
+# Every output but is_top1 (tested in the kernel files), through the entry points' arguments
+FLAGS = dict(return_entropy=True, return_mean_logit=True, return_log_sum_sq=True)
 TOL = {
     "logits": {F64: (1e-10, 1e-10), F32: (4e-6, 1e-6), BF16: (4e-6, 1e-2), F16: (4e-6, 1e-3)},
     "hidden": {F64: (1e-10, 1e-10), F32: (4e-6, 1e-6), BF16: (4e-2, 2.5e-2), F16: (3e-3, 3e-3)},
@@ -150,16 +152,21 @@ def test_logits_entry_point(device, dtype, requires_grad, monkeypatch):
     logits = (torch.randn(5, 37, generator=gen) * 2).to(dtype)
     index = torch.randint(0, 37, (5,), generator=gen)
     x = logits.to(dev, copy=True).requires_grad_(requires_grad)
-    logps, entropy = kernels.logprobs_from_logits(x, index.to(dev), temperature=0.7, return_entropy=True)
+    logps, entropy, mean_logit, log_sum_sq = kernels.logprobs_from_logits(
+        x, index.to(dev), temperature=0.7, **FLAGS
+    )
     assert calls == [DEFAULT[device, dtype]]
 
     ref_x = logits.double().requires_grad_()
-    ref_logps, ref_entropy = L.reference_logprobs_from_logits(
-        ref_x, index, temperature=0.7, return_entropy=True
+    ref_logps, ref_entropy, ref_mean_logit, ref_log_sum_sq = L.reference_logprobs_from_logits(
+        ref_x, index, temperature=0.7, **FLAGS
     )
     atol, gtol = TOL["logits"][dtype]
     torch.testing.assert_close(logps.cpu().double(), ref_logps.detach(), atol=atol, rtol=0)
     torch.testing.assert_close(entropy.cpu().double(), ref_entropy.detach(), atol=atol, rtol=0)
+    torch.testing.assert_close(mean_logit.cpu().double(), ref_mean_logit.detach(), atol=atol, rtol=0)
+    torch.testing.assert_close(log_sum_sq.cpu().double(), ref_log_sum_sq.detach(), atol=atol, rtol=0)
+    assert not mean_logit.requires_grad and not log_sum_sq.requires_grad
     assert logps.requires_grad == entropy.requires_grad == requires_grad
     if requires_grad:
         (logps.sum() + entropy.sum()).backward()
@@ -184,16 +191,21 @@ def test_hidden_entry_point(device, dtype, requires_grad, monkeypatch):
     index = torch.randint(0, 37, (5,), generator=gen)
     h = hidden.to(dev, copy=True).requires_grad_(requires_grad)
     w = weight.to(dev, copy=True).requires_grad_(requires_grad)
-    logps, entropy = kernels.logprobs_from_hidden(h, w, index.to(dev), temperature=0.7, return_entropy=True)
+    logps, entropy, mean_logit, log_sum_sq = kernels.logprobs_from_hidden(
+        h, w, index.to(dev), temperature=0.7, **FLAGS
+    )
     assert calls == [DEFAULT[device, dtype]]
 
     ref_h, ref_w = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    ref_logps, ref_entropy = HK.reference_logprobs_from_hidden(
-        ref_h, ref_w, index, temperature=0.7, return_entropy=True
+    ref_logps, ref_entropy, ref_mean_logit, ref_log_sum_sq = HK.reference_logprobs_from_hidden(
+        ref_h, ref_w, index, temperature=0.7, **FLAGS
     )
     atol, gtol = TOL["hidden"][dtype]
     torch.testing.assert_close(logps.cpu().double(), ref_logps.detach(), atol=atol, rtol=0)
     torch.testing.assert_close(entropy.cpu().double(), ref_entropy.detach(), atol=atol, rtol=0)
+    torch.testing.assert_close(mean_logit.cpu().double(), ref_mean_logit.detach(), atol=atol, rtol=0)
+    torch.testing.assert_close(log_sum_sq.cpu().double(), ref_log_sum_sq.detach(), atol=atol, rtol=0)
+    assert not mean_logit.requires_grad and not log_sum_sq.requires_grad
     assert logps.requires_grad == entropy.requires_grad == requires_grad
     if requires_grad:
         (logps.sum() + entropy.sum()).backward()

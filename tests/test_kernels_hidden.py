@@ -7,6 +7,7 @@ interpreter is slow.
 """
 
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -67,10 +68,20 @@ class _RoundGrad(torch.autograd.Function):
 
 
 def plain_reference(
-    hidden, weight, index, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None, dtype=torch.float64
+    hidden,
+    weight,
+    index,
+    *,
+    bias=None,
+    temperature=1.0,
+    logit_scale=1.0,
+    softcap=None,
+    dtype=torch.float64,
+    metrics=False,
 ):
     """float64 log-softmax of the logits built explicitly, written independently of the package's reference:
-    hidden (N, H), weight (V, H), bias (V,) float64 -> logps (N,), entropy (N,), differentiable.
+    hidden (N, H), weight (V, H), bias (V,) float64 -> logps (N,), entropy (N,), differentiable [, with metrics
+    mean_logit (N,) = mean_v z_v and log_sum_sq (N,) = log sum_v p_v^2, z the tempered logits, p = softmax(z)].
 
     dtype bfloat16/float16 (the values of hidden, weight, bias must be that dtype's): the logits are what a 16-bit
     lm_head computes (F.linear in that dtype, rounded once) and their gradient is rounded to that dtype before it
@@ -89,7 +100,9 @@ def plain_reference(
     logps = z[torch.arange(len(index)), index] - lse
     p = torch.softmax(z, dim=-1)
     entropy = lse - (p * z).sum(-1)
-    return logps, entropy
+    if not metrics:
+        return logps, entropy
+    return logps, entropy, z.sum(-1) / z.shape[-1], torch.log((p * p).sum(-1))
 
 
 # Max abs error allowed on (logps, entropy) and the relative (to max |ref|) error on gradients, per dtype, against
@@ -157,6 +170,14 @@ def _errors(out, ref, params, ref_params, *, rtol=0.0, seed=1):
     return errs
 
 
+def _check_metrics(out, ref, dtype, *, tol=None):
+    """(mean_logit, log_sum_sq) against float64 values: float32, no gradient, within TOL's atol and rtol."""
+    atol, rtol, _ = tol or TOL[dtype]
+    for name, got, want in zip(("mean_logit", "log_sum_sq"), out, ref, strict=True):
+        assert got.dtype == torch.float32 and not got.requires_grad, name
+        torch.testing.assert_close(got.double(), want.detach(), atol=atol, rtol=max(rtol, 1e-6), msg=name)
+
+
 def _check(out, ref, params, ref_params, dtype, *, seed=1, gtol=None, tol=None):
     """Compare (logps, entropy) values, then gradients of a random combination of both; tol (atol, rtol, gtol)
     defaults to TOL[dtype], gtol overrides its last entry."""
@@ -193,10 +214,12 @@ def test_values_and_grads_match_float64_reference(backend, dtype, H, opts):
     ref_params = [p.detach().double().requires_grad_() for p in params]
     rh, rw = ref_params[:2]
     rb = ref_params[2] if bias else None
-    out = _fn(backend)(hidden, weight, index, bias=b, return_entropy=True, **opts)
+    metrics = dict(return_mean_logit=True, return_log_sum_sq=True)
+    out = _fn(backend)(hidden, weight, index, bias=b, return_entropy=True, **metrics, **opts)
     ref_dtype, tol = _reference_mode(backend, dtype)
-    ref = plain_reference(rh, rw, index, bias=rb, dtype=ref_dtype, **opts)
-    _check(out, ref, params, ref_params, dtype, tol=tol)
+    ref = plain_reference(rh, rw, index, bias=rb, dtype=ref_dtype, metrics=True, **opts)
+    _check_metrics(out[2:], ref[2:], dtype, tol=tol)
+    _check(out[:2], ref[:2], params, ref_params, dtype, tol=tol)
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -230,20 +253,107 @@ def test_entropy_only_gradient(backend):
 
 
 @pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize(
+    "opts", [dict(temperature=0.7), dict(softcap=2.0, logit_scale=1.5)], ids=["plain", "softcap"]
+)
+def test_metrics_carry_no_gradient_and_leave_everything_else_unchanged(backend, opts):
+    """mean_logit and log_sum_sq come last, in that order, without gradient; asking for them changes no other output
+    and no gradient, bit for bit."""
+    hidden, weight, b, index = _inputs(5, 70, 16, torch.float32, bias=True, seed=14)
+    mask = torch.tensor([True, True, False, True, True])
+    every = dict(return_entropy=True, return_top1=True)
+
+    def run(**metrics):
+        params = [p.detach().clone().requires_grad_() for p in (hidden, weight, b)]
+        out = _fn(backend)(*params[:2], index, bias=params[2], mask=mask, **every, **metrics, **opts)
+        w = torch.randn(2, 5, generator=torch.Generator().manual_seed(2))
+        (out[0] * w[0] + out[1] * w[1]).sum().backward()
+        return out, [p.grad for p in params]
+
+    plain, plain_grads = run()
+    out, grads = run(return_mean_logit=True, return_log_sum_sq=True)
+    assert len(out) == 5
+    for x, y in zip((*plain, *plain_grads), (*out[:3], *grads), strict=True):
+        assert torch.equal(x, y)
+    _, mean_logit = _fn(backend)(hidden, weight, index, bias=b, mask=mask, return_mean_logit=True, **opts)
+    _, log_sum_sq = _fn(backend)(hidden, weight, index, bias=b, mask=mask, return_log_sum_sq=True, **opts)
+    assert torch.equal(out[3], mean_logit) and torch.equal(out[4], log_sum_sq)
+    assert not torch.equal(mean_logit, log_sum_sq)  # the order check above can tell them apart
+    assert not mean_logit.requires_grad and not log_sum_sq.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        (mean_logit.sum() + log_sum_sq.sum()).backward()
+
+
+class _OpCounts(TorchDispatchMode):
+    """Counts the aten ops run inside it, by name (bmm, sum, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_torch_fold_does_the_metrics_work_only_when_asked():
+    # 2 row tiles x 3 vocabulary tiles = 6 folds. Per fold: sum u for mean_logit, e squared in place and summed for
+    # log_sum_sq, besides the sum of e for s and the bmm of the entropy's t; nothing of theirs when not asked
+    hidden, weight, _, index = _inputs(4, 40, 8, torch.float32, bias=False, seed=15)
+
+    def ops(**flags):
+        with torch.no_grad(), _OpCounts() as mode:
+            logprobs_from_hidden_torch(hidden, weight, index, rows_per_tile=2, vocab_per_tile=16, **flags)
+        return mode.counts
+
+    for entropy in (False, True):
+        plain = ops(return_entropy=entropy)
+        assert plain["sum"] == 6 and plain["pow_"] == 0 and plain["bmm"] == (6 if entropy else 0)
+        assert ops(return_entropy=entropy, return_mean_logit=True)["sum"] == 12
+        both = ops(return_entropy=entropy, return_mean_logit=True, return_log_sum_sq=True)
+        # square_ dispatches as pow_ (and alpha.square() as pow)
+        assert both["sum"] == 18 and both["pow_"] == 6 and both["bmm"] == plain["bmm"]
+
+
+@needs_triton
+def test_triton_fold_compiles_the_metrics_in_only_when_asked(monkeypatch):
+    # the flags are constexprs: a fold launched without the metrics is specialised with their code removed
+    launches = []
+    forward, backward = K._kernels()
+
+    class Record:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((kwargs["WANT_MEAN_LOGIT"], kwargs["WANT_LOG_SUM_SQ"]))
+                return forward[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(K, "_kernels", lambda: (Record(), backward))
+    hidden, weight, _, index = _inputs(2, 40, 8, torch.float32, bias=False, seed=16)
+    for flags in ((False, False), (True, False), (False, True)):
+        launches.clear()
+        _triton_on_device(hidden, weight, index, return_mean_logit=flags[0], return_log_sum_sq=flags[1])
+        assert launches == [flags]  # one row tile, one vocabulary tile (48 wide)
+
+
+@pytest.mark.parametrize("backend", _backends())
 def test_masked_rows_are_zero_and_get_no_gradient(backend):
     hidden, weight, b, index = _inputs(6, 37, 16, torch.float32, bias=True, seed=5)
     index[1] = 10_000  # out of range, but masked: must be ignored
     mask = torch.tensor([True, False, True, True, False, True])
-    logps, entropy, is_top1 = _fn(backend)(
-        hidden, weight, index, bias=b, mask=mask, return_entropy=True, return_top1=True
+    every = dict(return_entropy=True, return_top1=True, return_mean_logit=True, return_log_sum_sq=True)
+    logps, entropy, is_top1, mean_logit, log_sum_sq = _fn(backend)(
+        hidden, weight, index, bias=b, mask=mask, **every
     )
     safe = index.clamp(max=36)
     ref = reference_logprobs_from_hidden(
-        hidden.detach(), weight.detach(), safe, bias=b.detach(), mask=mask, return_entropy=True
+        hidden.detach(), weight.detach(), safe, bias=b.detach(), mask=mask, **every
     )
-    torch.testing.assert_close(logps.double(), ref[0], atol=2e-5, rtol=0)
-    torch.testing.assert_close(entropy.double(), ref[1], atol=2e-5, rtol=0)
+    for i, got in ((0, logps), (1, entropy), (3, mean_logit), (4, log_sum_sq)):
+        torch.testing.assert_close(got.double(), ref[i], atol=2e-5, rtol=0)
     assert logps[~mask].eq(0).all() and entropy[~mask].eq(0).all() and not is_top1[~mask].any()
+    assert mean_logit[~mask].eq(0).all() and log_sum_sq[~mask].eq(0).all()
     (logps.sum() + entropy.sum()).backward()
     assert hidden.grad[~mask].eq(0).all()
     assert hidden.grad[mask].abs().sum() > 0
@@ -251,8 +361,10 @@ def test_masked_rows_are_zero_and_get_no_gradient(backend):
     # all rows masked: zeros, zero gradient, no error
     hidden.grad = None
     none = torch.zeros(6, dtype=torch.bool)
-    logps = _fn(backend)(hidden, weight, index, bias=b, mask=none)
-    assert logps.eq(0).all()
+    logps, mean_logit, log_sum_sq = _fn(backend)(
+        hidden, weight, index, bias=b, mask=none, return_mean_logit=True, return_log_sum_sq=True
+    )
+    assert logps.eq(0).all() and mean_logit.eq(0).all() and log_sum_sq.eq(0).all()
     logps.sum().backward()
     assert hidden.grad.eq(0).all()
 
@@ -360,12 +472,12 @@ def test_torch_path_real_vocabulary_sizes(N, V, H):
     ref_params = [p.detach().double().requires_grad_() for p in params]
     rb = ref_params[2] if b is not None else None
     # default tile sizes here: the vocabulary is cut in several tiles with a ragged last one
-    out = logprobs_from_hidden_torch(hidden, weight, index, bias=b, return_entropy=True, temperature=0.8)
-    ref = reference_logprobs_from_hidden(
-        ref_params[0], ref_params[1], index, bias=rb, return_entropy=True, temperature=0.8
-    )
+    every = dict(return_entropy=True, return_mean_logit=True, return_log_sum_sq=True, temperature=0.8)
+    out = logprobs_from_hidden_torch(hidden, weight, index, bias=b, **every)
+    ref = reference_logprobs_from_hidden(ref_params[0], ref_params[1], index, bias=rb, **every)
+    _check_metrics(out[2:], ref[2:], torch.float32)
     # one tile spans up to 150k columns here: float32 sums that long carry ~1e-5 relative error
-    _check(out, ref, params, ref_params, torch.float32, gtol=1e-4)
+    _check(out[:2], ref[:2], params, ref_params, torch.float32, gtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -411,12 +523,14 @@ def test_torch_path_never_builds_the_logits():
     N, V, H = 128, 4096, 4
     hidden, weight, b, index = _inputs(N, V, H, torch.float32, bias=True, seed=11)
     with _Recorder() as rec:
-        logps, entropy = logprobs_from_hidden_torch(
+        logps, entropy, _, _ = logprobs_from_hidden_torch(
             hidden,
             weight,
             index,
             bias=b,
             return_entropy=True,
+            return_mean_logit=True,
+            return_log_sum_sq=True,
             softcap=4.0,
             rows_per_tile=64,
             vocab_per_tile=1024,
@@ -507,11 +621,13 @@ def test_minus_inf_bias_columns(backend, opts):
     index[:] = torch.tensor([50, 60, 121, 100, 49])
     params = [hidden, weight, b]
     ref_params = [p.detach().double().requires_grad_() for p in params]
-    out = _fn(backend)(hidden, weight, index, bias=b, return_entropy=True, **opts)
-    ref = reference_logprobs_from_hidden(
-        *ref_params[:2], index, bias=ref_params[2], return_entropy=True, **opts
-    )
-    _check(out, ref, params, ref_params, torch.float32)
+    every = dict(return_entropy=True, return_mean_logit=True, return_log_sum_sq=True)
+    out = _fn(backend)(hidden, weight, index, bias=b, **every, **opts)
+    ref = reference_logprobs_from_hidden(*ref_params[:2], index, bias=ref_params[2], **every, **opts)
+    # the mean over a vocabulary with -inf entries is -inf; with the softcap they count as -softcap
+    assert (out[2] == float("-inf")).all() if "softcap" not in opts else torch.isfinite(out[2]).all()
+    _check_metrics(out[2:], ref[2:], torch.float32)
+    _check(out[:2], ref[:2], params, ref_params, torch.float32)
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -576,10 +692,12 @@ def test_package_reference_equals_plain_log_softmax(opts):
     weight = torch.randn(13, 7, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(13, generator=g, dtype=torch.float64, requires_grad=True)
     index = torch.randint(0, 13, (5,), generator=g)
-    got = reference_logprobs_from_hidden(hidden, weight, index, bias=bias, return_entropy=True, **opts)
-    want = plain_reference(hidden, weight, index, bias=bias, **opts)
+    every = dict(return_entropy=True, return_mean_logit=True, return_log_sum_sq=True)
+    got = reference_logprobs_from_hidden(hidden, weight, index, bias=bias, **every, **opts)
+    want = plain_reference(hidden, weight, index, bias=bias, metrics=True, **opts)
     for x, y in zip(got, want, strict=True):
         torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-12)
+    got, want = got[:2], want[:2]
     w = torch.randn(2, 5, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad((got[0] * w[0] + got[1] * w[1]).sum(), (hidden, weight, bias))
     ref_grads = torch.autograd.grad((want[0] * w[0] + want[1] * w[1]).sum(), (hidden, weight, bias))
@@ -615,9 +733,13 @@ def test_logits_shifted_by_1e4_lose_no_accuracy(backend, opts):
         assert torch.equal(torch.nn.functional.linear(hidden, weight, bias).double(), exact)
     params = [hidden, weight, bias]
     ref_params = [p.detach().double().requires_grad_() for p in params]
-    out = _fn(backend)(hidden, weight, index, bias=bias, return_entropy=True, **opts)
-    ref = plain_reference(*ref_params[:2], index, bias=ref_params[2], **opts)
-    errs = _errors(out, ref, params, ref_params)
+    metrics = dict(return_mean_logit=True, return_log_sum_sq=True)
+    out = _fn(backend)(hidden, weight, index, bias=bias, return_entropy=True, **metrics, **opts)
+    ref = plain_reference(*ref_params[:2], index, bias=ref_params[2], metrics=True, **opts)
+    # log_sum_sq is relative to the row max too; the mean logit is an absolute value (~1e4): a float32 rounding
+    assert (out[3].double() - ref[3]).abs().max() < 2e-6
+    torch.testing.assert_close(out[2].double(), ref[2], atol=0, rtol=2e-7)
+    errs = _errors(out[:2], ref[:2], params, ref_params)
     assert errs["logps"] < 2e-6 and errs["entropy"] < 2e-6, errs
     assert max(errs["dhidden"], errs["dweight"], errs["dbias"]) < 2e-6, errs
 
@@ -684,13 +806,15 @@ def test_several_row_tiles_at_default_sizes(backend, dtype, monkeypatch):
     ref_params = [p.detach().double().requires_grad_() for p in params]
     dev = "cuda" if backend == "triton" and CUDA else "cpu"
     fn = K.logprobs_from_hidden_torch if backend == "torch" else K.logprobs_from_hidden_triton
-    got = fn(*(p.to(dev) for p in (hidden, weight)), index.to(dev), bias=b.to(dev), return_entropy=True)
+    every = dict(return_entropy=True, return_mean_logit=True, return_log_sum_sq=True)
+    got = fn(*(p.to(dev) for p in (hidden, weight)), index.to(dev), bias=b.to(dev), **every)
     got = tuple(o.cpu() for o in got)
     # 21 rows: five tiles of 4 and one of 1
     assert sorted(set(seen)) == [(1, 88), (1, 256), (4, 88), (4, 256)] and len(seen) == 6 * 3
     ref_dtype, tol = _reference_mode(backend, dtype)
-    ref = plain_reference(*ref_params[:2], index, bias=ref_params[2], dtype=ref_dtype)
-    _check(got, ref, params, ref_params, dtype, tol=tol)
+    ref = plain_reference(*ref_params[:2], index, bias=ref_params[2], dtype=ref_dtype, metrics=True)
+    _check_metrics(got[2:], ref[2:], dtype, tol=tol)
+    _check(got[:2], ref[:2], params, ref_params, dtype, tol=tol)
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,11 @@ CPU inputs, gradients flowing back to the CPU tensors.
 import math
 import os
 import re
+from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import posttrain.kernels as kernels
 import posttrain.kernels.logits as L
@@ -55,17 +57,19 @@ def assert_rounding_of(got, ref, eps):
     assert worst <= eps, f"gradient off by {worst:.3e} beyond its rounding to {got.dtype} (allowed {eps:.3e})"
 
 
-def run(fn, logits, index, *, weights=None, **kwargs):
-    """Forward with entropy and top-1, then backward of sum(w1 * logps) + sum(w2 * entropy) over finite values.
+def run(fn, logits, index, *, weights=None, metrics=False, **kwargs):
+    """Forward with entropy and top-1 [and mean_logit, log_sum_sq when metrics], then backward of
+    sum(w1 * logps) + sum(w2 * entropy) over finite values.
 
-    Returns (logps, entropy, top1, dlogits) with dlogits in the logits' dtype."""
+    Returns (logps, entropy, top1, dlogits [, mean_logit, log_sum_sq]) with dlogits in the logits' dtype."""
     x = logits.detach().clone().requires_grad_()
-    logps, entropy, top1 = fn(x, index, return_entropy=True, return_top1=True, **kwargs)
+    flags = dict(return_mean_logit=metrics, return_log_sum_sq=metrics)
+    logps, entropy, top1, *extra = fn(x, index, return_entropy=True, return_top1=True, **flags, **kwargs)
     w1, w2 = weights if weights is not None else loss_weights(index.shape)
     # -inf log-probs (a target at -inf) have a finite gradient but would make the loss -inf: leave them out
     loss = (torch.where(torch.isfinite(logps), logps, 0) * w1).sum() + (entropy * w2).sum()
     loss.backward()
-    return logps, entropy, top1, x.grad
+    return logps, entropy, top1, x.grad, *extra
 
 
 def loss_weights(shape, seed=1):
@@ -78,20 +82,18 @@ def loss_weights(shape, seed=1):
 def check_against_reference(
     backend, logits, index, *, temperature=1.0, mask=None, dtype=torch.float32, value_atol=None
 ):
-    """Values, top-1 and dlogits of one backend against the float64 reference on the same (dtype) inputs."""
+    """Values (mean_logit and log_sum_sq included), top-1 and dlogits of one backend against the float64
+    reference on the same (dtype) inputs. Returns (logps, entropy, top1, dlogits)."""
     logits = logits.to(dtype)
     weights = loss_weights(index.shape)
-    got = run(IMPLS[backend], logits, index, weights=weights, temperature=temperature, mask=mask)
-    ref = run(
-        L.reference_logprobs_from_logits,
-        logits.double(),
-        index,
-        weights=weights,
-        temperature=temperature,
-        mask=mask,
-    )
+    options = dict(weights=weights, temperature=temperature, mask=mask, metrics=True)
+    got = run(IMPLS[backend], logits, index, **options)
+    ref = run(L.reference_logprobs_from_logits, logits.double(), index, **options)
     tol = value_atol or VALUE_TOL
-    logps, entropy, top1, grad = got
+    logps, entropy, top1, grad, mean_logit, log_sum_sq = got
+    for name, x, want in (("mean_logit", mean_logit, ref[4]), ("log_sum_sq", log_sum_sq, ref[5])):
+        assert x.dtype == torch.float32 and not x.requires_grad, name
+        torch.testing.assert_close(x.double(), want, atol=tol, rtol=tol, msg=name)
     assert logps.dtype == torch.float32 and entropy.dtype == torch.float32 and top1.dtype == torch.bool
     assert grad.dtype == dtype and grad.shape == logits.shape
     torch.testing.assert_close(logps.double(), ref[0], atol=tol, rtol=tol)
@@ -100,7 +102,7 @@ def check_against_reference(
     first_argmax = logits.argmax(-1) == index
     assert torch.equal(top1, first_argmax if mask is None else first_argmax & mask)
     assert_rounding_of(grad, ref[3], GRAD_EPS * ref[3].abs().max().item())
-    return got
+    return got[:4]
 
 
 def random_case(N, V, seed=0, scale=3.0):
@@ -121,8 +123,14 @@ def test_reference_matches_plain_loop():
     index[2], index[3] = 5, 2
     logits[2, 5] = logits[2, 1] = logits[2].max() + 1  # the target ties an earlier column: not top-1
     logits[3, 2] = logits[3, 7] = logits[3].max() + 1  # the target ties a later column: top-1
-    logps, entropy, top1 = L.reference_logprobs_from_logits(
-        logits, index, temperature=0.5, return_entropy=True, return_top1=True
+    logps, entropy, top1, mean_logit, log_sum_sq = L.reference_logprobs_from_logits(
+        logits,
+        index,
+        temperature=0.5,
+        return_entropy=True,
+        return_top1=True,
+        return_mean_logit=True,
+        return_log_sum_sq=True,
     )
     for n in range(4):
         z = [v / 0.5 for v in logits[n].tolist()]
@@ -131,6 +139,8 @@ def test_reference_matches_plain_loop():
         assert logps[n].item() == pytest.approx(z[index[n]] - lse, abs=1e-12)
         assert entropy[n].item() == pytest.approx(-sum(q * math.log(q) for q in p if q > 0), abs=1e-12)
         assert top1[n].item() == (index[n] == z.index(max(z)))  # list.index: the first column holding the max
+        assert mean_logit[n].item() == pytest.approx(sum(z) / len(z), abs=1e-12)  # -inf in row 1
+        assert log_sum_sq[n].item() == pytest.approx(math.log(sum(q * q for q in p)), abs=1e-12)
     assert top1[[2, 3]].tolist() == [False, True]
 
 
@@ -180,8 +190,12 @@ def test_masked_rows_are_zero_and_get_no_gradient(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_rows_masked(backend):
     logits, index = random_case(2, 50)
-    logps, entropy, top1, grad = run(IMPLS[backend], logits, index, mask=torch.zeros(2, dtype=torch.bool))
+    mask = torch.zeros(2, dtype=torch.bool)
+    logps, entropy, top1, grad, mean_logit, log_sum_sq = run(
+        IMPLS[backend], logits, index, mask=mask, metrics=True
+    )
     assert not logps.any() and not entropy.any() and not top1.any() and not grad.any()
+    assert not mean_logit.any() and not log_sum_sq.any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -314,6 +328,90 @@ def test_return_conventions(backend):
     logps2, top1 = fn(logits, index, return_top1=True)
     assert entropy.dtype == torch.float32 and top1.dtype == torch.bool and not top1.requires_grad
     assert torch.equal(logps, logps2)
+    _, mean_logit = fn(logits, index, return_mean_logit=True)
+    _, log_sum_sq = fn(logits, index, return_log_sum_sq=True)
+    _, top1_2, log_sum_sq2 = fn(logits, index, return_top1=True, return_log_sum_sq=True)
+    assert torch.equal(top1_2, top1) and torch.equal(log_sum_sq2, log_sum_sq)
+    # every output asked for: the documented order, logps, entropy, is_top1, mean_logit, log_sum_sq
+    every = fn(
+        logits, index, return_entropy=True, return_top1=True, return_mean_logit=True, return_log_sum_sq=True
+    )
+    for got, want in zip(every, (logps, entropy, top1, mean_logit, log_sum_sq), strict=True):
+        assert torch.equal(got, want)
+    assert not torch.equal(mean_logit, log_sum_sq)  # the comparisons above can tell the two apart
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_metrics_carry_no_gradient_and_leave_the_backward_unchanged(backend, masked):
+    """mean_logit and log_sum_sq are non-differentiable: asking for them changes no gradient, bit for bit."""
+    logits, index = random_case(5, 130, seed=17)
+    mask = torch.tensor([True, False, True, True, True]) if masked else None
+    plain = run(IMPLS[backend], logits, index, mask=mask, temperature=0.7)
+    with_metrics = run(IMPLS[backend], logits, index, mask=mask, temperature=0.7, metrics=True)
+    for a, b in zip(plain, with_metrics[:4], strict=True):
+        assert torch.equal(a, b)
+    assert not with_metrics[4].requires_grad and not with_metrics[5].requires_grad
+    x = logits.clone().requires_grad_()
+    _, mean_logit, log_sum_sq = IMPLS[backend](x, index, return_mean_logit=True, return_log_sum_sq=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        (mean_logit.sum() + log_sum_sq.sum()).backward()
+
+
+class _OpCounts(TorchDispatchMode):
+    """Counts the aten ops run inside it, by name (mean, _softmax, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_torch_path_does_the_metrics_work_only_when_asked(monkeypatch):
+    # three chunks of three rows: the metrics' ops (z.mean for mean_logit; softmax, then p * p summed and logged for
+    # log_sum_sq) run once per chunk when asked and never otherwise; with the entropy they share its softmax
+    monkeypatch.setattr(L, "CHUNK_ELEMENTS", 3 * 40)
+    logits, index = random_case(9, 40, seed=18)
+
+    def ops(**flags):
+        with _OpCounts() as mode:
+            L.logprobs_from_logits_torch(logits, index, temperature=0.7, **flags)
+        return mode.counts
+
+    plain, entropy = ops(), ops(return_entropy=True)
+    assert plain["mean"] == plain["_softmax"] == plain["log_"] == 0
+    assert entropy["mean"] == entropy["log_"] == 0 and entropy["_softmax"] == 3
+    assert ops(return_mean_logit=True)["mean"] == 3
+    assert ops(return_log_sum_sq=True)["_softmax"] == ops(return_log_sum_sq=True)["log_"] == 3
+    assert ops(return_entropy=True, return_log_sum_sq=True)["_softmax"] == 3
+
+
+@needs_triton
+def test_triton_kernel_compiles_the_metrics_in_only_when_asked(monkeypatch):
+    # the flags are constexprs: a launch without the metrics is specialised with their code removed
+    launches = []
+    forward, backward = L._kernels()
+
+    class Record:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append({k: kwargs[k] for k in ("HAS_MEAN_LOGIT", "HAS_LOG_SUM_SQ")})
+                return forward[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(L, "_kernels", lambda: (Record(), backward))
+    logits, index = random_case(2, 30)
+    for mean_logit, log_sum_sq in ((False, False), (True, False), (False, True)):
+        _triton_on_device(logits, index, return_mean_logit=mean_logit, return_log_sum_sq=log_sum_sq)
+    assert launches == [
+        {"HAS_MEAN_LOGIT": False, "HAS_LOG_SUM_SQ": False},
+        {"HAS_MEAN_LOGIT": True, "HAS_LOG_SUM_SQ": False},
+        {"HAS_MEAN_LOGIT": False, "HAS_LOG_SUM_SQ": True},
+    ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

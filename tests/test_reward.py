@@ -10,7 +10,7 @@ from datasets import Dataset
 
 from posttrain.cli import main
 from posttrain.data import embedded, preference
-from posttrain.rl import reward
+from posttrain.rl import reward, sft
 from posttrain.rl.models import load_reward_model
 
 
@@ -269,17 +269,23 @@ def test_reward_options_are_trls_with_trls_defaults():
 
 
 @pytest.mark.slow
-def test_embedded_default_learns_to_rank_held_out_pairs(tmp_path):
-    # `posttrain rm` with no arguments but a run folder, through the CLI. Held-out pair accuracy starts at
-    # chance (0.5) and ends near 0.82 on the tiny model; the issue's target (>= 0.95) is not reached.
+def test_embedded_default_ranks_held_out_pairs_as_the_issue_asks(tmp_path):
+    # `posttrain rm` with no arguments but a run folder, through the CLI. It starts from the embedded SFT
+    # model (trained once per test session into the session's POSTTRAIN_CACHE, tests/conftest.py) with a
+    # fresh score head, so held-out pair accuracy starts near chance (0.5); the issue's target is >= 0.95.
     assert main(["rm", "--output_dir", str(tmp_path), "--disable_tqdm", "true"]) == 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_lines = [r for r in records if "loss" in r]
     eval_lines = [r for r in records if "eval_accuracy" in r]
-    assert len(train_lines) == 1036 and [r["step"] for r in eval_lines] == [1036]  # one eval, at the end
-    assert train_lines[0]["loss"] > 0.6 and max(r["loss"] for r in train_lines[-20:]) < 0.45
+    # 788 problems x 5 rejected answers = 3940 pairs, 62 steps of 64 pairs per epoch, 16 epochs
+    assert len(train_lines) == 992 and [r["step"] for r in eval_lines] == [992]  # one eval, at the end
+    assert train_lines[0]["loss"] > 0.6 and max(r["loss"] for r in train_lines[-20:]) < 0.2
     info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["start_model"] == sft.embedded_sft_model()  # the cached folder: not trained again
     assert info["train_dropped_overlong_pairs"] == 0 == info["eval_dropped_overlong_pairs"]
+    # The embedded defaults apply although a trained model is loaded: the config still names none.
+    config = (tmp_path / "config.yaml").read_text()
+    assert "model_name_or_path: null" in config and "learning_rate: 0.0003" in config
 
     # Held-out accuracy of the saved model on the test split's pairs (one per problem).
     from transformers import AutoModelForSequenceClassification
@@ -291,4 +297,4 @@ def test_embedded_default_learns_to_rank_held_out_pairs(tmp_path):
     with torch.no_grad():
         _, metrics = reward.reward_step_loss(model, batch, len(held_out))
     assert metrics["accuracy"].item() == pytest.approx(eval_lines[0]["eval_accuracy"])
-    assert eval_lines[0]["eval_accuracy"] >= 0.7, eval_lines  # 0.82 on this machine; chance is 0.5
+    assert eval_lines[0]["eval_accuracy"] >= 0.95, eval_lines  # 0.98 on this machine (112 pairs)

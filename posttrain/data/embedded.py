@@ -115,12 +115,15 @@ def _all_problems() -> list[tuple[int, int]]:
     return [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
 
 
-def _wrong_answer(rng: random.Random, a: int, b: int) -> int:
-    """A plausible mistake: off by one or ten (a dropped or doubled carry), or the difference."""
+def _plausible_mistakes(a: int, b: int) -> list[int]:
+    """Off by one or ten (a dropped or doubled carry, negative for a small sum), or the difference."""
     right = a + b
-    candidates = {right + 1, right - 1, right + 10, right - 10, abs(a - b)}
-    candidates.discard(right)
-    return rng.choice(sorted(candidates))
+    return sorted({right + 1, right - 1, right + 10, right - 10, abs(a - b)} - {right})
+
+
+def _wrong_answer(rng: random.Random, a: int, b: int) -> int:
+    """A plausible mistake (`_plausible_mistakes`), drawn by `rng`."""
+    return rng.choice(_plausible_mistakes(a, b))
 
 
 def problems(split: str = "train", seed: int = 0) -> list[tuple[str, str]]:
@@ -232,9 +235,7 @@ def ranked_preference_rows(split: str = "train", seed: int = 0, rejected_per_pro
     for prompt, answer in problems(split, seed):
         a, b = _parse(prompt)
         right = a + b
-        wrong = sorted(
-            c for c in {right + 1, right - 1, right + 10, right - 10, abs(a - b)} if c >= 0 and c != right
-        )
+        wrong = _plausible_mistakes(a, b)  # the negative ones too: the held-out rows have them
         others = [c for c in range(2 * MAX_OPERAND + 1) if c != right and c not in wrong]
         wrong += rng.sample(others, max(0, rejected_per_prompt - len(wrong)))
         out.extend({"prompt": prompt, "chosen": answer, "rejected": str(c)} for c in wrong)

@@ -27,11 +27,11 @@ This file holds the three implementations behind `posttrain.kernels.logprobs_fro
 mean_logit and log_sum_sq are metrics and weights, never differentiated: no gradient flows from them, and the
 backward is the same whether they were asked for or not.
 
-Conventions shared by all three: outputs `logps`, `entropy`, `mean_logit`, `log_sum_sq` are float32 (float64 for float64 input on
-the torch path, so `gradcheck` can run), `is_top1` bool; rows where `mask` is False give 0 / False and a zero
-gradient and cost nothing; a target whose logit is -inf gives logps = -inf; p log p is taken as 0 where
-p = 0, so -inf logits never make the entropy NaN. A row whose logits are all -inf has no distribution
-and gives NaN.
+Conventions shared by all three: outputs `logps`, `entropy`, `mean_logit`, `log_sum_sq` are float32 (float64
+for float64 input on the torch path, so `gradcheck` can run), `is_top1` bool; rows where `mask` is False give
+0 / False and a zero gradient and cost nothing; a target whose logit is -inf gives logps = -inf; p log p is taken
+as 0 where p = 0, so -inf logits never make the entropy NaN (they do make mean_logit -inf, as the mean it is).
+A row whose logits are all -inf has no distribution and gives NaN.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ class TokenLogProbs(NamedTuple):
     is_top1: torch.Tensor | None
     mean_logit: torch.Tensor | None
     log_sum_sq: torch.Tensor | None
+    aux_loss: torch.Tensor | None = None  # 0-dim: a mixture-of-experts model's router load-balancing loss
 
 
 def supports_fused(model: torch.nn.Module) -> bool:
@@ -95,6 +96,7 @@ def token_logprobs(
     return_top1: bool = False,
     return_mean_logit: bool = False,
     return_log_sum_sq: bool = False,
+    return_router_aux_loss: bool = False,
     mask: torch.Tensor | None = None,
 ) -> TokenLogProbs:
     """log p(input_ids[b, t] | input_ids[b, <t]) at every target token.
@@ -102,7 +104,8 @@ def token_logprobs(
     batch: input_ids (B, T), completion_mask (B, T) [, attention_mask (B, T), position_ids (B, T)].
     mask: (B, T) overrides `batch["completion_mask"]` as the set of target tokens. Token 0 of a row is
     never a target (nothing predicts it); the collators already zero the mask at every sequence start.
-    Returns TokenLogProbs of (B, T) float32 tensors.
+    Returns TokenLogProbs of (B, T) float32 tensors; with return_router_aux_loss, also the model's own
+    router load-balancing loss (mixture-of-experts models; its forward computes it over the attention mask).
     """
     input_ids = batch["input_ids"]
     mask = batch["completion_mask"] if mask is None else mask
@@ -119,11 +122,14 @@ def token_logprobs(
         return_log_sum_sq=return_log_sum_sq,
     )
     flags = dict(temperature=temperature, **wanted)
+    inputs = _model_inputs(batch)
+    if return_router_aux_loss:
+        inputs["output_router_logits"] = True
 
     if supports_fused(model):
         inner = unwrap(model)
         with _capture_output_layer_input(model) as captured:
-            model(**_model_inputs(batch))
+            aux_loss = _router_aux_loss(model(**inputs), return_router_aux_loss)
         hidden = captured["hidden"]
         hidden = hidden.reshape(B * T, hidden.shape[-1]).index_select(0, rows)  # (N, H)
         head = inner.get_output_embeddings()
@@ -138,7 +144,9 @@ def token_logprobs(
             **flags,
         )
     else:
-        logits = model(**_model_inputs(batch)).logits  # (B, T, V)
+        output = model(**inputs)
+        aux_loss, logits = _router_aux_loss(output, return_router_aux_loss), output.logits  # logits (B, T, V)
+        del output  # so that the (B, T, V) logits are freed once the target rows are copied out
         # The row selection copies the target rows, and nothing reads that copy again: its buffer can take
         # dlogits, saving an (N, V) tensor in backward.
         logits = logits.reshape(B * T, logits.shape[-1]).index_select(0, rows)  # (N, V)
@@ -149,7 +157,17 @@ def token_logprobs(
     place = functools.partial(_place, positions=rows + 1, shape=(B, T))
     logps = place(next(outs))
     optional = [place(next(outs)) if want else None for want in wanted.values()]
-    return TokenLogProbs(logps, *optional)
+    return TokenLogProbs(logps, *optional, aux_loss)
+
+
+def _router_aux_loss(output, wanted: bool) -> torch.Tensor | None:
+    if not wanted:
+        return None
+    if getattr(output, "aux_loss", None) is None:
+        raise ValueError(
+            "return_router_aux_loss: the model returned no router aux_loss (not a mixture of experts)"
+        )
+    return output.aux_loss
 
 
 def _place(values: torch.Tensor, positions: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

@@ -156,3 +156,19 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+
+def router_aux_loss_coef(model: torch.nn.Module, requested: float | None) -> float:
+    """The weight of a mixture-of-experts model's router load-balancing loss in the training loss, as TRL
+    decides it: `requested`, or the config's own `router_aux_loss_coef` when None; 0 for a model without
+    a router (which may not be asked for one)."""
+    config = model.config.get_text_config()
+    has_router = hasattr(config, "output_router_logits")
+    if requested is None:
+        return float(getattr(config, "router_aux_loss_coef", 0.0)) if has_router else 0.0
+    if requested and not has_router:
+        raise ValueError(
+            f"router_aux_loss_coef={requested}: {type(model).__name__} is not a mixture-of-experts model "
+            "with a router load-balancing loss"
+        )
+    return float(requested)

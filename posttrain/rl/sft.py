@@ -9,15 +9,21 @@ Metrics (TRL's names): loss, mean_token_accuracy, entropy, num_tokens, learning_
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
+import os
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from posttrain.data import collate, embedded, loading, tokenization
 from posttrain.losses import registry
 from posttrain.rl import distributed, loop
-from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
+from posttrain.rl.config import ConfigError, TrainConfig, config_dict, fill_run_defaults, save_config
 from posttrain.rl.logprobs import token_logprobs
 from posttrain.rl.models import load_causal_lm, load_tokenizer
 
@@ -203,3 +209,77 @@ def train(config: SFTConfig):
         eval_fn=eval_fn,
     )
     return run
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The embedded SFT model: where `posttrain rm` and `posttrain dpo` start when no model is named
+# ---------------------------------------------------------------------------------------------------------
+
+CACHE_ENV = "POSTTRAIN_CACHE"  # folder of cached models; default ~/.cache/posttrain
+
+
+def embedded_sft_config(output_dir) -> SFTConfig:
+    """What `posttrain sft` with no arguments trains, writing only its final model into `output_dir`
+    (no checkpoints, progress bar or TensorBoard: they do not change the weights)."""
+    return SFTConfig(output_dir=str(output_dir), save_steps=0, disable_tqdm=True, report_to="none")
+
+
+def embedded_sft_key() -> str:
+    """12 hex digits naming the embedded SFT model: a hash of all that fixes it (the posttrain version,
+    SFTConfig's defaults, the tiny model's config, the tokenizer's vocabulary and chat template, the
+    task's training rows), so that a cached model made by other code or other defaults is never reused."""
+    import posttrain
+
+    tokenizer = embedded.build_tokenizer()
+    what = {
+        "version": posttrain.__version__,
+        "defaults": config_dict(SFTConfig()),
+        "model": embedded.tiny_model_config().to_dict(),
+        "vocab": tokenizer.get_vocab(),
+        "chat_template": tokenizer.chat_template,
+        "rows": embedded.rows("prompt_completion", "train"),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def embedded_sft_model(log=None) -> str:
+    """The folder of the model and tokenizer that `posttrain sft` trains with its defaults (the embedded
+    task): the cached one, or trained now (~30 s on a CPU) and cached. `log(text)` (default print) says so.
+
+    The cache is $POSTTRAIN_CACHE/embedded-sft-<embedded_sft_key()>. It is trained into a temporary folder
+    beside it and renamed when complete, under an exclusive lock on a file beside it: concurrent processes
+    train it once (the others wait, then reuse it), and a half-written folder (a killed run) is never
+    reused but removed by the next process to train. Under torchrun (WORLD_SIZE > 1) it is not trained:
+    the processes cannot train one model before their process group exists, so a missing cache is an
+    error that says how to make it with one process.
+    """
+    import fcntl
+
+    log = print if log is None else log
+    cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "posttrain").expanduser()
+    final = cache / f"embedded-sft-{embedded_sft_key()}"
+    if final.is_dir():  # only a complete folder ever gets this name
+        return str(final)
+    if distributed.env_world()[1] > 1:
+        raise ConfigError(
+            f"no model named, and the embedded SFT model it defaults to is not cached ({final}); under "
+            'torchrun it is not trained: make it first with one process, `python -c "from posttrain.rl.sft '
+            'import embedded_sft_model; embedded_sft_model()"` (same POSTTRAIN_CACHE), or pass '
+            "--model_name_or_path"
+        )
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
+        if final.is_dir():  # another process trained it while this one waited
+            return str(final)
+        for stale in cache.glob(f"{final.name}.tmp-*"):  # the lock holder alone writes these: killed runs
+            shutil.rmtree(stale)
+        tmp = cache / f"{final.name}.tmp-{os.getpid()}"
+        log(
+            f"no model named: training the embedded SFT model first (posttrain sft defaults, ~30 s) into {final}"
+        )
+        config = embedded_sft_config(tmp)
+        train(config)
+        save_config(dataclasses.replace(config, output_dir=str(final)), tmp / "config.yaml")  # where it lives
+        tmp.rename(final)
+    return str(final)
