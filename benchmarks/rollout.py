@@ -1,0 +1,164 @@
+"""Rollout: new tokens/s of `posttrain.rl.rollout.generate` vs transformers' `model.generate`, same run.
+
+    python benchmarks/rollout.py            # embedded model and ~100M Qwen2, batch 8 / 32 / 64
+    python benchmarks/rollout.py --quick    # a smoke run: embedded model only, batch 8, few tokens
+
+Models (random init, float32, dropout off, CPU):
+    embedded  `posttrain.data.embedded.build_model` (Qwen2, V = 128, H = 128, 3 layers, ~0.4M parameters)
+    sft       the SFT benchmark's Qwen2 (benchmarks/sft.py: V = 32000, H = 256, 4 layers, I = 1024), the model
+              design.md's figures are about: its decode step costs about what sampling 32k tokens does
+    100m      Qwen2, V = 32000, H = 768, 12 layers, 12 heads (4 kv), I = 2304, tied embeddings (~107M)
+Work per call: B random prompts of 16 to 32 tokens (different lengths: left padding in play), one completion
+each of up to `--new_tokens` tokens (default 32), eos = the model's eos (a random model rarely emits it, so
+almost every row runs to the limit). Both sides: do_sample, temperature 1, top_p 1, top_k off (generate's
+default top_k of 50 is switched off), KV cache, the same left-padded batch.
+
+Each (model, batch, side) runs in its own subprocess (`common.run_side`): one warm-up call, then `--repeats`
+timed calls; a side's figure is the median of (new tokens produced) / (wall-clock seconds of the call), the
+new tokens being the completion tokens the call returned (up to and including eos), prefill included in the
+time. `ours / generate` is the ratio of the two medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+MODELS = ("embedded", "sft", "100m")
+BATCHES = (8, 32, 64)
+MIN_PROMPT, MAX_PROMPT = 16, 32
+
+
+def build_model(name: str):
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.data.embedded import build_model as build_embedded
+    from posttrain.data.embedded import tiny_model_config
+
+    if name == "embedded":
+        model = build_embedded(0)
+    elif name == "sft":
+        import sft
+
+        model = sft.build_model(quick=False)
+    else:
+        config = tiny_model_config(
+            vocab_size=32000,
+            hidden_size=768,
+            intermediate_size=2304,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            max_position_embeddings=1024,
+        )
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def random_prompts(batch: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """`batch` prompts of MIN_PROMPT..MAX_PROMPT random ids >= 3 (no pad / eos / special ids)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(MIN_PROMPT, MAX_PROMPT + 1, (batch,), generator=g).tolist()
+    return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def side(args) -> dict:
+    from posttrain.rl import rollout
+
+    model = build_model(args.model)
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    prompts = random_prompts(args.batch, model.config.vocab_size)
+    generator = torch.Generator().manual_seed(0)
+
+    if args.side == "ours":
+
+        def call() -> int:
+            out = rollout.generate(
+                model,
+                prompts,
+                max_completion_length=args.new_tokens,
+                temperature=1.0,
+                top_p=1.0,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                generator=generator,
+            )
+            return int(out.completion_mask.sum())
+
+    else:
+        input_ids, attention_mask = rollout._left_pad(prompts, pad, "cpu")
+
+        def call() -> int:
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=args.new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+            completions = out[:, input_ids.shape[1] :]
+            # tokens up to and including the first eos: generate pads the rows that stopped
+            stopped_before = (completions == eos).long().cumsum(-1) - (completions == eos).long()
+            return int((stopped_before == 0).sum())
+
+    with torch.no_grad():
+        call()  # warm-up
+        rates = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            tokens = call()
+            rates.append(tokens / (time.perf_counter() - t0))
+    return {"rates": rates}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--side", choices=("ours", "generate"))  # internal: run one side
+    parser.add_argument("--model", choices=MODELS)
+    parser.add_argument("--batch", type=int)
+    args = parser.parse_args()
+    if args.side:
+        common.emit_result(side(args))
+        return
+
+    models, batches = (("embedded",), (8,)) if args.quick else (MODELS, BATCHES)
+    new_tokens, repeats = (8, 2) if args.quick else (args.new_tokens, args.repeats)
+    print(common.machine_line())
+    rows = []
+    for name in models:
+        for batch in batches:
+            rates = {}
+            for s in ("ours", "generate"):
+                flags = ["--side", s, "--model", name, "--batch", str(batch)]
+                flags += ["--new_tokens", str(new_tokens), "--repeats", str(repeats)]
+                rates[s] = common.median(common.run_side(__file__, flags)["rates"])
+            ratio = rates["ours"] / rates["generate"]
+            rows.append([name, batch, f"{rates['ours']:.0f}", f"{rates['generate']:.0f}", f"{ratio:.2f}"])
+            print(
+                common.markdown_table(
+                    ["model", "batch", "ours tok/s", "generate tok/s", "ours / generate"], rows[-1:]
+                ),
+                flush=True,
+            )
+    print()
+    print(common.markdown_table(["model", "batch", "ours tok/s", "generate tok/s", "ours / generate"], rows))
+    print(common.machine_line())
+
+
+if __name__ == "__main__":
+    main()
