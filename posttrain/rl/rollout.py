@@ -208,7 +208,7 @@ def generate(
 
 
 def _rollout(model, prompt_ids, G, L, settings, greedy, stops, pad, generator, sync_every, device) -> Rollout:
-    B, N = len(prompt_ids), len(prompt_ids) * G
+    N = len(prompt_ids) * G
     input_ids, attention_mask = _left_pad(prompt_ids, pad, device)  # (B, P)
     logits, cache, positions = prefill(model, input_ids, attention_mask)
     # prefill ran once per prompt: repeat everything G times along the batch, each prompt's rows adjacent
