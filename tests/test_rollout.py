@@ -260,12 +260,13 @@ def test_sampling_test_detects_a_wrong_temperature(peaked_model):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt2"])  # token_logprobs' fused path and its logits path
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logps_equal_token_logprobs(family, temperature):
+@pytest.mark.parametrize("temperature, do_sample", [(1.0, True), (0.7, True), (0.7, False)])
+def test_logps_equal_token_logprobs(family, temperature, do_sample):
+    """Greedy reports its tokens' log-probs under the same tempered distribution."""
     model = make_model(family)
     G, L = 3, 10
     got = ours(
-        model, PROMPTS, num_generations=G, max_completion_length=L, temperature=temperature,
+        model, PROMPTS, num_generations=G, max_completion_length=L, temperature=temperature, do_sample=do_sample,
         generator=torch.Generator().manual_seed(1), stop_token_ids=list(range(3, 15)),
     )  # fmt: skip
     assert got.finished.any() and not got.finished.all()
@@ -314,6 +315,29 @@ def test_seed_reproduces_and_compaction_changes_nothing():
     torch.testing.assert_close(a.logps, c.logps, rtol=0, atol=1e-5)
     assert a.finished.any() and not a.finished.all()  # rows stopped at different steps: compaction happened
     assert not torch.equal(a.completion_ids, run(1, 1).completion_ids)
+
+
+def test_finished_rows_leave_the_batch():
+    """With sync_every 1 each decode step runs exactly the rows that have not stopped yet."""
+    model = make_model("qwen2")
+    batch_sizes = []
+    handle = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        got = ours(
+            model, PROMPTS, num_generations=4, max_completion_length=12, stop_token_ids=list(range(3, 15)),
+            generator=torch.Generator().manual_seed(0), sync_every=1,
+        )  # fmt: skip
+    finally:
+        handle.remove()
+    lengths = got.completion_mask.sum(-1)
+    assert batch_sizes[0] == (len(PROMPTS), max(len(p) for p in PROMPTS))  # prefill: once per prompt
+    decode = [shape[0] for shape in batch_sizes[1:]]
+    # before token k + 1 (k = 1, 2, ...) the rows that have not stopped within their first k tokens
+    expected = [int(((lengths > k) | ~got.finished).sum()) for k in range(1, len(decode) + 1)]
+    assert decode == expected
+    assert decode[-1] < len(PROMPTS) * 4  # rows did leave
 
 
 def test_generations_of_a_prompt_are_adjacent():

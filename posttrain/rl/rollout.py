@@ -100,16 +100,18 @@ def process_logits(
 def sample(scores: torch.Tensor, uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row of softmax(scores) (n, V) by inverse CDF with `uniform` (n,) in [0, 1), or take
     the argmax when `uniform` is None. Returns tokens (n,) long and their log-probs (n,) float32."""
-    logprobs = scores.log_softmax(-1)
+    # One softmax serves the CDF and the log-probs: log of a probability is exact to float32 rounding for any
+    # token that can be drawn (a probability that underflows to 0 adds nothing to the CDF, so is never drawn).
+    probs = scores.softmax(-1)  # (n, V)
     if uniform is None:
         tokens = scores.argmax(-1)
     else:
-        cdf = logprobs.exp().cumsum(-1)  # (n, V)
+        cdf = probs.cumsum(-1)  # (n, V)
         total = cdf[:, -1:]
         # u < total strictly, so the first index whose cdf exceeds u exists and has positive mass.
         u = torch.minimum(uniform[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
         tokens = torch.searchsorted(cdf, u, right=True).squeeze(1)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(1)
+    return tokens, probs.gather(-1, tokens[:, None]).squeeze(1).log()
 
 
 # ---------------------------------------------------------------------------------------------------------
