@@ -356,6 +356,28 @@ def test_generations_of_a_prompt_are_adjacent():
     assert not torch.equal(sampled.completion_ids[0], sampled.completion_ids[1])
 
 
+def test_model_without_logits_to_keep():
+    """A forward that takes no `logits_to_keep` gets the full prompt logits, and the same completions."""
+    from transformers import Qwen2ForCausalLM
+
+    class Plain(Qwen2ForCausalLM):
+        def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None):
+            return super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                use_cache=use_cache,
+            )  # fmt: skip
+
+    model = make_model("qwen2")
+    plain = Plain(model.config).eval()
+    plain.load_state_dict(model.state_dict())
+    kwargs = dict(num_generations=2, max_completion_length=8, generator=torch.Generator().manual_seed(0))
+    a = ours(model, PROMPTS, **kwargs)
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    b = ours(plain, PROMPTS, **kwargs)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    torch.testing.assert_close(a.logps, b.logps, rtol=1e-5, atol=1e-5)
+
+
 def test_training_flag_restored():
     model = make_model("gpt2", resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5).train()
     expected = reference(model.eval(), PROMPTS, 6, do_sample=False, eos_token_id=None)

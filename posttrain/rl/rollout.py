@@ -27,15 +27,20 @@ they do not, and losses should use the policy's full-vocabulary log-probs (desig
 (do_sample=False or temperature 0) takes the argmax of the penalised logits, as `generate` does, and reports
 log-probs under the same processed distribution (temperature 0 read as 1).
 
-The model runs in eval mode (dropout off) under `torch.no_grad()`; its training flag is restored after.
+The model (unwrapped from DDP / torch.compile) runs in eval mode (dropout off) under `torch.no_grad()`; its
+training flag is restored after. The host syncs: one per `sync_every` steps, one at the end (the output's
+width); on the CPU they cost nothing, on a GPU they bound how far the host runs ahead.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+
+from posttrain.rl.distributed import unwrap
 
 SYNC_EVERY = 4
 
@@ -123,12 +128,10 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """Run the left-padded prompts (B, P) once. Returns the last position's logits (B, V), the cache and the
     last position id of each row (B,)."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    # the prompt's other positions need no logits; a model without `logits_to_keep` computes them all
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=True,
-        logits_to_keep=1,  # the prompt's other positions need no logits
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **keep
     )
     return out.logits[:, -1], out.cache, position_ids[:, -1]
 
@@ -174,6 +177,7 @@ def generate(
     A row stops at its first token in eos_token_id or stop_token_ids, or after max_completion_length
     tokens. Sampling draws its uniforms from `generator` (the default generator when None): the same seed
     gives the same tokens. See the module docstring for the log-probs returned."""
+    model = unwrap(model)  # generation runs outside DDP / torch.compile wrappers
     _check_options(
         num_generations,
         max_completion_length,
