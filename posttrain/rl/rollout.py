@@ -10,9 +10,10 @@ pads and `position_ids` count real tokens only, so a row's positions are those i
 
 Per step, on the device and without a host sync: `process_logits` (repetition penalty, temperature, top-k,
 top-p, min-p: transformers' `generate` order and semantics), then `sample` (inverse CDF) or argmax. Every
-`sync_every` steps (default 4: on a GPU a sync costs about a step's launch latency, so a few steps of wasted
-work on finished rows is the cheaper side) the host reads which rows have stopped; if any has, the batch is
-compacted (`index_select` of the cache, mask, positions) so a finished row costs no more work.
+`sync_every` steps the host reads which rows have stopped (the one host sync of the loop; default 4 on a GPU,
+where a sync stalls the launch queue and a few steps of wasted work on finished rows is the cheaper side, and
+1 on the CPU, where every op is synchronous anyway); if any has, the batch is compacted (`index_select` of the
+cache, mask and positions), so a finished row costs no more work.
 
 Sampling by inverse CDF: softmax, cumsum, `searchsorted` of one uniform per row. On the CPU this is an order
 of magnitude cheaper than `torch.multinomial` over a 32k vocabulary (../shared/design.md). The uniforms are
@@ -42,7 +43,8 @@ import torch
 
 from posttrain.rl.distributed import unwrap
 
-SYNC_EVERY = 4
+SYNC_EVERY = {"cpu": 1}  # steps between host syncs by device type; others: DEFAULT_SYNC_EVERY
+DEFAULT_SYNC_EVERY = 4
 
 
 class Rollout(NamedTuple):
@@ -170,13 +172,14 @@ def generate(
     stop_token_ids: Sequence[int] = (),
     pad_token_id: int,
     generator: torch.Generator | None = None,
-    sync_every: int = SYNC_EVERY,
+    sync_every: int | None = None,
 ) -> Rollout:
     """`num_generations` completions of each prompt (token ids, no padding), each prompt's adjacent.
 
     A row stops at its first token in eos_token_id or stop_token_ids, or after max_completion_length
     tokens. Sampling draws its uniforms from `generator` (the default generator when None): the same seed
-    gives the same tokens. See the module docstring for the log-probs returned."""
+    gives the same tokens. `sync_every`: steps between the checks for stopped rows (None: 1 on the CPU, where
+    every op is synchronous anyway, 4 elsewhere). See the module docstring for the log-probs returned."""
     model = unwrap(model)  # generation runs outside DDP / torch.compile wrappers
     _check_options(
         num_generations,
@@ -190,6 +193,7 @@ def generate(
     )
     embedding = model.get_input_embeddings()
     device = embedding.weight.device
+    sync_every = sync_every or SYNC_EVERY.get(device.type, DEFAULT_SYNC_EVERY)
     _check_prompts(prompt_ids, embedding.num_embeddings, _context_length(model), max_completion_length)
     stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     stops = torch.tensor(stops + list(stop_token_ids), dtype=torch.long, device=device)
@@ -220,11 +224,13 @@ def _rollout(model, prompt_ids, G, L, settings, greedy, stops, pad, generator, s
     # prefill ran once per prompt: repeat everything G times along the batch, each prompt's rows adjacent
     cache.batch_repeat_interleave(G)
     logits, positions = logits.repeat_interleave(G, 0), positions.repeat_interleave(G, 0)
-    input_ids, attention_mask = input_ids.repeat_interleave(G, 0), attention_mask.repeat_interleave(G, 0)
+    attention_mask = attention_mask.repeat_interleave(G, 0)
     V = logits.shape[-1]
     seen = None  # (n, V) bool: tokens of the row's prompt (pads excluded) and completion so far
     if settings["repetition_penalty"] != 1.0:
-        ids = input_ids.clamp(max=V).masked_fill(attention_mask == 0, V)  # pads into a spare column V
+        ids = (
+            input_ids.repeat_interleave(G, 0).clamp(max=V).masked_fill(attention_mask == 0, V)
+        )  # pads: column V
         seen = torch.zeros(N, V + 1, dtype=torch.bool, device=device).scatter_(1, ids, True)[:, :V]
 
     completion_ids = torch.full((N, L), pad, dtype=torch.long, device=device)
@@ -260,9 +266,7 @@ def _rollout(model, prompt_ids, G, L, settings, greedy, stops, pad, generator, s
 
     length = int(completion_mask.sum(-1).max())  # the longest completion: trim the columns no row reached
     completion_ids, completion_mask, logps = (
-        completion_ids[:, :length],
-        completion_mask[:, :length],
-        logps[:, :length],
+        x[:, :length].contiguous() for x in (completion_ids, completion_mask, logps)
     )
     finished = (torch.isin(completion_ids, stops) & completion_mask.bool()).any(-1)
     return Rollout(completion_ids, completion_mask, logps, finished)
@@ -293,7 +297,7 @@ def _check_options(G, L, temperature, top_k, top_p, min_p, repetition_penalty, s
         (min_p is not None and not 0 <= min_p <= 1, f"min_p must be in [0, 1], got {min_p!r}"),
         (repetition_penalty <= 0, f"repetition_penalty must be > 0, got {repetition_penalty!r}"),
         (
-            not isinstance(sync_every, int) or sync_every < 1,
+            sync_every is not None and (not isinstance(sync_every, int) or sync_every < 1),
             f"sync_every must be an integer >= 1, got {sync_every!r}",
         ),
     ]
