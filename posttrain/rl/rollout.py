@@ -17,8 +17,8 @@ cache, mask and positions), so a finished row costs no more work.
 
 Sampling by inverse CDF: softmax, cumsum, `searchsorted` of one uniform per row. On the CPU this is an order
 of magnitude cheaper than `torch.multinomial` over a 32k vocabulary (../shared/design.md). The uniforms are
-drawn for all N rows at every step and the live rows pick theirs, so a row's tokens depend only on the
-seed, never on when the batch was compacted.
+drawn for all N rows and all L steps up front and each live row picks its own, so a row's tokens depend only on
+the seed, never on when the batch was compacted.
 
 Log-probs returned: log p(token) under the distribution the token was drawn from, i.e. softmax of the
 processed logits (after repetition penalty, temperature and the top-k / top-p / min-p truncation,
@@ -238,9 +238,15 @@ def _rollout(model, prompt_ids, G, L, settings, greedy, stops, pad, generator, s
     logps = torch.zeros(N, L, dtype=torch.float32, device=device)
     rows = torch.arange(N, device=device)  # (n,) output row of each row still decoding
     done = torch.zeros(N, dtype=torch.bool, device=device)  # (n,) stopped since the last compaction
+    # All the uniforms at once, on the generator's own device (a CPU generator serves a GPU model without a
+    # copy per step): (L, N), row t for step t, each row of the batch picking its own.
+    uniforms = None
+    if not greedy:
+        source = generator.device if generator is not None else device
+        uniforms = torch.rand(L, N, generator=generator, device=source).to(device)
     for t in range(L):
         scores = process_logits(logits, seen=seen, **settings)
-        uniform = None if greedy else torch.rand(N, generator=generator, device=device)[rows]
+        uniform = None if greedy else uniforms[t, rows]
         tokens, token_logps = sample(scores, uniform)
         live = ~done
         completion_ids[rows, t] = tokens.masked_fill(done, pad)
