@@ -16,13 +16,14 @@ where a sync stalls the launch queue and a few steps of wasted work on finished 
 cache, mask and positions), so a finished row costs no more work.
 
 Sampling by inverse CDF: softmax, cumsum, `searchsorted` of one uniform per row. On the CPU this is an order
-of magnitude cheaper than `torch.multinomial` over a 32k vocabulary (../shared/design.md). The uniforms are
+of magnitude cheaper than `torch.multinomial` over a 32k vocabulary (about 0.7 ms against 15 ms for a
+(32, 32000) batch here), which costs more than a small model's whole decode step. The uniforms are
 drawn for all N rows and all L steps up front and each live row picks its own, so a row's tokens depend only on
 the seed, never on when the batch was compacted.
 
 Log-probs returned: log p(token) under the distribution the token was drawn from, i.e. softmax of the
 processed logits (after repetition penalty, temperature and the top-k / top-p / min-p truncation,
-renormalised over the kept tokens): vLLM's "processed" log-probs. Without truncation they equal the
+renormalised over the kept tokens), what vLLM returns with `logprobs_mode="processed_logprobs"`. Without truncation they equal the
 policy's log-probs at that temperature (`rl.logprobs.token_logprobs(..., temperature=T)`); with truncation
 they do not, and losses should use the policy's full-vocabulary log-probs (design.md). Greedy decoding
 (do_sample=False or temperature 0) takes the argmax of the penalised logits, as `generate` does, and reports
