@@ -291,6 +291,28 @@ def test_logps_equal_token_logprobs(family, temperature, do_sample):
         assert (got.logps[i, n:] == 0).all() and (got.completion_ids[i, n:] == PAD).all()
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])  # GPT-2: learned absolute positions
+def test_training_batch_gives_the_sampler_logps(family):
+    """`training_batch` (TRL's layout: left-padded prompts, right-padded completions) fed to token_logprobs
+    reproduces the sampler's log-probs: positions and masks are right for left padding."""
+    model = make_model(family)
+    G = 2
+    got = ours(
+        model, PROMPTS, num_generations=G, max_completion_length=8, stop_token_ids=list(range(3, 15)),
+        generator=torch.Generator().manual_seed(2),
+    )  # fmt: skip
+    batch = rollout.training_batch(PROMPTS, got, num_generations=G, pad_token_id=PAD)
+    P = max(len(p) for p in PROMPTS)
+    assert batch["input_ids"].shape == (len(PROMPTS) * G, P + got.completion_ids.shape[1])
+    with torch.no_grad():
+        ref = token_logprobs(model, batch).logps[:, P:]
+    mask = got.completion_mask.bool()
+    torch.testing.assert_close(ref[mask], got.logps[mask], rtol=1e-5, atol=1e-5)
+    assert (ref[~mask] == 0).all()
+    with pytest.raises(ValueError, match="training_batch: 4 prompts x num_generations 3 != 8 rollout rows"):
+        rollout.training_batch(PROMPTS, got, num_generations=3, pad_token_id=PAD)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Seeds, compaction, ordering
 # ---------------------------------------------------------------------------------------------------------

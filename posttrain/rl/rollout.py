@@ -279,6 +279,32 @@ def _rollout(model, prompt_ids, G, L, settings, greedy, stops, pad, generator, s
     return Rollout(completion_ids, completion_mask, logps, finished)
 
 
+def training_batch(
+    prompt_ids: list[list[int]], rollout: Rollout, *, num_generations: int, pad_token_id: int
+) -> dict:
+    """The rows prompt + completion as a batch for `rl.logprobs.token_logprobs`, in TRL's layout: prompts
+    left-padded, completions right-padded, side by side. input_ids, attention_mask, position_ids (counting real
+    tokens only, so that absolute-position models see each row as if unpadded) and completion_mask, each
+    (N, P + L'); the completion tokens are the targets."""
+    prompts, prompt_mask = _left_pad(prompt_ids, pad_token_id, rollout.completion_ids.device)  # (B, P)
+    prompts, prompt_mask = (
+        prompts.repeat_interleave(num_generations, 0),
+        prompt_mask.repeat_interleave(num_generations, 0),
+    )
+    if len(prompts) != len(rollout.completion_ids):
+        raise ValueError(
+            f"training_batch: {len(prompt_ids)} prompts x num_generations {num_generations} != "
+            f"{len(rollout.completion_ids)} rollout rows"
+        )
+    attention_mask = torch.cat([prompt_mask, rollout.completion_mask], dim=1)
+    return {
+        "input_ids": torch.cat([prompts, rollout.completion_ids], dim=1),
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+        "completion_mask": torch.cat([torch.zeros_like(prompt_mask), rollout.completion_mask], dim=1),
+    }
+
+
 def _left_pad(prompt_ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts as input_ids (B, P) padded on the left with `pad`, and their attention mask (B, P)."""
     P = max(len(p) for p in prompt_ids)
