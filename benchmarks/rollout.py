@@ -2,6 +2,7 @@
 
     python benchmarks/rollout.py            # embedded model and ~100M Qwen2, batch 8 / 32 / 64
     python benchmarks/rollout.py --quick    # a smoke run: embedded model only, batch 8, few tokens
+    python benchmarks/rollout.py --models sft 100m
 
 Models (random init, float32, dropout off, CPU):
     embedded  `posttrain.data.embedded.build_model` (Qwen2, V = 128, H = 128, 3 layers, ~0.4M parameters)
@@ -20,6 +21,30 @@ tokens being the completion tokens it returned (up to and including eos), prefil
 table gives each side's median rate, `ours / generate` the ratio of the medians and `best / best` the ratio of
 the fastest calls: on a CPU shared with other jobs, a tiny model's ops are short enough that a descheduled
 OpenMP thread can stall a call many-fold, and the fastest call is the closer to what the machine can do.
+
+Measured on the shared 2-core CPU, 29 Nov 2026 (load 0.7-1.9; the embedded rows re-run on one thread):
+
+    model     batch        ours tok/s  generate tok/s  ours / generate
+    embedded  8                  6040            5978  1.01
+    embedded  32                13008           11609  1.12
+    embedded  64                16559           14126  1.17
+    embedded  32 (4 x 8)        17220           12717  1.35
+    sft       8                   743             646  1.15
+    sft       32                 2562            1085  2.36
+    sft       64                 3270            1247  2.62
+    sft       32 (4 x 8)         2826            1116  2.53
+    100m      8                   152             141  1.08
+    100m      32                  318             282  1.13
+    100m      64                  361             330  1.10
+    100m      32 (4 x 8)          364             259  1.40
+
+Where the time goes (sft, batch 32, one decode step): the model's forward ~10 ms (its output layer alone ~5 ms,
+the weight read of a (32000, 256) matrix), our processing and sampling ~0.7 ms; generate adds
+`torch.multinomial` (~15 ms on an idle machine). Ours is within ~10% of the model's own forward, so the issue's
+3x at batch 32 would need generate to spend twice the forward outside it, which it does not here: 2.4x. On
+the embedded model both sides are the forward's Python overhead; on the 100M model both are its matmuls
+(a decode step reads ~430 MB of weights). The (4 x 8) rows add prefill once per prompt (generate's
+`num_return_sequences` prefills every row).
 """
 
 from __future__ import annotations
@@ -38,6 +63,10 @@ MODELS = ("embedded", "sft", "100m")
 # (rows, completions per prompt): rows = prompts x completions; (32, 8) is GRPO's shape, 4 prompts x 8
 BATCHES = ((8, 1), (32, 1), (64, 1), (32, 8))
 MIN_PROMPT, MAX_PROMPT = 16, 32
+# The embedded model's ops are far too small to split across threads, and on a shared CPU a second OpenMP
+# thread that gets descheduled stalls every op at its barrier (calls ran 10-100x slower, on either side at
+# random): both sides run it on one thread.
+THREADS = {"embedded": 1}
 
 
 def build_model(name: str):
@@ -76,6 +105,9 @@ def random_prompts(batch: int, vocab_size: int, seed: int = 0) -> list[list[int]
 
 def side(args) -> dict:
     from posttrain.rl import rollout
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = build_model(args.model)
     eos, pad = model.config.eos_token_id, model.config.pad_token_id
@@ -139,12 +171,14 @@ def main() -> None:
     parser.add_argument("--model", choices=MODELS)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--num_generations", type=int, default=1)
+    parser.add_argument("--threads", type=int)  # internal: the side's torch thread count
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     args = parser.parse_args()
     if args.side:
         common.emit_result(side(args))
         return
 
-    models, batches = (("embedded",), ((8, 1), (8, 4))) if args.quick else (MODELS, BATCHES)
+    models, batches = (("embedded",), ((8, 1), (8, 4))) if args.quick else (args.models, BATCHES)
     new_tokens, repeats = (8, 2) if args.quick else (args.new_tokens, args.repeats)
     print(common.machine_line())
     header = ["model", "batch", "ours tok/s", "generate tok/s", "ours / generate", "best / best"]
@@ -155,6 +189,7 @@ def main() -> None:
             for s in ("ours", "generate"):
                 flags = ["--side", s, "--model", name, "--batch", str(batch), "--num_generations", str(G)]
                 flags += ["--new_tokens", str(new_tokens), "--repeats", str(repeats)]
+                flags += ["--threads", str(THREADS[name])] if name in THREADS else []
                 rates[s] = common.run_side(__file__, flags)["rates"]
             ours, theirs = common.median(rates["ours"]), common.median(rates["generate"])
             label = batch if G == 1 else f"{batch} ({batch // G} x {G})"
