@@ -244,6 +244,32 @@ def test_logits_metrics_are_the_mean_logit_over_completion_tokens(tokenizer):
     assert m["mean_token_accuracy"].item() == pytest.approx(top1.item(), rel=1e-6)
 
 
+def test_a_micro_batch_contributes_its_share_of_the_step_router_loss_included(tokenizer):
+    """Every term, the MoE router loss too, is this micro-batch's value times pairs / num_items: a micro-batch
+    in a step of twice its pairs gives half of what it gives alone (TRL's per-micro-batch mean under
+    gradient accumulation of equal micro-batches)."""
+    from _trl_drivers import family_config
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.rl.models import router_aux_loss_coef
+
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(family_config("qwen2_moe", tokenizer))
+    ref = AutoModelForCausalLM.from_config(family_config("qwen2_moe", tokenizer))
+    coef = router_aux_loss_coef(policy, None)
+    assert coef > 0
+    batch = dpo.collate_pairs(list(tokenized(tokenizer, 4)), tokenizer.pad_token_id)
+    cfg = config(loss_type=["sigmoid", "sft"])
+    alone, m_alone = dpo.dpo_step_loss(policy, batch, 4, config=cfg, ref_model=ref, router_aux_loss_coef=coef)
+    share, m_share = dpo.dpo_step_loss(policy, batch, 8, config=cfg, ref_model=ref, router_aux_loss_coef=coef)
+    assert m_alone["aux_loss"] > 0
+    torch.testing.assert_close(share, alone / 2)
+    for key in m_alone:
+        torch.testing.assert_close(m_share[key], m_alone[key] / 2, msg=key)
+    without, _ = dpo.dpo_step_loss(policy, batch, 4, config=cfg, ref_model=ref)
+    torch.testing.assert_close(alone - without, coef * m_alone["aux_loss"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The reference: precomputed = live, TR-DPO's mixing, checkpointed with the run
 # ---------------------------------------------------------------------------------------------------------
