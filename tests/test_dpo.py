@@ -135,6 +135,17 @@ def test_bad_rows_are_named_before_the_run_folder_is_written(capsys, tmp_path, s
     assert not out.exists()
 
 
+def test_router_loss_on_a_dense_model_is_named_before_the_run_folder_is_written(capsys, tmp_path, start):
+    out = tmp_path / "run"
+    data = write_rows(tmp_path / "d.jsonl", rows(4))
+    code = main(["dpo", "--model_name_or_path", start, "--dataset_name", data, "--output_dir", str(out), "--router_aux_loss_coef", "0.01"])  # fmt: skip
+    assert code == 2
+    assert (
+        "router_aux_loss_coef=0.01: the model (qwen2) is not a mixture of experts" in capsys.readouterr().err
+    )
+    assert not out.exists()
+
+
 def test_explicit_prompt_with_different_context_per_side_is_an_error(tokenizer):
     data = rows(3, conversational=True)
     bad = {**data[1]}
@@ -256,7 +267,7 @@ def test_a_micro_batch_contributes_its_share_of_the_step_router_loss_included(to
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_config(family_config("qwen2_moe", tokenizer))
     ref = AutoModelForCausalLM.from_config(family_config("qwen2_moe", tokenizer))
-    coef = router_aux_loss_coef(policy, None)
+    coef = router_aux_loss_coef(policy.config, None)
     assert coef > 0
     batch = dpo.collate_pairs(list(tokenized(tokenizer, 4)), tokenizer.pad_token_id)
     cfg = config(loss_type=["sigmoid", "sft"])

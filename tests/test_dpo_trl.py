@@ -98,7 +98,7 @@ def our_step(models, batches, **options):
     model = copy.deepcopy(policy).train()
     disable_dropout(model)  # as TRL's trainer (GPT-2 configs default to dropout 0.1)
     num_pairs = sum(dpo.count_pairs(b) for b in batches)
-    aux_coef = router_aux_loss_coef(model, config.router_aux_loss_coef)  # as dpo.train decides it
+    aux_coef = router_aux_loss_coef(model.config, config.router_aux_loss_coef)  # as dpo.train decides it
     loss, metrics = 0.0, {}
     for batch in batches:
         part, part_metrics = dpo.dpo_step_loss(

@@ -519,6 +519,12 @@ def mix_into_reference(policy, ref_model, alpha: float) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _model_config(model_name_or_path: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_name_or_path)
+
+
 def train(config: DPOConfig):
     """Run DPO to the end; returns the run (its output_dir holds metrics.jsonl, checkpoints, the model)."""
     # Data first: a bad dataset or option stops here, before the run folder is written.
@@ -530,13 +536,13 @@ def train(config: DPOConfig):
     # No model named: the embedded SFT model (`posttrain sft` defaults, trained once and cached); the config
     # keeps model_name_or_path None, so the embedded defaults above apply.
     start_model = config.model_name_or_path or sft.embedded_sft_model()
+    aux_coef = router_aux_loss_coef(_model_config(start_model), config.router_aux_loss_coef)
     run = loop.start(config, command="dpo")
     dropped = {f"{split}_{key}": value for split, counts in info.items() for key, value in counts.items()}
     run.log_info({"start_model": start_model, **dropped})
     model = load_causal_lm(start_model, seed=config.seed)
     if config.disable_dropout:
         disable_dropout(model)
-    aux_coef = router_aux_loss_coef(model, config.router_aux_loss_coef)
     ref = load_reference(config, model, run.device)
 
     collate_fn = collate.for_attention(

@@ -158,17 +158,18 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def router_aux_loss_coef(model: torch.nn.Module, requested: float | None) -> float:
+def router_aux_loss_coef(model_config, requested: float | None) -> float:
     """The weight of a mixture-of-experts model's router load-balancing loss in the training loss, as TRL
     decides it: `requested`, or the config's own `router_aux_loss_coef` when None; 0 for a model without
-    a router (which may not be asked for one)."""
-    config = model.config.get_text_config()
+    a router (which may not be asked for one). model_config: the model's `PretrainedConfig`, so the
+    decision can be made before the weights load."""
+    config = model_config.get_text_config()
     has_router = hasattr(config, "output_router_logits")
     if requested is None:
         return float(getattr(config, "router_aux_loss_coef", 0.0)) if has_router else 0.0
     if requested and not has_router:
         raise ValueError(
-            f"router_aux_loss_coef={requested}: {type(model).__name__} is not a mixture-of-experts model "
+            f"router_aux_loss_coef={requested}: the model ({config.model_type}) is not a mixture of experts "
             "with a router load-balancing loss"
         )
     return float(requested)
