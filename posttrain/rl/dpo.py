@@ -499,7 +499,8 @@ def precompute_reference(rows, ref_model, collate_fn, *, batch_size: int, device
     rows (the reference forward is the cheap half of a step, and the rows then stay identical across ranks)."""
     chosen, rejected = [], []
     for start in range(0, len(rows), batch_size):
-        batch = loop.to_device(collate_fn(loop.take_rows(rows, list(range(start, min(start + batch_size, len(rows)))))), device)  # fmt: skip
+        indices = list(range(start, min(start + batch_size, len(rows))))
+        batch = loop.to_device(collate_fn(loop.take_rows(rows, indices)), device)
         c, r = reference_logps(ref_model, batch, ld_alpha)
         chosen.append(c.float().cpu())
         rejected.append(r.float().cpu())
