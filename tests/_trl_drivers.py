@@ -5,6 +5,7 @@
 - `trained_policy_and_reference`: a tiny policy a few steps away from its reference.
 - `trl_dpo_step`: TRL's DPOTrainer loss, gradients, metrics and collated batch for some rows.
 - `family_config`: tiny Qwen2 / GPT-2 / Gemma 2 configs (causal LM or one-label classifier).
+- `trl_online_step`: TRL's GRPOTrainer / RLOOTrainer loss, gradients and metrics on given completions and rewards.
 - `TRL_CPU`, `TRL_TRAIN`: the TrainingArguments every TRL run here needs on the CPU.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import tempfile
 
 import torch
@@ -154,3 +156,111 @@ def logged(metrics_jsonl, key: str | None = "loss") -> list:
     """`key` of every record of one of our runs' metrics.jsonl that has it (key None: the records)."""
     records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
     return records if key is None else [r[key] for r in records if key in r]
+
+
+def fixed_reward_funcs(rewards: torch.Tensor, names: list[str]) -> list:
+    """One reward function per column of `rewards` (N, F) under TRL's calling convention, each returning its
+    column (None where NaN) whatever the completions: the rewards are part of the test's input."""
+
+    def make(column, name):
+        def reward(prompts, completions, **kwargs):
+            assert len(completions) == len(column)
+            return [None if math.isnan(v) else v for v in column]
+
+        reward.__name__ = name  # TRL names the function's metrics rewards/<__name__>/...
+        return reward
+
+    return [make(rewards[:, i].tolist(), name) for i, name in enumerate(names)]
+
+
+def trl_online_step(
+    algo: str,
+    policy,
+    ref,
+    tokenizer,
+    prompts: list[str],
+    completions: list[list[int]],
+    rewards: torch.Tensor,
+    reward_names: list[str],
+    *,
+    updated=None,
+    micro_batches: int = 1,
+    sampler_logps: list[list[float]] | None = None,
+    **options,
+) -> dict:
+    """One optimizer step of TRL's GRPOTrainer (`algo` "grpo") or RLOOTrainer ("rloo") on one generation batch
+    of FIXED completions: the trainer's generation step is replaced by one returning `completions` (N = B * G
+    token lists, each prompt's G adjacent, as TRL's RepeatSampler orders them), so that its
+    `_generate_and_score_completions` (tokenized prompts, masks, old / reference log-probs, rewards from
+    `fixed_reward_funcs(rewards, reward_names)`, advantages, generation metrics) and `compute_loss` run on them.
+
+    The generation batch is split into `micro_batches` micro-batches in row order (the trainer's loop shuffles
+    them first; not shuffling keeps the rows comparable) that make one optimizer step
+    (`gradient_accumulation_steps` = `steps_per_generation` = micro_batches). With `updated`, its weights replace
+    the policy's between generation and loss: the second iteration of `num_iterations` 2, after an optimizer
+    update, with the old log-probs of the generation batch (pass num_iterations=2 so that TRL computes them).
+    `sampler_logps` are returned by the generation step as a vLLM or `rollout_func` backend would (GRPO only;
+    TRL's transformers path returns None). `ref` is saved to a temporary folder named by the policy's config:
+    TRL loads its reference model from there when beta != 0.
+
+    Returns loss (the step's: the sum of the micro-batches' losses as the trainer back-propagates them; RLOO
+    returns a per-micro-batch mean that the Trainer divides by gradient_accumulation_steps, done here),
+    grads (every parameter's), metrics (each metric's values averaged, NaN dropped, as the trainers' `log`
+    does), batch (the scored generation batch) and prompt_ids (TRL's tokenization of `prompts`).
+    """
+    trl = import_or_skip("trl")
+    from trl.trainer.utils import split_tensor_dict
+
+    n = len(completions)
+    group = n // len(prompts)
+    config_class, trainer_class = {
+        "grpo": (trl.GRPOConfig, trl.GRPOTrainer),
+        "rloo": (trl.RLOOConfig, trl.RLOOTrainer),
+    }[algo]
+    with tempfile.TemporaryDirectory() as folder:
+        ref.save_pretrained(folder)
+        model = copy.deepcopy(policy)
+        model.config._name_or_path = folder
+        args = config_class(
+            output_dir=f"{folder}/run",
+            num_generations=group,
+            per_device_train_batch_size=n // micro_batches,
+            gradient_accumulation_steps=micro_batches,
+            **{**TRL_CPU, **options},
+        )
+        trainer = trainer_class(
+            model=model,
+            reward_funcs=fixed_reward_funcs(rewards, reward_names),
+            args=args,
+            train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+            processing_class=tokenizer,
+        )
+        seen = []
+
+        def generate(prompt_ids, *args, **kwargs):
+            seen.extend(prompt_ids)
+            return (completions, sampler_logps) if algo == "grpo" else completions
+
+        trainer._generate_single_turn = generate
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = micro_batches  # set per step by the Trainer's loop
+        batch = trainer._generate_and_score_completions(
+            [{"prompt": p} for p in prompts for _ in range(group)]
+        )
+        if updated is not None:
+            with torch.no_grad():
+                for p, q in zip(trainer.model.parameters(), updated.parameters(), strict=True):
+                    p.copy_(q)
+        loss = torch.zeros(())
+        for micro in split_tensor_dict(batch, micro_batches):
+            micro_loss = trainer.compute_loss(trainer.model, micro)
+            if algo == "rloo":
+                micro_loss = micro_loss / micro_batches
+            micro_loss.backward()
+            loss += micro_loss.detach()
+        grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+        metrics = {}
+        for name, values in trainer._metrics["train"].items():
+            valid = [v for v in values if not math.isnan(v)]
+            metrics[name] = sum(valid) / len(valid) if valid else None
+    return {"loss": loss, "grads": grads, "metrics": metrics, "batch": batch, "prompt_ids": seen[::group]}
