@@ -6,11 +6,13 @@ recomputation (each text alone, unpadded, scored at its last token) and against 
 """
 
 import asyncio
+import functools
 import math
 import textwrap
 
 import pytest
 import torch
+from _optional import import_or_skip
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from posttrain.data import embedded
@@ -126,6 +128,33 @@ def test_resolve_refuses_nothing_and_duplicates(user_module):
         rewards.resolve(["format", "format"])
 
 
+class AsyncJudge:
+    async def __call__(self, prompts, **kwargs):
+        return [1.0] * len(prompts)
+
+
+async def async_judge(prompts, **kwargs):
+    return [1.0] * len(prompts)
+
+
+def test_names_and_async_detection_as_trl():
+    # TRL's helpers on the same forms: functions, partials, callable instances, async ones of each
+    trl_utils = import_or_skip("trl.trainer.utils")
+    forms = [rewards.format, functools.partial(rewards.format), AsyncJudge(), async_judge]
+    forms.append(functools.partial(async_judge))
+    assert [rewards.callable_name(f) for f in forms] == [
+        "format",
+        "format",
+        "AsyncJudge",
+        "async_judge",
+        "async_judge",
+    ]
+    assert [rewards.callable_name(f) for f in forms] == [trl_utils.get_callable_name(f) for f in forms]
+    assert [rewards.is_async(f) for f in forms] == [False, False, True, True, True]
+    assert [rewards.is_async(f) for f in forms] == [trl_utils.is_async_callable(f) for f in forms]
+    assert run([AsyncJudge(), functools.partial(async_judge)], ["1+1="]).values.tolist() == [[1.0, 1.0]]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # score: calling convention, order, async, logging
 # ---------------------------------------------------------------------------------------------------------
@@ -146,12 +175,13 @@ def test_score_passes_every_argument_and_column():
         [spy],
         prompts,
         ["2", "3", "5"],
-        # "prompt" / "completion" columns are not passed on (they arrive as prompts / completions), as TRL
+        # "prompt" / "completion" / "completion_ids" columns are not passed on (they arrive as the arguments), as TRL
         columns={
             "answer": ["2", "2", "5"],
             "level": [1, 1, 2],
             "prompt": prompts,
             "completion": ["", "", ""],
+            "completion_ids": [[], [], []],
         },
         step=17,
     )
@@ -318,6 +348,8 @@ def test_row_with_no_reward_is_named():
             ["2", "2", "2"],
             row_offset=20,
         )
+    with pytest.raises(RewardError, match=r"^row 0: .*; prompt: '1{199}\.\.\.$"):
+        run([rewards.exact_match], ["1" * 300])
     # one applicable reward per row is enough
     out = run([rewards.exact_match, only_first], ["hi there", "1+1="], ["2", "2"])
     assert math.isnan(out.values[0, 0]) and out.values[0, 1] == 1.0 and out.values[1, 0] == 1.0
@@ -444,3 +476,71 @@ def test_reward_model_errors(tmp_path, reward_model_dir):
             trainer_state=TrainerState(),
             row_offset=3,
         )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Against TRL 1.16's GRPOTrainer._calculate_rewards
+# ---------------------------------------------------------------------------------------------------------
+
+
+def judged(prompts, completions, answer, log_metric, log_extra, **kwargs):
+    """A reward function that reads a column, returns None (answer "0"), and logs through TRL's callbacks."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    hits = [t == a for t, a in zip(texts, answer, strict=True)]
+    log_metric("judged/hits", float(sum(hits)))
+    log_extra("verdict", ["hit" if h else "miss" for h in hits])
+    return [1.0 if h else (None if a == "0" else -0.5) for h, a in zip(hits, answer, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def trl_trainer(reward_model_dir, tmp_path_factory):
+    """A GRPOTrainer with `judged` and the same reward model, which TRL loads (model and tokenizer) itself."""
+    import_or_skip("trl")
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path_factory.mktemp("grpo")),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=4,
+    )
+    return GRPOTrainer(
+        model=embedded.build_model(),
+        reward_funcs=[judged, str(reward_model_dir)],
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": "1+1=", "answer": "2"}] * 2),
+        processing_class=embedded.build_tokenizer(),
+    )
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_score_equals_trl_calculate_rewards(trl_trainer, reward_model_dir, conversational):
+    answers = ["7", "40", "0", "8", "58"]  # rows 1 and 3 miss (-0.5), row 2 misses with answer "0" (None)
+    prompts = [conv("user", p) for p in PROMPTS] if conversational else PROMPTS
+    completions = [conv("assistant", c) for c in COMPLETIONS] if conversational else COMPLETIONS
+    ids = [[3 + i] for i in range(5)]
+    trl_trainer._pending_metrics.clear()
+    trl_trainer._pending_extra_logs.clear()
+    inputs = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]
+    expected = trl_trainer._calculate_rewards(inputs, prompts, completions, ids)
+
+    resolved = rewards.resolve([judged], reward_model_name_or_path=str(reward_model_dir))
+    ours = rewards.score(
+        resolved,
+        prompts=prompts,
+        completions=completions,
+        completion_ids=ids,
+        columns={"answer": answers},
+        trainer_state=TrainerState(),
+    )
+    assert [r.name for r in resolved] == trl_trainer.reward_func_names
+    assert torch.equal(torch.isnan(ours.values), torch.isnan(expected))
+    assert torch.isnan(ours.values[2, 0]) and ours.values[1, 0] == -0.5
+    assert torch.equal(ours.values[:, 0].nan_to_num(), expected[:, 0].nan_to_num())
+    assert rel_err(ours.values[:, 1], expected[:, 1]) <= RTOL
+    assert ours.metrics == dict(trl_trainer._pending_metrics)
+    assert ours.extras == dict(trl_trainer._pending_extra_logs)

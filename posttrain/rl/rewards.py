@@ -5,7 +5,7 @@ A reward function follows TRL 1.16's calling convention: it is called with keywo
     fn(prompts=[...], completions=[...], completion_ids=[[...], ...], trainer_state=state,
        log_metric=f, log_extra=g, **columns) -> list of N floats (None: "not applicable to this row")
 
-where `columns` are the dataset's other columns (`answer`, ...), one value per row, and may be `async`.
+where `columns` are the dataset's other columns (`answer`, ...), one value per row. It may be `async`.
 N counts completions: each prompt is already repeated `num_generations` times. Prompts and completions
 are strings (standard rows) or lists of `{"role", "content"}` messages (conversational rows).
 
@@ -13,11 +13,17 @@ are strings (standard rows) or lists of `{"role", "content"}` messages (conversa
 `--reward_model_name_or_path` into `Reward`s named as TRL names them; `score` calls them on a batch and
 returns an (N, F) table, NaN where a function returned None.
 
-Where this departs from TRL 1.16 (`GRPOTrainer._calculate_rewards`): TRL only logs a warning for a row
-on which every function returned None and then scores it 0 (its NaNs are summed away); here that row is
-an error, as are NaN and infinite rewards, which TRL lets through into the advantages. Async functions
-run in a fresh event loop per call (`asyncio.run`), not in one loop kept alive in a thread: an async
-function that keeps a client bound to a loop between calls must create it per call.
+Where this departs from TRL 1.16 (`GRPOTrainer._calculate_rewards` and `__init__`), each time to stop on
+what TRL lets through:
+- a row on which every function returned None is an error; TRL logs a warning, leaves the row out of its
+  group's baseline and gives it advantage 0;
+- a NaN reward is an error (TRL reads it as None), an infinite one too (TRL carries it into the advantages);
+- two rewards of one name, and a `log_extra` column of the wrong length or logged twice, are errors (TRL's
+  metrics and completions table would mix them up);
+- a reward model must be a trained `...ForSequenceClassification` (TRL loads a causal LM with a random
+  score head), and a text longer than its context is an error.
+Async functions run in a fresh event loop per call (`asyncio.run`), not in one loop kept alive in a thread
+as TRL does: an async function that keeps a client bound to a loop between calls must create it per call.
 """
 
 from __future__ import annotations
@@ -308,6 +314,12 @@ def resolve(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _short(value, limit: int = 200) -> str:
+    """repr(value), cut to `limit` characters: an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _checked(name: str, output, n: int, row_offset: int) -> list[float]:
     """A function's output as N floats (None -> NaN), or a RewardError naming the function and the row."""
     if getattr(output, "ndim", None) == 1 and hasattr(output, "tolist"):  # a torch or numpy vector
@@ -330,7 +342,7 @@ def _checked(name: str, output, n: int, row_offset: int) -> list[float]:
             v = v.item()
         if not isinstance(v, numbers.Real):
             raise RewardError(
-                f"reward function {name!r} returned {v!r} ({type(v).__name__}) for row {row_offset + i}; "
+                f"reward function {name!r} returned {_short(v)} ({type(v).__name__}) for row {row_offset + i}; "
                 "expected a float or None"
             )
         if not math.isfinite(v):
@@ -366,10 +378,10 @@ def score(
     for what, values in (("completions", completions), ("completion_ids", completion_ids), *columns.items()):
         if len(values) != n:
             raise ValueError(f"score: {what} has {len(values)} rows, prompts has {n}")
+    columns = {k: v for k, v in columns.items() if k not in DROPPED_COLUMNS}
     clash = [c for c in columns if c in RESERVED]
     if clash:
         raise ValueError(f"score: dataset column {clash[0]!r} has the name of a reward-function argument")
-    columns = {k: v for k, v in columns.items() if k not in DROPPED_COLUMNS}
 
     metrics: dict[str, list[float]] = {}
     extras: dict[str, list] = {}
@@ -441,7 +453,7 @@ def score(
         i = int(unscored[0, 0])
         raise RewardError(
             f"row {row_offset + i}: every reward function returned None "
-            f"({', '.join(r.name for r in rewards)}); prompt: {prompts[i]!r}"
+            f"({', '.join(r.name for r in rewards)}); prompt: {_short(prompts[i])}"
         )
     return Scored(values, metrics, extras)
 
