@@ -1,0 +1,373 @@
+"""Our GRPO and RLOO steps against TRL 1.16's GRPOTrainer and RLOOTrainer: same tiny models, same prompts,
+same completions, same rewards, float32.
+
+TRL side (`_trl_drivers.trl_online_step`): the trainer's generation step returns fixed completions, so its
+`_generate_and_score_completions` (prompt tokenization and left padding, masks, old and reference
+log-probs, rewards, advantages, generation metrics) and `compute_loss` run on them, over one optimizer step
+of 1 or 2 micro-batches in row order. With num_iterations 2 the step is the second iteration's: after an
+optimizer update of the policy, against the old log-probs of the generation batch.
+Our side: TRL's prompt ids and the same completions as a `rollout.Rollout`, the same rewards (NaN for
+None), through `prepare_batch`, `split_batch`, `num_items` and the step loss, the update likewise.
+
+Compared, relative error <= 1e-5: the step's loss and every parameter's gradient (`assert_same_step`), the
+advantages, the old and reference log-probs, and every metric both sides log (those the issue names must
+be among ours).
+
+The batch: 4 prompts of 4 to 6 characters (left padding), 3 completions each (N = 12) that end in eos
+after 0 to 2 characters or are truncated at max_completion_length 5; two reward functions weighted 1 and
+0.5, the second returning None on two rows; one group with equal rewards (zero std). The policy is 3 SFT
+steps away from the reference (per-token KL ~1); the update between iterations is one AdamW step at lr 1e-3
+(per-token ratios 0.7 to 1.4), so that both clip bounds, delta and the off-policy mask act on some tokens.
+A case that adds an option to a base case also checks that the option changes TRL's gradients, so that no
+case passes vacuously.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+from _optional import import_or_skip
+from _trl_drivers import assert_same_step, rel_err, trained_policy_and_reference, trl_online_step
+
+from posttrain.data import embedded
+from posttrain.rl import grpo, rloo, rollout
+
+import_or_skip("trl")  # a failure under CI, where trl is installed
+
+RTOL = 1e-5
+LOSS_SCALE = 0.1  # see assert_same_loss_and_grads
+MAX_COMPLETION_LENGTH = 5
+PROMPTS = ["1+2=", "13+27=", "5+5=", "17+8="]
+NONE = float("nan")
+# (completion text, ends in eos) and the two reward functions' values per completion, each prompt's 3 adjacent.
+COMPLETIONS = [
+    ("3", True),
+    ("40", True),
+    ("12345", False),  # fmt: skip
+    ("40", True),
+    ("4", True),
+    ("1+2=3", False),  # fmt: skip
+    ("10", True),
+    ("10", True),
+    ("55555", False),  # fmt: skip (equal rewards: zero std)
+    ("", True),
+    ("25", True),
+    ("52", True),  # fmt: skip
+]
+REWARDS = [
+    [1.0, 0.5],
+    [0.0, 0.5],
+    [0.0, NONE],  # fmt: skip
+    [1.0, 1.0],
+    [0.0, 0.5],
+    [0.0, 0.0],  # fmt: skip
+    [1.0, 1.0],
+    [1.0, 1.0],
+    [1.0, 1.0],  # fmt: skip
+    [0.0, 0.0],
+    [1.0, 1.0],
+    [0.0, NONE],  # fmt: skip
+]
+REWARD_NAMES = ["exact_match", "format"]  # the built-ins' names (our configs want reward_funcs)
+REWARD_WEIGHTS = [1.0, 0.5]
+UNSCORABLE_ROW = 5  # the "unscorable" cases: no function scores this completion
+
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
+CLIPPED = ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]  # the losses that log clip_ratio/*
+
+# name -> (base case or None, options, run arguments). Options are both configs' (TRL's names).
+_ON_POLICY = [("grpo", "token", 1), ("dapo", "token", 1)]  # ratio 1: no old log-probs computed
+_OFF_POLICY = [(loss, "token", 2) for loss in LOSS_TYPES]
+# cispo (its cap epsilon_high, 0.2 by default, is below every ratio) and vespo (its weight is the sequence's
+# whatever the level) give the token level's step at the sequence level: see the cispo-sequence case.
+_OFF_POLICY += [(loss, "sequence", 2) for loss in LOSS_TYPES if loss not in ("cispo", "vespo")]
+GRPO_CASES = {
+    f"{loss}-{level}-iter{iterations}": (
+        None,
+        {"loss_type": loss, "importance_sampling_level": level, "num_iterations": iterations},
+        {},
+    )
+    for loss, level, iterations in _ON_POLICY + _OFF_POLICY
+}
+_SPECIAL = {  # added to a base case: (base, options added)
+    "beta": ("dapo-token-iter2", {"beta": 0.1}),
+    "beta-no-bias-correction": ("dapo-token-iter2", {"beta": 0.1, "use_bias_correction_kl": False}),
+    "beta-grpo-sequence": ("grpo-sequence-iter2", {"beta": 0.1}),
+    "beta-on-policy": ("dapo-token-iter1", {"beta": 0.1}),
+    "scale-batch": ("dapo-token-iter2", {"scale_rewards": "batch"}),
+    "scale-none": ("dapo-token-iter2", {"scale_rewards": "none"}),
+    "normalize-then-sum": ("dapo-token-iter2", {"multi_objective_aggregation": "normalize_then_sum"}),
+    "mask-truncated": ("dapo-token-iter2", {"mask_truncated_completions": True}),
+    "mask-truncated-grpo": ("grpo-token-iter2", {"mask_truncated_completions": True}),
+    "top-entropy": ("dapo-token-iter2", {"top_entropy_quantile": 0.5}),
+    "entropy-coef": ("dapo-token-iter2", {"entropy_coef": 0.05}),
+    "entropy-coef-top-entropy": ("entropy-coef", {"top_entropy_quantile": 0.5}),
+    "off-policy-mask": ("dapo-token-iter2", {"off_policy_mask_threshold": 0.05}),
+    "delta": ("dapo-token-iter2", {"delta": 1.3}),
+    "epsilon-high": ("dapo-token-iter2", {"epsilon_high": 0.5}),
+    "epsilon": ("grpo-token-iter2", {"epsilon": 0.1}),
+    "cispo-epsilon-high": ("cispo-token-iter2", {"epsilon_high": 5.0}),
+    "cispo-sequence": ("cispo-epsilon-high", {"importance_sampling_level": "sequence"}),
+    "sapo-temperatures": ("sapo-token-iter2", {"sapo_temperature_pos": 0.5, "sapo_temperature_neg": 2.0}),
+    "vespo-parameters": (
+        "vespo-token-iter2",
+        {"vespo_k_pos": 1.5, "vespo_lambda_pos": 2.0, "vespo_k_neg": 2.0, "vespo_lambda_neg": 1.5},
+    ),
+    "temperature": ("dapo-token-iter2", {"temperature": 0.7}),
+}
+for _name, (_base, _extra) in _SPECIAL.items():  # in order: a base may be an earlier special case
+    GRPO_CASES[_name] = (_base, {**GRPO_CASES[_base][1], **_extra}, {})
+GRPO_CASES["unscorable"] = ("dapo-token-iter2", GRPO_CASES["dapo-token-iter2"][1], {"unscorable": True})
+GRPO_CASES["unscorable-normalize-then-sum"] = (
+    "normalize-then-sum",
+    GRPO_CASES["normalize-then-sum"][1],
+    {"unscorable": True},
+)
+# Two micro-batches of 6 rows (20 and 18 completion tokens) for the loss types whose normaliser spans the
+# step, the entropy bonus (a mean per micro-batch in TRL) and the entropy quantile (per micro-batch in TRL).
+# No base check: for most of them the step does not depend on the split, which is what is tested.
+for _loss in ["grpo", "bnpo", "dr_grpo", "dapo"]:
+    GRPO_CASES[f"{_loss}-accumulation"] = (None, GRPO_CASES[f"{_loss}-token-iter2"][1], {"micro_batches": 2})
+GRPO_CASES["entropy-coef-accumulation"] = (None, GRPO_CASES["entropy-coef"][1], {"micro_batches": 2})
+GRPO_CASES["top-entropy-accumulation"] = (None, GRPO_CASES["top-entropy"][1], {"micro_batches": 2})
+
+RLOO_CASES = {
+    "beta0-iter1": (None, {"beta": 0.0}, {}),
+    "beta0-iter2": (None, {"beta": 0.0, "num_iterations": 2}, {}),
+    "beta-iter1": (None, {"beta": 0.05}, {}),
+    "beta-iter2": (None, {"beta": 0.05, "num_iterations": 2}, {}),
+    "normalize-advantages": (
+        "beta-iter2",
+        {"beta": 0.05, "num_iterations": 2, "normalize_advantages": True},
+        {},
+    ),
+    "reward-clip-range": (
+        "beta0-iter2",
+        {"beta": 0.0, "num_iterations": 2, "reward_clip_range": (0.2, 1.2)},
+        {},
+    ),
+    "epsilon-high": ("beta0-iter2", {"beta": 0.0, "num_iterations": 2, "epsilon_high": 0.28}, {}),
+    "epsilon": ("beta0-iter2", {"beta": 0.0, "num_iterations": 2, "epsilon": 0.1}, {}),
+    "mask-truncated": (
+        "beta-iter2",
+        {"beta": 0.05, "num_iterations": 2, "mask_truncated_completions": True},
+        {},
+    ),
+    "temperature": ("beta-iter2", {"beta": 0.05, "num_iterations": 2, "temperature": 0.7}, {}),
+    "unscorable": ("beta-iter2", {"beta": 0.05, "num_iterations": 2}, {"unscorable": True}),
+    "accumulation": (None, {"beta": 0.05, "num_iterations": 2}, {"micro_batches": 2}),
+}
+
+GENERATION_METRICS = [
+    "reward",
+    "reward_std",
+    *[f"rewards/{name}/{stat}" for name in REWARD_NAMES for stat in ("mean", "std")],
+    "frac_reward_zero_std",
+    "completions/mean_length",
+    "completions/min_length",
+    "completions/max_length",
+    "completions/clipped_ratio",
+]
+CLIP_METRICS = ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return embedded.build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    """(policy, reference, updated): the tiny Qwen2 3 SFT steps from its reference (see _trl_drivers), and the
+    policy after one more AdamW step (lr 1e-3) on other problems: the weights of the second iteration."""
+    policy, ref = trained_policy_and_reference(tokenizer)
+    updated = copy.deepcopy(policy)
+    texts = [r["prompt"] + r["completion"] + tokenizer.eos_token for r in embedded.rows()[32:64]]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(updated.parameters(), lr=1e-3)
+    updated(**enc, labels=labels).loss.backward()
+    optimizer.step()
+    updated.zero_grad()
+    return policy, ref, updated
+
+
+@pytest.fixture(scope="module")
+def completions(tokenizer):
+    """COMPLETIONS as token lists: the text's ids, then eos for those that ended."""
+    eos = tokenizer.eos_token_id
+    return [
+        tokenizer(text, add_special_tokens=False)["input_ids"] + [eos] * ended for text, ended in COMPLETIONS
+    ]
+
+
+def rewards_of(unscorable: bool) -> torch.Tensor:
+    rewards = torch.tensor(REWARDS)
+    if unscorable:
+        rewards[UNSCORABLE_ROW] = NONE
+    return rewards
+
+
+@pytest.fixture(scope="module")
+def trl_results(models, tokenizer, completions):
+    """TRL's result of a case, computed once per module (a base case serves its variants)."""
+    cache = {}
+
+    def result(algo: str, cases: dict, name: str) -> dict:
+        if (algo, name) not in cache:
+            _, options, run = cases[name]
+            policy, ref, updated = models
+            cache[algo, name] = trl_online_step(
+                algo,
+                policy,
+                ref,
+                tokenizer,
+                PROMPTS,
+                completions,
+                rewards_of(run.get("unscorable", False)),
+                REWARD_NAMES,
+                updated=updated if options.get("num_iterations", 1) == 2 else None,
+                micro_batches=run.get("micro_batches", 1),
+                max_completion_length=MAX_COMPLETION_LENGTH,
+                reward_weights=REWARD_WEIGHTS,
+                **options,
+            )
+        return cache[algo, name]
+
+    return result
+
+
+def as_rollout(completions: list[list[int]], pad_token_id: int, eos_token_id: int) -> rollout.Rollout:
+    """The completions as the rollout engine returns them: right-padded ids, the mask up to and including eos,
+    sampler log-probs (zeros: TRL's transformers path has none), finished where the last token is eos."""
+    n, width = len(completions), max(len(c) for c in completions)
+    ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(n, width, dtype=torch.long)
+    for i, tokens in enumerate(completions):
+        ids[i, : len(tokens)] = torch.tensor(tokens)
+        mask[i, : len(tokens)] = 1
+    finished = torch.tensor([tokens[-1] == eos_token_id for tokens in completions])
+    return rollout.Rollout(ids, mask, torch.zeros(n, width), finished)
+
+
+def our_step(algo, options, run, models, tokenizer, completions, prompt_ids, tmp_path) -> dict:
+    """Our loss, gradients, batch and metrics (the generation batch's, then each micro-batch's summed) for the
+    case, as `trl_online_step` runs it: the loop's pieces (`algorithm()`: prepare_batch, step_loss, units)
+    with the micro-batches in row order."""
+    module, config_class = {"grpo": (grpo, grpo.GRPOConfig), "rloo": (rloo, rloo.RLOOConfig)}[algo]
+    pieces = module.algorithm()
+    micro_batches = run.get("micro_batches", 1)
+    config = config_class(
+        output_dir=str(tmp_path),
+        report_to="none",
+        num_generations=len(completions) // len(PROMPTS),
+        per_device_train_batch_size=len(completions) // micro_batches,
+        gradient_accumulation_steps=micro_batches,
+        max_completion_length=MAX_COMPLETION_LENGTH,
+        reward_funcs=REWARD_NAMES,
+        reward_weights=REWARD_WEIGHTS,
+        **options,
+    )
+    policy, ref, updated = models
+    batch = pieces.prepare_batch(
+        config,
+        policy,
+        ref if config.beta != 0 else None,
+        prompt_ids,
+        as_rollout(completions, tokenizer.pad_token_id, tokenizer.eos_token_id),
+        rewards_of(run.get("unscorable", False)),
+        reward_names=REWARD_NAMES,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = copy.deepcopy(updated if config.num_iterations == 2 else policy)
+    micro = grpo.split_batch(batch, micro_batches)
+    for part in micro:
+        part["micro_batches"] = micro_batches  # the step's count, as the loop marks them
+    num_items = sum(torch.as_tensor(pieces.units(config, part)) for part in micro)
+    loss, metrics = torch.zeros(()), {}
+    for part in micro:
+        part_loss, part_metrics = pieces.step_loss(model, part, num_items, config=config)
+        part_loss.backward()
+        loss += part_loss.detach()
+        for name, value in part_metrics.items():
+            metrics[name] = metrics.get(name, 0.0) + float(value)
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    metrics.update({name: float(value) for name, value in batch["metrics"].items()})
+    return {"loss": loss, "grads": grads, "metrics": metrics, "batch": batch}
+
+
+def assert_same_loss_and_grads(ours: dict, theirs: dict):
+    """The loss within RTOL of max(|TRL's|, LOSS_SCALE): it sums terms of ~0.1 whose advantages cancel (mean 0
+    in each group), so its float32 rounding is ~1e-7 however small it is; then every gradient as
+    `assert_same_step` (norm-relative, no such cancellation)."""
+    error = abs(ours["loss"].item() - theirs["loss"].item())
+    assert error <= RTOL * max(abs(theirs["loss"].item()), LOSS_SCALE), (ours["loss"], theirs["loss"])
+    assert_same_step({**ours, "loss": theirs["loss"]}, theirs)
+
+
+def assert_same_metrics(ours: dict, theirs: dict, required: list[str]):
+    """Every required metric logged by us; every metric both log equal (relative 1e-5, absolute 1e-6 for the
+    zeros of clip fractions)."""
+    missing = [name for name in required if name not in ours]
+    assert not missing, f"metrics we do not log: {missing}"
+    for name in sorted(ours.keys() & theirs.keys()):
+        if theirs[name] is None:  # TRL logs None when every value was NaN
+            assert math.isnan(ours[name]), name
+            continue
+        assert math.isclose(ours[name], theirs[name], rel_tol=RTOL, abs_tol=1e-6), (
+            name,
+            ours[name],
+            theirs[name],
+        )
+
+
+def assert_same_tensors(ours: dict, theirs: dict):
+    """Advantages, and old / reference log-probs on the completion tokens where TRL computed them (ours span
+    prompt + completion columns, TRL's the completion's)."""
+    assert rel_err(ours["advantages"], theirs["advantages"]) <= RTOL
+    mask = theirs["completion_mask"]
+    for our_key, their_key in [("old_logps", "old_per_token_logps"), ("ref_logps", "ref_per_token_logps")]:
+        if their_key in theirs:
+            ours_ = ours[our_key][:, -mask.shape[1] :]
+            assert rel_err(ours_ * mask, theirs[their_key] * mask) <= RTOL, our_key
+
+
+def assert_option_bites(cases, name, theirs, trl_results, algo):
+    """A case built on a base case must change TRL's gradients, else it would test nothing."""
+    base = cases[name][0]
+    if base is None:
+        return
+    flat = [
+        torch.cat([g.flatten() for g in r["grads"].values()])
+        for r in (theirs, trl_results(algo, cases, base))
+    ]
+    assert rel_err(*flat) > 1e-4, f"{name} gives {base}'s gradients"
+
+
+@pytest.mark.parametrize("case", list(GRPO_CASES))
+def test_grpo_step_matches_trl(case, models, tokenizer, completions, trl_results, tmp_path):
+    _, options, run = GRPO_CASES[case]
+    theirs = trl_results("grpo", GRPO_CASES, case)
+    ours = our_step("grpo", options, run, models, tokenizer, completions, theirs["prompt_ids"], tmp_path)
+    assert_same_loss_and_grads(ours, theirs)
+    assert_same_tensors(ours["batch"], theirs["batch"])
+    required = GENERATION_METRICS + ["entropy"]
+    required += CLIP_METRICS if options["loss_type"] in CLIPPED else []
+    required += ["kl"] if options.get("beta", 0.0) else []
+    assert_same_metrics(ours["metrics"], theirs["metrics"], required)
+    assert_option_bites(GRPO_CASES, case, theirs, trl_results, "grpo")
+
+
+@pytest.mark.parametrize("case", list(RLOO_CASES))
+def test_rloo_step_matches_trl(case, models, tokenizer, completions, trl_results, tmp_path):
+    _, options, run = RLOO_CASES[case]
+    theirs = trl_results("rloo", RLOO_CASES, case)
+    ours = our_step("rloo", options, run, models, tokenizer, completions, theirs["prompt_ids"], tmp_path)
+    assert_same_loss_and_grads(ours, theirs)
+    assert rel_err(ours["batch"]["advantages"], theirs["batch"]["advantages"]) <= RTOL
+    old_logps = (ours["batch"]["old_logps"] * ours["batch"]["completion_mask"]).sum(-1)  # TRL keeps the sums
+    assert rel_err(old_logps, theirs["batch"]["old_logps"]) <= RTOL
+    required = GENERATION_METRICS + ["entropy"] + CLIP_METRICS + (["kl"] if options["beta"] else [])
+    assert_same_metrics(ours["metrics"], theirs["metrics"], required)
+    assert_option_bites(RLOO_CASES, case, theirs, trl_results, "rloo")
