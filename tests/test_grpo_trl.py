@@ -105,6 +105,8 @@ _SPECIAL = {  # added to a base case: (base, options added)
     "entropy-coef-top-entropy": ("entropy-coef", {"top_entropy_quantile": 0.5}),
     "off-policy-mask": ("dapo-token-iter2", {"off_policy_mask_threshold": 0.05}),
     "delta": ("dapo-token-iter2", {"delta": 1.3}),
+    # below 1 + epsilon_high: TRL's clip metrics see the ratio capped at delta (high_mean 0)
+    "delta-below-epsilon-high": ("dapo-token-iter2", {"delta": 1.1}),
     "epsilon-high": ("dapo-token-iter2", {"epsilon_high": 0.5}),
     "epsilon": ("grpo-token-iter2", {"epsilon": 0.1}),
     "cispo-epsilon-high": ("cispo-token-iter2", {"epsilon_high": 5.0}),
