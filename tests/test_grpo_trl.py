@@ -20,6 +20,10 @@ and reference log-probs, and every metric both sides log (those the issue names 
 3. GPT-2 (absolute positions, the logits path) and Gemma 2 (soft-capping) give TRL's steps; GPT-2 on prompts
    of equal length, since TRL scores left-padded GPT-2 rows at shifted positions: ours score each row as
    if alone, checked against the row run unpadded.
+4. The loops: 4 steps of GRPOTrainer.train / RLOOTrainer.train and grpo.train / rloo.train from the same
+   weights, both generation steps returning the same completions, the prompts in dataset order and the
+   generation batches unshuffled on both sides; generation batches of 2 optimizer steps (old log-probs,
+   dapo's spread normaliser, the loop's micro-batch marks): every logged number each step within 1e-5.
 
 The batch: 4 prompts of 4 to 6 characters (left padding), 3 completions each (N = 12) that end in eos
 after 0 to 2 characters or are truncated at max_completion_length 5; two reward functions weighted 1 and
@@ -37,18 +41,23 @@ import pytest
 import torch
 from _optional import import_or_skip
 from _trl_drivers import (
+    TRL_TRAIN,
     assert_same_step,
     family_config,
+    logged,
     rel_err,
     trained_policy_and_reference,
     trl_online_step,
+    write_jsonl,
 )
+from datasets import Dataset
 
 from posttrain.data import embedded
 from posttrain.data.tokenization import tokenize_prompts
-from posttrain.rl import grpo, rloo, rollout
+from posttrain.rl import grpo, loop, rloo, rollout
+from posttrain.rl.models import load_tokenizer
 
-import_or_skip("trl")  # a failure under CI, where trl is installed
+trl = import_or_skip("trl")  # a failure under CI, where trl is installed
 
 RTOL = 1e-5
 LOSS_SCALE = 0.1  # see assert_same_loss_and_grads
@@ -486,3 +495,152 @@ def test_gpt2_left_padded_rows_score_as_alone(family_models, tokenizer, completi
             alone = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
             ours = batch[key][i][batch["completion_mask"][i].bool()]
             assert rel_err(ours, alone) <= RTOL, (key, i)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop: GRPOTrainer.train and grpo.train / RLOOTrainer.train and rloo.train on the same completions
+# ---------------------------------------------------------------------------------------------------------
+
+TABLE = {  # (prompt, completion text) -> the two rewards, for the loops' reward functions
+    (PROMPTS[i // 3], text): values
+    for i, ((text, _), values) in enumerate(zip(COMPLETIONS, REWARDS, strict=True))
+}
+
+
+def table_exact_match(prompts, completions, **kwargs):
+    """REWARDS' first column, looked up by (prompt, completion): a reward function for both loops (ours
+    imports it as test_grpo_trl:table_exact_match; pytest puts tests/ on sys.path)."""
+    return [None if math.isnan(v := TABLE[p, c][0]) else v for p, c in zip(prompts, completions, strict=True)]
+
+
+def table_format(prompts, completions, **kwargs):
+    """REWARDS' second column (None where NaN), as table_exact_match."""
+    return [None if math.isnan(v := TABLE[p, c][1]) else v for p, c in zip(prompts, completions, strict=True)]
+
+
+def fixed_generation(tokenizer, completions):
+    """prompt ids -> the G completions of that prompt (COMPLETIONS), for either side's generation step."""
+    G = len(completions) // len(PROMPTS)
+    ids = [tuple(tokenizer(p)["input_ids"]) for p in PROMPTS]
+    return {prompt: completions[i * G : (i + 1) * G] for i, prompt in enumerate(ids)}
+
+
+TRAJECTORY_STEPS = 4  # two generation batches of all 4 prompts, each feeding 2 optimizer steps
+TRAJECTORY_OPTIONS = dict(
+    learning_rate=1e-3,
+    lr_scheduler_type="constant",
+    weight_decay=0.0,
+    max_grad_norm=1.0,
+    max_steps=TRAJECTORY_STEPS,
+    per_device_train_batch_size=6,
+    steps_per_generation=2,
+    num_generations=3,
+    max_completion_length=MAX_COMPLETION_LENGTH,
+    reward_weights=REWARD_WEIGHTS,
+    logging_steps=1,
+    seed=0,
+)
+# what both must log when TRL does (generation metrics on the steps that generate)
+TRAJECTORY_REQUIRED = ["loss", "grad_norm", "entropy", "kl", "num_tokens", "reward", "clip_ratio/region_mean"]
+TRAJECTORIES = {
+    "grpo-dapo": ("grpo", {"loss_type": "dapo", "beta": 0.1}),
+    "grpo-bnpo": ("grpo", {"loss_type": "bnpo", "beta": 0.1}),
+    "grpo-grpo-sequence": ("grpo", {"loss_type": "grpo", "importance_sampling_level": "sequence"}),
+    "rloo": ("rloo", {"beta": 0.05}),
+}
+
+
+@pytest.fixture(scope="module")
+def start(models, tokenizer, tmp_path_factory):
+    """A folder holding the policy of `models` and the tokenizer: where both loops start (and their reference)."""
+    folder = tmp_path_factory.mktemp("start")
+    models[0].save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def trl_trajectory(algo, folder, completions, out, **options) -> list[dict]:
+    """TRL's logged records (one per step) of `algo`'s trainer.train from `folder`, its generation step
+    returning COMPLETIONS, prompts in dataset order and each generation batch left unshuffled."""
+    from trl.trainer import grpo_trainer, rloo_trainer
+
+    tokenizer = load_tokenizer(str(folder))
+    config_class, trainer_class, module = {
+        "grpo": (trl.GRPOConfig, trl.GRPOTrainer, grpo_trainer),
+        "rloo": (trl.RLOOConfig, trl.RLOOTrainer, rloo_trainer),
+    }[algo]
+    args = config_class(output_dir=str(out), shuffle_dataset=False, **TRL_TRAIN, **options)
+    trainer = trainer_class(
+        model=str(folder),
+        reward_funcs=[table_exact_match, table_format],
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]),
+        processing_class=tokenizer,
+    )
+    table = fixed_generation(tokenizer, completions)
+
+    def generate(prompt_ids, *args, **kwargs):  # each prompt G times in a row (TRL's RepeatSampler)
+        G = len(completions) // len(PROMPTS)
+        out = [table[tuple(ids)][i % G] for i, ids in enumerate(prompt_ids)]
+        return (out, None) if algo == "grpo" else out
+
+    trainer._generate_single_turn = generate
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "shuffle_sequence_dict", lambda batch: batch)
+        trainer.train()
+    return [r for r in trainer.state.log_history if "loss" in r]
+
+
+def our_trajectory(algo, folder, completions, out, **options) -> list[dict]:
+    """Our loop's metrics.jsonl records for the same run: the rollout engine returning COMPLETIONS, the
+    prompts in dataset order, each generation batch left unshuffled (as trl_trajectory)."""
+    tokenizer = load_tokenizer(str(folder))
+    table = fixed_generation(tokenizer, completions)
+    module = {"grpo": grpo, "rloo": rloo}[algo]
+    config_class = {"grpo": grpo.GRPOConfig, "rloo": rloo.RLOOConfig}[algo]
+
+    def generate(model, prompt_ids, *, num_generations, **kwargs):
+        rows = [c for ids in prompt_ids for c in table[tuple(ids)]]
+        return as_rollout(rows, tokenizer.pad_token_id, tokenizer.eos_token_id)
+
+    split_batch = grpo.split_batch
+    data = write_jsonl(out.parent / f"{out.name}-prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rollout, "generate", generate)
+        patch.setattr(loop, "epoch_order", lambda num_rows, *args, **kwargs: list(range(num_rows)))
+        patch.setattr(grpo, "split_batch", lambda batch, k, generator=None: split_batch(batch, k))
+        module.train(
+            config_class(
+                model_name_or_path=str(folder),
+                dataset_name=data,
+                output_dir=str(out),
+                reward_funcs=["test_grpo_trl:table_exact_match", "test_grpo_trl:table_format"],
+                save_steps=0,
+                eval_steps=0,
+                disable_tqdm=True,
+                report_to="none",
+                **options,
+            )
+        )
+    return [r for r in logged(out / "metrics.jsonl", None) if "loss" in r]
+
+
+@pytest.mark.parametrize("case", list(TRAJECTORIES))
+def test_loop_follows_trls_trajectory(case, start, completions, tmp_path):
+    """4 optimizer steps of each loop from the same weights, on the same completions and rewards: two
+    generation batches, each cut into 2 micro-batches that are 2 optimizer steps (steps_per_generation 2,
+    gradient_accumulation_steps 1), so the second step of each uses old log-probs and dapo's normaliser is the
+    generation batch's tokens over 2. Every number TRL logs that we log, each step, within 1e-5 (relative or
+    absolute; they agree to ~1e-6): loss, grad_norm, kl, entropy, clip ratios, rewards, completion lengths,
+    num_tokens, epoch."""
+    algo, options = TRAJECTORIES[case]
+    options = {**TRAJECTORY_OPTIONS, **options}
+    theirs = trl_trajectory(algo, start, completions, tmp_path / "trl", **options)
+    ours = our_trajectory(algo, start, completions, tmp_path / "ours", **options)
+    assert len(ours) == len(theirs) == TRAJECTORY_STEPS
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True), start=1):
+        missing = [name for name in TRAJECTORY_REQUIRED if name in b and name not in a]
+        assert not missing, (step, missing)
+        for name in sorted(a.keys() & b.keys()):
+            assert math.isclose(a[name], b[name], rel_tol=RTOL, abs_tol=RTOL), (step, name, a[name], b[name])
+    assert abs(theirs[-1]["loss"] - theirs[0]["loss"]) > 1e-3  # the runs move: real updates are compared
