@@ -23,7 +23,8 @@ and reference log-probs, and every metric both sides log (those the issue names 
 4. The loops: 4 steps of GRPOTrainer.train / RLOOTrainer.train and grpo.train / rloo.train from the same
    weights, both generation steps returning the same completions, the prompts in dataset order and the
    generation batches unshuffled on both sides; generation batches of 2 optimizer steps (old log-probs,
-   dapo's spread normaliser, the loop's micro-batch marks): every logged number each step within 1e-5.
+   dapo's spread normaliser), also as 2 micro-batches per step used twice (num_iterations 2, the loop's
+   micro-batch marks, the entropy bonus): every logged number each step within 1e-5.
 
 The batch: 4 prompts of 4 to 6 characters (left padding), 3 completions each (N = 12) that end in eos
 after 0 to 2 characters or are truncated at max_completion_length 5; two reward functions weighted 1 and
@@ -547,6 +548,12 @@ TRAJECTORIES = {
     "grpo-bnpo": ("grpo", {"loss_type": "bnpo", "beta": 0.1}),
     "grpo-grpo-sequence": ("grpo", {"loss_type": "grpo", "importance_sampling_level": "sequence"}),
     "rloo": ("rloo", {"beta": 0.05}),
+    # 2 micro-batches per step, each generation batch used twice: the loop's accumulation and iterations
+    "grpo-iterations-accumulation": (
+        "grpo",
+        {"num_iterations": 2, "gradient_accumulation_steps": 2, "beta": 0.1, "entropy_coef": 0.05},
+    ),
+    "rloo-iterations-accumulation": ("rloo", {"num_iterations": 2, "gradient_accumulation_steps": 2}),
 }
 
 
