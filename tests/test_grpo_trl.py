@@ -554,6 +554,17 @@ TRAJECTORIES = {
         {"num_iterations": 2, "gradient_accumulation_steps": 2, "beta": 0.1, "entropy_coef": 0.05},
     ),
     "rloo-iterations-accumulation": ("rloo", {"num_iterations": 2, "gradient_accumulation_steps": 2}),
+    # the reference mixed toward the policy after step 2 (steps 3 and 4 see it in kl)
+    "grpo-sync-ref-model": ("grpo", {"beta": 0.1, "sync_ref_model": True, "ref_model_sync_steps": 2}),
+    "grpo-mask-truncated": ("grpo", {"beta": 0.1, "mask_truncated_completions": True}),
+}
+# Known disagreements (briefs/grpotrl-findings.md), strict: the mark fails once fixed, to be removed then.
+TRAJECTORY_MARKS = {
+    "grpo-mask-truncated": pytest.mark.xfail(
+        strict=True,
+        reason="num_tokens: ours counts the completion tokens left after mask_truncated_completions (80 at "
+        "step 1), TRL every generated token (95)",
+    ),
 }
 
 
@@ -632,7 +643,9 @@ def our_trajectory(algo, folder, completions, out, **options) -> list[dict]:
     return [r for r in logged(out / "metrics.jsonl", None) if "loss" in r]
 
 
-@pytest.mark.parametrize("case", list(TRAJECTORIES))
+@pytest.mark.parametrize(
+    "case", [pytest.param(name, marks=TRAJECTORY_MARKS.get(name, ())) for name in TRAJECTORIES]
+)
 def test_loop_follows_trls_trajectory(case, start, completions, tmp_path):
     """4 optimizer steps of each loop from the same weights, on the same completions and rewards: two
     generation batches, each cut into 2 micro-batches that are 2 optimizer steps (steps_per_generation 2,
