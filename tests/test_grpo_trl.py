@@ -65,36 +65,22 @@ LOSS_SCALE = 0.1  # see assert_same_loss_and_grads
 MAX_COMPLETION_LENGTH = 5
 PROMPTS = ["1+2=", "13+27=", "5+5=", "17+8="]
 EQUAL_LENGTH_PROMPTS = ["1+2=", "5+5=", "7+8=", "3+4="]  # no left padding (GPT-2, see its tests)
-NONE = float("nan")
+NONE = float("nan")  # a reward function's None
 # (completion text, ends in eos) and the two reward functions' values per completion, each prompt's 3 adjacent.
+# fmt: off
 COMPLETIONS = [
-    ("3", True),
-    ("40", True),
-    ("12345", False),  # fmt: skip
-    ("40", True),
-    ("4", True),
-    ("1+2=3", False),  # fmt: skip
-    ("10", True),
-    ("10", True),
-    ("55555", False),  # fmt: skip (equal rewards: zero std)
-    ("", True),
-    ("25", True),
-    ("52", True),  # fmt: skip
+    ("3", True), ("40", True), ("12345", False),  # "1+2="
+    ("40", True), ("4", True), ("1+2=3", False),  # "13+27="
+    ("10", True), ("10", True), ("55555", False),  # "5+5=": equal rewards, zero std
+    ("", True), ("25", True), ("52", True),  # "17+8="
 ]
 REWARDS = [
-    [1.0, 0.5],
-    [0.0, 0.5],
-    [0.0, NONE],  # fmt: skip
-    [1.0, 1.0],
-    [0.0, 0.5],
-    [0.0, 0.0],  # fmt: skip
-    [1.0, 1.0],
-    [1.0, 1.0],
-    [1.0, 1.0],  # fmt: skip
-    [0.0, 0.0],
-    [1.0, 1.0],
-    [0.0, NONE],  # fmt: skip
+    [1.0, 0.5], [0.0, 0.5], [0.0, NONE],
+    [1.0, 1.0], [0.0, 0.5], [0.0, 0.0],
+    [1.0, 1.0], [1.0, 1.0], [1.0, 1.0],
+    [0.0, 0.0], [1.0, 1.0], [0.0, NONE],
 ]
+# fmt: on
 REWARD_NAMES = ["exact_match", "format"]  # the built-ins' names (our configs want reward_funcs)
 REWARD_WEIGHTS = [1.0, 0.5]
 UNSCORABLE_ROW = 5  # the "unscorable" cases: no function scores this completion
@@ -236,6 +222,7 @@ def completions(tokenizer):
 
 
 def rewards_of(unscorable: bool) -> torch.Tensor:
+    """REWARDS (N, F), NaN for None; with `unscorable`, NaN on all of UNSCORABLE_ROW."""
     rewards = torch.tensor(REWARDS)
     if unscorable:
         rewards[UNSCORABLE_ROW] = NONE
@@ -391,6 +378,7 @@ def assert_option_bites(cases, name, theirs, trl_results, algo):
 
 @pytest.mark.parametrize("case", list(GRPO_CASES))
 def test_grpo_step_matches_trl(case, models, tokenizer, completions, trl_results, tmp_path):
+    """One GRPO step of GRPO_CASES[case]: loss, gradients, advantages, old / reference log-probs, metrics."""
     _, options, run = GRPO_CASES[case]
     theirs = trl_results("grpo", GRPO_CASES, case)
     ours = our_step("grpo", options, run, models, tokenizer, completions, theirs["prompt_ids"], tmp_path)
@@ -405,12 +393,14 @@ def test_grpo_step_matches_trl(case, models, tokenizer, completions, trl_results
 
 @pytest.mark.parametrize("case", list(RLOO_CASES))
 def test_rloo_step_matches_trl(case, models, tokenizer, completions, trl_results, tmp_path):
+    """One RLOO step of RLOO_CASES[case]: loss, gradients, advantages, old log-probs (TRL keeps each
+    completion's sum), metrics."""
     _, options, run = RLOO_CASES[case]
     theirs = trl_results("rloo", RLOO_CASES, case)
     ours = our_step("rloo", options, run, models, tokenizer, completions, theirs["prompt_ids"], tmp_path)
     assert_same_loss_and_grads(ours, theirs)
     assert rel_err(ours["batch"]["advantages"], theirs["batch"]["advantages"]) <= RTOL
-    old_logps = (ours["batch"]["old_logps"] * ours["batch"]["completion_mask"]).sum(-1)  # TRL keeps the sums
+    old_logps = (ours["batch"]["old_logps"] * ours["batch"]["completion_mask"]).sum(-1)
     assert rel_err(old_logps, theirs["batch"]["old_logps"]) <= RTOL
     required = GENERATION_METRICS + ["entropy"] + CLIP_METRICS + (["kl"] if options["beta"] else [])
     assert_same_metrics(ours["metrics"], theirs["metrics"], required)
