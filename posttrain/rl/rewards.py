@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import importlib
 import inspect
@@ -403,7 +404,7 @@ def score(
                 value = value.item()
             if not isinstance(value, numbers.Real):
                 raise RewardError(
-                    f"reward function {name!r}: log_metric({metric!r}, {value!r}) is not a number"
+                    f"reward function {name!r}: log_metric({metric!r}, {_short(value)}) is not a number"
                 )
             metrics.setdefault(metric, []).append(float(value))
 
@@ -427,28 +428,26 @@ def score(
             **columns,
         )
 
-    def raised(name: str, e: Exception) -> RewardError:
-        return RewardError(f"reward function {name!r} raised on {rows}: {type(e).__name__}: {e}")
+    @contextlib.contextmanager
+    def naming(name: str):
+        """A function's exception as a RewardError naming it and the rows (the original chained)."""
+        try:
+            yield
+        except RewardError:  # from its log_metric / log_extra: already named
+            raise
+        except Exception as e:
+            raise RewardError(f"reward function {name!r} raised on {rows}: {type(e).__name__}: {e}") from e
 
     table: list[list[float] | None] = [None] * len(rewards)
     for j, reward in enumerate(rewards):
-        if is_async(reward.fn):
-            continue
-        try:
-            output = reward.fn(**kwargs_for(reward.name))
-        except RewardError:
-            raise
-        except Exception as e:
-            raise raised(reward.name, e) from e
-        table[j] = _checked(reward.name, output, n, row_offset)
+        if not is_async(reward.fn):
+            with naming(reward.name):
+                output = reward.fn(**kwargs_for(reward.name))
+            table[j] = _checked(reward.name, output, n, row_offset)
 
     async def run_one(j: int, reward: Reward) -> None:
-        try:
+        with naming(reward.name):
             output = await reward.fn(**kwargs_for(reward.name))
-        except RewardError:
-            raise
-        except Exception as e:
-            raise raised(reward.name, e) from e
         table[j] = _checked(reward.name, output, n, row_offset)
 
     async def run_async() -> None:
