@@ -8,6 +8,7 @@ recomputation (each text alone, unpadded, scored at its last token) and against 
 import asyncio
 import functools
 import math
+import sys
 import textwrap
 
 import pytest
@@ -97,23 +98,42 @@ def user_module(tmp_path, monkeypatch):
 
 
 def test_resolve_builtins_and_import_paths(user_module):
-    resolved = rewards.resolve(
-        ["exact_match", "my_rewards:length_reward", "format", "my_rewards:Judge.strict"]
-    )
-    assert [r.name for r in resolved] == ["exact_match", "length_reward", "format", "strict"]
+    # the last entry in TRL's dotted form
+    entries = [
+        "exact_match",
+        "my_rewards:length_reward",
+        "format",
+        "my_rewards:Judge.strict",
+        "my_rewards.Judge",
+    ]
+    resolved = rewards.resolve(entries)
+    assert [r.name for r in resolved] == ["exact_match", "length_reward", "format", "strict", "Judge"]
     assert resolved[0].fn is rewards.exact_match and resolved[2].fn is rewards.format
     assert resolved[1].fn(completions=["ab", "abc"]) == [2.0, 3.0]
+
+
+def test_resolve_finds_a_module_in_the_working_folder(tmp_path, monkeypatch):
+    # a console script's sys.path does not hold the working folder; TRL's script adds it, so do we
+    (tmp_path / "cwd_rewards.py").write_text(
+        "def shout(completions, **kw):\n    return [1.0] * len(completions)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    (shout,) = rewards.resolve(["cwd_rewards:shout"])
+    assert shout.name == "shout" and shout.fn(completions=["a"]) == [1.0]
 
 
 @pytest.mark.parametrize(
     "entry, message",
     [
-        ("exact", r"unknown reward 'exact'; built-ins: exact_match, format"),
+        ("exact", r"unknown reward 'exact'; built-ins: exact_match, format, or an import path"),
+        ("./my_rm", r"'./my_rm' is not an import path 'package.module:function' \(a reward model goes in"),
         ("no_such_module_xyz:f", r"'no_such_module_xyz:f': module 'no_such_module_xyz' does not import: "),
         ("broken_rewards:f", r"'broken_rewards:f': module 'broken_rewards' does not import: ModuleNotFound"),
         ("my_rewards:missing", r"'my_rewards:missing': module 'my_rewards' has no 'missing'"),
         ("my_rewards:NOT_CALLABLE", r"'my_rewards:NOT_CALLABLE' is a int, not a function"),
-        ("my_rewards:", r"'my_rewards:' is not 'package.module:function'"),
+        ("my_rewards:", r"'my_rewards:' is not an import path 'package.module:function'"),
+        ("my_rewards.missing", r"'my_rewards.missing': module 'my_rewards' has no 'missing'"),
     ],
 )
 def test_resolve_names_a_bad_entry(user_module, entry, message):
@@ -384,6 +404,8 @@ def test_bad_logging_is_named():
 
 
 def test_bad_batch_is_named():
+    with pytest.raises(ValueError, match="score: no rewards to score with"):
+        run([], ["1+1="])
     with pytest.raises(ValueError, match="score: answer has 1 rows, prompts has 2"):
         run([rewards.format], ["1+1="] * 2, columns={"answer": ["2"]})
     with pytest.raises(
@@ -510,7 +532,7 @@ def trl_trainer(reward_model_dir, tmp_path_factory):
     )
     return GRPOTrainer(
         model=embedded.build_model(),
-        reward_funcs=[judged, str(reward_model_dir)],
+        reward_funcs=[str(reward_model_dir), judged],  # TRL's script's order: the reward model first
         args=args,
         train_dataset=Dataset.from_list([{"prompt": "1+1=", "answer": "2"}] * 2),
         processing_class=embedded.build_tokenizer(),
@@ -539,8 +561,8 @@ def test_score_equals_trl_calculate_rewards(trl_trainer, reward_model_dir, conve
     )
     assert [r.name for r in resolved] == trl_trainer.reward_func_names
     assert torch.equal(torch.isnan(ours.values), torch.isnan(expected))
-    assert torch.isnan(ours.values[2, 0]) and ours.values[1, 0] == -0.5
-    assert torch.equal(ours.values[:, 0].nan_to_num(), expected[:, 0].nan_to_num())
-    assert rel_err(ours.values[:, 1], expected[:, 1]) <= RTOL
+    assert torch.isnan(ours.values[2, 1]) and ours.values[1, 1] == -0.5
+    assert torch.equal(ours.values[:, 1].nan_to_num(), expected[:, 1].nan_to_num())
+    assert rel_err(ours.values[:, 0], expected[:, 0]) <= RTOL
     assert ours.metrics == dict(trl_trainer._pending_metrics)
     assert ours.extras == dict(trl_trainer._pending_extra_logs)

@@ -9,8 +9,8 @@ where `columns` are the dataset's other columns (`answer`, ...), one value per r
 N counts completions: each prompt is already repeated `num_generations` times. Prompts and completions
 are strings (standard rows) or lists of `{"role", "content"}` messages (conversational rows).
 
-`resolve` turns `--reward_funcs` (built-in names or `package.module:function`) and
-`--reward_model_name_or_path` into `Reward`s named as TRL names them; `score` calls them on a batch and
+`resolve` turns `--reward_model_name_or_path` and `--reward_funcs` (built-in names or import paths) into
+`Reward`s named and ordered as TRL's GRPO script does; `score` calls them on a batch and
 returns an (N, F) table, NaN where a function returned None.
 
 Where this departs from TRL 1.16 (`GRPOTrainer._calculate_rewards` and `__init__`), each time to stop on
@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import importlib
 import inspect
 import math
 import numbers
+import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -239,11 +242,18 @@ def is_async(fn: Callable) -> bool:
 
 
 def _import(entry: str) -> Callable:
-    """The callable a `package.module:function` entry names (the function part may be dotted)."""
-    module_name, _, attr = entry.partition(":")
+    """The callable an import path names: `package.module:function` (the function part may be dotted), or
+    TRL's `package.module.function`. The working folder is searched last, as TRL's script searches it (a
+    console script does not have it on sys.path)."""
+    module_name, _, attr = entry.partition(":") if ":" in entry else entry.rpartition(".")
     where = f"reward_funcs: {entry!r}"
     if not module_name or not attr:
-        raise ConfigError(f"{where} is not 'package.module:function'")
+        raise ConfigError(
+            f"{where} is not an import path 'package.module:function' (a reward model goes in "
+            "reward_model_name_or_path)"
+        )
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         obj = importlib.import_module(module_name)
     except Exception as e:  # a module may fail to import in any way
@@ -267,28 +277,12 @@ def resolve(
     reward_model_batch_size: int = 64,
     chat_template_kwargs: dict | None = None,
 ) -> list[Reward]:
-    """The rewards a run scores with: each of `reward_funcs` (a built-in name, a `package.module:function`
-    path, or a callable), then the reward model when one is named. Raises ConfigError for an entry that is
-    unknown or does not import, for no reward at all, and for two rewards of one name (their metrics and
-    logged columns would merge)."""
+    """The rewards a run scores with, in TRL's script's order: the reward model when one is named, then each
+    of `reward_funcs` (a built-in name, an import path `package.module:function` or TRL's
+    `package.module.function`, or a callable). Raises ConfigError for an entry that is unknown or does not
+    import, for no reward at all, and for two rewards of one name (their metrics and logged columns would
+    merge)."""
     rewards = []
-    for entry in reward_funcs:
-        if callable(entry):
-            fn = entry
-        elif not isinstance(entry, str):
-            raise ConfigError(
-                f"reward_funcs: {entry!r} is neither a name, 'package.module:function' nor a callable"
-            )
-        elif ":" in entry:
-            fn = _import(entry.strip())
-        elif entry.strip() in BUILTIN:
-            fn = BUILTIN[entry.strip()]
-        else:
-            raise ConfigError(
-                f"reward_funcs: unknown reward {entry!r}; built-ins: {', '.join(BUILTIN)}, or give an import "
-                "path 'package.module:function'"
-            )
-        rewards.append(Reward(callable_name(fn), fn))
     if reward_model_name_or_path is not None:
         rewards.append(
             reward_model_reward(
@@ -298,6 +292,21 @@ def resolve(
                 chat_template_kwargs=chat_template_kwargs,
             )
         )
+    for entry in reward_funcs:
+        if callable(entry):
+            fn = entry
+        elif not isinstance(entry, str):
+            raise ConfigError(f"reward_funcs: {entry!r} is neither a name, an import path nor a callable")
+        elif entry.strip() in BUILTIN:
+            fn = BUILTIN[entry.strip()]
+        elif ":" in entry or "." in entry:
+            fn = _import(entry.strip())
+        else:
+            raise ConfigError(
+                f"reward_funcs: unknown reward {entry!r}; built-ins: {', '.join(BUILTIN)}, or an import path "
+                "'package.module:function' (a reward model goes in reward_model_name_or_path)"
+            )
+        rewards.append(Reward(callable_name(fn), fn))
     if not rewards:
         raise ConfigError(
             "reward_funcs is empty and no reward_model_name_or_path is set: nothing to reward with"
@@ -373,6 +382,8 @@ def score(
     Raises RewardError naming the function and the row(s): a function raised (rows a..b), returned a
     non-list or the wrong length, returned a non-number, NaN or inf; or no function scored a row.
     """
+    if not rewards:
+        raise ValueError("score: no rewards to score with")
     n = len(prompts)
     rows = f"rows {row_offset}..{row_offset + n - 1}"
     for what, values in (("completions", completions), ("completion_ids", completion_ids), *columns.items()):
@@ -393,7 +404,7 @@ def score(
                 value = value.item()
             if not isinstance(value, numbers.Real):
                 raise RewardError(
-                    f"reward function {name!r}: log_metric({metric!r}, {value!r}) is not a number"
+                    f"reward function {name!r}: log_metric({metric!r}, {_short(value)}) is not a number"
                 )
             metrics.setdefault(metric, []).append(float(value))
 
@@ -417,28 +428,26 @@ def score(
             **columns,
         )
 
-    def raised(name: str, e: Exception) -> RewardError:
-        return RewardError(f"reward function {name!r} raised on {rows}: {type(e).__name__}: {e}")
+    @contextlib.contextmanager
+    def naming(name: str):
+        """A function's exception as a RewardError naming it and the rows (the original chained)."""
+        try:
+            yield
+        except RewardError:  # from its log_metric / log_extra: already named
+            raise
+        except Exception as e:
+            raise RewardError(f"reward function {name!r} raised on {rows}: {type(e).__name__}: {e}") from e
 
     table: list[list[float] | None] = [None] * len(rewards)
     for j, reward in enumerate(rewards):
-        if is_async(reward.fn):
-            continue
-        try:
-            output = reward.fn(**kwargs_for(reward.name))
-        except RewardError:
-            raise
-        except Exception as e:
-            raise raised(reward.name, e) from e
-        table[j] = _checked(reward.name, output, n, row_offset)
+        if not is_async(reward.fn):
+            with naming(reward.name):
+                output = reward.fn(**kwargs_for(reward.name))
+            table[j] = _checked(reward.name, output, n, row_offset)
 
     async def run_one(j: int, reward: Reward) -> None:
-        try:
+        with naming(reward.name):
             output = await reward.fn(**kwargs_for(reward.name))
-        except RewardError:
-            raise
-        except Exception as e:
-            raise raised(reward.name, e) from e
         table[j] = _checked(reward.name, output, n, row_offset)
 
     async def run_async() -> None:
