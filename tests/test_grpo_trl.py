@@ -14,7 +14,8 @@ and reference log-probs, and every metric both sides log (those the issue names 
 
 1. GRPO_CASES: every loss_type at the token level (on-policy for two), the sequence level, and options
    added to a base case (beta, bias correction, reward scaling and aggregation, masks, entropy terms,
-   off-policy mask, delta, clip ranges, loss hyperparameters, temperature, an unscorable row); 2
+   off-policy mask, delta, clip ranges, loss hyperparameters, temperature, rows no reward function
+   scores: one, and all but one of a group); 2
    micro-batches for the loss types whose normaliser spans the step. RLOO_CASES likewise.
 2. Our prompt tokenization (standard and conversational) gives TRL's ids and its step.
 3. GPT-2 (absolute positions, the logits path) and Gemma 2 (soft-capping) give TRL's steps; GPT-2 on prompts
@@ -83,7 +84,8 @@ REWARDS = [
 # fmt: on
 REWARD_NAMES = ["exact_match", "format"]  # the built-ins' names (our configs want reward_funcs)
 REWARD_WEIGHTS = [1.0, 0.5]
-UNSCORABLE_ROW = 5  # the "unscorable" cases: no function scores this completion
+UNSCORABLE = (5,)  # the "unscorable" cases: no function scores this completion
+LONE_SCORED = (3, 4)  # the "lone-scored" cases: the group of "13+27=" keeps one scored completion
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
 CLIPPED = ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]  # the losses that log clip_ratio/*
@@ -107,12 +109,14 @@ _SPECIAL = {  # added to a base case: (base, options added)
     "beta-no-bias-correction": ("dapo-token-iter2", {"beta": 0.1, "use_bias_correction_kl": False}),
     "beta-grpo-sequence": ("grpo-sequence-iter2", {"beta": 0.1}),
     "beta-on-policy": ("dapo-token-iter1", {"beta": 0.1}),
+    "beta-luspo-sequence": ("luspo-sequence-iter2", {"beta": 0.1}),
     "scale-batch": ("dapo-token-iter2", {"scale_rewards": "batch"}),
     "scale-none": ("dapo-token-iter2", {"scale_rewards": "none"}),
     "normalize-then-sum": ("dapo-token-iter2", {"multi_objective_aggregation": "normalize_then_sum"}),
     "mask-truncated": ("dapo-token-iter2", {"mask_truncated_completions": True}),
     "mask-truncated-grpo": ("grpo-token-iter2", {"mask_truncated_completions": True}),
     "top-entropy": ("dapo-token-iter2", {"top_entropy_quantile": 0.5}),
+    "top-entropy-grpo-sequence": ("grpo-sequence-iter2", {"top_entropy_quantile": 0.5}),
     "entropy-coef": ("dapo-token-iter2", {"entropy_coef": 0.05}),
     "entropy-coef-top-entropy": ("entropy-coef", {"top_entropy_quantile": 0.5}),
     "off-policy-mask": ("dapo-token-iter2", {"off_policy_mask_threshold": 0.05}),
@@ -132,11 +136,21 @@ _SPECIAL = {  # added to a base case: (base, options added)
 }
 for _name, (_base, _extra) in _SPECIAL.items():  # in order: a base may be an earlier special case
     GRPO_CASES[_name] = (_base, {**GRPO_CASES[_base][1], **_extra}, {})
-GRPO_CASES["unscorable"] = ("dapo-token-iter2", GRPO_CASES["dapo-token-iter2"][1], {"unscorable": True})
+GRPO_CASES["unscorable"] = ("dapo-token-iter2", GRPO_CASES["dapo-token-iter2"][1], {"unscorable": UNSCORABLE})
 GRPO_CASES["unscorable-normalize-then-sum"] = (
     "normalize-then-sum",
     GRPO_CASES["normalize-then-sum"][1],
-    {"unscorable": True},
+    {"unscorable": UNSCORABLE},
+)
+GRPO_CASES["lone-scored"] = (
+    "dapo-token-iter2",
+    GRPO_CASES["dapo-token-iter2"][1],
+    {"unscorable": LONE_SCORED},
+)
+GRPO_CASES["lone-scored-scale-batch"] = (
+    "scale-batch",
+    GRPO_CASES["scale-batch"][1],
+    {"unscorable": LONE_SCORED},
 )
 # Two micro-batches of 6 rows (20 and 18 completion tokens) for the loss types whose normaliser spans the
 # step, the entropy bonus (a mean per micro-batch in TRL) and the entropy quantile (per micro-batch in TRL).
@@ -169,7 +183,8 @@ RLOO_CASES = {
         {},
     ),
     "temperature": ("beta-iter2", {"beta": 0.05, "num_iterations": 2, "temperature": 0.7}, {}),
-    "unscorable": ("beta-iter2", {"beta": 0.05, "num_iterations": 2}, {"unscorable": True}),
+    "unscorable": ("beta-iter2", {"beta": 0.05, "num_iterations": 2}, {"unscorable": UNSCORABLE}),
+    "lone-scored": ("beta-iter2", {"beta": 0.05, "num_iterations": 2}, {"unscorable": LONE_SCORED}),
     "accumulation": (None, {"beta": 0.05, "num_iterations": 2}, {"micro_batches": 2}),
 }
 
@@ -221,11 +236,10 @@ def completions(tokenizer):
     ]
 
 
-def rewards_of(unscorable: bool) -> torch.Tensor:
-    """REWARDS (N, F), NaN for None; with `unscorable`, NaN on all of UNSCORABLE_ROW."""
+def rewards_of(unscorable: tuple = ()) -> torch.Tensor:
+    """REWARDS (N, F), NaN for None, and NaN on every function for the rows `unscorable`."""
     rewards = torch.tensor(REWARDS)
-    if unscorable:
-        rewards[UNSCORABLE_ROW] = NONE
+    rewards[list(unscorable)] = NONE
     return rewards
 
 
@@ -239,7 +253,7 @@ def trl_case(algo: str, options: dict, run: dict, models, tokenizer, prompts, co
         tokenizer,
         prompts,
         completions,
-        rewards_of(run.get("unscorable", False)),
+        rewards_of(run.get("unscorable", ())),
         REWARD_NAMES,
         updated=updated if options.get("num_iterations", 1) == 2 else None,
         micro_batches=run.get("micro_batches", 1),
@@ -307,7 +321,7 @@ def our_step(algo, options, run, models, tokenizer, completions, prompt_ids, tmp
         ref if config.beta != 0 else None,
         prompt_ids,
         as_rollout(completions, tokenizer.pad_token_id, tokenizer.eos_token_id),
-        rewards_of(run.get("unscorable", False)),
+        rewards_of(run.get("unscorable", ())),
         reward_names=REWARD_NAMES,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -475,7 +489,7 @@ def test_gpt2_left_padded_rows_score_as_alone(family_models, tokenizer, completi
         ref,
         prompt_ids,
         as_rollout(completions, tokenizer.pad_token_id, tokenizer.eos_token_id),
-        rewards_of(False),
+        rewards_of(),
         reward_names=REWARD_NAMES,
         pad_token_id=tokenizer.pad_token_id,
     )
