@@ -15,8 +15,8 @@ and reference log-probs, and every metric both sides log (those the issue names 
 1. GRPO_CASES: every loss_type at the token level (on-policy for two), the sequence level, and options
    added to a base case (beta, bias correction, reward scaling and aggregation, masks, entropy terms,
    off-policy mask, delta, clip ranges, loss hyperparameters, temperature, rows no reward function
-   scores: one, and all but one of a group); 2
-   micro-batches for the loss types whose normaliser spans the step. RLOO_CASES likewise.
+   scores: one, and all but one of a group); 2 micro-batches for the loss types whose normaliser spans
+   the step. RLOO_CASES likewise.
 2. Our prompt tokenization (standard and conversational) gives TRL's ids and its step.
 3. GPT-2 (absolute positions, the logits path) and Gemma 2 (soft-capping) give TRL's steps; GPT-2 on prompts
    of equal length, since TRL scores left-padded GPT-2 rows at shifted positions: ours score each row as
