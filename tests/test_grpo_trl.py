@@ -25,7 +25,8 @@ and reference log-probs, and every metric both sides log (those the issue names 
    weights, both generation steps returning the same completions, the prompts in dataset order and the
    generation batches unshuffled on both sides; generation batches of 2 optimizer steps (old log-probs,
    dapo's spread normaliser), also as 2 micro-batches per step used twice (num_iterations 2, the loop's
-   micro-batch marks, the entropy bonus): every logged number each step within 1e-5.
+   micro-batch marks, the entropy bonus): every logged number each step within 1e-5, and the logged
+   completions (completions.jsonl against TRL's completions table).
 
 The batch: 4 prompts of 4 to 6 characters (left padding), 3 completions each (N = 12) that end in eos
 after 0 to 2 characters or are truncated at max_completion_length 5; two reward functions weighted 1 and
@@ -581,9 +582,11 @@ def start(models, tokenizer, tmp_path_factory):
     return folder
 
 
-def trl_trajectory(algo, folder, completions, out, **options) -> list[dict]:
+def trl_trajectory(algo, folder, completions, out, **options) -> tuple[list[dict], list[dict]]:
     """TRL's logged records (one per step) of `algo`'s trainer.train from `folder`, its generation step
-    returning COMPLETIONS, prompts in dataset order and each generation batch left unshuffled."""
+    returning COMPLETIONS, prompts in dataset order and each generation batch left unshuffled; and the rows
+    of the last generation batch as its completions table keeps them (prompt, completion, rewards,
+    advantage)."""
     from trl.trainer import grpo_trainer, rloo_trainer
 
     tokenizer = load_tokenizer(str(folder))
@@ -610,12 +613,23 @@ def trl_trajectory(algo, folder, completions, out, **options) -> list[dict]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(module, "shuffle_sequence_dict", lambda batch: batch)
         trainer.train()
-    return [r for r in trainer.state.log_history if "loss" in r]
+    logs = trainer._logs
+    rows = [
+        {"prompt": prompt, "completion": completion, "advantage": advantage}
+        for prompt, completion, advantage in zip(
+            logs["prompt"], logs["completion"], logs["advantages"], strict=True
+        )
+    ]
+    for name, values in logs["rewards"].items():
+        for row, value in zip(rows, values, strict=True):
+            row.setdefault("rewards", {})[name] = value
+    return [r for r in trainer.state.log_history if "loss" in r], rows
 
 
-def our_trajectory(algo, folder, completions, out, **options) -> list[dict]:
-    """Our loop's metrics.jsonl records for the same run: the rollout engine returning COMPLETIONS, the
-    prompts in dataset order, each generation batch left unshuffled (as trl_trajectory)."""
+def our_trajectory(algo, folder, completions, out, **options) -> tuple[list[dict], list[dict]]:
+    """Our loop's metrics.jsonl records for the same run (the rollout engine returning COMPLETIONS, the
+    prompts in dataset order, each generation batch left unshuffled, as trl_trajectory), and the
+    completions.jsonl rows of its last generation batch."""
     tokenizer = load_tokenizer(str(folder))
     table = fixed_generation(tokenizer, completions)
     module = {"grpo": grpo, "rloo": rloo}[algo]
@@ -644,7 +658,11 @@ def our_trajectory(algo, folder, completions, out, **options) -> list[dict]:
                 **options,
             )
         )
-    return [r for r in logged(out / "metrics.jsonl", None) if "loss" in r]
+    rows = logged(out / grpo.COMPLETIONS_FILE, None)
+    last = max(row["step"] for row in rows)
+    return [r for r in logged(out / "metrics.jsonl", None) if "loss" in r], [
+        r for r in rows if r["step"] == last
+    ]
 
 
 @pytest.mark.parametrize(
@@ -656,11 +674,12 @@ def test_loop_follows_trls_trajectory(case, start, completions, tmp_path):
     gradient_accumulation_steps 1), so the second step of each uses old log-probs and dapo's normaliser is the
     generation batch's tokens over 2. Every number TRL logs that we log, each step, within 1e-5 (relative or
     absolute; they agree to ~1e-6): loss, grad_norm, kl, entropy, clip ratios, rewards, completion lengths,
-    num_tokens, epoch."""
+    num_tokens, epoch; and the last generation batch's rows in completions.jsonl as TRL's completions table
+    holds them (prompt, completion, rewards, advantage)."""
     algo, options = TRAJECTORIES[case]
     options = {**TRAJECTORY_OPTIONS, **options}
-    theirs = trl_trajectory(algo, start, completions, tmp_path / "trl", **options)
-    ours = our_trajectory(algo, start, completions, tmp_path / "ours", **options)
+    theirs, their_rows = trl_trajectory(algo, start, completions, tmp_path / "trl", **options)
+    ours, our_rows = our_trajectory(algo, start, completions, tmp_path / "ours", **options)
     assert len(ours) == len(theirs) == TRAJECTORY_STEPS
     for step, (a, b) in enumerate(zip(ours, theirs, strict=True), start=1):
         missing = [name for name in TRAJECTORY_REQUIRED if name in b and name not in a]
@@ -668,3 +687,11 @@ def test_loop_follows_trls_trajectory(case, start, completions, tmp_path):
         for name in sorted(a.keys() & b.keys()):
             assert math.isclose(a[name], b[name], rel_tol=RTOL, abs_tol=RTOL), (step, name, a[name], b[name])
     assert abs(theirs[-1]["loss"] - theirs[0]["loss"]) > 1e-3  # the runs move: real updates are compared
+    # the logged completions of the last generation batch
+    assert len(our_rows) == len(their_rows) == len(COMPLETIONS)
+    for a, b in zip(our_rows, their_rows, strict=True):
+        assert (a["prompt"], a["completion"]) == (b["prompt"], b["completion"])
+        assert math.isclose(a["advantage"], b["advantage"], rel_tol=RTOL, abs_tol=RTOL), (a, b)
+        for name, value in b["rewards"].items():  # NaN for None in both
+            ours_ = a["rewards"][name]
+            assert (math.isnan(ours_) and math.isnan(value)) or math.isclose(ours_, value), (name, a, b)
