@@ -45,7 +45,7 @@ from posttrain.rl import checkpoint, distributed, faults, loop, rewards, rollout
 from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
 from posttrain.rl.logger import MetricsLogger
 from posttrain.rl.logprobs import token_logprobs
-from posttrain.rl.models import disable_dropout, load_causal_lm, load_tokenizer
+from posttrain.rl.models import disable_dropout, load_causal_lm, load_tokenizer, mix_into_reference
 
 EMBEDDED_MODEL_LEARNING_RATE = 2e-5
 PRETRAINED_LEARNING_RATE = 1e-6  # TRL's default
@@ -120,7 +120,9 @@ class OnlineConfig(TrainConfig):
     )
     reward_weights: list[float] | None = field(
         default=None,
-        metadata={"help": "One weight per reward (the reward model first, then the functions, as TRL's script); none: all 1."},
+        metadata={
+            "help": "One weight per reward (the reward model first, then the functions, as TRL's script); none: all 1."
+        },
     )
     # loss
     beta: float = field(
@@ -775,7 +777,7 @@ def train_online(config, algo: Algorithm):
             metrics = loop.accumulate(run, model, optimizer, scheduler, micro, loss_fn, count_fn, guard)
             step += 1
             if ref is not None and config.sync_ref_model and step % config.ref_model_sync_steps == 0:
-                _mix(model, ref, config.ref_model_mixup_alpha)
+                mix_into_reference(model, ref, config.ref_model_mixup_alpha)
             record = {"epoch": step / steps_per_epoch}
             for name in ("loss", "learning_rate", "grad_norm"):
                 record[name] = metrics.pop(name)
@@ -816,13 +818,6 @@ def train_online(config, algo: Algorithm):
         logger.close()
     loop.finish(run)
     return run
-
-
-@torch.no_grad()
-def _mix(policy_model, ref_model, alpha: float) -> None:
-    """TR-DPO's soft update of the reference: ref <- alpha * policy + (1 - alpha) * ref."""
-    for p_ref, p in zip(ref_model.parameters(), distributed.unwrap(policy_model).parameters(), strict=True):
-        p_ref.mul_(1.0 - alpha).add_(p.detach().to(p_ref.dtype), alpha=alpha)
 
 
 class _CompletionsLog:
