@@ -14,7 +14,7 @@ from datasets import Dataset
 
 from posttrain.cli import main
 from posttrain.data import embedded, preference
-from posttrain.rl import dpo
+from posttrain.rl import dpo, models
 from posttrain.rl.config import ConfigError, parse_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -306,7 +306,7 @@ def test_precomputed_reference_log_probs_give_the_live_references_losses(tmp_pat
 def test_tr_dpo_mixes_the_policy_into_the_reference(tokenizer):
     policy, ref = embedded.build_model(seed=1), embedded.build_model(seed=2)
     before = [p.clone() for p in ref.parameters()]
-    dpo.mix_into_reference(policy, ref, 0.25)
+    models.mix_into_reference(policy, ref, 0.25)
     for mixed, old, p in zip(ref.parameters(), before, policy.parameters(), strict=True):
         torch.testing.assert_close(mixed, 0.25 * p + 0.75 * old)
 

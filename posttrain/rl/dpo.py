@@ -43,7 +43,13 @@ from posttrain.losses import registry
 from posttrain.rl import distributed, loop, sft
 from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
 from posttrain.rl.logprobs import token_logprobs
-from posttrain.rl.models import disable_dropout, load_causal_lm, load_tokenizer, router_aux_loss_coef
+from posttrain.rl.models import (
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+    mix_into_reference,
+    router_aux_loss_coef,
+)
 
 # Defaults that depend on the run. The embedded task starts from the embedded SFT model (`posttrain sft`'s
 # default, 98% held-out exact match) and trains against its preference split, one plausible wrong answer
@@ -506,13 +512,6 @@ def precompute_reference(rows, ref_model, collate_fn, *, batch_size: int, device
         rejected.append(r.float().cpu())
     chosen, rejected = torch.cat(chosen).tolist(), torch.cat(rejected).tolist()
     return rows.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
-
-
-@torch.no_grad()
-def mix_into_reference(policy, ref_model, alpha: float) -> None:
-    """TR-DPO's soft update (Gorbatovski et al. 2024, arXiv:2404.09656): ref <- alpha * policy + (1 - alpha) * ref."""
-    for p_ref, p in zip(ref_model.parameters(), distributed.unwrap(policy).parameters(), strict=True):
-        p_ref.mul_(1.0 - alpha).add_(p.detach().to(p_ref.dtype), alpha=alpha)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from posttrain.rl import checkpoint, distributed, faults, loop, rewards, rollout
 from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
 from posttrain.rl.logger import MetricsLogger
 from posttrain.rl.logprobs import token_logprobs
-from posttrain.rl.models import disable_dropout, load_causal_lm, load_tokenizer
+from posttrain.rl.models import disable_dropout, load_causal_lm, load_tokenizer, mix_into_reference
 
 EMBEDDED_MODEL_LEARNING_RATE = 2e-5
 PRETRAINED_LEARNING_RATE = 1e-6  # TRL's default
@@ -120,7 +120,9 @@ class OnlineConfig(TrainConfig):
     )
     reward_weights: list[float] | None = field(
         default=None,
-        metadata={"help": "One weight per reward (functions, then the reward model); none: all 1."},
+        metadata={
+            "help": "One weight per reward (the reward model first, then the functions, as TRL's script); none: all 1."
+        },
     )
     # loss
     beta: float = field(
@@ -385,10 +387,13 @@ def policy_logps(model, batch: dict, temperature: float, batch_size: int) -> tor
     module = distributed.unwrap(model)
     was_training = module.training
     module.eval()
+    inputs = {
+        k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "completion_mask") if k in batch
+    }
     try:
         chunks = [
             token_logprobs(
-                module, {k: v[i : i + batch_size] for k, v in batch.items()}, temperature=temperature
+                module, {k: v[i : i + batch_size] for k, v in inputs.items()}, temperature=temperature
             ).logps
             for i in range(0, batch["input_ids"].shape[0], batch_size)
         ]
@@ -700,7 +705,7 @@ def embedded_start() -> str:
     return sft.embedded_sft_model(num_train_epochs=EMBEDDED_START_EPOCHS)
 
 
-EMBEDDED_START_EPOCHS = 8.0
+EMBEDDED_START_EPOCHS = 16.0
 
 
 def train_online(config, algo: Algorithm):
@@ -716,11 +721,15 @@ def train_online(config, algo: Algorithm):
     world = distributed.env_world()[1]
     steps_per_epoch, total_steps = plan(len(train_rows), config, world)
     start_model = config.model_name_or_path or embedded_start()
+    from transformers import AutoConfig
+
+    context = getattr(
+        AutoConfig.from_pretrained(start_model).get_text_config(), "max_position_embeddings", None
+    )
+    check_prompt_lengths(train_rows, context, config.max_completion_length, "train")
     run = loop.start(config, command=algo.command)
     run.log_info({"start_model": start_model, "train_prompts": len(train_rows)})
     model = load_causal_lm(start_model, seed=config.seed)
-    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    check_prompt_lengths(train_rows, context, config.max_completion_length, "train")
     if config.disable_dropout:
         disable_dropout(model)
     ref = None
@@ -768,7 +777,7 @@ def train_online(config, algo: Algorithm):
             metrics = loop.accumulate(run, model, optimizer, scheduler, micro, loss_fn, count_fn, guard)
             step += 1
             if ref is not None and config.sync_ref_model and step % config.ref_model_sync_steps == 0:
-                _mix(model, ref, config.ref_model_mixup_alpha)
+                mix_into_reference(model, ref, config.ref_model_mixup_alpha)
             record = {"epoch": step / steps_per_epoch}
             for name in ("loss", "learning_rate", "grad_norm"):
                 record[name] = metrics.pop(name)
@@ -809,13 +818,6 @@ def train_online(config, algo: Algorithm):
         logger.close()
     loop.finish(run)
     return run
-
-
-@torch.no_grad()
-def _mix(policy_model, ref_model, alpha: float) -> None:
-    """TR-DPO's soft update of the reference: ref <- alpha * policy + (1 - alpha) * ref."""
-    for p_ref, p in zip(ref_model.parameters(), distributed.unwrap(policy_model).parameters(), strict=True):
-        p_ref.mul_(1.0 - alpha).add_(p.detach().to(p_ref.dtype), alpha=alpha)
 
 
 class _CompletionsLog:

@@ -20,6 +20,7 @@ import torch
 
 from posttrain.data import embedded
 from posttrain.data.loading import looks_like_hub_id
+from posttrain.rl.distributed import unwrap
 
 # What `from_pretrained` reads from a local folder (transformers' own file names).
 CONFIG_FILE = "config.json"
@@ -173,3 +174,10 @@ def router_aux_loss_coef(model_config, requested: float | None) -> float:
             "with a router load-balancing loss"
         )
     return float(requested)
+
+
+@torch.no_grad()
+def mix_into_reference(policy, ref_model, alpha: float) -> None:
+    """TR-DPO's soft update (Gorbatovski et al. 2024, arXiv:2404.09656): ref <- alpha * policy + (1 - alpha) * ref."""
+    for p_ref, p in zip(ref_model.parameters(), unwrap(policy).parameters(), strict=True):
+        p_ref.mul_(1.0 - alpha).add_(p.detach().to(p_ref.dtype), alpha=alpha)
