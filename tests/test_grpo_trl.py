@@ -563,14 +563,6 @@ TRAJECTORIES = {
     "grpo-sync-ref-model": ("grpo", {"beta": 0.1, "sync_ref_model": True, "ref_model_sync_steps": 2}),
     "grpo-mask-truncated": ("grpo", {"beta": 0.1, "mask_truncated_completions": True}),
 }
-# Known disagreements (briefs/grpotrl-findings.md), strict: the mark fails once fixed, to be removed then.
-TRAJECTORY_MARKS = {
-    "grpo-mask-truncated": pytest.mark.xfail(
-        strict=True,
-        reason="num_tokens: ours counts the completion tokens left after mask_truncated_completions (80 at "
-        "step 1), TRL every generated token (95)",
-    ),
-}
 
 
 @pytest.fixture(scope="module")
@@ -665,9 +657,7 @@ def our_trajectory(algo, folder, completions, out, **options) -> tuple[list[dict
     ]
 
 
-@pytest.mark.parametrize(
-    "case", [pytest.param(name, marks=TRAJECTORY_MARKS.get(name, ())) for name in TRAJECTORIES]
-)
+@pytest.mark.parametrize("case", list(TRAJECTORIES))
 def test_loop_follows_trls_trajectory(case, start, completions, tmp_path):
     """4 optimizer steps of each loop from the same weights, on the same completions and rewards: two
     generation batches, each cut into 2 micro-batches that are 2 optimizer steps (steps_per_generation 2,
@@ -692,6 +682,6 @@ def test_loop_follows_trls_trajectory(case, start, completions, tmp_path):
     for a, b in zip(our_rows, their_rows, strict=True):
         assert (a["prompt"], a["completion"]) == (b["prompt"], b["completion"])
         assert math.isclose(a["advantage"], b["advantage"], rel_tol=RTOL, abs_tol=RTOL), (a, b)
-        for name, value in b["rewards"].items():  # NaN for None in both
+        for name, value in b["rewards"].items():  # None: ours writes null, TRL's table NaN
             ours_ = a["rewards"][name]
-            assert (math.isnan(ours_) and math.isnan(value)) or math.isclose(ours_, value), (name, a, b)
+            assert (ours_ is None and math.isnan(value)) or math.isclose(ours_, value), (name, a, b)

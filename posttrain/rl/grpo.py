@@ -505,13 +505,16 @@ def _local_rows(values: torch.Tensor) -> torch.Tensor:
 
 def split_batch(batch: dict, k: int, generator: torch.Generator | None = None) -> list[dict]:
     """The generation batch's rows cut into k micro-batches (shuffled first when a generator is given, as
-    TRL shuffles them); each keeps only its own columns' width."""
+    TRL shuffles them), each marked as one of k in its step ("micro_batches", for the metrics' shares)."""
     N = batch["input_ids"].shape[0]
     order = torch.randperm(N, generator=generator) if generator is not None else torch.arange(N)
     rows = {
         k_: v for k_, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == N
     }
-    return [{name: value[part.to(value.device)] for name, value in rows.items()} for part in order.chunk(k)]
+    parts = [{name: value[part.to(value.device)] for name, value in rows.items()} for part in order.chunk(k)]
+    for part in parts:
+        part["micro_batches"] = k  # a step of all k; the loop sets its own count (accumulation x processes)
+    return parts
 
 
 def num_items(config, micro_batches: list[dict]) -> torch.Tensor:
@@ -692,7 +695,10 @@ class Generations:
             mb["generation_tokens"] = spread
             mb["micro_batches"] = config.gradient_accumulation_steps * run.world_size
         prompt_tokens = sum(len(p) for p in prompt_ids) * G
-        metrics["num_tokens"] = torch.tensor(float(prompt_tokens), device=run.device) + tokens.float()
+        # every token generated and fed to the model, those of completions masked from the loss included
+        metrics["num_tokens"] = (
+            torch.tensor(float(prompt_tokens), device=run.device) + ro.completion_mask.sum().float()
+        )
         for name, values_ in scored.metrics.items():
             metrics[name] = torch.tensor(sum(values_) / max(len(values_), 1), device=run.device)
         self.log_rows(prompts, completions, [r.name for r in self.rewards], scored, batch["advantages"])
@@ -838,7 +844,9 @@ class _CompletionsLog:
                     "step": self.step,
                     "prompt": prompt,
                     "completion": completion,
-                    "rewards": dict(zip(names, values[i], strict=True)),
+                    "rewards": {
+                        n: None if math.isnan(v) else v for n, v in zip(names, values[i], strict=True)
+                    },
                     "advantage": float(advantages[i]),
                     **{k: v[i] for k, v in scored.extras.items() if i < len(v)},
                 }
