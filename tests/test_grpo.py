@@ -2,6 +2,7 @@
 batch, accumulation, completions.jsonl, resume, and the embedded default raising held-out exact match."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from posttrain.cli import main
 from posttrain.data import embedded
 from posttrain.rl import grpo, rloo, rollout
 from posttrain.rl.config import ConfigError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +254,18 @@ def test_resume_continues_exactly(tmp_path, start, prompts, command):
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # the steps after the checkpoint were logged anew
     for key in ("grad_norm", "reward", "entropy", "loss"):  # on-policy the loss is ~0: the gradient moves
         assert [r[key] for r in resumed[2:]] == pytest.approx([r[key] for r in whole[2:]], rel=1e-5, abs=1e-7)
+
+
+def test_readme_reward_functions_train(tmp_path, start, prompts, monkeypatch):
+    snippet = re.search(r"<!-- custom-reward -->\s*```python\n(.*?)```", README.read_text(), re.S)
+    assert snippet, "README.md has no custom-reward snippet"
+    (tmp_path / "my_rewards.py").write_text(snippet.group(1))
+    monkeypatch.chdir(tmp_path)  # the working folder is searched for module:function, as TRL's script does
+    out = run("grpo", tmp_path, "readme", start, prompts, "--max_steps", "1",
+              "--reward_funcs", "my_rewards:accuracy,my_rewards:brevity")  # fmt: skip
+    first = metrics(out)[0]
+    assert first["rewards/accuracy/mean"] == 0.0  # a random model does not add
+    assert first["rewards/brevity/mean"] == pytest.approx(-first["completions/mean_length"] / 100, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------
