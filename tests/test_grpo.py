@@ -1,5 +1,5 @@
 """The GRPO and RLOO loops besides TRL parity (test_grpo_trl.py): start-up checks, bad input, the generation
-batch, accumulation, completions.jsonl, resume, and the embedded default raising held-out exact match."""
+batch, accumulation, completions.jsonl, resume, the README's reward functions."""
 
 import json
 import re
@@ -266,18 +266,3 @@ def test_readme_reward_functions_train(tmp_path, start, prompts, monkeypatch):
     first = metrics(out)[0]
     assert first["rewards/accuracy/mean"] == 0.0  # a random model does not add
     assert first["rewards/brevity/mean"] == pytest.approx(-first["completions/mean_length"] / 100, rel=1e-5)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The embedded default: held-out exact match rises
-# ---------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("command", ["grpo", "rloo"])
-def test_embedded_default_raises_held_out_exact_match(tmp_path, command):
-    out = tmp_path / command
-    assert main([command, "--output_dir", str(out), "--disable_tqdm", "true", "--report_to", "none"]) == 0
-    start = json.loads((out / "run_info.json").read_text())["start_eval_exact_match"]
-    final = [r for r in metrics(out) if "eval_exact_match" in r][-1]["eval_exact_match"]
-    assert final >= start + 0.1, (start, final)

@@ -47,7 +47,14 @@ from posttrain.rl.logger import MetricsLogger
 from posttrain.rl.logprobs import token_logprobs
 from posttrain.rl.models import disable_dropout, load_causal_lm, load_tokenizer, mix_into_reference
 
-EMBEDDED_MODEL_LEARNING_RATE = 2e-5
+# The embedded task: the online loops start from a 16-epoch `posttrain sft` run (`embedded_start`: 44.6 %
+# held-out exact match, 58.8 % on the train prompts, ~0.3 of sampled completions right). There GRPO raises
+# its own objective, the reward on the train prompts (p of the exact answer 0.28 -> 0.40 in 100 steps of
+# 32 prompts x 8 at lr 1e-4), but NOT held-out greedy exact match (39-50 % over those steps, noise on 112
+# problems around a small drop); from a 24-epoch start (86.6 %) likewise (80-85 %). Above ~3e-4 the sampled
+# reward collapses within 20 steps (at 1e-3 to a near-uniform policy). So the default below shows the
+# reward rising, and the issue's "held-out exact match rises" is not met yet (see the issue 9 notes).
+EMBEDDED_MODEL_LEARNING_RATE = 3e-5
 PRETRAINED_LEARNING_RATE = 1e-6  # TRL's default
 #                                     embedded task   any other data (TRL's defaults)
 RUN_DEFAULTS = {
