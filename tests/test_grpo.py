@@ -3,6 +3,7 @@ batch, accumulation, completions.jsonl, resume, the README's reward functions.""
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -259,10 +260,12 @@ def test_resume_continues_exactly(tmp_path, start, prompts, command):
 def test_readme_reward_functions_train(tmp_path, start, prompts, monkeypatch):
     snippet = re.search(r"<!-- custom-reward -->\s*```python\n(.*?)```", README.read_text(), re.S)
     assert snippet, "README.md has no custom-reward snippet"
-    (tmp_path / "my_rewards.py").write_text(snippet.group(1))
+    # its own module name: another test imports a `my_rewards` of its own
+    (tmp_path / "readme_rewards.py").write_text(snippet.group(1))
     monkeypatch.chdir(tmp_path)  # the working folder is searched for module:function, as TRL's script does
+    monkeypatch.delitem(sys.modules, "readme_rewards", raising=False)  # and dropped again after the test
     out = run("grpo", tmp_path, "readme", start, prompts, "--max_steps", "1",
-              "--reward_funcs", "my_rewards:accuracy,my_rewards:brevity")  # fmt: skip
+              "--reward_funcs", "readme_rewards:accuracy,readme_rewards:brevity")  # fmt: skip
     first = metrics(out)[0]
     assert first["rewards/accuracy/mean"] == 0.0  # a random model does not add
     assert first["rewards/brevity/mean"] == pytest.approx(-first["completions/mean_length"] / 100, rel=1e-5)
