@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -103,63 +104,76 @@ def random_prompts(batch: int, vocab_size: int, seed: int = 0) -> list[list[int]
     return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in lengths]
 
 
-def side(args) -> dict:
+SIDES = ("generate", "ours", "ours_compiled")
+
+
+def calls(args, model) -> dict:
+    """One zero-argument call per side on the same prompts and settings; each returns its new tokens."""
     from posttrain.rl import rollout
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    model = build_model(args.model)
     eos, pad = model.config.eos_token_id, model.config.pad_token_id
     G = args.num_generations
     prompts = random_prompts(args.batch // G, model.config.vocab_size)
     generator = torch.Generator().manual_seed(0)
+    input_ids, attention_mask = rollout._left_pad(prompts, pad, "cpu")
 
-    if args.side == "ours":
+    def ours(compile: bool) -> int:
+        out = rollout.generate(
+            model,
+            prompts,
+            num_generations=G,
+            max_completion_length=args.new_tokens,
+            temperature=1.0,
+            top_p=1.0,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            generator=generator,
+            compile=compile,
+        )
+        return int(out.completion_mask.sum())
 
-        def call() -> int:
-            out = rollout.generate(
-                model,
-                prompts,
-                num_generations=G,
-                max_completion_length=args.new_tokens,
-                temperature=1.0,
-                top_p=1.0,
-                eos_token_id=eos,
-                pad_token_id=pad,
-                generator=generator,
-            )
-            return int(out.completion_mask.sum())
+    def generate() -> int:
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=args.new_tokens,
+            num_return_sequences=G,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+        completions = out[:, input_ids.shape[1] :]
+        # tokens up to and including the first eos: generate pads the rows that stopped
+        stopped_before = (completions == eos).long().cumsum(-1) - (completions == eos).long()
+        return int((stopped_before == 0).sum())
 
-    else:
-        input_ids, attention_mask = rollout._left_pad(prompts, pad, "cpu")
+    return {"generate": generate, "ours": lambda: ours(False), "ours_compiled": lambda: ours(True)}
 
-        def call() -> int:
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                do_sample=True,
-                temperature=1.0,
-                top_p=1.0,
-                top_k=0,
-                max_new_tokens=args.new_tokens,
-                num_return_sequences=G,
-                eos_token_id=eos,
-                pad_token_id=pad,
-            )
-            completions = out[:, input_ids.shape[1] :]
-            # tokens up to and including the first eos: generate pads the rows that stopped
-            stopped_before = (completions == eos).long().cumsum(-1) - (completions == eos).long()
-            return int((stopped_before == 0).sum())
 
+def pair(args) -> dict:
+    """Every side on one (model, batch) in this process, calls interleaved round by round, so that a change
+    of load on the shared machine hits all sides alike. Returns each side's rates (tokens/s) per round and
+    the compiled side's first call (its compilation: dynamo + inductor, cold, as TORCHINDUCTOR_CACHE_DIR is
+    a fresh folder)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model(args.model)
+    side_calls = calls(args, model)
+    rates = {name: [] for name in SIDES}
     with torch.no_grad():
-        call()  # warm-up
-        rates = []
+        t0 = time.perf_counter()
+        side_calls["ours_compiled"]()
+        first_call_s = time.perf_counter() - t0
+        side_calls["ours"](), side_calls["generate"]()  # warm-up
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            tokens = call()
-            rates.append(tokens / (time.perf_counter() - t0))
-    return {"rates": rates}
+            for name in SIDES:
+                t0 = time.perf_counter()
+                tokens = side_calls[name]()
+                rates[name].append(tokens / (time.perf_counter() - t0))
+    return {"rates": rates, "first_call_s": first_call_s}
 
 
 def main() -> None:
@@ -167,34 +181,42 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--side", choices=("ours", "generate"))  # internal: run one side
+    parser.add_argument("--pair", action="store_true")  # internal: run one (model, batch) in this process
     parser.add_argument("--model", choices=MODELS)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--num_generations", type=int, default=1)
-    parser.add_argument("--threads", type=int)  # internal: the side's torch thread count
+    parser.add_argument("--threads", type=int)  # internal: the torch thread count
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     args = parser.parse_args()
-    if args.side:
-        common.emit_result(side(args))
+    if args.pair:
+        common.emit_result(pair(args))
         return
 
     models, batches = (("embedded",), ((8, 1), (8, 4))) if args.quick else (args.models, BATCHES)
     new_tokens, repeats = (8, 2) if args.quick else (args.new_tokens, args.repeats)
     print(common.machine_line())
-    header = ["model", "batch", "ours tok/s", "generate tok/s", "ours / generate", "best / best"]
+    header = ["model", "batch", "generate tok/s", "ours tok/s", "compiled tok/s", "ours / generate"]
+    header += ["compiled / generate", "compile s"]
     rows = []
     for name in models:
         for batch, G in batches:
-            rates = {}
-            for s in ("ours", "generate"):
-                flags = ["--side", s, "--model", name, "--batch", str(batch), "--num_generations", str(G)]
-                flags += ["--new_tokens", str(new_tokens), "--repeats", str(repeats)]
-                flags += ["--threads", str(THREADS[name])] if name in THREADS else []
-                rates[s] = common.run_side(__file__, flags)["rates"]
-            ours, theirs = common.median(rates["ours"]), common.median(rates["generate"])
+            flags = ["--pair", "--model", name, "--batch", str(batch), "--num_generations", str(G)]
+            flags += ["--new_tokens", str(new_tokens), "--repeats", str(repeats)]
+            flags += ["--threads", str(THREADS[name])] if name in THREADS else []
+            with tempfile.TemporaryDirectory() as inductor_cache:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
+                result = common.run_side(__file__, flags)
+            rates = result["rates"]
+            # ratios per round (the sides of a round ran back to back), then their median
+            ratio = {
+                side: common.median([a / b for a, b in zip(rates[side], rates["generate"], strict=True)])
+                for side in ("ours", "ours_compiled")
+            }
             label = batch if G == 1 else f"{batch} ({batch // G} x {G})"
-            best = max(rates["ours"]) / max(rates["generate"])
-            rows.append([name, label, f"{ours:.0f}", f"{theirs:.0f}", f"{ours / theirs:.2f}", f"{best:.2f}"])
+            rows.append(
+                [name, label, *(f"{common.median(rates[side]):.0f}" for side in SIDES)]
+                + [f"{ratio['ours']:.2f}", f"{ratio['ours_compiled']:.2f}", f"{result['first_call_s']:.0f}"]
+            )
             print(common.markdown_table(header, rows[-1:]), flush=True)
     print()
     print(common.markdown_table(header, rows))

@@ -429,6 +429,29 @@ def test_model_without_logits_to_keep():
     torch.testing.assert_close(a.logps, b.logps, rtol=1e-5, atol=1e-5)
 
 
+def test_model_without_static_cache():
+    """A model transformers cannot give a static cache decodes on a dynamic one, to the same completions; it
+    cannot be compiled, and says so."""
+    from transformers import Qwen2ForCausalLM
+
+    class Dynamic(Qwen2ForCausalLM):
+        _can_compile_fullgraph = False
+
+    model = make_model("qwen2")
+    dynamic = Dynamic(model.config).eval()
+    dynamic.load_state_dict(model.state_dict())
+    kwargs = dict(num_generations=3, max_completion_length=10, stop_token_ids=[7, 11, 61], sync_every=1)
+    a = ours(model, PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
+    b = ours(dynamic, PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert a.finished.any() and not a.finished.all()  # rows left the batch: both caches were compacted
+    assert all(torch.equal(x, y) for x, y in zip(a[:2] + a[3:], b[:2] + b[3:], strict=True))
+    torch.testing.assert_close(a.logps, b.logps, rtol=0, atol=1e-5)
+    with pytest.raises(
+        ValueError, match="compile=True needs a model whose cache transformers can preallocate"
+    ):
+        ours(dynamic, PROMPTS, max_completion_length=4, compile=True)
+
+
 def test_training_flag_restored():
     model = make_model("gpt2", resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5).train()
     expected = reference(model.eval(), PROMPTS, 6, do_sample=False, eos_token_id=None)

@@ -3,17 +3,29 @@
 Notation: B prompts, G = num_generations, N = B * G rows (each prompt's G completions adjacent, TRL's order),
 P longest prompt, L max_completion_length, V vocab, n rows still decoding.
 
-Structure (gpt-fast's): `prefill` runs the B left-padded prompts once, keeping only the last position's logits;
+Structure (gpt-fast's): `prefill` runs the B left-padded prompts once into a static KV cache of P + L positions
+(transformers' `StaticCache`: written in place, never concatenated), keeping only the last position's logits;
 the cache is then repeated G times along the batch (prefill once per prompt, not once per row). Then one
-`decode_one_token` step per new token on the rows still decoding. Left padding: the attention mask hides the
-pads and `position_ids` count real tokens only, so a row's positions are those it would have unpadded.
+`decode_one_token` step per new token on the rows still decoding: the forward of the fed tokens, then the
+next tokens drawn. Left padding: the attention mask hides the pads and `position_ids` count real tokens only,
+so a row's positions are those it would have unpadded. One (n, P + L) mask serves every decode step (the
+completion's slots shown; the causal mask hides those not written yet), so no step builds a mask of its own.
 
 Per step, on the device and without a host sync: `process_logits` (repetition penalty, temperature, top-k,
 top-p, min-p: transformers' `generate` order and semantics), then `sample` (inverse CDF) or argmax. Every
 `sync_every` steps the host reads which rows have stopped (the one host sync of the loop; default 4 on a GPU,
 where a sync stalls the launch queue and a few steps of wasted work on finished rows is the cheaper side, and
 1 on the CPU, where every op is synchronous anyway); if any has, the batch is compacted (`index_select` of the
-cache, mask and positions), so a finished row costs no more work.
+cache, mask and positions), so a finished row costs no more work. Each step's tokens stay in the live batch's
+order and are written to their output rows once per compaction; the mask (up to and including the first stop
+token) is computed once at the end.
+
+`compile=True` runs `decode_one_token` (the forward, the logit processing and the sampling) through
+`torch.compile` (inductor: fused C++ kernels on the CPU, Triton on a GPU), with the batch dim marked dynamic so
+that compaction reuses the compiled step; a batch of one row, another model, or other sampling settings
+compile once more. The first call pays the compilation (on the shared 2-core CPU here, ~10 s idle and up to a
+minute loaded for the embedded model, more for deeper ones), which a run recovers only over many calls:
+see benchmarks/rollout.py for the per-call gain and the break-even. Off by default.
 
 Sampling by inverse CDF: softmax, cumsum, `searchsorted` of one uniform per row. On the CPU this is an order
 of magnitude cheaper than `torch.multinomial` over a 32k vocabulary (about 0.7 ms against 15 ms for a
@@ -41,7 +53,8 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import StaticLayer
 
 from posttrain.rl.distributed import unwrap
 
@@ -248,13 +261,20 @@ def _rollout(
     N = len(prompt_ids) * G
     input_ids, prompt_mask = _left_pad(prompt_ids, pad, device)  # (B, P)
     P = input_ids.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=P + L)
+    cache = _new_cache(model, P + L)
+    static = isinstance(cache, StaticCache)
+    if step is compiled_decode_one_token and not static:
+        raise ValueError(
+            f"compile=True needs a model whose cache transformers can preallocate (StaticCache, full attention "
+            f"only); {type(model).__name__} cannot: use compile=False"
+        )
     logits, positions = prefill(model, input_ids, prompt_mask, cache)
     # prefill ran once per prompt: repeat everything G times along the batch, each prompt's rows adjacent
     _select_rows(cache, torch.arange(len(prompt_ids), device=device).repeat_interleave(G))
     logits, positions, prompt_mask = (x.repeat_interleave(G, 0) for x in (logits, positions, prompt_mask))
     # One mask for every decode step, over the whole static cache: the prompt's pads hidden, the completion's
-    # slots shown (the causal mask hides those not written yet), so no step builds a new mask.
+    # slots shown (the causal mask hides those not written yet), so no step builds a new mask. A dynamic cache
+    # takes its first P + t columns at step t.
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(N, L)], dim=1)  # (n, P + L)
     V = logits.shape[-1]
     seen = None  # (n, V) bool: tokens of the row's prompt (pads excluded) and completion so far
@@ -298,7 +318,8 @@ def _rollout(
         positions = positions + 1
         if step is compiled_decode_one_token:
             _mark_batch_dynamic(tokens, positions, attention_mask, seen, uniform, cache=cache)
-        tokens, token_logps = step(model, tokens, positions, attention_mask, cache, seen, uniform, settings)
+        mask = attention_mask if static else attention_mask[:, : P + t]
+        tokens, token_logps = step(model, tokens, positions, mask, cache, seen, uniform, settings)
         done = done | torch.isin(tokens, stops)
     segments.append((rows, first, torch.stack(step_tokens, 1), torch.stack(step_logps, 1)))
     return _assemble(segments, N, L, stops, pad, device)
@@ -327,8 +348,23 @@ def _assemble(segments, N: int, L: int, stops, pad: int, device) -> Rollout:
     )
 
 
+def _new_cache(model, length: int):
+    """transformers' StaticCache of `length` positions (written in place, never concatenated) where the model
+    supports it and every layer is full attention; a DynamicCache otherwise (the one constant decode mask is
+    right for full attention only; sliding-window and linear-attention layers keep their own bookkeeping)."""
+    if getattr(model, "_can_compile_fullgraph", False):
+        cache = StaticCache(config=model.config, max_cache_len=length)
+        if all(type(layer) is StaticLayer for layer in cache.layers):
+            return cache
+    return DynamicCache(config=model.config)
+
+
 def _select_rows(cache, index: torch.Tensor) -> None:
-    """Keep the cache rows `index` (n',), in that order (transformers' static layers have no batch_select)."""
+    """Keep the cache rows `index` (n',), in that order: one op for repeating and for compacting. transformers'
+    static layers have no batch selection of their own; every dynamic layer kind has."""
+    if not isinstance(cache, StaticCache):
+        cache.batch_select_indices(index)
+        return
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
 
