@@ -15,12 +15,14 @@ G completions each (G = 1, and G = 8 at B = 32: GRPO's shape; generate's `num_re
 almost every row runs to the limit). Both sides: do_sample, temperature 1, top_p 1, top_k off (generate's
 default top_k of 50 is switched off), KV cache, the same left-padded batch.
 
-Each (model, batch, side) runs in its own subprocess (`common.run_side`): one warm-up call, then `--repeats`
-(default 5) timed calls; a call's rate is (new tokens produced) / (wall-clock seconds of the call), the new
-tokens being the completion tokens it returned (up to and including eos), prefill included in the time. The
-table gives each side's median rate, `ours / generate` the ratio of the medians and `best / best` the ratio of
-the fastest calls: on a CPU shared with other jobs, a tiny model's ops are short enough that a descheduled
-OpenMP thread can stall a call many-fold, and the fastest call is the closer to what the machine can do.
+Sides: `generate` (transformers), `ours` (`rollout.generate`, eager) and `compiled` (`rollout.generate(...,
+compile=True)`). Each (model, batch) runs in its own subprocess (`common.run_side`) holding all three sides: the
+compiled side's first call (its compilation, timed: `compile s`, cold, in a fresh TORCHINDUCTOR_CACHE_DIR), one
+warm-up call of the others, then `--repeats` (default 5) rounds of one timed call per side, back to back, so
+that the shared machine's changing load hits the sides of a round alike. A call's rate is (new tokens
+produced) / (wall-clock seconds of the call), the new tokens being the completion tokens it returned (up to and
+including eos), prefill included in the time. The table gives each side's median rate and, per side, the
+median over rounds of its rate / generate's rate in the same round.
 
 Measured on the shared 2-core CPU, 29 Nov 2026 (load 0.7-1.9; the embedded rows re-run on one thread):
 
@@ -185,7 +187,7 @@ def main() -> None:
     parser.add_argument("--model", choices=MODELS)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--num_generations", type=int, default=1)
-    parser.add_argument("--threads", type=int)  # internal: the torch thread count
+    parser.add_argument("--threads", type=int, help="torch threads for every model (default: THREADS)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     args = parser.parse_args()
     if args.pair:
@@ -202,7 +204,8 @@ def main() -> None:
         for batch, G in batches:
             flags = ["--pair", "--model", name, "--batch", str(batch), "--num_generations", str(G)]
             flags += ["--new_tokens", str(new_tokens), "--repeats", str(repeats)]
-            flags += ["--threads", str(THREADS[name])] if name in THREADS else []
+            threads = args.threads or THREADS.get(name)
+            flags += ["--threads", str(threads)] if threads else []
             with tempfile.TemporaryDirectory() as inductor_cache:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
                 result = common.run_side(__file__, flags)

@@ -22,8 +22,8 @@ token) is computed once at the end.
 
 `compile=True` runs `decode_one_token` (the forward, the logit processing and the sampling) through
 `torch.compile` (inductor: fused C++ kernels on the CPU, Triton on a GPU), with the batch dim marked dynamic so
-that compaction reuses the compiled step; a batch of one row, another model, or other sampling settings
-compile once more. The first call pays the compilation (on the shared 2-core CPU here, ~10 s idle and up to a
+that compaction reuses the compiled step; a batch of one row, another architecture, or another set of active
+filters compile once more. The first call pays the compilation (on the shared 2-core CPU here, ~10 s idle and up to a
 minute loaded for the embedded model, more for deeper ones), which a run recovers only over many calls:
 see benchmarks/rollout.py for the per-call gain and the break-even. Off by default.
 
@@ -167,8 +167,9 @@ def next_token(logits, seen, uniform, settings: dict) -> tuple[torch.Tensor, tor
 
 def decode_one_token(model, tokens, positions, attention_mask, cache, seen, uniform, settings: dict):
     """One step for n rows: feed tokens (n,) at positions (n,), then draw the next ones. attention_mask
-    (n, P + L) spans the whole static cache; `seen` (n, V) gets the fed tokens (repetition penalty). Returns
-    the next tokens (n,) and their log-probs (n,); the cache takes the fed tokens' keys and values."""
+    (n, P + L) spans a static cache (a dynamic one: its columns up to this token); `seen` (n, V) gets the fed
+    tokens (repetition penalty). Returns the next tokens (n,) and their log-probs (n,); the cache takes the fed
+    tokens' keys and values."""
     out = model(
         input_ids=tokens[:, None],
         attention_mask=attention_mask,
@@ -181,8 +182,10 @@ def decode_one_token(model, tokens, positions, attention_mask, cache, seen, unif
     return next_token(out.logits[:, -1], seen, uniform, settings)
 
 
-# Compiled once per process; dynamo recompiles per model (its guards hold the parameters) and per sampling
-# settings, and the batch dim is marked dynamic so that compaction does not recompile (n = 1 does, once).
+# Compiled on first use. The parameters are graph inputs, so another model of the same architecture (or the
+# same model after an optimizer step) reuses the graph; another architecture, another set of active filters
+# (top-k on or off, greedy or sampled, ...) or a batch of one row compiles once more. The batch dim is marked
+# dynamic (`_mark_batch_dynamic`), so compaction reuses the graph.
 compiled_decode_one_token = torch.compile(decode_one_token)
 
 
