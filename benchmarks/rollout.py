@@ -3,6 +3,7 @@
     python benchmarks/rollout.py            # embedded model and ~100M Qwen2, batch 8 / 32 / 64
     python benchmarks/rollout.py --quick    # a smoke run: embedded model only, batch 8, few tokens
     python benchmarks/rollout.py --models sft 100m
+    python benchmarks/rollout.py --breakdown --model sft --batch 32 --threads 1   # where a call's time goes
 
 Models (random init, float32, dropout off, CPU):
     embedded  `posttrain.data.embedded.build_model` (Qwen2, V = 128, H = 128, 3 layers, ~0.4M parameters)
@@ -24,29 +25,56 @@ produced) / (wall-clock seconds of the call), the new tokens being the completio
 including eos), prefill included in the time. The table gives each side's median rate and, per side, the
 median over rounds of its rate / generate's rate in the same round.
 
-Measured on the shared 2-core CPU, 29 Nov 2026 (load 0.7-1.9; the embedded rows re-run on one thread):
+Measured on the shared 2-core CPU, 29 Nov 2026 11:20-11:40 UTC, load 7-9 the whole time (other agents' runs; it
+did not fall below 6 after 10:50), one torch thread per process for every model (at this load two OpenMP
+threads per process stalled calls up to 20x, on either side at random):
 
-    model     batch        ours tok/s  generate tok/s  ours / generate
-    embedded  8                  6040            5978  1.01
-    embedded  32                13008           11609  1.12
-    embedded  64                16559           14126  1.17
-    embedded  32 (4 x 8)        17220           12717  1.35
-    sft       8                   743             646  1.15
-    sft       32                 2562            1085  2.36
-    sft       64                 3270            1247  2.62
-    sft       32 (4 x 8)         2826            1116  2.53
-    100m      8                   152             141  1.08
-    100m      32                  318             282  1.13
-    100m      64                  361             330  1.10
-    100m      32 (4 x 8)          364             259  1.40
+    python benchmarks/rollout.py --models embedded sft --threads 1
+    python benchmarks/rollout.py --models 100m --threads 1 --repeats 3
 
-Where the time goes (sft, batch 32, one decode step): the model's forward ~10 ms (its output layer alone ~5 ms,
-the weight read of a (32000, 256) matrix), our processing and sampling ~0.7 ms; generate adds
-`torch.multinomial` (~15 ms on an idle machine). Ours is within ~10% of the model's own forward, so the issue's
-3x at batch 32 would need generate to spend twice the forward outside it, which it does not here: 2.4x. On
-the embedded model both sides are the forward's Python overhead; on the 100M model both are its matmuls
-(a decode step reads ~430 MB of weights). The (4 x 8) rows add prefill once per prompt (generate's
-`num_return_sequences` prefills every row).
+    model     batch       generate tok/s  ours tok/s  compiled tok/s  ours / gen  compiled / gen  compile s
+    embedded  8                     1387        1333            2664        1.09            1.98         56
+    embedded  32                    7322        7683            9344        1.12            1.29         57
+    embedded  64                    7514        8275            8661        1.14            1.15         34
+    embedded  32 (4 x 8)            8717       12150           16729        1.42            2.01         32
+    sft       8                      390         563             607        1.44            1.52         34
+    sft       32                     631        1147            1154        1.81            1.81         36
+    sft       64                     700        1405            1317        2.01            1.88         36
+    sft       32 (4 x 8)             635        1359            1462        2.15            2.28         35
+    100m      8                       76          79              81        1.04            1.07         47
+    100m      32                     121         130             126        1.05            1.02         52
+    100m      64                     135         149             140        1.10            1.06         60
+    100m      32 (4 x 8)             127         192             177        1.51            1.40         50
+
+The issue's target, 3x `generate` at batch 32, is not met on any model: both sides run the same prefill, and
+our decode step is already at the model's own forward (sft, 100m) or, compiled, below the eager forward
+(embedded). `--breakdown --batch 32 --threads 1` (11:44-11:47 UTC, load 6-8), in ms; a side's per-step cost is
+(its call - prefill) / 31:
+
+    model     prefill forward sampling gen call ours call comp call gen step ours step comp step 3x needs <
+    embedded     27.3    2.22     0.12    121.5     104.2      84.2     3.04      2.48      1.84       0.43
+    sft           169    23.0     1.46     1524       874       883     43.7      22.7      23.0         11
+    100m         1793     112     1.54     5773      5274      5434      128       112       117        4.2
+    (comp: compiled; gen: generate)
+
+A call = prefill + 31 decode steps (32 new tokens; the first comes from the prefill's logits). The prefill is
+1024 left-padded prompt tokens through the whole model, identical work on both sides: 22% of generate's call on
+the embedded model, 11% on sft, 31% on 100m. So generate / ours = (prefill + 31 g) / (prefill + 31 o) with g, o
+the per-step costs, and 3x needs o below the last column. sft: generate's step is the forward plus ~20 ms
+(`torch.multinomial` over 32k tokens is most of it), ours is the forward itself plus 1.5 ms of inverse-CDF
+sampling (1.7-1.8x loaded, 2.4x on the idle machine of the first measurement); 3x would need our step at half
+the model's own forward, whose (32000, 256) output layer alone is ~2/3 of its FLOPs. 100m: the forward is
+matmul-bound (a step reads ~430 MB of weights) and generate adds only ~15%: 1.05-1.1x; 3x would need a step
+at 4% of the forward. Embedded: generate's step is only ~20% above our eager one (V = 128 makes its sampling
+cheap); the compiled step cuts the forward's Python overhead (2.48 -> 1.84 ms per step), but 3x would need
+0.43 ms, which is the step's matmul FLOPs alone on one core here (~0.45 ms): no overhead at all. The (4 x 8)
+rows add prefill once per prompt (generate's `num_return_sequences` prefills every row): 1.4-2.3x.
+
+`compile=True` (off by default) pays where the forward is Python-bound: embedded at batch 8 (2x against 1.1x)
+and (4 x 8); on sft and 100m the matmuls dominate and it gains nothing (100m: inductor's compiled step was no
+faster than eager). Its cost is a first call of 30-60 s (cold, on this loaded machine; ~8 s with a warm
+inductor cache), against ~20 ms saved per call at embedded batch 32: a GRPO run of the embedded task would
+need 1,500-3,000 generate calls to recover it, so the default stays eager.
 """
 
 from __future__ import annotations
@@ -178,12 +206,80 @@ def pair(args) -> dict:
     return {"rates": rates, "first_call_s": first_call_s}
 
 
+def breakdown(args) -> None:
+    """Where a call's time goes, at one (model, batch), in ms: the prefill, one eager forward of a decode step
+    (static cache), inverse-CDF sampling, and each side's whole call, timed interleaved round by round; a
+    side's per-step cost is (its call - prefill) / (new_tokens - 1)."""
+    from transformers import StaticCache
+
+    from posttrain.rl import rollout
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model(args.model)
+    side_calls = calls(args, model)
+    prompts = random_prompts(args.batch, model.config.vocab_size)
+    input_ids, attention_mask = rollout._left_pad(prompts, model.config.pad_token_id, "cpu")
+    P, L = input_ids.shape[1], args.new_tokens
+
+    def prefill():
+        return rollout.prefill(
+            model, input_ids, attention_mask, StaticCache(config=model.config, max_cache_len=P + L)
+        )
+
+    with torch.no_grad():
+        logits, positions = prefill()
+        cache = StaticCache(config=model.config, max_cache_len=P + L)
+        rollout.prefill(model, input_ids, attention_mask, cache)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(args.batch, L)], dim=1)
+        tokens, uniform = logits.argmax(-1), torch.rand(args.batch)
+
+        def forward():
+            model(
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=positions[:, None] + 1,
+                cache=cache,
+                use_cache=True,
+            )
+            for layer in cache.layers:  # rewind: every repeat writes the same slot
+                layer.cumulative_length.sub_(1)
+
+        settings = dict(repetition_penalty=1.0, temperature=1.0, top_k=None, top_p=1.0, min_p=None)
+        pieces = {
+            "prefill": prefill,
+            "forward": forward,
+            "sampling": lambda: rollout.next_token(logits, None, uniform, settings),
+        }
+        pieces.update(side_calls)
+        for piece in pieces.values():
+            piece()  # warm-up (the compiled side compiles here)
+        times = {name: [] for name in pieces}
+        for _ in range(args.repeats):
+            for name, piece in pieces.items():
+                t0 = time.perf_counter()
+                piece()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    ms = {name: common.median(t) for name, t in times.items()}
+    print(common.machine_line())
+    print(
+        f"{args.model} batch {args.batch}: "
+        + ", ".join(f"{name} {t:.2f}" for name, t in ms.items())
+        + " (ms)"
+    )
+    print(
+        "per decode step: "
+        + ", ".join(f"{side} {(ms[side] - ms['prefill']) / (L - 1):.2f}" for side in SIDES)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--pair", action="store_true")  # internal: run one (model, batch) in this process
+    parser.add_argument("--breakdown", action="store_true", help="time the pieces of one --model at --batch")
     parser.add_argument("--model", choices=MODELS)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--num_generations", type=int, default=1)
@@ -192,6 +288,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.pair:
         common.emit_result(pair(args))
+        return
+    if args.breakdown:
+        breakdown(args)
         return
 
     models, batches = (("embedded",), ((8, 1), (8, 4))) if args.quick else (args.models, BATCHES)
