@@ -4,7 +4,8 @@ Notation: B prompts, G = num_generations, N = B * G rows (each prompt's G comple
 P longest prompt, L max_completion_length, V vocab, n rows still decoding.
 
 Structure (gpt-fast's): `prefill` runs the B left-padded prompts once into a static KV cache of P + L positions
-(transformers' `StaticCache`: written in place, never concatenated), keeping only the last position's logits;
+(transformers' `StaticCache`: written in place, never concatenated; a `DynamicCache` for a model it cannot
+serve, see `_new_cache`), keeping only the last position's logits;
 the cache is then repeated G times along the batch (prefill once per prompt, not once per row). Then one
 `decode_one_token` step per new token on the rows still decoding: the forward of the fed tokens, then the
 next tokens drawn. Left padding: the attention mask hides the pads and `position_ids` count real tokens only,
@@ -23,9 +24,10 @@ token) is computed once at the end.
 `compile=True` runs `decode_one_token` (the forward, the logit processing and the sampling) through
 `torch.compile` (inductor: fused C++ kernels on the CPU, Triton on a GPU), with the batch dim marked dynamic so
 that compaction reuses the compiled step; a batch of one row, another architecture, or another set of active
-filters compile once more. The first call pays the compilation (on the shared 2-core CPU here, ~10 s idle and up to a
-minute loaded for the embedded model, more for deeper ones), which a run recovers only over many calls:
-see benchmarks/rollout.py for the per-call gain and the break-even. Off by default.
+filters compile once more. The first call pays the compilation (on the shared 2-core CPU here, cold: 16-18 s
+for the embedded model at load 3-5, 30-60 s at load 7-9, more for deeper models), which a run recovers only
+over many calls, and only where the forward is Python-bound rather than matmul-bound: see
+benchmarks/rollout.py for the per-call gain and the break-even. Off by default.
 
 Sampling by inverse CDF: softmax, cumsum, `searchsorted` of one uniform per row. On the CPU this is an order
 of magnitude cheaper than `torch.multinomial` over a 32k vocabulary (about 0.7 ms against 15 ms for a
@@ -35,11 +37,11 @@ the seed, never on when the batch was compacted.
 
 Log-probs returned: log p(token) under the distribution the token was drawn from, i.e. softmax of the
 processed logits (after repetition penalty, temperature and the top-k / top-p / min-p truncation,
-renormalised over the kept tokens), what vLLM returns with `logprobs_mode="processed_logprobs"`. Without truncation they equal the
-policy's log-probs at that temperature (`rl.logprobs.token_logprobs(..., temperature=T)`); with truncation
-they do not, and losses should use the policy's full-vocabulary log-probs (design.md). Greedy decoding
-(do_sample=False or temperature 0) takes the argmax of the penalised logits, as `generate` does, and reports
-log-probs under the same processed distribution (temperature 0 read as 1).
+renormalised over the kept tokens), what vLLM returns with `logprobs_mode="processed_logprobs"`. Without
+truncation they equal the policy's log-probs at that temperature (`rl.logprobs.token_logprobs(...,
+temperature=T)`); with truncation they do not, and losses should use the policy's full-vocabulary log-probs
+(design.md). Greedy decoding (do_sample=False or temperature 0) takes the argmax of the penalised logits, as
+`generate` does, and reports log-probs under the same processed distribution (temperature 0 read as 1).
 
 The model (unwrapped from DDP / torch.compile) runs in eval mode (dropout off) under `torch.no_grad()`; its
 training flag is restored after. The host syncs: one per `sync_every` steps, one at the end (the output's
