@@ -25,26 +25,29 @@ produced) / (wall-clock seconds of the call), the new tokens being the completio
 including eos), prefill included in the time. The table gives each side's median rate and, per side, the
 median over rounds of its rate / generate's rate in the same round.
 
-Measured on the shared 2-core CPU, 29 Nov 2026 11:20-11:40 UTC, load 7-9 the whole time (other agents' runs; it
-did not fall below 6 after 10:50), one torch thread per process for every model (at this load two OpenMP
-threads per process stalled calls up to 20x, on either side at random):
+Measured on the shared 2-core CPU, 29 Nov 2026 11:47-12:05 UTC, load 3-5 (embedded, sft) and 5-7 (100m): other
+agents' runs, it never fell below 3 after 10:50; one torch thread per process for every model (at load 7-9
+two OpenMP threads per process stalled calls up to 20x, on either side at random):
 
     python benchmarks/rollout.py --models embedded sft --threads 1
     python benchmarks/rollout.py --models 100m --threads 1 --repeats 3
 
     model     batch       generate tok/s  ours tok/s  compiled tok/s  ours / gen  compiled / gen  compile s
-    embedded  8                     1387        1333            2664        1.09            1.98         56
-    embedded  32                    7322        7683            9344        1.12            1.29         57
-    embedded  64                    7514        8275            8661        1.14            1.15         34
-    embedded  32 (4 x 8)            8717       12150           16729        1.42            2.01         32
-    sft       8                      390         563             607        1.44            1.52         34
-    sft       32                     631        1147            1154        1.81            1.81         36
-    sft       64                     700        1405            1317        2.01            1.88         36
-    sft       32 (4 x 8)             635        1359            1462        2.15            2.28         35
-    100m      8                       76          79              81        1.04            1.07         47
-    100m      32                     121         130             126        1.05            1.02         52
-    100m      64                     135         149             140        1.10            1.06         60
-    100m      32 (4 x 8)             127         192             177        1.51            1.40         50
+    embedded  8                     6069        6383           11124        1.05            1.85         16
+    embedded  32                   11375       12565           15638        1.09            1.46         17
+    embedded  64                   15697       16623           17210        1.07            1.10         16
+    embedded  32 (4 x 8)           13581       19173           25464        1.42            1.99         18
+    sft       8                      628         908             976        1.45            1.55         21
+    sft       32                     637        1157            1206        1.84            1.91         24
+    sft       64                     681        1301            1243        1.94            1.82         35
+    sft       32 (4 x 8)             582        1178            1256        2.02            2.17         42
+    100m      8                       71          73              77        1.03            1.08         56
+    100m      32                     119         128             124        1.08            1.03         60
+    100m      64                     134         144             135        1.08            1.00         64
+    100m      32 (4 x 8)             115         176             157        1.53            1.36         56
+
+A first run at load 7-9 (11:20-11:40) gave the same ratios within 0.2, the compiled embedded rows moving most
+(batch 32: 1.29 there, 1.46 here; sft 32: 1.81 / 1.81; 100m 32: 1.05 / 1.02), and compile times of 30-60 s.
 
 The issue's target, 3x `generate` at batch 32, is not met on any model: both sides run the same prefill, and
 our decode step is already at the model's own forward (sft, 100m) or, compiled, below the eager forward
@@ -62,19 +65,20 @@ A call = prefill + 31 decode steps (32 new tokens; the first comes from the pref
 the embedded model, 11% on sft, 31% on 100m. So generate / ours = (prefill + 31 g) / (prefill + 31 o) with g, o
 the per-step costs, and 3x needs o below the last column. sft: generate's step is the forward plus ~20 ms
 (`torch.multinomial` over 32k tokens is most of it), ours is the forward itself plus 1.5 ms of inverse-CDF
-sampling (1.7-1.8x loaded, 2.4x on the idle machine of the first measurement); 3x would need our step at half
+sampling (1.8x at load 3-9, 2.4x on the idle machine of the first measurement); 3x would need our step at half
 the model's own forward, whose (32000, 256) output layer alone is ~2/3 of its FLOPs. 100m: the forward is
 matmul-bound (a step reads ~430 MB of weights) and generate adds only ~15%: 1.05-1.1x; 3x would need a step
 at 4% of the forward. Embedded: generate's step is only ~20% above our eager one (V = 128 makes its sampling
 cheap); the compiled step cuts the forward's Python overhead (2.48 -> 1.84 ms per step), but 3x would need
 0.43 ms, which is the step's matmul FLOPs alone on one core here (~0.45 ms): no overhead at all. The (4 x 8)
-rows add prefill once per prompt (generate's `num_return_sequences` prefills every row): 1.4-2.3x.
+rows add prefill once per prompt (generate's `num_return_sequences` prefills every row): 1.4-2.2x.
 
-`compile=True` (off by default) pays where the forward is Python-bound: embedded at batch 8 (2x against 1.1x)
-and (4 x 8); on sft and 100m the matmuls dominate and it gains nothing (100m: inductor's compiled step was no
-faster than eager). Its cost is a first call of 30-60 s (cold, on this loaded machine; ~8 s with a warm
-inductor cache), against ~20 ms saved per call at embedded batch 32: a GRPO run of the embedded task would
-need 1,500-3,000 generate calls to recover it, so the default stays eager.
+`compile=True` (off by default) pays where the forward is Python-bound: embedded at batch 8 (1.85x against
+1.05x) and (4 x 8); on sft and 100m the matmuls dominate and it gains nothing (100m: inductor's compiled step
+was no faster than eager). Its cost is a first call of 16-64 s (cold inductor cache; 30-60 s for every model
+at load 7-9; ~8 s with a warm cache), against 16-20 ms saved per call at embedded batch 32: a GRPO run of the
+embedded task would need ~1,000 (load 3-5) to 3,000 (load 7-9) generate calls to recover it, so the default
+stays eager.
 """
 
 from __future__ import annotations
