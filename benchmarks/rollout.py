@@ -64,8 +64,9 @@ A call = prefill + 31 decode steps (32 new tokens; the first comes from the pref
 1024 left-padded prompt tokens through the whole model, identical work on both sides: 22% of generate's call on
 the embedded model, 11% on sft, 31% on 100m. So generate / ours = (prefill + 31 g) / (prefill + 31 o) with g, o
 the per-step costs, and 3x needs o below the last column. sft: generate's step is the forward plus ~20 ms
-(`torch.multinomial` over 32k tokens is most of it), ours is the forward itself plus 1.5 ms of inverse-CDF
-sampling (1.8x at load 3-9, 2.4x on the idle machine of the first measurement); 3x would need our step at half
+(`torch.multinomial` over 32k tokens, ~15 ms by design.md's probe, is most of it), ours is the forward itself
+(its 1.5 ms of inverse-CDF sampling is within the timing noise): 1.8x at load 3-9, 2.4x on the idle machine of
+the first measurement; 3x would need our step at half
 the model's own forward, whose (32000, 256) output layer alone is ~2/3 of its FLOPs. 100m: the forward is
 matmul-bound (a step reads ~430 MB of weights) and generate adds only ~15%: 1.05-1.1x; 3x would need a step
 at 4% of the forward. Embedded: generate's step is only ~20% above our eager one (V = 128 makes its sampling
