@@ -77,15 +77,16 @@ def ours(model, prompts, **kwargs):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("family", ["qwen2", "llama", "gpt2"])
-def test_greedy_equals_generate(family):
+def test_greedy_equals_generate(family, compile):
     model = make_model(family)
     free = reference(model, PROMPTS, 12, do_sample=False, eos_token_id=None)
     assert free.shape == (4, 12)
     # eos: row 0's 4th token, so row 0 stops early and (checked below) not every row does
     eos = int(free[0, 3])
     expected = reference(model, PROMPTS, 12, do_sample=False, eos_token_id=eos)
-    got = ours(model, PROMPTS, max_completion_length=12, do_sample=False, eos_token_id=eos)
+    got = ours(model, PROMPTS, max_completion_length=12, do_sample=False, eos_token_id=eos, compile=compile)
     mask, finished = expected_mask(expected, [eos])
     assert got.completion_ids.shape == expected.shape == (4, 12)
     assert torch.equal(got.completion_ids, expected)
@@ -97,7 +98,9 @@ def test_greedy_equals_generate(family):
     # extra stop tokens: every row stops by its 3rd token, so the output is narrower than the limit
     stops = sorted({int(free[r, 2]) for r in range(4)})
     expected = reference(model, PROMPTS, 12, do_sample=False, eos_token_id=[EOS, *stops])
-    got = ours(model, PROMPTS, max_completion_length=12, do_sample=False, stop_token_ids=stops)
+    got = ours(
+        model, PROMPTS, max_completion_length=12, do_sample=False, stop_token_ids=stops, compile=compile
+    )
     mask, finished = expected_mask(expected, [EOS, *stops])
     assert got.completion_ids.shape == expected.shape and expected.shape[1] <= 3
     assert torch.equal(got.completion_ids, expected)
@@ -339,6 +342,32 @@ def test_seed_reproduces_and_compaction_changes_nothing():
     assert not torch.equal(a.completion_ids, run(1, 1).completion_ids)
 
 
+@pytest.mark.slow
+def test_compiled_step_equals_eager_and_compiles_once():
+    """compile=True draws the eager step's tokens (log-probs to float32 noise: inductor reorders sums), with
+    rows leaving the batch at many steps, and compiles one graph for every batch size >= 2 (the batch dim
+    is dynamic; a batch of one row specialises, as dynamo does for any size-1 dim)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # graphs compiled by earlier tests would hide this test's compilations
+    model = make_model("qwen2")
+    kwargs = dict(
+        num_generations=4, max_completion_length=12, top_k=20, stop_token_ids=[7, 11, 61], sync_every=1
+    )
+    eager = ours(model, PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
+    before = counters["stats"]["unique_graphs"]
+    compiled = ours(model, PROMPTS, generator=torch.Generator().manual_seed(0), compile=True, **kwargs)
+    graphs = counters["stats"]["unique_graphs"] - before
+    assert torch.equal(compiled.completion_ids, eager.completion_ids)
+    assert torch.equal(compiled.completion_mask, eager.completion_mask)
+    torch.testing.assert_close(compiled.logps, eager.logps, rtol=0, atol=1e-5)
+    # the batch before step k + 1: rows not stopped within their first k tokens (sync_every 1)
+    lengths = compiled.completion_mask.sum(-1)
+    sizes = {int(((lengths > k) | ~compiled.finished).sum()) for k in range(1, 12)} - {0}
+    assert len(sizes - {1}) >= 3  # the batch shrank at several steps
+    assert graphs == 1 + (1 in sizes)
+
+
 def test_finished_rows_leave_the_batch():
     """With sync_every 1 each decode step runs exactly the rows that have not stopped yet."""
     model = make_model("qwen2")
@@ -398,6 +427,29 @@ def test_model_without_logits_to_keep():
     b = ours(plain, PROMPTS, **kwargs)
     assert torch.equal(a.completion_ids, b.completion_ids)
     torch.testing.assert_close(a.logps, b.logps, rtol=1e-5, atol=1e-5)
+
+
+def test_model_without_static_cache():
+    """A model transformers cannot give a static cache decodes on a dynamic one, to the same completions; it
+    cannot be compiled, and says so."""
+    from transformers import Qwen2ForCausalLM
+
+    class Dynamic(Qwen2ForCausalLM):
+        _can_compile_fullgraph = False
+
+    model = make_model("qwen2")
+    dynamic = Dynamic(model.config).eval()
+    dynamic.load_state_dict(model.state_dict())
+    kwargs = dict(num_generations=3, max_completion_length=10, stop_token_ids=[7, 11, 61], sync_every=1)
+    a = ours(model, PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
+    b = ours(dynamic, PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert a.finished.any() and not a.finished.all()  # rows left the batch: both caches were compacted
+    assert all(torch.equal(x, y) for x, y in zip(a[:2] + a[3:], b[:2] + b[3:], strict=True))
+    torch.testing.assert_close(a.logps, b.logps, rtol=0, atol=1e-5)
+    with pytest.raises(
+        ValueError, match="compile=True needs a model whose cache transformers can preallocate"
+    ):
+        ours(dynamic, PROMPTS, max_completion_length=4, compile=True)
 
 
 def test_training_flag_restored():

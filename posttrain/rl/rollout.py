@@ -3,17 +3,31 @@
 Notation: B prompts, G = num_generations, N = B * G rows (each prompt's G completions adjacent, TRL's order),
 P longest prompt, L max_completion_length, V vocab, n rows still decoding.
 
-Structure (gpt-fast's): `prefill` runs the B left-padded prompts once, keeping only the last position's logits;
+Structure (gpt-fast's): `prefill` runs the B left-padded prompts once into a static KV cache of P + L positions
+(transformers' `StaticCache`: written in place, never concatenated; a `DynamicCache` for a model it cannot
+serve, see `_new_cache`), keeping only the last position's logits;
 the cache is then repeated G times along the batch (prefill once per prompt, not once per row). Then one
-`decode_one_token` step per new token on the rows still decoding. Left padding: the attention mask hides the
-pads and `position_ids` count real tokens only, so a row's positions are those it would have unpadded.
+`decode_one_token` step per new token on the rows still decoding: the forward of the fed tokens, then the
+next tokens drawn. Left padding: the attention mask hides the pads and `position_ids` count real tokens only,
+so a row's positions are those it would have unpadded. One (n, P + L) mask serves every decode step (the
+completion's slots shown; the causal mask hides those not written yet), so no step builds a mask of its own.
 
 Per step, on the device and without a host sync: `process_logits` (repetition penalty, temperature, top-k,
 top-p, min-p: transformers' `generate` order and semantics), then `sample` (inverse CDF) or argmax. Every
 `sync_every` steps the host reads which rows have stopped (the one host sync of the loop; default 4 on a GPU,
 where a sync stalls the launch queue and a few steps of wasted work on finished rows is the cheaper side, and
 1 on the CPU, where every op is synchronous anyway); if any has, the batch is compacted (`index_select` of the
-cache, mask and positions), so a finished row costs no more work.
+cache, mask and positions), so a finished row costs no more work. Each step's tokens stay in the live batch's
+order and are written to their output rows once per compaction; the mask (up to and including the first stop
+token) is computed once at the end.
+
+`compile=True` runs `decode_one_token` (the forward, the logit processing and the sampling) through
+`torch.compile` (inductor: fused C++ kernels on the CPU, Triton on a GPU), with the batch dim marked dynamic so
+that compaction reuses the compiled step; a batch of one row, another architecture, or another set of active
+filters compile once more. The first call pays the compilation (on the shared 2-core CPU here, cold: 16-18 s
+for the embedded model at load 3-5, 30-60 s at load 7-9, more for deeper models), which a run recovers only
+over many calls, and only where the forward is Python-bound rather than matmul-bound: see
+benchmarks/rollout.py for the per-call gain and the break-even. Off by default.
 
 Sampling by inverse CDF: softmax, cumsum, `searchsorted` of one uniform per row. On the CPU this is an order
 of magnitude cheaper than `torch.multinomial` over a 32k vocabulary (about 0.7 ms against 15 ms for a
@@ -23,11 +37,11 @@ the seed, never on when the batch was compacted.
 
 Log-probs returned: log p(token) under the distribution the token was drawn from, i.e. softmax of the
 processed logits (after repetition penalty, temperature and the top-k / top-p / min-p truncation,
-renormalised over the kept tokens), what vLLM returns with `logprobs_mode="processed_logprobs"`. Without truncation they equal the
-policy's log-probs at that temperature (`rl.logprobs.token_logprobs(..., temperature=T)`); with truncation
-they do not, and losses should use the policy's full-vocabulary log-probs (design.md). Greedy decoding
-(do_sample=False or temperature 0) takes the argmax of the penalised logits, as `generate` does, and reports
-log-probs under the same processed distribution (temperature 0 read as 1).
+renormalised over the kept tokens), what vLLM returns with `logprobs_mode="processed_logprobs"`. Without
+truncation they equal the policy's log-probs at that temperature (`rl.logprobs.token_logprobs(...,
+temperature=T)`); with truncation they do not, and losses should use the policy's full-vocabulary log-probs
+(design.md). Greedy decoding (do_sample=False or temperature 0) takes the argmax of the penalised logits, as
+`generate` does, and reports log-probs under the same processed distribution (temperature 0 read as 1).
 
 The model (unwrapped from DDP / torch.compile) runs in eval mode (dropout off) under `torch.no_grad()`; its
 training flag is restored after. The host syncs: one per `sync_every` steps, one at the end (the output's
@@ -41,6 +55,8 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import StaticLayer
 
 from posttrain.rl.distributed import unwrap
 
@@ -127,21 +143,35 @@ def sample(scores: torch.Tensor, uniform: torch.Tensor | None) -> tuple[torch.Te
 # ---------------------------------------------------------------------------------------------------------
 
 
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Run the left-padded prompts (B, P) once. Returns the last position's logits (B, V), the cache and the
+def prefill(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the left-padded prompts (B, P) once into `cache`. Returns the last position's logits (B, V) and the
     last position id of each row (B,)."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     # the prompt's other positions need no logits; a model without `logits_to_keep` computes them all
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **keep
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+        **keep,
     )
-    return out.logits[:, -1], out.cache, position_ids[:, -1]
+    return out.logits[:, -1], position_ids[:, -1]
 
 
-def decode_one_token(model, tokens, attention_mask, positions, cache) -> torch.Tensor:
-    """One step for n rows: tokens (n,), attention_mask (n, P + t) including this token, positions (n,).
-    Returns the next logits (n, V); the cache grows by one position."""
+def next_token(logits, seen, uniform, settings: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (n,) and their log-probs (n,) from logits (n, V): `process_logits` then `sample`."""
+    return sample(process_logits(logits, seen=seen, **settings), uniform)
+
+
+def decode_one_token(model, tokens, positions, attention_mask, cache, seen, uniform, settings: dict):
+    """One step for n rows: feed tokens (n,) at positions (n,), then draw the next ones. attention_mask
+    (n, P + L) spans a static cache (a dynamic one: its columns up to this token); `seen` (n, V) gets the fed
+    tokens (repetition penalty). Returns the next tokens (n,) and their log-probs (n,); the cache takes the fed
+    tokens' keys and values."""
     out = model(
         input_ids=tokens[:, None],
         attention_mask=attention_mask,
@@ -149,7 +179,16 @@ def decode_one_token(model, tokens, attention_mask, positions, cache) -> torch.T
         cache=cache,
         use_cache=True,
     )
-    return out.logits[:, -1]
+    if seen is not None:
+        seen.scatter_(1, tokens[:, None], True)
+    return next_token(out.logits[:, -1], seen, uniform, settings)
+
+
+# Compiled on first use. The parameters are graph inputs, so another model of the same architecture (or the
+# same model after an optimizer step) reuses the graph; another architecture, another set of active filters
+# (top-k on or off, greedy or sampled, ...) or a batch of one row compiles once more. The batch dim is marked
+# dynamic (`_mark_batch_dynamic`), so compaction reuses the graph.
+compiled_decode_one_token = torch.compile(decode_one_token)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -174,13 +213,15 @@ def generate(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     sync_every: int | None = None,
+    compile: bool = False,
 ) -> Rollout:
     """`num_generations` completions of each prompt (token ids, no padding), each prompt's adjacent.
 
     A row stops at its first token in eos_token_id or stop_token_ids, or after max_completion_length
     tokens. Sampling draws its uniforms from `generator` (the default generator when None): the same seed
     gives the same tokens. `sync_every`: steps between the checks for stopped rows (None: 1 on the CPU, where
-    every op is synchronous anyway, 4 elsewhere). See the module docstring for the log-probs returned."""
+    every op is synchronous anyway, 4 elsewhere). `compile`: run the decode step through `torch.compile`
+    (see the module docstring for its cost and gain). See the module docstring for the log-probs returned."""
     model = unwrap(model)  # generation runs outside DDP / torch.compile wrappers
     _check_options(
         num_generations,
@@ -206,77 +247,139 @@ def generate(
         top_p=top_p,
         min_p=min_p,
     )
+    step = compiled_decode_one_token if compile else decode_one_token
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             return _rollout(
                 model, prompt_ids, num_generations, max_completion_length, settings, greedy, stops,
-                pad_token_id, generator, sync_every, device,
+                pad_token_id, generator, sync_every, device, step,
             )  # fmt: skip
     finally:
         model.train(was_training)
 
 
-def _rollout(model, prompt_ids, G, L, settings, greedy, stops, pad, generator, sync_every, device) -> Rollout:
+def _rollout(
+    model, prompt_ids, G, L, settings, greedy, stops, pad, generator, sync_every, device, step
+) -> Rollout:
     N = len(prompt_ids) * G
-    input_ids, attention_mask = _left_pad(prompt_ids, pad, device)  # (B, P)
-    logits, cache, positions = prefill(model, input_ids, attention_mask)
+    input_ids, prompt_mask = _left_pad(prompt_ids, pad, device)  # (B, P)
+    P = input_ids.shape[1]
+    cache = _new_cache(model, P + L)
+    static = isinstance(cache, StaticCache)
+    if step is compiled_decode_one_token and not static:
+        raise ValueError(
+            f"compile=True needs a model whose cache transformers can preallocate (StaticCache, full attention "
+            f"only); {type(model).__name__} cannot: use compile=False"
+        )
+    logits, positions = prefill(model, input_ids, prompt_mask, cache)
     # prefill ran once per prompt: repeat everything G times along the batch, each prompt's rows adjacent
-    cache.batch_repeat_interleave(G)
-    logits, positions = logits.repeat_interleave(G, 0), positions.repeat_interleave(G, 0)
-    attention_mask = attention_mask.repeat_interleave(G, 0)
+    _select_rows(cache, torch.arange(len(prompt_ids), device=device).repeat_interleave(G))
+    logits, positions, prompt_mask = (x.repeat_interleave(G, 0) for x in (logits, positions, prompt_mask))
+    # One mask for every decode step, over the whole static cache: the prompt's pads hidden, the completion's
+    # slots shown (the causal mask hides those not written yet), so no step builds a new mask. A dynamic cache
+    # takes its first P + t columns at step t.
+    attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(N, L)], dim=1)  # (n, P + L)
     V = logits.shape[-1]
     seen = None  # (n, V) bool: tokens of the row's prompt (pads excluded) and completion so far
     if settings["repetition_penalty"] != 1.0:
-        ids = (
-            input_ids.repeat_interleave(G, 0).clamp(max=V).masked_fill(attention_mask == 0, V)
-        )  # pads: column V
-        seen = torch.zeros(N, V + 1, dtype=torch.bool, device=device).scatter_(1, ids, True)[:, :V]
-
-    completion_ids = torch.full((N, L), pad, dtype=torch.long, device=device)
-    completion_mask = torch.zeros(N, L, dtype=torch.long, device=device)
-    logps = torch.zeros(N, L, dtype=torch.float32, device=device)
-    rows = torch.arange(N, device=device)  # (n,) output row of each row still decoding
-    done = torch.zeros(N, dtype=torch.bool, device=device)  # (n,) stopped since the last compaction
+        ids = input_ids.repeat_interleave(G, 0).clamp(max=V).masked_fill(prompt_mask == 0, V)  # pads: V
+        seen = torch.zeros(N, V + 1, dtype=torch.bool, device=device).scatter_(1, ids, True)
+        seen = seen[:, :V].contiguous()
     # All the uniforms at once, on the generator's own device (a CPU generator serves a GPU model without a
-    # copy per step): (L, N), row t for step t, each row of the batch picking its own.
+    # copy per step): (L, n), row t for step t, column i for live row i (compaction selects columns), so a
+    # row's tokens depend only on the seed, never on when the batch was compacted.
     uniforms = None
     if not greedy:
         source = generator.device if generator is not None else device
         uniforms = torch.rand(L, N, generator=generator, device=source).to(device)
-    for t in range(L):
-        scores = process_logits(logits, seen=seen, **settings)
-        uniform = None if greedy else uniforms[t, rows]
-        tokens, token_logps = sample(scores, uniform)
-        live = ~done
-        completion_ids[rows, t] = tokens.masked_fill(done, pad)
-        completion_mask[rows, t] = live.long()
-        logps[rows, t] = token_logps.masked_fill(done, 0.0)
-        done = done | torch.isin(tokens, stops)
-        if t == L - 1:
+
+    # The tokens and log-probs of each step are kept in the live batch's order and written to the output rows
+    # once per compaction (a segment), not scattered every step.
+    segments = []  # (output rows (n,), first step, tokens (n, k), log-probs (n, k))
+    rows, first, step_tokens, step_logps = torch.arange(N, device=device), 0, [], []
+    tokens, token_logps = next_token(logits, seen, None if greedy else uniforms[0], settings)
+    done = torch.isin(tokens, stops)  # (n,) stopped at some step of the current segment
+    for t in range(1, L + 1):
+        step_tokens.append(tokens)
+        step_logps.append(token_logps)
+        if t == L:
             break
-        if (t + 1) % sync_every == 0:
+        if t % sync_every == 0:
             keep = (~done).nonzero().squeeze(1)  # the host sync: which rows still decode
             if len(keep) == 0:
                 break
             if len(keep) < len(done):  # drop the stopped rows from the batch and the cache
-                cache.batch_select_indices(keep)
-                rows, done, tokens = rows[keep], done[keep], tokens[keep]
-                attention_mask, positions = attention_mask[keep], positions[keep]
+                segments.append((rows, first, torch.stack(step_tokens, 1), torch.stack(step_logps, 1)))
+                first, step_tokens, step_logps = t, [], []
+                _select_rows(cache, keep)
+                rows, done, tokens, positions, attention_mask = (
+                    x[keep] for x in (rows, done, tokens, positions, attention_mask)
+                )
                 seen = None if seen is None else seen[keep]
-        if seen is not None:
-            seen[torch.arange(len(tokens), device=device), tokens] = True
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(tokens), 1)], dim=1)
+                uniforms = None if uniforms is None else uniforms[:, keep]
+        uniform = None if greedy else uniforms[t]
         positions = positions + 1
-        logits = decode_one_token(model, tokens, attention_mask, positions, cache)
+        if step is compiled_decode_one_token:
+            _mark_batch_dynamic(tokens, positions, attention_mask, seen, uniform, cache=cache)
+        mask = attention_mask if static else attention_mask[:, : P + t]
+        tokens, token_logps = step(model, tokens, positions, mask, cache, seen, uniform, settings)
+        done = done | torch.isin(tokens, stops)
+    segments.append((rows, first, torch.stack(step_tokens, 1), torch.stack(step_logps, 1)))
+    return _assemble(segments, N, L, stops, pad, device)
 
-    length = int(completion_mask.sum(-1).max())  # the longest completion: trim the columns no row reached
-    completion_ids, completion_mask, logps = (
-        x[:, :length].contiguous() for x in (completion_ids, completion_mask, logps)
+
+def _assemble(segments, N: int, L: int, stops, pad: int, device) -> Rollout:
+    """The Rollout from the segments' tokens and log-probs: each row keeps its tokens up to and including its
+    first stop token (a row decodes past it until the next sync), pads after."""
+    completion_ids = torch.full((N, L), pad, dtype=torch.long, device=device)
+    logps = torch.zeros(N, L, dtype=torch.float32, device=device)
+    written = torch.zeros(N, L, dtype=torch.bool, device=device)
+    for rows, first, tokens, token_logps in segments:
+        last = first + tokens.shape[1]
+        completion_ids[rows, first:last] = tokens
+        logps[rows, first:last] = token_logps
+        written[rows, first:last] = True
+    is_stop = torch.isin(completion_ids, stops) & written
+    mask = written & (is_stop.cumsum(-1) - is_stop.long() == 0)  # (N, L) up to and including the first stop
+    length = int(mask.sum(-1).max())  # the longest completion: trim the columns no row reached
+    mask = mask[:, :length]
+    return Rollout(
+        completion_ids[:, :length].masked_fill(~mask, pad).contiguous(),
+        mask.long(),
+        logps[:, :length].masked_fill(~mask, 0.0).contiguous(),
+        (is_stop[:, :length] & mask).any(-1),
     )
-    finished = (torch.isin(completion_ids, stops) & completion_mask.bool()).any(-1)
-    return Rollout(completion_ids, completion_mask, logps, finished)
+
+
+def _new_cache(model, length: int):
+    """transformers' StaticCache of `length` positions (written in place, never concatenated) where the model
+    supports it and every layer is full attention; a DynamicCache otherwise (the one constant decode mask is
+    right for full attention only; sliding-window and linear-attention layers keep their own bookkeeping)."""
+    if getattr(model, "_can_compile_fullgraph", False):
+        cache = StaticCache(config=model.config, max_cache_len=length)
+        if all(type(layer) is StaticLayer for layer in cache.layers):
+            return cache
+    return DynamicCache(config=model.config)
+
+
+def _select_rows(cache, index: torch.Tensor) -> None:
+    """Keep the cache rows `index` (n',), in that order: one op for repeating and for compacting. transformers'
+    static layers have no batch selection of their own; every dynamic layer kind has."""
+    if not isinstance(cache, StaticCache):
+        cache.batch_select_indices(index)
+        return
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+
+
+def _mark_batch_dynamic(*tensors, cache) -> None:
+    """Mark dim 0 (the batch: it shrinks as rows finish) of every decode input dynamic, so that compaction
+    reuses the compiled step instead of compiling one per batch size."""
+    for x in [*tensors, *(x for layer in cache.layers for x in (layer.keys, layer.values))]:
+        if x is not None:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
 
 
 def training_batch(
