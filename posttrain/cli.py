@@ -16,6 +16,8 @@ COMMANDS = {
     "sft": ("posttrain.rl.sft", "SFTConfig"),
     "rm": ("posttrain.rl.reward", "RewardConfig"),
     "dpo": ("posttrain.rl.dpo", "DPOConfig"),
+    "grpo": ("posttrain.rl.grpo", "GRPOConfig"),
+    "rloo": ("posttrain.rl.rloo", "RLOOConfig"),
 }
 
 USAGE = "usage: posttrain <command> [--config file.yaml] [--key value ...] [--help]\ncommands: " + ", ".join(

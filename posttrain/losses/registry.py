@@ -17,9 +17,12 @@ from collections.abc import Callable
 _REGISTRY: dict[str, dict[str, Callable]] = {}
 # The module holding each kind's built-in variants, imported on first lookup so that `get` works
 # without the caller importing it for its registration side effect.
-BUILTIN_MODULES = {"sft": "posttrain.losses.sft", "reward": "posttrain.losses.reward"}
-
-BUILTIN_MODULES["preference"] = "posttrain.losses.preference"
+BUILTIN_MODULES = {
+    "sft": "posttrain.losses.sft",
+    "reward": "posttrain.losses.reward",
+    "preference": "posttrain.losses.preference",
+    **dict.fromkeys(("policy", "kl", "advantage"), "posttrain.losses.policy"),
+}
 
 
 def register(kind: str, name: str) -> Callable[[Callable], Callable]:

@@ -218,22 +218,25 @@ def train(config: SFTConfig):
 CACHE_ENV = "POSTTRAIN_CACHE"  # folder of cached models; default ~/.cache/posttrain
 
 
-def embedded_sft_config(output_dir) -> SFTConfig:
-    """What `posttrain sft` with no arguments trains, writing only its final model into `output_dir`
-    (no checkpoints, progress bar or TensorBoard: they do not change the weights)."""
-    return SFTConfig(output_dir=str(output_dir), save_steps=0, disable_tqdm=True, report_to="none")
+def embedded_sft_config(output_dir, **overrides) -> SFTConfig:
+    """What `posttrain sft` with no arguments (and `overrides`) trains, writing only its final model into
+    `output_dir` (no checkpoints, progress bar or TensorBoard: they do not change the weights)."""
+    return SFTConfig(
+        output_dir=str(output_dir), save_steps=0, disable_tqdm=True, report_to="none", **overrides
+    )
 
 
-def embedded_sft_key() -> str:
+def embedded_sft_key(**overrides) -> str:
     """12 hex digits naming the embedded SFT model: a hash of all that fixes it (the posttrain version,
     SFTConfig's defaults, the tiny model's config, the tokenizer's vocabulary and chat template, the
-    task's training rows), so that a cached model made by other code or other defaults is never reused."""
+    task's training rows; `overrides` of SFTConfig's options), so that a cached model made by other code or
+    other defaults is never reused."""
     import posttrain
 
     tokenizer = embedded.build_tokenizer()
     what = {
         "version": posttrain.__version__,
-        "defaults": config_dict(SFTConfig()),
+        "defaults": config_dict(SFTConfig(**overrides)),
         "model": embedded.tiny_model_config().to_dict(),
         "vocab": tokenizer.get_vocab(),
         "chat_template": tokenizer.chat_template,
@@ -242,9 +245,10 @@ def embedded_sft_key() -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def embedded_sft_model(log=None) -> str:
+def embedded_sft_model(log=None, **overrides) -> str:
     """The folder of the model and tokenizer that `posttrain sft` trains with its defaults (the embedded
-    task): the cached one, or trained now (~30 s on a CPU) and cached. `log(text)` (default print) says so.
+    task) and `overrides` (SFTConfig options, e.g. a shorter run as the online loops' start): the cached
+    one, or trained now (~30 s on a CPU) and cached. `log(text)` (default print) says so.
 
     The cache is $POSTTRAIN_CACHE/embedded-sft-<embedded_sft_key()>. It is trained into a temporary folder
     beside it and renamed when complete, under an exclusive lock on a file beside it: concurrent processes
@@ -257,7 +261,7 @@ def embedded_sft_model(log=None) -> str:
 
     log = print if log is None else log
     cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "posttrain").expanduser()
-    final = cache / f"embedded-sft-{embedded_sft_key()}"
+    final = cache / f"embedded-sft-{embedded_sft_key(**overrides)}"
     if final.is_dir():  # only a complete folder ever gets this name
         return str(final)
     if distributed.env_world()[1] > 1:
@@ -278,7 +282,7 @@ def embedded_sft_model(log=None) -> str:
         log(
             f"no model named: training the embedded SFT model first (posttrain sft defaults, ~30 s) into {final}"
         )
-        config = embedded_sft_config(tmp)
+        config = embedded_sft_config(tmp, **overrides)
         train(config)
         save_config(dataclasses.replace(config, output_dir=str(final)), tmp / "config.yaml")  # where it lives
         tmp.rename(final)
