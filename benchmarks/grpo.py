@@ -112,6 +112,34 @@ class CheckedReward:
 REWARD = CheckedReward()  # ours names it "__main__:REWARD" (a run's config holds names, not objects)
 
 
+class Parts:
+    """Where a side's steps spend their time: `wrap` times every call of a function, under a part's name."""
+
+    def __init__(self):
+        self.calls = []  # (end, seconds, part)
+
+    def wrap(self, owner, name: str, part) -> None:
+        """Replace owner.name by a timed call of it; `part` is a name, or a function giving it at call time."""
+        fn = getattr(owner, name)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            t1 = time.perf_counter()
+            self.calls.append((t1, t1 - t0, part if isinstance(part, str) else part()))
+            return out
+
+        setattr(owner, name, timed)
+
+    def per_step(self, start: float, steps: int) -> dict[str, float]:
+        """Mean seconds per step in each part, over the calls that ended after `start` (the timed steps)."""
+        out = {}
+        for end, seconds, part in self.calls:
+            if end > start:
+                out[part] = out.get(part, 0.0) + seconds / steps
+        return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Our side
 # ---------------------------------------------------------------------------------------------------------
@@ -128,23 +156,27 @@ def run_ours(args) -> dict:
 
     n_steps = args.warmup + args.steps
     vocab_size = sft.model_config(args.quick).vocab_size
-    stamps, memory = [], {}
+    stamps, memory, parts = [], {}, Parts()
+    # grpo.prepare_batch and rloo.prepare_batch both call grpo.policy_logps for the old / reference log-probs
+    parts.wrap(grpo, "policy_logps", "logp forwards")
+    parts.wrap(rollout, "generate", "generation")
+    parts.wrap(loop, "accumulate", "train fwd + bwd + AdamW")
     generate, accumulate = rollout.generate, loop.accumulate
 
-    def timed_generate(*a, **k):
+    def first_generate(*a, **k):
         if not stamps:
             memory["rss_before"] = common.rss_mib()
             common.reset_peak_rss()
             stamps.append(time.perf_counter())
         return generate(*a, **k)
 
-    def timed_accumulate(*a, **k):
+    def stamped_accumulate(*a, **k):
         out = accumulate(*a, **k)
         stamps.append(time.perf_counter())
         memory["peak"] = common.peak_rss_mib()  # as of the last step's end (the final save comes after)
         return out
 
-    rollout.generate, loop.accumulate = timed_generate, timed_accumulate
+    rollout.generate, loop.accumulate = first_generate, stamped_accumulate
     # transformers 5 reloads a qwen2 folder's tokenizer as a byte-level Qwen2Tokenizer, which has no word for
     # "t17": the loop gets the benchmark's tokenizer, as TRL's side does (`processing_class`)
     grpo.load_tokenizer = lambda name: build_tokenizer(vocab_size)
@@ -175,7 +207,12 @@ def run_ours(args) -> dict:
         else:
             rloo.train(rloo.RLOOConfig(**common_options, beta=0.05))
     times = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][args.warmup :]
-    return {"times": times, "peak_mib": memory["peak"] - memory["rss_before"], "lengths": REWARD.lengths}
+    return {
+        "times": times,
+        "peak_mib": memory["peak"] - memory["rss_before"],
+        "lengths": REWARD.lengths,
+        "parts": parts.per_step(stamps[args.warmup], args.steps),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,7 +223,7 @@ def run_ours(args) -> dict:
 def run_trl(args) -> dict:
     import trl
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import GenerationMixin, TrainerCallback
 
     class StepClock(TrainerCallback):
         def __init__(self):
@@ -202,9 +239,16 @@ def run_trl(args) -> dict:
             self.peak = common.peak_rss_mib()  # as of the last step's end
 
     n_steps = args.warmup + args.steps
-    clock = StepClock()
+    clock, parts = StepClock(), Parts()
     Config, Trainer = (
         (trl.GRPOConfig, trl.GRPOTrainer) if args.algo == "grpo" else (trl.RLOOConfig, trl.RLOOTrainer)
+    )
+    parts.wrap(GenerationMixin, "generate", "generation")
+    # TRL's one log-prob function: under no_grad for the old and reference log-probs, with grad for training
+    parts.wrap(
+        Trainer,
+        "_get_per_token_logps_and_entropies",
+        lambda: "train forward" if torch.is_grad_enabled() else "logp forwards",
     )
     with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as out:
         save_model(folder, args.quick)
@@ -237,7 +281,12 @@ def run_trl(args) -> dict:
         )
         trainer.train()
     times = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)][args.warmup :]
-    return {"times": times, "peak_mib": clock.peak - clock.rss_before, "lengths": REWARD.lengths}
+    return {
+        "times": times,
+        "peak_mib": clock.peak - clock.rss_before,
+        "lengths": REWARD.lengths,
+        "parts": parts.per_step(clock.stamps[args.warmup], args.steps),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -333,7 +382,8 @@ def main():
     sides = ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--quick"] if args.quick else [])
     results = {
         algo: {
-            side: {"times": [], "peak_mib": 0.0, "floors": [], "lengths": set()} for side in ("ours", "trl")
+            side: {"times": [], "peak_mib": 0.0, "floors": [], "lengths": set(), "parts": []}
+            for side in ("ours", "trl")
         }
         for algo in args.algo
     }
@@ -347,6 +397,7 @@ def main():
                 r["floors"].append(result["floor"])
                 r["peak_mib"] = max(r["peak_mib"], result["peak_mib"])
                 r["lengths"] |= set(result["lengths"])
+                r["parts"].append(result["parts"])
     for by_side in results.values():
         for r in by_side.values():
             r["floor_s"] = common.median([f["floor_s"] for f in r["floors"]])
@@ -373,6 +424,16 @@ def main():
             lengths = sorted(by_side[side]["lengths"])
             print(
                 f"  {side}: body / head / decode GFLOP/s per round {rates}; completion lengths seen {lengths}"
+            )
+            mean = sum(by_side[side]["times"]) / len(by_side[side]["times"])
+            split = {}
+            for round_parts in by_side[side]["parts"]:
+                for part, seconds in round_parts.items():
+                    split[part] = split.get(part, 0.0) + seconds / len(by_side[side]["parts"])
+            print(
+                f"  {side}: mean s/step {mean:.3f}: "
+                + ", ".join(f"{part} {seconds:.3f}" for part, seconds in split.items())
+                + f", the rest {mean - sum(split.values()):.3f}"
             )
             if lengths != [COMPLETION_LEN]:
                 print(
