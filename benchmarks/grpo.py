@@ -19,11 +19,21 @@ Both sides: no gradient checkpointing (TRL's default turns it on; neither side r
 
 A step is everything between two optimizer steps: generation, rewards, the log-prob forwards the algorithm
 needs, the training forward + backward, clipping, AdamW, schedule, metrics.
-    ours  (filled in when posttrain's GRPO / RLOO land)
+    ours  `posttrain.rl.grpo.train` / `rloo.train` (the whole loop: rollout engine, rewards, `prepare_batch`,
+          `loop.accumulate`, metrics) with max_steps = warmup + steps on a jsonl of the same prompts, the reward
+          named "__main__:REWARD"; the clock starts at the first `rollout.generate` call and stamps the end of
+          every `loop.accumulate` (the optimizer step). The loop loads the model from the folder; its tokenizer
+          is the benchmark's (patched in: transformers 5 reloads a qwen2 folder's tokenizer as a byte-level
+          Qwen2Tokenizer, which does not know the words "t17").
     trl   `GRPOTrainer.train()` / `RLOOTrainer.train()` with max_steps = warmup + steps on a prompt-only dataset
           of text prompts (one word per token: TRL's tokenizer call returns the benchmark's ids); a callback
           stamps the time at each `on_step_end`. TRL generates with `model.generate` (no vLLM on the CPU),
           which prefills each of the N rows (the prompt repeated G times by its sampler).
+Both sides also report where their mean step goes: generation, the no-grad log-prob forwards, training (timed
+calls of `rollout.generate` / `grpo.policy_logps` / `loop.accumulate`, and of `GenerationMixin.generate` /
+`_get_per_token_logps_and_entropies` in TRL), and the rest.
+Peak memory: the resident high-water mark at the last step's end minus the resident set at the first step's
+start (models and reference loaded, AdamW state not yet allocated), as the other benchmarks measure it.
 
 Floor (`floor`): the matmuls a step cannot avoid, timed on their own shapes in the side's process right after
 its steps, forward-only matmuls for the forward-only parts:
