@@ -69,6 +69,9 @@ NUM_GENERATIONS, PROMPT_LEN, COMPLETION_LEN = 8, 64, 32
 PROMPTS_PER_STEP = 1  # per_device_train_batch_size N = PROMPTS_PER_STEP * NUM_GENERATIONS completions
 ROWS = PROMPTS_PER_STEP * NUM_GENERATIONS
 PAD_ID = 0
+# Generation's matmuls take microseconds: many repeats are cheap, and on a shared CPU one stalled OpenMP barrier
+# can slow each of a few repeats many-fold (the floor takes the fastest).
+FORWARD_REPEATS = 20
 
 
 def build_tokenizer(vocab_size: int):
@@ -306,7 +309,9 @@ def run_trl(args) -> dict:
 
 def layer_forward_seconds(config, rows: int) -> float:
     """Seconds of one decoder layer's linear maps, forward only, at `rows` rows (`common.layer_shapes`)."""
-    return sum(common.linear_forward_seconds(rows, k, m) for k, m in common.layer_shapes(config))
+    return sum(
+        common.linear_forward_seconds(rows, k, m, FORWARD_REPEATS) for k, m in common.layer_shapes(config)
+    )
 
 
 def generation_floor(config) -> dict:
@@ -334,8 +339,9 @@ def generation_floor(config) -> dict:
     seconds = {
         "prefill": L * prefill_layer_s
         + flops["prefill attn"] / prefill_rate
-        + common.linear_forward_seconds(PROMPTS_PER_STEP, H, V),
-        "decode": (COMPLETION_LEN - 1) * (L * decode_layer_s + common.linear_forward_seconds(ROWS, H, V))
+        + common.linear_forward_seconds(PROMPTS_PER_STEP, H, V, FORWARD_REPEATS),
+        "decode": (COMPLETION_LEN - 1)
+        * (L * decode_layer_s + common.linear_forward_seconds(ROWS, H, V, FORWARD_REPEATS))
         + flops["decode attn"] / decode_rate,
     }
     return {"flops": flops, "seconds": seconds, "decode_rate": decode_rate}
@@ -346,7 +352,7 @@ def floor(config, algo: str) -> dict:
     over N x (P + C) tokens, output layer at the N x C completion positions) and, for RLOO, two more forwards
     (old and reference log-probs) of the same rows: 1/3 of the training floor each."""
     seq_len = PROMPT_LEN + COMPLETION_LEN
-    train = common.compute_floor(config, ROWS * seq_len, seq_len, ROWS * COMPLETION_LEN)
+    train = common.compute_floor(config, ROWS * seq_len, seq_len, ROWS * COMPLETION_LEN, repeats=10)
     gen = generation_floor(config)
     forwards = 2 if algo == "rloo" else 0
     seconds = {**gen["seconds"], "train": train["floor_s"], "logp forwards": forwards / 3 * train["floor_s"]}
