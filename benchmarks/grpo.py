@@ -416,7 +416,8 @@ def main():
                 r["parts"].append(result["parts"])
     for by_side in results.values():
         for r in by_side.values():
-            r["floor_s"] = common.median([f["floor_s"] for f in r["floors"]])
+            # the smallest of the rounds': on a shared CPU a whole round's matmul timings can stall many-fold
+            r["floor_s"] = min(f["floor_s"] for f in r["floors"])
 
     print(
         f"model: Qwen2 V={config.vocab_size} H={config.hidden_size} L={config.num_hidden_layers} "
