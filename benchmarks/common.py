@@ -121,25 +121,37 @@ def linear_fwd_bwd_seconds(n: int, k: int, m: int, repeats: int = 5) -> float:
     return min(times[1:])
 
 
+def layer_shapes(config) -> list[tuple[int, int]]:
+    """(in, out) of one decoder layer's linear maps: q, k, v, o projections and a gated MLP (gate, up, down)."""
+    H, ffn = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or H // config.num_attention_heads
+    q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return [(H, q_out), (H, kv_out), (H, kv_out), (q_out, H), (H, ffn), (H, ffn), (ffn, H)]
+
+
+def linear_forward_seconds(n: int, k: int, m: int, repeats: int = 5, calls: int = 10) -> float:
+    """Seconds of the forward matmul of a linear map alone, x (n, k) @ w.T (m, k) -> (n, m): the forward-only
+    parts of a step (generation, log-prob forwards without gradients). The fastest of `repeats` rounds of
+    `calls` calls, per call (a decode step's matmuls of a few rows take microseconds: one call is below the
+    timer's resolution), into a buffer allocated once (see `linear_fwd_bwd_seconds`)."""
+    x, w, y = torch.randn(n, k), torch.randn(m, k), torch.empty(n, m)
+    times = []
+    for _ in range(repeats + 1):  # the first round warms up the BLAS threads and touches the buffers
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            torch.mm(x, w.T, out=y)
+        times.append((time.perf_counter() - t0) / calls)
+    return min(times[1:])
+
+
 def compute_floor(config, batch_tokens: int, seq_len: int, head_tokens: int, repeats: int = 5) -> dict:
     """The step's FLOPs (`step_flops`) divided by matmul rates measured now, on the shapes the step uses.
 
     body rate: the matmuls of one decoder layer's linear maps at B*T rows (all of them, fwd + bwd);
     head rate: the output layer's at N rows. Attention runs at the body rate (it is ~3% of the work).
     Returns the FLOPs, the rates (FLOP/s) and `floor_s`, the step's floor in seconds."""
-    H, ffn, V = config.hidden_size, config.intermediate_size, config.vocab_size
-    head_dim = getattr(config, "head_dim", None) or H // config.num_attention_heads
-    q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    layer_shapes = [
-        (H, q_out),
-        (H, kv_out),
-        (H, kv_out),
-        (q_out, H),
-        (H, ffn),
-        (H, ffn),
-        (ffn, H),
-    ]  # (in, out)
-    layer_s = sum(linear_fwd_bwd_seconds(batch_tokens, k, m, repeats) for k, m in layer_shapes)
+    H, V = config.hidden_size, config.vocab_size
+    layer_s = sum(linear_fwd_bwd_seconds(batch_tokens, k, m, repeats) for k, m in layer_shapes(config))
     head_s = linear_fwd_bwd_seconds(head_tokens, H, V, repeats)
     flops = step_flops(config, batch_tokens, seq_len, head_tokens)
     body_rate = 6.0 * linear_params_per_layer(config) * batch_tokens / layer_s
@@ -187,8 +199,8 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def print_comparison(results: dict) -> None:
-    """The side-by-side table (median / min s per step, floor, ratio, peak memory, ours / TRL) and the
-    per-step loss agreement of `results[side]` = {"times", "floor_s", "peak_mib", "losses"}."""
+    """The side-by-side table (median / min s per step, floor, ratio, peak memory, ours / TRL) and, when
+    `results[side]` = {"times", "floor_s", "peak_mib"} has "losses", their per-step agreement."""
     rows = []
     for side in ("ours", "trl"):
         t = median(results[side]["times"])
@@ -207,6 +219,8 @@ def print_comparison(results: dict) -> None:
     rows.append(["ours / TRL", f"{t_ours / t_trl:.2f}", "", "", "", f"{m_ours / m_trl:.2f}"])
     header = ["side", "median s/step", "min s/step", "floor s", "measured / floor", "peak MiB"]
     print(markdown_table(header, rows))
+    if "losses" not in results["ours"]:  # sides that sample their own data have no losses to compare
+        return
     # Same initial weights, batches and optimizer: the per-step losses must agree along the whole run.
     ours_l, trl_l = results["ours"]["losses"], results["trl"]["losses"]
     worst = max(abs(a - b) / abs(b) for a, b in zip(ours_l, trl_l, strict=True))
