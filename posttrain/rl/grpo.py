@@ -644,7 +644,7 @@ class Generations:
         self.run, self.config, self.algo = run, config, algo
         self.model, self.ref_model, self.tokenizer = model, ref_model, tokenizer
         self.rows, self.rewards, self.log_rows = rows, reward_list, log_rows
-        self.index, self.micro_batches, self.metrics = None, None, {}
+        self.index, self.micro_batches = None, None
 
     def micro_batch(self, micro_step: int, state: rewards.TrainerState) -> tuple[dict, dict]:
         """The micro-batch of micro-step `micro_step`, and the generation metrics when it generated now."""
@@ -713,8 +713,8 @@ class Generations:
 
 
 def embedded_start() -> str:
-    """Where the online loops start on the embedded task: a short `posttrain sft` run (cached), far enough
-    along to answer most problems and far enough from the end for reinforcement to show."""
+    """Where the online loops start on the embedded task: a 16-epoch `posttrain sft` run (cached; 44.6 %
+    held-out exact match, ~0.3 of sampled answers right), with room left to improve (see RUN_DEFAULTS)."""
     return sft.embedded_sft_model(num_train_epochs=EMBEDDED_START_EPOCHS)
 
 
