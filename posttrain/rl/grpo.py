@@ -454,35 +454,39 @@ def prepare_batch(
     mask_truncated_completions], advantages (N,), old_logps (N, W) when the policy moves before the batch is
     used, ref_logps (N, W) when beta != 0; and "metrics", the generation side's metrics (0-dim tensors).
     """
-    weights = _weights(config, rewards_per_func)
+    weights = reward_weight_tensor(config, rewards_per_func)
+    all_rewards = gather_rows(rewards_per_func)  # every rank's: batch-wide statistics see them all
     adv = registry.get("advantage", "group")(
-        _gather_rows(rewards_per_func),
+        all_rewards,
         weights,
         num_generations=config.num_generations,
         scale_rewards=config.scale_rewards,
         multi_objective_aggregation=config.multi_objective_aggregation,
     )
-    batch = _training_batch(config, prompt_ids, ro, pad_token_id)
-    batch["advantages"] = _local_rows(adv.advantages)
+    batch = completion_batch(config, prompt_ids, ro, pad_token_id)
+    batch["advantages"] = local_rows(adv.advantages)
     size = config.per_device_train_batch_size
     if config.needs_old_logps:
         batch["old_logps"] = policy_logps(model, batch, config.temperature, size)
     if config.beta != 0:
         batch["ref_logps"] = policy_logps(ref_model, batch, config.temperature, size)
     batch["metrics"] = {
-        **reward_metrics(_gather_rows(rewards_per_func), weights, adv.zero_std, reward_names),
+        **reward_metrics(all_rewards, weights, adv.zero_std, reward_names),
         **completion_metrics(ro),
     }
     return batch
 
 
-def _weights(config, rewards_per_func: torch.Tensor) -> torch.Tensor:
+def reward_weight_tensor(config, rewards_per_func: torch.Tensor) -> torch.Tensor:
+    """reward_weights as an (F,) tensor on the rewards' device; all 1 when not given."""
     F = rewards_per_func.shape[1]
     weights = config.reward_weights if config.reward_weights is not None else [1.0] * F
     return torch.tensor(weights, dtype=torch.float32, device=rewards_per_func.device)
 
 
-def _training_batch(config, prompt_ids, ro: rollout.Rollout, pad_token_id: int) -> dict:
+def completion_batch(config, prompt_ids, ro: rollout.Rollout, pad_token_id: int) -> dict:
+    """`rollout.training_batch`, with truncated completions masked out when mask_truncated_completions
+    (from attention too, as TRL)."""
     if config.mask_truncated_completions:
         ro = ro._replace(completion_mask=ro.completion_mask * ro.finished[:, None])
     return rollout.training_batch(
@@ -490,7 +494,7 @@ def _training_batch(config, prompt_ids, ro: rollout.Rollout, pad_token_id: int) 
     )
 
 
-def _gather_rows(values: torch.Tensor) -> torch.Tensor:
+def gather_rows(values: torch.Tensor) -> torch.Tensor:
     """Every rank's rows, in rank order (batch-wide statistics see the whole generation batch)."""
     if not distributed.is_distributed():
         return values
@@ -503,7 +507,8 @@ def _gather_rows(values: torch.Tensor) -> torch.Tensor:
     return full.reshape(-1, *values.shape[1:])
 
 
-def _local_rows(values: torch.Tensor) -> torch.Tensor:
+def local_rows(values: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of `gather_rows`' result."""
     if not distributed.is_distributed():
         return values
     rank, world, _ = distributed.env_world()
@@ -573,20 +578,20 @@ def grpo_step_loss(model, batch: dict, num_items, *, config: GRPOConfig):
                 policy.log_importance_weights(logps, old, mask, config.importance_sampling_level)
             )
         per_token = per_token + config.beta * kl
-        metrics["kl"] = _masked_mean(kl.detach(), mask) * share
+        metrics["kl"] = masked_mean(kl.detach(), mask) * share
     loss = policy.aggregate(per_token, mask, fn.aggregation, num_items, config.max_completion_length)
     if config.entropy_coef:
         loss = loss - config.entropy_coef * (entropy * kept).sum() / kept.sum().clamp(min=1) * share
-    metrics["entropy"] = _masked_mean(entropy.detach(), mask) * share
+    metrics["entropy"] = masked_mean(entropy.detach(), mask) * share
     flags = policy.clip_flags(
         config.loss_type, terms.ratio.detach(), advantages, config.epsilon, config.epsilon_high
     )
     for name, flag in flags.items():
-        metrics[name] = _masked_mean(flag.float(), mask) * share
+        metrics[name] = masked_mean(flag.float(), mask) * share
     return loss, metrics
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the mask's tokens, or over the rows for a per-sequence (N, 1) value."""
     if x.shape[-1] == 1:
         return x.sum() / x.shape[0]

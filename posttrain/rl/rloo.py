@@ -62,10 +62,10 @@ def prepare_batch(
 ):
     """A generation batch ready for `rloo_step_loss` (the arguments and result of `grpo.prepare_batch`;
     old_logps always, and "kl" among the metrics when beta != 0)."""
-    batch = grpo._training_batch(config, prompt_ids, ro, pad_token_id)
+    batch = grpo.completion_batch(config, prompt_ids, ro, pad_token_id)
     size = config.per_device_train_batch_size
     old = batch["old_logps"] = grpo.policy_logps(model, batch, config.temperature, size)
-    weights = grpo._weights(config, rewards_per_func)
+    weights = grpo.reward_weight_tensor(config, rewards_per_func)
     rewards = policy.weighted_rewards(rewards_per_func, weights)
     if config.reward_clip_range is not None:
         rewards = rewards.clamp(*config.reward_clip_range)
@@ -76,12 +76,12 @@ def prepare_batch(
         rewards = rewards - config.beta * kl.sum(-1)
         metrics["kl"] = kl.sum() / mask.sum().clamp(min=1)
     adv = registry.get("advantage", "leave_one_out")(
-        grpo._gather_rows(rewards), num_generations=config.num_generations,
+        grpo.gather_rows(rewards), num_generations=config.num_generations,
         normalize_advantages=config.normalize_advantages,
     )  # fmt: skip
-    batch["advantages"] = grpo._local_rows(adv.advantages)
+    batch["advantages"] = grpo.local_rows(adv.advantages)
     batch["metrics"] = {
-        **grpo.reward_metrics(grpo._gather_rows(rewards_per_func), weights, adv.zero_std, reward_names),
+        **grpo.reward_metrics(grpo.gather_rows(rewards_per_func), weights, adv.zero_std, reward_names),
         **grpo.completion_metrics(ro),
         **metrics,
     }
@@ -103,10 +103,10 @@ def rloo_step_loss(model, batch: dict, num_items, *, config: RLOOConfig):
     )
     loss = policy.aggregate(terms.per_token, mask, policy.rloo.aggregation, num_items)
     share = 1.0 / batch.get("micro_batches", 1)
-    metrics = {"entropy": grpo._masked_mean(out.entropy.detach(), mask) * share}
+    metrics = {"entropy": grpo.masked_mean(out.entropy.detach(), mask) * share}
     flags = policy.clip_flags("rloo", terms.ratio.detach(), advantages, config.epsilon, config.epsilon_high)
     for name, flag in flags.items():
-        metrics[name] = grpo._masked_mean(flag.float(), mask) * share
+        metrics[name] = grpo.masked_mean(flag.float(), mask) * share
     return loss, metrics
 
 
