@@ -236,6 +236,15 @@ def test_metrics_and_completions_log(tmp_path, start, prompts):
     assert first["rewards"]["length"] == len(first["completion"])
 
 
+def test_the_embedded_task_is_evaluated_every_eval_steps_and_at_the_end(tmp_path, start):
+    out = tmp_path / "eval"
+    argv = ["grpo", "--model_name_or_path", start, "--output_dir", str(out), "--max_completion_length", "3",
+            "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_steps", "3",
+            "--eval_steps", "2", "--save_steps", "0", "--disable_tqdm", "true", "--report_to", "none"]  # fmt: skip
+    assert main(argv) == 0
+    assert [r["step"] for r in metrics(out) if "eval_exact_match" in r] == [2, 3]
+
+
 def test_num_iterations_reuses_the_generation_batch(tmp_path, start, prompts):
     records = metrics(
         run("grpo", tmp_path, "iter", start, prompts, "--num_iterations", "2", "--max_steps", "4")

@@ -824,7 +824,8 @@ def train_online(config, algo: Algorithm):
                 )  # fmt: skip
                 if guard.stop:
                     raise guard.preempted(step, saved)
-        if eval_fn is not None and config.eval_steps != 0 and "eval_exact_match" not in last:
+        evaluated_last = bool(config.eval_steps) and step % config.eval_steps == 0
+        if eval_fn is not None and config.eval_steps != 0 and not evaluated_last:
             results = loop.evaluate(run, model, None, None, None, None, eval_fn)
             logger.log_eval(step, step / steps_per_epoch, results)
             last.update(results)
