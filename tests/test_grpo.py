@@ -266,6 +266,18 @@ def test_resume_continues_exactly(tmp_path, start, prompts, command):
         assert [r[key] for r in resumed[2:]] == pytest.approx([r[key] for r in whole[2:]], rel=1e-5, abs=1e-7)
 
 
+def test_resuming_on_other_prompts_is_named(tmp_path, start, prompts, capsys):
+    out = run("grpo", tmp_path, "run", start, prompts, "--max_steps", "2", "--save_steps", "2")
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(Path(prompts).read_text().splitlines(keepends=True)[:40]))
+    argv = ["grpo", "--model_name_or_path", start, "--dataset_name", str(fewer), "--output_dir", str(out),
+            "--reward_funcs", "_online_rewards:length", "--per_device_train_batch_size", "8",
+            "--num_generations", "4", "--max_completion_length", "6", "--max_steps", "4",
+            "--resume_from_checkpoint", "latest"]  # fmt: skip
+    assert main(argv) == 2
+    assert "was trained on 48 prompts but the train set now has 40" in capsys.readouterr().err
+
+
 def test_readme_reward_functions_train(tmp_path, start, prompts, monkeypatch):
     snippet = re.search(r"<!-- custom-reward -->\s*```python\n(.*?)```", README.read_text(), re.S)
     assert snippet, "README.md has no custom-reward snippet"

@@ -746,6 +746,13 @@ def train_online(config, algo: Algorithm):
     )
     check_prompt_lengths(train_rows, context, config.max_completion_length, "train")
     run = loop.start(config, command=algo.command)
+    if run.resume_from is not None:
+        saved = checkpoint.read_trainer_state(run.resume_from).get("num_train_prompts", len(train_rows))
+        if saved != len(train_rows):
+            raise ConfigError(
+                f"checkpoint {str(run.resume_from)!r} was trained on {saved} prompts but the train set now has "
+                f"{len(train_rows)}: resume with the same data (it fixes which prompts each step sees)"
+            )
     run.log_info({"start_model": start_model, "train_prompts": len(train_rows)})
     model = load_causal_lm(start_model, seed=config.seed)
     if config.disable_dropout:
