@@ -16,6 +16,7 @@ COMMANDS = {
     "sft": ("posttrain.rl.sft", "SFTConfig"),
     "rm": ("posttrain.rl.reward", "RewardConfig"),
     "dpo": ("posttrain.rl.dpo", "DPOConfig"),
+    "kto": ("posttrain.rl.kto", "KTOConfig"),
     "grpo": ("posttrain.rl.grpo", "GRPOConfig"),
     "rloo": ("posttrain.rl.rloo", "RLOOConfig"),
 }
