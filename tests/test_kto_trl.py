@@ -419,3 +419,23 @@ def test_evaluation_matches_trl(tmp_path, named, data, precompute):
         if key not in skipped:
             assert key in ours, f"{key} missing from our log {sorted(ours)}"
             assert math.isclose(ours[key], value, rel_tol=RTOL, abs_tol=1e-6), (key, ours[key], value)
+
+
+def test_unpairing_matches_trls_unpair_preference_dataset():
+    """1003 pairs with an extra column: TRL unpairs in map batches of 1000 (each batch's chosen rows, then its
+    rejected rows); the order matters, as the mismatched completions come from neighbouring rows."""
+    from trl.data_utils import unpair_preference_dataset
+
+    from posttrain.data import unpaired
+
+    pairs = Dataset.from_list(
+        [
+            {"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i), "score": float(i)}
+            for i in range(1003)
+        ]
+    )
+    theirs = unpair_preference_dataset(pairs)
+    ours = unpaired.unpair_preference(pairs)
+    assert sorted(ours.column_names) == sorted(theirs.column_names)
+    for column in theirs.column_names:
+        assert ours[column] == theirs[column], column
