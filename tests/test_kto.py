@@ -406,3 +406,54 @@ def test_embedded_default_improves_on_its_sft_start(tmp_path):
     assert start_accuracy > 0.95
     assert evals[-1]["eval_exact_match"] >= start_accuracy - 0.01
     assert evals[-1]["eval_rewards/margins"] > 1.0
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_reference_point(tmp_path):
+    """torchrun, 2 processes x 4 rows, each with its own mismatched pairs: z0 is the clamped mean of the two
+    processes' estimates (TRL gathers it so), and the step's loss, gradients and metrics equal a plain
+    one-process computation from the logits with that z0."""
+    import os
+    import subprocess
+    import sys
+
+    import _kto_ddp_worker as worker
+
+    out = tmp_path / "ddp.pt"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, str(Path(__file__).parent / "_kto_ddp_worker.py"), str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = torch.load(out)
+
+    def sequence_logps(model, batch, prefix=""):
+        ids, mask = batch[f"{prefix}input_ids"], batch[f"{prefix}completion_mask"]
+        logits = model(input_ids=ids, attention_mask=batch[f"{prefix}attention_mask"]).logits[:, :-1]
+        token = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        return (token * mask[:, 1:]).sum(1)
+
+    policy, ref = worker.models()
+    batches = worker.halves(embedded.build_tokenizer())
+    estimates = []
+    for batch in batches:
+        with torch.no_grad():
+            estimates.append(
+                (sequence_logps(policy, batch, "kl_") - sequence_logps(ref, batch, "kl_")).mean()
+            )
+    z0 = max(0.0, sum(estimates).item() / 2)
+    assert z0 > 0 and all(abs(e.item() - z0) > 1e-2 for e in estimates)  # the gathering changes each z0
+    loss = 0.0
+    for batch in batches:
+        rho = sequence_logps(policy, batch) - sequence_logps(ref, batch).detach()
+        s = torch.sigmoid(worker.BETA * (rho - z0))
+        loss = (
+            loss + torch.where(batch["label"], 1 - s, s).sum() / worker.ROWS
+        )  # 1 - sigma(beta (z0 - rho)) = s
+    loss.backward()
+    assert ddp["metrics"]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert ddp["metrics"]["kl"] == pytest.approx(z0, rel=1e-5)
+    for name, p in policy.named_parameters():
+        torch.testing.assert_close(ddp["grads"][name], p.grad, rtol=1e-4, atol=1e-6)
