@@ -163,7 +163,7 @@ def load_unpaired_data(config: KTOConfig, tokenizer):
     for message in unpaired.label_warnings(
         desirable, len(labels) - desirable, config.desirable_weight, config.undesirable_weight
     ):
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, UserWarning, stacklevel=1)
     return out[0], out[1], info
 
 
