@@ -396,16 +396,19 @@ def test_posttrain_kto_on_paired_data(tmp_path, start):
 
 @pytest.mark.slow
 def test_embedded_default_improves_on_its_sft_start(tmp_path):
+    """`posttrain kto` with no arguments: the margins grow on the train and held-out rows, and the held-out
+    exact match of the SFT start (110 of 112) is kept (see the defaults in rl/kto.py)."""
     out = tmp_path / "kto"
     assert main(["kto", "--output_dir", str(out), "--disable_tqdm", "true"]) == 0
     records = metrics(out)
-    train = [r for r in records if "rewards/margins" in r and "loss" in r]
-    evals = [r for r in records if "eval_exact_match" in r]
-    assert train[-1]["rewards/margins"] > train[0]["rewards/margins"] + 1.0
+    train = [r["rewards/margins"] for r in records if "loss" in r]
+    assert len(train) == 100 and train[0] == 0.0  # the policy starts at its reference
+    assert sum(train[-10:]) / 10 > sum(train[:10]) / 10 + 0.5  # single steps are noisy (32 rows each)
+    (final,) = [r for r in records if "eval_exact_match" in r]
+    assert final["eval_rewards/margins"] > 0.8
     start_accuracy = json.loads((out / "run_info.json").read_text())["start_eval_exact_match"]
     assert start_accuracy > 0.95
-    assert evals[-1]["eval_exact_match"] >= start_accuracy - 0.01
-    assert evals[-1]["eval_rewards/margins"] > 1.0
+    assert final["eval_exact_match"] >= start_accuracy
 
 
 @pytest.mark.slow
