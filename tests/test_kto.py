@@ -1,5 +1,6 @@
 """KTO besides TRL parity (test_kto_trl.py): the losses against a plain per-row loop, the KL reference point,
-the data helpers, the step's counts, every bad input and option, and `posttrain kto` end to end."""
+the data helpers, the step's counts, every bad input and option, max_prompt_length, resume, two processes
+under torchrun (the reference point gathered), and `posttrain kto` end to end (the embedded default too)."""
 
 import json
 import math
@@ -365,6 +366,52 @@ def test_cli_names_a_bad_option_and_bad_data(tmp_path, start, capsys):
     )
     assert code == 2 and "field 'label' must be a bool" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_max_prompt_length_keeps_each_prompts_end(tmp_path, tokenizer):
+    """An option TRL's KTOConfig lacks (the shared preference options have it): prompts cut to their last
+    max_prompt_length tokens before the max_length filter, so no row is dropped for its long prompt."""
+    data = [{**r, "prompt": "please add: " + r["prompt"]} for r in rows(4)]
+    path = write_rows(tmp_path / "rows.jsonl", data)
+    full, _, _ = kto.load_unpaired_data(
+        kto.KTOConfig(dataset_name=path, per_device_train_batch_size=2), tokenizer
+    )
+    cfg = kto.KTOConfig(dataset_name=path, per_device_train_batch_size=2, max_prompt_length=6, max_length=10)
+    cut, _, info = kto.load_unpaired_data(cfg, tokenizer)
+    assert info["train"]["dropped_prompt_fills_max_length"] == 0
+    for a, b in zip(cut, full, strict=True):
+        assert len(b["prompt_ids"]) > 6 and a["prompt_ids"] == b["prompt_ids"][-6:]
+        assert a["completion_ids"] == b["completion_ids"] and a["kl_completion_ids"] == b["kl_completion_ids"]
+
+
+def run_kto(tmp_path, start, name, **options):
+    data = write_rows(tmp_path / "rows.jsonl", rows(16))
+    options = {"max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "save_steps": 0,
+               "eval_steps": 0, "disable_tqdm": True, "report_to": "none", **options}  # fmt: skip
+    out = tmp_path / name
+    kto.train(kto.KTOConfig(model_name_or_path=start, dataset_name=data, output_dir=str(out), **options))
+    return out
+
+
+def test_a_resumed_run_continues_exactly(tmp_path, tokenizer):
+    """6 steps of 4 rows over 16 (the sequential order wraps into a second epoch) in one go, or stopped at a
+    checkpoint after step 3 and resumed: the same losses and reference points (a policy a few SFT steps
+    away from its reference, so that z0 > 0)."""
+    from _trl_drivers import trained_policy_and_reference
+
+    for name, model in zip(("policy", "reference"), trained_policy_and_reference(tokenizer), strict=True):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    start = str(tmp_path / "policy")
+    named = {"ref_model_name_or_path": str(tmp_path / "reference"), "learning_rate": 5e-4}
+    whole = [r for r in metrics(run_kto(tmp_path, start, "whole", **named)) if "loss" in r]
+    half = run_kto(tmp_path, start, "half", save_steps=3, **named)
+    resumed = run_kto(tmp_path, start, "half", resume_from_checkpoint=str(half / "checkpoint-3"), **named)
+    after = [r for r in metrics(resumed) if "loss" in r][-3:]
+    assert [r["step"] for r in after] == [4, 5, 6]
+    for key in ("loss", "kl", "rewards/margins"):
+        assert [r[key] for r in after] == pytest.approx([r[key] for r in whole[3:]], abs=1e-6), key
+    assert all(r["kl"] > 0 for r in whole)  # z0 in play
 
 
 # ---------------------------------------------------------------------------------------------------------
