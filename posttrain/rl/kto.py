@@ -271,10 +271,10 @@ def kto_step_loss(model, batch, num_items, *, config: KTOConfig, ref_model=None,
         logps, ref_logps, labels, z0, beta=config.beta,
         desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight,
     )  # fmt: skip
-    loss = per_row.sum() / rows
+    loss = per_row.sum() / rows.to(per_row.dtype)  # the counts are float64 for the metrics
 
     with torch.no_grad():
-        share = labels.numel() / rows
+        share = labels.numel() / rows.to(per_row.dtype)  # this micro-batch's part of the step's rows
         rewards = config.beta * (logps - ref_logps)
         mask = batch["completion_mask"]
         mean_logit = out.mean_logit * mask
