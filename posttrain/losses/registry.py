@@ -21,6 +21,7 @@ BUILTIN_MODULES = {
     "sft": "posttrain.losses.sft",
     "reward": "posttrain.losses.reward",
     "preference": "posttrain.losses.preference",
+    **dict.fromkeys(("cpo", "orpo"), "posttrain.losses.cpo"),
     **dict.fromkeys(("policy", "kl", "advantage"), "posttrain.losses.policy"),
 }
 
