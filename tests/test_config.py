@@ -245,3 +245,20 @@ def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
     with pytest.raises(ValueError):
         TrainConfig(per_device_train_batch_size=0)
+
+
+def test_help_names_each_loops_own_run_defaults():
+    # Options shared by several loops carry {embedded} / {other} placeholders, filled from the loop's own
+    # run_defaults; no loop's --help may show a placeholder.
+    import importlib
+
+    from posttrain.cli import COMMANDS
+
+    for module_name, class_name in COMMANDS.values():
+        text = config_help(getattr(importlib.import_module(module_name), class_name))
+        assert "{embedded}" not in text and "{other}" not in text, module_name
+    from posttrain.rl.dpo import DPOConfig
+
+    text = config_help(DPOConfig)
+    assert "none: 32 on the embedded task, else 8." in text
+    assert "-1: 64 embedded, else 1024" in text

@@ -435,7 +435,11 @@ def config_help(config_cls) -> str:
     for name, (f, tp) in _fields(config_cls).items():
         head = f"  --{name} {_type_name(tp)} (default: {_default_text(f)})"
         lines.append(head)
-        lines.append(f"      {f.metadata.get('help', '')}")
+        text = f.metadata.get("help", "")
+        run_defaults = getattr(config_cls, "run_defaults", {})
+        if name in run_defaults:  # shared fields name each loop's own run defaults
+            text = text.format(embedded=run_defaults[name][0], other=run_defaults[name][1])
+        lines.append(f"      {text}")
     return "\n".join(lines)
 
 

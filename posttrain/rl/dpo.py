@@ -23,6 +23,10 @@ held-out pairs.
 Token means (logits/*, entropy, mean_token_accuracy) are TRL's per micro-batch means; a step with several
 micro-batches logs their pair-weighted mean (TRL: their plain mean; equal with one micro-batch per step).
 
+The skeleton is shared: `PreferenceConfig` / `ReferenceConfig` hold the options of every offline
+preference loop, and `start_offline` / `fit_offline` run one (KTO, CPO and ORPO use them with their own
+data, collate and step loss).
+
 Departures from TRL 1.16, by choice: a loss set that reads no reference (`sft` alone, or registered losses
 marked `reference_free`) loads no reference model and so logs no rewards/* (TRL loads and runs one anyway);
 pairs whose chosen and rejected tokens are identical are dropped and counted (`data.preference`);
@@ -71,7 +75,11 @@ TRUNCATION_MODES = ("keep_start", "keep_end")
 
 
 @dataclass
-class DPOConfig(TrainConfig):
+class PreferenceConfig(TrainConfig):
+    """The options every offline preference loop shares (DPO, KTO, CPO, ORPO): the starting model, the
+    run-dependent defaults (`run_defaults`: option -> (embedded task, any other data); each loop sets its
+    own, with its trainer's learning rates), truncation, dropout, padding-free batches, MoE router loss."""
+
     model_name_or_path: str | None = field(
         default=None,
         metadata={
@@ -80,23 +88,30 @@ class DPOConfig(TrainConfig):
             "default ~/.cache/posttrain)."
         },
     )
-    # Redeclared with a `None` default: filled from RUN_DEFAULTS, so an explicit value always wins.
+    # Redeclared with a `None` default: filled from run_defaults, so an explicit value always wins.
     per_device_train_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Pairs per micro-batch per process; none: 32 on the embedded task, else 8."},
+        metadata={
+            "help": "Rows per micro-batch per process; none: {embedded} on the embedded task, else {other}."
+        },
     )
     num_train_epochs: float | None = field(
         default=None,
-        metadata={"help": "Passes over the train set (unless max_steps); none: 4 embedded, else 3."},
+        metadata={
+            "help": "Passes over the train set (unless max_steps); none: {embedded} embedded, else {other}."
+        },
     )
     warmup_steps: int | None = field(
-        default=None, metadata={"help": "Optimizer steps of linear warmup from 0; none: 10 embedded, else 0."}
+        default=None,
+        metadata={
+            "help": "Optimizer steps of linear warmup from 0; none: {embedded} embedded, else {other}."
+        },
     )
     max_length: int | None = field(
         default=-1,
         metadata={
             "help": "Cut each prompt + completion to this many tokens (truncation_mode says which end stays); "
-            "-1: 64 embedded, else 1024; none: no limit."
+            "-1: {embedded} embedded, else {other}; none: no limit."
         },
     )
     max_prompt_length: int | None = field(
@@ -114,8 +129,98 @@ class DPOConfig(TrainConfig):
     )
     beta: float | None = field(
         default=None,
-        metadata={"help": "Strength of the tie to the reference (DPO's beta); none: 1.0 embedded, else 0.1."},
+        metadata={"help": "The loss's temperature (DPO's beta); none: {embedded} embedded, else {other}."},
     )
+    disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0."})
+    padding_free: bool = field(
+        default=False, metadata={"help": "Concatenate a batch's sequences into one row without padding."}
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of a mixture-of-experts model's router load-balancing loss; none: the model "
+            "config's own (0 for other models); 0: off."
+        },
+    )
+
+    run_defaults = RUN_DEFAULTS
+    embedded_learning_rate = EMBEDDED_MODEL_LEARNING_RATE
+    pretrained_learning_rate = PRETRAINED_LEARNING_RATE
+
+    def __post_init__(self):
+        fill_run_defaults(
+            self,
+            self.run_defaults,
+            embedded_learning_rate=self.embedded_learning_rate,
+            pretrained_learning_rate=self.pretrained_learning_rate,
+        )
+        super().__post_init__()
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2 (or none), got {self.max_length}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ConfigError(f"max_prompt_length must be >= 1 (or none), got {self.max_prompt_length}")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ConfigError(
+                f"truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, got {self.truncation_mode!r}"
+            )
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return False
+
+
+@dataclass
+class ReferenceConfig(PreferenceConfig):
+    """PreferenceConfig plus a frozen reference model: which one, precomputing its log-probs, TR-DPO syncing."""
+
+    ref_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Reference model; none: a frozen copy of the starting model."}
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the reference's log-probs of every row once before training, then free it."
+        },
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per batch of that precomputation; none: per_device_train_batch_size."},
+    )
+    sync_ref_model: bool = field(
+        default=False,
+        metadata={
+            "help": "TR-DPO: every ref_model_sync_steps steps, ref <- alpha * policy + (1 - alpha) * ref."
+        },
+    )
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO's alpha."})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO's tau, in optimizer steps."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
+            raise ConfigError(f"precompute_ref_batch_size must be >= 1, got {self.precompute_ref_batch_size}")
+        if self.sync_ref_model:
+            if self.precompute_ref_log_probs:
+                raise ConfigError(
+                    "sync_ref_model=true moves the reference during training, so precomputed reference "
+                    "log-probs would go stale: turn one of them off"
+                )
+            if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
+                raise ConfigError(
+                    f"ref_model_mixup_alpha must lie in [0, 1], got {self.ref_model_mixup_alpha}"
+                )
+            if self.ref_model_sync_steps < 1:
+                raise ConfigError(f"ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return True
+
+
+@dataclass
+class DPOConfig(ReferenceConfig):
     loss_type: list[str] = field(
         default_factory=lambda: ["sigmoid"],
         metadata={
@@ -146,74 +251,12 @@ class DPOConfig(TrainConfig):
     f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "alpha of alpha_divergence."})
     use_weighting: bool = field(default=False, metadata={"help": "WPO's per-pair weights."})
     discopop_tau: float = field(default=0.05, metadata={"help": "Temperature of discopop's mixing."})
-    disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0."})
-    padding_free: bool = field(
-        default=False, metadata={"help": "Concatenate a batch's sequences into one row without padding."}
-    )
-    ref_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Reference model; none: a frozen copy of the starting model."}
-    )
-    precompute_ref_log_probs: bool = field(
-        default=False,
-        metadata={
-            "help": "Compute the reference's log-probs of every pair once before training, then free it."
-        },
-    )
-    precompute_ref_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Pairs per batch of that precomputation; none: per_device_train_batch_size."},
-    )
-    router_aux_loss_coef: float | None = field(
-        default=None,
-        metadata={
-            "help": "Weight of a mixture-of-experts model's router load-balancing loss; none: the model "
-            "config's own (0 for other models); 0: off."
-        },
-    )
-    sync_ref_model: bool = field(
-        default=False,
-        metadata={
-            "help": "TR-DPO: every ref_model_sync_steps steps, ref <- alpha * policy + (1 - alpha) * ref."
-        },
-    )
-    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO's alpha."})
-    ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO's tau, in optimizer steps."})
 
     def __post_init__(self):
         if isinstance(self.loss_type, str):  # one name, or names separated by commas (as on the command line)
             self.loss_type = [name.strip() for name in self.loss_type.split(",") if name.strip()]
-        fill_run_defaults(
-            self,
-            RUN_DEFAULTS,
-            embedded_learning_rate=EMBEDDED_MODEL_LEARNING_RATE,
-            pretrained_learning_rate=PRETRAINED_LEARNING_RATE,
-        )
         super().__post_init__()
         self._check_losses()
-        if self.max_length is not None and self.max_length < 2:
-            raise ConfigError(f"max_length must be >= 2 (or none), got {self.max_length}")
-        if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            raise ConfigError(f"max_prompt_length must be >= 1 (or none), got {self.max_prompt_length}")
-        if self.truncation_mode not in TRUNCATION_MODES:
-            raise ConfigError(
-                f"truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, got {self.truncation_mode!r}"
-            )
-        if not self.beta > 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta}")
-        if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
-            raise ConfigError(f"precompute_ref_batch_size must be >= 1, got {self.precompute_ref_batch_size}")
-        if self.sync_ref_model:
-            if self.precompute_ref_log_probs:
-                raise ConfigError(
-                    "sync_ref_model=true moves the reference during training, so precomputed reference "
-                    "log-probs would go stale: turn one of them off"
-                )
-            if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
-                raise ConfigError(
-                    f"ref_model_mixup_alpha must lie in [0, 1], got {self.ref_model_mixup_alpha}"
-                )
-            if self.ref_model_sync_steps < 1:
-                raise ConfigError(f"ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
 
     def _check_losses(self) -> None:
         """Every option a loss reads is checked here, at start-up, rather than at the first step."""
@@ -370,7 +413,7 @@ def count_pairs(batch) -> int:
     return batch["input_ids"].shape[0] // 2
 
 
-def _by_sequence(values: torch.Tensor, batch: dict) -> torch.Tensor:
+def by_sequence(values: torch.Tensor, batch: dict) -> torch.Tensor:
     """Per-token values in the batch's layout -> (2B, T), one row per sequence (padding-free batches are
     unpacked; differentiable)."""
     if "sequence_index" not in batch:
@@ -398,8 +441,8 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, ld_alpha: floa
 def reference_logps(ref_model, batch: dict, ld_alpha: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's (chosen, rejected) sequence log-probs (B,) each, for a batch from `collate_pairs`."""
     out = token_logprobs(ref_model, batch)
-    mask = _by_sequence(batch["completion_mask"], batch).float()
-    return sequence_logps(_by_sequence(out.logps, batch), mask, ld_alpha)
+    mask = by_sequence(batch["completion_mask"], batch).float()
+    return sequence_logps(by_sequence(out.logps, batch), mask, ld_alpha)
 
 
 def dpo_step_loss(model, batch, num_items, *, config: DPOConfig, ref_model=None, router_aux_loss_coef=0.0):
@@ -416,8 +459,8 @@ def dpo_step_loss(model, batch, num_items, *, config: DPOConfig, ref_model=None,
         model, batch, return_entropy=True, return_top1=True, return_mean_logit=True,
         return_log_sum_sq=config.use_weighting, return_router_aux_loss=router_aux_loss_coef != 0,
     )  # fmt: skip
-    mask = _by_sequence(batch["completion_mask"], batch).float()  # (2B, T)
-    token = _by_sequence(out.logps, batch)
+    mask = by_sequence(batch["completion_mask"], batch).float()  # (2B, T)
+    token = by_sequence(out.logps, batch)
     chosen, rejected = sequence_logps(token, mask, config.ld_alpha)
     pairs = chosen.shape[0]
 
@@ -435,7 +478,7 @@ def dpo_step_loss(model, batch, num_items, *, config: DPOConfig, ref_model=None,
 
     pair_weights = None
     if config.use_weighting:
-        weights = preference_losses.wpo_weights(token, _by_sequence(out.log_sum_sq, batch), mask)
+        weights = preference_losses.wpo_weights(token, by_sequence(out.log_sum_sq, batch), mask)
         pair_weights = weights[:pairs] * weights[pairs:]
     lengths = batch["completion_lengths"]
     loss, metrics = preference_losses.preference_loss(
@@ -454,7 +497,7 @@ def dpo_step_loss(model, batch, num_items, *, config: DPOConfig, ref_model=None,
         chosen_mask=mask[:pairs],
         **config.loss_options(),
     )
-    metrics.update(_token_metrics(out, batch, mask, pairs / num_items))
+    metrics.update(token_metrics(out, batch, mask, pairs / num_items))
     if router_aux_loss_coef:
         loss = loss + router_aux_loss_coef * out.aux_loss * (pairs / num_items)
         metrics["aux_loss"] = out.aux_loss.detach() * (pairs / num_items)
@@ -462,20 +505,20 @@ def dpo_step_loss(model, batch, num_items, *, config: DPOConfig, ref_model=None,
 
 
 @torch.no_grad()
-def _token_metrics(out, batch: dict, mask: torch.Tensor, share) -> dict:
+def token_metrics(out, batch: dict, mask: torch.Tensor, share) -> dict:
     """This micro-batch's token means (TRL's), weighted by its share of the step's pairs."""
     chosen_mask, rejected_mask = mask.chunk(2)
 
     def mean(values, m):
         return (values * m).sum() / m.sum().clamp(min=1) * share
 
-    mean_logit = _by_sequence(out.mean_logit, batch)
+    mean_logit = by_sequence(out.mean_logit, batch)
     chosen_logit, rejected_logit = mean_logit.chunk(2)
     return {
         "logits/chosen": mean(chosen_logit, chosen_mask),
         "logits/rejected": mean(rejected_logit, rejected_mask),
-        "entropy": mean(_by_sequence(out.entropy.detach(), batch), mask),
-        "mean_token_accuracy": mean(_by_sequence(out.is_top1, batch).chunk(2)[0].float(), chosen_mask),
+        "entropy": mean(by_sequence(out.entropy.detach(), batch), mask),
+        "mean_token_accuracy": mean(by_sequence(out.is_top1, batch).chunk(2)[0].float(), chosen_mask),
     }
 
 
@@ -484,7 +527,7 @@ def _token_metrics(out, batch: dict, mask: torch.Tensor, share) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_reference(config: DPOConfig, policy, device):
+def load_reference(config: ReferenceConfig, policy, device):
     """The frozen reference: `ref_model_name_or_path`, or a copy of the policy as it starts; None when no
     loss needs one."""
     if not config.needs_reference:
@@ -525,73 +568,111 @@ def _model_config(model_name_or_path: str):
     return AutoConfig.from_pretrained(model_name_or_path)
 
 
-def train(config: DPOConfig):
-    """Run DPO to the end; returns the run (its output_dir holds metrics.jsonl, checkpoints, the model)."""
-    # Data first: a bad dataset or option stops here, before the run folder is written.
+@dataclass
+class Offline:
+    """What every offline preference loop (DPO, KTO, CPO, ORPO) starts from (`start_offline`)."""
+
+    run: loop.Run
+    tokenizer: object
+    model: torch.nn.Module
+    ref_model: torch.nn.Module | None  # None unless config.needs_reference
+    train_rows: object  # datasets.Dataset, tokenized
+    eval_rows: object | None
+    aux_coef: float  # weight of a mixture-of-experts policy's router loss (0: none)
+
+
+def start_offline(config: PreferenceConfig, command: str, load_data) -> Offline:
+    """Tokenizer, data, run folder, policy and reference, in the order that stops on bad input before the run
+    folder is written. load_data(config, tokenizer) -> (train_rows, eval_rows or None, {split: {count: n}})."""
     tokenizer = load_tokenizer(config.model_name_or_path)
-    train_rows, eval_rows, info = load_preference_data(config, tokenizer)
+    train_rows, eval_rows, info = load_data(config, tokenizer)
     loop.plan_steps(len(train_rows), config, distributed.env_world()[1])  # too few rows: stop here
-    if config.ref_model_name_or_path is not None:
+    if getattr(config, "ref_model_name_or_path", None) is not None:
         load_tokenizer(config.ref_model_name_or_path)  # a missing reference stops here too
     # No model named: the embedded SFT model (`posttrain sft` defaults, trained once and cached); the config
-    # keeps model_name_or_path None, so the embedded defaults above apply.
+    # keeps model_name_or_path None, so the embedded defaults apply.
     start_model = config.model_name_or_path or sft.embedded_sft_model()
     aux_coef = router_aux_loss_coef(_model_config(start_model), config.router_aux_loss_coef)
-    run = loop.start(config, command="dpo")
+    run = loop.start(config, command=command)
     dropped = {f"{split}_{key}": value for split, counts in info.items() for key, value in counts.items()}
     run.log_info({"start_model": start_model, **dropped})
     model = load_causal_lm(start_model, seed=config.seed)
     if config.disable_dropout:
         disable_dropout(model)
     ref = load_reference(config, model, run.device)
+    return Offline(run, tokenizer, model, ref, train_rows, eval_rows, aux_coef)
 
-    collate_fn = collate.for_attention(
-        functools.partial(
-            collate_pairs,
-            pad_token_id=tokenizer.pad_token_id,
-            max_length=config.max_length,
-            truncation_mode=config.truncation_mode,
-            padding_free=config.padding_free,
-        ),
-        model.config._attn_implementation,
-    )
-    if config.precompute_ref_log_probs and ref is not None:
-        ref = ref.to(run.device)
-        size = config.precompute_ref_batch_size or config.per_device_train_batch_size
-        precompute = functools.partial(
-            precompute_reference, ref_model=ref, collate_fn=collate_fn, batch_size=size, device=run.device,
-            ld_alpha=config.ld_alpha,
-        )  # fmt: skip
-        train_rows = precompute(train_rows)
-        eval_rows = precompute(eval_rows) if eval_rows is not None else None
-        ref = None  # freed: the rows carry what the loss reads
 
-    on_step = None
-    if config.sync_ref_model and ref is not None:
+def sync_reference_hook(config: ReferenceConfig, ref_model):
+    """TR-DPO's on_step for loop.fit (every ref_model_sync_steps steps the policy is mixed into the
+    reference), or None when sync_ref_model is off or there is no live reference."""
+    if not config.sync_ref_model or ref_model is None:
+        return None
 
-        def on_step(step, policy):
-            if step % config.ref_model_sync_steps == 0:
-                mix_into_reference(policy, ref, config.ref_model_mixup_alpha)
+    def on_step(step, policy):
+        if step % config.ref_model_sync_steps == 0:
+            mix_into_reference(policy, ref_model, config.ref_model_mixup_alpha)
 
+    return on_step
+
+
+def fit_offline(offline: Offline, config: PreferenceConfig, collate_fn, step_loss, *, count_fn, on_step=None):
+    """loop.fit with step_loss(model, batch, num_items) -> (loss, metrics); on the embedded task, held-out
+    exact match is logged at the start (start_exact_match) and at every evaluation, so the log shows what
+    the loop added to its starting model. A live reference moved by on_step is checkpointed with the run."""
+    run, model, tokenizer = offline.run, offline.model, offline.tokenizer
     eval_fn = None
     if config.dataset_name is None:
-        # The embedded task has checkable answers: report held-out exact-match accuracy too, and where the
-        # starting model stands, so the log shows what DPO added.
         eval_fn = functools.partial(embedded.exact_match, tokenizer=tokenizer, split="test")
         if run.resume_from is None:
             start = loop.evaluate(run, model.to(run.device), None, collate_fn, None, None, eval_fn)
             run.log_info({f"start_{k}": v for k, v in start.items()})
+    companions = (
+        {"ref_model": offline.ref_model} if on_step is not None and offline.ref_model is not None else None
+    )
     loop.fit(
         run,
         model,
         tokenizer,
-        train_rows,
+        offline.train_rows,
         collate_fn,
-        functools.partial(dpo_step_loss, config=config, ref_model=ref, router_aux_loss_coef=aux_coef),
-        count_fn=count_pairs,
-        eval_rows=eval_rows,
+        step_loss,
+        count_fn=count_fn,
+        eval_rows=offline.eval_rows,
         eval_fn=eval_fn,
         on_step=on_step,
-        companions={"ref_model": ref} if on_step is not None else None,
+        companions=companions,
     )
     return run
+
+
+def train(config: DPOConfig):
+    """Run DPO to the end; returns the run (its output_dir holds metrics.jsonl, checkpoints, the model)."""
+    offline = start_offline(config, "dpo", load_preference_data)
+    collate_fn = collate.for_attention(
+        functools.partial(
+            collate_pairs,
+            pad_token_id=offline.tokenizer.pad_token_id,
+            max_length=config.max_length,
+            truncation_mode=config.truncation_mode,
+            padding_free=config.padding_free,
+        ),
+        offline.model.config._attn_implementation,
+    )
+    ref = offline.ref_model
+    if config.precompute_ref_log_probs and ref is not None:
+        size = config.precompute_ref_batch_size or config.per_device_train_batch_size
+        precompute = functools.partial(
+            precompute_reference, ref_model=ref, collate_fn=collate_fn, batch_size=size,
+            device=offline.run.device, ld_alpha=config.ld_alpha,
+        )  # fmt: skip
+        offline.train_rows = precompute(offline.train_rows)
+        if offline.eval_rows is not None:
+            offline.eval_rows = precompute(offline.eval_rows)
+        ref = offline.ref_model = None  # freed: the rows carry what the loss reads
+    step_loss = functools.partial(
+        dpo_step_loss, config=config, ref_model=ref, router_aux_loss_coef=offline.aux_coef
+    )
+    return fit_offline(
+        offline, config, collate_fn, step_loss, count_fn=count_pairs, on_step=sync_reference_hook(config, ref)
+    )
