@@ -16,6 +16,8 @@ COMMANDS = {
     "sft": ("posttrain.rl.sft", "SFTConfig"),
     "rm": ("posttrain.rl.reward", "RewardConfig"),
     "dpo": ("posttrain.rl.dpo", "DPOConfig"),
+    "cpo": ("posttrain.rl.cpo", "CPOConfig"),
+    "orpo": ("posttrain.rl.orpo", "ORPOConfig"),
     "grpo": ("posttrain.rl.grpo", "GRPOConfig"),
     "rloo": ("posttrain.rl.rloo", "RLOOConfig"),
 }
