@@ -11,10 +11,10 @@ models, same rows, float32.
    (fused hidden-state path) and GPT-2 (logits path), and on a mixture of experts with its router loss;
    logits/*, which TRL averages over every position of the (B, T, V) logits (prompt and padding included),
    against a plain reference over the completion tokens instead (our definition, the DPO loop's).
-3. Trajectories: 10 optimizer steps of `cpo.train` / `orpo.train` and of the trainers' `train` from the same
+3. Trajectories and evaluation: 10 optimizer steps of `cpo.train` / `orpo.train` and of the trainers' `train` from the same
    saved weights, the whole dataset as one batch, AdamW, constant learning rate: per-step losses within
    1e-4 and every other number TRL logs (but logits/*) within 1e-4, for SimPO (simpo, cpo_alpha 0), CPO
-   (sigmoid) and ORPO.
+   (sigmoid) and ORPO; the eval_ metrics on held-out pairs after 3 steps within 1e-5.
 """
 
 import copy
@@ -346,3 +346,43 @@ def test_ten_steps_follow_trls_trajectory(tmp_path, start, data, case):
             assert math.isclose(a[key], value, rel_tol=1e-4, abs_tol=1e-4), (step, key, a[key], value)
     first, last = theirs[0]["loss"], theirs[-1]["loss"]
     assert abs(last - first) > 0.02 * abs(first)  # the run moves: real updates are compared
+
+
+@pytest.mark.parametrize("kind", ["cpo", "orpo"])
+def test_evaluation_matches_trl(tmp_path, start, data, kind):
+    """eval_ metrics on 16 held-out pairs in 2 batches of 8 after 3 steps (TRL averages the batches' values,
+    ours weighs them by pairs: the same for equal batches). Not compared: TRL's timings, and logits/*."""
+    rows, _ = data
+    held_out = embedded.rows("preference", "test", seed=0)[:16]
+    (tmp_path / "pairs").mkdir()
+    write_jsonl(tmp_path / "pairs" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "pairs" / "test.jsonl", held_out)
+    options = {**shared_options(), "max_steps": 3, "per_device_eval_batch_size": 8}
+    config_class, trainer_class = TRAINERS[kind]
+    args = config_class(
+        output_dir=str(tmp_path / "trl"), eval_strategy="steps", eval_steps=3, **TRL_TRAIN, **options
+    )
+    trainer = trainer_class(
+        model=str(start),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(held_out),
+        processing_class=load_tokenizer(str(start)),
+    )
+    trainer.train()
+    (theirs,) = [r for r in trainer.state.log_history if "eval_loss" in r]
+    records = our_records(kind, start, str(tmp_path / "pairs"), tmp_path / "ours", **options, eval_steps=3)
+    assert records  # the run trained
+    (ours,) = [r for r in logged(tmp_path / "ours" / "metrics.jsonl", None) if "eval_loss" in r]
+    skipped = (
+        "eval_runtime",
+        "eval_samples_per_second",
+        "eval_steps_per_second",
+        "eval_logits/chosen",
+        "eval_logits/rejected",
+    )
+    assert 0 < theirs["eval_rewards/accuracies"] < 1
+    for key, value in theirs.items():
+        if key not in skipped:
+            assert key in ours, f"{key} missing from our log {sorted(ours)}"
+            assert math.isclose(ours[key], value, rel_tol=RTOL, abs_tol=1e-6), (key, ours[key], value)
