@@ -5,7 +5,8 @@ models, same rows, float32.
    (`tokenize_row` + `DPODataCollatorWithPadding` + `concatenated_inputs`): input_ids, attention_mask, and
    the label positions (our completion_mask), also with max_length cutting completions. Where they part, by
    choice (see `rl.cpo`): a tokenizer with a BOS token that it does not add itself gets it prepended by TRL
-   and not by us (the DPO loop's tokens).
+   and not by us (the DPO loop's tokens); a row whose prompt alone fills max_length, kept by TRL with an
+   empty completion (a NaN loss under simpo), is dropped and counted by us.
 2. One step: `cpo.cpo_step_loss` / `orpo.orpo_step_loss` give TRL's `compute_loss`, every parameter's
    gradient and every metric TRL stores, relative error <= 1e-5, for each loss_type and option, on Qwen2
    (fused hidden-state path) and GPT-2 (logits path), and on a mixture of experts with its router loss;
@@ -189,6 +190,21 @@ def test_bos_token_is_not_added(tokenizer):
     for row, ids in enumerate(ours["input_ids"]):
         length = int(ours["attention_mask"][row].sum())
         assert theirs["concatenated_input_ids"][row, 1 : length + 1].tolist() == ids[:length].tolist()
+
+
+def test_a_prompt_that_fills_max_length_is_dropped_where_trl_gives_nan(policy, tokenizer, tmp_path):
+    """The other chosen departure: CPOTrainer keeps a row whose prompt alone fills max_length, with an empty
+    completion, whose per-token mean is 0 / 0 (a NaN loss under simpo); ours drops and counts it (keep_start,
+    as the DPO loop and TRL's DPOTrainer)."""
+    rows = ROWS + [{"prompt": "1+2+3+4+5+6=", "chosen": "21", "rejected": "20"}]  # a 12-token prompt
+    theirs = trl_step("cpo", policy, tokenizer, rows, loss_type="simpo", max_length=12)
+    assert math.isnan(theirs["loss"].item())
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    config = cpo.CPOConfig(dataset_name=path, loss_type="simpo", max_length=12)
+    train_rows, _, info = dpo.load_preference_data(config, tokenizer)
+    assert info["train"]["dropped_prompt_fills_max_length"] == 1 and len(train_rows) == len(ROWS)
+    batch = dpo.collate_pairs(list(train_rows), tokenizer.pad_token_id, max_length=12)
+    assert math.isfinite(our_step("cpo", policy, batch, loss_type="simpo")["loss"].item())
 
 
 # ---------------------------------------------------------------------------------------------------------
