@@ -213,6 +213,36 @@ def test_a_micro_batch_contributes_its_share_of_the_step(tokenizer, name):
             torch.testing.assert_close(s, a * n / 6, rtol=1e-4, atol=1e-7)
 
 
+@cpo_losses.token_mean
+def _mean_margin(chosen_logps, rejected_logps, *, beta, alpha=0.0):
+    return -beta * (chosen_logps - rejected_logps)
+
+
+def test_a_registered_loss_is_used_by_the_loop_with_the_log_probs_it_asks_for(tokenizer):
+    """A user's "cpo" loss, registered and named by loss_type: the loop feeds it per-token means because it is
+    marked `token_mean` (the logps/* metrics are those means), and label_smoothing is refused (it takes none)."""
+    registry.register("cpo", "test_mean_margin")(_mean_margin)
+    data = pairs(tokenizer, 4)
+    batch = dpo.collate_pairs(data, tokenizer.pad_token_id)
+    config = cpo.CPOConfig(dataset_name="unused", loss_type="test_mean_margin", beta=0.5, cpo_alpha=0.0)
+    loss, m = cpo.cpo_step_loss(embedded.build_model(seed=1), batch, 4, config=config)
+    mask = batch["completion_mask"].float()
+    lengths = mask.sum(1)
+    assert m["logps/chosen"].item() != pytest.approx(0.0)
+    assert loss.item() == pytest.approx(-0.5 * (m["logps/chosen"] - m["logps/rejected"]).item(), rel=1e-5)
+    with torch.no_grad():
+        logits = embedded.build_model(seed=1)(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    means = (logp * mask[:, 1:]).sum(1) / lengths
+    assert m["logps/chosen"].item() == pytest.approx(means[:4].mean().item(), rel=1e-5)
+    with pytest.raises(
+        ConfigError, match="label_smoothing=0.1 does not apply to loss_type 'test_mean_margin'"
+    ):
+        cpo.CPOConfig(dataset_name="unused", loss_type="test_mean_margin", label_smoothing=0.1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Start-up checks
 # ---------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ Departures from TRL 1.16's CPOTrainer, by choice:
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -39,8 +40,6 @@ from posttrain.losses import registry
 from posttrain.rl import dpo
 from posttrain.rl.config import ConfigError
 from posttrain.rl.logprobs import sequence_logprobs, token_logprobs
-
-SMOOTHED = ("sigmoid", "simpo", "alphapo")  # the losses that read label_smoothing
 
 
 @dataclass
@@ -97,13 +96,15 @@ class CPOConfig(dpo.PreferenceConfig):
                 raise ConfigError(f"{name} must be finite, got {getattr(self, name)}")
         if self.cpo_alpha < 0:
             raise ConfigError(f"cpo_alpha must be >= 0, got {self.cpo_alpha}")
-        if self.loss_type in SMOOTHED:
+        # A loss reads label_smoothing if its signature names it (sigmoid, simpo, alphapo; TRL ignores it
+        # with a warning for hinge and ipo).
+        if "label_smoothing" in inspect.signature(registry.get("cpo", self.loss_type)).parameters:
             if not 0.0 <= self.label_smoothing < 0.5:
                 raise ConfigError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
         elif self.label_smoothing != 0.0:
             raise ConfigError(
                 f"label_smoothing={self.label_smoothing} does not apply to loss_type {self.loss_type!r} "
-                f"(only to {', '.join(SMOOTHED)}): set it to 0"
+                "(its loss takes none): set it to 0"
             )
         if self.loss_type == "alphapo":
             self.cpo_alpha = 0.0  # TRL 1.16's CPOConfig turns alphapo into simpo without the NLL term
