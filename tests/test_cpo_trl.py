@@ -15,7 +15,7 @@ models, same rows, float32.
 3. Trajectories and evaluation: 10 optimizer steps of `cpo.train` / `orpo.train` and of the trainers' `train` from the same
    saved weights, the whole dataset as one batch, AdamW, constant learning rate: per-step losses within
    1e-4 and every other number TRL logs (but logits/*) within 1e-4, for SimPO (simpo, cpo_alpha 0), CPO
-   (sigmoid) and ORPO; the eval_ metrics on held-out pairs after 3 steps within 1e-5.
+   (sigmoid) and ORPO, and with two micro-batches a step (gradient accumulation); the eval_ metrics on held-out pairs after 3 steps within 1e-5.
 """
 
 import copy
@@ -298,7 +298,7 @@ def data(tmp_path_factory):
 
 
 def shared_options(**options):
-    return dict(
+    base = dict(
         learning_rate=LEARNING_RATE,
         lr_scheduler_type="constant",
         max_steps=STEPS,
@@ -308,8 +308,8 @@ def shared_options(**options):
         logging_steps=1,
         max_length=64,
         seed=0,
-        **options,
     )
+    return {**base, **options}
 
 
 def trl_records(kind, folder, rows, out, **options):
@@ -337,10 +337,20 @@ def our_records(kind, folder, data_path, out, **options):
     return [r for r in logged(out / "metrics.jsonl", None) if "loss" in r]
 
 
+ACCUMULATION = {
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 2,
+    "train_sampling_strategy": "sequential",
+}
 TRAJECTORIES = {
     "simpo": ("cpo", {"loss_type": "simpo", "cpo_alpha": 0.0}),
     "cpo-sigmoid": ("cpo", {"loss_type": "sigmoid"}),
     "orpo": ("orpo", {}),
+    # two micro-batches of 8 pairs a step, in the dataset's order on both sides (our random order is a
+    # permutation of its own): TRL averages their losses and metrics, ours weighs them by pairs (the same for
+    # equal micro-batches; the NLL a token mean per micro-batch on both sides)
+    "cpo-sigmoid-accumulation": ("cpo", ACCUMULATION),
+    "orpo-accumulation": ("orpo", ACCUMULATION),
 }
 
 
