@@ -12,10 +12,11 @@ models, same rows, float32.
    (fused hidden-state path) and GPT-2 (logits path), and on a mixture of experts with its router loss;
    logits/*, which TRL averages over every position of the (B, T, V) logits (prompt and padding included),
    against a plain reference over the completion tokens instead (our definition, the DPO loop's).
-3. Trajectories and evaluation: 10 optimizer steps of `cpo.train` / `orpo.train` and of the trainers' `train` from the same
-   saved weights, the whole dataset as one batch, AdamW, constant learning rate: per-step losses within
-   1e-4 and every other number TRL logs (but logits/*) within 1e-4, for SimPO (simpo, cpo_alpha 0), CPO
-   (sigmoid) and ORPO, and with two micro-batches a step (gradient accumulation); the eval_ metrics on held-out pairs after 3 steps within 1e-5.
+3. Trajectories and evaluation: 10 optimizer steps of `cpo.train` / `orpo.train` and of the trainers'
+   `train` from the same saved weights, the whole dataset as one batch, AdamW, constant learning rate:
+   per-step losses within 1e-4 and every other number TRL logs (but logits/*) within 1e-4, for SimPO
+   (simpo, cpo_alpha 0), CPO (sigmoid) and ORPO, and with two micro-batches a step (gradient
+   accumulation); the eval_ metrics on held-out pairs after 3 steps within 1e-5.
 """
 
 import copy
