@@ -25,6 +25,8 @@ Departures from TRL 1.16's CPOTrainer, by choice:
   from the kernel's running sums, as the DPO loop logs them (CPOTrainer averages the full (B, T, V) logits,
   prompt and padding positions included, which only a full logits tensor gives).
 - label_smoothing with hinge or ipo, which ignore it, is an error (CPOTrainer warns).
+- a mixture-of-experts policy's router loss is weighted in as in the DPO loop (router_aux_loss_coef, none: the
+  model config's own); CPOTrainer adds it only when the model config sets output_router_logits.
 """
 
 from __future__ import annotations

@@ -14,11 +14,11 @@ logits/rejected, nll_loss, log_odds_ratio (the mean of log sigma(log OR)), log_o
 entropy, mean_token_accuracy, num_tokens, learning_rate, grad_norm, aux_loss (mixture-of-experts policies);
 eval_ versions on the held-out pairs.
 
-As TRL 1.16's ORPOTrainer (and the paper's code), the NLL is over every token of the chosen sequence, prompt
-included, a token mean over the micro-batch. Departures, as CPO's (see `rl.cpo`): the DPO loop's tokens (no
-BOS added, prompts that fill max_length dropped), logits/* over the completion tokens only. One addition:
-loss_type names the registered odds-ratio term (TRL has no such option; the default is ORPO's), so that a
-variant is one registered function.
+As TRL 1.16's ORPOTrainer, the NLL is over every token of the chosen sequence, prompt included, a token mean
+over the micro-batch (the paper writes it over the response). Departures, as CPO's (see `rl.cpo`): the DPO
+loop's tokens (no BOS added, prompts that fill max_length dropped), logits/* over the completion tokens only,
+the router loss of a mixture of experts as in the DPO loop. One addition: loss_type names the registered
+odds-ratio term (TRL has no such option; the default is ORPO's), so that a variant is one registered function.
 """
 
 from __future__ import annotations
