@@ -150,6 +150,25 @@ def assert_same_metrics(ours, theirs, model, batch):
         )
 
 
+SHARED_DEFAULTS = ("learning_rate", "max_length", "beta", "disable_dropout", "per_device_train_batch_size",
+                   "num_train_epochs", "warmup_steps", "weight_decay", "lr_scheduler_type", "max_grad_norm")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kind", "names"),
+    [("cpo", ("loss_type", "label_smoothing", "cpo_alpha", "simpo_gamma", "alpha")), ("orpo", ())],
+)
+def test_defaults_are_trls(kind, names):
+    """With a named model and dataset (not the embedded task), every option both configs have defaults to
+    TRL's value."""
+    import dataclasses
+
+    theirs = {f.name: f.default for f in dataclasses.fields(TRAINERS[kind][0])}
+    ours = LOOPS[kind][0](model_name_or_path="m", dataset_name="d")
+    for name in SHARED_DEFAULTS + names:
+        assert getattr(ours, name) == theirs[name], name
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 1. Tokens
 # ---------------------------------------------------------------------------------------------------------
