@@ -324,3 +324,16 @@ def test_embedded_default_keeps_its_sft_start(tmp_path, command):
         return sum(r[key] for r in part) / len(part)
 
     assert mean("loss", train[-5:]) < mean("loss", train[:5]) - 0.02  # CPO 0.35 -> 0.31, ORPO 5.2 -> 4.8
+
+
+@pytest.mark.parametrize("module", [cpo, orpo])
+def test_a_format_error_names_the_command(module, tmp_path):
+    # Prompt-completion rows are not preference pairs: the message names the loop that was run.
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in embedded.rows("prompt_completion")[:4]))
+    config_class = cpo.CPOConfig if module is cpo else orpo.ORPOConfig
+    config = config_class(output_dir=str(tmp_path / "run"), dataset_name=str(data), report_to="none")
+    command = module.__name__.rsplit(".", 1)[1]
+    with pytest.raises(ValueError, match=rf"^`{command}` accepts preference"):
+        module.train(config)
+    assert not (tmp_path / "run").exists()

@@ -36,7 +36,6 @@ import inspect
 import math
 from dataclasses import dataclass, field
 
-from posttrain.data import collate
 from posttrain.losses import cpo as cpo_losses
 from posttrain.losses import registry
 from posttrain.rl import dpo
@@ -147,23 +146,9 @@ def cpo_step_loss(model, batch, num_items, *, config: CPOConfig, router_aux_loss
     return loss, metrics
 
 
-def pair_collator(config, tokenizer, model):
-    """`dpo.collate_pairs` with the config's truncation and layout, laid out for the model's attention."""
-    return collate.for_attention(
-        functools.partial(
-            dpo.collate_pairs,
-            pad_token_id=tokenizer.pad_token_id,
-            max_length=config.max_length,
-            truncation_mode=config.truncation_mode,
-            padding_free=config.padding_free,
-        ),
-        model.config._attn_implementation,
-    )
-
-
 def train(config: CPOConfig):
     """Run CPO to the end; returns the run (its output_dir holds metrics.jsonl, checkpoints, the model)."""
-    offline = dpo.start_offline(config, "cpo", dpo.load_preference_data)
+    offline = dpo.start_offline(config, "cpo", functools.partial(dpo.load_preference_data, command="cpo"))
     step_loss = functools.partial(cpo_step_loss, config=config, router_aux_loss_coef=offline.aux_coef)
-    collate_fn = pair_collator(config, offline.tokenizer, offline.model)
+    collate_fn = dpo.pair_collator(config, offline.tokenizer, offline.model)
     return dpo.fit_offline(offline, config, collate_fn, step_loss, count_fn=dpo.count_pairs)

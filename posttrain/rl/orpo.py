@@ -32,7 +32,6 @@ from posttrain.losses import cpo as cpo_losses
 from posttrain.losses import registry
 from posttrain.rl import dpo
 from posttrain.rl.config import ConfigError
-from posttrain.rl.cpo import pair_collator
 from posttrain.rl.logprobs import sequence_logprobs, token_logprobs
 
 
@@ -113,7 +112,7 @@ def orpo_step_loss(model, batch, num_items, *, config: ORPOConfig, router_aux_lo
 
 def train(config: ORPOConfig):
     """Run ORPO to the end; returns the run (its output_dir holds metrics.jsonl, checkpoints, the model)."""
-    offline = dpo.start_offline(config, "orpo", dpo.load_preference_data)
+    offline = dpo.start_offline(config, "orpo", functools.partial(dpo.load_preference_data, command="orpo"))
     step_loss = functools.partial(orpo_step_loss, config=config, router_aux_loss_coef=offline.aux_coef)
-    collate_fn = pair_collator(config, offline.tokenizer, offline.model)
+    collate_fn = dpo.pair_collator(config, offline.tokenizer, offline.model)
     return dpo.fit_offline(offline, config, collate_fn, step_loss, count_fn=dpo.count_pairs)
