@@ -1,0 +1,300 @@
+"""LoRA through peft (`rl/lora.py`): what trains, the adapter-disabled reference, saving and reloading, resume,
+the reward model's score head, the fused log-prob path through the wrapper, and every bad option.
+
+References: the same computations without peft's machinery, written out here (a frozen copy of the base
+model as reference, full logits + log_softmax for log-probs, the LoRA parameter count r * (in + out) per
+adapted layer); peft itself only to reload what a run saved. Tolerances: float32 round-off (1e-6 for the
+same operations in another order, 1e-5 where a merge adds the update into the weight first).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _optional import import_or_skip
+from datasets import Dataset
+
+from posttrain.data import embedded, preference
+from posttrain.rl import checkpoint, dpo, grpo, loop, lora, reward
+from posttrain.rl.config import ConfigError, TrainConfig, parse_config
+from posttrain.rl.logprobs import supports_fused, token_logprobs
+
+peft = import_or_skip("peft")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return embedded.build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory, tokenizer):
+    """A tiny causal LM and its tokenizer saved to a folder (random weights)."""
+    path = tmp_path_factory.mktemp("start")
+    embedded.build_model(seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    rows = embedded.rows("preference", "train", seed=0)[:16]
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def lora_options(**options):
+    return {"use_peft": True, "lora_dropout": 0.0, **options}
+
+
+def batch_of(tokenizer, n=4):
+    rows, _ = preference.tokenize_preference(
+        Dataset.from_list(embedded.rows("preference", "train", seed=0)[:n]), tokenizer, command="dpo"
+    )
+    return dpo.collate_pairs(list(rows), pad_token_id=tokenizer.pad_token_id, max_length=None)
+
+
+def randomize_adapters(model, seed=0):
+    """LoRA's B starts at 0 (the adapted model is the base model): give every adapter weight a value."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+
+
+def reference_logps(model, batch):
+    """Per-token log-probs from the model's full logits (the plain computation), (B, T), 0 off the mask."""
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
+    logps = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    return torch.nn.functional.pad(logps, (1, 0)) * batch["completion_mask"]
+
+
+def run_dpo(start, data, out, **options):
+    shared = dict(model_name_or_path=start, dataset_name=data, output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=6, eval_steps=0, save_steps=0, disable_tqdm=True, seed=0, lr_scheduler_type="constant", report_to="none")  # fmt: skip
+    dpo.train(dpo.DPOConfig(**{**shared, **options}))
+    return out
+
+
+def train_losses(output_dir):
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What trains
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_only_adapter_parameters_get_gradients_and_reach_the_optimizer(tokenizer):
+    model = lora.wrap(embedded.build_model(seed=0), TrainConfig(**lora_options(lora_r=4)))
+    randomize_adapters(model)  # so that lora_A's gradient (B^T dY X) is not zero
+    batch = batch_of(tokenizer)
+    token_logprobs(model, batch).logps.sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    adapters = {n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    assert with_grad == adapters
+    # all-linear: every projection of every layer, not the output layer; r * (in + out) parameters each
+    linears = [m for n, m in embedded.build_model(seed=0).named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]  # fmt: skip
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == sum(4 * (m.in_features + m.out_features) for m in linears)
+    optimizer = loop.build_optimizer(model, TrainConfig(learning_rate=1e-3))
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for n, p in model.named_parameters() if n in adapters}
+
+
+def test_fused_log_probs_through_the_peft_wrapper_match_full_logits(tokenizer):
+    batch = batch_of(tokenizer)
+    model = lora.wrap(embedded.build_model(seed=0), TrainConfig(**lora_options()))
+    randomize_adapters(model)
+    assert supports_fused(model)  # the output layer found through PeftModel -> LoraModel -> Qwen2ForCausalLM
+    expected = reference_logps(model, batch)
+    torch.testing.assert_close(token_logprobs(model, batch).logps, expected, rtol=0, atol=1e-5)
+    # an adapter on the output layer itself: the logits path, which applies it
+    headed = lora.wrap(embedded.build_model(seed=0), TrainConfig(**lora_options(lora_target_modules=["lm_head", "q_proj"])))  # fmt: skip
+    randomize_adapters(headed)
+    assert not supports_fused(headed)
+    torch.testing.assert_close(token_logprobs(headed, batch).logps, reference_logps(headed, batch), rtol=0, atol=1e-5)  # fmt: skip
+
+
+def test_adapter_disabled_reference_is_the_base_model(tokenizer):
+    batch = batch_of(tokenizer)
+    base = embedded.build_model(seed=0)
+    copy = embedded.build_model(seed=0)
+    config = TrainConfig(**lora_options())
+    ref = lora.reference_of(base, config, torch.device("cpu"))
+    assert isinstance(ref, lora.AdapterDisabled)
+    policy = lora.wrap(base, config)
+    randomize_adapters(policy)
+    with torch.no_grad():
+        moved = token_logprobs(policy, batch).logps
+        via_ref = token_logprobs(ref, batch).logps
+        expected = reference_logps(copy, batch)
+        again = token_logprobs(policy, batch).logps  # the adapters are back on after the reference's call
+    torch.testing.assert_close(via_ref, expected, rtol=0, atol=1e-5)
+    assert (moved - expected).abs().max() > 1e-2
+    assert torch.equal(again, moved)
+    assert all(p.requires_grad == ("lora_" in n) for n, p in policy.named_parameters())
+    # GRPO's reference pass switches the reference to eval mode and back: that is the policy's mode
+    policy.train()
+    assert grpo.policy_logps(ref, batch, 1.0, 3).shape[0] == batch["input_ids"].shape[0]
+    assert policy.training
+
+
+def test_reward_models_score_head_trains_in_full(tokenizer):
+    config = TrainConfig(**lora_options(lora_target_modules=["q_proj", "v_proj"]))
+    model = reward.load_reward_model(None, pad_token_id=tokenizer.pad_token_id, seed=0)
+    model = lora.wrap(model, config)
+    assert model.peft_config["default"].task_type == "SEQ_CLS"  # chosen from the model
+    randomize_adapters(model)
+    batch = reward.collate_pairs(list(preference.tokenize_preference(Dataset.from_list(embedded.rows("preference", "train", seed=0)[:4]), tokenizer, command="rm")[0]), tokenizer.pad_token_id)  # fmt: skip
+    loss, _ = reward.reward_step_loss(model, batch, 4)
+    loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {n for n in trained if "lora_" not in n} == {
+        "base_model.model.score.modules_to_save.default.weight"
+    }
+    assert len(trained) == 1 + 2 * 2 * model.config.num_hidden_layers  # score + A, B of q_proj and v_proj
+
+
+def test_reward_run_saves_an_adapter_with_its_score_head_and_the_merged_model(tmp_path, start, pairs_file):
+    out = tmp_path / "rm"
+    reward.train(reward.RewardConfig(model_name_or_path=start, dataset_name=pairs_file, output_dir=str(out), per_device_train_batch_size=4, max_steps=3, eval_steps=0, save_steps=0, disable_tqdm=True, report_to="none", learning_rate=1e-2, merge_adapter=True, **lora_options()))  # fmt: skip
+    from transformers import AutoModelForSequenceClassification
+
+    adapter = peft.AutoPeftModelForSequenceClassification.from_pretrained(out, num_labels=1)
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "merged")
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    torch.testing.assert_close(adapter(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=0, atol=1e-5)
+    # the score head trained from its fresh init (the same init under the same seed)
+    fresh = reward.load_reward_model(start, pad_token_id=0, seed=0)
+    assert (merged.score.weight - fresh.score.weight).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DPO: the adapter-disabled reference, precomputed, saved, resumed
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_dpo_adapter_disabled_reference_gives_the_losses_of_an_explicit_base_copy(
+    tmp_path, start, pairs_file
+):
+    disabled = train_losses(run_dpo(start, pairs_file, tmp_path / "disabled", **lora_options()))
+    explicit = train_losses(run_dpo(start, pairs_file, tmp_path / "explicit", ref_model_name_or_path=start, **lora_options()))  # fmt: skip
+    precomputed = train_losses(run_dpo(start, pairs_file, tmp_path / "pre", precompute_ref_log_probs=True, **lora_options()))  # fmt: skip
+    assert len(disabled) == 6
+    assert disabled[0] == pytest.approx(0.6931472, abs=1e-6)  # lora_B = 0: policy = reference at step 1
+    assert disabled[-1] < disabled[0] - 0.05  # so the references are compared on a moving policy
+    assert disabled == pytest.approx(explicit, abs=1e-6)
+    assert disabled == pytest.approx(precomputed, abs=1e-6)
+
+
+def test_dpo_lora_checkpoint_holds_the_adapter_and_resumes_exactly(tmp_path, start, pairs_file):
+    whole = train_losses(run_dpo(start, pairs_file, tmp_path / "whole", **lora_options(lora_dropout=0.1)))
+    half = run_dpo(start, pairs_file, tmp_path / "half", save_steps=3, **lora_options(lora_dropout=0.1))
+    saved = half / "checkpoint-3"
+    files = {p.name for p in saved.iterdir()}
+    assert {
+        checkpoint.ADAPTER_CONFIG,
+        checkpoint.ADAPTER_WEIGHTS,
+    } <= files and "model.safetensors" not in files
+    optimizer = torch.load(saved / "optimizer.pt", weights_only=True)
+    trainable = lora.wrap(embedded.build_model(seed=0), TrainConfig(**lora_options()))
+    assert len(optimizer["state"]) == sum(p.requires_grad for p in trainable.parameters())
+    resumed = run_dpo(
+        start, pairs_file, half, resume_from_checkpoint=str(saved), **lora_options(lora_dropout=0.1)
+    )
+    assert train_losses(resumed)[-3:] == pytest.approx(whole[3:], abs=1e-6)
+
+
+def test_saved_adapter_reloads_with_peft_and_merged_model_gives_the_same_log_probs(
+    tmp_path, start, tokenizer
+):
+    from transformers import AutoModelForCausalLM
+
+    batch = batch_of(tokenizer)
+    config = TrainConfig(
+        model_name_or_path=start, output_dir=str(tmp_path), merge_adapter=True, **lora_options()
+    )
+    model = lora.wrap(AutoModelForCausalLM.from_pretrained(start), config)
+    randomize_adapters(model)
+    with torch.no_grad():
+        trained = token_logprobs(model, batch).logps
+    run = loop.Run(config=config, command="test", output_dir=tmp_path, device=torch.device("cpu"))
+    checkpoint.save_model(run, model, tokenizer, tmp_path)
+    adapter = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / checkpoint.MERGED_DIR)
+    with torch.no_grad():
+        torch.testing.assert_close(token_logprobs(adapter, batch).logps, trained, rtol=0, atol=1e-6)
+        torch.testing.assert_close(token_logprobs(merged, batch).logps, trained, rtol=0, atol=1e-5)
+        base = token_logprobs(AutoModelForCausalLM.from_pretrained(start), batch).logps
+    assert (base - trained).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad options: each named, before the model is trained
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"merge_adapter": True}, r"merge_adapter=true but use_peft=false"),
+        ({"use_peft": True, "lora_r": 0}, r"lora_r must be >= 1, got 0"),
+        ({"use_peft": True, "lora_alpha": 0}, r"lora_alpha must be > 0, got 0"),
+        ({"use_peft": True, "lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\), got 1.0"),
+        ({"use_peft": True, "lora_task_type": "TOKEN_CLS"}, r"lora_task_type must be one of CAUSAL_LM, SEQ_CLS, got 'TOKEN_CLS'"),
+        ({"use_peft": True, "lora_target_modules": []}, r"lora_target_modules is empty"),
+        ({"use_peft": True, "lora_target_modules": ["all-linear", "q_proj"]}, r"all-linear stands alone"),
+    ],
+)  # fmt: skip
+def test_bad_lora_options_are_named(options, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**options)
+
+
+def test_tr_dpo_with_lora_is_named():
+    with pytest.raises(ConfigError, match=r"sync_ref_model=true with use_peft=true"):
+        dpo.DPOConfig(dataset_name="unused", sync_ref_model=True, use_peft=True)
+
+
+def test_missing_peft_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
+    with pytest.raises(
+        ConfigError, match=r"use_peft=true needs the peft package: pip install 'posttrain\[peft\]'"
+    ):
+        TrainConfig(use_peft=True)
+
+
+def test_options_parse_from_the_command_line():
+    config = parse_config(
+        TrainConfig, ["--use_peft", "--lora_target_modules", "q_proj,v_proj", "--lora_r", "8"]
+    )
+    assert (config.use_peft, config.lora_target_modules, config.lora_r) == (True, ["q_proj", "v_proj"], 8)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lora_target_modules": ["q_proj", "qkv_proj"]}, r"lora_target_modules: \['qkv_proj'\] match no linear module of Qwen2ForCausalLM; its linear module names: \['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj'\]"),
+        ({"lora_modules_to_save": ["embed"]}, r"lora_modules_to_save: \['embed'\] match no module of Qwen2ForCausalLM"),
+        ({"lora_task_type": "SEQ_CLS"}, r"lora_task_type=SEQ_CLS but the model is a Qwen2ForCausalLM: use CAUSAL_LM"),
+    ],
+)  # fmt: skip
+def test_options_that_do_not_fit_the_model_are_named(options, message):
+    with pytest.raises(ConfigError, match=message):
+        lora.wrap(embedded.build_model(seed=0), TrainConfig(**lora_options(**options)))
+
+
+def test_resume_with_other_lora_options_is_named(tmp_path, start, pairs_file):
+    run = run_dpo(start, pairs_file, tmp_path / "run", max_steps=2, save_steps=2, **lora_options())
+    saved = str(run / "checkpoint-2")
+    with pytest.raises(ConfigError, match=r"use_peft=False but checkpoint .* holds LoRA adapters: resume with use_peft=True"):  # fmt: skip
+        run_dpo(start, pairs_file, run, max_steps=4, resume_from_checkpoint=saved)
+    with pytest.raises(ValueError, match=r"checkpoint adapter does not fit the model \(other lora_r"):
+        run_dpo(start, pairs_file, run, max_steps=4, resume_from_checkpoint=saved, **lora_options(lora_r=8))
