@@ -7,6 +7,7 @@ adapted layer); peft itself only to reload what a run saved. Tolerances: float32
 same operations in another order, 1e-5 where a merge adds the update into the weight first).
 """
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from _optional import import_or_skip
 from datasets import Dataset
 
 from posttrain.data import embedded, preference
-from posttrain.rl import checkpoint, dpo, grpo, loop, lora, reward
+from posttrain.rl import checkpoint, dpo, grpo, loop, lora, reward, rloo
 from posttrain.rl.config import ConfigError, TrainConfig, parse_config
 from posttrain.rl.logprobs import supports_fused, token_logprobs
 
@@ -298,3 +299,37 @@ def test_resume_with_other_lora_options_is_named(tmp_path, start, pairs_file):
         run_dpo(start, pairs_file, run, max_steps=4, resume_from_checkpoint=saved)
     with pytest.raises(ValueError, match=r"checkpoint adapter does not fit the model \(other lora_r"):
         run_dpo(start, pairs_file, run, max_steps=4, resume_from_checkpoint=saved, **lora_options(lora_r=8))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GRPO / RLOO with beta > 0: the same reference without the copy
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", [grpo, rloo])
+def test_online_adapter_disabled_reference_gives_the_losses_of_an_explicit_base_copy(
+    tmp_path, start, monkeypatch, algo
+):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in embedded.rows("prompt_only", "train")[:16]))
+    config_cls = grpo.GRPOConfig if algo is grpo else rloo.RLOOConfig
+
+    def run(name):
+        out = tmp_path / name
+        algo.train(config_cls(model_name_or_path=start, dataset_name=str(prompts), output_dir=str(out), reward_funcs=["_online_rewards:length"], max_completion_length=6, num_generations=4, per_device_train_batch_size=8, max_steps=3, learning_rate=1e-2, beta=0.5, save_steps=0, eval_steps=0, disable_tqdm=True, report_to="none", **lora_options()))  # fmt: skip
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    disabled = run("disabled")
+    # the test's explicit reference: a frozen copy of the base model, taken where the loop takes its reference
+    copies = []
+
+    def explicit_copy(policy, config, device):
+        copies.append(copy.deepcopy(policy).eval().requires_grad_(False))
+        return copies[-1]
+
+    monkeypatch.setattr(lora, "reference_of", explicit_copy)
+    explicit = run("explicit")
+    assert len(copies) == 1 and not any(lora.is_adapter_layer(m) for m in copies[0].modules())
+    for name in ("loss", "kl"):
+        assert [r[name] for r in disabled if name in r] == pytest.approx([r[name] for r in explicit if name in r], abs=1e-6)  # fmt: skip
+    assert [r["kl"] for r in disabled if "kl" in r][-1] > 1e-4  # the policy moved away from its reference
