@@ -96,10 +96,17 @@ def lora_config(model: torch.nn.Module, config):
 def wrap(model: torch.nn.Module, config) -> torch.nn.Module:
     """`model` with LoRA adapters (peft's `get_peft_model`, which injects them in place): only they, the
     modules to save and a classifier's score head require gradients. Dropout, the adapters' included, is
-    set to 0 when the config's `disable_dropout` is on (TRL disables it after wrapping)."""
+    set to 0 when the config's `disable_dropout` is on (TRL disables it after wrapping).
+
+    The adapters' random initialisation (lora_A) draws from a CPU generator seeded with `config.seed`, as
+    TRL seeds right before it wraps: it depends on the seed alone, not on what ran before, and leaves the
+    run's own random stream where it was."""
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, lora_config(model, config))
+    peft_config = lora_config(model, config)
+    with torch.random.fork_rng(devices=[]):  # peft initialises on the CPU, then moves to the base's device
+        torch.default_generator.manual_seed(config.seed)
+        peft_model = get_peft_model(model, peft_config)
     if getattr(config, "disable_dropout", False):
         disable_dropout(peft_model)
     return peft_model
