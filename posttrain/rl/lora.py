@@ -149,8 +149,8 @@ class AdapterDisabled:
     Called like a model (its forward runs under `adapters_disabled`, meant for `torch.no_grad()`); `config`
     and `get_output_embeddings` are the policy's, so `rl.logprobs` takes its fused path through it. It holds
     the model peft injects into (the policy before `loop.prepare_model` wraps it is fine: the adapters are
-    looked up at each call). train() / eval() switch the policy's mode, as they would a copy's; it has no
-    parameters of its own (nothing to freeze, move or checkpoint).
+    looked up at each call). train() / eval() / to() switch the policy's mode or device, as they would a
+    copy's; it has no parameters of its own (nothing to freeze, mix (TR-DPO) or checkpoint).
     """
 
     def __init__(self, policy: torch.nn.Module):
@@ -175,6 +175,10 @@ class AdapterDisabled:
         self.policy.train(mode)
         return self
 
+    def to(self, *args, **kwargs):
+        self.policy.to(*args, **kwargs)
+        return self
+
     def eval(self):
         return self.train(False)
 
@@ -183,7 +187,8 @@ def reference_of(policy: torch.nn.Module, config, device) -> torch.nn.Module | A
     """A loop's frozen reference as the policy starts: the policy with adapters disabled under use_peft,
     else a frozen copy of it in eval mode on `device`."""
     if config.use_peft:
-        return AdapterDisabled(policy)
+        # on the device now, as a copy would be: a precompute runs it before loop.prepare_model moves the policy
+        return AdapterDisabled(policy.to(device))
     import copy
 
     return copy.deepcopy(policy).eval().requires_grad_(False).to(device)
