@@ -35,7 +35,6 @@ padding_free works (TRL 1.16 turns it off and pads).
 
 from __future__ import annotations
 
-import copy
 import functools
 from dataclasses import dataclass, field
 
@@ -44,7 +43,7 @@ import torch
 from posttrain.data import collate, embedded, loading, preference
 from posttrain.losses import preference as preference_losses
 from posttrain.losses import registry
-from posttrain.rl import distributed, loop, sft
+from posttrain.rl import distributed, loop, lora, sft
 from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
 from posttrain.rl.logprobs import token_logprobs
 from posttrain.rl.models import (
@@ -543,18 +542,17 @@ def token_metrics(out, batch: dict, mask: torch.Tensor, share) -> dict:
 
 
 def load_reference(config: ReferenceConfig, policy, device):
-    """The frozen reference: `ref_model_name_or_path`, or a copy of the policy as it starts; None when no
+    """The frozen reference: `ref_model_name_or_path`, or the policy as it starts (a frozen copy; under
+    use_peft the policy itself with its adapters disabled, `lora.AdapterDisabled`, no copy); None when no
     loss needs one."""
     if not config.needs_reference:
         return None
-    if config.ref_model_name_or_path is not None:
-        ref = load_causal_lm(config.ref_model_name_or_path, dtype=next(policy.parameters()).dtype)
-        if config.disable_dropout:
-            disable_dropout(ref)
-    else:
-        ref = copy.deepcopy(policy)
-    ref.eval().requires_grad_(False)
-    return ref.to(device)
+    if config.ref_model_name_or_path is None:
+        return lora.reference_of(policy, config, device)
+    ref = load_causal_lm(config.ref_model_name_or_path, dtype=next(policy.parameters()).dtype)
+    if config.disable_dropout:
+        disable_dropout(ref)
+    return ref.eval().requires_grad_(False).to(device)
 
 
 def precompute_reference(rows, ref_model, collate_fn, *, batch_size: int, device, ld_alpha):
