@@ -1,40 +1,46 @@
-"""DPO step: posttrain vs TRL 1.16's DPOTrainer, side by side in one run, with the compute floor.
+"""Preference steps: DPO, KTO and ORPO, posttrain vs TRL 1.16's trainers, side by side in one run, with the
+compute floor.
 
-    python benchmarks/dpo.py                 # per side and reference: 2 rounds x (3 warm-up + 10 timed steps)
-    python benchmarks/dpo.py --quick         # a smoke run: tiny model, 1 round of 1 + 2 steps
+    python benchmarks/dpo.py                    # each loop, side and reference: 2 rounds x (3 warm-up + 10 timed steps)
+    python benchmarks/dpo.py --loops kto,orpo   # a subset
+    python benchmarks/dpo.py --quick            # a smoke run: tiny model, 1 round of 1 + 2 steps
 
 Model: the SFT benchmark's Qwen2 (benchmarks/sft.py: V = 32000, H = 256, L = 4, I = 1024, tied embeddings,
 float32) as a causal LM.
-Data: B = 8 random-token pairs per step, each 64 prompt + 64 chosen and 64 prompt + 64 rejected tokens
-(2B = 16 sequences of T = 128, no padding), explicit prompt; sigmoid DPO loss, beta 0.1.
-Both sides: AdamW (lr 1e-6, TRL's default; betas (0.9, 0.999), eps 1e-8, no weight decay), constant
-learning rate, gradient clipping at norm 1.0, no gradient checkpointing, dropout off, fp32, CPU, one
-micro-batch per step.
-Two references, each run on both sides:
+Data: random tokens, 64 prompt + 64 completion tokens per sequence (no padding), 16 sequences per step:
+    DPO   B = 8 pairs (2B = 16 sequences, chosen and rejected), explicit prompt; sigmoid loss, beta 0.1, lr 1e-6
+    KTO   16 unpaired rows (8 desirable, 8 undesirable, alternating), plus the 16 mismatched KL sequences TRL
+          builds (each prompt with the previous row's completion); loss_type kto, beta 0.1, lr 1e-6
+    ORPO  B = 8 pairs as DPO's; beta (lambda) 0.1, lr 1e-6; no reference
+Both sides: AdamW (betas (0.9, 0.999), eps 1e-8, no weight decay), constant learning rate, gradient clipping
+at norm 1.0, no gradient checkpointing, dropout off, fp32, CPU, one micro-batch per step.
+References (DPO and KTO), each run on both sides:
     live         a frozen copy of the starting model, run forward at every step;
-    precomputed  `precompute_ref_log_probs=True`: the reference log-probs of every pair computed once before
-                 training (8 pairs per forward) and read from the rows; only the training steps are timed, the
-                 one-off precompute is reported on its own line.
+    precomputed  `precompute_ref_log_probs=True`: the reference log-probs of every row computed once before
+                 training and read from the rows; only the training steps are timed, the one-off precompute
+                 is reported on its own line.
 
-    ours  per step: `posttrain.rl.dpo.collate_pairs` on the step's pairs, then `posttrain.rl.loop.accumulate`
-          (policy forward of chosen and rejected in one batch, the reference's under no_grad when live,
-          `dpo_step_loss`, backward, clip, AdamW, schedule, metrics to the host). Precomputed: the rows carry
-          ref_chosen_logps / ref_rejected_logps from `dpo.precompute_reference`, as `dpo.train` computes them
-          (a copy of the starting model, `dpo.load_reference`, freed afterwards).
-    trl   `DPOTrainer.train()` with max_steps = warmup + steps on a pre-tokenized dataset (prompt_ids,
-          chosen_ids, rejected_ids), sequential sampling; a callback stamps the time at each `on_step_end`.
-          Live: `ref_model` is a copy of the starting model. Precomputed: no reference model (TRL's policy
-          scores the pairs before training, in `__init__`); the precompute time is `_precompute_ref_logps`'s.
+    ours  per step: the loop's collate function on the step's rows, then `posttrain.rl.loop.accumulate`
+          (policy forward, the reference's under no_grad when live, the loop's step loss, backward, clip,
+          AdamW, schedule, metrics to the host). Precomputed: the rows carry the reference log-probs, computed
+          as the loop's `train` computes them (a copy of the starting model, freed afterwards).
+    trl   `<Trainer>.train()` with max_steps = warmup + steps on pre-tokenized rows, sequential sampling; a
+          callback stamps the time at each `on_step_end`. DPOTrainer and KTOTrainer: their dataset preparation
+          is replaced by the rows (already what it returns); ORPOTrainer: its `tokenize_row` builds its
+          padded-batch fields from the rows' ids. Live: `ref_model` is a copy of the starting model.
+          Precomputed: no reference model (TRL scores the rows before training, in `__init__`).
 
-Floor: the policy's forward + backward of the backbone over all 2B*T tokens (body and attention,
-`common.step_flops`) and of the output layer at the 2B*64 completion positions only (6 * V * H each); the
-live reference adds the forward alone: a third of each (the backbone over all tokens, 2 * V * H per
-completion token); the precomputed one adds nothing.
+Floor: the policy's forward + backward of the backbone over all 16 x 128 tokens (body and attention,
+`common.step_flops`) and of the output layer at the 16 x 64 completion positions only (6 * V * H each; ORPO's
+NLL term reads every position of the chosen sequences, so 8 x 127 + 8 x 64 there);
+forward-only passes add a third of that each: DPO's live reference one pass; KTO's policy on the KL sequences
+(no gradient), and its live reference on the rows and the KL sequences (two passes; precomputed: none); ORPO
+nothing.
 
-Agreement: both sides start from the same weights and see the same pairs in the same order, so their per-step
-losses must agree. At lr 1e-6 the loss stays within ~1e-4 of ln 2 over the run, and a pair's log-ratio is
-the difference of two sums of ~-660 (float32 spacing 6e-5 there), so the line can show that both sides
-compute the same loss to float32 rounding, not how far their weights drift apart.
+Agreement: both sides start from the same weights and see the same rows in the same order, so their per-step
+losses must agree. At these learning rates the losses barely move, and a log-ratio is the difference of two
+sums of ~-660 (float32 spacing 6e-5 there), so the line shows that both sides compute the same loss to
+float32 rounding, not how far their weights drift apart.
 
 Columns: see benchmarks/README.md.
 """
@@ -57,7 +63,9 @@ import sft  # noqa: E402  the same model shapes
 
 BATCH, PROMPT_LEN, COMPLETION_LEN = sft.BATCH, sft.PROMPT_LEN, sft.COMPLETION_LEN
 LEARNING_RATE, MAX_GRAD_NORM, BETA = 1e-6, sft.MAX_GRAD_NORM, 0.1
-REFERENCES = ("live", "precomputed")
+KTO_ROWS = 2 * BATCH  # unpaired rows per step: as many sequences as DPO's pairs have
+# loop -> the references it is measured with
+REFERENCES = {"dpo": ("live", "precomputed"), "kto": ("live", "precomputed"), "orpo": ("none",)}
 
 
 def build_model(quick: bool):
@@ -92,68 +100,149 @@ def random_pairs(n: int, vocab_size: int, seed: int = 0) -> list[dict]:
     ]
 
 
+def random_unpaired(n: int, vocab_size: int, seed: int = 0) -> list[dict]:
+    """n unpaired rows (prompt_ids, completion_ids, label), desirable and undesirable alternating, with
+    KL_completion_ids: the previous row's completion within each step's KTO_ROWS rows (TRL's rotation)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (n, PROMPT_LEN + COMPLETION_LEN), generator=g).tolist()
+    rows = [
+        {"prompt_ids": r[:PROMPT_LEN], "completion_ids": r[PROMPT_LEN:], "label": i % 2 == 0}
+        for i, r in enumerate(ids)
+    ]
+    for start in range(0, n, KTO_ROWS):
+        block = rows[start : start + KTO_ROWS]
+        for i, row in enumerate(block):
+            row["KL_completion_ids"] = block[i - 1]["completion_ids"]
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Our side
 # ---------------------------------------------------------------------------------------------------------
 
 
-def run_ours(args) -> dict:
+def time_ours(args, config, model, rows, collate_fn, step_loss, count_fn, rows_per_step, rss_before) -> dict:
+    """Time `loop.accumulate` over consecutive blocks of rows_per_step rows; peak RSS above rss_before."""
+    from posttrain.rl import loop
+
+    run = loop.start(config, command="bench")
+    model = loop.prepare_model(run, model)
+    optimizer = loop.build_optimizer(model, config, run.learning_rate)
+    scheduler = loop.build_scheduler(optimizer, config, args.warmup + args.steps)
+    starts, losses = iter(range(0, len(rows), rows_per_step)), []
+
+    def step():
+        i = next(starts)
+        batch = collate_fn(loop.take_rows(rows, list(range(i, i + rows_per_step))))
+        metrics = loop.accumulate(run, model, optimizer, scheduler, [batch], step_loss, count_fn)
+        losses.append(metrics["loss"])
+
+    times = common.time_steps(step, args.steps, args.warmup)
+    result = {"times": times, "peak_mib": common.peak_rss_mib() - rss_before, "losses": losses}
+    loop.finish(run)
+    return result
+
+
+def common_options(out: str, learning_rate: float) -> dict:
+    return dict(
+        output_dir=out, learning_rate=learning_rate, lr_scheduler_type="constant", weight_decay=0.0,
+        max_grad_norm=MAX_GRAD_NORM, max_length=None, bf16=False, report_to="none", seed=0,
+    )  # fmt: skip
+
+
+def with_reference(args, config, model, rows, precompute):
+    """The reference as the loop's `train` sets it up: live (returned, not counted in the peak), or used once
+    by `precompute(rows, ref)` and freed (its peak counted). Returns (ref or None, rows, precompute_s, rss_before)."""
+    from posttrain.rl import dpo
+
+    if args.ref == "live":
+        ref = dpo.load_reference(config, model, torch.device("cpu"))
+        rss_before = common.rss_mib()  # the reference, like the policy, is not counted
+        common.reset_peak_rss()
+        return ref, rows, None, rss_before
+    rss_before = common.rss_mib()
+    common.reset_peak_rss()  # counted from before the copy: what it leaves in the allocator counts
+    t0 = time.perf_counter()
+    rows = precompute(rows, dpo.load_reference(config, model, torch.device("cpu")))
+    return None, rows, time.perf_counter() - t0, rss_before
+
+
+def run_ours_dpo(args) -> dict:
     from datasets import Dataset
 
-    from posttrain.rl import dpo, loop
+    from posttrain.rl import dpo
 
-    n_steps, precomputed = args.warmup + args.steps, args.ref == "precomputed"
+    model = build_model(args.quick)
     with tempfile.TemporaryDirectory() as out:
         config = dpo.DPOConfig(
-            output_dir=out,
-            learning_rate=LEARNING_RATE,
-            lr_scheduler_type="constant",
-            weight_decay=0.0,
-            max_grad_norm=MAX_GRAD_NORM,
-            per_device_train_batch_size=BATCH,
-            beta=BETA,
-            loss_type=["sigmoid"],
-            max_length=None,
-            precompute_ref_log_probs=precomputed,
-            precompute_ref_batch_size=BATCH,
-            bf16=False,
-            report_to="none",
-            seed=0,
+            **common_options(out, LEARNING_RATE), per_device_train_batch_size=BATCH, beta=BETA,
+            loss_type=["sigmoid"], precompute_ref_log_probs=args.ref == "precomputed", precompute_ref_batch_size=BATCH,
+        )  # fmt: skip
+        rows = Dataset.from_list(random_pairs((args.warmup + args.steps) * BATCH, model.config.vocab_size))
+        collate_fn = functools.partial(dpo.collate_pairs, pad_token_id=0)
+
+        def precompute(rows, ref):
+            return dpo.precompute_reference(
+                rows, ref, collate_fn, batch_size=BATCH, device=torch.device("cpu"), ld_alpha=None
+            )
+
+        ref, rows, precompute_s, rss_before = with_reference(args, config, model, rows, precompute)
+        step_loss = functools.partial(dpo.dpo_step_loss, config=config, ref_model=ref)
+        result = time_ours(
+            args, config, model, rows, collate_fn, step_loss, dpo.count_pairs, BATCH, rss_before
         )
-        run = loop.start(config, command="dpo")
-        model = loop.prepare_model(run, build_model(args.quick))
-        optimizer = loop.build_optimizer(model, config, run.learning_rate)
-        scheduler = loop.build_scheduler(optimizer, config, n_steps)
-        rows = Dataset.from_list(random_pairs(n_steps * BATCH, model.config.vocab_size))
+    return {**result, "precompute_s": precompute_s}
+
+
+def run_ours_kto(args) -> dict:
+    from datasets import Dataset
+
+    from posttrain.data import unpaired
+    from posttrain.rl import kto
+
+    model = build_model(args.quick)
+    with tempfile.TemporaryDirectory() as out:
+        config = kto.KTOConfig(
+            **common_options(out, LEARNING_RATE), per_device_train_batch_size=KTO_ROWS, beta=BETA,
+            loss_type="kto", precompute_ref_log_probs=args.ref == "precomputed", precompute_ref_batch_size=KTO_ROWS,
+        )  # fmt: skip
+        rows = random_unpaired((args.warmup + args.steps) * KTO_ROWS, model.config.vocab_size)
+        rows = Dataset.from_list([{k: v for k, v in r.items() if k != "KL_completion_ids"} for r in rows])
+        rows = unpaired.add_kl_completions(rows, KTO_ROWS)  # as kto.train builds them: the same rotation
+        collate_fn = functools.partial(unpaired.collate_unpaired, pad_token_id=0)
+
+        def precompute(rows, ref):
+            return kto.precompute_reference(
+                rows, ref, collate_fn, batch_size=KTO_ROWS, device=torch.device("cpu"), with_kl=True
+            )
+
+        ref, rows, precompute_s, rss_before = with_reference(args, config, model, rows, precompute)
+        step_loss = functools.partial(kto.kto_step_loss, config=config, ref_model=ref)
+        result = time_ours(
+            args, config, model, rows, collate_fn, step_loss, kto.count_rows, KTO_ROWS, rss_before
+        )
+    return {**result, "precompute_s": precompute_s}
+
+
+def run_ours_orpo(args) -> dict:
+    from datasets import Dataset
+
+    from posttrain.rl import dpo, orpo
+
+    model = build_model(args.quick)
+    with tempfile.TemporaryDirectory() as out:
+        config = orpo.ORPOConfig(
+            **common_options(out, LEARNING_RATE), per_device_train_batch_size=BATCH, beta=BETA
+        )
+        rows = Dataset.from_list(random_pairs((args.warmup + args.steps) * BATCH, model.config.vocab_size))
         collate_fn = functools.partial(dpo.collate_pairs, pad_token_id=0)
         rss_before = common.rss_mib()
-        if precomputed:
-            # As `dpo.train` does: a copy of the starting model scores every pair, then is freed. The peak is
-            # counted from before the copy, so whatever it leaves in the allocator counts against this side.
-            common.reset_peak_rss()
-            t0 = time.perf_counter()
-            ref = dpo.load_reference(config, model, run.device)
-            rows = dpo.precompute_reference(
-                rows, ref, collate_fn, batch_size=BATCH, device=run.device, ld_alpha=config.ld_alpha
-            )
-            precompute_s, ref = time.perf_counter() - t0, None
-        else:
-            ref, precompute_s = dpo.load_reference(config, model, run.device), None
-            rss_before = common.rss_mib()  # the reference, like the policy, is not counted
-            common.reset_peak_rss()
-        step_loss = functools.partial(dpo.dpo_step_loss, config=config, ref_model=ref)
-        batches, losses = iter(range(0, len(rows), BATCH)), []
-
-        def step():
-            i = next(batches)
-            batch = collate_fn(loop.take_rows(rows, list(range(i, i + BATCH))))
-            metrics = loop.accumulate(run, model, optimizer, scheduler, [batch], step_loss, dpo.count_pairs)
-            losses.append(metrics["loss"])
-
-        times = common.time_steps(step, args.steps, args.warmup)
-        result = {"times": times, "peak_mib": common.peak_rss_mib() - rss_before}
-        loop.finish(run)
-    return {**result, "losses": losses, "precompute_s": precompute_s}
+        common.reset_peak_rss()
+        step_loss = functools.partial(orpo.orpo_step_loss, config=config)
+        result = time_ours(
+            args, config, model, rows, collate_fn, step_loss, dpo.count_pairs, BATCH, rss_before
+        )
+    return {**result, "precompute_s": None}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -161,16 +250,10 @@ def run_ours(args) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def run_trl(args) -> dict:
-    import trl
+def time_trl(args, trainer_cls, config, model, ref, rows, tokenizer, **trainer_kwargs) -> dict:
+    """`trainer.train()` with a callback stamping each step's end; the per-step losses from compute_loss."""
     from datasets import Dataset
     from transformers import TrainerCallback
-
-    from posttrain.data.embedded import build_tokenizer
-
-    model = build_model(args.quick)
-    n_steps, precomputed = args.warmup + args.steps, args.ref == "precomputed"
-    rows = random_pairs(n_steps * BATCH, model.config.vocab_size)
 
     class StepClock(TrainerCallback):
         def __init__(self):
@@ -187,70 +270,130 @@ def run_trl(args) -> dict:
         def on_train_end(self, *a, **k):
             self.peak = common.peak_rss_mib()
 
-    # The precompute runs inside DPOTrainer.__init__: time its own method.
-    precompute_s, precompute = [], trl.DPOTrainer._precompute_ref_logps
+    clock = StepClock()
+    if ref is not None:
+        trainer_kwargs["ref_model"] = ref
+    trainer = trainer_cls(
+        model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        callbacks=[clock], **trainer_kwargs,
+    )  # fmt: skip
+    losses, compute_loss = [], trainer.compute_loss
 
-    def timed_precompute(self, *a, **k):
+    def recording_compute_loss(*a, **k):
+        loss = compute_loss(*a, **k)
+        losses.append((loss[0] if isinstance(loss, tuple) else loss).detach())
+        return loss
+
+    trainer.compute_loss = recording_compute_loss
+    trainer.train()
+    times = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)][args.warmup :]
+    return {"times": times, "peak_mib": clock.peak - clock.rss_before, "losses": [x.item() for x in losses]}
+
+
+def trl_options(out: str, learning_rate: float, n_steps: int, batch: int) -> dict:
+    return dict(
+        output_dir=out, use_cpu=True, bf16=False, report_to=[], per_device_train_batch_size=batch,
+        max_length=None, beta=BETA, max_steps=n_steps, learning_rate=learning_rate, lr_scheduler_type="constant",
+        weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, logging_steps=10**6, save_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0, seed=0, train_sampling_strategy="sequential",
+    )  # fmt: skip
+
+
+def timed_precompute(trainer_cls, sink: list) -> None:
+    """Time the trainer's own precompute method, which runs inside its __init__."""
+    precompute = trainer_cls._precompute_ref_logps
+
+    def timed(self, *a, **k):
         t0 = time.perf_counter()
         dataset = precompute(self, *a, **k)
-        precompute_s.append(time.perf_counter() - t0)
+        sink.append(time.perf_counter() - t0)
         return dataset
 
-    trl.DPOTrainer._precompute_ref_logps = timed_precompute
+    trainer_cls._precompute_ref_logps = timed
+
+
+def run_trl_dpo(args) -> dict:
+    import trl
+
+    from posttrain.data.embedded import build_tokenizer
+
+    model = build_model(args.quick)
+    n_steps, precomputed = args.warmup + args.steps, args.ref == "precomputed"
+    rows = random_pairs(n_steps * BATCH, model.config.vocab_size)
+    precompute_s = []
+    timed_precompute(trl.DPOTrainer, precompute_s)
     # TRL 1.16's DPOTrainer always tokenizes text columns (unlike its SFT and Reward trainers it has no
     # pre-tokenized path); the rows already are what its preparation returns (prompt_ids, chosen_ids,
     # rejected_ids; no max_length filter), so that step is skipped. It runs in __init__, untimed, either way.
     trl.DPOTrainer._prepare_dataset = lambda self, dataset, *a, **k: dataset
-    clock = StepClock()
     with tempfile.TemporaryDirectory() as out:
         config = trl.DPOConfig(
-            output_dir=out,
-            use_cpu=True,
-            bf16=False,
+            **trl_options(out, LEARNING_RATE, n_steps, BATCH),
             activation_checkpointing=False,  # TRL's default is on (as `gradient_checkpointing`)
-            report_to=[],
-            per_device_train_batch_size=BATCH,
-            max_length=None,
-            beta=BETA,
-            loss_type=["sigmoid"],
-            precompute_ref_log_probs=precomputed,
-            precompute_ref_batch_size=BATCH,
-            max_steps=n_steps,
-            learning_rate=LEARNING_RATE,
-            lr_scheduler_type="constant",
-            weight_decay=0.0,
-            max_grad_norm=MAX_GRAD_NORM,
-            logging_steps=10**6,
-            save_strategy="no",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            train_sampling_strategy="sequential",
-            seed=0,
-        )
-        trainer = trl.DPOTrainer(
-            model=model,
-            ref_model=None if precomputed else frozen_copy(model),
-            args=config,
-            train_dataset=Dataset.from_list(rows),
-            processing_class=build_tokenizer(),
-            callbacks=[clock],
-        )
-        losses, compute_loss = [], trainer.compute_loss
+            loss_type=["sigmoid"], precompute_ref_log_probs=precomputed, precompute_ref_batch_size=BATCH,
+        )  # fmt: skip
+        ref = None if precomputed else frozen_copy(model)
+        result = time_trl(args, trl.DPOTrainer, config, model, ref, rows, build_tokenizer())
+    return {**result, "precompute_s": sum(precompute_s) if precomputed else None}
 
-        def recording_compute_loss(*a, **k):
-            loss = compute_loss(*a, **k)
-            losses.append(loss.detach())
-            return loss
 
-        trainer.compute_loss = recording_compute_loss
-        trainer.train()
-    times = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)][args.warmup :]
-    return {
-        "times": times,
-        "peak_mib": clock.peak - clock.rss_before,
-        "losses": [x.item() for x in losses],
-        "precompute_s": sum(precompute_s) if precomputed else None,
-    }
+def run_trl_kto(args) -> dict:
+    import trl
+
+    from posttrain.data.embedded import build_tokenizer
+
+    model = build_model(args.quick)
+    n_steps, precomputed = args.warmup + args.steps, args.ref == "precomputed"
+    rows = random_unpaired(n_steps * KTO_ROWS, model.config.vocab_size)
+    precompute_s = []
+    timed_precompute(trl.KTOTrainer, precompute_s)
+    # The rows already are what KTOTrainer._prepare_dataset returns (prompt_ids, completion_ids, label,
+    # KL_completion_ids rotated within each batch); it runs in __init__, untimed, either way.
+    trl.KTOTrainer._prepare_dataset = lambda self, dataset, *a, **k: dataset
+    with tempfile.TemporaryDirectory() as out:
+        config = trl.KTOConfig(
+            **trl_options(out, LEARNING_RATE, n_steps, KTO_ROWS), loss_type="kto",
+            precompute_ref_log_probs=precomputed, precompute_ref_batch_size=KTO_ROWS,
+        )  # fmt: skip
+        ref = None if precomputed else frozen_copy(model)
+        result = time_trl(args, trl.KTOTrainer, config, model, ref, rows, build_tokenizer())
+    return {**result, "precompute_s": sum(precompute_s) if precomputed else None}
+
+
+def run_trl_orpo(args) -> dict:
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from posttrain.data.embedded import build_tokenizer
+
+    model = build_model(args.quick)
+    n_steps = args.warmup + args.steps
+    rows = random_pairs(n_steps * BATCH, model.config.vocab_size)
+
+    def tokenize_row(self, feature, model=None):
+        # The padded-batch fields ORPOTrainer's tokenize_row returns, from the ids (no BOS: this model has none;
+        # no eos added: random completions, as on our side).
+        prompt = feature["prompt_ids"]
+        out = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+        for side in ("chosen", "rejected"):
+            ids = prompt + feature[f"{side}_ids"]
+            out[f"{side}_input_ids"], out[f"{side}_attention_mask"] = ids, [1] * len(ids)
+            out[f"{side}_labels"] = [-100] * len(prompt) + feature[f"{side}_ids"]
+        return out
+
+    ORPOTrainer.tokenize_row = tokenize_row
+    with tempfile.TemporaryDirectory() as out:
+        options = trl_options(out, LEARNING_RATE, n_steps, BATCH)
+        options["max_length"] = PROMPT_LEN + COMPLETION_LEN  # ORPOConfig needs one; every sequence fits
+        config = ORPOConfig(**options, gradient_checkpointing=False)
+        result = time_trl(args, ORPOTrainer, config, model, None, rows, build_tokenizer())
+    return {**result, "precompute_s": None}
+
+
+RUNNERS = {
+    ("ours", "dpo"): run_ours_dpo, ("trl", "dpo"): run_trl_dpo,
+    ("ours", "kto"): run_ours_kto, ("trl", "kto"): run_trl_kto,
+    ("ours", "orpo"): run_ours_orpo, ("trl", "orpo"): run_trl_orpo,
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -258,47 +401,74 @@ def run_trl(args) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def floor(config, reference: bool) -> dict:
-    """The policy's floor (`common.compute_floor`: backbone over all 2B*T tokens, output layer at the 2B*64
-    completion positions) plus, with a live reference, its forward: a third of each part, at the same rates."""
+# Forward-only passes over the step's 16 x 128 tokens beyond the policy's forward + backward, by loop and reference.
+FORWARD_PASSES = {
+    ("dpo", "live"): 1,  # the reference on chosen and rejected
+    ("dpo", "precomputed"): 0,
+    (
+        "kto",
+        "live",
+    ): 3,  # the policy on the KL sequences (no gradient); the reference on the rows and on those
+    ("kto", "precomputed"): 1,  # the policy on the KL sequences
+    ("orpo", "none"): 0,
+}
+
+
+def floor(config, loop_name: str, reference: str) -> dict:
+    """The policy's floor (`common.compute_floor`: backbone over all 16 x 128 tokens, output layer at the
+    16 x 64 completion positions) plus the loop's forward-only passes: a third of each part per pass."""
     seq_len = PROMPT_LEN + COMPLETION_LEN
-    out = common.compute_floor(config, 2 * BATCH * seq_len, seq_len, 2 * BATCH * COMPLETION_LEN)
-    share = 1 / 3 if reference else 0.0  # forward = a third of forward + backward
-    flops = {**out["flops"], **{f"ref {k}": share * v for k, v in out["flops"].items()}}
+    head_tokens = 2 * BATCH * COMPLETION_LEN
+    if (
+        loop_name == "orpo"
+    ):  # its NLL term reads every position of the chosen sequences (TRL's), prompt included
+        head_tokens = BATCH * (seq_len - 1) + BATCH * COMPLETION_LEN
+    out = common.compute_floor(config, 2 * BATCH * seq_len, seq_len, head_tokens)
+    share = FORWARD_PASSES[loop_name, reference] / 3  # forward = a third of forward + backward
+    flops = {**out["flops"], **{f"fwd {k}": share * v for k, v in out["flops"].items()}}
     return {**out, "flops": flops, "floor_s": (1 + share) * out["floor_s"]}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--loops", default="dpo,kto,orpo", help="which loops, comma-separated: dpo, kto, orpo"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side before the timed ones")
     parser.add_argument("--rounds", type=int, default=2, help="alternate the sides this many times")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1 + 2 steps, 1 round")
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
-    parser.add_argument("--ref", choices=REFERENCES, help=argparse.SUPPRESS)
+    parser.add_argument("--loop", choices=REFERENCES, help=argparse.SUPPRESS)
+    parser.add_argument("--ref", choices=("live", "precomputed", "none"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.steps, args.warmup, args.rounds = min(args.steps, 2), min(args.warmup, 1), 1
+    loops = [name.strip() for name in args.loops.split(",") if name.strip()]
+    unknown = [name for name in loops if name not in REFERENCES]
+    if unknown:
+        parser.error(f"unknown loop(s) {unknown}; expected some of {', '.join(REFERENCES)}")
 
     config = sft.model_config(args.quick)
     if args.side:
-        result = (run_ours if args.side == "ours" else run_trl)(args)
-        common.emit_result({**result, "floor": floor(config, args.ref == "live")})  # right after the steps
+        result = RUNNERS[args.side, args.loop](args)
+        common.emit_result({**result, "floor": floor(config, args.loop, args.ref)})  # right after the steps
         return
 
     sides = ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--quick"] if args.quick else [])
+    runs = [(name, ref) for name in loops for ref in REFERENCES[name]]
     results = {
-        ref: {
+        run: {
             side: {"times": [], "peak_mib": 0.0, "losses": [], "floors": [], "precompute_s": []}
             for side in ("ours", "trl")
         }
-        for ref in REFERENCES
+        for run in runs
     }
     for _ in range(args.rounds):
-        for ref in REFERENCES:
+        for name, ref in runs:
             for side in ("ours", "trl"):
-                result = common.run_side(__file__, ["--side", side, "--ref", ref, *sides])
-                r = results[ref][side]
+                result = common.run_side(__file__, ["--side", side, "--loop", name, "--ref", ref, *sides])
+                r = results[name, ref][side]
                 r["times"] += result["times"]
                 r["floors"].append(result["floor"])
                 r["peak_mib"] = max(r["peak_mib"], result["peak_mib"])
@@ -309,23 +479,22 @@ def main():
         for r in by_side.values():
             r["floor_s"] = common.median([f["floor_s"] for f in r["floors"]])
 
-    print(f"DPO step, {common.machine_line()}")
+    print(f"Preference steps, {common.machine_line()}")
     print(
         f"model: Qwen2 V={config.vocab_size} H={config.hidden_size} L={config.num_hidden_layers} "
-        f"I={config.intermediate_size}; batch {BATCH} pairs x ({PROMPT_LEN} prompt + {COMPLETION_LEN} completion) "
-        f"x 2 sides; sigmoid loss, beta {BETA}, lr {LEARNING_RATE:g}; {args.rounds} x ({args.warmup} warm-up + "
-        f"{args.steps} timed steps) per side and reference, alternating"
+        f"I={config.intermediate_size}; 16 sequences of {PROMPT_LEN} prompt + {COMPLETION_LEN} completion tokens "
+        f"per step (DPO / ORPO: {BATCH} pairs; KTO: {KTO_ROWS} rows + their KL sequences); beta {BETA}, lr {LEARNING_RATE:g}; "
+        f"{args.rounds} x ({args.warmup} warm-up + {args.steps} timed steps) per side, alternating"
     )
-    for ref in REFERENCES:
-        by_side = results[ref]
+    for (name, ref), by_side in results.items():
         f = by_side["ours"]["floors"][0]["flops"]
         policy = f["body"] + f["attn"] + f["head"]
-        reference = f["ref body"] + f["ref attn"] + f["ref head"]
+        forward = f["fwd body"] + f["fwd attn"] + f["fwd head"]
         print(
-            f"\nreference {ref}: floor {(policy + reference) / 1e9:.1f} GFLOP per step (policy fwd + bwd "
-            f"{policy / 1e9:.1f}: body {f['body'] / 1e9:.1f} + attn {f['attn'] / 1e9:.1f} + head "
-            f"{f['head'] / 1e9:.1f}; reference fwd {reference / 1e9:.1f}); floor ours "
-            f"{by_side['ours']['floor_s']:.3f} s, TRL {by_side['trl']['floor_s']:.3f} s"
+            f"\n{name.upper()}, reference {ref}: floor {(policy + forward) / 1e9:.1f} GFLOP per step (policy fwd + "
+            f"bwd {policy / 1e9:.1f}: body {f['body'] / 1e9:.1f} + attn {f['attn'] / 1e9:.1f} + head "
+            f"{f['head'] / 1e9:.1f}; {FORWARD_PASSES[name, ref]} forward-only pass(es) {forward / 1e9:.1f}); "
+            f"floor ours {by_side['ours']['floor_s']:.3f} s, TRL {by_side['trl']['floor_s']:.3f} s"
         )
         for side in ("ours", "trl"):
             rates = ", ".join(
@@ -335,9 +504,8 @@ def main():
         if ref == "precomputed":
             once = {s: common.median(by_side[s]["precompute_s"]) for s in ("ours", "trl")}
             print(
-                f"one-off precompute of {BATCH * (args.warmup + args.steps)} pairs' reference log-probs "
-                f"(not in the steps): ours {once['ours']:.3f} s, TRL {once['trl']:.3f} s, ours / TRL "
-                f"{once['ours'] / once['trl']:.2f}"
+                f"one-off precompute of the rows' reference log-probs (not in the steps): ours "
+                f"{once['ours']:.3f} s, TRL {once['trl']:.3f} s, ours / TRL {once['ours'] / once['trl']:.2f}"
             )
         common.print_comparison(by_side)
 

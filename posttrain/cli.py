@@ -17,6 +17,8 @@ COMMANDS = {
     "rm": ("posttrain.rl.reward", "RewardConfig"),
     "dpo": ("posttrain.rl.dpo", "DPOConfig"),
     "kto": ("posttrain.rl.kto", "KTOConfig"),
+    "cpo": ("posttrain.rl.cpo", "CPOConfig"),
+    "orpo": ("posttrain.rl.orpo", "ORPOConfig"),
     "grpo": ("posttrain.rl.grpo", "GRPOConfig"),
     "rloo": ("posttrain.rl.rloo", "RLOOConfig"),
 }

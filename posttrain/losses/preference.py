@@ -109,8 +109,9 @@ def _delta(chosen, rejected, ref_chosen, ref_rejected, f_divergence_type, f_alph
     return s_w - s_l
 
 
-def _smoothed_sigmoid(z: Tensor, eps: float) -> Tensor:
-    # -(1 - eps) log sigma(z) - eps log sigma(-z): the logistic loss with labels flipped with probability eps
+def smoothed_sigmoid(z: Tensor, eps: float) -> Tensor:
+    """-(1 - eps) log sigma(z) - eps log sigma(-z): the logistic loss with labels flipped with probability eps
+    (z (N,) -> (N,))."""
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
@@ -276,7 +277,7 @@ def aot(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, b
         torch.sort(chosen_logps - rejected_logps).values
         - torch.sort(ref_chosen_logps - ref_rejected_logps).values
     )
-    return _smoothed_sigmoid(beta * d, label_smoothing)
+    return smoothed_sigmoid(beta * d, label_smoothing)
 
 
 @register("preference", "aot_unpaired")
@@ -290,7 +291,7 @@ def aot_unpaired(
         torch.sort(chosen_logps - ref_chosen_logps).values
         - torch.sort(rejected_logps - ref_rejected_logps).values
     )
-    return _smoothed_sigmoid(beta * d, label_smoothing)
+    return smoothed_sigmoid(beta * d, label_smoothing)
 
 
 @register("preference", "apo_zero")
@@ -410,7 +411,7 @@ def preference_loss(
     metrics = {}
     for name, fn, weight in zip(loss_types, losses, loss_weights, strict=True):
         per_pair = fn(
-            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, **_accepted(fn, kwargs)
+            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, **accepted_inputs(fn, kwargs)
         )
         if pair_weights is not None:
             per_pair = per_pair * pair_weights
@@ -424,7 +425,7 @@ def preference_loss(
     return loss, metrics
 
 
-def _accepted(fn: Callable, kwargs: dict) -> dict:
+def accepted_inputs(fn: Callable, kwargs: dict) -> dict:
     """The inputs `fn`'s signature names (all of them if it takes **kwargs)."""
     params = inspect.signature(fn).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):

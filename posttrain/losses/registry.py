@@ -22,6 +22,7 @@ BUILTIN_MODULES = {
     "reward": "posttrain.losses.reward",
     "preference": "posttrain.losses.preference",
     "kto": "posttrain.losses.kto",
+    **dict.fromkeys(("cpo", "orpo"), "posttrain.losses.cpo"),
     **dict.fromkeys(("policy", "kl", "advantage"), "posttrain.losses.policy"),
 }
 

@@ -3,6 +3,9 @@
 Layout of `output_dir/checkpoint-{step}/`:
 
     model.safetensors (+ config.json ...)   `save_pretrained`: also loadable by `from_pretrained`
+      or, under use_peft,
+    adapter_model.safetensors               the adapters (and modules to save) alone, with their
+      + adapter_config.json                 adapter_config.json: `PeftModel.save_pretrained`
     tokenizer files                         when the loop passes its tokenizer
     optimizer.pt, scheduler.pt              state dicts
     rng_state_rank{r}.pt                    python, numpy, torch CPU (+ CUDA) generators of rank r
@@ -36,11 +39,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from posttrain.rl import distributed, faults
+from posttrain.rl import distributed, faults, lora
 from posttrain.rl.config import ConfigError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # peft's file names
+MERGED_DIR = "merged"  # where save_model writes the merged model under merge_adapter
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -51,15 +56,22 @@ TRAINER_STATE = "trainer_state.json"
 def get_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """{"model": full model state dict, "optimizer": optimizer state dict or None}.
 
-    Called on every rank (under FSDP2 gathering is collective); only rank 0 writes the result.
+    Called on every rank (under FSDP2 gathering is collective); only rank 0 writes the result. A peft
+    model's `save_pretrained` keeps only the adapters' share of it.
     """
     model_state = distributed.unwrap(model).state_dict()
     return {"model": model_state, "optimizer": None if optimizer is None else optimizer.state_dict()}
 
 
 def set_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
-    """Load `get_state`'s output back, on every rank. Weights tied to a loaded one may be absent."""
+    """Load `get_state`'s output back, on every rank. Weights tied to a loaded one may be absent.
+    For a peft model, state["model"] is what its checkpoint holds: the adapters, under peft's saved names."""
     module = distributed.unwrap(model)
+    if lora.is_peft(module):
+        lora.load_adapter_state(module, state["model"])
+        if optimizer is not None and state.get("optimizer") is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        return
     own = module.state_dict()
     shapes = [
         f"{name} {tuple(tensor.shape)} vs {tuple(own[name].shape)}"
@@ -221,12 +233,22 @@ def save_model(run, model, tokenizer, directory: str | Path, *, original_format:
 
     original_format=False keeps transformers' internal parameter names (what `set_state` loads);
     True (the final model) lets transformers convert them back to the model's published layout.
+    A peft model writes its adapter; with the run's merge_adapter, then also the merged model into
+    `directory/merged` (merging in place: the model keeps no adapters after this).
     Raises `faults.WriteFailed` on every rank when the write fails.
     """
     state = get_state(model)["model"]
     _together(
         run, lambda: run.is_main and _write_model(model, state, tokenizer, Path(directory), original_format)
     )
+    module = distributed.unwrap(model)
+    if lora.is_peft(module) and getattr(run.config, "merge_adapter", False):
+
+        def write_merged():
+            with faults.quiet_transformers_progress(), faults.writing(Path(directory) / MERGED_DIR):
+                lora.save_merged(module, Path(directory) / MERGED_DIR, tokenizer)
+
+        _together(run, lambda: run.is_main and write_merged())
 
 
 def save_checkpoint(
@@ -281,9 +303,14 @@ def save_checkpoint(
     return final
 
 
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+def _load_weights(path: Path, adapter: bool = False) -> dict[str, torch.Tensor]:
+    """The model weights of checkpoint `path` (its adapter's, when `adapter`)."""
     from safetensors.torch import load_file
 
+    if adapter:
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            raise ValueError(f"checkpoint {str(path)!r} is missing {ADAPTER_WEIGHTS}")
+        return load_file(path / ADAPTER_WEIGHTS, device="cpu")
     index = path / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None
     files = files or ["model.safetensors"]
@@ -317,7 +344,8 @@ def load_checkpoint(
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} is missing {', '.join(missing)} (for rank {run.rank})")
     optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    set_state(model, optimizer, {"model": _load_weights(path), "optimizer": optimizer_state})
+    weights = _load_weights(path, adapter=lora.is_peft(distributed.unwrap(model)))
+    set_state(model, optimizer, {"model": weights, "optimizer": optimizer_state})
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(rng_file, weights_only=True))
     from safetensors.torch import load_file

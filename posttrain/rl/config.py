@@ -24,6 +24,7 @@ from typing import Any, Literal, Union
 LR_SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
 TRAIN_SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
 REPORT_TO = ("auto", "none", "tensorboard")
+LORA_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 BOOL_STRINGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 NONE_STRINGS = ("none", "null")
 
@@ -167,6 +168,59 @@ class TrainConfig:
         },
     )
 
+    # --- LoRA through peft (TRL's ModelConfig names and defaults, except where a help text says otherwise)
+    use_peft: bool = field(
+        default=False,
+        metadata={
+            "help": "Train LoRA adapters (peft, the posttrain[peft] extra) on the frozen model; a loop's "
+            "reference is then the same model with its adapters disabled."
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(
+        default=32,
+        metadata={"help": "LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."},
+    )
+    lora_dropout: float = field(
+        default=0.05,
+        metadata={"help": "Dropout on the adapters' input (set to 0 with the model's when disable_dropout)."},
+    )
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules that get adapters, by name or name suffix (q_proj,v_proj), or all-linear; none: "
+            "all-linear, every linear layer but the output layer (the family's attention and MLP "
+            "projections; TRL's none leaves the choice to peft, q_proj and v_proj only for Llama or Qwen2)."
+        },
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules trained in full beside the adapters (and saved with them); a sequence "
+            "classifier's score head always is."
+        },
+    )
+    lora_task_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "peft task type: CAUSAL_LM or SEQ_CLS (the score head trains in full); none: from the "
+            "model, SEQ_CLS for a sequence classifier (reward model), else CAUSAL_LM (TRL: CAUSAL_LM)."
+        },
+    )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "Rank-stabilised LoRA: scale the update by alpha / sqrt(r)."}
+    )
+    use_dora: bool = field(
+        default=False, metadata={"help": "DoRA: adapters on the direction, a trained magnitude per output."}
+    )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "Also write the final model with the adapters merged into its weights, to "
+            "output_dir/merged (loadable without peft); the adapter itself goes to output_dir."
+        },
+    )
+
     def __post_init__(self):
         if self.learning_rate is not None:
             _check(
@@ -209,8 +263,40 @@ class TrainConfig:
             _check(self.save_total_limit >= 1, "save_total_limit", ">= 1 (or none)", self.save_total_limit)
         if self.eval_steps is not None:
             _check(self.eval_steps >= 0, "eval_steps", ">= 0 (or none)", self.eval_steps)
+        self._check_lora()
         if self.resume_from_checkpoint == "":
             raise ConfigError("resume_from_checkpoint must be 'latest', a checkpoint folder or none, got ''")
+
+    def _check_lora(self) -> None:
+        if not self.use_peft:
+            if self.merge_adapter:
+                raise ConfigError("merge_adapter=true but use_peft=false: there is no adapter to merge")
+            return
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise ConfigError("use_peft=true needs the peft package: pip install 'posttrain[peft]'") from None
+        _check(self.lora_r >= 1, "lora_r", ">= 1", self.lora_r)
+        _check(self.lora_alpha > 0, "lora_alpha", "> 0", self.lora_alpha)
+        _check(0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)", self.lora_dropout)
+        if self.lora_task_type is not None:
+            _check_choice(self.lora_task_type, "lora_task_type", LORA_TASK_TYPES)
+        for name in ("lora_target_modules", "lora_modules_to_save"):
+            if getattr(self, name) is not None and not getattr(self, name):
+                raise ConfigError(f"{name} is empty; leave it unset (none) for the default")
+        if (
+            self.lora_target_modules
+            and "all-linear" in self.lora_target_modules
+            and len(self.lora_target_modules) > 1
+        ):
+            raise ConfigError(
+                f"lora_target_modules={self.lora_target_modules}: all-linear stands alone (it names every linear layer)"
+            )
+        if getattr(self, "sync_ref_model", False):
+            raise ConfigError(
+                "sync_ref_model=true with use_peft=true: the reference is the model with its adapters disabled, "
+                "which cannot be mixed with the policy (TR-DPO); turn one of them off"
+            )
 
 
 def fill_run_defaults(

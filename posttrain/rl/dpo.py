@@ -35,7 +35,6 @@ padding_free works (TRL 1.16 turns it off and pads).
 
 from __future__ import annotations
 
-import copy
 import functools
 from dataclasses import dataclass, field
 
@@ -44,7 +43,7 @@ import torch
 from posttrain.data import collate, embedded, loading, preference
 from posttrain.losses import preference as preference_losses
 from posttrain.losses import registry
-from posttrain.rl import distributed, loop, sft
+from posttrain.rl import distributed, loop, lora, sft
 from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
 from posttrain.rl.logprobs import token_logprobs
 from posttrain.rl.models import (
@@ -308,8 +307,9 @@ class DPOConfig(ReferenceConfig):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_preference_data(config: DPOConfig, tokenizer):
-    """Tokenized train and eval pairs (eval may be None) and the dropped-pair counts."""
+def load_preference_data(config: PreferenceConfig, tokenizer, *, command: str = "dpo"):
+    """Tokenized train and eval pairs (eval may be None) and the dropped-pair counts; `command` names the
+    loop in format errors."""
     if config.dataset_name is None:
         train, evaluation = embedded.dataset("preference", "train"), embedded.dataset("preference", "test")
     else:
@@ -325,7 +325,7 @@ def load_preference_data(config: DPOConfig, tokenizer):
         if dataset is None:
             out.append(None)
             continue
-        rows, counts = preference.tokenize_preference(dataset, tokenizer, command="dpo", keep_columns=())
+        rows, counts = preference.tokenize_preference(dataset, tokenizer, command=command, keep_columns=())
         rows = cut_prompts(rows, config.max_prompt_length)
         rows, counts["dropped_prompt_fills_max_length"] = drop_filled_prompts(
             rows, config.max_length, config.truncation_mode
@@ -404,6 +404,20 @@ def collate_pairs(
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             batch[key] = torch.tensor([float(r[key]) for r in rows], dtype=torch.float32)
     return batch
+
+
+def pair_collator(config: PreferenceConfig, tokenizer, model):
+    """`collate_pairs` with the config's truncation and layout, laid out for the model's attention."""
+    return collate.for_attention(
+        functools.partial(
+            collate_pairs,
+            pad_token_id=tokenizer.pad_token_id,
+            max_length=config.max_length,
+            truncation_mode=config.truncation_mode,
+            padding_free=config.padding_free,
+        ),
+        model.config._attn_implementation,
+    )
 
 
 def count_pairs(batch) -> int:
@@ -528,18 +542,17 @@ def token_metrics(out, batch: dict, mask: torch.Tensor, share) -> dict:
 
 
 def load_reference(config: ReferenceConfig, policy, device):
-    """The frozen reference: `ref_model_name_or_path`, or a copy of the policy as it starts; None when no
+    """The frozen reference: `ref_model_name_or_path`, or the policy as it starts (a frozen copy; under
+    use_peft the policy itself with its adapters disabled, `lora.AdapterDisabled`, no copy); None when no
     loss needs one."""
     if not config.needs_reference:
         return None
-    if config.ref_model_name_or_path is not None:
-        ref = load_causal_lm(config.ref_model_name_or_path, dtype=next(policy.parameters()).dtype)
-        if config.disable_dropout:
-            disable_dropout(ref)
-    else:
-        ref = copy.deepcopy(policy)
-    ref.eval().requires_grad_(False)
-    return ref.to(device)
+    if config.ref_model_name_or_path is None:
+        return lora.reference_of(policy, config, device)
+    ref = load_causal_lm(config.ref_model_name_or_path, dtype=next(policy.parameters()).dtype)
+    if config.disable_dropout:
+        disable_dropout(ref)
+    return ref.eval().requires_grad_(False).to(device)
 
 
 def precompute_reference(rows, ref_model, collate_fn, *, batch_size: int, device, ld_alpha):
@@ -649,16 +662,7 @@ def fit_offline(offline: Offline, config: PreferenceConfig, collate_fn, step_los
 def train(config: DPOConfig):
     """Run DPO to the end; returns the run (its output_dir holds metrics.jsonl, checkpoints, the model)."""
     offline = start_offline(config, "dpo", load_preference_data)
-    collate_fn = collate.for_attention(
-        functools.partial(
-            collate_pairs,
-            pad_token_id=offline.tokenizer.pad_token_id,
-            max_length=config.max_length,
-            truncation_mode=config.truncation_mode,
-            padding_free=config.padding_free,
-        ),
-        offline.model.config._attn_implementation,
-    )
+    collate_fn = pair_collator(config, offline.tokenizer, offline.model)
     ref = offline.ref_model
     if config.precompute_ref_log_probs and ref is not None:
         size = config.precompute_ref_batch_size or config.per_device_train_batch_size

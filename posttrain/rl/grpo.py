@@ -30,7 +30,6 @@ num_generations), so groups are scored where they were generated.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import math
@@ -41,7 +40,7 @@ import torch
 from posttrain.data import embedded, formats, loading
 from posttrain.data.tokenization import is_conversation, tokenize_prompts
 from posttrain.losses import policy, registry
-from posttrain.rl import checkpoint, distributed, faults, loop, rewards, rollout, sft
+from posttrain.rl import checkpoint, distributed, faults, loop, lora, rewards, rollout, sft
 from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
 from posttrain.rl.logger import MetricsLogger
 from posttrain.rl.logprobs import token_logprobs
@@ -758,8 +757,8 @@ def train_online(config, algo: Algorithm):
     if config.disable_dropout:
         disable_dropout(model)
     ref = None
-    if config.beta != 0:
-        ref = copy.deepcopy(model).eval().requires_grad_(False).to(run.device)
+    if config.beta != 0:  # a frozen copy, or under use_peft the policy with its adapters disabled
+        ref = lora.reference_of(model, config, run.device)
 
     eval_fn = None
     if config.dataset_name is None:

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from posttrain.kernels import logprobs_from_hidden, logprobs_from_logits
+from posttrain.rl import lora
 from posttrain.rl.distributed import unwrap
 
 # Families whose forward is `lm_head(final_norm(decoder(x)))`, followed at most by the soft-capping
@@ -54,11 +55,15 @@ class TokenLogProbs(NamedTuple):
 
 
 def supports_fused(model: torch.nn.Module) -> bool:
+    """The fused path applies: a listed family whose output layer is a plain one. Through a peft model the
+    output layer is found on the model it wraps; one that carries an adapter or is trained in full as a
+    module to save computes more than `weight @ hidden`, so it takes the logits path."""
     inner = unwrap(model)
     config = getattr(inner, "config", None)
-    return (
-        getattr(config, "model_type", None) in FUSED_MODEL_TYPES and inner.get_output_embeddings() is not None
-    )
+    if getattr(config, "model_type", None) not in FUSED_MODEL_TYPES:
+        return False
+    head = inner.get_output_embeddings()
+    return head is not None and not lora.is_adapter_layer(head)
 
 
 @contextlib.contextmanager

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from posttrain.rl import checkpoint, distributed, faults
+from posttrain.rl import checkpoint, distributed, faults, lora
 from posttrain.rl.config import ConfigError, TrainConfig, save_config
 from posttrain.rl.logger import METRICS_FILE, MetricsLogger, tensorboard_available
 
@@ -215,6 +215,12 @@ def _check_resumable(config: TrainConfig, world_size: int, path: Path) -> None:
                 f"{name}={getattr(config, name)} but checkpoint {str(path)!r} was written with {name}={state[name]}; "
                 "resume with the same value (it fixes the data order)"
             )
+    has_adapter = (path / checkpoint.ADAPTER_CONFIG).is_file()
+    if has_adapter != config.use_peft:
+        raise ConfigError(
+            f"use_peft={config.use_peft} but checkpoint {str(path)!r} holds "
+            f"{'LoRA adapters' if has_adapter else 'full weights'}: resume with use_peft={has_adapter}"
+        )
     if state.get("world_size", world_size) != world_size:
         raise ConfigError(
             f"checkpoint {str(path)!r} was written by {state['world_size']} processes but this run has "
@@ -234,9 +240,11 @@ def finish(run: Run) -> None:
 
 
 def prepare_model(run: Run, model: torch.nn.Module) -> torch.nn.Module:
-    """Move to the run's device, enable gradient checkpointing if asked, train mode, DDP-wrap.
+    """Move to the run's device, enable gradient checkpointing if asked, add LoRA adapters if asked
+    (`lora.wrap`: only they train from then on), train mode, DDP-wrap.
 
-    Returns the module to train (the DDP wrapper under torchrun); `distributed.unwrap` gives back the model.
+    Returns the module to train (the DDP wrapper under torchrun); `distributed.unwrap` gives back the model
+    (the peft model under use_peft).
     """
     model.to(run.device)
     if run.config.gradient_checkpointing:
@@ -252,6 +260,8 @@ def prepare_model(run: Run, model: torch.nn.Module) -> torch.nn.Module:
         if getattr(model, "config", None) is not None:
             # a KV cache is useless in training and conflicts with checkpointing
             model.config.use_cache = False
+    if run.config.use_peft:
+        model = lora.wrap(model, run.config)
     model.train()
     return distributed.wrap(model, run.device)
 

@@ -1,0 +1,232 @@
+"""LoRA through peft: the one place a loaded model gets its adapters, and the reference that is the same model
+with them disabled.
+
+`loop.prepare_model` calls `wrap` when `use_peft` is set, so every loop trains adapters without a change of
+its own. What follows from it, as TRL 1.16 does it:
+
+- only the adapters (and `lora_modules_to_save`, and a sequence classifier's score head) require gradients,
+  so they alone reach the optimizer, and a checkpoint holds them alone (`PeftModel.save_pretrained`:
+  adapter_config.json + adapter_model.safetensors, loadable with `peft.AutoPeftModelForCausalLM`);
+- a loop's frozen reference is `AdapterDisabled(policy)`: the policy's own forward with every adapter
+  switched off, no second copy of the weights (TRL: `use_adapter(model, None)` -> `disable_adapter()`);
+- with `merge_adapter`, the final save also writes the merged model (`save_merged`).
+
+Departures from TRL 1.16: `lora_target_modules` none means every linear layer but the output layer
+("all-linear"; TRL leaves it to peft, whose table gives Llama and Qwen2 only q_proj and v_proj), and each
+name given must match a module (peft only fails when none does); `lora_task_type` none follows the model
+(SEQ_CLS for a sequence classifier, so a reward model's score head trains in full); an adapter on the
+output layer is trained through the full-logits path (TRL refuses it: its fused head reads the weight).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from posttrain.rl.config import ConfigError
+from posttrain.rl.models import disable_dropout
+
+ALL_LINEAR = "all-linear"
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    """`model` (already unwrapped from DDP) is a peft model."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _is_classifier(model: torch.nn.Module) -> bool:
+    # every transformers sequence-classification model is named <Family>ForSequenceClassification
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def _matches(name: str, target: str) -> bool:
+    """peft's rule for a listed target: the module's full name or its last dotted components."""
+    return name == target or name.endswith("." + target)
+
+
+def _check_names(model: torch.nn.Module, option: str, names: list[str] | None, linear_only: bool) -> None:
+    """Each of `names` matches a module of `model` (a linear one when `linear_only`), else a ConfigError
+    naming the option, the culprits and the candidates."""
+    if not names or names == [ALL_LINEAR]:
+        return
+    modules = [
+        n for n, m in model.named_modules() if n and (not linear_only or isinstance(m, torch.nn.Linear))
+    ]
+    unmatched = [t for t in names if not any(_matches(n, t) for n in modules)]
+    if unmatched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in modules})
+        kind = "linear module" if linear_only else "module"
+        raise ConfigError(
+            f"{option}: {unmatched} match no {kind} of {type(model).__name__}; its {kind} names: {leaves}"
+        )
+
+
+def lora_config(model: torch.nn.Module, config):
+    """The `peft.LoraConfig` of `config`'s LoRA options for `model` (checked against its modules)."""
+    from peft import LoraConfig
+
+    task_type = config.lora_task_type or ("SEQ_CLS" if _is_classifier(model) else "CAUSAL_LM")
+    if (task_type == "SEQ_CLS") != _is_classifier(model):
+        raise ConfigError(
+            f"lora_task_type={task_type} but the model is a {type(model).__name__}: use "
+            f"{'SEQ_CLS' if _is_classifier(model) else 'CAUSAL_LM'} (or leave it unset)"
+        )
+    targets = config.lora_target_modules or [ALL_LINEAR]
+    _check_names(model, "lora_target_modules", targets, linear_only=True)
+    _check_names(model, "lora_modules_to_save", config.lora_modules_to_save, linear_only=False)
+    return LoraConfig(
+        task_type=task_type,
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        # a one-element list, not the bare string: peft reads a string as a regular expression on full names
+        target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else list(targets),
+        modules_to_save=config.lora_modules_to_save,
+        bias="none",
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
+    )
+
+
+def wrap(model: torch.nn.Module, config) -> torch.nn.Module:
+    """`model` with LoRA adapters (peft's `get_peft_model`, which injects them in place): only they, the
+    modules to save and a classifier's score head require gradients. Dropout, the adapters' included, is
+    set to 0 when the config's `disable_dropout` is on (TRL disables it after wrapping).
+
+    The adapters' random initialisation (lora_A) draws from a CPU generator seeded with `config.seed`, as
+    TRL seeds right before it wraps: it depends on the seed alone, not on what ran before, and leaves the
+    run's own random stream where it was."""
+    from peft import get_peft_model
+
+    peft_config = lora_config(model, config)
+    with torch.random.fork_rng(devices=[]):  # peft initialises on the CPU, then moves to the base's device
+        torch.default_generator.manual_seed(config.seed)
+        peft_model = get_peft_model(model, peft_config)
+    if getattr(config, "disable_dropout", False):
+        disable_dropout(peft_model)
+    return peft_model
+
+
+def is_adapter_layer(module: torch.nn.Module) -> bool:
+    """`module` is one peft switches when it disables adapters (`BaseTuner._set_adapter_layers`): an
+    adapter layer or a modules-to-save wrapper."""
+    if not type(module).__module__.startswith("peft."):
+        return False  # peft not imported, or a plain module
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    return isinstance(module, BaseTunerLayer | AuxiliaryTrainingWrapper)
+
+
+def _adapter_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """`model`'s adapter layers and modules-to-save wrappers; none before `wrap`."""
+    return [m for m in model.modules() if is_adapter_layer(m)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Run `model` (a peft model or the model peft injected into) as the base model: every adapter off and
+    every module-to-save its original, then back as they were (peft's `disable_adapter()`, for a model that
+    may not be the PeftModel itself)."""
+    layers = [m for m in _adapter_layers(model) if not m.disable_adapters]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+class AdapterDisabled:
+    """A frozen reference that is the policy itself with its adapters disabled: no second copy.
+
+    Called like a model (its forward runs under `adapters_disabled`, meant for `torch.no_grad()`); `config`
+    and `get_output_embeddings` are the policy's, so `rl.logprobs` takes its fused path through it. It holds
+    the model peft injects into (the policy before `loop.prepare_model` wraps it is fine: the adapters are
+    looked up at each call). train() / eval() / to() switch the policy's mode or device, as they would a
+    copy's; it has no parameters of its own (nothing to freeze, mix (TR-DPO) or checkpoint).
+    """
+
+    def __init__(self, policy: torch.nn.Module):
+        self.policy = policy
+
+    def __call__(self, *args, **kwargs):
+        with adapters_disabled(self.policy):
+            return self.policy(*args, **kwargs)
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    @property
+    def training(self) -> bool:
+        return self.policy.training
+
+    def get_output_embeddings(self):
+        return self.policy.get_output_embeddings()
+
+    def train(self, mode: bool = True):
+        self.policy.train(mode)
+        return self
+
+    def to(self, *args, **kwargs):
+        self.policy.to(*args, **kwargs)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+
+def reference_of(policy: torch.nn.Module, config, device) -> torch.nn.Module | AdapterDisabled:
+    """A loop's frozen reference as the policy starts: the policy with adapters disabled under use_peft,
+    else a frozen copy of it in eval mode on `device`."""
+    if config.use_peft:
+        # on the device now, as a copy would be: a precompute runs it before loop.prepare_model moves the policy
+        return AdapterDisabled(policy.to(device))
+    import copy
+
+    return copy.deepcopy(policy).eval().requires_grad_(False).to(device)
+
+
+def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a peft checkpoint holds, under the names its adapter_model.safetensors uses."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model)
+
+
+def load_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load `adapter_state`'s output (read from a checkpoint) into the peft model `model`; every adapter
+    weight must be there, in its shape."""
+    from peft import set_peft_model_state_dict
+
+    own = adapter_state(model)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{name} {tuple(state[name].shape)} vs {tuple(own[name].shape)}"
+        for name in own
+        if name in state and state[name].shape != own[name].shape
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            "checkpoint adapter does not fit the model (other lora_r, lora_target_modules or "
+            f"lora_modules_to_save?): missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shapes (checkpoint vs model) {shapes[:5]}"
+        )
+    set_peft_model_state_dict(model, state)
+
+
+def save_merged(model: torch.nn.Module, directory, tokenizer=None) -> None:
+    """Merge the adapters into the weights (in place: the last thing a run does with its model) and write the
+    result with `save_pretrained`, loadable by AutoModelForCausalLM / AutoModelForSequenceClassification."""
+    merged = model.merge_and_unload()
+    merged.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
