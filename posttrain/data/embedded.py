@@ -240,3 +240,62 @@ def ranked_preference_rows(split: str = "train", seed: int = 0, rejected_per_pro
         wrong += rng.sample(others, max(0, rejected_per_prompt - len(wrong)))
         out.extend({"prompt": prompt, "chosen": answer, "rejected": str(c)} for c in wrong)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stepwise split (process reward model)
+# ---------------------------------------------------------------------------------------------------------
+
+STEPWISE_TEST_ROWS = 512
+STEPWISE_TRAIN_ROWS = 8192
+
+
+def _stepwise_problems(seed: int) -> list[tuple[int, ...]]:
+    """Distinct operand tuples of 3 or 4 operands in 0..MAX_OPERAND, in a fixed order (test ones first)."""
+    rng = random.Random(f"{seed}-stepwise-problems")
+    seen, out = set(), []
+    while len(out) < STEPWISE_TEST_ROWS + STEPWISE_TRAIN_ROWS:
+        operands = tuple(rng.randint(0, MAX_OPERAND) for _ in range(rng.choice((3, 4))))
+        if operands not in seen:
+            seen.add(operands)
+            out.append(operands)
+    return out
+
+
+def _step_mistake(rng: random.Random, right: int) -> int:
+    """A plausible wrong partial sum: off by one or ten (a slip, a dropped or doubled carry), never negative."""
+    return rng.choice([w for w in (right + 1, right - 1, right + 10, right - 10) if w >= 0])
+
+
+def stepwise_rows(split: str = "train", seed: int = 0) -> list[dict]:
+    """TRL's stepwise-supervision format: {"prompt", "completions" (steps), "labels" (one bool per step)}.
+
+    The prompt sums 3 or 4 operands in 0..29 (`"3+14+25="`); the steps add one operand at a time to the
+    running sum (`"3+14=17"`, `"17+25=42"`). Half the solutions are right throughout; the others make one
+    plausible slip (off by one or ten) at a uniformly drawn step and carry on correctly from the wrong value.
+    Labels follow Math-Shepherd (Wang et al. 2023, arXiv:2312.08935), whose label says whether a step can
+    still reach the right answer: the slip and every step after it are False, the steps before it True. So
+    a step is right exactly when its result is the true sum of the operands so far. (TRL's PRM800K
+    conversion instead ends a solution at its first wrong step; here the later steps stay, so the model must
+    also notice a mistake made earlier.)
+
+    `train` (8192 rows) and `test` (512 rows) hold disjoint operand tuples; deterministic under `seed`.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    problems = _stepwise_problems(seed)
+    problems = problems[:STEPWISE_TEST_ROWS] if split == "test" else problems[STEPWISE_TEST_ROWS:]
+    rng = random.Random(f"{seed}-stepwise-{split}")
+    out = []
+    for operands in problems:
+        n_steps = len(operands) - 1
+        slip = rng.randrange(n_steps) if rng.random() < 0.5 else None  # index of the wrong step, if any
+        value, truth, steps, labels = operands[0], operands[0], [], []
+        for k, operand in enumerate(operands[1:]):
+            truth += operand
+            result = value + operand if k != slip else _step_mistake(rng, value + operand)
+            steps.append(f"{value}+{operand}={result}")
+            labels.append(result == truth)
+            value = result
+        out.append({"prompt": "+".join(map(str, operands)) + "=", "completions": steps, "labels": labels})
+    return out
