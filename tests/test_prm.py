@@ -402,10 +402,17 @@ def test_scorer_works_through_grpo_reward_resolution(trained, tmp_path, monkeypa
     monkeypatch.syspath_prepend(str(tmp_path))
     [resolved] = rewards.resolve(["my_prm_rewards:prm_min"])
     assert resolved.name == "run_min"
+    prompts, completions = ["9+9=", "9+9=", "2+3+4="], ["9+9=18", "9+9=17", "2+3=5\n5+4=9"]
     scored = rewards.score(
-        [resolved], prompts=["9+9="] * 2, completions=["9+9=18", "9+9=17"], completion_ids=[[1], [1]]
+        [resolved],
+        prompts=prompts,
+        completions=completions,
+        completion_ids=[[1]] * 3,
+        columns={"answer": ["18", "18", "9"]},
+        trainer_state=rewards.TrainerState(),
     )
-    assert scored.values.shape == (2, 1) and torch.isfinite(scored.values).all()
+    direct = prm.process_reward(str(output_dir))(prompts=prompts, completions=completions)
+    assert scored.values[:, 0].tolist() == pytest.approx(direct, rel=1e-6)
 
 
 def test_scorer_bad_input_is_named(trained, tmp_path):
@@ -432,10 +439,12 @@ def test_scorer_bad_input_is_named(trained, tmp_path):
 
 def test_embedded_stepwise_split_is_deterministic_disjoint_and_labelled_by_the_running_sum():
     train, test = embedded.stepwise_rows("train"), embedded.stepwise_rows("test")
-    assert train == embedded.stepwise_rows("train") and len(train) == 8192 and len(test) == 512
+    assert train == embedded.stepwise_rows("train") and test == embedded.stepwise_rows("test")
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    slips = {}  # prompt -> the step each of its solutions slips at (None: right throughout)
     for row in train + test:
         operands = [int(x) for x in row["prompt"].rstrip("=").split("+")]
+        assert len(operands) in (3, 4) and all(0 <= x <= 9 for x in operands)
         value, truth, first_wrong = operands[0], operands[0], None
         for k, (step, label) in enumerate(zip(row["completions"], row["labels"], strict=True)):
             left, result = step.split("=")
@@ -444,9 +453,13 @@ def test_embedded_stepwise_split_is_deterministic_disjoint_and_labelled_by_the_r
             assert (x, y) == (value, operands[k + 1])  # carries on from the previous result
             assert label == (int(result) == truth)  # right exactly when on the true running sum
             if int(result) != x + y:  # the slip: off by one or ten, once
-                assert first_wrong is None and abs(int(result) - (x + y)) in (1, 10)
+                assert first_wrong is None and abs(int(result) - (x + y)) in (1, 10) and int(result) >= 0
                 first_wrong = k
             value = int(result)
         assert row["labels"] == [first_wrong is None or k < first_wrong for k in range(len(row["labels"]))]
+        slips.setdefault(row["prompt"], []).append(first_wrong)
+    # every problem: its right solution and one slip at each step, so the prompt alone never tells the labels
+    assert all(s == [None, *range(len(s) - 1)] for s in slips.values())
+    assert len(slips) == 2560 and len({r["prompt"] for r in test}) == 160
     labels = [x for r in test for x in r["labels"]]
-    assert 0.55 < sum(labels) / len(labels) < 0.75  # both classes well represented
+    assert sum(labels) / len(labels) == 0.5

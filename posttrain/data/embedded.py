@@ -246,16 +246,18 @@ def ranked_preference_rows(split: str = "train", seed: int = 0, rejected_per_pro
 # The stepwise split (process reward model)
 # ---------------------------------------------------------------------------------------------------------
 
-STEPWISE_TEST_ROWS = 512
-STEPWISE_TRAIN_ROWS = 8192
+STEPWISE_MAX_OPERAND = 9
+STEPWISE_TEST_PROBLEMS = 160
+STEPWISE_TRAIN_PROBLEMS = 2400
 
 
 def _stepwise_problems(seed: int) -> list[tuple[int, ...]]:
-    """Distinct operand tuples of 3 or 4 operands in 0..MAX_OPERAND, in a fixed order (test ones first)."""
+    """Distinct operand tuples of 3 or 4 operands in 0..STEPWISE_MAX_OPERAND, in a fixed order (the test
+    ones first)."""
     rng = random.Random(f"{seed}-stepwise-problems")
     seen, out = set(), []
-    while len(out) < STEPWISE_TEST_ROWS + STEPWISE_TRAIN_ROWS:
-        operands = tuple(rng.randint(0, MAX_OPERAND) for _ in range(rng.choice((3, 4))))
+    while len(out) < STEPWISE_TEST_PROBLEMS + STEPWISE_TRAIN_PROBLEMS:
+        operands = tuple(rng.randint(0, STEPWISE_MAX_OPERAND) for _ in range(rng.choice((3, 4))))
         if operands not in seen:
             seen.add(operands)
             out.append(operands)
@@ -267,35 +269,37 @@ def _step_mistake(rng: random.Random, right: int) -> int:
     return rng.choice([w for w in (right + 1, right - 1, right + 10, right - 10) if w >= 0])
 
 
+def _solution(rng: random.Random, operands: tuple[int, ...], slip: int | None) -> dict:
+    """One stepwise row: the running sum step by step, wrong at step `slip` (None: never), then carried on."""
+    value, truth, steps, labels = operands[0], operands[0], [], []
+    for k, operand in enumerate(operands[1:]):
+        truth += operand
+        result = value + operand if k != slip else _step_mistake(rng, value + operand)
+        steps.append(f"{value}+{operand}={result}")
+        labels.append(result == truth)
+        value = result
+    return {"prompt": "+".join(map(str, operands)) + "=", "completions": steps, "labels": labels}
+
+
 def stepwise_rows(split: str = "train", seed: int = 0) -> list[dict]:
     """TRL's stepwise-supervision format: {"prompt", "completions" (steps), "labels" (one bool per step)}.
 
-    The prompt sums 3 or 4 operands in 0..29 (`"3+14+25="`); the steps add one operand at a time to the
-    running sum (`"3+14=17"`, `"17+25=42"`). Half the solutions are right throughout; the others make one
-    plausible slip (off by one or ten) at a uniformly drawn step and carry on correctly from the wrong value.
+    The prompt sums 3 or 4 one-digit operands (`"3+4+8="`); the steps add one operand at a time to the
+    running sum (`"3+4=7"`, `"7+8=15"`). Every problem comes with its right solution and, for each step,
+    a solution that makes one plausible slip there (off by one or ten: `"7+8=16"`, `"7+8=5"`) and carries on
+    correctly from the wrong value, so the prompt alone never tells the labels: the steps must be checked.
     Labels follow Math-Shepherd (Wang et al. 2023, arXiv:2312.08935), whose label says whether a step can
     still reach the right answer: the slip and every step after it are False, the steps before it True. So
     a step is right exactly when its result is the true sum of the operands so far. (TRL's PRM800K
     conversion instead ends a solution at its first wrong step; here the later steps stay, so the model must
     also notice a mistake made earlier.)
 
-    `train` (8192 rows) and `test` (512 rows) hold disjoint operand tuples; deterministic under `seed`.
+    `train` (2400 problems, ~8400 rows) and `test` (160 problems) hold disjoint operand tuples; about half
+    the steps are right; deterministic under `seed`.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     problems = _stepwise_problems(seed)
-    problems = problems[:STEPWISE_TEST_ROWS] if split == "test" else problems[STEPWISE_TEST_ROWS:]
+    problems = problems[:STEPWISE_TEST_PROBLEMS] if split == "test" else problems[STEPWISE_TEST_PROBLEMS:]
     rng = random.Random(f"{seed}-stepwise-{split}")
-    out = []
-    for operands in problems:
-        n_steps = len(operands) - 1
-        slip = rng.randrange(n_steps) if rng.random() < 0.5 else None  # index of the wrong step, if any
-        value, truth, steps, labels = operands[0], operands[0], [], []
-        for k, operand in enumerate(operands[1:]):
-            truth += operand
-            result = value + operand if k != slip else _step_mistake(rng, value + operand)
-            steps.append(f"{value}+{operand}={result}")
-            labels.append(result == truth)
-            value = result
-        out.append({"prompt": "+".join(map(str, operands)) + "=", "completions": steps, "labels": labels})
-    return out
+    return [_solution(rng, ops, slip) for ops in problems for slip in (None, *range(len(ops) - 1))]

@@ -123,7 +123,10 @@ def encode_steps(tokenizer, prompts: list[str], steps: list[list[str]], sep_ids:
     last token of step j's separator (where its label goes). Two tokenizer calls for the whole batch."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    flat = tokenizer([s for row in steps for s in row], add_special_tokens=False)["input_ids"]
+    flat = [s for row in steps for s in row]
+    flat = (
+        tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    )  # a fast tokenizer fails on []
     out, k = [], 0
     for p, row in zip(prompt_ids, steps, strict=True):
         completion, ends = [], []
