@@ -323,11 +323,15 @@ def test_causal_lm_checkpoint_gets_a_fresh_two_way_head(tmp_path):
 def trained(tmp_path_factory):
     """A short PRM run on a small stepwise dataset (its own eval split): the saved folder and the config."""
     folder = tmp_path_factory.mktemp("prm-run")
+    embedded.build_model(seed=0).save_pretrained(folder / "lm")  # a causal LM to start from
+    embedded.build_tokenizer().save_pretrained(folder / "lm")
     for split, n in (("train", 64), ("test", 24)):
         rows = embedded.stepwise_rows(split)[:n]
-        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        (folder / "data").mkdir(exist_ok=True)
+        (folder / "data" / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     config = prm.PRMConfig(
-        dataset_name=str(folder),
+        model_name_or_path=str(folder / "lm"),
+        dataset_name=str(folder / "data"),
         output_dir=str(folder / "run"),
         max_steps=4,
         learning_rate=1e-3,
@@ -437,29 +441,110 @@ def test_scorer_bad_input_is_named(trained, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_embedded_stepwise_split_is_deterministic_disjoint_and_labelled_by_the_running_sum():
+def test_embedded_stepwise_split_is_deterministic_disjoint_and_labelled_by_checking_each_step():
     train, test = embedded.stepwise_rows("train"), embedded.stepwise_rows("test")
     assert train == embedded.stepwise_rows("train") and test == embedded.stepwise_rows("test")
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
-    slips = {}  # prompt -> the step each of its solutions slips at (None: right throughout)
+    solutions = {}  # prompt -> (number of steps, is the last one wrong) of each of its solutions
     for row in train + test:
         operands = [int(x) for x in row["prompt"].rstrip("=").split("+")]
         assert len(operands) in (3, 4) and all(0 <= x <= 9 for x in operands)
-        value, truth, first_wrong = operands[0], operands[0], None
+        value = operands[0]
         for k, (step, label) in enumerate(zip(row["completions"], row["labels"], strict=True)):
             left, result = step.split("=")
             x, y = map(int, left.split("+"))
-            truth += operands[k + 1]
             assert (x, y) == (value, operands[k + 1])  # carries on from the previous result
-            assert label == (int(result) == truth)  # right exactly when on the true running sum
-            if int(result) != x + y:  # the slip: off by one or ten, once
-                assert first_wrong is None and abs(int(result) - (x + y)) in (1, 10) and int(result) >= 0
-                first_wrong = k
+            assert label == (int(result) == x + y)
+            if (
+                not label
+            ):  # a plausible mistake: off by one or ten, or the difference; the solution ends there
+                assert (
+                    int(result) in (x + y + 1, x + y - 1, x + y + 10, x + y - 10, abs(x - y))
+                    and int(result) >= 0
+                )
+                assert k == len(row["labels"]) - 1
             value = int(result)
-        assert row["labels"] == [first_wrong is None or k < first_wrong for k in range(len(row["labels"]))]
-        slips.setdefault(row["prompt"], []).append(first_wrong)
-    # every problem: its right solution and one slip at each step, so the prompt alone never tells the labels
-    assert all(s == [None, *range(len(s) - 1)] for s in slips.values())
-    assert len(slips) == 2560 and len({r["prompt"] for r in test}) == 160
+        solutions.setdefault(row["prompt"], []).append((len(row["labels"]), not row["labels"][-1]))
+    # every problem: its right solution and one ending at a mistake at each step, so the prompt alone never
+    # tells the labels
+    assert all(s == [(len(s) - 1, False), *((k, True) for k in range(1, len(s)))] for s in solutions.values())
+    assert len(solutions) == 2560 and len({r["prompt"] for r in test}) == 160
     labels = [x for r in test for x in r["labels"]]
-    assert sum(labels) / len(labels) == 0.5
+    assert 0.6 < sum(labels) / len(labels) < 0.7
+
+
+# TRL 0.19's PRMConfig (the last release with a PRM trainer): its names and defaults, which ours keep for any
+# model other than the embedded one.
+TRL_PRM_DEFAULTS = {
+    "learning_rate": 1e-5,
+    "max_length": 1024,
+    "max_prompt_length": 512,
+    "max_completion_length": None,
+    "disable_dropout": True,
+    "step_separator": "\n",
+    "train_on_last_step_only": False,
+}
+
+
+def test_prm_options_are_trl_0_19s_with_its_defaults():
+    ours = prm.PRMConfig(model_name_or_path="some/model", dataset_name="some/data")  # a real run's
+    assert {name: getattr(ours, name) for name in TRL_PRM_DEFAULTS} == TRL_PRM_DEFAULTS
+
+
+def read_run(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
+
+
+def held_out_metrics(out):
+    """Exact metrics of the saved model on the embedded held-out rows, computed here from the reloaded folder."""
+    from transformers import AutoModelForTokenClassification
+
+    tokenizer = embedded.build_tokenizer()
+    rows, _ = stepwise.tokenize_stepwise(
+        Dataset.from_list(embedded.stepwise_rows("test")), tokenizer, is_eval=True
+    )
+    model = AutoModelForTokenClassification.from_pretrained(out).eval()
+    return prm.evaluate_rows(model, rows, pad_token_id=tokenizer.pad_token_id)
+
+
+def test_embedded_run_end_to_end_through_the_cli(tmp_path):
+    # `posttrain prm` with its embedded defaults, shortened to 30 steps: the start model (the step-by-step
+    # solver, trained once per test session into the session's POSTTRAIN_CACHE), data, training, exact
+    # held-out metrics, the saved model.
+    out = tmp_path / "run"
+    argv = [
+        "prm",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "30",
+        "--disable_tqdm",
+        "true",
+        "--report_to",
+        "none",
+    ]
+    assert main(argv) == 0
+    train_lines, [final] = read_run(out)
+    assert [r["step"] for r in train_lines] == list(range(1, 31)) and final["step"] == 30
+    assert train_lines[0]["loss"] == pytest.approx(math.log(2), abs=0.05)  # fresh head: a coin flip
+    assert {"accuracy", "solution_accuracy", "num_tokens", "grad_norm"} <= set(train_lines[-1])
+    again = held_out_metrics(out)
+    assert again["loss"] == pytest.approx(final["eval_loss"], rel=1e-5)
+    assert again["accuracy"] == final["eval_accuracy"]
+    assert again["solution_accuracy"] == final["eval_solution_accuracy"]
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["start_model"] == prm.embedded_start_model()  # the cached folder: not trained again
+    assert info["train_dropped_unlabelled_rows"] == 0 == info["eval_dropped_unlabelled_rows"]
+
+
+@pytest.mark.slow
+def test_embedded_default_reaches_the_held_out_step_accuracy_the_issue_asks(tmp_path):
+    # `posttrain prm` with no arguments but a run folder: 5 epochs of 138 steps from the step-by-step solver.
+    # About two held-out steps in three are right, so always answering "right" scores ~0.64; the issue's
+    # target is >= 0.9.
+    out = tmp_path / "run"
+    assert main(["prm", "--output_dir", str(out), "--disable_tqdm", "true"]) == 0
+    train_lines, evals = read_run(out)
+    assert len(train_lines) == 690 and [r["step"] for r in evals] == [690]
+    assert held_out_metrics(out)["accuracy"] == evals[-1]["eval_accuracy"] >= 0.9

@@ -264,19 +264,26 @@ def _stepwise_problems(seed: int) -> list[tuple[int, ...]]:
     return out
 
 
-def _step_mistake(rng: random.Random, right: int) -> int:
-    """A plausible wrong partial sum: off by one or ten (a slip, a dropped or doubled carry), never negative."""
-    return rng.choice([w for w in (right + 1, right - 1, right + 10, right - 10) if w >= 0])
+def _step_mistake(rng: random.Random, x: int, y: int) -> int:
+    """A plausible wrong result of x + y: off by one or ten (a slip, a dropped or doubled carry, never
+    negative) or the difference (subtracted instead of added)."""
+    right = x + y
+    return rng.choice(
+        sorted({w for w in (right + 1, right - 1, right + 10, right - 10, abs(x - y)) if w >= 0} - {right})
+    )
 
 
 def _solution(rng: random.Random, operands: tuple[int, ...], slip: int | None) -> dict:
-    """One stepwise row: the running sum step by step, wrong at step `slip` (None: never), then carried on."""
-    value, truth, steps, labels = operands[0], operands[0], [], []
+    """One stepwise row: the running sum step by step, right throughout (slip None) or ending at a wrong
+    step `slip`."""
+    value, steps, labels = operands[0], [], []
     for k, operand in enumerate(operands[1:]):
-        truth += operand
-        result = value + operand if k != slip else _step_mistake(rng, value + operand)
+        right = value + operand
+        result = right if k != slip else _step_mistake(rng, value, operand)
         steps.append(f"{value}+{operand}={result}")
-        labels.append(result == truth)
+        labels.append(result == right)
+        if k == slip:
+            break
         value = result
     return {"prompt": "+".join(map(str, operands)) + "=", "completions": steps, "labels": labels}
 
@@ -285,17 +292,18 @@ def stepwise_rows(split: str = "train", seed: int = 0) -> list[dict]:
     """TRL's stepwise-supervision format: {"prompt", "completions" (steps), "labels" (one bool per step)}.
 
     The prompt sums 3 or 4 one-digit operands (`"3+4+8="`); the steps add one operand at a time to the
-    running sum (`"3+4=7"`, `"7+8=15"`). Every problem comes with its right solution and, for each step,
-    a solution that makes one plausible slip there (off by one or ten: `"7+8=16"`, `"7+8=5"`) and carries on
-    correctly from the wrong value, so the prompt alone never tells the labels: the steps must be checked.
-    Labels follow Math-Shepherd (Wang et al. 2023, arXiv:2312.08935), whose label says whether a step can
-    still reach the right answer: the slip and every step after it are False, the steps before it True. So
-    a step is right exactly when its result is the true sum of the operands so far. (TRL's PRM800K
-    conversion instead ends a solution at its first wrong step; here the later steps stay, so the model must
-    also notice a mistake made earlier.)
+    running sum (`"3+4=7"`, `"7+8=15"`). Every problem comes with its right solution and, for each step, a
+    solution that is right up to that step and makes one plausible mistake there: off by one or ten (a
+    slip, a dropped or doubled carry: `"7+8=16"`, `"7+8=5"`) or the difference (`"7+8=1"`). So the prompt
+    alone never tells the labels: the steps must be checked.
 
-    `train` (2400 problems, ~8400 rows) and `test` (160 problems) hold disjoint operand tuples; about half
-    the steps are right; deterministic under `seed`.
+    After a first wrong step: the solution ends there, as in TRL's PRM800K conversion (whose rows stop at
+    the first step a labeller rejected). Math-Shepherd (Wang et al. 2023, arXiv:2312.08935) instead keeps
+    the later steps and labels them wrong too; we tried that here, and those later steps (right arithmetic
+    on a wrong running sum) kept the tiny model near 80% held-out step accuracy, against above 90% this way.
+
+    `train` (2400 problems, ~8800 rows) and `test` (160 problems, 561 rows) hold disjoint operand tuples;
+    about two steps in three are right; deterministic under `seed`.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
