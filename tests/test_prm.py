@@ -87,6 +87,8 @@ def test_stepwise_format_is_detected_and_checked():
         ("prompt", "completions", "labels"),
     )
     formats.validate_rows(ds, fmt)  # well-formed
+    with pytest.raises(ValueError, match="row 2: field 'labels' has 2 labels but 'completions' has 1 steps"):
+        formats.validate_rows(Dataset.from_list(with_row(2, labels=[False, True])), fmt)
     with pytest.raises(
         ValueError, match=r"`prm` accepts stepwise supervision \(prompt, completions, labels\)"
     ):
