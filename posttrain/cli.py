@@ -15,6 +15,7 @@ import sys
 COMMANDS = {
     "sft": ("posttrain.rl.sft", "SFTConfig"),
     "rm": ("posttrain.rl.reward", "RewardConfig"),
+    "prm": ("posttrain.rl.prm", "PRMConfig"),
     "dpo": ("posttrain.rl.dpo", "DPOConfig"),
     "kto": ("posttrain.rl.kto", "KTOConfig"),
     "cpo": ("posttrain.rl.cpo", "CPOConfig"),

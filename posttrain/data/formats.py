@@ -7,6 +7,7 @@
     preference           prompt, chosen, rejected                 reward, dpo
                          chosen, rejected  (implicit prompt)
     unpaired_preference  prompt, completion, label                kto
+    stepwise_supervision prompt, completions, labels              prm   (standard only; see data.stepwise)
 
 Each is standard (strings) or conversational (lists of `{"role", "content"}` messages). Extra columns are
 allowed and ignored. Semantics follow TRL 1.16 (`trl/data_utils.py`: `is_conversational`, `extract_prompt`,
@@ -19,7 +20,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-KINDS = ("language_modeling", "prompt_completion", "prompt_only", "preference", "unpaired_preference")
+KINDS = (
+    "language_modeling",
+    "prompt_completion",
+    "prompt_only",
+    "preference",
+    "unpaired_preference",
+    "stepwise_supervision",
+)
 ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")  # ipython: Llama 3.1's tool results
 
 
@@ -53,6 +61,7 @@ _REQUIRED = {
     "prompt_only": ("prompt",),
     "preference": ("prompt", "chosen", "rejected"),
     "unpaired_preference": ("prompt", "completion", "label"),
+    "stepwise_supervision": ("prompt", "completions", "labels"),
 }
 
 
@@ -62,6 +71,7 @@ def _signatures(text_field: str) -> list[tuple[str, str, tuple[str, ...]]]:
         ("preference", "preference", ("prompt", "chosen", "rejected")),
         ("preference", "preference (implicit prompt)", ("chosen", "rejected")),
         ("unpaired_preference", "unpaired preference", ("prompt", "completion", "label")),
+        ("stepwise_supervision", "stepwise supervision", ("prompt", "completions", "labels")),
         ("prompt_completion", "prompt-completion", ("prompt", "completion")),
         ("prompt_only", "prompt-only", ("prompt",)),
         ("language_modeling", "language modelling (conversational)", ("messages",)),
@@ -211,6 +221,10 @@ def validate_rows(dataset, fmt: DatasetFormat) -> None:
     implicit prompt). Works on Arrow columns (no Python loop over rows), so it is cheap enough to run on
     every dataset before training.
     """
+    if fmt.kind == "stepwise_supervision":  # list columns: checked in data.stepwise
+        from .stepwise import validate_stepwise
+
+        return validate_stepwise(dataset)
     view = dataset.with_format("arrow")  # applies any select/shuffle indices, keeps Arrow types
     for field in fmt.columns:
         column = view[field].combine_chunks()

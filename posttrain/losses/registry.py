@@ -20,6 +20,7 @@ _REGISTRY: dict[str, dict[str, Callable]] = {}
 BUILTIN_MODULES = {
     "sft": "posttrain.losses.sft",
     "reward": "posttrain.losses.reward",
+    "prm": "posttrain.losses.prm",
     "preference": "posttrain.losses.preference",
     "kto": "posttrain.losses.kto",
     **dict.fromkeys(("cpo", "orpo"), "posttrain.losses.cpo"),
