@@ -550,3 +550,54 @@ def test_embedded_default_reaches_the_held_out_step_accuracy_the_issue_asks(tmp_
     train_lines, evals = read_run(out)
     assert len(train_lines) == 966 and [r["step"] for r in evals] == [966]
     assert held_out_metrics(out)["accuracy"] == evals[-1]["eval_accuracy"] >= 0.9
+
+
+def test_grpo_scores_with_a_process_reward_model(trained, tmp_path):
+    # --process_reward_model_name_or_path: the PRM's aggregated step probabilities are a reward, after the
+    # reward model and before the functions (TRL's script order), weighted and logged like any other.
+    from posttrain.cli import main
+
+    output_dir, _ = trained
+    rows = [{"prompt": p, "answer": "0"} for p in ("2+3+4=", "1+1+5=", "7+2+1=", "3+3+3=")]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "grpo"
+    argv = ["grpo", "--model_name_or_path", str(output_dir.parent / "lm"), "--dataset_name", str(data),
+            "--output_dir", str(out), "--process_reward_model_name_or_path", str(output_dir),
+            "--process_reward_aggregation", "prod", "--reward_funcs", "format", "--reward_weights", "2.0,0.5",
+            "--max_completion_length", "6", "--per_device_train_batch_size", "8", "--num_generations", "4",
+            "--max_steps", "1", "--logging_steps", "1", "--save_steps", "0", "--disable_tqdm", "true",
+            "--report_to", "none"]  # fmt: skip
+    assert main(argv) == 0
+    logged = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert len(logged) == 8
+    scorer = prm.process_reward(str(output_dir), aggregation="prod")
+    direct = scorer(prompts=[r["prompt"] for r in logged], completions=[r["completion"] for r in logged])
+    assert [r["rewards"]["run_prod"] for r in logged] == pytest.approx(direct, rel=1e-5, abs=1e-7)
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["reward"] == pytest.approx(
+        2.0 * record["rewards/run_prod/mean"] + 0.5 * record["rewards/format/mean"], rel=1e-5, abs=1e-7
+    )
+
+
+def test_grpo_process_reward_options_are_checked(tmp_path):
+    from posttrain.rl import grpo
+
+    with pytest.raises(
+        ConfigError, match=r"process_reward_aggregation must be one of min, prod, last, got 'mean'"
+    ):
+        grpo.GRPOConfig(
+            output_dir=str(tmp_path), process_reward_model_name_or_path="x", process_reward_aggregation="mean"
+        )
+    with pytest.raises(ConfigError, match=r"reward_weights has 1 values for 2 rewards"):
+        grpo.GRPOConfig(output_dir=str(tmp_path), process_reward_model_name_or_path="x", reward_funcs=["format"],
+                        reward_weights=[1.0])  # fmt: skip
+    only_prm = grpo.GRPOConfig(output_dir=str(tmp_path), process_reward_model_name_or_path="x")
+    assert only_prm.reward_funcs == []  # no exact_match default when a model scores
+    with pytest.raises(ConfigError, match=r"process reward model '.*missing'"):
+        grpo.train(
+            grpo.GRPOConfig(
+                output_dir=str(tmp_path / "run"), process_reward_model_name_or_path=str(tmp_path / "missing")
+            )
+        )
+    assert not (tmp_path / "run").exists()

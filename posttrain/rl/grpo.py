@@ -45,6 +45,7 @@ from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
 from posttrain.rl.logger import MetricsLogger
 from posttrain.rl.logprobs import token_logprobs
 from posttrain.rl.models import disable_dropout, load_causal_lm, load_tokenizer, mix_into_reference
+from posttrain.rl.prm import AGGREGATIONS as PROCESS_REWARD_AGGREGATIONS
 
 # The embedded task: the online loops start from a 16-epoch `posttrain sft` run (`embedded_start`: 44.6 %
 # held-out exact match, 58.8 % on the train prompts, ~0.3 of sampled completions right). There GRPO raises
@@ -124,10 +125,25 @@ class OnlineConfig(TrainConfig):
         default=None,
         metadata={"help": "A sequence-classification model scoring prompt + completion, as a reward."},
     )
+    process_reward_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A process reward model (`posttrain prm`'s output) scoring each completion's steps, as a reward."
+        },
+    )
+    process_reward_aggregation: str = field(
+        default="min",
+        metadata={
+            "help": "How the process reward model's per-step probabilities become one reward: "
+            + ", ".join(PROCESS_REWARD_AGGREGATIONS)
+            + "."
+        },
+    )
     reward_weights: list[float] | None = field(
         default=None,
         metadata={
-            "help": "One weight per reward (the reward model first, then the functions, as TRL's script); none: all 1."
+            "help": "One weight per reward (the reward model, then the process reward model, then the functions, "
+            "as TRL's script orders them); none: all 1."
         },
     )
     # loss
@@ -166,7 +182,7 @@ class OnlineConfig(TrainConfig):
             value = getattr(self, name)
             if isinstance(value, str):  # names separated by commas, as on the command line
                 setattr(self, name, [v.strip() for v in value.split(",") if v.strip()])
-        if self.reward_funcs is None and self.reward_model_name_or_path is not None:
+        if self.reward_funcs is None and self.reward_models:
             self.reward_funcs = []
         fill_run_defaults(
             self,
@@ -178,9 +194,15 @@ class OnlineConfig(TrainConfig):
         self._check()
 
     def _check(self) -> None:
-        if not self.reward_funcs and self.reward_model_name_or_path is None:
+        if not self.reward_funcs and not self.reward_models:
             raise ConfigError(
-                "no reward: pass --reward_funcs (built-in names or module:function) or --reward_model_name_or_path"
+                "no reward: pass --reward_funcs (built-in names or module:function), --reward_model_name_or_path "
+                "or --process_reward_model_name_or_path"
+            )
+        if self.process_reward_aggregation not in PROCESS_REWARD_AGGREGATIONS:
+            raise ConfigError(
+                f"process_reward_aggregation must be one of {', '.join(PROCESS_REWARD_AGGREGATIONS)}, got "
+                f"{self.process_reward_aggregation!r}"
             )
         if self.num_generations < 2:
             raise ConfigError(
@@ -221,11 +243,18 @@ class OnlineConfig(TrainConfig):
             raise ConfigError(f"beta must be >= 0, got {self.beta}")
         if self.sync_ref_model and self.beta == 0:
             raise ConfigError("sync_ref_model=true but beta=0: there is no reference model to synchronise")
-        n_rewards = len(self.reward_funcs) + (self.reward_model_name_or_path is not None)
+        n_rewards = len(self.reward_funcs) + self.reward_models
         if self.reward_weights is not None and len(self.reward_weights) != n_rewards:
             raise ConfigError(
                 f"reward_weights has {len(self.reward_weights)} values for {n_rewards} rewards: give one per reward"
             )
+
+    @property
+    def reward_models(self) -> int:
+        """How many of the rewards are models (the reward model, the process reward model)."""
+        return (self.reward_model_name_or_path is not None) + (
+            self.process_reward_model_name_or_path is not None
+        )
 
     @property
     def generate_every(self) -> int:
@@ -733,6 +762,8 @@ def train_online(config, algo: Algorithm):
     reward_list = rewards.resolve(
         config.reward_funcs,
         reward_model_name_or_path=config.reward_model_name_or_path,
+        process_reward_model_name_or_path=config.process_reward_model_name_or_path,
+        process_reward_aggregation=config.process_reward_aggregation,
         device=torch.device("cuda", distributed.env_world()[2]) if torch.cuda.is_available() else None,
     )
     world = distributed.env_world()[1]

@@ -25,13 +25,9 @@ reward-function calling convention of `posttrain.rl.rewards`: each completion is
 `step_separator` (pieces that are empty or whitespace only are dropped), the model reads prompt + steps
 tokenized exactly as in training, and the per-step probabilities of "right" are aggregated by `min`
 (the weakest step, Math-Shepherd's solution score, arXiv:2312.08935), `prod` (the chance that every step
-is right, Lightman et al.'s, arXiv:2305.20050) or `last` (the final step's). A completion with no step scores 0. From the command line, a module of your own names it:
-
-    # my_rewards.py
-    from posttrain.rl.prm import process_reward
-    prm_min = process_reward("runs/prm", aggregation="min")
-
-    posttrain grpo --reward_funcs my_rewards:prm_min   (run from the folder holding my_rewards.py)
+is right, Lightman et al.'s, arXiv:2305.20050) or `last` (the final step's). A completion with no step scores
+0. On the command line: `posttrain grpo --process_reward_model_name_or_path runs/prm
+--process_reward_aggregation min` (RLOO likewise); in code, `process_reward("runs/prm")` is a reward function.
 """
 
 from __future__ import annotations
@@ -191,13 +187,7 @@ def load_stepwise_data(config: PRMConfig, tokenizer):
 
         train, evaluation = (Dataset.from_list(embedded.stepwise_rows(s)) for s in ("train", "test"))
     else:
-        train, evaluation = loading.load_splits(
-            config.dataset_name,
-            name=config.dataset_config,
-            train_split=config.dataset_train_split,
-            eval_split=config.dataset_test_split,
-            require_eval=config.dataset_test_split != "test" or bool(config.eval_steps),
-        )
+        train, evaluation = loading.config_splits(config)
     out, info = [], {}
     for split, dataset in (("train", train), ("eval", evaluation)):
         if dataset is None:

@@ -273,12 +273,15 @@ def resolve(
     reward_funcs: list,
     *,
     reward_model_name_or_path: str | None = None,
+    process_reward_model_name_or_path: str | None = None,
+    process_reward_aggregation: str = "min",
     device=None,
     reward_model_batch_size: int = 64,
     chat_template_kwargs: dict | None = None,
 ) -> list[Reward]:
-    """The rewards a run scores with, in TRL's script's order: the reward model when one is named, then each
-    of `reward_funcs` (a built-in name, an import path `package.module:function` or TRL's
+    """The rewards a run scores with, in TRL's script's order: the reward model when one is named, the process
+    reward model (`rl.prm.process_reward`, its per-step probabilities aggregated by `process_reward_aggregation`)
+    when one is named, then each of `reward_funcs` (a built-in name, an import path `package.module:function` or TRL's
     `package.module.function`, or a callable). Raises ConfigError for an entry that is unknown or does not
     import, for no reward at all, and for two rewards of one name (their metrics and logged columns would
     merge)."""
@@ -292,6 +295,16 @@ def resolve(
                 chat_template_kwargs=chat_template_kwargs,
             )
         )
+    if process_reward_model_name_or_path is not None:
+        from posttrain.rl import prm  # token-classification models: imported only when one is named
+
+        fn = prm.process_reward(
+            process_reward_model_name_or_path,
+            aggregation=process_reward_aggregation,
+            device=device,
+            batch_size=reward_model_batch_size,
+        )
+        rewards.append(Reward(callable_name(fn), fn))
     for entry in reward_funcs:
         if callable(entry):
             fn = entry
