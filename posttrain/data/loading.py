@@ -53,6 +53,19 @@ def load(source, *, name: str | None = None, split: str | None = None, data_file
     return _pick(splits, split, label)
 
 
+def config_splits(config):
+    """(train, eval) datasets named by a loop's config (dataset_name, dataset_config, dataset_train_split,
+    dataset_test_split). A split the user named, or evaluation the user asked for (eval_steps), must exist:
+    no silent skip; the default "test" split may be absent (eval is then None)."""
+    return load_splits(
+        config.dataset_name,
+        name=config.dataset_config,
+        train_split=config.dataset_train_split,
+        eval_split=config.dataset_test_split,
+        require_eval=config.dataset_test_split != "test" or bool(config.eval_steps),
+    )
+
+
 def load_splits(
     source,
     *,

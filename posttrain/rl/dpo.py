@@ -313,13 +313,7 @@ def load_preference_data(config: PreferenceConfig, tokenizer, *, command: str = 
     if config.dataset_name is None:
         train, evaluation = embedded.dataset("preference", "train"), embedded.dataset("preference", "test")
     else:
-        train, evaluation = loading.load_splits(
-            config.dataset_name,
-            name=config.dataset_config,
-            train_split=config.dataset_train_split,
-            eval_split=config.dataset_test_split,
-            require_eval=config.dataset_test_split != "test" or bool(config.eval_steps),
-        )
+        train, evaluation = loading.config_splits(config)
     out, info = [], {}
     for split, dataset in (("train", train), ("eval", evaluation)):
         if dataset is None:

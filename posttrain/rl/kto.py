@@ -141,13 +141,7 @@ def load_unpaired_data(config: KTOConfig, tokenizer):
     if config.dataset_name is None:
         splits = [embedded.dataset("unpaired_preference", split) for split in ("train", "test")]
     else:
-        splits = loading.load_splits(
-            config.dataset_name,
-            name=config.dataset_config,
-            train_split=config.dataset_train_split,
-            eval_split=config.dataset_test_split,
-            require_eval=config.dataset_test_split != "test" or bool(config.eval_steps),
-        )
+        splits = loading.config_splits(config)
     out, info = [], {}
     for split, dataset in zip(("train", "eval"), splits, strict=True):
         if dataset is None:

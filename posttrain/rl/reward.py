@@ -124,13 +124,7 @@ def load_preference_data(config: RewardConfig, tokenizer):
         )
         evaluation = embedded.dataset("preference", "test")
     else:
-        train, evaluation = loading.load_splits(
-            config.dataset_name,
-            name=config.dataset_config,
-            train_split=config.dataset_train_split,
-            eval_split=config.dataset_test_split,
-            require_eval=config.dataset_test_split != "test" or bool(config.eval_steps),
-        )
+        train, evaluation = loading.config_splits(config)
     out, info = [], {}
     for split, dataset in (("train", train), ("eval", evaluation)):
         if dataset is None:

@@ -120,14 +120,7 @@ def load_sft_data(config: SFTConfig, tokenizer):
             embedded.dataset("prompt_completion", "test"),
         )
     else:
-        train, evaluation = loading.load_splits(
-            config.dataset_name,
-            name=config.dataset_config,
-            train_split=config.dataset_train_split,
-            eval_split=config.dataset_test_split,
-            # A split the user named, or evaluation the user asked for, must exist: no silent skip.
-            require_eval=config.dataset_test_split != "test" or bool(config.eval_steps),
-        )
+        train, evaluation = loading.config_splits(config)
     tokenize = functools.partial(
         tokenization.tokenize_sft,
         tokenizer=tokenizer,
