@@ -601,3 +601,38 @@ def test_grpo_process_reward_options_are_checked(tmp_path):
             )
         )
     assert not (tmp_path / "run").exists()
+
+
+def test_grpo_refuses_a_process_reward_model_on_conversational_prompts(trained, tmp_path):
+    # Found before any work: the scorer reads plain text, so a conversational dataset would fail at the
+    # first reward call, after a whole generation.
+    from posttrain.rl import grpo
+
+    output_dir, _ = trained
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in embedded.rows("prompt_only", conversational=True)[:8]))
+    config = grpo.GRPOConfig(
+        output_dir=str(tmp_path / "run"), model_name_or_path=str(output_dir.parent / "lm"), dataset_name=str(data),
+        process_reward_model_name_or_path=str(output_dir), report_to="none",
+    )  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"process_reward_model_name_or_path: .* prompts are conversational"
+    ):
+        grpo.train(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_architecture_without_a_token_classification_head_stops_before_the_run_folder(tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(vocab_size=128, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                       max_position_embeddings=64, word_embed_proj_dim=16)  # fmt: skip
+    OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    embedded.build_tokenizer().save_pretrained(tmp_path / "opt")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in embedded.stepwise_rows("train")[:16]))
+    run = prm.PRMConfig(model_name_or_path=str(tmp_path / "opt"), dataset_name=str(data),
+                        output_dir=str(tmp_path / "run"), report_to="none")  # fmt: skip
+    with pytest.raises(ValueError, match=r"no token-classification model in transformers"):
+        prm.train(run)
+    assert not (tmp_path / "run").exists()

@@ -766,6 +766,11 @@ def train_online(config, algo: Algorithm):
         process_reward_aggregation=config.process_reward_aggregation,
         device=torch.device("cuda", distributed.env_world()[2]) if torch.cuda.is_available() else None,
     )
+    if config.process_reward_model_name_or_path is not None and is_conversation(train_rows[0]["prompt"]):
+        raise ConfigError(
+            "process_reward_model_name_or_path: a process reward model scores plain-text prompts and completions "
+            "(as `posttrain prm` trains it), but this dataset's prompts are conversational"
+        )
     world = distributed.env_world()[1]
     steps_per_epoch, total_steps = plan(len(train_rows), config, world)
     start_model = config.model_name_or_path or embedded_start()

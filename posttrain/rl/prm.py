@@ -174,10 +174,24 @@ def load_prm_model(model_name_or_path: str | None, *, seed: int = 0, dtype: torc
         except ValueError as err:
             if "Unrecognized configuration class" not in str(err):
                 raise
-            raise ValueError(
-                f"model_name_or_path={model_name_or_path!r}: its architecture has no token-classification model "
-                "in transformers (AutoModelForTokenClassification), so it cannot be a process reward model"
-            ) from None
+            raise _no_token_classification(model_name_or_path) from None
+
+
+def _no_token_classification(model_name_or_path: str) -> ValueError:
+    return ValueError(
+        f"model_name_or_path={model_name_or_path!r}: its architecture has no token-classification model "
+        "in transformers (AutoModelForTokenClassification), so it cannot be a process reward model"
+    )
+
+
+def check_token_classification(model_name_or_path: str) -> None:
+    """Raise before any work unless the checkpoint's architecture has a token-classification model."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES
+
+    config = _from_pretrained(AutoConfig.from_pretrained, model_name_or_path, "model config")
+    if config.model_type not in MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES:
+        raise _no_token_classification(model_name_or_path)
 
 
 def load_stepwise_data(config: PRMConfig, tokenizer):
@@ -349,6 +363,7 @@ def train(config: PRMConfig):
     # No model named: the embedded solver (trained once and cached). The config keeps model_name_or_path
     # None, so the embedded defaults above apply to it.
     start_model = config.model_name_or_path or embedded_start_model()
+    check_token_classification(start_model)  # an architecture without the head stops here too
     run = loop.start(config, command="prm")
     dropped = {f"{split}_{key}": value for split, counts in info.items() for key, value in counts.items()}
     run.log_info({"start_model": start_model, **dropped})
