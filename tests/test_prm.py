@@ -142,10 +142,13 @@ def test_truncation_is_trls_and_cut_steps_lose_their_label(tokenizer, limits):
         )
         for row in ROWS
     ]
-    kept = [e for e in expected if any(y != -100 for y in e[1])]  # a row without a label is dropped
+    kept = [
+        i for i, e in enumerate(expected) if any(y != -100 for y in e[1])
+    ]  # a row without a label is dropped
     assert info == {"dropped_unlabelled_rows": len(ROWS) - len(kept)}
-    assert [(r["input_ids"], r["labels"]) for r in tokenized] == kept
-    assert any(len(e[0]) < len(reference_row(tokenizer, row)[0]) for e, row in zip(kept, ROWS, strict=False))
+    assert [(r["input_ids"], r["labels"]) for r in tokenized] == [expected[i] for i in kept]
+    # the limits cut some kept row (each compared with its own untruncated tokenization)
+    assert any(len(expected[i][0]) < len(reference_row(tokenizer, ROWS[i])[0]) for i in kept)
 
 
 def test_rows_left_without_a_label_are_dropped_and_counted(tokenizer):
@@ -473,6 +476,38 @@ def test_embedded_stepwise_split_is_deterministic_disjoint_and_labelled_by_check
     assert len(solutions) == 2560 and len({r["prompt"] for r in test}) == 160
     labels = [x for r in test for x in r["labels"]]
     assert 0.6 < sum(labels) / len(labels) < 0.7
+
+
+def step_pair(step):
+    """(x, y) of a step "x+y=z"."""
+    return tuple(int(x) for x in step.split("=")[0].split("+"))
+
+
+def step_pairs_of(row):
+    return {step_pair(step) for step in row["completions"]}
+
+
+def test_embedded_stepwise_test_steps_are_unseen_in_training():
+    # a step's label depends only on its text, so a held-out step must be one no training row has
+    held_out = embedded.held_out_step_pairs()
+    assert held_out == embedded.held_out_step_pairs() != embedded.held_out_step_pairs(seed=1)
+    assert len(held_out) == 280 // 8  # one pair in 8 of x in 0..27, y in 0..9
+    train, test = embedded.stepwise_rows("train"), embedded.stepwise_rows("test")
+    assert not any(step_pairs_of(r) & held_out for r in train)  # right or wrong version
+    right_solutions = [r for r in test if all(r["labels"]) and len(r["labels"]) == r["prompt"].count("+")]
+    assert len(right_solutions) == 160 and all(step_pairs_of(r) & held_out for r in right_solutions)
+    train_steps = {s for r in train for s in r["completions"]}
+    test_steps = [s for r in test for s in r["completions"]]
+    unseen = [s for s in test_steps if step_pair(s) in held_out]
+    assert not set(unseen) & train_steps and len(unseen) > 0.4 * len(test_steps)
+    for seed in (1, 2):  # the invariant holds under any seed, not just the default's draw
+        held = embedded.held_out_step_pairs(seed)
+        assert not any(step_pairs_of(r) & held for r in embedded.stepwise_rows("train", seed))
+        assert all(
+            step_pairs_of(r) & held
+            for r in embedded.stepwise_rows("test", seed)
+            if len(r["labels"]) == r["prompt"].count("+")
+        )
 
 
 # TRL 0.19's PRMConfig (the last release with a PRM trainer): its names and defaults, which ours keep for any
