@@ -16,6 +16,7 @@ each standard (strings) or conversational (lists of `{"role", "content"}` messag
 
 from __future__ import annotations
 
+import itertools
 import random
 import string
 
@@ -249,19 +250,42 @@ def ranked_preference_rows(split: str = "train", seed: int = 0, rejected_per_pro
 STEPWISE_MAX_OPERAND = 9
 STEPWISE_TEST_PROBLEMS = 160
 STEPWISE_TRAIN_PROBLEMS = 2400
+STEPWISE_HELD_OUT_SHARE = 8  # one step pair (x, y) in 8 is held out
 
 
-def _stepwise_problems(seed: int) -> list[tuple[int, ...]]:
-    """Distinct operand tuples of 3 or 4 operands in 0..STEPWISE_MAX_OPERAND, in a fixed order (the test
-    ones first)."""
+def step_pairs(operands: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The (running sum, operand added) pair of each step of the right solution of `operands`."""
+    sums = itertools.accumulate(operands[:-1])
+    return list(zip(sums, operands[1:], strict=True))
+
+
+def held_out_step_pairs(seed: int = 0) -> set[tuple[int, int]]:
+    """The step pairs (x, y) only the test split has: one in STEPWISE_HELD_OUT_SHARE of those that can occur
+    (x up to three operands' sum, y one operand), drawn under `seed`."""
+    pairs = [(x, y) for x in range(3 * STEPWISE_MAX_OPERAND + 1) for y in range(STEPWISE_MAX_OPERAND + 1)]
+    rng = random.Random(f"{seed}-stepwise-held-out")
+    return set(rng.sample(pairs, len(pairs) // STEPWISE_HELD_OUT_SHARE))
+
+
+def _stepwise_problems(seed: int) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """Distinct operand tuples of 3 or 4 operands in 0..STEPWISE_MAX_OPERAND, in a fixed order: (train ones,
+    whose steps have no held-out pair; test ones, each with at least one)."""
+    held_out = held_out_step_pairs(seed)
     rng = random.Random(f"{seed}-stepwise-problems")
-    seen, out = set(), []
-    while len(out) < STEPWISE_TEST_PROBLEMS + STEPWISE_TRAIN_PROBLEMS:
+    seen, train, test = set(), [], []
+    while len(train) < STEPWISE_TRAIN_PROBLEMS or len(test) < STEPWISE_TEST_PROBLEMS:
         operands = tuple(rng.randint(0, STEPWISE_MAX_OPERAND) for _ in range(rng.choice((3, 4))))
-        if operands not in seen:
-            seen.add(operands)
-            out.append(operands)
-    return out
+        if operands in seen:
+            continue
+        seen.add(operands)
+        split, size = (
+            (test, STEPWISE_TEST_PROBLEMS)
+            if held_out & set(step_pairs(operands))
+            else (train, STEPWISE_TRAIN_PROBLEMS)
+        )
+        if len(split) < size:
+            split.append(operands)
+    return train, test
 
 
 def _step_mistake(rng: random.Random, x: int, y: int) -> int:
@@ -301,14 +325,20 @@ def stepwise_rows(split: str = "train", seed: int = 0) -> list[dict]:
     the first step a labeller rejected). Math-Shepherd (Wang et al. 2023, arXiv:2312.08935) instead keeps
     the later steps and labels them wrong too; we tried that here, and those later steps (right arithmetic
     on a wrong running sum) held the PRM to 0.81 held-out step accuracy after 500 steps, against 0.91 this way
-    (same start model and schedule).
+    (same start model and schedule; measured before the split held out steps).
 
-    `train` (2400 problems, ~8800 rows) and `test` (160 problems, 561 rows) hold disjoint operand tuples;
+    The split holds out steps, not just problems: a step's label depends only on its text ("7+8=15" is
+    right wherever it appears) and the steps come from a small addition table, so with problems alone held
+    out 99.6% of the test steps were, word for word, training steps, and a lookup table scored as well as
+    the PRM. So one step pair (x, y) in 8 (running sum x, operand y: `held_out_step_pairs`) is held out:
+    no training row has a step on a held-out pair, right or wrong, and every test problem has at least one
+    (42% of the test steps are on held-out pairs, the rest are seen ones after or before them).
+
+    `train` (2400 problems, 8866 rows) and `test` (160 problems, 574 rows) hold disjoint operand tuples;
     about two steps in three are right; deterministic under `seed`.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    problems = _stepwise_problems(seed)
-    problems = problems[:STEPWISE_TEST_PROBLEMS] if split == "test" else problems[STEPWISE_TEST_PROBLEMS:]
+    problems = _stepwise_problems(seed)[split == "test"]
     rng = random.Random(f"{seed}-stepwise-{split}")
     return [_solution(rng, ops, slip) for ops in problems for slip in (None, *range(len(ops) - 1))]

@@ -58,7 +58,10 @@ LABEL_NAMES = {0: "wrong", 1: "right"}
 # weights it must learn the addition table from one bit per step, and the a+b SFT model (`sft.embedded_sft_model`)
 # gets only 6% of the steps' sums right inside the longer context: from either, held-out step accuracy
 # stayed at 0.75-0.83 after 600-1200 steps (lr 3e-4 to 2e-3; measured while the task still kept the
-# steps after a mistake, see `embedded.stepwise_rows`). 7 epochs of 138 steps.
+# steps after a mistake, see `embedded.stepwise_rows`). 7 epochs of 139 steps. The start model never sees a
+# held-out step pair (it learns from the train split only), yet it writes their sums too (token accuracy
+# 0.998 on the test split's right solutions), and the PRM gets 0.997 of all test steps and 0.996 of those on held-out pairs right (497 of
+# 499; `posttrain prm` with OMP_NUM_THREADS=1).
 EMBEDDED_SFT_OPTIONS = {
     "learning_rate": 1e-3,
     "max_steps": 800,
