@@ -61,7 +61,7 @@ def local_model_folder(model_name_or_path: str) -> Path | None:
     return path
 
 
-def _from_pretrained(load, model_name_or_path: str, what: str, **kwargs):
+def load_checked(load, model_name_or_path: str, what: str, **kwargs):
     """`load` from the checked local folder or the hub id, its failure turned into one line naming the option."""
     folder = local_model_folder(model_name_or_path)
     try:
@@ -89,7 +89,7 @@ def load_tokenizer(model_name_or_path: str | None):
         return embedded.build_tokenizer()
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, model_name_or_path, "tokenizer")
+    tokenizer = load_checked(AutoTokenizer.from_pretrained, model_name_or_path, "tokenizer")
     option = f"model_name_or_path={model_name_or_path!r}"
     # transformers 5 builds an empty tokenizer from a folder without tokenizer files instead of failing.
     if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
@@ -112,7 +112,7 @@ def load_causal_lm(model_name_or_path: str | None, *, seed: int = 0, dtype: torc
         return embedded.build_model(seed=seed).to(dtype)
     from transformers import AutoModelForCausalLM
 
-    return _from_pretrained(AutoModelForCausalLM.from_pretrained, model_name_or_path, "model", dtype=dtype)
+    return load_checked(AutoModelForCausalLM.from_pretrained, model_name_or_path, "model", dtype=dtype)
 
 
 def load_reward_model(
@@ -134,7 +134,7 @@ def load_reward_model(
             model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
         else:
             try:
-                model = _from_pretrained(
+                model = load_checked(
                     AutoModelForSequenceClassification.from_pretrained,
                     model_name_or_path,
                     "model",

@@ -47,7 +47,7 @@ from posttrain.losses import registry
 from posttrain.losses.prm import IGNORE_INDEX, step_logits
 from posttrain.rl import distributed, loop, sft
 from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
-from posttrain.rl.models import _from_pretrained, disable_dropout, load_tokenizer
+from posttrain.rl.models import disable_dropout, load_checked, load_tokenizer
 
 AGGREGATIONS = ("min", "prod", "last")
 LABEL_NAMES = {0: "wrong", 1: "right"}
@@ -167,7 +167,7 @@ def load_prm_model(model_name_or_path: str | None, *, seed: int = 0, dtype: torc
             config = embedded.tiny_model_config(**labels)
             return AutoModelForTokenClassification.from_config(config, dtype=dtype)
         try:
-            return _from_pretrained(
+            return load_checked(
                 AutoModelForTokenClassification.from_pretrained,
                 model_name_or_path,
                 "model",
@@ -192,7 +192,7 @@ def check_token_classification(model_name_or_path: str) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES
 
-    config = _from_pretrained(AutoConfig.from_pretrained, model_name_or_path, "model config")
+    config = load_checked(AutoConfig.from_pretrained, model_name_or_path, "model config")
     if config.model_type not in MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES:
         raise _no_token_classification(model_name_or_path)
 
