@@ -243,7 +243,8 @@ def kto_step_loss(model, batch, num_items, *, config: KTOConfig, ref_model=None,
     logps = _sums(out.logps, batch)
     if with_kl:
         with torch.no_grad():  # the reference point carries no gradient (TRL runs this forward so too)
-            kl_logps = _sums(token_logprobs(model, _kl_batch(batch)).logps, _kl_batch(batch))
+            kl = _kl_batch(batch)
+            kl_logps = _sums(token_logprobs(model, kl).logps, kl)
 
     if "ref_logps" in batch:
         ref_logps, ref_kl_logps = batch["ref_logps"], batch.get("ref_kl_logps")
