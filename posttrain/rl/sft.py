@@ -22,7 +22,7 @@ import torch
 
 from posttrain.data import collate, embedded, loading, tokenization
 from posttrain.losses import registry
-from posttrain.rl import distributed, loop
+from posttrain.rl import distributed, loop, lora
 from posttrain.rl.config import ConfigError, TrainConfig, config_dict, fill_run_defaults, save_config
 from posttrain.rl.logprobs import token_logprobs
 from posttrain.rl.models import load_causal_lm, load_tokenizer
@@ -182,7 +182,9 @@ def train(config: SFTConfig):
     loop.plan_steps(len(train_rows), config, distributed.env_world()[1])  # too few rows: stop here
     run = loop.start(config, command="sft")
     run.log_info({f"{split}_{key}": value for split, counts in info.items() for key, value in counts.items()})
-    model = load_causal_lm(config.model_name_or_path, seed=config.seed)
+    model = load_causal_lm(
+        config.model_name_or_path, seed=config.seed, quantization=lora.quantization(config, run.device)
+    )
 
     eval_fn = None
     if config.dataset_name is None:
