@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command == "compare":  # runs another command's options through posttrain and TRL
+        from posttrain import compare
+
+        return compare.main(rest)
     if command not in COMMANDS:
         print(f"posttrain: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
