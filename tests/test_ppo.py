@@ -263,3 +263,33 @@ def test_the_completions_log_and_metrics(tmp_path, start, prompts):
     assert first["objective/scores"] == pytest.approx(format_mean - (8 - first["val/num_eos_tokens"]) / 8)
     assert first["objective/kl"] == 0.0  # the first update samples from the reference itself
     assert first["objective/rlhf_reward"] == pytest.approx(first["objective/scores"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The embedded task
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ppo_raises_the_score_on_the_embedded_task(tmp_path):
+    """The default run (the embedded RL start, exact match, 128 prompts per update), cut to 40 updates (~30 s,
+    plus ~20 s to train the start once per session). Measured: sampled score 0.388 over the first 10 updates,
+    0.455 over the last 10; KL to the reference at most 0.28 nats per completion; explained variance -0.17 at
+    the first update (a fresh value head), 0.094 over the last 10; held-out exact match 44.6 % -> 53.6 %."""
+    out = tmp_path / "run"
+    argv = ["ppo", "--output_dir", str(out), "--max_steps", "40", "--save_steps", "0", "--disable_tqdm", "true",
+            "--report_to", "none"]  # fmt: skip
+    assert main(argv) == 0
+    records = [r for r in metrics(out) if "objective/scores" in r]
+    assert len(records) == 40
+
+    def mean(key, rows):
+        return sum(r[key] for r in rows) / len(rows)
+
+    first, last = records[:10], records[-10:]
+    assert mean("objective/scores", last) > mean("objective/scores", first) + 0.04
+    assert max(r["objective/kl"] for r in records) < 0.5  # nats per completion (k1, summed over its tokens)
+    assert records[0]["val/explained_variance"] < 0 < mean("val/explained_variance", last)
+    info = json.loads((out / "run_info.json").read_text())
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["eval_exact_match"] > info["start_eval_exact_match"]  # held-out greedy answers too

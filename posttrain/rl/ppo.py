@@ -40,6 +40,7 @@ num_mini_batches > 1 spans mini-batches); the embedded task stops at eos by defa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -59,14 +60,19 @@ from posttrain.rl.logprobs import token_logprobs
 from posttrain.rl.models import disable_dropout, load_causal_lm, load_reward_model, load_tokenizer
 
 # The embedded task (prompts "a+b=", answers of one or two digits then eos) from the embedded RL start
-# (`grpo.embedded_start`, ~0.3 of sampled answers right). Measured with OMP_NUM_THREADS=1 on this machine's
-# shared CPU: see EMBEDDED_NOTE in the run defaults below.
+# (`grpo.embedded_start`: 44.6 % held-out greedy exact match). Measured with OMP_NUM_THREADS=1 on the shared
+# 2-core machine: the defaults below (124 updates of 128 prompts, ~90 s) raise the sampled score, means over
+# sixths of the run, 0.41 -> 0.47 -> 0.49 -> 0.52 -> 0.54 -> 0.55, and held-out exact match to 55.4 %, with KL
+# to the reference <= 0.4 nats per completion and explained variance ~0.2 by the end. 32 or 64 prompts per
+# update rise less in the same time; lr 1e-4 drops the score to ~0.2 within 5 updates (warmup does not save
+# it), 3e-4 collapses. The first ~10 updates dip a little while the fresh value head learns the score's scale
+# (explained variance < 0 until then).
 EMBEDDED_MODEL_LEARNING_RATE = 3e-5
 PRETRAINED_LEARNING_RATE = 5e-5  # TrainingArguments' default, which TRL's PPOConfig kept
 #                                     embedded task   any other data (TRL's defaults)
 RUN_DEFAULTS = {
-    "per_device_train_batch_size": (32, 8),
-    "num_train_epochs": (1.0, 3.0),
+    "per_device_train_batch_size": (128, 8),
+    "num_train_epochs": (20.0, 3.0),
     "response_length": (4, 53),
     "stop_token": ("eos", None),
     "reward_funcs": (["exact_match"], None),
@@ -118,11 +124,11 @@ class PPOConfig(TrainConfig):
     )
     per_device_train_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Prompts per micro-batch per process; none: 32 on the embedded task, else 8."},
+        metadata={"help": "Prompts per micro-batch per process; none: 128 on the embedded task, else 8."},
     )
     num_train_epochs: float | None = field(
         default=None,
-        metadata={"help": "Passes over the prompts when total_episodes is unset; none: 1 embedded, else 3."},
+        metadata={"help": "Passes over the prompts when total_episodes is unset; none: 20 embedded, else 3."},
     )
     total_episodes: int | None = field(
         default=None,
@@ -286,6 +292,14 @@ class PolicyAndValue(torch.nn.Module):
     def __init__(self, policy: torch.nn.Module, value: torch.nn.Module):
         super().__init__()
         self.policy, self.value = policy, value
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Both DDP wrappers' no_sync (what `distributed.no_sync` enters on all but a step's last micro-batch)."""
+        with contextlib.ExitStack() as stack:
+            for module in (self.policy, self.value):
+                stack.enter_context(distributed.no_sync(module, skip=True))
+            yield
 
 
 def token_values(value_model, batch: dict) -> torch.Tensor:
