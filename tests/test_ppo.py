@@ -177,6 +177,35 @@ def test_num_mini_batches_not_dividing_the_batch_is_named(tmp_path, start, promp
     assert not out.exists()
 
 
+def test_a_reward_model_scores_and_starts_the_value_model(tmp_path, tokenizer, start, prompts):
+    reward = save_classifier(tmp_path / "rm", tokenizer, num_labels=1)
+    out = tmp_path / "run"
+    assert (
+        main(
+            argv_for(
+                out,
+                start,
+                prompts,
+                "--reward_model_path",
+                reward,
+                "--reward_funcs",
+                "none",
+                "--max_steps",
+                "1",
+            )
+        )
+        == 0
+    )
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["value_model"] == reward  # TRL's script: the value model starts as the reward model
+    first = metrics(out)[0]
+    assert first["objective/scores"] == pytest.approx(first["rewards/rm/mean"], rel=1e-6)
+    rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert first["objective/scores"] == pytest.approx(
+        sum(r["rewards"]["rm"] for r in rows) / len(rows), rel=1e-5
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The value model
 # ---------------------------------------------------------------------------------------------------------
