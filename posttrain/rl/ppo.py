@@ -25,9 +25,11 @@ the schedule over updates, as TRL steps its scheduler once per update. Metrics (
 objective/kl, objective/entropy, objective/non_score_reward, objective/rlhf_reward, objective/scores (sums
 over each completion's tokens, means over completions), policy/approxkl_avg, policy/clipfrac_avg,
 policy/entropy_avg, loss/policy_avg, loss/value_avg, val/clipfrac_avg, val/ratio, val/ratio_var (means and
-variance over the update's micro-batches), val/num_eos_tokens, val/explained_variance (of the rollout's
-values for the returns, 1 - Var(returns - values) / Var(returns)), episode; and loss, grad_norm (means over
-the update's optimizer steps), learning_rate, num_tokens, rewards/<func>/mean, completions/*.
+variance over the update's micro-batches), val/num_eos_tokens (completions holding an eos, all processes),
+val/explained_variance (of the rollout's values for the returns, 1 - Var(returns - values) / Var(returns)),
+episode; and loss, grad_norm (means over the update's optimizer steps), learning_rate, num_tokens,
+rewards/<func>/mean, completions/*. Every logging_steps, the update's rows go to completions.jsonl (prompt,
+completion, rewards, and as "advantage" the completion's mean whitened advantage).
 
 Departures from TRL, by choice: the score lands on the completion's last token (TRL puts it one position past
 the stop token whenever the batch is wider than the completion, so a value past the stop token is trained);
@@ -36,6 +38,10 @@ are 0, 1 and the entropy after the completion); objective/entropy sums over comp
 -1 per padding position, its INVALID_LOGPROB); temperature is used as given (TRL adds 1e-7); each mini-batch
 is one optimizer step (TRL's accelerate steps every gradient_accumulation_steps micro-batches, which with
 num_mini_batches > 1 spans mini-batches); the embedded task stops at eos by default (stop_token "eos").
+
+With no arguments PPO runs on the embedded task from the embedded RL start, scored by the exact_match reward
+function: no embedded reward model is cached anywhere (`posttrain rm` writes one into its own run folder), so
+there is none to default to; pass --reward_model_path runs/rm to use one.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ from posttrain.rl.models import disable_dropout, load_causal_lm, load_reward_mod
 # 2-core machine: the defaults below (124 updates of 128 prompts, ~90 s) raise the sampled score, means over
 # sixths of the run, 0.41 -> 0.47 -> 0.49 -> 0.52 -> 0.54 -> 0.55, and held-out exact match to 55.4 %, with KL
 # to the reference <= 0.4 nats per completion and explained variance ~0.2 by the end. 32 or 64 prompts per
-# update rise less in the same time; lr 1e-4 drops the score to ~0.2 within 5 updates (warmup does not save
+# update rise less in the same time; at 32 prompts per update lr 1e-4 drops the score to ~0.2 within 5 updates (warmup does not save
 # it), 3e-4 collapses. The first ~10 updates dip a little while the fresh value head learns the score's scale
 # (explained variance < 0 until then).
 EMBEDDED_MODEL_LEARNING_RATE = 3e-5
