@@ -206,6 +206,22 @@ def test_a_reward_model_scores_and_starts_the_value_model(tmp_path, tokenizer, s
     )
 
 
+def test_an_on_policy_step_has_ratio_one(tmp_path, start, prompts):
+    """One optimizer step per update: the policy that scores the batch is the one that sampled it, so every
+    ratio is 1 (old log-probs at the same temperature, the same tokens), nothing is clipped, and the policy
+    loss is minus the mean whitened advantage over the one micro-batch: 0."""
+    out = tmp_path / "run"
+    argv = argv_for(out, start, prompts, "--num_ppo_epochs", "1", "--num_mini_batches", "1",
+                    "--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "8")  # fmt: skip
+    assert main(argv) == 0
+    first = metrics(out)[0]
+    assert first["val/ratio"] == pytest.approx(1.0, abs=1e-6) and first["val/ratio_var"] == 0.0
+    assert first["policy/approxkl_avg"] == pytest.approx(0.0, abs=1e-10)
+    assert first["policy/clipfrac_avg"] == 0.0 and first["val/clipfrac_avg"] == 0.0
+    assert first["loss/policy_avg"] == pytest.approx(0.0, abs=1e-6)
+    assert first["loss"] == pytest.approx(0.1 * first["loss/value_avg"], abs=1e-7)  # vf_coef 0.1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The value model
 # ---------------------------------------------------------------------------------------------------------

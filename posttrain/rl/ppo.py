@@ -434,10 +434,12 @@ class Experience:
 
 def make_experience(
     config: PPOConfig, models: PolicyAndValue, ref_model, tokenizer, reward_list, rows, *, stop_token_id,
-    generator=None, trainer_state=None, row_offset: int = 0,
+    generator=None, trainer_state=None, row_offset: int = 0, autocast=contextlib.nullcontext,
 ) -> Experience:  # fmt: skip
     """One completion per row of `rows` (dicts with prompt, prompt_ids and the reward functions' columns),
-    scored, with its per-token log-probs, values, rewards, advantages and returns (no gradient)."""
+    scored, with its per-token log-probs, values, rewards, advantages and returns (no gradient). `autocast`:
+    the context the training forwards run in (`Run.autocast`), so that the old log-probs and values are
+    computed in the precision the update recomputes them in (a ratio of exactly 1 on-policy)."""
     prompt_ids = [row["prompt_ids"] for row in rows]
     ro = rollout.generate(
         models.policy, prompt_ids, max_completion_length=config.response_length, temperature=config.temperature,
@@ -448,9 +450,10 @@ def make_experience(
     mask = ro.completion_mask.to(torch.float32)
     size = config.local_rollout_forward_batch_size
     logps_of = functools.partial(_logps, temperature=config.temperature)
-    old_logps = _chunked(logps_of, models.policy, batch, size)[:, -W:]
-    ref_logps = _chunked(logps_of, ref_model, batch, size)[:, -W:]
-    old_values = _chunked(token_values, models.value, batch, size)[:, -W:]
+    with autocast():
+        old_logps = _chunked(logps_of, models.policy, batch, size)[:, -W:]
+        ref_logps = _chunked(logps_of, ref_model, batch, size)[:, -W:]
+        old_values = _chunked(token_values, models.value, batch, size)[:, -W:]
 
     prompts = [row["prompt"] for row in rows]
     completions = grpo.completion_texts(tokenizer, prompts, ro)
@@ -592,7 +595,7 @@ def ppo_update(run, models, ref_model, optimizer, scheduler, tokenizer, reward_l
     generator = torch.Generator(run.device).manual_seed(seed + run.rank)
     experience = make_experience(
         config, models, ref_model, tokenizer, reward_list, rows, stop_token_id=stop_token_id,
-        generator=generator, trainer_state=trainer_state, row_offset=run.rank * len(rows),
+        generator=generator, trainer_state=trainer_state, row_offset=run.rank * len(rows), autocast=run.autocast,
     )  # fmt: skip
     metrics = train_on(run, models, optimizer, scheduler, experience.batch, config, guard, seed + run.rank)
     return experience, metrics
