@@ -160,6 +160,16 @@ def test_a_value_model_with_another_tokenizer_is_named(tmp_path, start, prompts,
     assert not out.exists()
 
 
+def test_a_value_model_without_a_sequence_classifier_is_named(tmp_path, start, prompts, capsys):
+    from transformers import ViTConfig
+
+    ViTConfig().save_pretrained(tmp_path / "vit")
+    out = tmp_path / "run"
+    assert main(argv_for(out, start, prompts, "--value_model_path", str(tmp_path / "vit"))) == 2
+    assert "its architecture (vit) has no sequence-classification model" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_stop_token_the_tokenizer_does_not_know_is_named(tmp_path, tokenizer, start, prompts, capsys):
     out = tmp_path / "run"
     assert main(argv_for(out, start, prompts, "--stop_token_id", "999")) == 2

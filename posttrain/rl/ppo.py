@@ -370,13 +370,23 @@ def value_model_source(config: PPOConfig, start_model: str) -> tuple[str, str]:
 
 
 def check_value_model(path: str, option: str, tokenizer, start_model: str) -> None:
-    """The value model reads the policy's token ids: its tokenizer must be the policy's; a trained head one label."""
+    """The value model is a sequence classifier reading the policy's token ids: its architecture must have one,
+    its tokenizer must be the policy's, and a trained head must have one label."""
     from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
+    try:
+        value_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{option}={path!r}: {' '.join(str(err).split())}") from err
+    if value_config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        raise ConfigError(
+            f"{option}={path!r}: its architecture ({value_config.model_type}) has no sequence-classification model "
+            "in transformers (AutoModelForSequenceClassification), so it cannot be a value model"
+        )
     if path == start_model:
         return
     try:
-        value_config = AutoConfig.from_pretrained(path)
         value_tokenizer = load_tokenizer(path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{option}={path!r}: {' '.join(str(err).split())}") from err
