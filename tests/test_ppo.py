@@ -258,6 +258,54 @@ def test_token_values_are_the_value_of_the_state_before_each_token(start, tokeni
                 assert float(values[i, t]) == pytest.approx(float(want), rel=1e-5, abs=1e-6)
 
 
+def test_the_step_loss_equals_a_plain_computation_from_the_models_logits(start, tokenizer):
+    """`ppo_step_loss` (fused log-probs, hooked values, sliced completion columns) against the models' own full
+    logits and hidden states, read token by token: loss and gradients of both models, float32, rel 1e-5."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(start)
+    value = load_reward_model(start, pad_token_id=tokenizer.pad_token_id, seed=1)
+    prompt_ids = [[5, 6, 7], [8, 9], [10, 11, 12]]
+    completion = torch.tensor([[20, 21, 2, 0], [22, 23, 24, 25], [26, 2, 0, 0]])  # stopped, never, stopped
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    ro = rollout.Rollout(completion, mask, torch.zeros(3, 4), torch.tensor([True, False, True]))
+    batch = rollout.training_batch(prompt_ids, ro, num_generations=1, pad_token_id=tokenizer.pad_token_id)
+    m = mask.float()
+    batch.update(
+        old_logps=(-torch.rand(3, 4) * 5) * m, old_values=torch.randn(3, 4) * m,
+        advantages=torch.randn(3, 4) * m, returns=torch.randn(3, 4) * m,
+    )  # fmt: skip
+    config = ppo.PPOConfig(dataset_name="unused", reward_funcs=["format"], cliprange=0.5, cliprange_value=0.3)
+    models = ppo.PolicyAndValue(policy, value)
+    loss, _ = ppo.ppo_step_loss(models, batch, 2, config=config)  # a micro-batch of 2 in its step
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in models.named_parameters()}
+    models.zero_grad()
+
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    logits = policy(**inputs).logits / config.temperature
+    hidden = value.model(**inputs).last_hidden_state
+    P = batch["input_ids"].shape[1] - 4
+    pg_terms, vf_terms = [], []
+    for i in range(3):
+        for t in range(int(mask[i].sum())):
+            position = P + t  # the completion token's column; it is predicted from the column before
+            logp = torch.log_softmax(logits[i, position - 1], -1)[batch["input_ids"][i, position]]
+            ratio = torch.exp(logp - batch["old_logps"][i, t])
+            a = batch["advantages"][i, t]
+            pg_terms.append(torch.maximum(-a * ratio, -a * ratio.clamp(0.5, 1.5)))
+            v = value.score(hidden[i, position - 1])[0]
+            old, ret = batch["old_values"][i, t], batch["returns"][i, t]
+            clipped = torch.clamp(v, old - 0.3, old + 0.3)
+            vf_terms.append(0.5 * torch.maximum((v - ret) ** 2, (clipped - ret) ** 2))
+    want = (sum(pg_terms) / len(pg_terms) + config.vf_coef * sum(vf_terms) / len(vf_terms)) / 2
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    for name, p in models.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A killed run resumes exactly; what it saves
 # ---------------------------------------------------------------------------------------------------------
