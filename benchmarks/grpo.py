@@ -261,9 +261,7 @@ def run_ours(args) -> dict:
                 online_dpo.OnlineDPOConfig(**common_options, **online, loss_type="sigmoid", beta=0.1)
             )
         else:
-            from posttrain.rl import ppo
-
-            from posttrain.rl import models
+            from posttrain.rl import models, ppo
 
             # the reward model's tokenizer is loaded from its folder inside rewards.py (a function-level import)
             ppo.load_tokenizer = models.load_tokenizer = grpo.load_tokenizer
