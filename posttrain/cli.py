@@ -22,6 +22,7 @@ COMMANDS = {
     "orpo": ("posttrain.rl.orpo", "ORPOConfig"),
     "grpo": ("posttrain.rl.grpo", "GRPOConfig"),
     "rloo": ("posttrain.rl.rloo", "RLOOConfig"),
+    "online_dpo": ("posttrain.rl.online_dpo", "OnlineDPOConfig"),
 }
 
 USAGE = "usage: posttrain <command> [--config file.yaml] [--key value ...] [--help]\ncommands: " + ", ".join(
