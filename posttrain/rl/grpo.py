@@ -239,15 +239,18 @@ class OnlineConfig(TrainConfig):
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if self.num_iterations < 1:
             raise ConfigError(f"num_iterations must be >= 1, got {self.num_iterations}")
-        if self.beta < 0:
-            raise ConfigError(f"beta must be >= 0, got {self.beta}")
-        if self.sync_ref_model and self.beta == 0:
-            raise ConfigError("sync_ref_model=true but beta=0: there is no reference model to synchronise")
+        self._check_beta()
         n_rewards = len(self.reward_funcs) + self.reward_models
         if self.reward_weights is not None and len(self.reward_weights) != n_rewards:
             raise ConfigError(
                 f"reward_weights has {len(self.reward_weights)} values for {n_rewards} rewards: give one per reward"
             )
+
+    def _check_beta(self) -> None:
+        if self.beta < 0:
+            raise ConfigError(f"beta must be >= 0, got {self.beta}")
+        if self.sync_ref_model and self.beta == 0:
+            raise ConfigError("sync_ref_model=true but beta=0: there is no reference model to synchronise")
 
     @property
     def reward_models(self) -> int:

@@ -154,11 +154,6 @@ class OnlineDPOConfig(grpo.OnlineConfig):
         super()._check()
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
-        if isinstance(self.beta, str):
-            self.beta = [float(v) for v in self.beta.split(",")]
-        betas = self.beta if isinstance(self.beta, list) else [self.beta]
-        if not betas or not all(b > 0 for b in betas):
-            raise ConfigError(f"beta must be > 0 (every value of a per-epoch list), got {self.beta}")
         if self.missing_eos_penalty is not None and not self.missing_eos_penalty >= 0:
             raise ConfigError(f"missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
         if self.max_length is not None and not self.max_length > self.max_completion_length:
@@ -166,6 +161,13 @@ class OnlineDPOConfig(grpo.OnlineConfig):
                 f"max_length={self.max_length} must exceed max_completion_length={self.max_completion_length}: "
                 "the prompt would be cut away entirely"
             )
+
+    def _check_beta(self) -> None:
+        if isinstance(self.beta, str):
+            self.beta = [float(v) for v in self.beta.split(",")]
+        betas = self.beta if isinstance(self.beta, list) else [self.beta]
+        if not betas or not all(b > 0 for b in betas):
+            raise ConfigError(f"beta must be > 0 (every value of a per-epoch list), got {self.beta}")
 
     @property
     def completions_per_device(self) -> int:
