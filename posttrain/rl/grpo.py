@@ -636,13 +636,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The online loop (GRPO and RLOO)
+# The online loop (GRPO, RLOO, Online DPO)
 # ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Algorithm:
-    """What tells RLOO's loop from GRPO's: the command, its batch preparation and its micro-batch loss."""
+    """What tells one online loop from another (GRPO, RLOO, Online DPO): the command, its batch preparation
+    and its micro-batch loss."""
 
     command: str
     prepare_batch: object  # as `prepare_batch`
@@ -767,7 +768,7 @@ EMBEDDED_START_EPOCHS = 16.0
 
 
 def train_online(config, algo: Algorithm):
-    """Run an online loop (GRPO, RLOO) to the end; returns the run."""
+    """Run an online loop (GRPO, RLOO, Online DPO) to the end; returns the run."""
     tokenizer = load_tokenizer(config.model_name_or_path)
     train_rows, eval_rows = load_prompts(config, tokenizer, algo.command)
     # a module:function that does not import stops here, before the run folder is written
