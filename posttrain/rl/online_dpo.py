@@ -69,10 +69,11 @@ LOSS_TYPES = ("sigmoid", "ipo")  # TRL's OnlineDPOConfig choices, both registere
 # of the number) did not learn faster. What makes the score rise is the step's size and beta: at TRL's
 # beta 0.1, lr 1e-4 drops held-out exact match to 10 % within 3 steps and lr 1e-5 to 3e-5 leaves the
 # sampled score flat over 150 steps; at beta 1 (its sigmoid saturates sooner, pair by pair), 64 prompts a
-# step and lr 1e-4 after 10 warmup steps, 50 epochs of the 788 train prompts (600 steps; 81 s of CPU time, 2.7 min wall here)
-# raise objective/scores 0.33 -> 0.45 (means of 100 steps) and held-out exact match 44.6 % -> 56.2 % (58.9 %
-# at step 400, after a dip to 43 % at step 100); 25 epochs: 0.33 -> 0.41 and 50.9 %. Held-out greedy exact
-# match moves by +-5 points from step to step (112 problems, answers that differ by a digit).
+# step and lr 1e-4 after 10 warmup steps, 50 epochs of the 788 train prompts (600 steps; 81 s of CPU time,
+# 2.7 min wall here) raise objective/scores 0.33 -> 0.45 (means of 100 steps) and held-out exact match
+# 44.6 % -> 56.2 % (58.9 % at step 400, after a dip to 43 % at step 100); 25 epochs: 0.33 -> 0.41 and
+# 50.9 %. Held-out greedy exact match moves by +-5 points from step to step (112 problems, answers that
+# differ by a digit).
 EMBEDDED_MODEL_LEARNING_RATE = 1e-4
 PRETRAINED_LEARNING_RATE = 5e-7  # TRL's OnlineDPOConfig default
 #                                     embedded task   any other data (TRL's defaults)
