@@ -186,7 +186,8 @@ def our_step(name, models, tokenizer, reward_model, prompt_ids, tmp_path) -> dic
     completions, _, _, reward_options, scorers = case_inputs(name, tokenizer, reward_model)
     micro_batches = run.get("micro_batches", 1)
     config = online_dpo.OnlineDPOConfig(
-        output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=len(PROMPTS) // micro_batches,
+        output_dir=str(tmp_path), report_to="none", dataset_name="unused",  # TRL's defaults, not the embedded task's
+        per_device_train_batch_size=len(PROMPTS) // micro_batches,
         gradient_accumulation_steps=micro_batches, max_completion_length=MAX_NEW_TOKENS,
         **{**reward_options, **options},
     )  # fmt: skip
