@@ -193,14 +193,15 @@ def test_resume_continues_exactly(tmp_path, start, prompts):
 @pytest.mark.slow
 def test_the_embedded_run_raises_its_score(tmp_path):
     """`posttrain online_dpo` with its embedded defaults (from the cached SFT start, exact_match, beta 1,
-    64 prompts a step, lr 1e-4), 25 epochs = 300 steps (~40 s of one CPU core): the sampled score on the train
-    prompts rises from ~0.33 to ~0.41 (means of 50 steps; ~0.01 is the noise of such a mean)."""
+    64 prompts a step, lr 1e-4 after 10 warmup steps) cut to 200 steps (~30 s of one CPU core): the sampled
+    score on the train prompts rises from 0.334 to 0.391 (means of 50 steps: 0.334, 0.342, 0.383, 0.391 here;
+    ~0.01 is the noise of such a mean)."""
     out = tmp_path / "embedded"
-    argv = ["online_dpo", "--output_dir", str(out), "--num_train_epochs", "25", "--eval_steps", "0",
+    argv = ["online_dpo", "--output_dir", str(out), "--max_steps", "200", "--eval_steps", "0",
             "--save_steps", "0", "--disable_tqdm", "true", "--report_to", "none"]  # fmt: skip
     assert main(argv) == 0
     scores = [r["objective/scores"] for r in metrics(out) if "objective/scores" in r]
-    assert len(scores) == 300
-    means = [sum(scores[i : i + 50]) / 50 for i in range(0, 300, 50)]
-    assert means[-1] > means[0] + 0.05, means
-    assert means[-2] > means[1] + 0.03, means  # a trend, not one lucky window
+    assert len(scores) == 200
+    means = [sum(scores[i : i + 50]) / 50 for i in range(0, 200, 50)]
+    assert means[3] > means[0] + 0.04, means
+    assert min(means[2:]) > max(means[:2]) + 0.02, means  # a trend, not one lucky window
