@@ -36,16 +36,17 @@ Departures from TRL 1.16, by choice:
   pairs); TRL 1.16 back-propagates each micro-batch's mean unscaled, so its gradient (and grad_norm, and what
   max_grad_norm clips) is gradient_accumulation_steps times that, while it logs the mean.
 - A list of betas (one per epoch, the last for the rest) takes the entry of the epoch the step is in; TRL
-  1.16 indexes its list with the trainer's float epoch, which raises for a list of more than one beta.
+  1.16 indexes its list with the trainer's float epoch, which raises from the second step on.
 - With gradient_accumulation_steps > 1, max_length cuts the prompts of the whole step's generation batch
   to one width (TRL cuts each micro-batch's to its own); it only matters for prompts that do not fit.
 - A row no reward scores stops the run naming it (`rewards.score`); TRL scores it 0.
 
-Timing one step on a given batch of prompts (what a benchmark against TRL's `training_step` needs):
-`grpo.Generations(...)` with `algorithm()` makes the step's micro-batches from the prompts (generation,
-rewards, ranking, reference log-probs), and `loop.accumulate(run, model, optimizer, scheduler, micro_batches,
-partial(online_dpo_step_loss, config=config), partial(units, config))` runs the forward, backward and
-optimizer step; `train_online`'s loop body shows the two calls together.
+Timing a step against TRL's (a benchmark, as benchmarks/grpo.py times GRPO): run `train` with max_steps =
+warmup + steps on a jsonl of the prompts and stamp each `loop.accumulate` (the optimizer step). Between two
+stamps the loop does exactly one step's work: `rollout.generate` (2 completions per prompt), the rewards,
+`prepare_batch` (ranking, the reference's forward through `grpo.policy_logps`), then `loop.accumulate` (the
+policy's forward and backward over chosen + rejected, AdamW). TRL's step is `training_step` per micro-batch
+(generate, the policy's and the reference's forwards, rewards, loss, backward) and its optimizer step.
 """
 
 from __future__ import annotations
