@@ -169,6 +169,20 @@ def test_metrics_completions_log_and_the_beta_schedule(tmp_path, start, prompts)
     assert records[0]["objective/scores"] == pytest.approx(sum(scores) / len(scores), rel=1e-5)
 
 
+def test_accumulated_micro_batches_give_the_whole_batch_step(tmp_path, start, prompts):
+    # 8 prompts a step either way: one generation of 16 completions, as 1 micro-batch or 2 (pairs shuffled)
+    whole = metrics(
+        run(tmp_path, "whole", start, prompts, "--per_device_train_batch_size", "8", "--max_steps", "2")
+    )
+    split = metrics(
+        run(tmp_path, "split", start, prompts, "--per_device_train_batch_size", "4",
+            "--gradient_accumulation_steps", "2", "--max_steps", "2")
+    )  # fmt: skip
+    for a, b in zip(whole, split, strict=True):
+        for key in a.keys() - {"epoch"}:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
 def test_resume_continues_exactly(tmp_path, start, prompts):
     whole = metrics(run(tmp_path, "whole", start, prompts))
     out = run(tmp_path, "half", start, prompts, "--save_steps", "2")
