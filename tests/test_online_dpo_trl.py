@@ -24,6 +24,7 @@ log-ratios (and rewards/accuracies) are not trivially 0. A case built on a base 
 option changes TRL's gradients, so that no case passes vacuously.
 """
 
+import copy
 import math
 
 import pytest
@@ -208,7 +209,7 @@ def our_step(name, models, tokenizer, reward_model, prompt_ids, tmp_path) -> dic
     )
     metrics = batch.pop("metrics")
     batch.pop("log_columns")
-    model = __import__("copy").deepcopy(policy)
+    model = copy.deepcopy(policy)
     micro = grpo.split_batch(batch, micro_batches)
     num_items = sum(torch.as_tensor(pieces.units(config, part)) for part in micro)
     loss = torch.zeros(())
