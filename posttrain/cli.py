@@ -23,6 +23,7 @@ COMMANDS = {
     "grpo": ("posttrain.rl.grpo", "GRPOConfig"),
     "rloo": ("posttrain.rl.rloo", "RLOOConfig"),
     "ppo": ("posttrain.rl.ppo", "PPOConfig"),
+    "online_dpo": ("posttrain.rl.online_dpo", "OnlineDPOConfig"),
 }
 
 USAGE = "usage: posttrain <command> [--config file.yaml] [--key value ...] [--help]\ncommands: " + ", ".join(
