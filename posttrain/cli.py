@@ -67,7 +67,7 @@ def _positional_options(command: str, argv: list[str]) -> list[str]:
         raise ConfigError(
             f"{shown}: {next(p for p in positional if ',' in p)!r} has a comma, which separates list items"
         )
-    if any(a.partition("=")[0].replace("-", "_") == f"--{option}" for a in rest):
+    if any(a.partition("=")[0].lstrip("-").replace("-", "_") == option for a in rest):
         raise ConfigError(f"{shown} given both as a positional argument and as --{option}")
     return [f"--{option}={','.join(positional)}", *rest]
 

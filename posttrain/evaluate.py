@@ -191,8 +191,8 @@ class EvalConfig:
 @dataclass
 class Evaluation:
     """summary: the numbers printed and written (plus what was evaluated); records: one dict per completion,
-    each prompt's G completions adjacent (prompt, completion, completion_length, finished, rewards, kl when a
-    reference was given, and the row's other dataset columns)."""
+    each prompt's G completions adjacent (prompt, completion, completion_ids (the stop token included),
+    finished, rewards, kl when a reference was given, and the row's other dataset columns)."""
 
     summary: dict
     records: list[dict] = field(repr=False)
@@ -303,7 +303,7 @@ def evaluate(
     summary["completions/clipped_ratio"] = sum(not f for f in finished) / len(finished)
     records = []
     for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        record = {"prompt": prompt, "completion": completion, "completion_length": int(lengths[i])}
+        record = {"prompt": prompt, "completion": completion, "completion_ids": ids[i]}
         record["finished"] = bool(finished[i])
         record["rewards"] = {
             n: None if math.isnan(v) else v for n, v in zip(names, values[i].tolist(), strict=True)
@@ -354,7 +354,8 @@ def output_path(config: EvalConfig) -> Path:
 
 
 def check_reward_model(path: str) -> None:
-    """A reward model has one label: its score (a classifier of several would load with a mismatched head)."""
+    """A reward model has one label, its score: a classifier of several would fail to load with a message about
+    mismatched weights."""
     from transformers import AutoConfig
 
     option = "reward_model_name_or_path"
@@ -362,7 +363,8 @@ def check_reward_model(path: str) -> None:
         config = load_checked(AutoConfig.from_pretrained, path, "config")
     except (ValueError, OSError) as err:
         raise _option_error(option, err) from err
-    if config.num_labels != 1:
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    if classifier and config.num_labels != 1:  # a causal LM (num_labels 2 by default) is refused by `resolve`
         raise ConfigError(
             f"{option}={path!r}: the model has {config.num_labels} labels (num_labels={config.num_labels}); a "
             "reward model has one, its score"
