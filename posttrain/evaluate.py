@@ -39,6 +39,7 @@ from types import SimpleNamespace
 import torch
 
 from posttrain.data import embedded
+from posttrain.data.loading import MissingSplitError
 from posttrain.rl import grpo, rewards, rollout
 from posttrain.rl.config import ConfigError
 from posttrain.rl.models import load_causal_lm, load_checked, load_tokenizer, local_model_folder
@@ -183,10 +184,6 @@ class EvalConfig:
             if bad:
                 raise ConfigError(message)
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
 
 @dataclass
 class Evaluation:
@@ -216,7 +213,10 @@ def load_rows(
         dataset_train_split="train" if dataset_name is None else split,  # a list of rows is the split "train"
         dataset_test_split=None,
     )
-    rows, _ = grpo.load_prompts(spec, tokenizer, "eval")
+    try:
+        rows, _ = grpo.load_prompts(spec, tokenizer, "eval")
+    except MissingSplitError as err:
+        raise ConfigError(f"dataset_test_split={split!r}: {err}") from None
     return rows[:limit]
 
 
@@ -251,6 +251,8 @@ def evaluate(
     """Generate G completions of each row's prompt (`load_rows`' rows) with `model`, score them with
     `reward_list` (`rewards.resolve`'s) and, with `ref_model`, their KL to it. temperature 0: greedy.
     Returns the Evaluation; prints and writes nothing."""
+    if not rows:
+        raise ValueError("evaluate: no rows to evaluate")
     G = num_generations
     device = model.get_input_embeddings().weight.device
     generator = torch.Generator(device).manual_seed(seed)
@@ -387,13 +389,12 @@ def load_reference(path: str, tokenizer, device):
     return ref.to(device).eval().requires_grad_(False)
 
 
-def run(config: EvalConfig) -> Evaluation:
-    """`posttrain eval`: load and check everything (the model folder, the dataset, the rewards, the reference,
-    the output paths) before generating, evaluate, print the summary, write it as JSON (and the completions
-    as JSONL when asked). Returns the Evaluation."""
+def evaluate_config(config: EvalConfig) -> Evaluation:
+    """Load and check everything `config` names (the model folder, the dataset, the rewards, the reference)
+    before generating, then `evaluate`. The summary also says what was evaluated (model, dataset, split,
+    counts, decoding, the rewards' names in order). Prints and writes nothing."""
     from transformers import AutoConfig
 
-    path = output_path(config)
     tokenizer = load_tokenizer(config.model_name_or_path)  # checks a local model folder in full
     rows = load_rows(
         tokenizer, config.dataset_name, split=config.dataset_test_split, dataset_config=config.dataset_config,
@@ -422,25 +423,28 @@ def run(config: EvalConfig) -> Evaluation:
         stop_token_ids=config.stop_token_ids or (), generation_batch_size=config.generation_batch_size,
         seed=config.seed,
     )  # fmt: skip
-    dataset = "the embedded task" if config.dataset_name is None else repr(config.dataset_name)
-    decoding = "greedy" if config.greedy else f"sampled at temperature {config.temperature}"
-    header = (
-        f"eval {config.model_name_or_path}: {dataset}, split {config.dataset_test_split!r}, {len(rows)} prompts x "
-        f"{config.num_generations} ({decoding}, at most {config.max_completion_length} tokens)"
-    )
     result.summary = {
         "model": config.model_name_or_path,
         "dataset": config.dataset_name,
         "split": config.dataset_test_split,
         "num_prompts": len(rows),
-        "num_completions": len(result.records),
         "num_generations": config.num_generations,
+        "num_completions": len(result.records),
         "temperature": config.temperature,
         "max_completion_length": config.max_completion_length,
+        "rewards": [r.name for r in reward_list],  # the reward model first when there is one
         "ref_model": config.ref_model_name_or_path,
         **result.summary,
     }
-    print(format_summary(result.summary, header))
+    return result
+
+
+def run(config: EvalConfig) -> Evaluation:
+    """`posttrain eval`: check the output paths, `evaluate_config`, print the summary, write it as JSON (and
+    the completions as JSONL when asked). Returns the Evaluation."""
+    path = output_path(config)
+    result = evaluate_config(config)
+    print(format_summary(result.summary))
     _write_atomic(path, json.dumps(result.summary, indent=2) + "\n")
     print(f"summary written to {path}")
     if config.completions_file is not None:
@@ -450,11 +454,18 @@ def run(config: EvalConfig) -> Evaluation:
     return result
 
 
-def format_summary(summary: dict, header: str) -> str:
-    """The header, then one line per number of the evaluation (rewards, kl, completions/*)."""
+def format_summary(summary: dict) -> str:
+    """`evaluate_config`'s summary as text: what was evaluated, then one line per number (rewards, kl,
+    completions/*)."""
+    dataset = "the embedded task" if summary["dataset"] is None else repr(summary["dataset"])
+    temperature = summary["temperature"]
+    decoding = "greedy" if temperature == 0 else f"sampled at temperature {temperature}"
+    lines = [
+        f"eval {summary['model']}: {dataset}, split {summary['split']!r}, {summary['num_prompts']} prompts x "
+        f"{summary['num_generations']} ({decoding}, at most {summary['max_completion_length']} tokens)"
+    ]
     metrics = [k for k in summary if k.startswith(("rewards/", "kl", "completions/"))]
     width = max(len(k) for k in metrics)
-    lines = [header]
     for k in metrics:
         value = summary[k]
         lines.append(f"  {k:<{width}}  {'n/a (no row applies)' if value is None else format(value, '.6g')}")
