@@ -101,6 +101,8 @@ def read_curves(run_dir, name: str | None = None) -> Curves:
         for key, value in record.items():
             if key == "step" or isinstance(value, bool) or not isinstance(value, int | float):
                 continue
+            if not math.isfinite(value):  # a skipped step's NaN loss: a gap rather than a broken axis
+                continue
             if is_eval and not key.startswith(EVAL_PREFIX):
                 continue  # the epoch of an evaluation line
             target = curves.eval if is_eval else curves.train

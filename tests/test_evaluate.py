@@ -265,3 +265,30 @@ def test_bad_input_is_named_before_generation(argv, message, sft_model, tmp_path
     assert not (
         evaluate.Path(sft_model) / evaluate.EVAL_FILE
     ).exists()  # nothing written (no test writes there)
+
+
+def test_conversational_dataset_file_scored_through_the_reward_models_template(
+    sft_model, reward_model, tmp_path
+):
+    from transformers import AutoModelForSequenceClassification
+
+    rows = embedded.rows("prompt_only", "test", conversational=True)[:6]
+    config = evaluate.EvalConfig(
+        model_name_or_path=sft_model, dataset_name=write_jsonl(tmp_path / "chat.jsonl", rows),
+        dataset_test_split="train", reward_funcs=["exact_match"], reward_model_name_or_path=reward_model,
+        max_completion_length=4,
+    )  # fmt: skip
+    result = evaluate.evaluate_config(config)
+    tokenizer = embedded.build_tokenizer()
+    rm = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
+    assert result.summary["rewards"] == [evaluate.Path(reward_model).name, "exact_match"]
+    for row, record in zip(rows, result.records, strict=True):
+        assert record["prompt"] == row["prompt"] and record["answer"] == row["answer"]
+        (message,) = record["completion"]  # a conversational prompt gets an assistant message
+        assert message["role"] == "assistant"
+        text = tokenizer.apply_chat_template(row["prompt"] + record["completion"], tokenize=False)
+        with torch.no_grad():
+            score = float(rm(**tokenizer(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0])
+        assert record["rewards"][evaluate.Path(reward_model).name] == pytest.approx(score, rel=1e-5, abs=1e-6)
+        right = embedded.is_correct(row["prompt"][0]["content"], message["content"])
+        assert record["rewards"]["exact_match"] == float(right)

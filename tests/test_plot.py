@@ -144,11 +144,17 @@ def test_help_lists_every_option(capsys):
         assert f"--{name} " in text, name
 
 
-def test_a_killed_runs_half_written_last_line_is_skipped(tmp_path):
+def test_a_killed_runs_half_written_last_line_and_non_finite_values_are_skipped(tmp_path):
     run = write_run(tmp_path / "run", 1.0)
     with open(run / "metrics.jsonl", "a") as f:
-        f.write('{"step": 21, "lo')
-    assert plot.read_curves(run).train["loss"][0][-1] == 20
+        f.write(json.dumps({"step": 21, "loss": math.nan, "reward": 2.0}) + "\n")
+        f.write('{"step": 22, "lo')
+    curves = plot.read_curves(run)
+    assert curves.train["loss"][0][-1] == 20
+    assert curves.train["reward"] == (
+        list(range(1, 22)),
+        pytest.approx([s / 20 for s in range(1, 21)] + [2.0]),
+    )
 
 
 @pytest.mark.parametrize(
