@@ -1,6 +1,7 @@
 """`posttrain <command> [--config file.yaml] [--key value ...]`.
 
-Each command is a loop module exposing a config dataclass and `train(config)`. A bad option or bad
+Each command is a loop module exposing a config dataclass and `train(config)`, or a tool (eval, plot) whose
+positional arguments fill one option of its config dataclass before a function of it runs. A bad option or bad
 input (a missing dataset, a malformed row, a contradiction found at start-up) stops the command with a
 one-line message naming it and exit code 2; POSTTRAIN_TRACEBACK=1 shows the traceback instead.
 """
@@ -28,10 +29,11 @@ COMMANDS = {
 }
 
 # --- eval / plot: tools that take positional arguments, not training loops. command -> (module, config class,
-# the function run with the config, the option the positional arguments fill, how usage lines show them)
+# the function run with the config, the option the positional arguments fill, how many at most (None: any),
+# how usage lines show them)
 TOOLS = {
-    "eval": ("posttrain.evaluate", "EvalConfig", "run", "model_name_or_path", "MODEL"),
-    "plot": ("posttrain.plot", "PlotConfig", "run", "run_dirs", "RUN_DIR [RUN_DIR ...]"),
+    "eval": ("posttrain.evaluate", "EvalConfig", "run", "model_name_or_path", 1, "MODEL"),
+    "plot": ("posttrain.plot", "PlotConfig", "run", "run_dirs", None, "RUN_DIR [RUN_DIR ...]"),
 }
 
 
@@ -56,12 +58,12 @@ def usage() -> str:
 
 def _positional_options(command: str, argv: list[str]) -> list[str]:
     """`eval MODEL --k v` -> `--model_name_or_path MODEL --k v`; `plot A B --k v` -> `--run_dirs=A,B --k v`."""
-    _, _, _, option, shown = TOOLS[command]
+    _, _, _, option, most, shown = TOOLS[command]
     n = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
     positional, rest = argv[:n], argv[n:]
     if not positional or "--help" in rest or "-h" in rest:
         return rest
-    if option == "model_name_or_path" and len(positional) > 1:
+    if most is not None and len(positional) > most:
         raise ConfigError(f"expected one {shown}, got {len(positional)}: {positional}")
     if any("," in p for p in positional):
         raise ConfigError(
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.rl.faults import RunStopped
 
     if command in TOOLS:
-        module_name, config_name, entry, _, shown = TOOLS[command]
+        module_name, config_name, entry, *_, shown = TOOLS[command]
         if "--help" in rest or "-h" in rest:
             print(f"usage: posttrain {command} {shown} [--config file.yaml] [--key value ...]")
     else:
