@@ -212,7 +212,10 @@ def run_ours(args) -> dict:
             memory["rss_before"] = common.rss_mib()
             common.reset_peak_rss()
             stamps.append(time.perf_counter())
-        return generate(*a, **k)
+        out = generate(*a, **k)
+        if args.algo == "ppo":  # scored by a reward model, not REWARD: count the lengths here
+            REWARD.lengths += out.completion_mask.sum(1).tolist()
+        return out
 
     def stamped_accumulate(*a, **k):
         out = accumulate(*a, **k)
@@ -258,9 +261,10 @@ def run_ours(args) -> dict:
                 online_dpo.OnlineDPOConfig(**common_options, **online, loss_type="sigmoid", beta=0.1)
             )
         else:
-            from posttrain.rl import ppo
+            from posttrain.rl import models, ppo
 
-            ppo.load_tokenizer = grpo.load_tokenizer
+            # the reward model's tokenizer is loaded from its folder inside rewards.py (a function-level import)
+            ppo.load_tokenizer = models.load_tokenizer = grpo.load_tokenizer
             ppo.train(
                 ppo.PPOConfig(
                     **common_options,

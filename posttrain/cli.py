@@ -26,6 +26,7 @@ COMMANDS = {
     "orpo": ("posttrain.rl.orpo", "ORPOConfig"),
     "grpo": ("posttrain.rl.grpo", "GRPOConfig"),
     "rloo": ("posttrain.rl.rloo", "RLOOConfig"),
+    "ppo": ("posttrain.rl.ppo", "PPOConfig"),
 }
 
 # --- eval / plot: tools that take positional arguments, not training loops. command -> (module, config class,
@@ -38,20 +39,28 @@ TOOLS = {
 
 
 def _summary(module_name: str) -> str:
-    """A command's one-line description: its module docstring's first line up to the first colon (read
-    from the source, so that `posttrain --help` imports no loop)."""
+    """A command's one-line description: its module docstring's first sentence, without a leading
+    "`posttrain x ...`:" or citations, up to its first colon (read from the source, so that `posttrain --help`
+    imports no loop)."""
     import ast
     import importlib.util
+    import re
 
     source = Path(importlib.util.find_spec(module_name).origin).read_text()
-    first = (ast.get_docstring(ast.parse(source)) or "").split("\n")[0]
-    return first.split(":")[0].rstrip(".")
+    paragraph = " ".join((ast.get_docstring(ast.parse(source)) or "").split("\n\n")[0].split())
+    paragraph = re.sub(r"^`[^`]*`:\s*", "", paragraph)
+    paragraph = re.sub(r"\s*\([^()]*(et al\.|arXiv)[^()]*\)", "", paragraph)  # citations
+    first = paragraph.split(": ")[0].split(". ")[0].rstrip(".")
+    return first[:1].upper() + first[1:]
 
 
 def usage() -> str:
     """`posttrain --help`: the commands, one line each."""
     lines = ["usage: posttrain <command> [--config file.yaml] [--key value ...] [--help]", "commands:"]
-    for name, (module_name, *_) in {**COMMANDS, **TOOLS}.items():
+    modules = {name: entry[0] for name, entry in {**COMMANDS, **TOOLS}.items()} | {
+        "compare": "posttrain.compare"
+    }
+    for name, module_name in modules.items():
         lines.append(f"  {name:<11} {_summary(module_name)}")
     return "\n".join(lines)
 
@@ -83,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command == "compare":  # runs another command's options through posttrain and TRL
+        from posttrain import compare
+
+        return compare.main(rest)
     if command not in COMMANDS and command not in TOOLS:
         print(f"posttrain: unknown command {command!r}\n{usage()}", file=sys.stderr)
         return 2

@@ -194,9 +194,10 @@ def test_help_lists_every_option_and_every_command(capsys):
     lines = capsys.readouterr().out.splitlines()
     from posttrain.cli import COMMANDS, TOOLS
 
-    for command in [*COMMANDS, *TOOLS]:
+    for command in [*COMMANDS, *TOOLS, "compare"]:
         (line,) = [x for x in lines if x.split()[:1] == [command]]
-        assert len(line.split()) > 1, line  # a description follows the name
+        description = line.split(maxsplit=1)[1]
+        assert description[0].isupper() and "et al" not in description and "`" not in description, line
     assert any(line.split()[:3] == ["eval", "Evaluate", "a"] for line in lines)
 
 
