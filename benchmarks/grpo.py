@@ -257,9 +257,10 @@ def run_ours(args) -> dict:
         elif args.algo == "online_dpo":
             from posttrain.rl import online_dpo
 
-            online_dpo.train(
-                online_dpo.OnlineDPOConfig(**common_options, **online, loss_type="sigmoid", beta=0.1)
-            )
+            # as TRL's OnlineDPOConfig, per_device_train_batch_size counts prompts (each makes a pair)
+            options = {**online, "per_device_train_batch_size": prompts_per_step(args.algo)}
+            options.update(temperature=1.0, loss_type="sigmoid", beta=0.1)
+            online_dpo.train(online_dpo.OnlineDPOConfig(**common_options, **options))
         else:
             from posttrain.rl import models, ppo
 
