@@ -707,7 +707,7 @@ def train(config: PPOConfig):
             mean_advantage = (experience.batch["advantages"] * mask).sum(1) / mask.sum(1).clamp(min=1)
             completions_log.write(
                 experience.prompts, experience.completions, [r.name for r in reward_list], experience.scored,
-                mean_advantage,
+                {"advantage": mean_advantage.tolist()},
             )  # fmt: skip
             names = list(experience.metrics)
             reduced = distributed.all_reduce_sum(
