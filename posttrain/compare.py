@@ -189,8 +189,8 @@ class _FlopCounter:
             "fwd_head": 0,
         }
 
-    def add(self, attention_mask, head_positions: int, grad: bool) -> None:
-        lengths = attention_mask.sum(-1)
+    def add(self, batch: dict, head_positions: int, grad: bool, prefix: str = "") -> None:
+        lengths = document_lengths(batch, prefix)
         kind = "train" if grad else "fwd"
         self.current[f"{kind}_tokens"] += int(lengths.sum())
         self.current[f"{kind}_attn"] += int((lengths.long() ** 2).sum())
@@ -210,10 +210,7 @@ class _FlopCounter:
         def counted(model, batch, *args, **kwargs):
             mask = kwargs.get("mask")
             mask = batch["completion_mask"] if mask is None else mask
-            attention = batch.get("attention_mask")
-            if attention is None or "position_ids" in batch:  # padding-free rows: one row of documents
-                attention = torch.ones_like(batch["input_ids"])
-            self.add(attention, int(mask[:, 1:].sum()), torch.is_grad_enabled())
+            self.add(batch, int(mask[:, 1:].sum()), torch.is_grad_enabled())
             return original(model, batch, *args, **kwargs)
 
         for module in list(sys.modules.values()):
@@ -226,12 +223,29 @@ class _FlopCounter:
             step_loss = reward.reward_step_loss
 
             def counted_reward(model, batch, *args, **kwargs):
-                for key in ("chosen_attention_mask", "rejected_attention_mask", "attention_mask"):
-                    if key in batch:
-                        self.add(batch[key], 0, torch.is_grad_enabled())
+                for prefix in ("chosen_", "rejected_", ""):
+                    if f"{prefix}input_ids" in batch:
+                        self.add(batch, 0, torch.is_grad_enabled(), prefix)
                 return step_loss(model, batch, *args, **kwargs)
 
             reward.reward_step_loss = counted_reward
+
+
+def document_lengths(batch: dict, prefix: str = ""):
+    """The lengths of the sequences a batch holds, padding left out: its rows' attention-mask sums, or, when
+    position_ids restart within rows (packed or padding-free documents), each document's length. A
+    document's attention costs its length squared, not its row's."""
+    import torch
+
+    ids = batch[f"{prefix}input_ids"]
+    attention = batch.get(f"{prefix}attention_mask")
+    keep = attention.bool() if attention is not None else torch.ones_like(ids, dtype=torch.bool)
+    positions = batch.get(f"{prefix}position_ids")
+    if positions is None:
+        return keep.sum(-1)
+    starts = ((positions == 0) & keep).flatten()
+    document = starts.cumsum(0) - 1  # each kept token's document, counted over the flattened rows
+    return torch.bincount(document[keep.flatten()].clamp(min=0))
 
 
 def floor_seconds(model_config, steps: list[dict]) -> list[float]:
@@ -295,7 +309,9 @@ def run_ours(spec: dict) -> dict:
     records = [r for r in lines if "loss" in r]
     from transformers import AutoConfig
 
-    floors = floor_seconds(AutoConfig.from_pretrained(spec["start"]).get_text_config(), counter.steps)
+    floors = None  # the rates are timed with CPU matmuls (`measure`): no floor for a run on a GPU
+    if device == "cpu":
+        floors = floor_seconds(AutoConfig.from_pretrained(spec["start"]).get_text_config(), counter.steps)
     return {
         "losses": [r["loss"] for r in records],
         "num_tokens": [r.get("num_tokens") for r in records],
@@ -454,17 +470,17 @@ def compare(command: str, argv: list[str]) -> dict:
         )
     if command not in TRL_TRAINERS:
         raise CompareError(f"unknown command {command!r}\n{usage()}")
-    if "--train_sampling_strategy" in argv and "group_by_length" in argv:
-        raise CompareError(
-            "train_sampling_strategy=group_by_length orders rows by their tokenized lengths, which the two sides "
-            "count differently: compare with random or sequential"
-        )
     if importlib.util.find_spec("trl") is None:
         raise CompareError("the TRL side needs trl 1.16: pip install 'posttrain[bench]'")
     module_name, class_name = COMMANDS[command]
     config = parse_config(getattr(importlib.import_module(module_name), class_name), argv)
     if config is None:  # --help was printed
         return {}
+    if config.train_sampling_strategy == "group_by_length":
+        raise CompareError(
+            "train_sampling_strategy=group_by_length orders rows by their tokenized lengths, which the two sides "
+            "count differently: compare with random or sequential"
+        )
     trl_config_class, _ = trl_classes(command)
     _, ours_only = shared_options(config, trl_config_class)
     output = (
@@ -506,7 +522,7 @@ def summarize(command: str, results: dict, ours_only: list[str]) -> dict:
         "ours_only_options": ours_only,
         "max_rel_loss_diff": max(rel),
     }
-    floor = statistics.median(ours["floors"][1:] or ours["floors"])
+    floor = statistics.median(ours["floors"][1:] or ours["floors"]) if ours["floors"] else None
     for name, side in (("ours", ours), ("trl", theirs)):
         times = side["times"][1:] or side["times"]  # the first step warms up
         step_s = statistics.median(times)
@@ -519,7 +535,7 @@ def summarize(command: str, results: dict, ours_only: list[str]) -> dict:
             "tokens_per_s": statistics.median(tokens) / step_s if tokens else None,
             "peak_mib": side["peak_mib"],
             "floor_s": floor,
-            "ratio_to_floor": step_s / floor if floor > 0 else None,
+            "ratio_to_floor": step_s / floor if floor else None,
         }
     return out
 
@@ -536,8 +552,8 @@ def print_summary(summary: dict) -> None:
     print("|---|---|---|---|---|---|")
     for name, side in (("posttrain", ours), ("TRL 1.16", trl)):
         tps = f"{side['tokens_per_s']:.0f}" if side["tokens_per_s"] else "-"
-        print(f"| {name} | {side['s_per_step']:.4f} | {tps} | {side['floor_s']:.4f} | "
-              f"{side['ratio_to_floor']:.2f} | {side['peak_mib']:.0f} |")  # fmt: skip
+        floor = f"{side['floor_s']:.4f} | {side['ratio_to_floor']:.2f}" if side["floor_s"] else "- | -"
+        print(f"| {name} | {side['s_per_step']:.4f} | {tps} | {floor} | {side['peak_mib']:.0f} |")
     print(f"| posttrain / TRL | {ours['s_per_step'] / trl['s_per_step']:.2f} | | | | "
           f"{ours['peak_mib'] / max(trl['peak_mib'], 1e-9):.2f} |")  # fmt: skip
     if summary["ours_only_options"]:

@@ -53,12 +53,35 @@ def test_options_trl_lacks_are_listed_and_run_options_are_not_passed():
         (["ppo"], r"ppo samples its own completions"),
         (["nope"], r"unknown command 'nope'"),
         (["sft", "--train_sampling_strategy", "group_by_length"], r"group_by_length orders rows by their tokenized lengths"),
+        (["sft", "--train_sampling_strategy=group_by_length"], r"group_by_length orders rows by their tokenized lengths"),
         (["sft", "--max_stepz", "3"], r"max_stepz"),
     ],
 )  # fmt: skip
 def test_bad_input_is_named(argv, message, capsys):
     assert main(["compare", *argv]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_floor_counts_sequences_without_their_padding():
+    import torch
+
+    padded = {
+        "input_ids": torch.zeros(2, 8, dtype=torch.long),
+        "attention_mask": torch.tensor([[1] * 6 + [0] * 2, [1] * 4 + [0] * 4]),
+        "position_ids": torch.tensor([[0, 1, 2, 3, 4, 5, 0, 0], [0, 1, 2, 3, 0, 0, 0, 0]]),
+    }
+    assert compare.document_lengths(padded).tolist() == [6, 4]
+    # one packed row of documents of 3, 4 and 1 tokens, no attention mask: each document attends to itself
+    packed = {
+        "input_ids": torch.zeros(1, 8, dtype=torch.long),
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0]]),
+    }
+    assert compare.document_lengths(packed).tolist() == [3, 4, 1]
+    rows = {
+        "chosen_input_ids": torch.zeros(2, 3, dtype=torch.long),
+        "chosen_attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]]),
+    }
+    assert compare.document_lengths(rows, "chosen_").tolist() == [2, 3]
 
 
 def test_missing_trl_names_the_extra(monkeypatch, capsys):

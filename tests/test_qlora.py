@@ -2,13 +2,16 @@
 
 Runs are refused off CUDA (bitsandbytes' CPU kernels are slower than the float32 model they replace). The
 tests widen `config.QUANTIZED_DEVICE_TYPES` to the CPU, where bitsandbytes (>= 0.49) also runs, so the
-path a GPU run takes (quantized load, peft's k-bit preparation, training, adapter checkpoints) is exercised
-here; only the device differs.
+path a GPU run of SFT takes (quantized load, peft's k-bit preparation, training, adapter checkpoints) is
+exercised here. Not the loops that generate or evaluate before training (GRPO, RLOO, PPO, Online DPO): on the
+CPU bitsandbytes repacks 4-bit weights after a no-grad forward, and the next training forward fails in
+`matmul_4bit`; whether CUDA's kernels do the same needs a GPU to check.
 """
 
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +27,11 @@ peft = import_or_skip("peft")
 bitsandbytes = import_or_skip("bitsandbytes")
 
 CPU = torch.device("cpu")
+
+
+def cpu_run(config, bf16=False):
+    """What `lora.quantization` reads of a run: its config, device and resolved bf16."""
+    return SimpleNamespace(config=config, device=CPU, bf16=bf16)
 
 
 @pytest.fixture
@@ -70,7 +78,7 @@ def full_logits_logps(model, batch):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_base_loads_quantized_and_only_the_adapters_train(cpu_allowed, start, bits):
     config = qlora(**{f"load_in_{bits}bit": True})
-    model = models.load_causal_lm(start, quantization=lora.quantization(config, CPU))
+    model = models.load_causal_lm(start, quantization=lora.quantization(cpu_run(config)))
     linear = bitsandbytes.nn.Linear4bit if bits == 4 else bitsandbytes.nn.Linear8bitLt
     assert isinstance(model.model.layers[0].self_attn.q_proj, linear)
     float_model = models.load_causal_lm(start)
@@ -153,4 +161,21 @@ def test_the_embedded_model_cannot_be_quantized(cpu_allowed):
     with pytest.raises(
         ValueError, match=r"quantize a pretrained checkpoint as it loads.*pass --model_name_or_path"
     ):
-        models.load_causal_lm(None, quantization=lora.quantization(config, CPU))
+        models.load_causal_lm(None, quantization=lora.quantization(cpu_run(config)))
+
+
+def test_four_bit_computes_in_the_runs_dtype(cpu_allowed):
+    # the run's resolved bf16 (none means "when the device has it"), not the option as given
+    config = qlora(load_in_4bit=True)
+    assert config.bf16 is None
+    bnb = lora.quantization(cpu_run(config, bf16=True))["quantization_config"]
+    assert bnb.bnb_4bit_compute_dtype == torch.bfloat16 == bnb.bnb_4bit_quant_storage
+    assert lora.quantization(cpu_run(config))["quantization_config"].bnb_4bit_compute_dtype == torch.float32
+
+
+def test_sft_of_the_embedded_model_refuses_quantization_before_the_run_folder(cpu_allowed, tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"quantize a pretrained checkpoint as it loads.*--model_name_or_path"
+    ):
+        sft.SFTConfig(use_peft=True, load_in_4bit=True, output_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

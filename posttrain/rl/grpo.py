@@ -802,7 +802,7 @@ def train_online(config, algo: Algorithm):
                 f"{len(train_rows)}: resume with the same data (it fixes which prompts each step sees)"
             )
     run.log_info({"start_model": start_model, "train_prompts": len(train_rows)})
-    model = load_causal_lm(start_model, seed=config.seed, quantization=lora.quantization(config, run.device))
+    model = load_causal_lm(start_model, seed=config.seed, quantization=lora.quantization(run))
     if config.disable_dropout:
         disable_dropout(model)
     ref = None

@@ -100,10 +100,12 @@ def lora_config(model: torch.nn.Module, config):
     )
 
 
-def quantization(config, device: torch.device) -> dict | None:
-    """The from_pretrained options that load a model's weights quantized on `device` for QLoRA (TRL's
-    `get_quantization_config` / `get_kbit_device_map`: 4-bit computes in the run's dtype), or None when
-    neither load_in_4bit nor load_in_8bit is set. The config has checked bitsandbytes and the device."""
+def quantization(run) -> dict | None:
+    """The from_pretrained options that load a model's weights quantized on the run's device for QLoRA (TRL's
+    `get_quantization_config` / `get_kbit_device_map`: 4-bit computes in the run's dtype, bf16 when the run
+    autocasts to it), or None when neither load_in_4bit nor load_in_8bit is set. The config has checked
+    bitsandbytes and the device."""
+    config = run.config
     if not (config.load_in_4bit or config.load_in_8bit):
         return None
     from transformers import BitsAndBytesConfig
@@ -111,7 +113,7 @@ def quantization(config, device: torch.device) -> dict | None:
     if config.load_in_8bit:
         bnb = BitsAndBytesConfig(load_in_8bit=True)
     else:
-        dtype = torch.bfloat16 if config.bf16 else torch.float32
+        dtype = torch.bfloat16 if run.bf16 else torch.float32
         bnb = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_compute_dtype=dtype,
@@ -120,7 +122,7 @@ def quantization(config, device: torch.device) -> dict | None:
             bnb_4bit_quant_storage=dtype,
         )
     # bitsandbytes places the weights as it quantizes them: the whole model on this process's device
-    return {"quantization_config": bnb, "device_map": {"": str(device)}}
+    return {"quantization_config": bnb, "device_map": {"": str(run.device)}}
 
 
 def is_quantized(model: torch.nn.Module) -> bool:

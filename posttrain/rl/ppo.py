@@ -658,7 +658,7 @@ def train(config: PPOConfig):
                 f"{len(train_rows)}: resume with the same data (it fixes which prompts each update sees)"
             )
     run.log_info({"start_model": start_model, "value_model": value_path, "train_prompts": len(train_rows)})
-    policy = load_causal_lm(start_model, seed=config.seed, quantization=lora.quantization(config, run.device))
+    policy = load_causal_lm(start_model, seed=config.seed, quantization=lora.quantization(run))
     value = load_reward_model(value_path, pad_token_id=tokenizer.pad_token_id, seed=config.seed)
     if not hasattr(value, "score"):
         raise ConfigError(

@@ -380,7 +380,7 @@ def train(config: PRMConfig):
     run = loop.start(config, command="prm")
     dropped = {f"{split}_{key}": value for split, counts in info.items() for key, value in counts.items()}
     run.log_info({"start_model": start_model, **dropped})
-    model = load_prm_model(start_model, seed=config.seed, quantization=lora.quantization(config, run.device))
+    model = load_prm_model(start_model, seed=config.seed, quantization=lora.quantization(run))
     model.config.prm_step_separator = config.step_separator  # saved with the model, read by the scorer
     if config.disable_dropout:
         disable_dropout(model)

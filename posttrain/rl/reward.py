@@ -212,7 +212,7 @@ def train(config: RewardConfig):
         start_model,
         pad_token_id=tokenizer.pad_token_id,
         seed=config.seed,
-        quantization=lora.quantization(config, run.device),
+        quantization=lora.quantization(run),
     )
     if config.disable_dropout:
         disable_dropout(model)
