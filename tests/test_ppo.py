@@ -232,6 +232,38 @@ def test_an_on_policy_step_has_ratio_one(tmp_path, start, prompts):
     assert first["loss"] == pytest.approx(0.1 * first["loss/value_avg"], abs=1e-7)  # vf_coef 0.1
 
 
+def test_on_policy_steps_with_lora_have_ratio_one_and_the_adapter_checkpoint_resumes_exactly(
+    tmp_path, start, prompts
+):
+    """Under use_peft the adapters' lora_dropout (0.05 here, the default) must be off too, or the training
+    forward differs from the no-gradient one that made the old log-probs. LoRA's B starts at 0, so the adapters
+    act only from the second update on: every update's ratio is exactly 1 and its approxkl 0. The checkpoint
+    after update 2 holds the adapter alone (beside the value model) and resuming from it repeats update 3."""
+    pytest.importorskip("peft")
+    out = tmp_path / "run"
+    argv = argv_for(out, start, prompts, "--num_ppo_epochs", "1", "--num_mini_batches", "1",
+                    "--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "8",
+                    "--use_peft", "true", "--lora_dropout", "0.05", "--max_steps", "3", "--save_steps", "2",
+                    "--learning_rate", "1e-2")  # fmt: skip
+    assert main(argv) == 0
+    records = metrics(out)
+    assert len(records) == 3
+    for record in records:
+        assert record["val/ratio"] == 1.0 and record["val/ratio_var"] == 0.0
+        assert record["policy/approxkl_avg"] == 0.0 and record["policy/clipfrac_avg"] == 0.0
+    assert records[2]["objective/kl"] > 1e-4  # the adapters act: dropout in them would have shown
+
+    saved = out / "checkpoint-2"
+    files = {p.name for p in saved.iterdir()}
+    assert {checkpoint.ADAPTER_CONFIG, checkpoint.ADAPTER_WEIGHTS, f"{ppo.VALUE_DIR}.safetensors"} <= files
+    assert "model.safetensors" not in files
+    assert main([*argv, "--resume_from_checkpoint", str(saved)]) == 0
+    resumed = metrics(out)[-1]
+    assert resumed["step"] == 3
+    for key in ("loss", "loss/policy_avg", "loss/value_avg", "grad_norm", "objective/scores", "objective/kl"):
+        assert resumed[key] == pytest.approx(records[2][key], rel=1e-6, abs=1e-9), key
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The value model
 # ---------------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ which TRL 1.16 no longer ships (published recipes still use them).
        value model (a sequence-classification head on a causal-LM backbone, read at every position:
        value_model_path; none: the reward model, head included, as TRL's script loads it, or with reward
        functions only the policy's start model with a fresh head), the scorer (reward_model_path, or
-       reward_funcs scoring the whole completion, weighted by reward_weights: `rl.rewards`)
+       reward_funcs scoring the whole completion, weighted by reward_weights: `rl.rewards`); dropout off in the
+       policy and value models, the LoRA adapters' included (TRL disables it after wrapping)
     2. data: prompt rows (`grpo.load_prompts`), each update taking this rank's per_device_train_batch_size x
        gradient_accumulation_steps of them in a seeded order (`grpo.prompt_rows`), one completion each
     3. experience (`make_experience`, no gradient): completions from the rollout engine, ending after the stop
@@ -186,6 +187,10 @@ class PPOConfig(TrainConfig):
 
     run_defaults = RUN_DEFAULTS
     num_generations = 1  # one completion per prompt (read by `grpo.prompt_rows`)
+    # always on, not an option (TRL's PPO has none): ratios of 1 on-policy and values that are functions of
+    # the tokens need a deterministic forward. `lora.wrap` reads it to zero the adapters' lora_dropout too,
+    # which it adds after `train` has disabled the models' own dropout.
+    disable_dropout = True
 
     def __post_init__(self):
         for name, alias in (
