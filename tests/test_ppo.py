@@ -11,7 +11,7 @@ import torch
 
 from posttrain.cli import main
 from posttrain.data import embedded
-from posttrain.rl import checkpoint, ppo, rollout
+from posttrain.rl import checkpoint, loop, ppo, rollout
 from posttrain.rl.config import ConfigError
 from posttrain.rl.models import load_reward_model
 
@@ -336,6 +336,68 @@ def test_the_step_loss_equals_a_plain_computation_from_the_models_logits(start, 
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     for name, p in models.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The update's metrics and gradient clipping (`train_on` on a fixed batch)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def update_inputs(start, tokenizer, tmp_path, learning_rate, **options):
+    """`train_on`'s inputs: the run (CPU), the tiny policy and value models, a plain SGD optimizer at
+    `learning_rate` (so a step's parameter change is -learning_rate x the clipped gradient), and a batch of four
+    completions (lengths 3, 4, 2, 4 of W = 4) with random old values, advantages and returns."""
+    from transformers import AutoModelForCausalLM
+
+    config = ppo.PPOConfig(dataset_name="unused", reward_funcs=["format"], **options)
+    run = loop.Run(config, "ppo", tmp_path, torch.device("cpu"))
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(start)
+    value = load_reward_model(start, pad_token_id=tokenizer.pad_token_id, seed=1)
+    models = ppo.PolicyAndValue(policy, value).train()
+    optimizer = torch.optim.SGD(models.parameters(), lr=learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    prompt_ids = [[5, 6, 7], [8, 9], [10, 11, 12], [13]]
+    completion = torch.tensor([[20, 21, 2, 0], [22, 23, 24, 25], [26, 2, 0, 0], [27, 28, 29, 30]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]])
+    finished = torch.tensor([True, False, True, False])
+    ro = rollout.Rollout(completion, mask, torch.zeros(4, 4), finished)
+    batch = rollout.training_batch(prompt_ids, ro, num_generations=1, pad_token_id=tokenizer.pad_token_id)
+    m = mask.float()
+    batch.update(
+        old_logps=(-torch.rand(4, 4) * 5) * m, old_values=torch.randn(4, 4) * m,
+        advantages=torch.randn(4, 4) * m, returns=torch.randn(4, 4) * m,
+    )  # fmt: skip
+    return config, run, models, optimizer, scheduler, batch
+
+
+def test_ratio_var_is_the_variance_of_the_micro_batches_mean_ratios(start, tokenizer, tmp_path):
+    """val/ratio_var is TRL's: the unbiased variance of the per-micro-batch mean ratios over the update, checked
+    against torch.var of those means computed here in float64. Ratios 1.01 +- 1e-4 (variance ~1e-9) are where
+    E[r^2] - E[r]^2 from float32 loses every digit. A zero output layer makes every log-prob the same number c
+    whatever the batch, and the learning rate 0 keeps it, so the ratios are known exactly: exp(c - old_logps).
+    One row per micro-batch and two PPO epochs: each row's mean ratio enters twice, whatever the shuffle."""
+    config, run, models, optimizer, scheduler, batch = update_inputs(
+        start, tokenizer, tmp_path, 0.0, per_device_train_batch_size=1, gradient_accumulation_steps=4,
+        num_mini_batches=2, num_ppo_epochs=2,
+    )  # fmt: skip
+    with torch.no_grad():
+        models.policy.lm_head.weight.zero_()
+        logps = ppo._logps(models.policy, batch, temperature=config.temperature)[:, -4:]
+    mask = batch["completion_mask"][:, -4:].bool()
+    c = logps[mask]
+    assert (c == c[0]).all()
+    generator = torch.Generator().manual_seed(1)
+    shift = 0.01 + 1e-4 * torch.randn(4, 4, generator=generator)
+    batch["old_logps"] = (c[0] - shift) * mask
+    out = ppo.train_on(run, models, optimizer, scheduler, batch, config, None, seed=0)
+
+    log_ratio = c[0].double() - batch["old_logps"].double()  # exact: two nearby float32 numbers
+    row_means = torch.stack([torch.expm1(log_ratio[i][mask[i]]).mean() + 1 for i in range(4)])
+    per_micro_batch = row_means.repeat(2)  # two epochs over the four one-row micro-batches
+    assert out["val/ratio_var"] == pytest.approx(float(per_micro_batch.var()), rel=1e-9)
+    assert out["val/ratio"] == pytest.approx(float(per_micro_batch.mean()), rel=1e-12)
+    assert 1e-10 < out["val/ratio_var"] < 1e-8
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -540,14 +540,17 @@ def ppo_step_loss(models, batch: dict, num_items, *, config: PPOConfig):
     pg_loss = policy_losses.aggregate(pg.per_token, mask, "micro_batch_mean", num_items)
     vf_loss = policy_losses.aggregate(vf.per_token, mask, "micro_batch_mean", num_items)
     with torch.no_grad():
-        ratio = ppo_losses.masked_mean(pg.ratio, mask)
+        # the micro-batch's mean ratio as its distance from 1, in float64: ratios lie within ~1e-3 of 1, so
+        # float32 ratios (and their squares) would leave nothing of val/ratio_var's ~1e-8 after cancellation
+        log_ratio = ((logps - batch["old_logps"]) * mask).double()
+        deviation = ppo_losses.masked_mean(torch.expm1(log_ratio), mask.double())
         shares = {
             "policy/approxkl_avg": 0.5 * ppo_losses.masked_mean((logps - batch["old_logps"]) ** 2, mask),
             "policy/clipfrac_avg": ppo_losses.masked_mean(pg.clipped.float(), mask),
             "policy/entropy_avg": ppo_losses.masked_mean(entropy, mask),
             "val/clipfrac_avg": ppo_losses.masked_mean(vf.clipped.float(), mask),
-            "val/ratio": ratio,
-            "_ratio_squared": ratio**2,  # for val/ratio_var over the update's micro-batches
+            "_ratio_deviation": deviation,  # val/ratio - 1, and val/ratio_var with its square
+            "_ratio_deviation_squared": deviation**2,
         }
         metrics = {name: value / num_items for name, value in shares.items()}
         metrics["loss/policy_avg"], metrics["loss/value_avg"] = pg_loss.detach(), vf_loss.detach()
@@ -578,9 +581,12 @@ def train_on(
     steps = config.steps_per_update
     out = {name: value / steps for name, value in totals.items()}
     out["learning_rate"] = metrics["learning_rate"]  # constant within an update
+    # TRL's val/ratio_var: the unbiased variance of the update's per-micro-batch mean ratios (all processes),
+    # here from the float64 sums of their deviations d from 1 and of d^2 (`accumulate` sums in float64)
     n = steps * (config.local_mini_batch_size // micro) * run.world_size  # micro-batches in the update
-    mean_square = out.pop("_ratio_squared")
-    out["val/ratio_var"] = (mean_square - out["val/ratio"] ** 2) * n / (n - 1) if n > 1 else 0.0
+    mean, mean_square = out.pop("_ratio_deviation"), out.pop("_ratio_deviation_squared")
+    out["val/ratio"] = 1.0 + mean
+    out["val/ratio_var"] = max(mean_square - mean**2, 0.0) * n / (n - 1) if n > 1 else 0.0
     for name in ("num_tokens", "tokens_per_second"):
         out.pop(name)
     return out
