@@ -400,6 +400,28 @@ def test_ratio_var_is_the_variance_of_the_micro_batches_mean_ratios(start, token
     assert 1e-10 < out["val/ratio_var"] < 1e-8
 
 
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1e-2])
+def test_max_grad_norm_zero_does_not_clip(start, tokenizer, tmp_path, max_grad_norm):
+    """PPO clips at max_grad_norm (1.0 by default; TRL's PPOTrainer never clips): 0 turns clipping off, so a
+    plain SGD step at lr 1 moves the parameters of both models by the whole gradient, whose norm is grad_norm;
+    with 1e-2 it moves them by 1e-2."""
+    from posttrain.rl.config import parse_config
+
+    argv = ["--dataset_name", "unused", "--reward_funcs", "format", "--max_grad_norm", "0"]
+    assert parse_config(ppo.PPOConfig, argv).max_grad_norm == 0.0
+    assert parse_config(ppo.PPOConfig, argv[:-2]).max_grad_norm == 1.0  # the default
+    config, run, models, optimizer, scheduler, batch = update_inputs(
+        start, tokenizer, tmp_path, 1.0, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        num_mini_batches=1, num_ppo_epochs=1, max_grad_norm=max_grad_norm,
+    )  # fmt: skip
+    before = [p.detach().clone() for p in models.parameters()]
+    out = ppo.train_on(run, models, optimizer, scheduler, batch, config, None, seed=0)
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(models.parameters(), before, strict=True)])
+    assert out["grad_norm"] > 0.1  # above the clip below
+    want = out["grad_norm"] if max_grad_norm == 0 else max_grad_norm
+    assert float(moved.double().norm()) == pytest.approx(want, rel=1e-5)  # (a float32 norm is off by 1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A killed run resumes exactly; what it saves
 # ---------------------------------------------------------------------------------------------------------

@@ -38,7 +38,9 @@ approxkl, ratio and entropy are means over completion tokens (TRL averages them 
 are 0, 1 and the entropy after the completion); objective/entropy sums over completion tokens only (TRL adds
 -1 per padding position, its INVALID_LOGPROB); temperature is used as given (TRL adds 1e-7); each mini-batch
 is one optimizer step (TRL's accelerate steps every gradient_accumulation_steps micro-batches, which with
-num_mini_batches > 1 spans mini-batches); the embedded task stops at eos by default (stop_token "eos").
+num_mini_batches > 1 spans mini-batches); the embedded task stops at eos by default (stop_token "eos"); the
+gradient norm of policy and value together is clipped at max_grad_norm (1.0 by default, as every loop here and as
+the embedded defaults were measured; TRL's PPOTrainer never clips: pass --max_grad_norm 0 for TRL's behaviour).
 
 With no arguments PPO runs on the embedded task from the embedded RL start, scored by the exact_match reward
 function: no embedded reward model is cached anywhere (`posttrain rm` writes one into its own run folder), so
