@@ -3,6 +3,7 @@ every position, a killed and resumed run continuing with the same per-step numbe
 value model, and (slow) a short run on the embedded task whose score rises."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from posttrain.cli import main
 from posttrain.data import embedded
-from posttrain.rl import checkpoint, loop, ppo, rollout
+from posttrain.rl import checkpoint, loop, ppo, rewards, rollout
 from posttrain.rl.config import ConfigError
 from posttrain.rl.models import load_reward_model
 
@@ -336,6 +337,104 @@ def test_the_step_loss_equals_a_plain_computation_from_the_models_logits(start, 
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     for name, p in models.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Experience
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kl_estimator", "whiten_rewards"), [("k1", False), ("k3", True)])
+def test_experience_equals_a_plain_computation(start, tokenizer, monkeypatch, kl_estimator, whiten_rewards):
+    """`make_experience` with the rollout stubbed (fixed completions: two stop early, one is its stop token
+    alone, one never stops) against each quantity computed here on its own: the policy's and the reference's
+    log-probs from full logits of the unpadded prompt + completion, in float64; the value of the state before
+    each token as the value model's pooled score of that prefix alone; the scores (a reward of the completion's
+    length, minus missing_eos_penalty where it has no eos); then the per-token rewards, GAE and the whitening
+    by the per-timestep loops of test_ppo_losses.py. Model outputs: float32 round-off (rel 1e-5); the rest
+    follows from them to rel 1e-6."""
+    from test_ppo_losses import loop_gae, loop_kl, loop_mean, loop_var, masked_entries
+    from transformers import AutoModelForCausalLM
+
+    eos = tokenizer.eos_token_id
+    prompts = ["12+3=", "7+45=", "9+9=", "30+41="]
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    completions = [[4, 5, eos], [6, 7, 8, 9, 10], [eos], [11, 3, 4, eos]]
+    lengths, W = [len(c) for c in completions], 5
+    ids = torch.tensor([c + [tokenizer.pad_token_id] * (W - len(c)) for c in completions])
+    mask = torch.tensor([[int(t < n) for t in range(W)] for n in lengths])
+    finished = torch.tensor([c[-1] == eos for c in completions])
+
+    def generate(model, given_prompt_ids, *, max_completion_length, eos_token_id, **kwargs):
+        assert given_prompt_ids == prompt_ids and (max_completion_length, eos_token_id) == (W, eos)
+        return rollout.Rollout(ids, mask, torch.zeros(4, W), finished)
+
+    monkeypatch.setattr(rollout, "generate", generate)
+
+    def length(completion_ids, **kwargs):
+        return [0.5 * len(c) - 1.0 for c in completion_ids]
+
+    config = ppo.PPOConfig(
+        dataset_name="unused", reward_funcs=["format"], response_length=W, stop_token="eos", kl_coef=0.2,
+        kl_estimator=kl_estimator, whiten_rewards=whiten_rewards, missing_eos_penalty=1.5, gamma=0.9, lam=0.8,
+        temperature=0.7, local_rollout_forward_batch_size=3,
+    )  # fmt: skip
+    policy = AutoModelForCausalLM.from_pretrained(start)
+    ref = embedded.build_model(seed=1)  # another model, so that the KL is not 0
+    value = load_reward_model(start, pad_token_id=tokenizer.pad_token_id, seed=2)
+    models = ppo.PolicyAndValue(policy, value)
+    rows = [{"prompt": p, "prompt_ids": i} for p, i in zip(prompts, prompt_ids, strict=True)]
+    exp = ppo.make_experience(
+        config, models, ref, tokenizer, rewards.resolve([length]), rows, stop_token_id=eos
+    )
+
+    want = {"old_logps": torch.zeros(4, W), "ref_logps": torch.zeros(4, W), "old_values": torch.zeros(4, W)}
+    with torch.no_grad():
+        for i, (p, c) in enumerate(zip(prompt_ids, completions, strict=True)):
+            sequence = torch.tensor([p + c])
+            for name, model in (("old_logps", policy), ("ref_logps", ref)):
+                logits = model(input_ids=sequence).logits[0].double() / config.temperature
+                for t, token in enumerate(c):  # completion token t is predicted at position len(p) + t - 1
+                    want[name][i, t] = torch.log_softmax(logits[len(p) + t - 1], -1)[token]
+            for t in range(len(c)):
+                want["old_values"][i, t] = value(input_ids=torch.tensor([p + c[:t]])).logits[0, 0]
+    got = {
+        "old_logps": exp.batch["old_logps"],
+        "ref_logps": exp.ref_logps,
+        "old_values": exp.batch["old_values"],
+    }
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    scores = [
+        0.5 * n - 1.0 - (0.0 if c[-1] == eos else 1.5) for n, c in zip(lengths, completions, strict=True)
+    ]
+    assert exp.scores.tolist() == pytest.approx(scores)
+
+    # from here on, the experience's own (checked) log-probs and values, in float64
+    logps, ref_logps = exp.batch["old_logps"].double(), exp.ref_logps.double()
+    values, m = exp.batch["old_values"].double(), mask.double()
+    token_rewards = torch.zeros(4, W, dtype=torch.float64)
+    for i, n in enumerate(lengths):
+        for t in range(n):
+            kl = loop_kl(float(logps[i, t]), float(ref_logps[i, t]), kl_estimator)
+            token_rewards[i, t] = -0.2 * kl + (scores[i] if t == n - 1 else 0.0)
+    if whiten_rewards:  # scaled to unit variance over the batch's tokens, the mean kept (TRL's)
+        entries = masked_entries(token_rewards, lengths)
+        mean, std = loop_mean(entries), math.sqrt(loop_var(entries) + 1e-8)
+        token_rewards = ((token_rewards - mean) / std + mean) * m
+    advantages, returns = loop_gae(token_rewards, values, lengths, 0.9, 0.8)
+    entries = masked_entries(advantages, lengths)
+    mean, std = loop_mean(entries), math.sqrt(loop_var(entries) + 1e-8)
+    whitened = (advantages - mean) / std * m
+    torch.testing.assert_close(exp.rewards.double(), token_rewards, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(exp.batch["returns"].double(), returns, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(exp.batch["advantages"].double(), whitened, rtol=1e-6, atol=1e-6)
+    assert float(exp.metrics["val/num_eos_tokens"]) == 3
+    kl_sums = [sum(loop_kl(float(logps[i, t]), float(ref_logps[i, t]), kl_estimator) for t in range(n))
+               for i, n in enumerate(lengths)]  # fmt: skip
+    assert float(exp.metrics["objective/kl"]) == pytest.approx(sum(kl_sums) / 4, rel=1e-5)
+    assert min(abs(k) for k in kl_sums) > 1e-3  # the KL term is not vacuous
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -439,7 +439,9 @@ def stop_token_of(config: PPOConfig, tokenizer) -> int | None:
 class Experience:
     """A batch of experience: `batch` holds N-row tensors input_ids, attention_mask, position_ids, completion_mask
     (N, P + W) and old_logps, old_values, advantages, returns (N, W) over the completion columns; `metrics` the
-    rollout's metrics (0-dim tensors); prompts, completions, scored and scores for the completions log."""
+    rollout's metrics (0-dim tensors); prompts, completions, scored and scores (N,) for the completions log;
+    ref_logps and rewards (N, W), the reference's log-probs and the per-token rewards GAE took (whitened when
+    whiten_rewards), for inspection (the update does not read them)."""
 
     batch: dict
     metrics: dict
@@ -447,6 +449,8 @@ class Experience:
     completions: list
     scored: rewards.Scored
     scores: torch.Tensor
+    ref_logps: torch.Tensor
+    rewards: torch.Tensor
 
 
 def make_experience(
@@ -513,7 +517,7 @@ def make_experience(
         # every token generated and fed to the model
         "num_tokens": torch.tensor(float(sum(len(p) for p in prompt_ids))) + mask.sum(),
     }
-    return Experience(batch, metrics, prompts, completions, scored, scores)
+    return Experience(batch, metrics, prompts, completions, scored, scores, ref_logps, token_rewards)
 
 
 def _logps(model, batch: dict, *, temperature: float) -> torch.Tensor:
