@@ -427,7 +427,7 @@ def test_experience_equals_a_plain_computation(start, tokenizer, monkeypatch, kl
     entries = masked_entries(advantages, lengths)
     mean, std = loop_mean(entries), math.sqrt(loop_var(entries) + 1e-8)
     whitened = (advantages - mean) / std * m
-    torch.testing.assert_close(exp.rewards.double(), token_rewards, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(exp.token_rewards.double(), token_rewards, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(exp.batch["returns"].double(), returns, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(exp.batch["advantages"].double(), whitened, rtol=1e-6, atol=1e-6)
     assert float(exp.metrics["val/num_eos_tokens"]) == 3

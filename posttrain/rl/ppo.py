@@ -440,7 +440,7 @@ class Experience:
     """A batch of experience: `batch` holds N-row tensors input_ids, attention_mask, position_ids, completion_mask
     (N, P + W) and old_logps, old_values, advantages, returns (N, W) over the completion columns; `metrics` the
     rollout's metrics (0-dim tensors); prompts, completions, scored and scores (N,) for the completions log;
-    ref_logps and rewards (N, W), the reference's log-probs and the per-token rewards GAE took (whitened when
+    ref_logps and token_rewards (N, W), the reference's log-probs and the per-token rewards GAE took (whitened when
     whiten_rewards), for inspection (the update does not read them)."""
 
     batch: dict
@@ -450,7 +450,7 @@ class Experience:
     scored: rewards.Scored
     scores: torch.Tensor
     ref_logps: torch.Tensor
-    rewards: torch.Tensor
+    token_rewards: torch.Tensor
 
 
 def make_experience(
