@@ -3,6 +3,7 @@ every position, a killed and resumed run continuing with the same per-step numbe
 value model, and (slow) a short run on the embedded task whose score rises."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from posttrain.cli import main
 from posttrain.data import embedded
-from posttrain.rl import checkpoint, ppo, rollout
+from posttrain.rl import checkpoint, loop, ppo, rewards, rollout
 from posttrain.rl.config import ConfigError
 from posttrain.rl.models import load_reward_model
 
@@ -232,6 +233,38 @@ def test_an_on_policy_step_has_ratio_one(tmp_path, start, prompts):
     assert first["loss"] == pytest.approx(0.1 * first["loss/value_avg"], abs=1e-7)  # vf_coef 0.1
 
 
+def test_on_policy_steps_with_lora_have_ratio_one_and_the_adapter_checkpoint_resumes_exactly(
+    tmp_path, start, prompts
+):
+    """Under use_peft the adapters' lora_dropout (0.05 here, the default) must be off too, or the training
+    forward differs from the no-gradient one that made the old log-probs. LoRA's B starts at 0, so the adapters
+    act only from the second update on: every update's ratio is exactly 1 and its approxkl 0. The checkpoint
+    after update 2 holds the adapter alone (beside the value model) and resuming from it repeats update 3."""
+    pytest.importorskip("peft")
+    out = tmp_path / "run"
+    argv = argv_for(out, start, prompts, "--num_ppo_epochs", "1", "--num_mini_batches", "1",
+                    "--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "8",
+                    "--use_peft", "true", "--lora_dropout", "0.05", "--max_steps", "3", "--save_steps", "2",
+                    "--learning_rate", "1e-2")  # fmt: skip
+    assert main(argv) == 0
+    records = metrics(out)
+    assert len(records) == 3
+    for record in records:
+        assert record["val/ratio"] == 1.0 and record["val/ratio_var"] == 0.0
+        assert record["policy/approxkl_avg"] == 0.0 and record["policy/clipfrac_avg"] == 0.0
+    assert records[2]["objective/kl"] > 1e-4  # the adapters act: dropout in them would have shown
+
+    saved = out / "checkpoint-2"
+    files = {p.name for p in saved.iterdir()}
+    assert {checkpoint.ADAPTER_CONFIG, checkpoint.ADAPTER_WEIGHTS, f"{ppo.VALUE_DIR}.safetensors"} <= files
+    assert "model.safetensors" not in files
+    assert main([*argv, "--resume_from_checkpoint", str(saved)]) == 0
+    resumed = metrics(out)[-1]
+    assert resumed["step"] == 3
+    for key in ("loss", "loss/policy_avg", "loss/value_avg", "grad_norm", "objective/scores", "objective/kl"):
+        assert resumed[key] == pytest.approx(records[2][key], rel=1e-6, abs=1e-9), key
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The value model
 # ---------------------------------------------------------------------------------------------------------
@@ -304,6 +337,188 @@ def test_the_step_loss_equals_a_plain_computation_from_the_models_logits(start, 
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     for name, p in models.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Experience
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kl_estimator", "whiten_rewards"), [("k1", False), ("k3", True)])
+def test_experience_equals_a_plain_computation(start, tokenizer, monkeypatch, kl_estimator, whiten_rewards):
+    """`make_experience` with the rollout stubbed (fixed completions: two stop early, one is its stop token
+    alone, one never stops) against each quantity computed here on its own: the policy's and the reference's
+    log-probs from full logits of the unpadded prompt + completion, in float64; the value of the state before
+    each token as the value model's pooled score of that prefix alone; the scores (a reward of the completion's
+    length, minus missing_eos_penalty where it has no eos); then the per-token rewards, GAE and the whitening
+    by the per-timestep loops of test_ppo_losses.py. Model outputs: float32 round-off (rel 1e-5); the rest
+    follows from them to rel 1e-6."""
+    from test_ppo_losses import loop_gae, loop_kl, loop_mean, loop_var, masked_entries
+    from transformers import AutoModelForCausalLM
+
+    eos = tokenizer.eos_token_id
+    prompts = ["12+3=", "7+45=", "9+9=", "30+41="]
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    completions = [[4, 5, eos], [6, 7, 8, 9, 10], [eos], [11, 3, 4, eos]]
+    lengths, W = [len(c) for c in completions], 5
+    ids = torch.tensor([c + [tokenizer.pad_token_id] * (W - len(c)) for c in completions])
+    mask = torch.tensor([[int(t < n) for t in range(W)] for n in lengths])
+    finished = torch.tensor([c[-1] == eos for c in completions])
+
+    def generate(model, given_prompt_ids, *, max_completion_length, eos_token_id, **kwargs):
+        assert given_prompt_ids == prompt_ids and (max_completion_length, eos_token_id) == (W, eos)
+        return rollout.Rollout(ids, mask, torch.zeros(4, W), finished)
+
+    monkeypatch.setattr(rollout, "generate", generate)
+
+    def length(completion_ids, **kwargs):
+        return [0.5 * len(c) - 1.0 for c in completion_ids]
+
+    config = ppo.PPOConfig(
+        dataset_name="unused", reward_funcs=["format"], response_length=W, stop_token="eos", kl_coef=0.2,
+        kl_estimator=kl_estimator, whiten_rewards=whiten_rewards, missing_eos_penalty=1.5, gamma=0.9, lam=0.8,
+        temperature=0.7, local_rollout_forward_batch_size=3,
+    )  # fmt: skip
+    policy = AutoModelForCausalLM.from_pretrained(start)
+    ref = embedded.build_model(seed=1)  # another model, so that the KL is not 0
+    value = load_reward_model(start, pad_token_id=tokenizer.pad_token_id, seed=2)
+    models = ppo.PolicyAndValue(policy, value)
+    rows = [{"prompt": p, "prompt_ids": i} for p, i in zip(prompts, prompt_ids, strict=True)]
+    exp = ppo.make_experience(
+        config, models, ref, tokenizer, rewards.resolve([length]), rows, stop_token_id=eos
+    )
+
+    want = {"old_logps": torch.zeros(4, W), "ref_logps": torch.zeros(4, W), "old_values": torch.zeros(4, W)}
+    with torch.no_grad():
+        for i, (p, c) in enumerate(zip(prompt_ids, completions, strict=True)):
+            sequence = torch.tensor([p + c])
+            for name, model in (("old_logps", policy), ("ref_logps", ref)):
+                logits = model(input_ids=sequence).logits[0].double() / config.temperature
+                for t, token in enumerate(c):  # completion token t is predicted at position len(p) + t - 1
+                    want[name][i, t] = torch.log_softmax(logits[len(p) + t - 1], -1)[token]
+            for t in range(len(c)):
+                want["old_values"][i, t] = value(input_ids=torch.tensor([p + c[:t]])).logits[0, 0]
+    got = {
+        "old_logps": exp.batch["old_logps"],
+        "ref_logps": exp.ref_logps,
+        "old_values": exp.batch["old_values"],
+    }
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    scores = [
+        0.5 * n - 1.0 - (0.0 if c[-1] == eos else 1.5) for n, c in zip(lengths, completions, strict=True)
+    ]
+    assert exp.scores.tolist() == pytest.approx(scores)
+
+    # from here on, the experience's own (checked) log-probs and values, in float64
+    logps, ref_logps = exp.batch["old_logps"].double(), exp.ref_logps.double()
+    values, m = exp.batch["old_values"].double(), mask.double()
+    token_rewards = torch.zeros(4, W, dtype=torch.float64)
+    for i, n in enumerate(lengths):
+        for t in range(n):
+            kl = loop_kl(float(logps[i, t]), float(ref_logps[i, t]), kl_estimator)
+            token_rewards[i, t] = -0.2 * kl + (scores[i] if t == n - 1 else 0.0)
+    if whiten_rewards:  # scaled to unit variance over the batch's tokens, the mean kept (TRL's)
+        entries = masked_entries(token_rewards, lengths)
+        mean, std = loop_mean(entries), math.sqrt(loop_var(entries) + 1e-8)
+        token_rewards = ((token_rewards - mean) / std + mean) * m
+    advantages, returns = loop_gae(token_rewards, values, lengths, 0.9, 0.8)
+    entries = masked_entries(advantages, lengths)
+    mean, std = loop_mean(entries), math.sqrt(loop_var(entries) + 1e-8)
+    whitened = (advantages - mean) / std * m
+    torch.testing.assert_close(exp.token_rewards.double(), token_rewards, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(exp.batch["returns"].double(), returns, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(exp.batch["advantages"].double(), whitened, rtol=1e-6, atol=1e-6)
+    assert float(exp.metrics["val/num_eos_tokens"]) == 3
+    kl_sums = [sum(loop_kl(float(logps[i, t]), float(ref_logps[i, t]), kl_estimator) for t in range(n))
+               for i, n in enumerate(lengths)]  # fmt: skip
+    assert float(exp.metrics["objective/kl"]) == pytest.approx(sum(kl_sums) / 4, rel=1e-5)
+    assert min(abs(k) for k in kl_sums) > 1e-3  # the KL term is not vacuous
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The update's metrics and gradient clipping (`train_on` on a fixed batch)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def update_inputs(start, tokenizer, tmp_path, learning_rate, **options):
+    """`train_on`'s inputs: the run (CPU), the tiny policy and value models, a plain SGD optimizer at
+    `learning_rate` (so a step's parameter change is -learning_rate x the clipped gradient), and a batch of four
+    completions (lengths 3, 4, 2, 4 of W = 4) with random old values, advantages and returns."""
+    from transformers import AutoModelForCausalLM
+
+    config = ppo.PPOConfig(dataset_name="unused", reward_funcs=["format"], **options)
+    run = loop.Run(config, "ppo", tmp_path, torch.device("cpu"))
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(start)
+    value = load_reward_model(start, pad_token_id=tokenizer.pad_token_id, seed=1)
+    models = ppo.PolicyAndValue(policy, value).train()
+    optimizer = torch.optim.SGD(models.parameters(), lr=learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    prompt_ids = [[5, 6, 7], [8, 9], [10, 11, 12], [13]]
+    completion = torch.tensor([[20, 21, 2, 0], [22, 23, 24, 25], [26, 2, 0, 0], [27, 28, 29, 30]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]])
+    finished = torch.tensor([True, False, True, False])
+    ro = rollout.Rollout(completion, mask, torch.zeros(4, 4), finished)
+    batch = rollout.training_batch(prompt_ids, ro, num_generations=1, pad_token_id=tokenizer.pad_token_id)
+    m = mask.float()
+    batch.update(
+        old_logps=(-torch.rand(4, 4) * 5) * m, old_values=torch.randn(4, 4) * m,
+        advantages=torch.randn(4, 4) * m, returns=torch.randn(4, 4) * m,
+    )  # fmt: skip
+    return config, run, models, optimizer, scheduler, batch
+
+
+def test_ratio_var_is_the_variance_of_the_micro_batches_mean_ratios(start, tokenizer, tmp_path):
+    """val/ratio_var is TRL's: the unbiased variance of the per-micro-batch mean ratios over the update, checked
+    against torch.var of those means computed here in float64. Ratios 1.01 +- 1e-4 (variance ~1e-9) are where
+    E[r^2] - E[r]^2 from float32 loses every digit. A zero output layer makes every log-prob the same number c
+    whatever the batch, and the learning rate 0 keeps it, so the ratios are known exactly: exp(c - old_logps).
+    One row per micro-batch and two PPO epochs: each row's mean ratio enters twice, whatever the shuffle."""
+    config, run, models, optimizer, scheduler, batch = update_inputs(
+        start, tokenizer, tmp_path, 0.0, per_device_train_batch_size=1, gradient_accumulation_steps=4,
+        num_mini_batches=2, num_ppo_epochs=2,
+    )  # fmt: skip
+    with torch.no_grad():
+        models.policy.lm_head.weight.zero_()
+        logps = ppo._logps(models.policy, batch, temperature=config.temperature)[:, -4:]
+    mask = batch["completion_mask"][:, -4:].bool()
+    c = logps[mask]
+    assert (c == c[0]).all()
+    generator = torch.Generator().manual_seed(1)
+    shift = 0.01 + 1e-4 * torch.randn(4, 4, generator=generator)
+    batch["old_logps"] = (c[0] - shift) * mask
+    out = ppo.train_on(run, models, optimizer, scheduler, batch, config, None, seed=0)
+
+    log_ratio = c[0].double() - batch["old_logps"].double()  # exact: two nearby float32 numbers
+    row_means = torch.stack([torch.expm1(log_ratio[i][mask[i]]).mean() + 1 for i in range(4)])
+    per_micro_batch = row_means.repeat(2)  # two epochs over the four one-row micro-batches
+    assert out["val/ratio_var"] == pytest.approx(float(per_micro_batch.var()), rel=1e-9)
+    assert out["val/ratio"] == pytest.approx(float(per_micro_batch.mean()), rel=1e-12)
+    assert 1e-10 < out["val/ratio_var"] < 1e-8
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1e-2])
+def test_max_grad_norm_zero_does_not_clip(start, tokenizer, tmp_path, max_grad_norm):
+    """PPO clips at max_grad_norm (1.0 by default; TRL's PPOTrainer never clips): 0 turns clipping off, so a
+    plain SGD step at lr 1 moves the parameters of both models by the whole gradient, whose norm is grad_norm;
+    with 1e-2 it moves them by 1e-2."""
+    from posttrain.rl.config import parse_config
+
+    argv = ["--dataset_name", "unused", "--reward_funcs", "format", "--max_grad_norm", "0"]
+    assert parse_config(ppo.PPOConfig, argv).max_grad_norm == 0.0
+    assert parse_config(ppo.PPOConfig, argv[:-2]).max_grad_norm == 1.0  # the default
+    config, run, models, optimizer, scheduler, batch = update_inputs(
+        start, tokenizer, tmp_path, 1.0, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        num_mini_batches=1, num_ppo_epochs=1, max_grad_norm=max_grad_norm,
+    )  # fmt: skip
+    before = [p.detach().clone() for p in models.parameters()]
+    out = ppo.train_on(run, models, optimizer, scheduler, batch, config, None, seed=0)
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(models.parameters(), before, strict=True)])
+    assert out["grad_norm"] > 0.1  # above the clip below
+    want = out["grad_norm"] if max_grad_norm == 0 else max_grad_norm
+    assert float(moved.double().norm()) == pytest.approx(want, rel=1e-5)  # (a float32 norm is off by 1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -114,8 +114,9 @@ def test_token_rewards_put_the_score_on_the_last_token(estimator):
 
 def loop_gae(rewards, values, lengths, gamma, lam):
     """Per row, backwards from its last token; nothing after it (no bootstrap past the stop token or past T)."""
-    advantages = [[0.0] * T for _ in lengths]
-    returns = [[0.0] * T for _ in lengths]
+    width = values.shape[1]
+    advantages = [[0.0] * width for _ in lengths]
+    returns = [[0.0] * width for _ in lengths]
     for i, n in enumerate(lengths):
         following = 0.0
         for t in reversed(range(n)):

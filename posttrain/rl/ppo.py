@@ -7,7 +7,8 @@ which TRL 1.16 no longer ships (published recipes still use them).
        value model (a sequence-classification head on a causal-LM backbone, read at every position:
        value_model_path; none: the reward model, head included, as TRL's script loads it, or with reward
        functions only the policy's start model with a fresh head), the scorer (reward_model_path, or
-       reward_funcs scoring the whole completion, weighted by reward_weights: `rl.rewards`)
+       reward_funcs scoring the whole completion, weighted by reward_weights: `rl.rewards`); dropout off in the
+       policy and value models, the LoRA adapters' included (TRL disables it after wrapping)
     2. data: prompt rows (`grpo.load_prompts`), each update taking this rank's per_device_train_batch_size x
        gradient_accumulation_steps of them in a seeded order (`grpo.prompt_rows`), one completion each
     3. experience (`make_experience`, no gradient): completions from the rollout engine, ending after the stop
@@ -37,7 +38,9 @@ approxkl, ratio and entropy are means over completion tokens (TRL averages them 
 are 0, 1 and the entropy after the completion); objective/entropy sums over completion tokens only (TRL adds
 -1 per padding position, its INVALID_LOGPROB); temperature is used as given (TRL adds 1e-7); each mini-batch
 is one optimizer step (TRL's accelerate steps every gradient_accumulation_steps micro-batches, which with
-num_mini_batches > 1 spans mini-batches); the embedded task stops at eos by default (stop_token "eos").
+num_mini_batches > 1 spans mini-batches); the embedded task stops at eos by default (stop_token "eos"); the
+gradient norm of policy and value together is clipped at max_grad_norm (1.0 by default, as every loop here and as
+the embedded defaults were measured; TRL's PPOTrainer never clips: pass --max_grad_norm 0 for TRL's behaviour).
 
 With no arguments PPO runs on the embedded task from the embedded RL start, scored by the exact_match reward
 function: no embedded reward model is cached anywhere (`posttrain rm` writes one into its own run folder), so
@@ -186,6 +189,10 @@ class PPOConfig(TrainConfig):
 
     run_defaults = RUN_DEFAULTS
     num_generations = 1  # one completion per prompt (read by `grpo.prompt_rows`)
+    # always on, not an option (TRL's PPO has none): ratios of 1 on-policy and values that are functions of
+    # the tokens need a deterministic forward. `lora.wrap` reads it to zero the adapters' lora_dropout too,
+    # which it adds after `train` has disabled the models' own dropout.
+    disable_dropout = True
 
     def __post_init__(self):
         for name, alias in (
@@ -432,7 +439,9 @@ def stop_token_of(config: PPOConfig, tokenizer) -> int | None:
 class Experience:
     """A batch of experience: `batch` holds N-row tensors input_ids, attention_mask, position_ids, completion_mask
     (N, P + W) and old_logps, old_values, advantages, returns (N, W) over the completion columns; `metrics` the
-    rollout's metrics (0-dim tensors); prompts, completions, scored and scores for the completions log."""
+    rollout's metrics (0-dim tensors); prompts, completions, scored and scores (N,) for the completions log;
+    ref_logps and token_rewards (N, W), the reference's log-probs and the per-token rewards GAE took (whitened when
+    whiten_rewards), for inspection (the update does not read them)."""
 
     batch: dict
     metrics: dict
@@ -440,6 +449,8 @@ class Experience:
     completions: list
     scored: rewards.Scored
     scores: torch.Tensor
+    ref_logps: torch.Tensor
+    token_rewards: torch.Tensor
 
 
 def make_experience(
@@ -506,7 +517,7 @@ def make_experience(
         # every token generated and fed to the model
         "num_tokens": torch.tensor(float(sum(len(p) for p in prompt_ids))) + mask.sum(),
     }
-    return Experience(batch, metrics, prompts, completions, scored, scores)
+    return Experience(batch, metrics, prompts, completions, scored, scores, ref_logps, token_rewards)
 
 
 def _logps(model, batch: dict, *, temperature: float) -> torch.Tensor:
@@ -535,14 +546,17 @@ def ppo_step_loss(models, batch: dict, num_items, *, config: PPOConfig):
     pg_loss = policy_losses.aggregate(pg.per_token, mask, "micro_batch_mean", num_items)
     vf_loss = policy_losses.aggregate(vf.per_token, mask, "micro_batch_mean", num_items)
     with torch.no_grad():
-        ratio = ppo_losses.masked_mean(pg.ratio, mask)
+        # the micro-batch's mean ratio as its distance from 1, in float64: ratios lie within ~1e-3 of 1, so
+        # float32 ratios (and their squares) would leave nothing of val/ratio_var's ~1e-8 after cancellation
+        log_ratio = ((logps - batch["old_logps"]) * mask).double()
+        deviation = ppo_losses.masked_mean(torch.expm1(log_ratio), mask.double())
         shares = {
             "policy/approxkl_avg": 0.5 * ppo_losses.masked_mean((logps - batch["old_logps"]) ** 2, mask),
             "policy/clipfrac_avg": ppo_losses.masked_mean(pg.clipped.float(), mask),
             "policy/entropy_avg": ppo_losses.masked_mean(entropy, mask),
             "val/clipfrac_avg": ppo_losses.masked_mean(vf.clipped.float(), mask),
-            "val/ratio": ratio,
-            "_ratio_squared": ratio**2,  # for val/ratio_var over the update's micro-batches
+            "_ratio_deviation": deviation,  # val/ratio - 1, and val/ratio_var with its square
+            "_ratio_deviation_squared": deviation**2,
         }
         metrics = {name: value / num_items for name, value in shares.items()}
         metrics["loss/policy_avg"], metrics["loss/value_avg"] = pg_loss.detach(), vf_loss.detach()
@@ -573,9 +587,12 @@ def train_on(
     steps = config.steps_per_update
     out = {name: value / steps for name, value in totals.items()}
     out["learning_rate"] = metrics["learning_rate"]  # constant within an update
+    # TRL's val/ratio_var: the unbiased variance of the update's per-micro-batch mean ratios (all processes),
+    # here from the float64 sums of their deviations d from 1 and of d^2 (`accumulate` sums in float64)
     n = steps * (config.local_mini_batch_size // micro) * run.world_size  # micro-batches in the update
-    mean_square = out.pop("_ratio_squared")
-    out["val/ratio_var"] = (mean_square - out["val/ratio"] ** 2) * n / (n - 1) if n > 1 else 0.0
+    mean, mean_square = out.pop("_ratio_deviation"), out.pop("_ratio_deviation_squared")
+    out["val/ratio"] = 1.0 + mean
+    out["val/ratio_var"] = max(mean_square - mean**2, 0.0) * n / (n - 1) if n > 1 else 0.0
     for name in ("num_tokens", "tokens_per_second"):
         out.pop(name)
     return out
