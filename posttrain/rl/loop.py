@@ -619,15 +619,15 @@ def _eval_loss(run: Run, module, eval_rows, collate_fn, loss_fn, count_fn) -> di
         for i in range(lo, hi, size)
     ]
     num_items = global_count(run, batches, count_fn)
+    # A rank with fewer micro-batches than another runs the difference on one row and contributes zeros:
+    # with none (fewer eval rows than processes, which transformers still evaluates) the all-reduce needs its
+    # metric names; under FSDP2 every forward gathers each layer with all ranks, so they must run as many.
+    most = distributed.all_reduce_max(len(batches), run.device) if distributed.is_sharded(module) else 1
     sums: dict[str, torch.Tensor] = {}
     for batch in batches:
         with run.autocast():
             loss, metrics = loss_fn(module, batch, num_items)
         _accumulate_metrics(sums, {"loss": loss, **metrics}, run.device)
-    # A rank with fewer micro-batches than another runs the difference on one row and contributes zeros:
-    # with none (fewer eval rows than processes, which transformers still evaluates) the all-reduce needs its
-    # metric names; under FSDP2 every forward gathers each layer with all ranks, so they must run as many.
-    most = distributed.all_reduce_max(len(batches), run.device) if distributed.is_sharded(module) else 1
     for _ in range(max(most - len(batches), 0)):
         with run.autocast():
             loss, metrics = loss_fn(module, to_device(collate_fn(take_rows(eval_rows, [0])), run.device), 1)
