@@ -23,6 +23,7 @@ import pytest
 import torch
 from _ddp_worker import MODEL_KWARGS
 from _optional import import_or_skip
+from torch.distributed.checkpoint import FileSystemReader
 
 from posttrain.cli import main
 from posttrain.data import embedded
@@ -42,6 +43,7 @@ COMMON += [
     "--per_device_eval_batch_size",
     "4",
 ]
+TR_DPO = ["--sync_ref_model", "true", "--ref_model_sync_steps", "2", "--ref_model_mixup_alpha", "0.5"]
 LORA = ["--use_peft", "true", "--lora_r", "4", "--lora_dropout", "0", "--merge_adapter", "true"]
 GRPO = ["--reward_funcs", "_online_rewards:length", "--max_completion_length", "6", "--num_generations", "4"]
 GRPO += [
@@ -127,7 +129,7 @@ def runs(files, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
     jobs = [
         {"argv": _sft(files, tmp / "sft2", *TWO)},
-        {"argv": _dpo(files, tmp / "dpo2", *TWO)},
+        {"argv": _dpo(files, tmp / "dpo2", *TWO, *TR_DPO)},
         {"argv": _dpo(files, tmp / "lora2", *TWO, *LORA)},
         {"argv": _grpo(files, tmp / "grpo_fsdp", "--fsdp", "full_shard")},
         {"argv": _grpo(files, tmp / "grpo_ddp")},
@@ -137,17 +139,17 @@ def runs(files, tmp_path_factory):
     for job in jobs:
         out = Path(job["argv"][-1])
         assert [(out / f"exit_code.rank{r}").read_text() for r in (0, 1)] == ["0", "0"], job["argv"][0]
-    for argv in (_sft(files, tmp / "sft1", *ONE), _dpo(files, tmp / "dpo1", *ONE),
+    for argv in (_sft(files, tmp / "sft1", *ONE), _dpo(files, tmp / "dpo1", *ONE, *TR_DPO),
                  _dpo(files, tmp / "lora1", *ONE, *LORA)):  # fmt: skip
         assert main(argv) == 0, argv[0]
     return tmp
 
 
-def _assert_same_steps(a: Path, b: Path, keys: tuple[str, ...], rel: float = 1e-5) -> None:
+def _assert_same_steps(a: Path, b: Path, keys: tuple[str, ...], rel: float = 1e-5, abs: float = 1e-7) -> None:
     for key in keys:
         ours, reference = _steps(a, key), _steps(b, key)
         assert ours.keys() == reference.keys() and ours, key
-        assert ours == pytest.approx(reference, rel=rel, abs=1e-7), key
+        assert ours == pytest.approx(reference, rel=rel, abs=abs), key
 
 
 def _weights(folder: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
@@ -198,12 +200,17 @@ def test_the_gathered_final_model_loads_in_one_process_and_equals_the_shards(run
 
 
 def test_dpo_two_sharded_processes_with_a_sharded_reference_give_one_process_losses(runs):
-    keys = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
-    _assert_same_steps(runs / "dpo2", runs / "dpo1", keys)
-    _assert_same_steps(runs / "dpo2", runs / "dpo1", ("eval_loss", "eval_rewards/margins"))
+    """DPO with a sharded frozen reference that TR-DPO mixes the policy into every 2 steps (shard by shard,
+    checkpointed with the run): the one-process losses, grad norms, log-probs and evaluations. Rewards are
+    beta x (log-prob - reference log-prob), differences of ~-13 log-probs: their round-off is absolute."""
+    _assert_same_steps(runs / "dpo2", runs / "dpo1", ("loss", "grad_norm", "logps/chosen", "logps/rejected"))
+    _assert_same_steps(runs / "dpo2", runs / "dpo1", ("rewards/chosen", "rewards/rejected"), rel=0, abs=1e-5)
+    _assert_same_steps(runs / "dpo2", runs / "dpo1", ("eval_loss", "eval_logps/chosen"))
     assert (
         _steps(runs / "dpo2")[6] < _steps(runs / "dpo2")[1] - 1e-3
     )  # it learned: the comparison is not vacuous
+    names = FileSystemReader(str(runs / "dpo2" / "checkpoint-2" / checkpoint.SHARDED_DIR)).read_metadata()
+    assert any(n.startswith("companion.ref_model.") for n in names.state_dict_metadata)
     _assert_close_weights(_weights(runs / "dpo2"), _weights(runs / "dpo1"))
 
 
@@ -212,7 +219,6 @@ def test_lora_dpo_sharded_checkpoints_hold_the_adapters_and_the_final_save_merge
     checkpoints hold the adapters alone; the final adapter and merged model equal the one-process ones, the
     adapter reloads with peft and gives the merged model's log-probs."""
     peft = import_or_skip("peft")
-    from torch.distributed.checkpoint import FileSystemReader
     from transformers import AutoModelForCausalLM
 
     _assert_same_steps(runs / "lora2", runs / "lora1", ("loss", "grad_norm", "rewards/margins"))
