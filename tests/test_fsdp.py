@@ -59,6 +59,8 @@ GRPO += [
     "0",
 ]
 GRPO += ["--logging_steps", "0", "--disable_tqdm", "true", "--report_to", "none", "--seed", "0"]
+BF16 = ["--bf16", "true", "--gradient_checkpointing", "true", "--max_steps", "3", "--save_steps", "0"]
+BF16 += ["--eval_steps", "0"]
 TWO = ["--per_device_train_batch_size", "4", "--fsdp", "full_shard"]  # 2 processes x 4 rows
 ONE = ["--per_device_train_batch_size", "8"]  # 1 process x 8 rows
 
@@ -129,6 +131,7 @@ def runs(files, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
     jobs = [
         {"argv": _sft(files, tmp / "sft2", *TWO)},
+        {"argv": _sft(files, tmp / "bf16_2", *TWO, *BF16)},
         {"argv": _dpo(files, tmp / "dpo2", *TWO, *TR_DPO)},
         {"argv": _dpo(files, tmp / "lora2", *TWO, *LORA)},
         {"argv": _grpo(files, tmp / "grpo_fsdp", "--fsdp", "full_shard")},
@@ -139,7 +142,8 @@ def runs(files, tmp_path_factory):
     for job in jobs:
         out = Path(job["argv"][-1])
         assert [(out / f"exit_code.rank{r}").read_text() for r in (0, 1)] == ["0", "0"], job["argv"][0]
-    for argv in (_sft(files, tmp / "sft1", *ONE), _dpo(files, tmp / "dpo1", *ONE, *TR_DPO),
+    for argv in (_sft(files, tmp / "sft1", *ONE), _sft(files, tmp / "bf16_1", *ONE, *BF16),
+                 _dpo(files, tmp / "dpo1", *ONE, *TR_DPO),
                  _dpo(files, tmp / "lora1", *ONE, *LORA)):  # fmt: skip
         assert main(argv) == 0, argv[0]
     return tmp
@@ -177,6 +181,17 @@ def test_sft_two_sharded_processes_give_one_process_losses(runs):
     assert max(_steps(runs / "sft2", "grad_norm").values()) > 1.0
     assert sorted(_steps(runs / "sft2", "eval_loss")) == [3, 6]
     _assert_close_weights(_weights(runs / "sft2"), _weights(runs / "sft1"))
+
+
+def test_bf16_shards_keep_float32_weights_and_train_as_one_bf16_process(runs):
+    """--bf16 (FSDP's MixedPrecisionPolicy: layers gathered and run in bfloat16, gradients reduced in float32)
+    with gradient checkpointing: the losses of one process under bf16 autocast within bfloat16 round-off, and
+    not the float32 run's (the bf16 arithmetic is in effect); the weights stay float32."""
+    ours, reference, float32 = _steps(runs / "bf16_2"), _steps(runs / "bf16_1"), _steps(runs / "sft2")
+    assert sorted(ours) == [1, 2, 3]
+    assert ours == pytest.approx(reference, rel=2e-3)
+    assert all(abs(ours[step] - float32[step]) > 1e-6 for step in ours)
+    assert {tensor.dtype for tensor in _weights(runs / "bf16_2").values()} == {torch.float32}
 
 
 def test_the_gathered_final_model_loads_in_one_process_and_equals_the_shards(runs):

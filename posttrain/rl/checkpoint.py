@@ -312,13 +312,13 @@ def save_checkpoint(
         with faults.writing(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if sharded:
+        if sharded:  # the weights and optimizer state go into the shards (write_shards)
             _write_description(model, tokenizer, tmp)
-            return
-        _write_model(model, state["model"], tokenizer, tmp, original_format=False)
-        _torch_save(state["optimizer"], tmp / "optimizer.pt")
-        for name, module in (companions or {}).items():
+        else:
+            _write_model(model, state["model"], tokenizer, tmp, original_format=False)
+            _torch_save(state["optimizer"], tmp / "optimizer.pt")
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        for name, module in (companions or {}).items() if not sharded else ():
             _save_companion(module, tmp / f"{name}.safetensors")
 
     def write_shards():
