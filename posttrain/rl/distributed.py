@@ -178,11 +178,13 @@ def shard(model: torch.nn.Module, *, bf16: bool = False) -> torch.nn.Module:
             f"fsdp: {type(model).__name__} names no decoder layer class (transformers' _no_split_modules) "
             "to shard by"
         )
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    kwargs = {"mp_policy": policy} if policy is not None else {}
+    kwargs = {}
+    if bf16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in layers:
         fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)  # the root: not resharded after forward (FSDP2's default for the root)
+    # The root stays gathered from forward to backward: rl/logprobs.py reads the output layer's weight then.
+    fully_shard(model, reshard_after_forward=False, **kwargs)
     return model
 
 
