@@ -1,20 +1,27 @@
-"""GRPO and RLOO steps: posttrain vs TRL 1.16's GRPOTrainer / RLOOTrainer, side by side, with the compute floor.
+"""The online loops' steps: posttrain vs TRL 1.16's GRPOTrainer / RLOOTrainer / OnlineDPOTrainer, side by side,
+with the compute floor; PPO (which TRL 1.16 no longer ships) against its floor alone.
 
-    python benchmarks/grpo.py                    # GRPO and RLOO; per side: 2 rounds x (3 warm-up + 10 timed steps)
-    python benchmarks/grpo.py --algo rloo        # one algorithm
+    python benchmarks/grpo.py                    # every loop; per side: 2 rounds x (3 warm-up + 10 timed steps)
+    python benchmarks/grpo.py --algo rloo ppo    # some of them
     python benchmarks/grpo.py --quick            # a smoke run: tiny model, 1 round of 1 + 2 steps
 
 Model: the SFT benchmark's Qwen2 (benchmarks/sft.py: V = 32000, H = 256, L = 4, I = 1024, tied embeddings,
 float32), saved to a temporary folder that both sides load (TRL builds its reference model from the path).
-Work per optimizer step: one random prompt of P = 64 tokens, G = 8 completions of exactly C = 32 new tokens
-(num_generations 8, max_completion_length 32, per_device_train_batch_size 8: N = 8 rows, one micro-batch),
-sampled at temperature 1 with no top-k / top-p / min-p. The eos id is V, outside the model's vocabulary (the
+Work per optimizer step: N = 8 completions of exactly C = 32 new tokens to random prompts of P = 64 tokens, one
+micro-batch, sampled at temperature 1 with no top-k / top-p / min-p: GRPO and RLOO one prompt x G = 8
+completions (num_generations 8, per_device_train_batch_size 8), Online DPO 4 prompts x 2 (its pairs;
+per_device_train_batch_size 4 prompts), PPO 8 prompts x 1 (per_device_train_batch_size 8, num_ppo_epochs 1,
+num_mini_batches 1: one optimizer step per rollout batch). The eos id is V, outside the model's vocabulary (the
 tokenizer has one more token than the model), so no completion stops early on either side: every step does the
 same work, and each side's reward function checks that every completion has C tokens. The reward is a cheap
 function of the completion's tokens (sum of ids mod 97, over 97), so that advantages are not all zero.
 TRL's defaults otherwise (learning rate 1e-6, linear decay, AdamW, clipping at 1.0, epsilon 0.2):
-    grpo  loss_type dapo, beta 0 (no reference model), num_iterations 1 (no old log-prob forward);
-    rloo  beta 0.05: a reference forward and an old log-prob forward per step (the k1 KL in the reward).
+    grpo        loss_type dapo, beta 0 (no reference model), num_iterations 1 (no old log-prob forward);
+    rloo        beta 0.05: a reference forward and an old log-prob forward per step (the k1 KL in the reward);
+    online_dpo  loss_type sigmoid, beta 0.1: the pairs' training forward + backward and a reference forward;
+    ppo         a reward model (the same Qwen2 shapes with a one-output score head) scores; the value model is
+                its backbone with a fresh head (TRL's default); per step the old-policy, reference, value and
+                reward forwards, then the policy's and the value's forward + backward under one optimizer.
 Both sides: no gradient checkpointing (TRL's default turns it on; neither side recomputes), fp32, CPU.
 
 A step is everything between two optimizer steps: generation, rewards, the log-prob forwards the algorithm
@@ -43,7 +50,11 @@ its steps, forward-only matmuls for the forward-only parts:
                  over the prompt and the tokens so far, output layer at the new position;
     train        forward + backward of the N rows of P + C tokens (`common.step_flops`: 3 x forward), output
                  layer at the N x C completion positions only;
-    rloo adds    two forwards of the N rows (old and reference log-probs): 1/3 of the train floor each.
+    rloo adds    two forwards of the N rows (old and reference log-probs): 1/3 of the train floor each;
+    online_dpo   the reference forward of the N rows: 1/3 of the train floor;
+    ppo adds     the old-policy and reference forwards (1/3 of the train floor each), and the value model's
+                 forward + backward plus the value and reward models' no-grad forwards, body only (their
+                 heads have one output).
 Decode runs at N = 8 rows, where a matmul reads its weights for little arithmetic: its rate is far below the
 training matmuls', which is why it is timed on its own shapes.
 
@@ -64,10 +75,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import sft  # noqa: E402  the same model shapes
 
-ALGOS = ("grpo", "rloo")
-NUM_GENERATIONS, PROMPT_LEN, COMPLETION_LEN = 8, 64, 32
-PROMPTS_PER_STEP = 1  # per_device_train_batch_size N = PROMPTS_PER_STEP * NUM_GENERATIONS completions
-ROWS = PROMPTS_PER_STEP * NUM_GENERATIONS
+ALGOS = ("grpo", "rloo", "online_dpo", "ppo")
+HAS_TRL_SIDE = ("grpo", "rloo", "online_dpo")  # TRL 1.16 has no PPO
+PROMPT_LEN, COMPLETION_LEN, ROWS = 64, 32, 8
+# completions per prompt: the N = ROWS rows of a step are ROWS / G prompts x G completions
+GENERATIONS = {"grpo": 8, "rloo": 8, "online_dpo": 2, "ppo": 1}
+
+
+def prompts_per_step(algo: str) -> int:
+    return ROWS // GENERATIONS[algo]
+
+
+def sides_of(algo: str) -> tuple[str, ...]:
+    return ("ours", "trl") if algo in HAS_TRL_SIDE else ("ours",)
+
+
 PAD_ID = 0
 # Generation's matmuls take microseconds: many repeats are cheap, and on a shared CPU one stalled OpenMP barrier
 # can slow each of a few repeats many-fold (the floor takes the fastest).
@@ -88,13 +110,22 @@ def build_tokenizer(vocab_size: int):
 
 
 def save_model(folder: str, quick: bool) -> None:
-    """The SFT benchmark's model (seed 0), its eos moved to id V, and the tokenizer, saved to `folder`."""
+    """The SFT benchmark's model (seed 0), its eos moved to id V, and the tokenizer, saved to `folder`; and in
+    folder/reward a reward model of the same shapes (a one-output score head, seed 1), for PPO."""
+    from transformers import AutoModelForSequenceClassification
+
     model = sft.build_model(quick)
     V = model.config.vocab_size
     model.config.eos_token_id = model.generation_config.eos_token_id = V
     model.config.pad_token_id = model.generation_config.pad_token_id = PAD_ID
     model.save_pretrained(folder)
     build_tokenizer(V).save_pretrained(folder)
+    torch.manual_seed(1)
+    config = sft.model_config(quick)
+    config.num_labels, config.pad_token_id = 1, PAD_ID
+    reward = os.path.join(folder, "reward")
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(reward)
+    build_tokenizer(V).save_pretrained(reward)
 
 
 def random_prompts(n: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -181,7 +212,10 @@ def run_ours(args) -> dict:
             memory["rss_before"] = common.rss_mib()
             common.reset_peak_rss()
             stamps.append(time.perf_counter())
-        return generate(*a, **k)
+        out = generate(*a, **k)
+        if args.algo == "ppo":  # scored by a reward model, not REWARD: count the lengths here
+            REWARD.lengths += out.completion_mask.sum(1).tolist()
+        return out
 
     def stamped_accumulate(*a, **k):
         out = accumulate(*a, **k)
@@ -197,17 +231,12 @@ def run_ours(args) -> dict:
         save_model(folder, args.quick)
         data = os.path.join(folder, "prompts.jsonl")
         with open(data, "w") as f:
-            f.writelines(
-                json.dumps(row) + "\n" for row in prompt_rows(n_steps * PROMPTS_PER_STEP, vocab_size)
-            )
+            rows = prompt_rows(n_steps * prompts_per_step(args.algo), vocab_size)
+            f.writelines(json.dumps(row) + "\n" for row in rows)
         common_options = dict(
             output_dir=out,
             model_name_or_path=folder,
             dataset_name=data,
-            reward_funcs=["__main__:REWARD"],
-            per_device_train_batch_size=ROWS,
-            num_generations=NUM_GENERATIONS,
-            max_completion_length=COMPLETION_LEN,
             max_steps=n_steps,
             logging_steps=10**6,  # as TRL's side: no metrics line, no completions.jsonl
             save_steps=0,
@@ -215,10 +244,39 @@ def run_ours(args) -> dict:
             report_to="none",
             seed=0,
         )
+        online = dict(
+            reward_funcs=["__main__:REWARD"],
+            per_device_train_batch_size=ROWS,
+            num_generations=GENERATIONS[args.algo],
+            max_completion_length=COMPLETION_LEN,
+        )
         if args.algo == "grpo":
-            grpo.train(grpo.GRPOConfig(**common_options, loss_type="dapo", beta=0.0))
+            grpo.train(grpo.GRPOConfig(**common_options, **online, loss_type="dapo", beta=0.0))
+        elif args.algo == "rloo":
+            rloo.train(rloo.RLOOConfig(**common_options, **online, beta=0.05))
+        elif args.algo == "online_dpo":
+            from posttrain.rl import online_dpo
+
+            # as TRL's OnlineDPOConfig, per_device_train_batch_size counts prompts (each makes a pair)
+            options = {**online, "per_device_train_batch_size": prompts_per_step(args.algo)}
+            options.update(temperature=1.0, loss_type="sigmoid", beta=0.1)
+            online_dpo.train(online_dpo.OnlineDPOConfig(**common_options, **options))
         else:
-            rloo.train(rloo.RLOOConfig(**common_options, beta=0.05))
+            from posttrain.rl import models, ppo
+
+            # the reward model's tokenizer is loaded from its folder inside rewards.py (a function-level import)
+            ppo.load_tokenizer = models.load_tokenizer = grpo.load_tokenizer
+            ppo.train(
+                ppo.PPOConfig(
+                    **common_options,
+                    reward_model_path=os.path.join(folder, "reward"),
+                    per_device_train_batch_size=ROWS,
+                    num_ppo_epochs=1,
+                    num_mini_batches=1,
+                    response_length=COMPLETION_LEN,
+                    temperature=1.0,
+                )
+            )
     times = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][args.warmup :]
     return {
         "times": times,
@@ -253,16 +311,26 @@ def run_trl(args) -> dict:
 
     n_steps = args.warmup + args.steps
     clock, parts = StepClock(), Parts()
-    Config, Trainer = (
-        (trl.GRPOConfig, trl.GRPOTrainer) if args.algo == "grpo" else (trl.RLOOConfig, trl.RLOOTrainer)
-    )
+    if args.algo == "online_dpo":
+        from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+        Config, Trainer, logps = OnlineDPOConfig, OnlineDPOTrainer, "_forward"
+        options = {
+            "max_new_tokens": COMPLETION_LEN,
+            "temperature": 1.0,
+            "loss_type": "sigmoid",
+            "beta": [0.1],
+        }
+    else:
+        Config, Trainer = (
+            (trl.GRPOConfig, trl.GRPOTrainer) if args.algo == "grpo" else (trl.RLOOConfig, trl.RLOOTrainer)
+        )
+        logps = "_get_per_token_logps_and_entropies"
+        options = {"num_generations": GENERATIONS[args.algo], "max_completion_length": COMPLETION_LEN}
+        options.update({"loss_type": "dapo", "beta": 0.0} if args.algo == "grpo" else {"beta": 0.05})
     parts.wrap(GenerationMixin, "generate", "generation")
-    # TRL's one log-prob function: under no_grad for the old and reference log-probs, with grad for training
-    parts.wrap(
-        Trainer,
-        "_get_per_token_logps_and_entropies",
-        lambda: "train forward" if torch.is_grad_enabled() else "logp forwards",
-    )
+    # TRL's log-prob function: under no_grad for the old and reference log-probs, with grad for training
+    parts.wrap(Trainer, logps, lambda: "train forward" if torch.is_grad_enabled() else "logp forwards")
     with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as out:
         save_model(folder, args.quick)
         # built, not reloaded: transformers 5 reloads a qwen2 folder's tokenizer as a byte-level Qwen2Tokenizer
@@ -273,22 +341,23 @@ def run_trl(args) -> dict:
             bf16=False,
             activation_checkpointing=False,  # TRL's default is on (as `gradient_checkpointing`)
             report_to=[],
-            per_device_train_batch_size=ROWS,
-            num_generations=NUM_GENERATIONS,
-            max_completion_length=COMPLETION_LEN,
+            # GRPO / RLOO count completions per device, Online DPO prompts (each makes a pair)
+            per_device_train_batch_size=ROWS if args.algo != "online_dpo" else prompts_per_step(args.algo),
             max_steps=n_steps,
             logging_steps=10**6,
             save_strategy="no",
             disable_tqdm=True,
             dataloader_num_workers=0,
             seed=0,
-            **({"loss_type": "dapo", "beta": 0.0} if args.algo == "grpo" else {"beta": 0.05}),
+            **options,
         )
         trainer = Trainer(
             model=folder,
             reward_funcs=[REWARD],
             args=config,
-            train_dataset=Dataset.from_list(prompt_rows(n_steps * PROMPTS_PER_STEP, tokenizer.eos_token_id)),
+            train_dataset=Dataset.from_list(
+                prompt_rows(n_steps * prompts_per_step(args.algo), tokenizer.eos_token_id)
+            ),
             processing_class=tokenizer,
             callbacks=[clock],
         )
@@ -314,17 +383,17 @@ def layer_forward_seconds(config, rows: int) -> float:
     )
 
 
-def generation_floor(config) -> dict:
-    """FLOPs and floor seconds of sampling C tokens for the N rows of PROMPTS_PER_STEP prompts (see the module
+def generation_floor(config, prompts: int) -> dict:
+    """FLOPs and floor seconds of sampling C tokens for the N rows of `prompts` prompts (see the module
     docstring): prefill once per prompt, then C - 1 one-token decode steps, forward only, each part at the rate
     of its own matmul shapes measured now (attention at the body's rate)."""
     L, H, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
     P_layer = common.linear_params_per_layer(config)
-    prefill_rows = PROMPTS_PER_STEP * PROMPT_LEN
+    prefill_rows = prompts * PROMPT_LEN
     flops = {
         "prefill body": 2.0 * L * P_layer * prefill_rows,
         "prefill attn": 2.0 * L * PROMPT_LEN * H * prefill_rows,  # causal half of QK^T and PV
-        "prefill head": 2.0 * H * V * PROMPTS_PER_STEP,  # last position only
+        "prefill head": 2.0 * H * V * prompts,  # last position only
         "decode body": 2.0 * L * P_layer * ROWS * (COMPLETION_LEN - 1),
         # the new token at context length c = P + t attends to c positions: 2 matmuls x 2 FLOPs x c x H
         "decode attn": sum(4.0 * L * (PROMPT_LEN + t) * H * ROWS for t in range(1, COMPLETION_LEN)),
@@ -339,7 +408,7 @@ def generation_floor(config) -> dict:
     seconds = {
         "prefill": L * prefill_layer_s
         + flops["prefill attn"] / prefill_rate
-        + common.linear_forward_seconds(PROMPTS_PER_STEP, H, V, FORWARD_REPEATS),
+        + common.linear_forward_seconds(prompts, H, V, FORWARD_REPEATS),
         "decode": (COMPLETION_LEN - 1)
         * (L * decode_layer_s + common.linear_forward_seconds(ROWS, H, V, FORWARD_REPEATS))
         + flops["decode attn"] / decode_rate,
@@ -347,20 +416,31 @@ def generation_floor(config) -> dict:
     return {"flops": flops, "seconds": seconds, "decode_rate": decode_rate}
 
 
+# no-grad log-prob forwards of the N rows through a causal LM (old policy, reference) per step
+LOGP_FORWARDS = {"grpo": 0, "rloo": 2, "online_dpo": 1, "ppo": 2}
+
+
 def floor(config, algo: str) -> dict:
     """The step's floor: generation (`generation_floor`), the training forward + backward (`common.compute_floor`
-    over N x (P + C) tokens, output layer at the N x C completion positions) and, for RLOO, two more forwards
-    (old and reference log-probs) of the same rows: 1/3 of the training floor each."""
+    over N x (P + C) tokens, output layer at the N x C completion positions), LOGP_FORWARDS[algo] no-grad
+    forwards of the same rows (1/3 of the training floor each) and, for PPO, the value model's forward +
+    backward and the value and reward models' forwards: the training floor's body part, in full and 1/3 x 2."""
     seq_len = PROMPT_LEN + COMPLETION_LEN
     train = common.compute_floor(config, ROWS * seq_len, seq_len, ROWS * COMPLETION_LEN, repeats=10)
-    gen = generation_floor(config)
-    forwards = 2 if algo == "rloo" else 0
+    gen = generation_floor(config, prompts_per_step(algo))
+    forwards = LOGP_FORWARDS[algo]
+    f = train["flops"]
     seconds = {**gen["seconds"], "train": train["floor_s"], "logp forwards": forwards / 3 * train["floor_s"]}
     flops = {
         "generation": sum(gen["flops"].values()),
-        "train": sum(train["flops"].values()),
-        "logp forwards": forwards / 3 * sum(train["flops"].values()),
+        "train": sum(f.values()),
+        "logp forwards": forwards / 3 * sum(f.values()),
     }
+    if algo == "ppo":
+        body_flops = f["body"] + f["attn"]
+        body_s = body_flops / train["body_rate"]
+        seconds["value + reward models"] = body_s * (1 + 2 / 3)
+        flops["value + reward models"] = body_flops * (1 + 2 / 3)
     return {
         "flops": flops,
         "seconds": seconds,
@@ -399,14 +479,14 @@ def main():
     results = {
         algo: {
             side: {"times": [], "peak_mib": 0.0, "floors": [], "lengths": set(), "parts": []}
-            for side in ("ours", "trl")
+            for side in sides_of(algo)
         }
         for algo in args.algo
     }
-    print(f"GRPO / RLOO step, {common.machine_line()}", flush=True)
+    print(f"online loops' steps, {common.machine_line()}", flush=True)
     for _ in range(args.rounds):  # alternating the sides spreads any other load on the machine over both
         for algo in args.algo:
-            for side in ("ours", "trl"):
+            for side in sides_of(algo):
                 result = common.run_side(__file__, ["--side", side, "--algo", algo, *sides])
                 r = results[algo][side]
                 r["times"] += result["times"]
@@ -421,19 +501,21 @@ def main():
 
     print(
         f"model: Qwen2 V={config.vocab_size} H={config.hidden_size} L={config.num_hidden_layers} "
-        f"I={config.intermediate_size}; per step {PROMPTS_PER_STEP} prompt of {PROMPT_LEN} tokens x "
-        f"{NUM_GENERATIONS} completions of {COMPLETION_LEN} tokens; {args.rounds} x ({args.warmup} warm-up + "
+        f"I={config.intermediate_size}; per step {ROWS} completions of {COMPLETION_LEN} tokens to prompts of "
+        f"{PROMPT_LEN} tokens ({', '.join(f'{a} {prompts_per_step(a)} x {GENERATIONS[a]}' for a in args.algo)}); "
+        f"{args.rounds} x ({args.warmup} warm-up + "
         f"{args.steps} timed steps) per side and algorithm, alternating; load at the end "
         f"{os.getloadavg()[0]:.2f}"
     )
     for algo, by_side in results.items():
         f, s = by_side["ours"]["floors"][0]["flops"], by_side["ours"]["floors"][0]["seconds"]
         print(
-            f"\n{algo}: floor {sum(f.values()) / 1e9:.1f} GFLOP per step (generation {f['generation'] / 1e9:.1f}, "
-            f"train fwd + bwd {f['train'] / 1e9:.1f}, log-prob forwards {f['logp forwards'] / 1e9:.1f}); seconds "
-            f"in ours' first round: " + ", ".join(f"{k} {v:.3f}" for k, v in s.items())
+            f"\n{algo}: floor {sum(f.values()) / 1e9:.1f} GFLOP per step ("
+            + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in f.items())
+            + "); seconds in ours' first round: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in s.items())
         )
-        for side in ("ours", "trl"):
+        for side in by_side:
             rates = ", ".join(
                 f"{x['body_rate'] / 1e9:.0f} / {x['head_rate'] / 1e9:.0f} / {x['decode_rate'] / 1e9:.0f}"
                 for x in by_side[side]["floors"]
@@ -456,15 +538,25 @@ def main():
                 print(
                     f"  WARNING: {side} made completions of other lengths than {COMPLETION_LEN}: not the same work"
                 )
-        common.print_comparison(by_side)
+        if "trl" in by_side:
+            common.print_comparison(by_side)
 
     # One line per algorithm; each side's ratio to the floor measured in its own processes.
     header = ["algo", "floor s (ours / TRL runs)", "ours s/step", "TRL s/step", "ours / floor", "TRL / floor"]
     header += ["ours / TRL time", "ours MiB", "TRL MiB", "ours / TRL memory"]
     rows = []
     for algo, by_side in results.items():
-        ours, trl = by_side["ours"], by_side["trl"]
-        t_ours, t_trl = common.median(ours["times"]), common.median(trl["times"])
+        ours, trl = by_side["ours"], by_side.get("trl")
+        t_ours = common.median(ours["times"])
+        if trl is None:  # TRL 1.16 has no PPO: the floor alone
+            rows.append(
+                [algo, f"{ours['floor_s']:.3f} / -", f"{t_ours:.3f}", "-", f"{t_ours / ours['floor_s']:.2f}"]
+                + ["-"] * 2
+                + [f"{ours['peak_mib']:.0f}"]
+                + ["-"] * 2
+            )
+            continue
+        t_trl = common.median(trl["times"])
         rows.append(
             [
                 algo,

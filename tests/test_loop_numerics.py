@@ -39,8 +39,8 @@ def _sft_config(tmp_path, **overrides):
 def test_bf16_forwards_run_in_bfloat16(tmp_path, monkeypatch):
     dtypes, batches = [], []
 
-    def load_recording(name, seed=0):
-        model = LOAD_CAUSAL_LM(name, seed=seed)
+    def load_recording(name, seed=0, quantization=None):
+        model = LOAD_CAUSAL_LM(name, seed=seed, quantization=quantization)
         # A Linear inside the decoder: under autocast its output is bfloat16, otherwise float32.
         q_proj = model.model.layers[0].self_attn.q_proj
         q_proj.register_forward_hook(lambda m, args, out: dtypes.append((m.training, out.dtype)))

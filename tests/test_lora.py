@@ -166,6 +166,20 @@ def test_reward_models_score_head_trains_in_full(tokenizer):
     assert len(trained) == 1 + 2 * 2 * model.config.num_hidden_layers  # score + A, B of q_proj and v_proj
 
 
+def test_process_reward_models_score_head_trains_in_full():
+    from posttrain.rl import prm
+
+    model = lora.wrap(
+        prm.load_prm_model(None, seed=0), TrainConfig(**lora_options(lora_target_modules=["q_proj"]))
+    )
+    assert model.peft_config["default"].task_type == "TOKEN_CLS"  # chosen from the model
+    randomize_adapters(model)
+    model(input_ids=torch.tensor([[3, 4, 5, 6]])).logits.sum().backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    head = "base_model.model.score.modules_to_save.default"
+    assert {n for n in trained if "lora_" not in n} == {f"{head}.weight", f"{head}.bias"}
+
+
 def test_reward_run_saves_an_adapter_with_its_score_head_and_the_merged_model(tmp_path, start, pairs_file):
     out = tmp_path / "rm"
     reward.train(reward.RewardConfig(model_name_or_path=start, dataset_name=pairs_file, output_dir=str(out), per_device_train_batch_size=4, max_steps=3, eval_steps=0, save_steps=0, disable_tqdm=True, report_to="none", learning_rate=1e-2, merge_adapter=True, **lora_options()))  # fmt: skip
@@ -252,7 +266,7 @@ def test_saved_adapter_reloads_with_peft_and_merged_model_gives_the_same_log_pro
         ({"use_peft": True, "lora_r": 0}, r"lora_r must be >= 1, got 0"),
         ({"use_peft": True, "lora_alpha": 0}, r"lora_alpha must be > 0, got 0"),
         ({"use_peft": True, "lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\), got 1.0"),
-        ({"use_peft": True, "lora_task_type": "TOKEN_CLS"}, r"lora_task_type must be one of CAUSAL_LM, SEQ_CLS, got 'TOKEN_CLS'"),
+        ({"use_peft": True, "lora_task_type": "QUESTION_ANS"}, r"lora_task_type must be one of CAUSAL_LM, SEQ_CLS, TOKEN_CLS, got 'QUESTION_ANS'"),
         ({"use_peft": True, "lora_target_modules": []}, r"lora_target_modules is empty"),
         ({"use_peft": True, "lora_target_modules": ["all-linear", "q_proj"]}, r"all-linear stands alone"),
     ],
@@ -288,6 +302,7 @@ def test_options_parse_from_the_command_line():
         ({"lora_target_modules": ["q_proj", "qkv_proj"]}, r"lora_target_modules: \['qkv_proj'\] match no linear module of Qwen2ForCausalLM; its linear module names: \['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj'\]"),
         ({"lora_modules_to_save": ["embed"]}, r"lora_modules_to_save: \['embed'\] match no module of Qwen2ForCausalLM"),
         ({"lora_task_type": "SEQ_CLS"}, r"lora_task_type=SEQ_CLS but the model is a Qwen2ForCausalLM: use CAUSAL_LM"),
+        ({"lora_task_type": "TOKEN_CLS"}, r"lora_task_type=TOKEN_CLS but the model is a Qwen2ForCausalLM: use CAUSAL_LM"),
     ],
 )  # fmt: skip
 def test_options_that_do_not_fit_the_model_are_named(options, message):

@@ -484,6 +484,15 @@ def test_reward_model_errors(tmp_path, reward_model_dir):
     embedded.build_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match=r"not a trained reward model .*\['Qwen2ForCausalLM'\]"):
         rewards.resolve(["format"], reward_model_name_or_path=str(tmp_path))
+    two = tmp_path / "two_labels"
+    AutoModelForSequenceClassification.from_config(embedded.tiny_model_config(num_labels=2)).save_pretrained(
+        two
+    )
+    embedded.build_tokenizer().save_pretrained(two)
+    with pytest.raises(
+        ConfigError, match=r"two_labels': its head has 2 labels; a reward model gives one score"
+    ):
+        rewards.resolve(["format"], reward_model_name_or_path=str(two))
     (rm,) = rewards.resolve([], reward_model_name_or_path=str(reward_model_dir))
     with pytest.raises(
         RewardError,

@@ -39,8 +39,8 @@ def _train_recording(tmp_path, monkeypatch, per_device, accumulation, **options)
     (metrics.jsonl step lines, the keyword arguments of every training forward)."""
     seen = []
 
-    def load_recording(name, seed=0):
-        model = LOAD_CAUSAL_LM(name, seed=seed)
+    def load_recording(name, seed=0, quantization=None):
+        model = LOAD_CAUSAL_LM(name, seed=seed, quantization=quantization)
 
         def record(module, args, kwargs):
             if module.training:  # training forwards only

@@ -25,6 +25,7 @@ BUILTIN_MODULES = {
     "kto": "posttrain.losses.kto",
     **dict.fromkeys(("cpo", "orpo"), "posttrain.losses.cpo"),
     **dict.fromkeys(("policy", "kl", "advantage"), "posttrain.losses.policy"),
+    **dict.fromkeys(("ppo_advantage", "ppo_policy", "ppo_value"), "posttrain.losses.ppo"),
 }
 
 

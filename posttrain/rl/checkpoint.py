@@ -18,7 +18,9 @@ torch.distributed.checkpoint (DCP) instead, each rank writing its own shards (`t
 .state_dict` helpers give and take them):
 
     sharded/                                DCP: __{rank}_0.distcp per rank + .metadata; keys "model" (the
-                                            adapters alone under use_peft), "optimizer", "companion.{name}"
+                                            model's parameters as model.*, each companion's as
+                                            companion_{name}.*; the trainable ones alone under use_peft),
+                                            "optimizer"
     config.json | adapter_config.json       what the weights are (the model's config; the adapters')
     tokenizer files, scheduler.pt, rng_state_rank{r}.pt, trainer_state.json   as above
 
@@ -108,23 +110,27 @@ def set_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, s
 
 
 def sharded_state(model, optimizer, companions: dict | None = None) -> dict:
-    """This rank's shards, for DCP: {"model": ..., "optimizer": ..., "companion.{name}": ...}, each a state
-    dict of DTensors (`get_state_dict`: parameter names as the unsharded model has them). Under use_peft
-    "model" keeps the trainable parameters alone (the adapters and modules to save), as a peft checkpoint
-    does. Collective."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    """This rank's shards, for DCP: {"model": ..., "optimizer": ...}, state dicts of DTensors over the model and
+    its companions together (`get_state_dict` of {"model": model, "companion_{name}": ...}, so that an optimizer
+    over both, PPO's policy and value, maps every parameter to a name). Under use_peft the trainable parameters
+    alone are kept (the adapters, modules to save, a trained companion), as a peft checkpoint does. Collective."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    module = distributed.unwrap(model)
-    distributed.reshard(module)
-    model_state, optimizer_state = get_state_dict(module, optimizer)
-    if lora.is_peft(module):
-        trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    holder = _holder(model, companions)
+    model_state, optimizer_state = get_state_dict(holder, optimizer)
+    if lora.is_peft(distributed.unwrap(model)):
+        trainable = {name for name, p in holder.named_parameters() if p.requires_grad}
         model_state = {name: value for name, value in model_state.items() if name in trainable}
-    state = {"model": model_state, "optimizer": optimizer_state}
-    for name, companion in (companions or {}).items():
-        distributed.reshard(companion)
-        state[f"companion.{name}"] = get_model_state_dict(companion)
-    return state
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _holder(model, companions: dict | None) -> torch.nn.ModuleDict:
+    """The model and its companions in one module (names model.*, companion_{name}.*), each freed to its shards."""
+    modules = {"model": distributed.unwrap(model)}
+    modules.update({f"companion_{name}": distributed.unwrap(m) for name, m in (companions or {}).items()})
+    for module in modules.values():
+        distributed.reshard(module)
+    return torch.nn.ModuleDict(modules)
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -373,20 +379,18 @@ def _write_description(model, tokenizer, directory: Path) -> None:
 def _load_sharded(path: Path, model, optimizer, companions: dict | None) -> None:
     """Read `path`'s DCP shards into the sharded model, optimizer and companions (every rank its own)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = sharded_state(model, optimizer, companions)  # the shapes and shards to read into
     dcp.load(state, checkpoint_id=path / SHARDED_DIR)
-    module = distributed.unwrap(model)
     set_state_dict(
-        module,
+        _holder(model, companions),
         optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optimizer"],
-        options=StateDictOptions(strict=not lora.is_peft(module)),  # under peft: the adapters alone
+        # under peft the checkpoint holds the trainable parameters alone
+        options=StateDictOptions(strict=not lora.is_peft(distributed.unwrap(model))),
     )
-    for name, companion in (companions or {}).items():
-        set_model_state_dict(companion, state[f"companion.{name}"])
 
 
 def _load_weights(path: Path, adapter: bool = False) -> dict[str, torch.Tensor]:

@@ -27,7 +27,11 @@ REPORT_TO = ("auto", "none", "tensorboard")
 # transformers' TrainingArguments `fsdp` words: those that mean FSDP2 full sharding here, and the others it knows
 FSDP_WORDS = ("full_shard", "auto_wrap", "true")
 FSDP_REFUSED = ("shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard", "offload")
-LORA_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
+LORA_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS")
+BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
+# Where QLoRA's quantized weights may live. bitsandbytes also runs on the CPU (the tests use that, widening
+# this), but its CPU kernels are slower than the float32 model they replace: a CPU run is refused instead.
+QUANTIZED_DEVICE_TYPES = ("cuda",)
 BOOL_STRINGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 NONE_STRINGS = ("none", "null")
 
@@ -216,8 +220,9 @@ class TrainConfig:
     lora_task_type: str | None = field(
         default=None,
         metadata={
-            "help": "peft task type: CAUSAL_LM or SEQ_CLS (the score head trains in full); none: from the "
-            "model, SEQ_CLS for a sequence classifier (reward model), else CAUSAL_LM (TRL: CAUSAL_LM)."
+            "help": "peft task type: CAUSAL_LM, SEQ_CLS or TOKEN_CLS (a classifier's score head trains in "
+            "full); none: from the model, SEQ_CLS for a reward model, TOKEN_CLS for a process reward model, "
+            "else CAUSAL_LM (TRL: CAUSAL_LM)."
         },
     )
     use_rslora: bool = field(
@@ -232,6 +237,27 @@ class TrainConfig:
             "help": "Also write the final model with the adapters merged into its weights, to "
             "output_dir/merged (loadable without peft); the adapter itself goes to output_dir."
         },
+    )
+
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA: load the frozen base weights in 4 bits (bitsandbytes, the posttrain[qlora] extra; "
+            "CUDA only; needs use_peft and a pretrained model)."
+        },
+    )
+    load_in_8bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the frozen base weights in 8 bits (bitsandbytes; CUDA only; needs use_peft)."
+        },
+    )
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": "The 4-bit data type: nf4 (QLoRA's NormalFloat) or fp4."}
+    )
+    use_bnb_nested_quant: bool = field(
+        default=False,
+        metadata={"help": "Quantize the 4-bit quantization constants too (QLoRA's double quantization)."},
     )
 
     def __post_init__(self):
@@ -277,9 +303,40 @@ class TrainConfig:
         if self.eval_steps is not None:
             _check(self.eval_steps >= 0, "eval_steps", ">= 0 (or none)", self.eval_steps)
         self._check_lora()
+        self._check_quantization()
         self._check_fsdp()
         if self.resume_from_checkpoint == "":
             raise ConfigError("resume_from_checkpoint must be 'latest', a checkpoint folder or none, got ''")
+
+    def _check_quantization(self) -> None:
+        _check_choice(self.bnb_4bit_quant_type, "bnb_4bit_quant_type", BNB_4BIT_QUANT_TYPES)
+        name = "load_in_4bit" if self.load_in_4bit else "load_in_8bit" if self.load_in_8bit else None
+        if name is None:
+            return
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("load_in_4bit=true and load_in_8bit=true: choose one")
+        if self.merge_adapter:
+            raise ConfigError(
+                f"merge_adapter=true with {name}=true: merged into quantized weights the adapter would be rounded "
+                "away; merge the saved adapter into the unquantized base instead (peft's merge_and_unload)"
+            )
+        if not self.use_peft:
+            raise ConfigError(
+                f"{name}=true without use_peft: quantized weights cannot be trained; QLoRA trains LoRA adapters "
+                "on them (pass --use_peft true)"
+            )
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device not in QUANTIZED_DEVICE_TYPES:
+            raise ConfigError(
+                f"{name}=true needs a CUDA GPU (bitsandbytes' quantized weights); this machine has none: "
+                "leave it off (LoRA alone trains on any device)"
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"{name}=true needs bitsandbytes: pip install 'posttrain[qlora]'") from None
 
     @property
     def fsdp_enabled(self) -> bool:

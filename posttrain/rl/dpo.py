@@ -604,7 +604,7 @@ def start_offline(config: PreferenceConfig, command: str, load_data) -> Offline:
     run = loop.start(config, command=command)
     dropped = {f"{split}_{key}": value for split, counts in info.items() for key, value in counts.items()}
     run.log_info({"start_model": start_model, **dropped})
-    model = load_causal_lm(start_model, seed=config.seed)
+    model = load_causal_lm(start_model, seed=config.seed, quantization=lora.quantization(run))
     if config.disable_dropout:
         disable_dropout(model)
     ref = load_reference(config, model, run.device)

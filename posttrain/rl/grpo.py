@@ -211,7 +211,7 @@ class OnlineConfig(TrainConfig):
         if self.max_completion_length is None or self.max_completion_length < 1:
             raise ConfigError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
         world = distributed.env_world()[1]
-        per_step = self.per_device_train_batch_size * world
+        per_step = self.completions_per_device * world
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
             raise ConfigError("generation_batch_size and steps_per_generation name the same thing: give one")
         if self.generation_batch_size is not None:
@@ -226,7 +226,7 @@ class OnlineConfig(TrainConfig):
         if self.steps_per_generation < 1:
             raise ConfigError(f"steps_per_generation must be >= 1, got {self.steps_per_generation}")
         self.generation_batch_size = per_step * self.steps_per_generation
-        local = self.per_device_train_batch_size * self.steps_per_generation
+        local = self.completions_per_device * self.steps_per_generation
         if local % self.num_generations:
             raise ConfigError(
                 f"a generation batch of {local} completions per process (per_device_train_batch_size "
@@ -239,15 +239,18 @@ class OnlineConfig(TrainConfig):
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if self.num_iterations < 1:
             raise ConfigError(f"num_iterations must be >= 1, got {self.num_iterations}")
-        if self.beta < 0:
-            raise ConfigError(f"beta must be >= 0, got {self.beta}")
-        if self.sync_ref_model and self.beta == 0:
-            raise ConfigError("sync_ref_model=true but beta=0: there is no reference model to synchronise")
+        self._check_beta()
         n_rewards = len(self.reward_funcs) + self.reward_models
         if self.reward_weights is not None and len(self.reward_weights) != n_rewards:
             raise ConfigError(
                 f"reward_weights has {len(self.reward_weights)} values for {n_rewards} rewards: give one per reward"
             )
+
+    def _check_beta(self) -> None:
+        if self.beta < 0:
+            raise ConfigError(f"beta must be >= 0, got {self.beta}")
+        if self.sync_ref_model and self.beta == 0:
+            raise ConfigError("sync_ref_model=true but beta=0: there is no reference model to synchronise")
 
     @property
     def reward_models(self) -> int:
@@ -255,6 +258,12 @@ class OnlineConfig(TrainConfig):
         return (self.reward_model_name_or_path is not None) + (
             self.process_reward_model_name_or_path is not None
         )
+
+    @property
+    def completions_per_device(self) -> int:
+        """Completions per micro-batch per process (GRPO and RLOO count completions in
+        per_device_train_batch_size, as TRL; Online DPO counts prompts there, as TRL's)."""
+        return self.per_device_train_batch_size
 
     @property
     def generate_every(self) -> int:
@@ -627,13 +636,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The online loop (GRPO and RLOO)
+# The online loop (GRPO, RLOO, Online DPO)
 # ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Algorithm:
-    """What tells RLOO's loop from GRPO's: the command, its batch preparation and its micro-batch loss."""
+    """What tells one online loop from another (GRPO, RLOO, Online DPO): the command, its batch preparation
+    and its micro-batch loss."""
 
     command: str
     prepare_batch: object  # as `prepare_batch`
@@ -734,6 +744,7 @@ class Generations:
         for mb in self.micro_batches:
             mb["generation_tokens"] = spread
             mb["micro_batches"] = config.gradient_accumulation_steps * run.world_size
+            mb["epoch"] = state.epoch  # when it was generated (Online DPO's beta schedule reads it)
         prompt_tokens = sum(len(p) for p in prompt_ids) * G
         # every token generated and fed to the model, those of completions masked from the loss included
         metrics["num_tokens"] = (
@@ -741,7 +752,9 @@ class Generations:
         )
         for name, values_ in scored.metrics.items():
             metrics[name] = torch.tensor(sum(values_) / max(len(values_), 1), device=run.device)
-        self.log_rows(prompts, completions, [r.name for r in self.rewards], scored, batch["advantages"])
+        # per-completion columns for completions.jsonl: the algorithm's own ("log_columns"), else the advantage
+        columns = batch.pop("log_columns", None) or {"advantage": [float(a) for a in batch["advantages"]]}
+        self.log_rows(prompts, completions, [r.name for r in self.rewards], scored, columns)
         return metrics
 
 
@@ -755,7 +768,7 @@ EMBEDDED_START_EPOCHS = 16.0
 
 
 def train_online(config, algo: Algorithm):
-    """Run an online loop (GRPO, RLOO) to the end; returns the run."""
+    """Run an online loop (GRPO, RLOO, Online DPO) to the end; returns the run."""
     tokenizer = load_tokenizer(config.model_name_or_path)
     train_rows, eval_rows = load_prompts(config, tokenizer, algo.command)
     # a module:function that does not import stops here, before the run folder is written
@@ -789,7 +802,7 @@ def train_online(config, algo: Algorithm):
                 f"{len(train_rows)}: resume with the same data (it fixes which prompts each step sees)"
             )
     run.log_info({"start_model": start_model, "train_prompts": len(train_rows)})
-    model = load_causal_lm(start_model, seed=config.seed)
+    model = load_causal_lm(start_model, seed=config.seed, quantization=lora.quantization(run))
     if config.disable_dropout:
         disable_dropout(model)
     ref = None
@@ -888,7 +901,7 @@ class _CompletionsLog:
         self.run, self.config, self.step = run, config, 0
         self.path = run.output_dir / COMPLETIONS_FILE
 
-    def write(self, prompts, completions, names, scored, advantages) -> None:
+    def write(self, prompts, completions, names, scored, columns: dict[str, list]) -> None:
         every = self.config.logging_steps or 1
         if not self.run.is_main or (self.step - 1) % every:
             return
@@ -902,7 +915,7 @@ class _CompletionsLog:
                     "rewards": {
                         n: None if math.isnan(v) else v for n, v in zip(names, values[i], strict=True)
                     },
-                    "advantage": float(advantages[i]),
+                    **{k: v[i] for k, v in columns.items()},
                     **{k: v[i] for k, v in scored.extras.items() if i < len(v)},
                 }
                 f.write(json.dumps(record, default=str) + "\n")

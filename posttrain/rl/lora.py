@@ -14,7 +14,8 @@ its own. What follows from it, as TRL 1.16 does it:
 Departures from TRL 1.16: `lora_target_modules` none means every linear layer but the output layer
 ("all-linear"; TRL leaves it to peft, whose table gives Llama and Qwen2 only q_proj and v_proj), and each
 name given must match a module (peft only fails when none does); `lora_task_type` none follows the model
-(SEQ_CLS for a sequence classifier, so a reward model's score head trains in full); an adapter on the
+(SEQ_CLS for a sequence classifier, TOKEN_CLS for a token classifier, so a reward model's or process
+reward model's score head trains in full); an adapter on the
 output layer is trained through the full-logits path (TRL refuses it: its fused head reads the weight).
 """
 
@@ -39,9 +40,15 @@ def is_peft(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _is_classifier(model: torch.nn.Module) -> bool:
-    # every transformers sequence-classification model is named <Family>ForSequenceClassification
-    return type(model).__name__.endswith("ForSequenceClassification")
+def _task_type(model: torch.nn.Module) -> str:
+    """peft's task type for `model`: a classifier's (whose head then trains in full) or CAUSAL_LM."""
+    # transformers names its heads <Family>For<Task>
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"  # a process reward model
+    return "CAUSAL_LM"
 
 
 def _matches(name: str, target: str) -> bool:
@@ -70,11 +77,11 @@ def lora_config(model: torch.nn.Module, config):
     """The `peft.LoraConfig` of `config`'s LoRA options for `model` (checked against its modules)."""
     from peft import LoraConfig
 
-    task_type = config.lora_task_type or ("SEQ_CLS" if _is_classifier(model) else "CAUSAL_LM")
-    if (task_type == "SEQ_CLS") != _is_classifier(model):
+    task_type = config.lora_task_type or _task_type(model)
+    if task_type != _task_type(model):
         raise ConfigError(
             f"lora_task_type={task_type} but the model is a {type(model).__name__}: use "
-            f"{'SEQ_CLS' if _is_classifier(model) else 'CAUSAL_LM'} (or leave it unset)"
+            f"{_task_type(model)} (or leave it unset)"
         )
     targets = config.lora_target_modules or [ALL_LINEAR]
     _check_names(model, "lora_target_modules", targets, linear_only=True)
@@ -93,6 +100,35 @@ def lora_config(model: torch.nn.Module, config):
     )
 
 
+def quantization(run) -> dict | None:
+    """The from_pretrained options that load a model's weights quantized on the run's device for QLoRA (TRL's
+    `get_quantization_config` / `get_kbit_device_map`: 4-bit computes in the run's dtype, bf16 when the run
+    autocasts to it), or None when neither load_in_4bit nor load_in_8bit is set. The config has checked
+    bitsandbytes and the device."""
+    config = run.config
+    if not (config.load_in_4bit or config.load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if config.load_in_8bit:
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        dtype = torch.bfloat16 if run.bf16 else torch.float32
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=config.use_bnb_nested_quant,
+            bnb_4bit_quant_storage=dtype,
+        )
+    # bitsandbytes places the weights as it quantizes them: the whole model on this process's device
+    return {"quantization_config": bnb, "device_map": {"": str(run.device)}}
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
 def wrap(model: torch.nn.Module, config) -> torch.nn.Module:
     """`model` with LoRA adapters (peft's `get_peft_model`, which injects them in place): only they, the
     modules to save and a classifier's score head require gradients. Dropout, the adapters' included, is
@@ -101,9 +137,17 @@ def wrap(model: torch.nn.Module, config) -> torch.nn.Module:
     The adapters' random initialisation (lora_A) draws from a CPU generator seeded with `config.seed`, as
     TRL seeds right before it wraps: it depends on the seed alone, not on what ran before, and leaves the
     run's own random stream where it was."""
-    from peft import get_peft_model
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     peft_config = lora_config(model, config)
+    if is_quantized(model):
+        # as TRL: the layers left unquantized (norms, embeddings) in float32, inputs that carry gradients
+        # through checkpointed blocks when the embeddings are frozen
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},  # as loop.prepare_model set it
+        )
     with torch.random.fork_rng(devices=[]):  # peft initialises on the CPU, then moves to the base's device
         torch.default_generator.manual_seed(config.seed)
         peft_model = get_peft_model(model, peft_config)

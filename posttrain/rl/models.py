@@ -107,30 +107,54 @@ def load_tokenizer(model_name_or_path: str | None):
     return tokenizer
 
 
-def load_causal_lm(model_name_or_path: str | None, *, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """An `AutoModelForCausalLM` in `dtype`; the embedded tiny model (random init under `seed`) when None."""
+def load_causal_lm(
+    model_name_or_path: str | None,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    quantization: dict | None = None,
+):
+    """An `AutoModelForCausalLM` in `dtype`; the embedded tiny model (random init under `seed`) when None.
+    `quantization`: `lora.quantization`'s from_pretrained options (QLoRA), or None."""
     if model_name_or_path is None:
+        if quantization:
+            raise ValueError(NOT_QUANTIZABLE)
         return embedded.build_model(seed=seed).to(dtype)
     from transformers import AutoModelForCausalLM
 
-    return load_checked(AutoModelForCausalLM.from_pretrained, model_name_or_path, "model", dtype=dtype)
+    return load_checked(
+        AutoModelForCausalLM.from_pretrained, model_name_or_path, "model", dtype=dtype, **(quantization or {})
+    )
+
+
+NOT_QUANTIZABLE = (
+    "load_in_4bit / load_in_8bit quantize a pretrained checkpoint as it loads; the embedded model is built "
+    "from a config: pass --model_name_or_path"
+)
 
 
 def load_reward_model(
-    model_name_or_path: str | None, *, pad_token_id: int, seed: int = 0, dtype: torch.dtype = torch.float32
+    model_name_or_path: str | None,
+    *,
+    pad_token_id: int,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    quantization: dict | None = None,
 ):
     """An `AutoModelForSequenceClassification` with one output (the reward) in `dtype`.
 
     A causal-LM checkpoint (e.g. an SFT output) gets its architecture's score head, freshly initialised by
     transformers under `seed` (its lm_head is left out); None: the embedded tiny model's architecture with
     random weights. `pad_token_id` goes into the config: the model scores each sequence at its last token
-    that is not padding, which it finds by that id.
+    that is not padding, which it finds by that id. `quantization` as `load_causal_lm`'s.
     """
     from transformers import AutoModelForSequenceClassification
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if model_name_or_path is None:
+            if quantization:
+                raise ValueError(NOT_QUANTIZABLE)
             config = embedded.tiny_model_config(num_labels=1)
             model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
         else:
@@ -141,6 +165,7 @@ def load_reward_model(
                     "model",
                     num_labels=1,
                     dtype=dtype,
+                    **(quantization or {}),
                 )
             except ValueError as err:
                 if "Unrecognized configuration class" not in str(err):

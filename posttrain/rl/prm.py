@@ -45,9 +45,9 @@ import torch
 from posttrain.data import embedded, formats, loading, stepwise
 from posttrain.losses import registry
 from posttrain.losses.prm import IGNORE_INDEX, step_logits
-from posttrain.rl import distributed, loop, sft
+from posttrain.rl import distributed, loop, lora, sft
 from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
-from posttrain.rl.models import disable_dropout, load_checked, load_tokenizer
+from posttrain.rl.models import NOT_QUANTIZABLE, disable_dropout, load_checked, load_tokenizer
 
 AGGREGATIONS = ("min", "prod", "last")
 LABEL_NAMES = {0: "wrong", 1: "right"}
@@ -152,11 +152,18 @@ class PRMConfig(TrainConfig):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_prm_model(model_name_or_path: str | None, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+def load_prm_model(
+    model_name_or_path: str | None,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    quantization: dict | None = None,
+):
     """An `AutoModelForTokenClassification` with two outputs (0 wrong, 1 right) in `dtype`.
 
     A causal-LM checkpoint gets its architecture's token-classification head, freshly initialised by
     transformers under `seed`; None: the embedded tiny model's architecture with random weights.
+    `quantization`: `lora.quantization`'s from_pretrained options (QLoRA), or None.
     """
     from transformers import AutoModelForTokenClassification
 
@@ -164,6 +171,8 @@ def load_prm_model(model_name_or_path: str | None, *, seed: int = 0, dtype: torc
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if model_name_or_path is None:
+            if quantization:
+                raise ValueError(NOT_QUANTIZABLE)
             config = embedded.tiny_model_config(**labels)
             return AutoModelForTokenClassification.from_config(config, dtype=dtype)
         try:
@@ -173,6 +182,7 @@ def load_prm_model(model_name_or_path: str | None, *, seed: int = 0, dtype: torc
                 "model",
                 dtype=dtype,
                 **labels,
+                **(quantization or {}),
             )
         except ValueError as err:
             if "Unrecognized configuration class" not in str(err):
@@ -370,7 +380,7 @@ def train(config: PRMConfig):
     run = loop.start(config, command="prm")
     dropped = {f"{split}_{key}": value for split, counts in info.items() for key, value in counts.items()}
     run.log_info({"start_model": start_model, **dropped})
-    model = load_prm_model(start_model, seed=config.seed)
+    model = load_prm_model(start_model, seed=config.seed, quantization=lora.quantization(run))
     model.config.prm_step_separator = config.step_separator  # saved with the model, read by the scorer
     if config.disable_dropout:
         disable_dropout(model)

@@ -26,7 +26,7 @@ import torch
 
 from posttrain.data import collate, embedded, loading, preference
 from posttrain.losses import registry
-from posttrain.rl import loop, sft
+from posttrain.rl import loop, lora, sft
 from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
 from posttrain.rl.models import disable_dropout, load_reward_model, load_tokenizer
 
@@ -208,7 +208,12 @@ def train(config: RewardConfig):
     run = loop.start(config, command="rm")
     dropped = {f"{split}_{key}": value for split, counts in info.items() for key, value in counts.items()}
     run.log_info({"start_model": start_model, **dropped})
-    model = load_reward_model(start_model, pad_token_id=tokenizer.pad_token_id, seed=config.seed)
+    model = load_reward_model(
+        start_model,
+        pad_token_id=tokenizer.pad_token_id,
+        seed=config.seed,
+        quantization=lora.quantization(run),
+    )
     if config.disable_dropout:
         disable_dropout(model)
 

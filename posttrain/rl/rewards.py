@@ -200,6 +200,16 @@ def reward_model_reward(
 
     option = f"reward_model_name_or_path={model_name_or_path!r}"
     try:
+        from transformers import AutoConfig
+
+        from posttrain.rl.models import load_checked
+
+        config = load_checked(AutoConfig.from_pretrained, model_name_or_path, "model")
+        classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        if classifier and config.num_labels != 1:  # would fail to load, in words about mismatched weights
+            raise ValueError(
+                f"its head has {config.num_labels} labels; a reward model gives one score (num_labels=1)"
+            )
         tokenizer = load_tokenizer(model_name_or_path)
         model = load_reward_model(model_name_or_path, pad_token_id=tokenizer.pad_token_id, dtype=dtype)
     except (ValueError, OSError) as e:  # their messages start `model_name_or_path=...`: name this option

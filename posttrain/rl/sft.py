@@ -22,7 +22,7 @@ import torch
 
 from posttrain.data import collate, embedded, loading, tokenization
 from posttrain.losses import registry
-from posttrain.rl import distributed, loop
+from posttrain.rl import distributed, loop, lora, models
 from posttrain.rl.config import ConfigError, TrainConfig, config_dict, fill_run_defaults, save_config
 from posttrain.rl.logprobs import token_logprobs
 from posttrain.rl.models import load_causal_lm, load_tokenizer
@@ -110,6 +110,8 @@ class SFTConfig(TrainConfig):
             raise ConfigError("packing=true needs a max_length: it is the size of the packed rows")
         if self.overlong_prompt not in ("drop", "error"):
             raise ConfigError(f"overlong_prompt must be 'drop' or 'error', got {self.overlong_prompt!r}")
+        if (self.load_in_4bit or self.load_in_8bit) and self.model_name_or_path is None:
+            raise ConfigError(models.NOT_QUANTIZABLE)
 
 
 def load_sft_data(config: SFTConfig, tokenizer):
@@ -182,7 +184,7 @@ def train(config: SFTConfig):
     loop.plan_steps(len(train_rows), config, distributed.env_world()[1])  # too few rows: stop here
     run = loop.start(config, command="sft")
     run.log_info({f"{split}_{key}": value for split, counts in info.items() for key, value in counts.items()})
-    model = load_causal_lm(config.model_name_or_path, seed=config.seed)
+    model = load_causal_lm(config.model_name_or_path, seed=config.seed, quantization=lora.quantization(run))
 
     eval_fn = None
     if config.dataset_name is None:

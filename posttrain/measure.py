@@ -1,0 +1,129 @@
+"""Measuring a training step: peak memory and the compute floor (used by `posttrain compare` and benchmarks/).
+
+Notation: B batch, T time, H hidden, V vocab, I MLP intermediate size, L layers, N rows through the
+output layer.
+
+Peak memory is read from the kernel's own high-water mark (VmHWM, reset through /proc/self/clear_refs before
+the steps) rather than sampled. The compute floor is the time the matrix multiplications a step cannot avoid
+take at the matmul rate measured on this machine, in this process (`compute_floor`): `measured / floor` says
+how much of a step is spent on anything else: skipped work done anyway, memory traffic, Python, the optimizer.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import torch
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory: resident set size of this process, in MiB
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def rss_mib() -> float:
+    return _status_kib("VmRSS") / 1024
+
+
+def reset_peak_rss() -> None:
+    """Make the kernel's peak-RSS counter (VmHWM) restart from the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mib() -> float:
+    return _status_kib("VmHWM") / 1024
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The compute floor of a decoder-only transformer training step
+# ---------------------------------------------------------------------------------------------------------
+
+
+def linear_params_per_layer(config) -> int:
+    """Weights of one decoder layer's matmuls: q, k, v, o projections and a gated MLP (gate, up, down)."""
+    H, ffn = config.hidden_size, config.intermediate_size  # ffn: I in the notation
+    head_dim = getattr(config, "head_dim", None) or H // config.num_attention_heads
+    q = o = H * config.num_attention_heads * head_dim
+    kv = 2 * H * config.num_key_value_heads * head_dim
+    return q + kv + o + 3 * H * ffn
+
+
+def step_flops(config, batch_tokens: int, seq_len: int, head_tokens: int) -> dict[str, float]:
+    """FLOPs of one forward + backward, by part (a multiply-add is 2 FLOPs; backward = 2 x forward):
+
+        body = 6 * L * P_layer * B*T        P_layer = weights of one layer's linear maps (embeddings excluded)
+        attn = 6 * L * T * H * B*T          causal QK^T and PV: 2 matmuls x 2 FLOPs x T*H / 2 (causal) x 3
+        head = 6 * H * V * N                N = positions whose log-prob the loss needs (completion tokens)
+
+    The attention term counts only the causal half of the score matrix (a causal kernel needs no more);
+    PaLM's convention counts all of it (12 instead of 6): ~3% of this model's total either way.
+    """
+    L, H, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    return {
+        "body": 6.0 * L * linear_params_per_layer(config) * batch_tokens,
+        "attn": 6.0 * L * seq_len * H * batch_tokens,
+        "head": 6.0 * H * V * head_tokens,
+    }
+
+
+def linear_fwd_bwd_seconds(n: int, k: int, m: int, repeats: int = 5) -> float:
+    """Seconds of the three fp32 matmuls of a linear map y = x @ w.T, x (n, k), w (m, k): forward
+    x @ w.T (n, m); backward dy @ w (n, k) and dy.T @ x (m, k). The fastest of `repeats`: a floor is a
+    lower bound, and other work on the machine can only slow a repeat down. Each product goes into a
+    buffer allocated once: a fresh output of more than the allocator keeps would be faulted in and zeroed
+    by the kernel at every call, which times the allocator, not the matmul."""
+    x, w, dy = torch.randn(n, k), torch.randn(m, k), torch.randn(n, m)
+    y, dx, dw = torch.empty(n, m), torch.empty(n, k), torch.empty(m, k)
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up the BLAS threads and touches the buffers
+        t0 = time.perf_counter()
+        torch.mm(x, w.T, out=y)
+        torch.mm(dy, w, out=dx)
+        torch.mm(dy.T, x, out=dw)
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+def layer_shapes(config) -> list[tuple[int, int]]:
+    """(in, out) of one decoder layer's linear maps: q, k, v, o projections and a gated MLP (gate, up, down)."""
+    H, ffn = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or H // config.num_attention_heads
+    q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return [(H, q_out), (H, kv_out), (H, kv_out), (q_out, H), (H, ffn), (H, ffn), (ffn, H)]
+
+
+def linear_forward_seconds(n: int, k: int, m: int, repeats: int = 5, calls: int = 10) -> float:
+    """Seconds of the forward matmul of a linear map alone, x (n, k) @ w.T (m, k) -> (n, m): the forward-only
+    parts of a step (generation, log-prob forwards without gradients). The fastest of `repeats` rounds of
+    `calls` calls, per call (a decode step's matmuls of a few rows take microseconds: one call is below the
+    timer's resolution), into a buffer allocated once (see `linear_fwd_bwd_seconds`)."""
+    x, w, y = torch.randn(n, k), torch.randn(m, k), torch.empty(n, m)
+    times = []
+    for _ in range(repeats + 1):  # the first round warms up the BLAS threads and touches the buffers
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            torch.mm(x, w.T, out=y)
+        times.append((time.perf_counter() - t0) / calls)
+    return min(times[1:])
+
+
+def compute_floor(config, batch_tokens: int, seq_len: int, head_tokens: int, repeats: int = 5) -> dict:
+    """The step's FLOPs (`step_flops`) divided by matmul rates measured now, on the shapes the step uses.
+
+    body rate: the matmuls of one decoder layer's linear maps at B*T rows (all of them, fwd + bwd);
+    head rate: the output layer's at N rows. Attention runs at the body rate (it is ~3% of the work).
+    Returns the FLOPs, the rates (FLOP/s) and `floor_s`, the step's floor in seconds."""
+    H, V = config.hidden_size, config.vocab_size
+    layer_s = sum(linear_fwd_bwd_seconds(batch_tokens, k, m, repeats) for k, m in layer_shapes(config))
+    head_s = linear_fwd_bwd_seconds(head_tokens, H, V, repeats)
+    flops = step_flops(config, batch_tokens, seq_len, head_tokens)
+    body_rate = 6.0 * linear_params_per_layer(config) * batch_tokens / layer_s
+    head_rate = flops["head"] / head_s
+    floor = (flops["body"] + flops["attn"]) / body_rate + flops["head"] / head_rate
+    return {"flops": flops, "body_rate": body_rate, "head_rate": head_rate, "floor_s": floor}
