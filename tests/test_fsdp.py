@@ -45,6 +45,17 @@ COMMON += [
 ]
 TR_DPO = ["--sync_ref_model", "true", "--ref_model_sync_steps", "2", "--ref_model_mixup_alpha", "0.5"]
 LORA = ["--use_peft", "true", "--lora_r", "4", "--lora_dropout", "0", "--merge_adapter", "true"]
+PPO = [
+    "--reward_funcs",
+    "_online_rewards:length",
+    "--response_length",
+    "5",
+    "--per_device_train_batch_size",
+    "2",
+]
+PPO += ["--gradient_accumulation_steps", "2", "--num_mini_batches", "2", "--num_ppo_epochs", "2"]
+PPO += ["--learning_rate", "1e-3", "--max_steps", "2", "--save_steps", "1", "--eval_steps", "0"]
+PPO += ["--logging_steps", "0", "--disable_tqdm", "true", "--report_to", "none", "--seed", "0"]
 GRPO = ["--reward_funcs", "_online_rewards:length", "--max_completion_length", "6", "--num_generations", "4"]
 GRPO += [
     "--beta",
@@ -99,6 +110,11 @@ def _grpo(files, out, *extra):
             *GRPO, "--per_device_train_batch_size", "8", *extra, "--output_dir", str(out)]  # fmt: skip
 
 
+def _ppo(files, out, *extra):
+    return ["ppo", "--model_name_or_path", str(files / "model"), "--dataset_name", str(files / "prompts.jsonl"),
+            *PPO, *extra, "--output_dir", str(out)]  # fmt: skip
+
+
 def _env() -> dict:
     """This checkout and tests/ (the worker's imports, the reward functions) first on the path."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
@@ -136,6 +152,8 @@ def runs(files, tmp_path_factory):
         {"argv": _dpo(files, tmp / "lora2", *TWO, *LORA)},
         {"argv": _grpo(files, tmp / "grpo_fsdp", "--fsdp", "full_shard")},
         {"argv": _grpo(files, tmp / "grpo_ddp")},
+        {"argv": _ppo(files, tmp / "ppo_fsdp", "--fsdp", "full_shard")},
+        {"argv": _ppo(files, tmp / "ppo_ddp")},
     ]
     done = _launch(tmp, jobs)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -262,6 +280,17 @@ def test_grpo_sharded_policy_generates_and_trains_as_ddp(runs):
     assert sorted(_steps(runs / "grpo_fsdp")) == [1, 2]
 
 
+def test_ppo_policy_and_value_sharded_train_as_ddp(runs):
+    """PPO (policy and value model sharded, one optimizer over both, the value model checkpointed with the
+    policy's shards) under FSDP vs DDP on the same 2 processes: the same scores, losses and grad norms."""
+    keys = ("loss", "loss/policy_avg", "loss/value_avg", "grad_norm", "objective/scores")
+    _assert_same_steps(runs / "ppo_fsdp", runs / "ppo_ddp", keys)
+    # the KL is a difference of summed log-probs: its round-off is absolute
+    _assert_same_steps(runs / "ppo_fsdp", runs / "ppo_ddp", ("objective/kl",), rel=0, abs=1e-5)
+    names = FileSystemReader(str(runs / "ppo_fsdp" / "checkpoint-2" / checkpoint.SHARDED_DIR)).read_metadata()
+    assert any(n.startswith("model.companion_value_model.score.") for n in names.state_dict_metadata)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # kill -9 while saving, then resume
 # ---------------------------------------------------------------------------------------------------------
@@ -310,6 +339,11 @@ def test_killed_while_saving_then_resumed_continues_as_the_uninterrupted_run(fil
 def test_an_unknown_or_unsupported_fsdp_value_is_named(value, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(TrainConfig, ["--fsdp", value])
+
+
+def test_fsdp_with_quantized_weights_is_refused():
+    with pytest.raises(ConfigError, match=r"fsdp='full_shard' with load_in_4bit=true: FSDP2 cannot shard"):
+        parse_config(TrainConfig, ["--fsdp", "full_shard", "--use_peft", "true", "--load_in_4bit", "true"])
 
 
 def test_transformers_spellings_of_full_shard_are_accepted():

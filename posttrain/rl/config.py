@@ -303,8 +303,8 @@ class TrainConfig:
         if self.eval_steps is not None:
             _check(self.eval_steps >= 0, "eval_steps", ">= 0 (or none)", self.eval_steps)
         self._check_lora()
-        self._check_quantization()
         self._check_fsdp()
+        self._check_quantization()
         if self.resume_from_checkpoint == "":
             raise ConfigError("resume_from_checkpoint must be 'latest', a checkpoint folder or none, got ''")
 
@@ -357,6 +357,12 @@ class TrainConfig:
             raise ConfigError(
                 f"fsdp={self.fsdp!r}: unknown word(s) {unknown}; expected 'full_shard' (optionally with "
                 "'auto_wrap'), as transformers' TrainingArguments spells it"
+            )
+        quantized = "load_in_4bit" if self.load_in_4bit else "load_in_8bit" if self.load_in_8bit else None
+        if quantized:
+            raise ConfigError(
+                f"fsdp={self.fsdp!r} with {quantized}=true: FSDP2 cannot shard bitsandbytes' quantized weights "
+                "here; use one of them"
             )
 
     def _check_lora(self) -> None:
