@@ -13,6 +13,20 @@ Layout of `output_dir/checkpoint-{step}/`:
     {name}.safetensors                      each companion module's state dict (a frozen model the loop
                                             changes outside the optimizer: TR-DPO's reference)
 
+Under --fsdp the weights, optimizer state and companions are sharded over the ranks and go through
+torch.distributed.checkpoint (DCP) instead, each rank writing its own shards (`torch.distributed.checkpoint
+.state_dict` helpers give and take them):
+
+    sharded/                                DCP: __{rank}_0.distcp per rank + .metadata; keys "model" (the
+                                            model's parameters as model.*, each companion's as
+                                            companion_{name}.*; the trainable ones alone under use_peft),
+                                            "optimizer"
+    config.json | adapter_config.json       what the weights are (the model's config; the adapters')
+    tokenizer files, scheduler.pt, rng_state_rank{r}.pt, trainer_state.json   as above
+
+A sharded checkpoint resumes only with --fsdp and the same world size (loop._check_resumable); the final
+model is gathered into one ordinary `save_pretrained` folder (`save_model`).
+
 A checkpoint is written into the sibling `checkpoint-{step}.tmp/`, trainer_state.json last (itself
 written to a side file and renamed), and renamed with `os.replace` once every rank has written its files,
 so `checkpoint-{step}` either exists whole or not at all. Re-saving a step that exists (after resuming
@@ -22,8 +36,8 @@ killed save left: a complete `.tmp` (else `.old`) whose `checkpoint-{step}` is m
 rest is deleted. A failed write (no space, permission, ...) on any rank stops every rank with
 `faults.WriteFailed` naming the path; the partial `.tmp` is removed and earlier checkpoints stay.
 
-`get_state` / `set_state` are the only functions that know how parameters and optimizer state are
-laid out across processes (full, replicated state under DDP); FSDP2 replaces just these two.
+`get_state` / `set_state` know the layout of full, replicated state (one process, DDP); `sharded_state`
+and `_load_sharded` the FSDP2 one.
 """
 
 from __future__ import annotations
@@ -46,6 +60,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # peft's file names
 MERGED_DIR = "merged"  # where save_model writes the merged model under merge_adapter
+SHARDED_DIR = "sharded"  # the DCP folder of a checkpoint written under --fsdp
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -92,6 +107,34 @@ def set_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, s
         )
     if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
+
+
+def sharded_state(model, optimizer, companions: dict | None = None) -> dict:
+    """This rank's shards, for DCP: {"model": ..., "optimizer": ...}, state dicts of DTensors over the model and
+    its companions together (`get_state_dict` of {"model": model, "companion_{name}": ...}, so that an optimizer
+    over both, PPO's policy and value, maps every parameter to a name). Under use_peft the trainable parameters
+    alone are kept (the adapters, modules to save, a trained companion), as a peft checkpoint does. Collective."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    holder = _holder(model, companions)
+    model_state, optimizer_state = get_state_dict(holder, optimizer)
+    if lora.is_peft(distributed.unwrap(model)):
+        trainable = {name for name, p in holder.named_parameters() if p.requires_grad}
+        model_state = {name: value for name, value in model_state.items() if name in trainable}
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _holder(model, companions: dict | None) -> torch.nn.ModuleDict:
+    """The model and its companions in one module (names model.*, companion_{name}.*), each freed to its shards."""
+    modules = {"model": distributed.unwrap(model)}
+    modules.update({f"companion_{name}": distributed.unwrap(m) for name, m in (companions or {}).items()})
+    for module in modules.values():
+        distributed.reshard(module)
+    return torch.nn.ModuleDict(modules)
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / SHARDED_DIR).is_dir()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,19 +277,23 @@ def save_model(run, model, tokenizer, directory: str | Path, *, original_format:
     original_format=False keeps transformers' internal parameter names (what `set_state` loads);
     True (the final model) lets transformers convert them back to the model's published layout.
     A peft model writes its adapter; with the run's merge_adapter, then also the merged model into
-    `directory/merged` (merging in place: the model keeps no adapters after this).
+    `directory/merged` (merging in place: the model keeps no adapters after this). A sharded model (--fsdp)
+    is first gathered whole into rank 0's CPU memory (`distributed.plain_copy`), then written the same way.
     Raises `faults.WriteFailed` on every rank when the write fails.
     """
-    state = get_state(model)["model"]
+    merge = lora.is_peft(distributed.unwrap(model)) and getattr(run.config, "merge_adapter", False)
+    if distributed.is_sharded(model):  # gathered into an ordinary model on rank 0 (None elsewhere)
+        model, state = distributed.plain_copy(model), None
+    else:
+        state = get_state(model)["model"]
     _together(
         run, lambda: run.is_main and _write_model(model, state, tokenizer, Path(directory), original_format)
     )
-    module = distributed.unwrap(model)
-    if lora.is_peft(module) and getattr(run.config, "merge_adapter", False):
+    if merge:
 
         def write_merged():
             with faults.quiet_transformers_progress(), faults.writing(Path(directory) / MERGED_DIR):
-                lora.save_merged(module, Path(directory) / MERGED_DIR, tokenizer)
+                lora.save_merged(distributed.unwrap(model), Path(directory) / MERGED_DIR, tokenizer)
 
         _together(run, lambda: run.is_main and write_merged())
 
@@ -263,17 +310,28 @@ def save_checkpoint(
     step = trainer_state["global_step"]
     final = Path(run.output_dir) / f"checkpoint-{step}"
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
-    state = get_state(model, optimizer)  # collective under FSDP2
+    sharded = distributed.is_sharded(model)
+    # collective under FSDP2
+    state = sharded_state(model, optimizer, companions) if sharded else get_state(model, optimizer)
 
     def write_main():
         with faults.writing(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _write_model(model, state["model"], tokenizer, tmp, original_format=False)
-        _torch_save(state["optimizer"], tmp / "optimizer.pt")
+        if sharded:  # the weights and optimizer state go into the shards (write_shards)
+            _write_description(model, tokenizer, tmp)
+        else:
+            _write_model(model, state["model"], tokenizer, tmp, original_format=False)
+            _torch_save(state["optimizer"], tmp / "optimizer.pt")
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
-        for name, module in (companions or {}).items():
+        for name, module in (companions or {}).items() if not sharded else ():
             _save_companion(module, tmp / f"{name}.safetensors")
+
+    def write_shards():
+        import torch.distributed.checkpoint as dcp
+
+        with faults.writing(tmp / SHARDED_DIR):
+            dcp.save(state, checkpoint_id=tmp / SHARDED_DIR)
 
     def commit():
         _write_json(tmp / TRAINER_STATE, trainer_state)
@@ -292,6 +350,8 @@ def save_checkpoint(
 
     try:
         _together(run, lambda: run.is_main and write_main())
+        if sharded:
+            _together(run, write_shards)  # every rank writes its shards (rank 0 also DCP's .metadata)
         _together(run, lambda: _torch_save(rng_state(), tmp / f"rng_state_rank{run.rank}.pt"))
         _together(run, lambda: run.is_main and commit())
     except faults.WriteFailed:
@@ -301,6 +361,36 @@ def save_checkpoint(
                 os.replace(old, final)
         raise
     return final
+
+
+def _write_description(model, tokenizer, directory: Path) -> None:
+    """What a sharded checkpoint's weights are: the model's config.json, or under use_peft the adapters'
+    adapter_config.json (which is also how `loop._check_resumable` tells an adapter checkpoint); the tokenizer."""
+    module = distributed.unwrap(model)
+    with faults.quiet_transformers_progress(), faults.writing(directory):
+        if lora.is_peft(module):
+            module.peft_config["default"].save_pretrained(directory)
+        else:
+            module.config.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+
+
+def _load_sharded(path: Path, model, optimizer, companions: dict | None) -> None:
+    """Read `path`'s DCP shards into the sharded model, optimizer and companions (every rank its own)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = sharded_state(model, optimizer, companions)  # the shapes and shards to read into
+    dcp.load(state, checkpoint_id=path / SHARDED_DIR)
+    set_state_dict(
+        _holder(model, companions),
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        # under peft the checkpoint holds the trainable parameters alone
+        options=StateDictOptions(strict=not lora.is_peft(distributed.unwrap(model))),
+    )
 
 
 def _load_weights(path: Path, adapter: bool = False) -> dict[str, torch.Tensor]:
@@ -339,17 +429,29 @@ def load_checkpoint(
     path = Path(path)
     trainer_state = read_trainer_state(path)
     rng_file = path / f"rng_state_rank{run.rank}.pt"
-    files = ["optimizer.pt", "scheduler.pt", rng_file.name, *(f"{n}.safetensors" for n in companions or {})]
+    sharded = distributed.is_sharded(model)
+    if sharded:
+        files = [f"{SHARDED_DIR}/.metadata", "scheduler.pt", rng_file.name]
+    else:
+        files = [
+            "optimizer.pt",
+            "scheduler.pt",
+            rng_file.name,
+            *(f"{n}.safetensors" for n in companions or {}),
+        ]
     missing = [name for name in files if not (path / name).is_file()]
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} is missing {', '.join(missing)} (for rank {run.rank})")
-    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    weights = _load_weights(path, adapter=lora.is_peft(distributed.unwrap(model)))
-    set_state(model, optimizer, {"model": weights, "optimizer": optimizer_state})
+    if sharded:
+        _load_sharded(path, model, optimizer, companions)
+    else:
+        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        weights = _load_weights(path, adapter=lora.is_peft(distributed.unwrap(model)))
+        set_state(model, optimizer, {"model": weights, "optimizer": optimizer_state})
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(rng_file, weights_only=True))
     from safetensors.torch import load_file
 
-    for name, module in (companions or {}).items():
+    for name, module in (companions or {}).items() if not sharded else ():
         module.load_state_dict(load_file(path / f"{name}.safetensors", device="cpu"))
     return trainer_state

@@ -24,6 +24,9 @@ from typing import Any, Literal, Union
 LR_SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
 TRAIN_SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
 REPORT_TO = ("auto", "none", "tensorboard")
+# transformers' TrainingArguments `fsdp` words: those that mean FSDP2 full sharding here, and the others it knows
+FSDP_WORDS = ("full_shard", "auto_wrap", "true")
+FSDP_REFUSED = ("shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard", "offload")
 LORA_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS")
 BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
 # Where QLoRA's quantized weights may live. bitsandbytes also runs on the CPU (the tests use that, widening
@@ -172,6 +175,16 @@ class TrainConfig:
         },
     )
 
+    # --- distributed
+    fsdp: str | None = field(
+        default=None,
+        metadata={
+            "help": "Under torchrun: 'full_shard' (or 'full_shard auto_wrap', transformers' spelling) shards "
+            "parameters, gradients and optimizer state over the processes with FSDP2, each decoder layer "
+            "and the root its own unit; none: DDP (every process holds the whole model)."
+        },
+    )
+
     # --- LoRA through peft (TRL's ModelConfig names and defaults, except where a help text says otherwise)
     use_peft: bool = field(
         default=False,
@@ -290,6 +303,7 @@ class TrainConfig:
         if self.eval_steps is not None:
             _check(self.eval_steps >= 0, "eval_steps", ">= 0 (or none)", self.eval_steps)
         self._check_lora()
+        self._check_fsdp()
         self._check_quantization()
         if self.resume_from_checkpoint == "":
             raise ConfigError("resume_from_checkpoint must be 'latest', a checkpoint folder or none, got ''")
@@ -323,6 +337,33 @@ class TrainConfig:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ConfigError(f"{name}=true needs bitsandbytes: pip install 'posttrain[qlora]'") from None
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return bool(self.fsdp) and self.fsdp.lower() not in ("false", "0", "no")
+
+    def _check_fsdp(self) -> None:
+        if not self.fsdp_enabled:
+            return
+        words = self.fsdp.lower().replace(",", " ").split()
+        refused = [w for w in words if w in FSDP_REFUSED]
+        if refused:
+            raise ConfigError(
+                f"fsdp={self.fsdp!r}: {', '.join(refused)} is not supported; only full_shard (FSDP2, each "
+                "decoder layer its own unit, optionally with auto_wrap) is"
+            )
+        unknown = [w for w in words if w not in FSDP_WORDS]
+        if unknown:
+            raise ConfigError(
+                f"fsdp={self.fsdp!r}: unknown word(s) {unknown}; expected 'full_shard' (optionally with "
+                "'auto_wrap'), as transformers' TrainingArguments spells it"
+            )
+        quantized = "load_in_4bit" if self.load_in_4bit else "load_in_8bit" if self.load_in_8bit else None
+        if quantized:
+            raise ConfigError(
+                f"fsdp={self.fsdp!r} with {quantized}=true: FSDP2 cannot shard bitsandbytes' quantized weights "
+                "here; use one of them"
+            )
 
     def _check_lora(self) -> None:
         if not self.use_peft:

@@ -48,6 +48,7 @@ from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
 from posttrain.rl.logprobs import token_logprobs
 from posttrain.rl.models import (
     disable_dropout,
+    frozen_reference,
     load_causal_lm,
     load_tokenizer,
     mix_into_reference,
@@ -546,7 +547,7 @@ def load_reference(config: ReferenceConfig, policy, device):
     ref = load_causal_lm(config.ref_model_name_or_path, dtype=next(policy.parameters()).dtype)
     if config.disable_dropout:
         disable_dropout(ref)
-    return ref.eval().requires_grad_(False).to(device)
+    return frozen_reference(ref, config, device)
 
 
 def precompute_reference(rows, ref_model, collate_fn, *, batch_size: int, device, ld_alpha):

@@ -141,7 +141,7 @@ def token_logprobs(
         config = inner.config
         out = logprobs_from_hidden(
             hidden,
-            head.weight,
+            _gathered_weight(head),
             index,
             bias=head.bias,
             logit_scale=getattr(config, "logit_scale", None) or 1.0,
@@ -163,6 +163,20 @@ def token_logprobs(
     logps = place(next(outs))
     optional = [place(next(outs)) if want else None for want in wanted.values()]
     return TokenLogProbs(logps, *optional, aux_loss)
+
+
+def _gathered_weight(head: torch.nn.Module) -> torch.Tensor:
+    """The output layer's whole weight (V, H). Under FSDP2 (distributed.shard) the root unit, which holds
+    the output layer, stays gathered from its forward to its backward, so after the model's forward the
+    weight is the gathered parameter whose gradient FSDP reduce-scatters; a shard here would mean the root
+    was set to free its parameters after forward, which the fused path cannot serve."""
+    weight = head.weight
+    if hasattr(weight, "placements"):  # a DTensor: this rank's shard
+        raise RuntimeError(
+            "the fused log-prob path needs the output layer gathered after the forward, but it holds a shard: "
+            "keep FSDP2's root unit unsharded after forward (distributed.shard does)"
+        )
+    return weight
 
 
 def _router_aux_loss(output, wanted: bool) -> torch.Tensor | None:

@@ -149,6 +149,7 @@ def start(config: TrainConfig, command: str, *, default_learning_rate: float | N
     new run's checkpoints would interleave with the old ones). Then: process group (WORLD_SIZE > 1),
     seeds, output_dir with config.yaml.
     """
+    distributed.check_launch(config)
     rank, world_size, local_rank = distributed.env_world()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -221,10 +222,18 @@ def _check_resumable(config: TrainConfig, world_size: int, path: Path) -> None:
             f"use_peft={config.use_peft} but checkpoint {str(path)!r} holds "
             f"{'LoRA adapters' if has_adapter else 'full weights'}: resume with use_peft={has_adapter}"
         )
+    sharded = checkpoint.is_sharded_checkpoint(path)
+    if sharded != config.fsdp_enabled:
+        raise ConfigError(
+            f"fsdp={config.fsdp!r} but checkpoint {str(path)!r} holds "
+            f"{'weights sharded by --fsdp full_shard' if sharded else 'full weights (written without --fsdp)'}: "
+            f"resume with {'--fsdp full_shard' if sharded else 'no --fsdp'}"
+        )
     if state.get("world_size", world_size) != world_size:
+        why = "its shards and the data order" if sharded else "the data order"
         raise ConfigError(
             f"checkpoint {str(path)!r} was written by {state['world_size']} processes but this run has "
-            f"{world_size} (torchrun --nproc_per_node): resume with the same world size (it fixes the data order)"
+            f"{world_size} (torchrun --nproc_per_node): resume with the same world size (it fixes {why})"
         )
 
 
@@ -241,10 +250,11 @@ def finish(run: Run) -> None:
 
 def prepare_model(run: Run, model: torch.nn.Module) -> torch.nn.Module:
     """Move to the run's device, enable gradient checkpointing if asked, add LoRA adapters if asked
-    (`lora.wrap`: only they train from then on), train mode, DDP-wrap.
+    (`lora.wrap`: only they train from then on), train mode, DDP-wrap (under --fsdp: shard with FSDP2,
+    `distributed.shard`, in bf16 when the run is).
 
-    Returns the module to train (the DDP wrapper under torchrun); `distributed.unwrap` gives back the model
-    (the peft model under use_peft).
+    Returns the module to train (the DDP wrapper under torchrun; the sharded model itself under --fsdp);
+    `distributed.unwrap` gives back the model (the peft model under use_peft).
     """
     model.to(run.device)
     if run.config.gradient_checkpointing:
@@ -263,7 +273,7 @@ def prepare_model(run: Run, model: torch.nn.Module) -> torch.nn.Module:
     if run.config.use_peft:
         model = lora.wrap(model, run.config)
     model.train()
-    return distributed.wrap(model, run.device)
+    return distributed.wrap(model, run.device, fsdp=run.config.fsdp_enabled, bf16=run.bf16)
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, learning_rate: float | None = None):
@@ -386,7 +396,10 @@ def forward_backward(run: Run, model, micro_batches: list[dict], loss_fn: LossFn
 def clip_gradients(run: Run, model) -> torch.Tensor:
     """Clip the global gradient norm to max_grad_norm (0: no clipping); returns the norm before clipping."""
     max_norm = run.config.max_grad_norm if run.config.max_grad_norm > 0 else math.inf  # inf: norm only
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    # Under FSDP2 the gradients are shards (DTensors): the norm is already over all of them (each rank's
+    # partial sum of squares all-reduced), a replicated DTensor; its local value is the global norm.
+    return norm.to_local() if hasattr(norm, "to_local") else norm
 
 
 def optimizer_step(optimizer, scheduler, apply: bool = True) -> None:
@@ -590,7 +603,7 @@ def evaluate(run: Run, model, eval_rows, collate_fn, loss_fn: LossFn, count_fn, 
             if eval_rows is not None and len(eval_rows) > 0:
                 out.update(_eval_loss(run, module, eval_rows, collate_fn, loss_fn, count_fn))
             if eval_fn is not None:
-                with run.autocast():
+                with run.autocast(), distributed.gathered(module):  # eval_fn may generate: ranks out of step
                     extra = eval_fn(module)
                 out.update({k if k.startswith("eval_") else f"eval_{k}": float(v) for k, v in extra.items()})
     finally:
@@ -606,14 +619,16 @@ def _eval_loss(run: Run, module, eval_rows, collate_fn, loss_fn, count_fn) -> di
         for i in range(lo, hi, size)
     ]
     num_items = global_count(run, batches, count_fn)
+    # A rank with fewer micro-batches than another runs the difference on one row and contributes zeros:
+    # with none (fewer eval rows than processes, which transformers still evaluates) the all-reduce needs its
+    # metric names; under FSDP2 every forward gathers each layer with all ranks, so they must run as many.
+    most = distributed.all_reduce_max(len(batches), run.device) if distributed.is_sharded(module) else 1
     sums: dict[str, torch.Tensor] = {}
     for batch in batches:
         with run.autocast():
             loss, metrics = loss_fn(module, batch, num_items)
         _accumulate_metrics(sums, {"loss": loss, **metrics}, run.device)
-    if not batches:
-        # Fewer eval rows than processes (transformers still evaluates): this rank has none, but the
-        # all-reduce needs its metric names, so it runs one row and contributes zeros.
+    for _ in range(max(most - len(batches), 0)):
         with run.autocast():
             loss, metrics = loss_fn(module, to_device(collate_fn(take_rows(eval_rows, [0])), run.device), 1)
         _accumulate_metrics(sums, {"loss": loss * 0, **{k: v * 0 for k, v in metrics.items()}}, run.device)

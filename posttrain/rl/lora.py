@@ -26,7 +26,7 @@ import contextlib
 import torch
 
 from posttrain.rl.config import ConfigError
-from posttrain.rl.models import disable_dropout
+from posttrain.rl.models import disable_dropout, frozen_reference
 
 ALL_LINEAR = "all-linear"
 
@@ -156,6 +156,17 @@ def wrap(model: torch.nn.Module, config) -> torch.nn.Module:
     return peft_model
 
 
+def wrap_like(model: torch.nn.Module, peft_model: torch.nn.Module) -> torch.nn.Module:
+    """`model` (a fresh copy of `peft_model`'s base) with `peft_model`'s adapters added: the same modules
+    and parameter names, the weights still to be loaded (`distributed.plain_copy` rebuilds a sharded model
+    this way)."""
+    import copy
+
+    from peft import get_peft_model
+
+    return get_peft_model(model, copy.deepcopy(peft_model.peft_config["default"]))
+
+
 def is_adapter_layer(module: torch.nn.Module) -> bool:
     """`module` is one peft switches when it disables adapters (`BaseTuner._set_adapter_layers`): an
     adapter layer or a modules-to-save wrapper."""
@@ -229,13 +240,13 @@ class AdapterDisabled:
 
 def reference_of(policy: torch.nn.Module, config, device) -> torch.nn.Module | AdapterDisabled:
     """A loop's frozen reference as the policy starts: the policy with adapters disabled under use_peft,
-    else a frozen copy of it in eval mode on `device`."""
+    else a frozen copy of it in eval mode on `device` (sharded under --fsdp: `models.frozen_reference`)."""
     if config.use_peft:
         # on the device now, as a copy would be: a precompute runs it before loop.prepare_model moves the policy
         return AdapterDisabled(policy.to(device))
     import copy
 
-    return copy.deepcopy(policy).eval().requires_grad_(False).to(device)
+    return frozen_reference(copy.deepcopy(policy), config, device)
 
 
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

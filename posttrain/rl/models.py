@@ -20,6 +20,7 @@ import torch
 
 from posttrain.data import embedded
 from posttrain.data.loading import looks_like_hub_id
+from posttrain.rl import distributed
 from posttrain.rl.distributed import unwrap
 
 # What `from_pretrained` reads from a local folder (transformers' own file names).
@@ -201,8 +202,20 @@ def router_aux_loss_coef(model_config, requested: float | None) -> float:
     return float(requested)
 
 
+def frozen_reference(model: torch.nn.Module, config, device) -> torch.nn.Module:
+    """`model` as a loop's frozen reference: eval mode, no gradients, on `device`; under --fsdp (torchrun)
+    sharded like the policy (`distributed.shard`, no optimizer), so that its memory per rank scales too."""
+    model = model.eval().requires_grad_(False).to(device)
+    if getattr(config, "fsdp_enabled", False) and distributed.is_distributed():
+        distributed.shard(model)
+    return model
+
+
 @torch.no_grad()
 def mix_into_reference(policy, ref_model, alpha: float) -> None:
-    """TR-DPO's soft update (Gorbatovski et al. 2024, arXiv:2404.09656): ref <- alpha * policy + (1 - alpha) * ref."""
+    """TR-DPO's soft update (Gorbatovski et al. 2024, arXiv:2404.09656): ref <- alpha * policy + (1 - alpha) * ref.
+    Sharded models mix shard by shard (both are freed to their shards first)."""
+    distributed.reshard(policy)
+    distributed.reshard(ref_model)
     for p_ref, p in zip(ref_model.parameters(), unwrap(policy).parameters(), strict=True):
         p_ref.mul_(1.0 - alpha).add_(p.detach().to(p_ref.dtype), alpha=alpha)

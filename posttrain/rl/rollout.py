@@ -58,6 +58,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
+from posttrain.rl import distributed
 from posttrain.rl.distributed import unwrap
 
 SYNC_EVERY = {"cpu": 1}  # steps between host syncs by device type; others: DEFAULT_SYNC_EVERY
@@ -251,7 +252,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), distributed.gathered(model):  # FSDP2: ranks decode different lengths
             return _rollout(
                 model, prompt_ids, num_generations, max_completion_length, settings, greedy, stops,
                 pad_token_id, generator, sync_every, device, step,
