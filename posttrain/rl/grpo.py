@@ -865,26 +865,10 @@ def train_online(config, algo: Algorithm):
             record.update(metrics)
             logger.log_train(step, record)
             last.update(record)
-            if eval_fn is not None and config.eval_steps and step % config.eval_steps == 0:
-                results = loop.evaluate(run, model, None, None, None, None, eval_fn)
-                logger.log_eval(step, record["epoch"], results)
-                last.update(results)
-            if guard.stop or (config.save_steps and step % config.save_steps == 0):
-                saved = checkpoint.save_checkpoint(
-                    run, model, optimizer, scheduler,
-                    {"global_step": step, "num_tokens": num_tokens, "num_train_prompts": len(train_rows),
-                     "world_size": run.world_size, **guard.state(),
-                     **{name: getattr(config, name) for name in loop.DATA_ORDER_OPTIONS}},
-                    tokenizer, companions,
-                )  # fmt: skip
-                if guard.stop:
-                    raise guard.preempted(step, saved)
-        evaluated_last = bool(config.eval_steps) and step % config.eval_steps == 0
-        if eval_fn is not None and config.eval_steps != 0 and not evaluated_last:
-            results = loop.evaluate(run, model, None, None, None, None, eval_fn)
-            logger.log_eval(step, step / steps_per_epoch, results)
-            last.update(results)
-        checkpoint.save_model(run, model, tokenizer, run.output_dir)
+            progress = {"global_step": step, "num_tokens": num_tokens, "num_train_prompts": len(train_rows)}
+            end_of_step(run, model, optimizer, scheduler, tokenizer, companions, guard, logger, eval_fn, progress,
+                        record["epoch"], last)  # fmt: skip
+        end_of_run(run, model, tokenizer, logger, eval_fn, step, step / steps_per_epoch, last)
     except faults.WriteFailed as err:
         raise faults.WriteFailed(f"{err}; the run stopped; {faults.resume_hint(run)}") from err
     finally:
@@ -892,6 +876,49 @@ def train_online(config, algo: Algorithm):
         logger.close()
     loop.finish(run)
     return run
+
+
+def end_of_step(
+    run,
+    model,
+    optimizer,
+    scheduler,
+    tokenizer,
+    companions,
+    guard,
+    logger,
+    eval_fn,
+    state: dict,
+    epoch: float,
+    last,
+) -> None:
+    """What an online loop does after logging step state["global_step"]: evaluate every eval_steps, write a
+    checkpoint every save_steps or when a signal asked the run to stop (and then stop it)."""
+    config, step = run.config, state["global_step"]
+    if eval_fn is not None and config.eval_steps and step % config.eval_steps == 0:
+        results = loop.evaluate(run, model, None, None, None, None, eval_fn)
+        logger.log_eval(step, epoch, results)
+        last.update(results)
+    if guard.stop or (config.save_steps and step % config.save_steps == 0):
+        saved = checkpoint.save_checkpoint(
+            run, model, optimizer, scheduler,
+            {**state, "world_size": run.world_size, **guard.state(),
+             **{name: getattr(config, name) for name in loop.DATA_ORDER_OPTIONS}},
+            tokenizer, companions,
+        )  # fmt: skip
+        if guard.stop:
+            raise guard.preempted(step, saved)
+
+
+def end_of_run(run, model, tokenizer, logger, eval_fn, step: int, epoch: float, last) -> None:
+    """The last evaluation (unless step `step` just had one) and the final model in output_dir."""
+    config = run.config
+    evaluated_last = bool(config.eval_steps) and step % config.eval_steps == 0
+    if eval_fn is not None and config.eval_steps != 0 and not evaluated_last:
+        results = loop.evaluate(run, model, None, None, None, None, eval_fn)
+        logger.log_eval(step, epoch, results)
+        last.update(results)
+    checkpoint.save_model(run, model, tokenizer, run.output_dir)
 
 
 class _CompletionsLog:

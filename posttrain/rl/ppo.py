@@ -743,26 +743,12 @@ def train(config: PPOConfig):
             record["num_tokens"] = num_tokens
             logger.log_train(step, record)
             last.update(record)
-            if eval_fn is not None and config.eval_steps and step % config.eval_steps == 0:
-                results = loop.evaluate(run, policy, None, None, None, None, eval_fn)
-                logger.log_eval(step, record["epoch"], results)
-                last.update(results)
-            if guard.stop or (config.save_steps and step % config.save_steps == 0):
-                saved = checkpoint.save_checkpoint(
-                    run, policy, optimizer, scheduler,
-                    {"global_step": step, "num_tokens": num_tokens, "num_train_prompts": len(train_rows),
-                     "world_size": run.world_size, **guard.state(),
-                     **{name: getattr(config, name) for name in loop.DATA_ORDER_OPTIONS}},
-                    tokenizer, companions,
-                )  # fmt: skip
-                if guard.stop:
-                    raise guard.preempted(step, saved)
-        evaluated_last = bool(config.eval_steps) and step % config.eval_steps == 0
-        if eval_fn is not None and config.eval_steps != 0 and not evaluated_last:
-            results = loop.evaluate(run, policy, None, None, None, None, eval_fn)
-            logger.log_eval(step, step * config.batch_size / len(train_rows), results)
-            last.update(results)
-        checkpoint.save_model(run, policy, tokenizer, run.output_dir)
+            progress = {"global_step": step, "num_tokens": num_tokens, "num_train_prompts": len(train_rows)}
+            grpo.end_of_step(run, policy, optimizer, scheduler, tokenizer, companions, guard, logger, eval_fn,
+                             progress, record["epoch"], last)  # fmt: skip
+        grpo.end_of_run(
+            run, policy, tokenizer, logger, eval_fn, step, step * config.batch_size / len(train_rows), last
+        )
         checkpoint.save_model(run, value, tokenizer, run.output_dir / VALUE_DIR)
     except faults.WriteFailed as err:
         raise faults.WriteFailed(f"{err}; the run stopped; {faults.resume_hint(run)}") from err
