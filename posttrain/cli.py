@@ -75,7 +75,7 @@ def _positional_options(command: str, argv: list[str]) -> list[str]:
         return rest
     if most is not None and len(positional) > most:
         raise ConfigError(f"expected one {shown}, got {len(positional)}: {positional}")
-    if any("," in p for p in positional):
+    if most is None and any("," in p for p in positional):  # several are joined with commas into one option
         raise ConfigError(
             f"{shown}: {next(p for p in positional if ',' in p)!r} has a comma, which separates list items"
         )

@@ -42,7 +42,13 @@ from posttrain.data import embedded
 from posttrain.data.loading import MissingSplitError
 from posttrain.rl import grpo, rewards, rollout
 from posttrain.rl.config import ConfigError
-from posttrain.rl.models import load_causal_lm, load_checked, load_tokenizer, local_model_folder
+from posttrain.rl.models import (
+    frozen_reference,
+    load_causal_lm,
+    load_checked,
+    load_tokenizer,
+    local_model_folder,
+)
 
 EVAL_FILE = "eval.json"
 EMBEDDED_SPLITS = ("train", "test")
@@ -278,11 +284,7 @@ def evaluate(
                 model, ref_model, prompt_ids, ro, pad_token_id=tokenizer.pad_token_id,
                 batch_size=generation_batch_size,
             ).tolist()  # fmt: skip
-    columns = {
-        name: [row[name] for row in rows for _ in range(G)]
-        for name in rows[0]
-        if name not in ("prompt", "prompt_ids")
-    }
+    columns = grpo.reward_columns(rows, G)
     names = [r.name for r in reward_list]
     values = torch.zeros(len(prompts), 0)  # (N, F), NaN where a function returned None
     if reward_list:
@@ -386,7 +388,7 @@ def load_reference(path: str, tokenizer, device):
             f"{option}={path!r}: its tokenizer's vocabulary differs from MODEL's; the KL compares the log-probs "
             "of the same token ids"
         )
-    return ref.to(device).eval().requires_grad_(False)
+    return frozen_reference(ref, None, device)
 
 
 def evaluate_config(config: EvalConfig) -> Evaluation:

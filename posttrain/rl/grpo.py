@@ -411,6 +411,16 @@ def check_prompt_lengths(rows, context: int | None, max_completion_length: int, 
 # ---------------------------------------------------------------------------------------------------------
 
 
+def reward_columns(rows: list[dict], G: int) -> dict[str, list]:
+    """The dataset's other columns, each value repeated for its prompt's G completions: the keyword arguments
+    a reward function gets besides prompts and completions (TRL's convention)."""
+    return {
+        name: [row[name] for row in rows for _ in range(G)]
+        for name in rows[0]
+        if name not in ("prompt", "prompt_ids")
+    }
+
+
 def completion_texts(tokenizer, prompts: list, ro: rollout.Rollout) -> list:
     """Each completion decoded without special tokens; a message list for conversational prompts."""
     ids = [
@@ -719,11 +729,7 @@ class Generations:
             r[: int(n)]
             for r, n in zip(ro.completion_ids.tolist(), ro.completion_mask.sum(1).tolist(), strict=True)
         ]
-        columns = {
-            name: [row[name] for row in rows for _ in range(G)]
-            for name in rows[0]
-            if name not in ("prompt", "prompt_ids")
-        }
+        columns = reward_columns(rows, G)
         scored = rewards.score(
             self.rewards, prompts=prompts, completions=completions, completion_ids=ids, columns=columns,
             trainer_state=state, row_offset=run.rank * len(prompts),

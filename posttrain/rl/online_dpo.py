@@ -161,7 +161,7 @@ class OnlineDPOConfig(grpo.OnlineConfig):
         accumulation = self.gradient_accumulation_steps
         if self.steps_per_generation not in (None, accumulation) or self.generation_batch_size not in (
             None,
-            2 * self.per_device_train_batch_size * accumulation * distributed.env_world()[1],
+            self.completions_per_device * accumulation * distributed.env_world()[1],
         ):
             raise ConfigError(
                 "online_dpo samples one generation batch per optimizer step (its pairs are on-policy, as TRL's): "
