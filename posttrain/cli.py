@@ -36,6 +36,7 @@ COMMANDS = {
 TOOLS = {
     "eval": ("posttrain.evaluate", "EvalConfig", "run", "model_name_or_path", 1, "MODEL"),
     "plot": ("posttrain.plot", "PlotConfig", "run", "run_dirs", None, "RUN_DIR [RUN_DIR ...]"),
+    "demo": ("posttrain.demo", "DemoConfig", "run", None, 0, "[--quick]"),
 }
 
 
@@ -73,6 +74,8 @@ def _positional_options(command: str, argv: list[str]) -> list[str]:
     positional, rest = argv[:n], argv[n:]
     if not positional or "--help" in rest or "-h" in rest:
         return rest
+    if option is None:
+        raise ConfigError(f"takes no positional arguments, got {positional}")
     if most is not None and len(positional) > most:
         raise ConfigError(f"expected one {shown}, got {len(positional)}: {positional}")
     if most is None and any("," in p for p in positional):  # several are joined with commas into one option

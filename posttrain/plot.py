@@ -207,6 +207,42 @@ def plot_runs(run_dirs: list, output=None, metrics: list[str] | None = None) -> 
     return path
 
 
+SUMMARY_PANELS = (  # the demo's summary figure: (row key, title, whether the untrained model's bar is shown)
+    ("greedy_exact_match", "held-out exact match, greedy", True),
+    ("sampled_exact_match", "held-out exact match, sampled (T = 1)", True),
+    # the untrained model's score and KL (-2.5, ~15 nats) would flatten every other bar: they are in the table
+    ("rm_score", "reward-model score, sampled", False),
+    ("kl_to_sft", "KL to the SFT model (nats / completion), sampled", False),
+)
+
+
+def summary_figure(rows: list[dict], path) -> Path:
+    """The demo's summary (`posttrain.demo`): a bar per model in each of SUMMARY_PANELS, written as a PNG."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ConfigError(MISSING) from None
+    fig = Figure(figsize=(11, 6.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    # a model keeps its colour in every panel
+    colours = {r["stage"]: f"C{i % 10}" for i, r in enumerate(rows)}
+    for k, (key, title, with_base) in enumerate(SUMMARY_PANELS):
+        ax = fig.add_subplot(2, 2, k + 1)
+        shown = [r for r in rows if r.get(key) is not None and (with_base or r["stage"] != "base")]
+        bars = ax.bar(
+            [r["stage"] for r in shown], [r[key] for r in shown], color=[colours[r["stage"]] for r in shown]
+        )
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
 def run(config: PlotConfig) -> Path:
     """`posttrain plot`: write the PNG and say where."""
     path = plot_runs(config.run_dirs, config.output, config.metrics)

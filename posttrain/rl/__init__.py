@@ -12,7 +12,7 @@ What they share:
     config.py        the options every loop takes; checkpoint.py, faults.py, logger.py
     models.py        loading models and tokenizers; lora.py (adapters, QLoRA); distributed.py (DDP, FSDP2)
 
-The layout stays flat on purpose (decided once, with eleven loops written): the machinery is eight files
+The layout stays flat on purpose (decided once, with eleven loops written): the shared files are eleven,
 with names that do not clash with a loop's, every loop imports most of them, and the paths users cite
 (`rl/logprobs.py`, `rl/loop.py`, `rl/rollout.py`) stay where the issues, the README and published notes
 put them. This map, rather than a subfolder, keeps the list of algorithms readable.
