@@ -92,7 +92,9 @@ class Stage:
 #   match (44.6 % -> 39.3 % / 41.1 %): it pushes chosen and rejected answers down together. With an NLL term
 #   on the chosen answers (loss_type sigmoid,sft: RPO, Pang et al. 2024, arXiv:2404.19733) the margins rise
 #   as much (-> 1.08) and exact match holds (45.5 %, sampled 25 % -> 28 %).
-# - kto: lr 3e-5 raises the margins 0.05 -> 1.46 and lowers greedy exact match to 38.4 % (lr 1e-4 alike).
+# - kto: lr 3e-5 raises the margins 0.05 -> 1.46 and lowers greedy exact match to 38.4 % (lr 1e-4, 1e-5 x 8
+#   epochs, beta 0.5, desirable_weight 1.33 alike: 36.6-39.3 %); undesirable_weight 0.5 keeps it (48.2 %) but
+#   is outside the KTO paper's range for balanced data (the loop warns), so the plain loss is shown.
 # - grpo: lr 1e-4 (3e-4 and above collapse, see rl/grpo.py), 3 epochs: reward 0.22 -> 0.33, sampled exact
 #   match 25 % -> 30 %; rloo: 4 epochs, 0.27 -> 0.32.
 # - ppo: the loop's embedded options (lr 3e-5, 128 prompts per update): 20 epochs 0.38 -> 0.59 and 58.9 %
