@@ -17,7 +17,7 @@ not improve on SFT's shows that in the table: nothing is dropped or re-run. Ever
 folder (metrics.jsonl, config.yaml, the model), so `posttrain eval` / `posttrain plot` work on it afterwards.
 
 The hyperparameters below were chosen for this task and these budgets (the full demo within 10 minutes on
-two CPU cores, `--quick` within 3); each loop's own defaults, and the reasons for them, are in its module.
+two CPU cores, `--quick` within 3; they take ~5 and ~2); each loop's own defaults, and why, are in its module.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class DemoConfig:
         default="posttrain-demo", metadata={"help": "Run folder: one sub-folder per stage, the table, plots."}
     )
     quick: bool = field(
-        default=False, metadata={"help": "Shorter stages (within ~3 minutes on 2 CPU cores instead of ~10)."}
+        default=False, metadata={"help": "Shorter stages: ~2 minutes on 2 CPU cores instead of ~5."}
     )
     seed: int = field(default=42, metadata={"help": "Seed of every stage and of the sampled evaluation."})
     num_generations: int = field(
@@ -95,8 +95,8 @@ class Stage:
 # - kto: lr 3e-5 raises the margins 0.05 -> 1.46 and lowers greedy exact match to 38.4 % (lr 1e-4, 1e-5 x 8
 #   epochs, beta 0.5, desirable_weight 1.33 alike: 36.6-39.3 %); undesirable_weight 0.5 keeps it (48.2 %) but
 #   is outside the KTO paper's range for balanced data (the loop warns), so the plain loss is shown.
-# - grpo: lr 1e-4 (3e-4 and above collapse, see rl/grpo.py), 3 epochs: reward 0.22 -> 0.33, sampled exact
-#   match 25 % -> 30 %; rloo: 4 epochs, 0.27 -> 0.32.
+# - grpo and rloo: the loops' embedded defaults (lr 1e-4, 8 completions per prompt, 6 epochs; the seeds and
+#   numbers are in rl/grpo.py and rl/rloo.py); --quick: 3 epochs.
 # - ppo: the loop's embedded options (lr 3e-5, 128 prompts per update): 20 epochs 0.38 -> 0.59 and 58.9 %
 #   greedy; 5 epochs 0.39 -> 0.46.
 # - online_dpo: lr 1e-4, beta 1: 25 epochs 0.33 -> 0.41 (50.9 %), 10 epochs 0.33 -> 0.38 (50.0 %).
@@ -123,7 +123,7 @@ STAGES = (
     ),
     Stage(
         "rloo", "posttrain.rl.rloo", "RLOOConfig", "reward", True,
-        {**ONLINE, "learning_rate": 1e-4, "num_train_epochs": 8.0}, {"num_train_epochs": 4.0},
+        {**ONLINE, "learning_rate": 1e-4, "num_generations": 8, "num_train_epochs": 6.0}, {"num_train_epochs": 3.0},
     ),
     Stage(
         "ppo", "posttrain.rl.ppo", "PPOConfig", "objective/scores", True,

@@ -54,8 +54,11 @@ def test_quick_demo_every_stage_moves_its_signal_the_right_way(quick):
     assert rows["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-6)
     for name in ("dpo", "kto", "grpo", "rloo", "ppo", "online_dpo"):
         assert rows[name]["kl_to_sft"] > 0.01, name
-    for name in ("dpo", "grpo", "rloo", "ppo", "online_dpo"):
-        assert rows[name]["sampled_exact_match"] >= rows["sft"]["sampled_exact_match"] - 0.02, name
+    assert rows["dpo"]["sampled_exact_match"] >= rows["sft"]["sampled_exact_match"] - 0.02
+    # The online loops raise the held-out rate of right sampled answers (1,792 completions; measured +2 to +4
+    # points in --quick, +5 to +9 in the full demo; one standard error is ~1 point)
+    for name in ("grpo", "rloo", "ppo", "online_dpo"):
+        assert rows[name]["sampled_exact_match"] > rows["sft"]["sampled_exact_match"], name
 
 
 @pytest.mark.slow
