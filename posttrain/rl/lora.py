@@ -22,6 +22,7 @@ output layer is trained through the full-logits path (TRL refuses it: its fused 
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 
@@ -33,11 +34,10 @@ ALL_LINEAR = "all-linear"
 
 def is_peft(model: torch.nn.Module) -> bool:
     """`model` (already unwrapped from DDP) is a peft model."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
+    # No peft model exists unless peft was imported; importing it here would load bitsandbytes where installed
+    # (seconds, and a warning on machines without CUDA) in every run that saves a plain model.
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def _task_type(model: torch.nn.Module) -> str:
