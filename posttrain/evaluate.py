@@ -357,24 +357,6 @@ def output_path(config: EvalConfig) -> Path:
     return path
 
 
-def check_reward_model(path: str) -> None:
-    """A reward model has one label, its score: a classifier of several would fail to load with a message about
-    mismatched weights."""
-    from transformers import AutoConfig
-
-    option = "reward_model_name_or_path"
-    try:
-        config = load_checked(AutoConfig.from_pretrained, path, "config")
-    except (ValueError, OSError) as err:
-        raise _option_error(option, err) from err
-    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-    if classifier and config.num_labels != 1:  # a causal LM (num_labels 2 by default) is refused by `resolve`
-        raise ConfigError(
-            f"{option}={path!r}: the model has {config.num_labels} labels (num_labels={config.num_labels}); a "
-            "reward model has one, its score"
-        )
-
-
 def load_reference(path: str, tokenizer, device):
     """The reference model of the KL, frozen, checked to share the evaluated model's tokenizer."""
     option = "ref_model_name_or_path"
@@ -407,7 +389,7 @@ def evaluate_config(config: EvalConfig) -> Evaluation:
     grpo.check_prompt_lengths(rows, context, config.max_completion_length, config.dataset_test_split)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if config.reward_model_name_or_path is not None:
-        check_reward_model(config.reward_model_name_or_path)
+        rewards.check_reward_model(config.reward_model_name_or_path)
     reward_list = []
     if config.reward_funcs or config.reward_model_name_or_path is not None:
         reward_list = rewards.resolve(

@@ -353,20 +353,6 @@ def _chunked(fn, model, batch: dict, size: int) -> torch.Tensor:
         module.train(was_training)
 
 
-def check_reward_model(path: str) -> None:
-    """A reward model scores with one label; refuse another head before loading it."""
-    from transformers import AutoConfig
-
-    try:
-        labels = AutoConfig.from_pretrained(path).num_labels
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"reward_model_path={path!r}: {' '.join(str(err).split())}") from err
-    if labels != 1:
-        raise ConfigError(
-            f"reward_model_path={path!r}: its head has {labels} labels; a reward model gives one score (num_labels=1)"
-        )
-
-
 def value_model_source(config: PPOConfig, start_model: str) -> tuple[str, str]:
     """(path, option that named it): value_model_path, else the reward model (as TRL's script), else the start."""
     if config.value_model_path is not None:
@@ -642,7 +628,7 @@ def train(config: PPOConfig):
     if config.missing_eos_penalty is not None and tokenizer.eos_token_id is None:
         raise ConfigError("missing_eos_penalty is set but the tokenizer has no eos token")
     if config.reward_model_path is not None:
-        check_reward_model(config.reward_model_path)
+        rewards.check_reward_model(config.reward_model_path, "reward_model_path")
     # a module:function that does not import stops here, before the run folder is written
     reward_list = rewards.resolve(
         config.reward_funcs,

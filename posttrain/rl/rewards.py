@@ -186,6 +186,29 @@ def _score_with_model(model, tokenizer, batch_size, chat_template_kwargs, *, pro
     return reward_model_scores(model, tokenizer, texts, batch_size=batch_size).tolist()
 
 
+def check_reward_model(path: str, option: str = "reward_model_name_or_path") -> None:
+    """Before loading: `path` has a config, and a sequence classifier there has one label (its score). One of
+    several labels would fail to load with a message about mismatched weights; a causal LM is refused after
+    loading (`reward_model_reward`), where its architecture is known for sure. Errors name `option`."""
+    from transformers import AutoConfig
+
+    from posttrain.rl.models import load_checked
+
+    try:
+        config = load_checked(AutoConfig.from_pretrained, path, "model")
+    except (ValueError, OSError) as err:  # messages start `model_name_or_path=...`: name the option instead
+        message = " ".join(str(err).split())
+        if message.startswith("model_name_or_path="):
+            raise ConfigError(option + message.removeprefix("model_name_or_path")) from err
+        raise ConfigError(f"{option}={path!r}: {message}") from err
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    if classifier and config.num_labels != 1:
+        raise ConfigError(
+            f"{option}={path!r}: its head has {config.num_labels} labels; a reward model gives one score "
+            "(num_labels=1)"
+        )
+
+
 def reward_model_reward(
     model_name_or_path: str,
     *,
@@ -199,17 +222,8 @@ def reward_model_reward(
     from posttrain.rl.models import load_reward_model, load_tokenizer
 
     option = f"reward_model_name_or_path={model_name_or_path!r}"
+    check_reward_model(model_name_or_path)
     try:
-        from transformers import AutoConfig
-
-        from posttrain.rl.models import load_checked
-
-        config = load_checked(AutoConfig.from_pretrained, model_name_or_path, "model")
-        classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-        if classifier and config.num_labels != 1:  # would fail to load, in words about mismatched weights
-            raise ValueError(
-                f"its head has {config.num_labels} labels; a reward model gives one score (num_labels=1)"
-            )
         tokenizer = load_tokenizer(model_name_or_path)
         model = load_reward_model(model_name_or_path, pad_token_id=tokenizer.pad_token_id, dtype=dtype)
     except (ValueError, OSError) as e:  # their messages start `model_name_or_path=...`: name this option
