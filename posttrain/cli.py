@@ -1,7 +1,8 @@
 """`posttrain <command> [--config file.yaml] [--key value ...]`.
 
-Each command is a loop module exposing a config dataclass and `train(config)`, or a tool (eval, plot) whose
-positional arguments fill one option of its config dataclass before a function of it runs. A bad option or bad
+Each command is a loop module exposing a config dataclass and `train(config)`, or a tool (eval, plot, demo)
+whose positional arguments, if it takes any, fill one option of its config dataclass before a function of it
+runs. A bad option or bad
 input (a missing dataset, a malformed row, a contradiction found at start-up) stops the command with a
 one-line message naming it and exit code 2; POSTTRAIN_TRACEBACK=1 shows the traceback instead.
 """
@@ -30,9 +31,9 @@ COMMANDS = {
     "online_dpo": ("posttrain.rl.online_dpo", "OnlineDPOConfig"),
 }
 
-# --- eval / plot: tools that take positional arguments, not training loops. command -> (module, config class,
-# the function run with the config, the option the positional arguments fill, how many at most (None: any),
-# how usage lines show them)
+# --- eval / plot / demo: tools, not training loops. command -> (module, config class, the function run with
+# the config, the option the positional arguments fill (None: the tool takes none), how many at most (None:
+# any), how usage lines show them)
 TOOLS = {
     "eval": ("posttrain.evaluate", "EvalConfig", "run", "model_name_or_path", 1, "MODEL"),
     "plot": ("posttrain.plot", "PlotConfig", "run", "run_dirs", None, "RUN_DIR [RUN_DIR ...]"),
@@ -87,7 +88,7 @@ def _positional_options(command: str, argv: list[str]) -> list[str]:
     return [f"--{option}={','.join(positional)}", *rest]
 
 
-# --- end of eval / plot
+# --- end of eval / plot / demo
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,21 +85,24 @@ class Stage:
 # Each stage's options. The loops' own defaults for the embedded task assume no model is named; here every stage
 # after SFT names one (the SFT folder), which would select TRL's learning rates for pretrained models (1e-6 and
 # below: nothing moves in these budgets), so the rates are set here. Measured from the 16-epoch SFT model
-# (44.6 % held-out greedy exact match; 25 % of sampled answers right), seed 42, one thread:
-# - rm: 3 epochs at lr 3e-4 reach 0.75 held-out pair accuracy, 8 epochs 0.78 (from the 98 % SFT model the
-#   loop's default reaches 0.98: the backbone's arithmetic limits the ranking).
-# - dpo: plain sigmoid DPO raises the margins (0.03 -> 0.80 at lr 3e-5, -> 1.29 at 1e-4) but lowers exact
-#   match (44.6 % -> 39.3 % / 41.1 %): it pushes chosen and rejected answers down together. With an NLL term
-#   on the chosen answers (loss_type sigmoid,sft: RPO, Pang et al. 2024, arXiv:2404.19733) the margins rise
-#   as much (-> 1.08) and exact match holds (45.5 %, sampled 25 % -> 28 %).
-# - kto: lr 3e-5 raises the margins 0.05 -> 1.46 and lowers greedy exact match to 38.4 % (lr 1e-4, 1e-5 x 8
-#   epochs, beta 0.5, desirable_weight 1.33 alike: 36.6-39.3 %); undesirable_weight 0.5 keeps it (48.2 %) but
-#   is outside the KTO paper's range for balanced data (the loop warns), so the plain loss is shown.
-# - grpo and rloo: the loops' embedded defaults (lr 1e-4, 8 completions per prompt, 6 epochs; the seeds and
-#   numbers are in rl/grpo.py and rl/rloo.py); --quick: 3 epochs.
-# - ppo: the loop's embedded options (lr 3e-5, 128 prompts per update): 20 epochs 0.38 -> 0.59 and 58.9 %
-#   greedy; 5 epochs 0.39 -> 0.46.
-# - online_dpo: lr 1e-4, beta 1: 25 epochs 0.33 -> 0.41 (50.9 %), 10 epochs 0.33 -> 0.38 (50.0 %).
+# (44.6 % held-out greedy exact match, 24 % of sampled answers right), seed 42, one thread; "full" and
+# "quick" are this file's two settings:
+# - rm (lr 3e-4): held-out pair accuracy 0.75 after 3 epochs (quick), 0.77 after 6 (full), 0.78 after 8; from
+#   the 98 % SFT model the loop's default reaches 0.98: the backbone's arithmetic limits the ranking.
+# - dpo: plain sigmoid DPO (4 epochs) raises the margins (0.03 -> 0.80 at lr 3e-5, -> 1.29 at 1e-4) but lowers
+#   greedy exact match (44.6 % -> 39.3 % / 41.1 %): it pushes chosen and rejected answers down together. With an
+#   NLL term on the chosen answers (loss_type sigmoid,sft: RPO, Pang et al. 2024, arXiv:2404.19733) at lr 1e-4:
+#   quick (4 epochs) margins 0.10 -> 1.08, greedy 45.5 %, sampled 24 % -> 27 %; full (8 epochs) 0.20 -> 1.63,
+#   51.8 %, 31 %.
+# - kto (lr 3e-5, 4 epochs): margins 0.05 -> 1.46, greedy exact match 38.4 %; lr 1e-4, 1e-5 x 8 epochs, beta
+#   0.5 and desirable_weight 1.33 alike (36.6-39.3 %); undesirable_weight 0.5 keeps it (48.2 %) but is outside
+#   the KTO paper's range for balanced data (the loop warns), so the plain loss is shown.
+# - grpo and rloo: the loops' embedded defaults (lr 1e-4, 8 completions per prompt, 6 epochs; seeds and numbers
+#   in rl/grpo.py and rl/rloo.py); quick: 3 epochs, sampled exact match 24 % -> 28 % (GRPO).
+# - ppo: the loop's embedded options (lr 3e-5, 128 prompts per update): full (20 epochs) scores 0.39 -> 0.55,
+#   greedy 55.4 %; quick (6 epochs) 0.39 -> 0.45, 50.9 %.
+# - online_dpo (lr 1e-4, beta 1): full (40 epochs) 0.33 -> 0.44, greedy 55.4 %; quick (10 epochs) 0.33 -> 0.38,
+#   50.0 %; 25 epochs 0.33 -> 0.41, 50.9 %.
 ONLINE = {"reward_funcs": ["exact_match"]}
 STAGES = (
     Stage("sft", "posttrain.rl.sft", "SFTConfig", "loss", False, {"num_train_epochs": 16.0}, {}, start=""),
@@ -123,7 +126,8 @@ STAGES = (
     ),
     Stage(
         "rloo", "posttrain.rl.rloo", "RLOOConfig", "reward", True,
-        {**ONLINE, "learning_rate": 1e-4, "num_generations": 8, "num_train_epochs": 6.0}, {"num_train_epochs": 3.0},
+        {**ONLINE, "learning_rate": 1e-4, "num_generations": 8, "num_train_epochs": 6.0},
+        {"num_train_epochs": 3.0},
     ),
     Stage(
         "ppo", "posttrain.rl.ppo", "PPOConfig", "objective/scores", True,
@@ -138,10 +142,9 @@ REWARD_STAGE = "rm"
 MOVED = 0.01  # a signal has moved when it changed by more than this, relative (absolute below 1)
 
 
-def stage_config(stage: Stage, output_dir: Path, models: dict, config: DemoConfig):
-    """The stage's loop config: its options (quick ones in --quick) from the model of `stage.start`, writing
-    only its final model (no checkpoints, progress bar or TensorBoard)."""
-    module = importlib.import_module(stage.module)
+def stage_config(stage: Stage, module, output_dir: Path, models: dict, config: DemoConfig):
+    """The stage's loop config (`module` is the loop's): its options (quick ones in --quick) from the model of
+    `stage.start`, writing only its final model (no checkpoints, progress bar or TensorBoard)."""
     options = {**stage.options, **(stage.quick if config.quick else {})}
     if stage.start:
         options["model_name_or_path"] = models[stage.start]
@@ -154,10 +157,8 @@ def stage_config(stage: Stage, output_dir: Path, models: dict, config: DemoConfi
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """metrics.jsonl as (training records, evaluation records)."""
     records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
-    is_eval = [any(k.startswith("eval_") for k in r) for r in records]
-    return [r for r, e in zip(records, is_eval, strict=True) if not e], [
-        r for r, e in zip(records, is_eval, strict=True) if e
-    ]
+    evals = [r for r in records if any(k.startswith("eval_") for k in r)]
+    return [r for r in records if r not in evals], evals
 
 
 def signal(train_records: list[dict], metric: str) -> tuple[float, float]:
@@ -172,31 +173,33 @@ def signal(train_records: list[dict], metric: str) -> tuple[float, float]:
 
 @contextlib.contextmanager
 def output_to(path: Path):
-    """Send everything the process prints to `path` while inside: file descriptors 1 and 2 (C libraries, and
-    handlers that kept the original streams, such as transformers' logging and progress bars) and Python's
-    sys.stdout / sys.stderr (which a caller such as pytest may have replaced); restored after."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(path, "a", buffering=1) as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        try:
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
+    """Send everything the process prints to `path` while inside: Python's sys.stdout / sys.stderr (which a
+    caller such as pytest may have replaced) and, where the process has them, file descriptors 1 and 2 (C
+    libraries, and handlers that kept the original streams, such as transformers' logging and progress bars);
+    restored after, also when the body raises."""
+    with open(path, "a", buffering=1) as log, contextlib.ExitStack() as restore:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        for fd in (1, 2):
+            try:
+                saved = os.dup(fd)
+            except (
+                OSError
+            ):  # no such descriptor (a service, pythonw): the Python-level redirect still applies
+                continue
+            restore.callback(os.close, saved)
+            restore.callback(os.dup2, saved, fd)
+            os.dup2(log.fileno(), fd)
+        restore.enter_context(contextlib.redirect_stdout(log))
+        restore.enter_context(contextlib.redirect_stderr(log))
+        yield
 
 
 def train_stage(stage: Stage, output_dir: Path, models: dict, config: DemoConfig) -> dict:
     """Run one stage with its output in <stage>/log.txt; its row of the table (training part)."""
     module = importlib.import_module(stage.module)
-    loop_config = stage_config(stage, output_dir, models, config)
+    loop_config = stage_config(stage, module, output_dir, models, config)
     folder = Path(loop_config.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -238,24 +241,46 @@ def evaluate_model(path, tokenizer, rows, reward_list, ref_model, config: DemoCo
         num_generations=config.num_generations, temperature=1.0, seed=config.seed,
     )  # fmt: skip
     rm_name = next(r.name for r in reward_list if r.name != "exact_match")
+    G = config.num_generations  # a prompt's G completions are adjacent in the records
+    right = [record["rewards"]["exact_match"] for record in sampled.records]
     return {
         "greedy_exact_match": greedy.summary["rewards/exact_match/mean"],
         "sampled_exact_match": sampled.summary["rewards/exact_match/mean"],
+        "sampled_per_problem": [sum(right[i : i + G]) / G for i in range(0, len(right), G)],
         "rm_score": sampled.summary[f"rewards/{rm_name}/mean"],
         "kl_to_sft": sampled.summary["kl"],
     }
+
+
+def against_sft(row: dict, sft: dict) -> tuple[float, float]:
+    """(mean, standard error) of the per-problem difference in sampled exact match, `row`'s model minus the SFT
+    model's: a paired comparison over the held-out problems (a problem's completions are not independent)."""
+    d = [a - b for a, b in zip(row["sampled_per_problem"], sft["sampled_per_problem"], strict=True)]
+    n = len(d)
+    mean = sum(d) / n
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+
+
+def verdict(row: dict, sft: dict) -> str:
+    """better / same / worse than the SFT model on held-out sampled exact match, at two standard errors."""
+    mean, se = against_sft(row, sft)
+    return "better" if mean > 2 * se else "worse" if mean < -2 * se else "same"
 
 
 def run(config: DemoConfig) -> list[dict]:
     """`posttrain demo`: train every stage, evaluate every model, print and write the table and figures.
     Returns the table's rows (one dict per model: the untrained tiny model, then each stage)."""
     output_dir = Path(config.output_dir).expanduser()
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+    try:
+        used = output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir()))
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output_dir={str(output_dir)!r}: {err}") from err
+    if used:
         raise ConfigError(
-            f"output_dir={str(output_dir)!r} exists and is not an empty folder (a previous demo?); remove it or "
-            "pass another --output_dir"
+            f"output_dir={str(output_dir)!r} exists and is not an empty folder (a previous demo, finished or "
+            "stopped: the demo does not resume); remove it or pass another --output_dir"
         )
-    output_dir.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     mode = "quick" if config.quick else "full"
     print(f"posttrain demo ({mode}): the embedded arithmetic task, its tiny model, into {output_dir}")
@@ -284,6 +309,26 @@ def _run(config: DemoConfig, output_dir: Path, mode: str, began: float) -> list[
 
     print("  evaluating every model on the held-out problems ...", end="", flush=True)
     start = time.perf_counter()
+    try:
+        evaluate_all(rows, models, output_dir, config)
+    except BaseException:
+        print(f" failed; its output is in {output_dir / EVAL_LOG_FILE}")
+        raise
+    print(f" {time.perf_counter() - start:.0f} s")
+
+    table = format_table(rows, config.num_generations)
+    print(table)
+    (output_dir / TABLE_FILE).write_text(table + "\n")
+    summary = {"mode": mode, "seed": config.seed, "held_out_problems": len(rows[0]["sampled_per_problem"])}
+    (output_dir / SUMMARY_FILE).write_text(json.dumps({**summary, "rows": rows}, indent=2) + "\n")
+    print(write_figures(rows, output_dir))
+    print(f"done in {time.perf_counter() - began:.0f} s")
+    return rows
+
+
+def evaluate_all(rows: list[dict], models: dict, output_dir: Path, config: DemoConfig) -> None:
+    """Evaluate the untrained model (inserted as rows[0]) and every stage's policy, adding to their rows; the
+    output of loading and generating goes to eval_log.txt."""
     with output_to(output_dir / EVAL_LOG_FILE):
         tokenizer = load_tokenizer(models["sft"])
         problems = evaluate.load_rows(tokenizer, split="test")
@@ -297,24 +342,19 @@ def _run(config: DemoConfig, output_dir: Path, mode: str, began: float) -> list[
                     models[row["stage"]], tokenizer, problems, reward_list, ref_model, config
                 )
     rows.insert(0, base)
-    print(f" {time.perf_counter() - start:.0f} s")
 
-    table = format_table(rows, len(problems), config.num_generations)
-    print(table)
-    (output_dir / TABLE_FILE).write_text(table + "\n")
-    summary = {"mode": mode, "seed": config.seed, "held_out_problems": len(problems), "rows": rows}
-    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+
+def write_figures(rows: list[dict], output_dir: Path) -> str:
+    """Each stage's curves (<stage>/curves.png) and the summary figure, when matplotlib is installed; says
+    what was written (or how to get the plots)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print(f"no plots: {plot.MISSING}")
-    else:
-        for row in rows[1:]:
-            plot.plot_runs([output_dir / row["stage"]])
-        plot.summary_figure(rows, output_dir / FIGURE_FILE)
-        print(f"curves: {output_dir}/<stage>/{plot.CURVES_FILE}; summary figure: {output_dir / FIGURE_FILE}")
-    print(f"done in {time.perf_counter() - began:.0f} s")
-    return rows
+        return f"no plots written: {plot.MISSING}"
+    for row in rows[1:]:
+        plot.plot_runs([output_dir / row["stage"]])
+    plot.summary_figure(rows, output_dir / FIGURE_FILE)
+    return f"curves: {output_dir}/<stage>/{plot.CURVES_FILE}; summary figure: {output_dir / FIGURE_FILE}"
 
 
 def _number(value, spec: str) -> str:
@@ -329,14 +369,14 @@ def _match(row: dict, sft: dict, key: str) -> str:
     return f"{value:.1%} ({100 * (value - sft[key]):+.1f})"
 
 
-def format_table(rows: list[dict], problems: int, G: int) -> str:
-    """The demo's table as Markdown: a row per model."""
+def format_table(rows: list[dict], G: int) -> str:
+    """The demo's table as Markdown: a row per model (`run`'s rows, the SFT model's among them)."""
     head = (
         "| stage | training signal (first -> last tenth) | moved | greedy exact match | sampled exact match "
-        "| reward-model score | KL to SFT | train s |"
+        "| sampled vs SFT (+-2 SE) | reward-model score | KL to SFT | train s |"
     )
-    lines = [head, "|" + "---|" * 8]
-    sft = next((r for r in rows if r["stage"] == "sft"), {})
+    lines = [head, "|" + "---|" * 9]
+    sft = next(r for r in rows if r["stage"] == "sft")
     for row in rows:
         if row["signal"] is None:
             signal_text, moved = "(untrained tiny model)", "-"
@@ -345,13 +385,21 @@ def format_table(rows: list[dict], problems: int, G: int) -> str:
             moved = "yes" if row["moved"] else "**no**"
         if row["stage"] == REWARD_STAGE:
             signal_text += f"; held-out pair accuracy {_number(row.get('eval_accuracy'), '.3f')}"
+        against = "-"
+        if "sampled_per_problem" in row and row["stage"] not in ("base", "sft"):
+            mean, se = against_sft(row, sft)
+            word = verdict(row, sft)
+            against = f"{'**worse**' if word == 'worse' else word}: {100 * mean:+.1f} +- {200 * se:.1f}"
         lines.append(
             f"| {row['stage']} | {signal_text} | {moved} | {_match(row, sft, 'greedy_exact_match')} "
-            f"| {_match(row, sft, 'sampled_exact_match')} | {_number(row.get('rm_score'), '.3f')} "
-            f"| {_number(row.get('kl_to_sft'), '.3f')} | {row['train_seconds']:.0f} |"
+            f"| {_number(row.get('sampled_exact_match'), '.1%')} | {against} "
+            f"| {_number(row.get('rm_score'), '.3f')} | {_number(row.get('kl_to_sft'), '.3f')} "
+            f"| {row['train_seconds']:.0f} |"
         )
+    problems = len(sft["sampled_per_problem"])
     lines.append(
-        f"\nHeld-out: {problems} problems; greedy, then {G} completions each sampled at temperature 1 (exact "
-        "match, the reward model's score, KL to the SFT model in nats per completion)."
+        f"\nHeld-out: {problems} problems; greedy, then {G} completions each sampled at temperature 1: exact match "
+        "(vs SFT: the mean per-problem difference in points, better or worse beyond two standard errors), the "
+        "reward model's score, KL to the SFT model in nats per completion."
     )
     return "\n".join(lines)

@@ -199,18 +199,13 @@ def plot_runs(run_dirs: list, output=None, metrics: list[str] | None = None) -> 
     runs = [read_curves(d, name) for d, name in zip(run_dirs, run_names(run_dirs), strict=True)]
     chosen = select_metrics(runs, metrics)
     path = Path(output) if output is not None else default_output(run_dirs)
-    fig = figure(runs, chosen)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
-    return path
+    return _save(figure(runs, chosen), path)
 
 
 SUMMARY_PANELS = (  # the demo's summary figure: (row key, title, whether the untrained model's bar is shown)
     ("greedy_exact_match", "held-out exact match, greedy", True),
     ("sampled_exact_match", "held-out exact match, sampled (T = 1)", True),
-    # the untrained model's score and KL (-2.5, ~15 nats) would flatten every other bar: they are in the table
+    # the untrained model's score and KL (about -3 and 15 nats) would flatten every other bar: the table has them
     ("rm_score", "reward-model score, sampled", False),
     ("kl_to_sft", "KL to the SFT model (nats / completion), sampled", False),
 )
@@ -237,9 +232,15 @@ def summary_figure(rows: list[dict], path) -> Path:
         ax.set_title(title, fontsize=10)
         ax.tick_params(labelsize=8)
         ax.grid(axis="y", alpha=0.3)
-    path = Path(path)
+    return _save(fig, Path(path))
+
+
+def _save(fig, path: Path) -> Path:
+    """Write `fig` as a PNG at `path` through a temporary file, so that a failed write leaves an older plot whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, format="png")
+    tmp.replace(path)
     return path
 
 

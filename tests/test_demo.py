@@ -1,5 +1,6 @@
-"""`posttrain demo --quick` end to end (every stage's signal moves the right way, the table, the plots), its
-errors, and `--help` of every command."""
+"""`posttrain demo --quick` end to end (every stage's signal moves the right way, the table, the plots); the
+table's comparison with the SFT model, output redirection and the no-matplotlib path on made-up rows; errors;
+`--help` of every command."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import dataclasses
 import importlib
 import json
 import math
+import os
+import sys
 
 import pytest
 
@@ -54,11 +57,18 @@ def test_quick_demo_every_stage_moves_its_signal_the_right_way(quick):
     assert rows["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-6)
     for name in ("dpo", "kto", "grpo", "rloo", "ppo", "online_dpo"):
         assert rows[name]["kl_to_sft"] > 0.01, name
-    assert rows["dpo"]["sampled_exact_match"] >= rows["sft"]["sampled_exact_match"] - 0.02
-    # The online loops raise the held-out rate of right sampled answers (1,792 completions; measured +2 to +4
-    # points in --quick, +5 to +9 in the full demo; one standard error is ~1 point)
-    for name in ("grpo", "rloo", "ppo", "online_dpo"):
-        assert rows[name]["sampled_exact_match"] > rows["sft"]["sampled_exact_match"], name
+    # The online loops raise the held-out rate of right sampled answers: measured +2 to +4 points each in
+    # --quick (+5 to +10 in the full demo). One loop's gain is about two standard errors, so the test asks
+    # for their mean gain, and that DPO and none of them is worse than SFT beyond noise.
+    sft = rows["sft"]["sampled_exact_match"]
+    online = ("grpo", "rloo", "ppo", "online_dpo")
+    assert sum(rows[name]["sampled_exact_match"] for name in online) / len(online) > sft + 0.01
+    for name in ("dpo", *online):
+        assert demo.verdict(rows[name], rows["sft"]) != "worse", name
+        mean, _ = demo.against_sft(rows[name], rows["sft"])
+        assert mean == pytest.approx(
+            rows[name]["sampled_exact_match"] - sft
+        )  # the paired mean is the difference
 
 
 @pytest.mark.slow
@@ -98,7 +108,7 @@ def test_bad_options_are_named(capsys):
     assert "no positional arguments" in capsys.readouterr().err
 
 
-def test_the_stages_start_from_sft_and_each_names_a_logged_signal():
+def test_the_stages_start_from_sft_and_quick_only_shortens_them():
     assert [s.start for s in demo.STAGES] == [""] + ["sft"] * (len(demo.STAGES) - 1)
     for stage in demo.STAGES:  # the quick options are the full ones' keys: --quick only shortens
         assert set(stage.quick) <= set(stage.options), stage.name
@@ -114,3 +124,97 @@ def test_help_of_every_command_exits_0_and_names_every_option(command, capsys):
     config_class = getattr(importlib.import_module(module_name), config_name)
     for field in dataclasses.fields(config_class):
         assert f"--{field.name} " in text, (command, field.name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The table, output redirection and figures, on made-up rows (no training)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def made_up_rows(gain: float, moved: bool = True):
+    sft = [0.25] * 56 + [0.5] * 56
+    row = lambda stage, rates, **kw: {  # noqa: E731
+        "stage": stage, "signal": "reward", "signal_first": 0.2, "signal_last": 0.3, "moved": moved,
+        "train_seconds": 1.0, "greedy_exact_match": 0.4, "sampled_exact_match": sum(rates) / len(rates),
+        "sampled_per_problem": rates, "rm_score": 0.1, "kl_to_sft": 0.2, **kw,
+    }  # fmt: skip
+    return [
+        row("base", [0.0] * 112, signal=None, moved=None),
+        row("sft", sft),
+        {"stage": "rm", "signal": "accuracy", "signal_first": 0.6, "signal_last": 0.8, "moved": True,
+         "train_seconds": 1.0, "eval_accuracy": 0.75},
+        row("grpo", [r + gain + (0.05 if i % 2 else -0.05) for i, r in enumerate(sft)]),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("gain", "word"), [(0.1, "better"), (0.0, "same"), (-0.1, "worse")])
+def test_the_comparison_with_sft_is_paired_over_problems(gain, word):
+    rows = made_up_rows(gain)
+    mean, se = demo.against_sft(rows[3], rows[1])
+    d = [0.05 if i % 2 else -0.05 for i in range(112)]  # the per-problem differences around the gain
+    assert mean == pytest.approx(gain)
+    assert se == pytest.approx(math.sqrt(sum(x * x for x in d) / 111 / 112))  # ~0.0047
+    assert demo.verdict(rows[3], rows[1]) == word
+    table = demo.format_table(rows, 16)
+    line = next(x for x in table.splitlines() if x.startswith("| grpo |"))
+    shown = {"better": "better: +10.0", "same": "same: +0.0", "worse": "**worse**: -10.0"}[word]
+    assert f"| {shown} +- 0.9 |" in line
+
+
+def test_the_table_flags_a_signal_that_did_not_move():
+    table = demo.format_table(made_up_rows(0.0, moved=False), 16)
+    assert "| grpo | reward 0.200 -> 0.300 | **no** |" in table
+    assert "| rm | accuracy 0.600 -> 0.800; held-out pair accuracy 0.750 | yes | - |" in table
+    assert "| sft |" in table and "| base | (untrained tiny model) | - |" in table
+
+
+def test_signal_means_the_first_and_last_tenth():
+    records = [{"step": i, "reward": float(i)} for i in range(1, 21)] + [{"step": 21, "loss": 1.0}]
+    assert demo.signal(records, "reward") == (1.5, 19.5)  # tenths of 20 values: 2 each
+    assert demo.signal(records[:3], "reward") == (1.0, 3.0)  # at least one value each
+    with pytest.raises(ValueError, match="no finite 'kl'"):
+        demo.signal(records, "kl")
+
+
+def test_output_to_catches_python_and_descriptor_output_and_restores_both(tmp_path, capfd):
+    log = tmp_path / "log.txt"
+    print("before")
+    with pytest.raises(RuntimeError):
+        with demo.output_to(log):
+            print("python")
+            os.write(1, b"fd1\n")
+            os.write(2, b"fd2\n")
+            with demo.output_to(tmp_path / "inner.txt"):
+                print("inner")
+            raise RuntimeError("a failing stage")
+    print("after")
+    os.write(1, b"fd after\n")
+    assert log.read_text().split() == ["python", "fd1", "fd2"]
+    assert (tmp_path / "inner.txt").read_text() == "inner\n"
+    out = capfd.readouterr().out
+    assert "before" in out and "after" in out and "fd after" in out and "python" not in out
+
+
+def test_without_matplotlib_the_demo_says_how_to_get_its_plots(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert (
+        demo.write_figures(made_up_rows(0.1), tmp_path)
+        == "no plots written: plotting needs matplotlib: pip install 'posttrain[plot]'"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_summary_figure_draws_every_model(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from posttrain import plot
+
+    path = plot.summary_figure(made_up_rows(0.1), tmp_path / "summary.png")
+    image = Image.open(path).convert("RGB")
+    assert image.size == (1100, 650)
+    counts = {rgb: n for n, rgb in image.getcolors(maxcolors=1 << 20)}
+    # matplotlib's C0..C3 (base, sft, rm has no bars, grpo): the base bar only in the exact-match panels
+    for colour in [(31, 119, 180), (255, 127, 14), (214, 39, 40)]:
+        assert counts.get(colour, 0) > 100, colour
+    assert not list(tmp_path.glob(".*tmp*"))

@@ -90,6 +90,19 @@ def test_rloo_options():
     with pytest.raises(ConfigError, match=r"reward_clip_range must be two values low <= high"):
         config(rloo.RLOOConfig, reward_clip_range=[1.0, -1.0])
     assert config(rloo.RLOOConfig).beta == 0.05 and config(rloo.RLOOConfig).num_generations == 2  # TRL's
+    # on the embedded task (no dataset named): 8 completions per prompt, GRPO's 6 epochs at lr 1e-4
+    embedded_run = rloo.RLOOConfig(output_dir=None)
+    assert (embedded_run.num_generations, embedded_run.num_train_epochs, embedded_run.learning_rate) == (
+        8,
+        6.0,
+        1e-4,
+    )
+    embedded_run = grpo.GRPOConfig(output_dir=None)
+    assert (embedded_run.num_generations, embedded_run.num_train_epochs, embedded_run.learning_rate) == (
+        8,
+        6.0,
+        1e-4,
+    )
 
 
 def test_defaults_and_aliases_are_trls():

@@ -81,16 +81,21 @@ class OnlineConfig(TrainConfig):
     )
     per_device_train_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Completions per micro-batch per process; none: 64 on the embedded task, else 8."},
+        metadata={
+            "help": "Completions per micro-batch per process; none: {embedded} on the embedded task, else {other}."
+        },
     )
     num_train_epochs: float | None = field(
         default=None,
-        metadata={"help": "Passes over the prompts (unless max_steps); none: 1 embedded, else 3."},
+        metadata={
+            "help": "Passes over the prompts (unless max_steps); none: {embedded} embedded, else {other}."
+        },
     )
     # generation
     num_generations: int = field(default=8, metadata={"help": "Completions per prompt (G), at least 2."})
     max_completion_length: int | None = field(
-        default=None, metadata={"help": "New tokens per completion at most; none: 4 embedded, else 512."}
+        default=None,
+        metadata={"help": "New tokens per completion at most; none: {embedded} embedded, else {other}."},
     )
     max_new_tokens: int | None = field(
         default=None, metadata={"help": "Another name for max_completion_length (older examples use it)."}
