@@ -50,12 +50,12 @@ from posttrain.rl.prm import AGGREGATIONS as PROCESS_REWARD_AGGREGATIONS
 # The embedded task: the online loops start from a 16-epoch `posttrain sft` run (`embedded_start`: 44.6 %
 # held-out greedy exact match, 24 % of sampled answers right). The defaults below (64 completions a step, 8 per
 # prompt, lr 1e-4, 6 epochs of the 788 train prompts: 588 steps, ~35 s on one thread) raise the reward on the
-# train prompts 0.21-0.23 -> 0.39-0.41 (first and last tenth of the steps) and held-out exact match, seeds
-# 42 / 1 / 7: greedy 51.8 / 45.5 / 50.0 %, sampled (16 per problem at temperature 1) 24 % -> 31.6 / 31.0 /
-# 33.6 %. Measured in `posttrain demo`'s runs (session 8). Earlier, 100 steps of 32 prompts x 8 at lr 1e-4
-# raised the train reward 0.28 -> 0.40 but left greedy exact match within its noise (39-50 %: 112 problems,
-# +-5 points between checkpoints); 1 epoch at 3e-5 (the previous default) barely moves. Above ~3e-4 the
-# sampled reward collapses within 20 steps (at 1e-3 to a near-uniform policy).
+# train prompts 0.21-0.23 -> 0.39-0.41 (first and last tenth of the steps) and the held-out rate of right
+# sampled answers (16 per problem at temperature 1) 24 % -> 31.6 / 31.0 / 33.6 % for seeds 42 / 1 / 7; greedy
+# exact match ends at or above the start's (51.8 / 45.5 / 50.0 %), but it moves +-5 points between
+# checkpoints (112 problems), so the sampled rate is the measure. 100 steps of 32 prompts x 8 at lr 1e-4 raised
+# the train reward 0.28 -> 0.40 and left greedy exact match within that noise (39-50 %); 1 epoch at 3e-5
+# barely moves. Above ~3e-4 the sampled reward collapses within 20 steps (at 1e-3 to a near-uniform policy).
 EMBEDDED_MODEL_LEARNING_RATE = 1e-4
 PRETRAINED_LEARNING_RATE = 1e-6  # TRL's default
 #                                     embedded task   any other data (TRL's defaults)
@@ -773,7 +773,7 @@ class Generations:
 
 def embedded_start() -> str:
     """Where the online loops start on the embedded task: a 16-epoch `posttrain sft` run (cached; 44.6 %
-    held-out exact match, ~0.3 of sampled answers right), with room left to improve (see RUN_DEFAULTS)."""
+    held-out exact match, 24 % of sampled answers right), with room left to improve (see RUN_DEFAULTS)."""
     return sft.embedded_sft_model(num_train_epochs=EMBEDDED_START_EPOCHS)
 
 

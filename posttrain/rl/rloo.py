@@ -58,7 +58,7 @@ class RLOOConfig(grpo.OnlineConfig):
                 )
 
     # The embedded task: 8 completions per prompt rather than TRL's 2. With lr 1e-4 and 6 epochs (grpo's
-    # RUN_DEFAULTS), seeds 42 / 1: held-out greedy exact match 44.6 % -> 50.0 / 50.0 %, sampled 24 % -> 34.0 /
+    # embedded defaults), seeds 42 / 1: held-out greedy exact match 44.6 % -> 50.0 / 50.0 %, sampled 24 % -> 34.0 /
     # 34.2 %, train reward 0.21-0.24 -> 0.41; with 2 (8 epochs) the sampled rate rose to 26-29 % and greedy
     # exact match fell on two seeds of three (47.3 / 38.4 / 40.2 %): one other completion is a noisy baseline.
     run_defaults = {**grpo.RUN_DEFAULTS, "num_generations": (8, 2)}
