@@ -154,10 +154,11 @@ def runs(files, tmp_path_factory):
         {"argv": _grpo(files, tmp / "grpo_ddp")},
         {"argv": _ppo(files, tmp / "ppo_fsdp", "--fsdp", "full_shard")},
         {"argv": _ppo(files, tmp / "ppo_ddp")},
+        {"check": "frozen_reference_root", "out": str(tmp / "frozen_reference_root.json")},
     ]
     done = _launch(tmp, jobs)
     assert done.returncode == 0, done.stderr[-4000:]
-    for job in jobs:
+    for job in (job for job in jobs if "argv" in job):
         out = Path(job["argv"][-1])
         assert [(out / f"exit_code.rank{r}").read_text() for r in (0, 1)] == ["0", "0"], job["argv"][0]
     for argv in (_sft(files, tmp / "sft1", *ONE), _sft(files, tmp / "bf16_1", *ONE, *BF16),
@@ -244,6 +245,18 @@ def test_dpo_two_sharded_processes_with_a_sharded_reference_give_one_process_los
     names = FileSystemReader(str(runs / "dpo2" / "checkpoint-2" / checkpoint.SHARDED_DIR)).read_metadata()
     assert any(n.startswith("model.companion_ref_model.") for n in names.state_dict_metadata)
     _assert_close_weights(_weights(runs / "dpo2"), _weights(runs / "dpo1"))
+
+
+def test_a_sharded_reference_frees_its_root_after_each_forward(runs):
+    """The frozen reference's embeddings and output layer (the root unit) are gathered for its forward only,
+    not kept whole for a backward it never runs; inside `gathered` (generation) they stay whole; a trained
+    model keeps its root from forward to backward, and after backward holds its shard again."""
+    found = json.loads((runs / "frozen_reference_root.json").read_text())
+    assert found == {
+        "before": True, "after_first": True, "after_second": True, "inside_gathered": False,
+        "after_gathered": True, "max_diff": pytest.approx(0.0, abs=1e-5), "policy_after_backward": True,
+        "policy_after_no_grad_forward": False,
+    }  # fmt: skip
 
 
 def test_lora_dpo_sharded_checkpoints_hold_the_adapters_and_the_final_save_merges(runs):

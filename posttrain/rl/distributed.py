@@ -12,7 +12,8 @@ before its forward and freed after it, and again in backward, whose gradients ar
 then divided by the world size, as DDP averages) into each rank's shard as each layer finishes. The root
 unit (embeddings, final norm, output layer) stays gathered from its forward until its backward, so the
 fused log-prob kernels (rl/logprobs.py), which read the output layer's weight after the forward, get the
-gathered weight. Gradients are reduce-scattered on every micro-batch (no `no_sync`): accumulating unsharded
+gathered weight; a frozen model (a reference) has no backward, so its root is freed after each forward
+(`release_frozen_root`, called by rl/logprobs.py). Gradients are reduce-scattered on every micro-batch (no `no_sync`): accumulating unsharded
 gradients would hold a full copy per rank. The optimizer only ever sees the shards (DTensors).
 Generation and the embedded task's exact-match evaluation run inside `gathered`: every unit gathered for
 the whole call, since ranks decode different lengths and a per-layer all-gather would need them in step.
@@ -194,10 +195,27 @@ def _units(model) -> list[torch.nn.Module]:
 
 
 def reshard(model) -> None:
-    """Free every gathered unit of a sharded model (the root stays gathered after a forward without
-    backward: a frozen reference's does); a no-op otherwise. Before reading or changing its shards."""
+    """Free every gathered unit of a sharded model (a trained model's root stays gathered after a forward
+    without backward); a no-op otherwise. Before reading or changing its shards."""
     for unit in _units(model) if is_sharded(model) else ():
         unit.reshard()
+
+
+def release_frozen_root(model) -> None:
+    """After a forward of a sharded model with nothing to train (a frozen reference), free its root unit
+    (embeddings, final norm, output layer), which `shard` keeps gathered after forward for a backward that
+    never comes; its next forward gathers it again. A no-op for any other model, for a model with trainable
+    parameters (the policy's root is needed by its backward), and inside `gathered` (where forwards must not
+    gather: ranks run different numbers of them)."""
+    if not is_sharded(model):
+        return
+    root = unwrap(model)
+    if getattr(root, GATHERED_FLAG, False) or any(p.requires_grad for p in root.parameters()):
+        return
+    root.reshard()
+
+
+GATHERED_FLAG = "_posttrain_gathered"  # set on a sharded model's root while `gathered` holds it whole
 
 
 @contextlib.contextmanager
@@ -212,9 +230,11 @@ def gathered(model):
     for unit in units:
         unit.unshard()
         unit.set_reshard_after_forward(False, recurse=False)
+    setattr(root, GATHERED_FLAG, True)
     try:
         yield
     finally:
+        setattr(root, GATHERED_FLAG, False)
         for unit in units:
             unit.set_reshard_after_forward(unit is not root, recurse=False)  # as `shard` left them
             unit.reshard()

@@ -19,7 +19,7 @@ import torch
 
 from posttrain.kernels import logprobs_from_hidden, logprobs_from_logits
 from posttrain.rl import lora
-from posttrain.rl.distributed import unwrap
+from posttrain.rl.distributed import release_frozen_root, unwrap
 
 # Families whose forward is `lm_head(final_norm(decoder(x)))`, followed at most by the soft-capping
 # and logit scale read from the config below. Others (or unknown post-processing) take the logits path.
@@ -157,6 +157,7 @@ def token_logprobs(
         logits = logits.reshape(B * T, logits.shape[-1]).index_select(0, rows)  # (N, V)
         out = logprobs_from_logits(logits, index, inplace_backward=True, **flags)
 
+    release_frozen_root(model)  # a sharded reference's output layer is not needed until its next forward
     # the kernels return logps followed by the wanted outputs in TokenLogProbs' order: deal them back out
     outs = iter(out if isinstance(out, tuple) else (out,))
     place = functools.partial(_place, positions=rows + 1, shape=(B, T))
