@@ -567,7 +567,7 @@ def held_out_pair_accuracy(out):
 
 @pytest.mark.slow
 def test_embedded_default_end_to_end_reaches_the_held_out_step_accuracy_the_issue_asks(tmp_path):
-    # `posttrain prm` with no arguments but a run folder: 7 epochs of 139 steps from the step-by-step solver
+    # `posttrain prm` with no arguments but a run folder: 4 epochs of 139 steps from the step-by-step solver
     # (the start model, trained once per test session into the session's POSTTRAIN_CACHE), data, training,
     # exact held-out metrics, the saved model. About two held-out steps in three are right, so always answering
     # "right" scores ~0.65; the issue's target is >= 0.9, on steps the PRM has not seen (those on held-out
@@ -575,15 +575,16 @@ def test_embedded_default_end_to_end_reaches_the_held_out_step_accuracy_the_issu
     out = tmp_path / "run"
     assert main(["prm", "--output_dir", str(out), "--disable_tqdm", "true", "--report_to", "none"]) == 0
     train_lines, evals = read_run(out)
-    assert [r["step"] for r in train_lines] == list(range(1, 974)) and [r["step"] for r in evals] == [973]
+    assert [r["step"] for r in train_lines] == list(range(1, 557)) and [r["step"] for r in evals] == [556]
     assert train_lines[0]["loss"] == pytest.approx(math.log(2), abs=0.05)  # fresh head: a coin flip
     assert {"accuracy", "solution_accuracy", "num_tokens", "grad_norm"} <= set(train_lines[-1])
     again = held_out_metrics(out)
     assert again["loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)
     assert again["solution_accuracy"] == evals[-1]["eval_solution_accuracy"]
-    # measured 0.997 on all test steps, 0.996 (497 of 499) on those with a held-out pair
-    assert again["accuracy"] == evals[-1]["eval_accuracy"] >= 0.99
-    assert held_out_pair_accuracy(out) >= 0.98
+    # measured 0.995 on all test steps, 0.992 on those with a held-out pair (seed 42; seeds 1 and 7, not run
+    # here: 0.985 / 0.966 and 0.979 / 0.954, see prm.RUN_DEFAULTS)
+    assert again["accuracy"] == evals[-1]["eval_accuracy"] >= 0.98
+    assert held_out_pair_accuracy(out) >= 0.97
     info = json.loads((out / "run_info.json").read_text())
     assert info["start_model"] == prm.embedded_start_model()  # the cached folder: not trained again
     # the start model learnt from the train split's right solutions only: no held-out step pair
