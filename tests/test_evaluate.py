@@ -232,7 +232,10 @@ ERRORS = [
     (lambda m, t: [m, "--output_file", str(t)], "is a folder; expected a file path"),
     (lambda m, t: [m, "--reward_funcs", "nope"], "reward_funcs: unknown reward 'nope'"),
     (lambda m, t: [m, "--reward_funcs", "_online_rewards:absent"], "has no 'absent'"),
-    (lambda m, t: [m, "--reward_model_name_or_path", two_label_model(t)], "its head has 2 labels; a reward model gives one score"),
+    (
+        lambda m, t: [m, "--reward_model_name_or_path", two_label_model(t)],
+        "its head has 2 labels; a reward model gives one score",
+    ),
     (lambda m, t: [m, "--reward_model_name_or_path", m], "not a trained reward model"),
     (lambda m, t: [m, "--ref_model_name_or_path", str(t / "nothere")], "ref_model_name_or_path='"),
     (lambda m, t: [m, "--ref_model_name_or_path", other_vocabulary_model(t)], "vocabulary differs"),
