@@ -156,9 +156,11 @@ def stage_config(stage: Stage, module, output_dir: Path, models: dict, config: D
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """metrics.jsonl as (training records, evaluation records)."""
-    records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
-    evals = [r for r in records if any(k.startswith("eval_") for k in r)]
-    return [r for r in records if r not in evals], evals
+    train, evals = [], []
+    for line in (run_dir / METRICS_FILE).read_text().splitlines():
+        record = json.loads(line)
+        (evals if any(k.startswith("eval_") for k in record) else train).append(record)
+    return train, evals
 
 
 def signal(train_records: list[dict], metric: str) -> tuple[float, float]:
@@ -178,19 +180,19 @@ def output_to(path: Path):
     libraries, and handlers that kept the original streams, such as transformers' logging and progress bars);
     restored after, also when the body raises."""
     with open(path, "a", buffering=1) as log, contextlib.ExitStack() as restore:
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:
-                stream.flush()
+        flush = lambda: [stream.flush() for stream in (sys.stdout, sys.stderr) if stream is not None]  # noqa: E731
+        flush()
         for fd in (1, 2):
             try:
                 saved = os.dup(fd)
-            except (
-                OSError
-            ):  # no such descriptor (a service, pythonw): the Python-level redirect still applies
-                continue
+            except OSError:
+                continue  # no such descriptor (a service, pythonw): the Python-level redirect still applies
             restore.callback(os.close, saved)
             restore.callback(os.dup2, saved, fd)
             os.dup2(log.fileno(), fd)
+        # on exit, in reverse: the Python-level redirect ends, the original streams' buffers (still bound for
+        # the log's descriptors) are flushed, then the descriptors are put back
+        restore.callback(flush)
         restore.enter_context(contextlib.redirect_stdout(log))
         restore.enter_context(contextlib.redirect_stderr(log))
         yield
@@ -257,6 +259,8 @@ def against_sft(row: dict, sft: dict) -> tuple[float, float]:
     model's: a paired comparison over the held-out problems (a problem's completions are not independent)."""
     d = [a - b for a, b in zip(row["sampled_per_problem"], sft["sampled_per_problem"], strict=True)]
     n = len(d)
+    if n < 2:
+        raise ValueError(f"comparing {row['stage']} with SFT needs at least 2 problems, got {n}")
     mean = sum(d) / n
     return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
 
@@ -273,14 +277,14 @@ def run(config: DemoConfig) -> list[dict]:
     output_dir = Path(config.output_dir).expanduser()
     try:
         used = output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir()))
+        if used:
+            raise ConfigError(
+                f"output_dir={str(output_dir)!r} exists and is not an empty folder (a previous demo, finished "
+                "or stopped: the demo does not resume); remove it or pass another --output_dir"
+            )
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"output_dir={str(output_dir)!r}: {err}") from err
-    if used:
-        raise ConfigError(
-            f"output_dir={str(output_dir)!r} exists and is not an empty folder (a previous demo, finished or "
-            "stopped: the demo does not resume); remove it or pass another --output_dir"
-        )
     began = time.perf_counter()
     mode = "quick" if config.quick else "full"
     print(f"posttrain demo ({mode}): the embedded arithmetic task, its tiny model, into {output_dir}")
@@ -386,7 +390,11 @@ def format_table(rows: list[dict], G: int) -> str:
         if row["stage"] == REWARD_STAGE:
             signal_text += f"; held-out pair accuracy {_number(row.get('eval_accuracy'), '.3f')}"
         against = "-"
-        if "sampled_per_problem" in row and row["stage"] not in ("base", "sft"):
+        if (
+            "sampled_per_problem" in row
+            and "sampled_per_problem" in sft
+            and row["stage"] not in ("base", "sft")
+        ):
             mean, se = against_sft(row, sft)
             word = verdict(row, sft)
             against = f"{'**worse**' if word == 'worse' else word}: {100 * mean:+.1f} +- {200 * se:.1f}"
@@ -396,7 +404,7 @@ def format_table(rows: list[dict], G: int) -> str:
             f"| {_number(row.get('rm_score'), '.3f')} | {_number(row.get('kl_to_sft'), '.3f')} "
             f"| {row['train_seconds']:.0f} |"
         )
-    problems = len(sft["sampled_per_problem"])
+    problems = len(sft.get("sampled_per_problem", ()))
     lines.append(
         f"\nHeld-out: {problems} problems; greedy, then {G} completions each sampled at temperature 1: exact match "
         "(vs SFT: the mean per-problem difference in points, better or worse beyond two standard errors), the "

@@ -388,8 +388,6 @@ def evaluate_config(config: EvalConfig) -> Evaluation:
     context = getattr(model_config.get_text_config(), "max_position_embeddings", None)
     grpo.check_prompt_lengths(rows, context, config.max_completion_length, config.dataset_test_split)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if config.reward_model_name_or_path is not None:
-        rewards.check_reward_model(config.reward_model_name_or_path)
     reward_list = []
     if config.reward_funcs or config.reward_model_name_or_path is not None:
         reward_list = rewards.resolve(

@@ -101,6 +101,14 @@ def test_a_used_output_dir_is_refused_before_any_work(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
 
+def test_an_output_dir_that_is_a_file_is_named(tmp_path, capsys):
+    out = tmp_path / "a_file"
+    out.write_text("mine")
+    assert main(["demo", "--quick", "--output_dir", str(out)]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert out.read_text() == "mine"
+
+
 def test_bad_options_are_named(capsys):
     assert main(["demo", "--num_generations", "0"]) == 2
     assert "num_generations" in capsys.readouterr().err
@@ -193,6 +201,18 @@ def test_output_to_catches_python_and_descriptor_output_and_restores_both(tmp_pa
     assert (tmp_path / "inner.txt").read_text() == "inner\n"
     out = capfd.readouterr().out
     assert "before" in out and "after" in out and "fd after" in out and "python" not in out
+
+
+def test_output_to_without_descriptors_still_redirects_python_output(tmp_path, monkeypatch, capsys):
+    def no_descriptor(fd):
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(demo.os, "dup", no_descriptor)  # a process without fds 1 and 2 (pythonw, a service)
+    with demo.output_to(tmp_path / "log.txt"):
+        print("python")
+    print("after")
+    assert (tmp_path / "log.txt").read_text() == "python\n"
+    assert capsys.readouterr().out == "after\n"
 
 
 def test_without_matplotlib_the_demo_says_how_to_get_its_plots(tmp_path, monkeypatch):

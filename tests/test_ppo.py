@@ -150,6 +150,15 @@ def test_a_reward_model_with_two_labels_is_named(tmp_path, tokenizer, start, pro
     assert not out.exists()
 
 
+def test_a_causal_lm_as_the_reward_model_is_named_before_loading_it(tmp_path, start, prompts, capsys):
+    out = tmp_path / "run"
+    argv = argv_for(out, start, prompts, "--reward_model_path", start, "--reward_funcs", "none")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"reward_model_path='{start}': not a trained reward model" in err and "Qwen2ForCausalLM" in err
+    assert not out.exists()
+
+
 def test_a_value_model_with_another_tokenizer_is_named(tmp_path, start, prompts, capsys):
     other = embedded.build_tokenizer()
     other.add_tokens(["<extra>"])

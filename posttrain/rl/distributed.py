@@ -13,8 +13,9 @@ then divided by the world size, as DDP averages) into each rank's shard as each 
 unit (embeddings, final norm, output layer) stays gathered from its forward until its backward, so the
 fused log-prob kernels (rl/logprobs.py), which read the output layer's weight after the forward, get the
 gathered weight; a frozen model (a reference) has no backward, so its root is freed after each forward
-(`release_frozen_root`, called by rl/logprobs.py). Gradients are reduce-scattered on every micro-batch (no `no_sync`): accumulating unsharded
-gradients would hold a full copy per rank. The optimizer only ever sees the shards (DTensors).
+(`release_frozen_root`, called by rl/logprobs.py) and gathered again by the next. Gradients are
+reduce-scattered on every micro-batch (no `no_sync`): accumulating unsharded gradients would hold a full copy
+per rank. The optimizer only ever sees the shards (DTensors).
 Generation and the embedded task's exact-match evaluation run inside `gathered`: every unit gathered for
 the whole call, since ranks decode different lengths and a per-layer all-gather would need them in step.
 """
@@ -201,6 +202,9 @@ def reshard(model) -> None:
         unit.reshard()
 
 
+GATHERED_FLAG = "_posttrain_gathered"  # set on a sharded model's root while `gathered` holds it whole
+
+
 def release_frozen_root(model) -> None:
     """After a forward of a sharded model with nothing to train (a frozen reference), free its root unit
     (embeddings, final norm, output layer), which `shard` keeps gathered after forward for a backward that
@@ -215,15 +219,13 @@ def release_frozen_root(model) -> None:
     root.reshard()
 
 
-GATHERED_FLAG = "_posttrain_gathered"  # set on a sharded model's root while `gathered` holds it whole
-
-
 @contextlib.contextmanager
 def gathered(model):
     """Inside the block a sharded model is whole on every rank and its forwards do no collective, so ranks
     may run different numbers of them (generation); a no-op for any other model. Memory: the full model
     per rank while it lasts."""
-    if not is_sharded(model):
+    # a nested block is a no-op: the outer one holds the model whole, and frees it at its end
+    if not is_sharded(model) or getattr(unwrap(model), GATHERED_FLAG, False):
         yield
         return
     root, units = unwrap(model), _units(model)

@@ -187,22 +187,27 @@ def _score_with_model(model, tokenizer, batch_size, chat_template_kwargs, *, pro
 
 
 def check_reward_model(path: str, option: str = "reward_model_name_or_path") -> None:
-    """Before loading: `path` has a config, and a sequence classifier there has one label (its score). One of
-    several labels would fail to load with a message about mismatched weights; a causal LM is refused after
-    loading (`reward_model_reward`), where its architecture is known for sure. Errors name `option`."""
+    """Before loading: `path` has a config naming a sequence classifier with one label (its score). A causal LM
+    would load with a freshly initialised score head (random rewards, silently); a classifier of several
+    labels would fail to load with a message about mismatched weights. Errors name `option`."""
     from transformers import AutoConfig
 
     from posttrain.rl.models import load_checked
 
     try:
-        config = load_checked(AutoConfig.from_pretrained, path, "model")
+        config = load_checked(AutoConfig.from_pretrained, path, "config")
     except (ValueError, OSError) as err:  # messages start `model_name_or_path=...`: name the option instead
         message = " ".join(str(err).split())
         if message.startswith("model_name_or_path="):
             raise ConfigError(option + message.removeprefix("model_name_or_path")) from err
         raise ConfigError(f"{option}={path!r}: {message}") from err
-    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-    if classifier and config.num_labels != 1:
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ConfigError(
+            f"{option}={path!r}: not a trained reward model (its config's architectures are {architectures}, not "
+            "a ...ForSequenceClassification): its score head would be random"
+        )
+    if config.num_labels != 1:
         raise ConfigError(
             f"{option}={path!r}: its head has {config.num_labels} labels; a reward model gives one score "
             "(num_labels=1)"
@@ -230,13 +235,6 @@ def reward_model_reward(
         message = str(e)
         message = "reward_" + message if message.startswith("model_name_or_path=") else f"{option}: {message}"
         raise ConfigError(message) from e
-    # A causal LM would load with a freshly initialised score head: random rewards, silently.
-    architectures = model.config.architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise ConfigError(
-            f"{option}: not a trained reward model (its config's architectures are {architectures}, not a "
-            "...ForSequenceClassification): its score head would be random"
-        )
     if device is not None:
         model.to(device)
     model.eval().requires_grad_(False)
