@@ -37,7 +37,8 @@ def is_peft(model: torch.nn.Module) -> bool:
     # No peft model exists unless peft was imported; importing it here would load bitsandbytes where installed
     # (seconds, and a warning on machines without CUDA) in every run that saves a plain model.
     peft = sys.modules.get("peft")
-    return peft is not None and isinstance(model, peft.PeftModel)
+    peft_model = getattr(peft, "PeftModel", None)  # None: not imported, or another module of that name
+    return peft_model is not None and isinstance(model, peft_model)
 
 
 def _task_type(model: torch.nn.Module) -> str:
