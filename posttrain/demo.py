@@ -12,9 +12,11 @@
 
 Each stage's "signal" is the training metric its algorithm pushes (SFT's loss down, the reward model's pair
 accuracy, DPO's and KTO's reward margins, the online loops' sampled reward), as the mean of its first and
-last tenth of logged steps; `moved` says whether it went the right way. A stage whose held-out numbers do
-not improve on SFT's shows that in the table: nothing is dropped or re-run. Every stage writes a full run
-folder (metrics.jsonl, config.yaml, the model), so `posttrain eval` / `posttrain plot` work on it afterwards.
+last tenth of logged steps; `moved` says whether it went the right way. What that buys on held-out problems
+is the sampled rate's difference from SFT's, paired problem by problem, labelled better / same / worse at two
+standard errors: a stage that does not help says so in the table (nothing is dropped or re-run). Every stage
+writes a full run folder (metrics.jsonl, config.yaml, the model): `posttrain plot` works on each, `posttrain
+eval` on each policy's.
 
 The hyperparameters below were chosen for this task and these budgets (the full demo within 10 minutes on
 two CPU cores, `--quick` within 3; they take ~5 and ~2); each loop's own defaults, and why, are in its module.
