@@ -238,3 +238,11 @@ def test_summary_figure_draws_every_model(tmp_path):
     for colour in [(31, 119, 180), (255, 127, 14), (214, 39, 40)]:
         assert counts.get(colour, 0) > 100, colour
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_compare_help_exits_0_and_names_its_commands(capsys):
+    assert main(["compare", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: posttrain compare <command>")
+    for command in ("sft", "rm", "dpo", "kto", "cpo", "orpo"):
+        assert command in text
