@@ -2,9 +2,9 @@
 
 Each command is a loop module exposing a config dataclass and `train(config)`, or a tool (eval, plot, demo)
 whose positional arguments, if it takes any, fill one option of its config dataclass before a function of it
-runs. A bad option or bad
-input (a missing dataset, a malformed row, a contradiction found at start-up) stops the command with a
-one-line message naming it and exit code 2; POSTTRAIN_TRACEBACK=1 shows the traceback instead.
+runs. A bad option or bad input (a missing dataset, a malformed row, a contradiction found at start-up) stops
+the command with a one-line message naming it and exit code 2; POSTTRAIN_TRACEBACK=1 shows the traceback
+instead.
 """
 
 from __future__ import annotations

@@ -181,8 +181,13 @@ def output_to(path: Path):
     caller such as pytest may have replaced) and, where the process has them, file descriptors 1 and 2 (C
     libraries, and handlers that kept the original streams, such as transformers' logging and progress bars);
     restored after, also when the body raises."""
+
+    def flush():
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+
     with open(path, "a", buffering=1) as log, contextlib.ExitStack() as restore:
-        flush = lambda: [stream.flush() for stream in (sys.stdout, sys.stderr) if stream is not None]  # noqa: E731
         flush()
         for fd in (1, 2):
             try:
@@ -269,7 +274,10 @@ def against_sft(row: dict, sft: dict) -> tuple[float, float]:
 
 def verdict(row: dict, sft: dict) -> str:
     """better / same / worse than the SFT model on held-out sampled exact match, at two standard errors."""
-    mean, se = against_sft(row, sft)
+    return _verdict(*against_sft(row, sft))
+
+
+def _verdict(mean: float, se: float) -> str:
     return "better" if mean > 2 * se else "worse" if mean < -2 * se else "same"
 
 
@@ -398,7 +406,7 @@ def format_table(rows: list[dict], G: int) -> str:
             and row["stage"] not in ("base", "sft")
         ):
             mean, se = against_sft(row, sft)
-            word = verdict(row, sft)
+            word = _verdict(mean, se)
             against = f"{'**worse**' if word == 'worse' else word}: {100 * mean:+.1f} +- {200 * se:.1f}"
         lines.append(
             f"| {row['stage']} | {signal_text} | {moved} | {_match(row, sft, 'greedy_exact_match')} "
