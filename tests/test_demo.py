@@ -140,7 +140,7 @@ def test_help_of_every_command_exits_0_and_names_every_option(command, capsys):
 
 
 def made_up_rows(gain: float, moved: bool = True):
-    sft = [0.25] * 56 + [0.5] * 56
+    sft = [0.5 if i % 3 == 0 else 0.25 for i in range(112)]  # unsorted: pairing problem by problem matters
     row = lambda stage, rates, **kw: {  # noqa: E731
         "stage": stage, "signal": "reward", "signal_first": 0.2, "signal_last": 0.3, "moved": moved,
         "train_seconds": 1.0, "greedy_exact_match": 0.4, "sampled_exact_match": sum(rates) / len(rates),
@@ -201,6 +201,18 @@ def test_output_to_catches_python_and_descriptor_output_and_restores_both(tmp_pa
     assert (tmp_path / "inner.txt").read_text() == "inner\n"
     out = capfd.readouterr().out
     assert "before" in out and "after" in out and "fd after" in out and "python" not in out
+
+
+def test_output_to_flushes_a_handlers_buffered_stream_into_the_log(tmp_path, monkeypatch, capfd):
+    # a logging handler keeps the sys.stdout it found: a buffered stream on descriptor 1
+    kept = open(1, "w", closefd=False)  # noqa: SIM115
+    monkeypatch.setattr(sys, "stdout", kept)
+    with demo.output_to(tmp_path / "log.txt"):
+        kept.write("from a handler\n")  # buffered, not yet on descriptor 1
+    monkeypatch.undo()
+    kept.close()
+    assert (tmp_path / "log.txt").read_text() == "from a handler\n"
+    assert "from a handler" not in capfd.readouterr().out
 
 
 def test_output_to_without_descriptors_still_redirects_python_output(tmp_path, monkeypatch, capsys):
