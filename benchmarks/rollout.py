@@ -278,6 +278,35 @@ def breakdown(args) -> None:
     )
 
 
+def head_layouts(args) -> None:
+    """The output layer's two BLAS layouts at a decode step's few rows, V = 32000 (the sft and 100m models'
+    H): x (n, H) @ W.T, what nn.Linear runs, against W @ x.T (`rollout.vocab_major_output_layer`), ms per
+    call, each call after a 64 MB write that evicts the weight from the caches, as a decode step's other
+    weights do."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    evict = torch.zeros(16 * 2**20)
+    rows = []
+    for H in (256, 768):
+        W = torch.randn(32000, H)
+        for n in (1, 4, 8, 16, 32, 64):
+            x = torch.randn(n, H)
+            ms = {}
+            for name, (a, b) in (("x @ W.T", (x, W.T)), ("W @ x.T", (W, x.T))):
+                times = []
+                for _ in range(args.repeats + 1):
+                    evict.add_(1.0)
+                    t0 = time.perf_counter()
+                    torch.mm(a, b)
+                    times.append((time.perf_counter() - t0) * 1e3)
+                ms[name] = common.median(times[1:])
+            rows.append(
+                [H, n, f"{ms['x @ W.T']:.2f}", f"{ms['W @ x.T']:.2f}", f"{ms['x @ W.T'] / ms['W @ x.T']:.2f}"]
+            )
+    print(common.machine_line())
+    print(common.markdown_table(["H", "rows", "x @ W.T ms", "W @ x.T ms", "ratio"], rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -285,6 +314,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--pair", action="store_true")  # internal: run one (model, batch) in this process
     parser.add_argument("--breakdown", action="store_true", help="time the pieces of one --model at --batch")
+    parser.add_argument("--head", action="store_true", help="time the output layer's two layouts")
     parser.add_argument("--model", choices=MODELS)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--num_generations", type=int, default=1)
@@ -296,6 +326,9 @@ def main() -> None:
         return
     if args.breakdown:
         breakdown(args)
+        return
+    if args.head:
+        head_layouts(args)
         return
 
     models, batches = (("embedded",), ((8, 1), (8, 4))) if args.quick else (args.models, BATCHES)

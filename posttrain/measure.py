@@ -100,17 +100,24 @@ def layer_shapes(config) -> list[tuple[int, int]]:
 
 def linear_forward_seconds(n: int, k: int, m: int, repeats: int = 5, calls: int = 10) -> float:
     """Seconds of the forward matmul of a linear map alone, x (n, k) @ w.T (m, k) -> (n, m): the forward-only
-    parts of a step (generation, log-prob forwards without gradients). The fastest of `repeats` rounds of
-    `calls` calls, per call (a decode step's matmuls of a few rows take microseconds: one call is below the
-    timer's resolution), into a buffer allocated once (see `linear_fwd_bwd_seconds`)."""
-    x, w, y = torch.randn(n, k), torch.randn(m, k), torch.empty(n, m)
-    times = []
-    for _ in range(repeats + 1):  # the first round warms up the BLAS threads and touches the buffers
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            torch.mm(x, w.T, out=y)
-        times.append((time.perf_counter() - t0) / calls)
-    return min(times[1:])
+    parts of a step (generation, log-prob forwards without gradients). The same products can also be
+    computed transposed, w @ x.T -> (m, n), which a CPU BLAS runs several times faster at a few rows and a long
+    m (a decode step's output layer: `rollout.vocab_major_output_layer` uses it); the floor takes the faster
+    of the two. Each is the fastest of `repeats` rounds of `calls` calls, per call (a decode step's matmuls
+    of a few rows take microseconds: one call is below the timer's resolution), into a buffer allocated once
+    (see `linear_fwd_bwd_seconds`)."""
+    x, w = torch.randn(n, k), torch.randn(m, k)
+    layouts = ((x, w.T, torch.empty(n, m)), (w, x.T, torch.empty(m, n)))
+    best = float("inf")
+    for a, b, y in layouts:
+        times = []
+        for _ in range(repeats + 1):  # the first round warms up the BLAS threads and touches the buffers
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                torch.mm(a, b, out=y)
+            times.append((time.perf_counter() - t0) / calls)
+        best = min(best, *times[1:])
+    return best
 
 
 def compute_floor(config, batch_tokens: int, seq_len: int, head_tokens: int, repeats: int = 5) -> dict:

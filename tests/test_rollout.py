@@ -452,6 +452,47 @@ def test_model_without_static_cache():
         ours(dynamic, PROMPTS, max_completion_length=4, compile=True)
 
 
+def test_vocab_major_output_layer_gives_the_same_logits():
+    """The output layer as (W @ h^T)^T gives the model's own logits (bias included; one position per row or
+    several; at most VOCAB_MAJOR_MAX_ROWS rows, nn.Linear's own call above), is what generate's forwards use,
+    and is undone afterwards, also after an error; an output layer that is not a plain nn.Linear is left
+    alone."""
+    model = make_model("llama")
+    torch.manual_seed(1)
+    model.lm_head = torch.nn.Linear(64, 128, bias=True)  # untied, with a bias
+    ids, mask = left_padded(PROMPTS)
+    assert rollout.VOCAB_MAJOR_MAX_ROWS == 8  # the shapes below straddle it
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits  # (4, 9, 128)
+        with rollout.vocab_major_output_layer(model):
+            assert "forward" in model.lm_head.__dict__
+            whole = model(input_ids=ids, attention_mask=mask).logits  # 36 rows: nn.Linear's own call
+            last = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits  # 4 rows
+            two = model(input_ids=ids[:2], attention_mask=mask[:2], logits_to_keep=4).logits  # 2 x 4 rows
+    assert "forward" not in model.lm_head.__dict__
+    torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, expected[:, -1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(two, expected[:2, -4:], rtol=1e-5, atol=1e-5)
+    assert not last.is_contiguous() and two.shape == (2, 4, 128)  # the vocab-major call's transposed view
+
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: seen.append("forward" in module.__dict__))
+    ours(model, PROMPTS, max_completion_length=3, eos_token_id=None)
+    assert seen == [True] * 3  # the prefill and two decode steps
+
+    with pytest.raises(RuntimeError, match="inside"), rollout.vocab_major_output_layer(model):
+        raise RuntimeError("inside")
+    assert "forward" not in model.lm_head.__dict__
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model.lm_head = Scaled(64, 128)
+    with rollout.vocab_major_output_layer(model):
+        assert "forward" not in model.lm_head.__dict__
+
+
 def test_training_flag_restored():
     model = make_model("gpt2", resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5).train()
     expected = reference(model.eval(), PROMPTS, 6, do_sample=False, eos_token_id=None)

@@ -21,13 +21,17 @@ cache, mask and positions), so a finished row costs no more work. Each step's to
 order and are written to their output rows once per compaction; the mask (up to and including the first stop
 token) is computed once at the end.
 
+The output layer: on the CPU, a call of at most VOCAB_MAJOR_MAX_ROWS rows computes its logits transposed,
+(W @ h^T)^T, which the CPU BLAS runs up to several times faster than nn.Linear's (n, H) @ (H, V) at a few
+rows (`vocab_major_output_layer`); the logits are the same products.
+
 `compile=True` runs `decode_one_token` (the forward, the logit processing and the sampling) through
 `torch.compile` (inductor: fused C++ kernels on the CPU, Triton on a GPU), with the batch dim marked dynamic so
-that compaction reuses the compiled step; a batch of one row, another architecture, or another set of active
-filters compile once more. The first call pays the compilation (on the shared 2-core CPU here, cold: 16-18 s
-for the embedded model at load 3-5, 30-60 s at load 7-9, more for deeper models), which a run recovers only
-over many calls, and only where the forward is Python-bound rather than matmul-bound: see
-benchmarks/rollout.py for the per-call gain and the break-even. Off by default.
+that compaction reuses the compiled step; a batch of one row, another architecture, another set of active
+filters, or a batch crossing VOCAB_MAJOR_MAX_ROWS rows compiles once more. The first call pays the compilation
+(on the shared 2-core CPU here, cold: 16-18 s for the embedded model at load 3-5, 30-60 s at load 7-9, more
+for deeper models), which a run recovers only over many calls, and only where the forward is Python-bound
+rather than matmul-bound: see benchmarks/rollout.py for the per-call gain and the break-even. Off by default.
 
 Sampling by inverse CDF: softmax, cumsum, `searchsorted` of one uniform per row. On the CPU this is an order
 of magnitude cheaper than `torch.multinomial` over a 32k vocabulary (about 0.7 ms against 15 ms for a
@@ -50,6 +54,7 @@ width); on the CPU they cost nothing, on a GPU they bound how far the host runs 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -252,7 +257,8 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), distributed.gathered(model):  # FSDP2: ranks decode different lengths
+        # FSDP2: ranks decode different lengths, so the weights are gathered once for the whole rollout
+        with torch.no_grad(), distributed.gathered(model), vocab_major_output_layer(model):
             return _rollout(
                 model, prompt_ids, num_generations, max_completion_length, settings, greedy, stops,
                 pad_token_id, generator, sync_every, device, step,
@@ -352,6 +358,42 @@ def _assemble(segments, N: int, L: int, stops, pad: int, device) -> Rollout:
         logps[:, :length].masked_fill(~mask, 0.0).contiguous(),
         (is_stop[:, :length] & mask).any(-1),
     )
+
+
+# Up to this many rows per call the output layer runs vocab-major (see `vocab_major_output_layer`).
+VOCAB_MAJOR_MAX_ROWS = 8
+
+
+@contextlib.contextmanager
+def vocab_major_output_layer(model):
+    """While open, a CPU model's output layer (a plain `nn.Linear`, V outputs) computes the logits of a call of
+    at most VOCAB_MAJOR_MAX_ROWS rows as (W @ h^T)^T: the same products, another BLAS call. At 4-8 rows (a GRPO
+    group's decode step) the CPU BLAS here runs (V, H) @ (H, n) 1.3-2.4x faster than (n, H) @ (H, V) on one
+    thread, and up to 2.4x on two; from 16 rows on, one thread, it is up to 12% slower (V = 32000, H = 256 and
+    768: `python benchmarks/rollout.py --head`). The output is a transposed view, which the logit processing
+    reads as it is. Elsewhere (a GPU, another kind of output layer) the model is left as it is."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.weight.device.type != "cpu":
+        yield
+        return
+    linear = head.forward
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., V)
+        flat = hidden.reshape(-1, hidden.shape[-1]).t()  # (H, n)
+        if flat.shape[1] > VOCAB_MAJOR_MAX_ROWS:
+            return linear(hidden)
+        logits = (
+            torch.mm(head.weight, flat)
+            if head.bias is None
+            else torch.addmm(head.bias[:, None], head.weight, flat)
+        )
+        return logits.t().reshape(*hidden.shape[:-1], logits.shape[0])
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 def _new_cache(model, length: int):
