@@ -239,6 +239,34 @@ def test_sampling_matches_exact_distribution(peaked_model, settings):
     torch.testing.assert_close(got.logps[:, 0].double(), p.log()[got.completion_ids[:, 0]], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "V", [7, 128, 1000, 32000]
+)  # under one block, exactly one, several with a ragged end
+def test_inverse_cdf_equals_a_float64_cumsum(V):
+    """The two-level search draws the token a float64 cumsum over the whole vocabulary gives (u away from a
+    boundary by more than float32 rounding, and u = 0), never one of probability 0 (u just below 1 too)."""
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(64, V, generator=g) * 4
+    logits[torch.rand(64, V, generator=g) < 0.3] = float("-inf")  # zero-probability tokens inside blocks
+    logits[:, 0] = float("-inf")  # and at the start: u = 0 must skip them
+    probs = logits.softmax(-1)
+    u = torch.rand(64, generator=g)
+    u[:2] = torch.tensor([0.0, 1.0 - 2**-24])
+    got = rollout.inverse_cdf(probs, u)
+    cdf = probs.double().cumsum(-1)
+    target = u.double()[:, None] * cdf[:, -1:]
+    expected = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=V - 1)
+    clear = ((cdf - target).abs().min(-1).values > 1e-5) | (torch.arange(64) == 0)
+    assert clear.sum() >= 60
+    assert torch.equal(got[clear], expected[clear])
+    assert (probs.gather(1, got[:, None]) > 0).all()
+    assert got[0] == int((probs[0] > 0).nonzero()[0])  # u = 0: the first token of positive probability
+    # u just below 1, many rows: the block sums' rounding can put u past the chosen block's own cumsum
+    probs = (torch.randn(1024, V, generator=g) * 4).softmax(-1)
+    got = rollout.inverse_cdf(probs, torch.full((1024,), 1 - 2**-24))
+    assert (got < V).all() and (probs.gather(1, got[:, None]) > 0).all()
+
+
 def test_sampling_test_detects_a_wrong_temperature(peaked_model):
     """The chi-square bound above is tight enough to reject sampling at temperature 1 for 1.6."""
     prompt, n = [5, 6, 7], 20_000
