@@ -63,10 +63,6 @@ def config(**options):
         ({"beta": [0.1, -0.5]}, r"beta must be > 0 \(every value of a per-epoch list\)"),
         ({"missing_eos_penalty": -1.0}, r"missing_eos_penalty must be >= 0"),
         ({"max_length": 64}, r"max_length=64 must exceed max_completion_length=64"),
-        ({"num_iterations": 2}, r"num_iterations must be 1 for online_dpo"),
-        ({"steps_per_generation": 2}, r"one generation batch per optimizer step"),
-        ({"generation_batch_size": 64}, r"one generation batch per optimizer step"),
-        ({"mask_truncated_completions": True}, r"mask_truncated_completions does not apply to online_dpo"),
         ({"reward_model_path": "a", "reward_model_name_or_path": "b"}, r"reward_model_path='a' and reward_model_name_or_path='b'"),
         ({"reward_funcs": []}, r"no reward: pass --reward_funcs"),
         ({"temperature": 0.0}, r"temperature must be > 0"),
@@ -75,6 +71,35 @@ def config(**options):
 def test_bad_options_are_named_at_start_up(options, message):
     with pytest.raises(ConfigError, match=message):
         config(**options)
+
+
+@pytest.mark.parametrize(
+    ("option", "why"),
+    [
+        ("num_iterations", "one optimizer step"),
+        ("steps_per_generation", "one optimizer step"),
+        ("generation_batch_size", "one optimizer step"),
+        ("epsilon", "clips no probability ratio"),
+        ("epsilon_high", "clips no probability ratio"),
+        ("mask_truncated_completions", "missing_eos_penalty"),
+    ],
+)
+def test_grpo_options_that_do_not_apply_are_not_options(option, why, tmp_path, capsys):
+    """GRPO's options with no meaning for Online DPO are left out of --help, and naming one (command line or
+    YAML) says why, before any work."""
+    assert main(["online_dpo", "--help"]) == 0
+    assert f"--{option} " not in capsys.readouterr().out
+    with pytest.raises(TypeError):
+        config(**{option: 2})
+    out = tmp_path / "run"
+    assert main(["online_dpo", "--output_dir", str(out), f"--{option}", "2"]) == 2
+    assert f"option '{option}' on the command line does not apply: " in capsys.readouterr().err
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text(f"{option}: 2\n")
+    assert main(["online_dpo", "--config", str(yaml), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"option '{option}' in {yaml} does not apply: " in err and why in err
+    assert not out.exists()
 
 
 def test_a_bad_option_on_the_command_line_is_named_before_the_run_folder(tmp_path, start, prompts, capsys):

@@ -521,7 +521,11 @@ def _unknown(name: str, known, where: str) -> ConfigError:
     return ConfigError(f"unknown option {name!r}{where}{hint}; run with --help to list the options")
 
 
-def _set(values: dict, fields: dict, name: str, raw, *, from_text: bool, where: str) -> None:
+def _set(values: dict, fields: dict, name: str, raw, *, from_text: bool, where: str, fixed=None) -> None:
+    if (
+        fixed and name in fixed
+    ):  # a parent's option this config sets itself (init=False, its reason in metadata)
+        raise ConfigError(f"option {name!r}{where} does not apply: {fixed[name]}")
     if name not in fields:
         raise _unknown(name, fields, where)
     tp = fields[name][1]
@@ -590,18 +594,19 @@ def parse_config(config_cls, argv: list[str]):
         print(config_help(config_cls))
         return None
     fields = _fields(config_cls)
+    fixed = {f.name: f.metadata.get("fixed", "") for f in dataclasses.fields(config_cls) if not f.init}
     config_path, pairs = _split_argv(argv)
     values: dict[str, Any] = {}
     if config_path is not None:
         for name, raw in load_yaml(config_path).items():
-            _set(values, fields, str(name), raw, from_text=False, where=f" in {config_path}")
+            _set(values, fields, str(name), raw, from_text=False, where=f" in {config_path}", fixed=fixed)
     for name, text in pairs:
         if text is None:
             if name in fields and _is_bool(fields[name][1]):
                 text = "true"
             elif name in fields:
                 raise ConfigError(f"option '--{name}' expects a value ({_type_name(fields[name][1])})")
-        _set(values, fields, name, text, from_text=True, where=" on the command line")
+        _set(values, fields, name, text, from_text=True, where=" on the command line", fixed=fixed)
     return config_cls(**values)
 
 

@@ -57,7 +57,7 @@ import torch
 
 from posttrain.losses import policy
 from posttrain.losses import preference as preference_losses
-from posttrain.rl import distributed, grpo, rollout
+from posttrain.rl import grpo, rollout
 from posttrain.rl.config import ConfigError
 from posttrain.rl.logprobs import token_logprobs
 
@@ -87,6 +87,11 @@ RUN_DEFAULTS = {
     "warmup_steps": (10, 0),
 }
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids", "completion_mask")
+
+
+# why GRPO's options below are fixed here
+ONE_STEP = "online_dpo trains each generation batch's pairs for one optimizer step (on-policy, as TRL's)"
+NO_RATIO = "online_dpo's loss clips no probability ratio"
 
 
 @dataclass
@@ -137,6 +142,18 @@ class OnlineDPOConfig(grpo.OnlineConfig):
         default=None, metadata={"help": "TRL's name for reward_model_name_or_path: give one."}
     )
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0."})
+    # GRPO's options that have no meaning here are not options (not in --help; naming one is an error that says
+    # why): each pair trains one on-policy step, and no probability ratio is clipped.
+    num_iterations: int = field(default=1, init=False, metadata={"fixed": ONE_STEP})
+    steps_per_generation: int | None = field(default=None, init=False, metadata={"fixed": ONE_STEP})
+    generation_batch_size: int | None = field(default=None, init=False, metadata={"fixed": ONE_STEP})
+    epsilon: float = field(default=0.2, init=False, metadata={"fixed": NO_RATIO})
+    epsilon_high: float | None = field(default=None, init=False, metadata={"fixed": NO_RATIO})
+    mask_truncated_completions: bool = field(
+        default=False,
+        init=False,
+        metadata={"fixed": "online_dpo ranks a completion that did not stop by missing_eos_penalty instead"},
+    )
 
     run_defaults = RUN_DEFAULTS
 
@@ -157,24 +174,6 @@ class OnlineDPOConfig(grpo.OnlineConfig):
         if self.num_generations != 2:
             raise ConfigError(
                 f"num_generations must be 2 for online_dpo (each prompt's pair), got {self.num_generations}"
-            )
-        accumulation = self.gradient_accumulation_steps
-        if self.steps_per_generation not in (None, accumulation) or self.generation_batch_size not in (
-            None,
-            self.completions_per_device * accumulation * distributed.env_world()[1],
-        ):
-            raise ConfigError(
-                "online_dpo samples one generation batch per optimizer step (its pairs are on-policy, as TRL's): "
-                "leave steps_per_generation and generation_batch_size unset"
-            )
-        if self.num_iterations != 1:
-            raise ConfigError(
-                f"num_iterations must be 1 for online_dpo (each pair trains one step), got {self.num_iterations}"
-            )
-        if self.mask_truncated_completions:
-            raise ConfigError(
-                "mask_truncated_completions does not apply to online_dpo: use missing_eos_penalty to rank "
-                "completions that did not stop below those that did"
             )
         super()._check()
         if self.loss_type not in LOSS_TYPES:
