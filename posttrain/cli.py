@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS and command not in TOOLS:
         print(f"posttrain: unknown command {command!r}\n{usage()}", file=sys.stderr)
         return 2
+    from posttrain.rl import distributed
     from posttrain.rl.faults import RunStopped
 
     if command in TOOLS:
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         if command in TOOLS:
             rest = _positional_options(command, rest)
         config = parse_config(getattr(module, config_name), rest)
+        if config is not None:
+            distributed.check_launch(config)  # --fsdp without torchrun: said before any data is read
     except ConfigError as err:
         print(f"posttrain {command}: {err}", file=sys.stderr)
         return 2

@@ -371,6 +371,10 @@ def test_fsdp_without_torchrun_stops_before_the_run_folder(files, tmp_path, caps
     err = capsys.readouterr().err
     assert "fsdp='full_shard' shards the model over processes started by torchrun, but this process was launched without it" in err  # fmt: skip
     assert not out.exists()
+    # said before any data is read: a dataset that does not exist is not what stops it
+    missing = ["--dataset_name", str(tmp_path / "absent.jsonl")]
+    assert main([*_sft(files, out, *TWO), *missing]) == 2
+    assert "launched without it" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1
     monkeypatch.setenv("RANK", "0")
     assert main(_sft(files, out, *TWO)) == 2
