@@ -12,9 +12,10 @@ import pytest
 import torch
 from datasets import Dataset
 
+from posttrain import compare
 from posttrain.cli import main
 from posttrain.data import embedded, preference
-from posttrain.rl import cpo, dpo, kto, models, orpo, sft
+from posttrain.rl import cpo, dpo, kto, models, orpo, reward, sft
 from posttrain.rl.config import ConfigError, config_help, parse_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -113,7 +114,7 @@ def test_defaults_are_trls():
     assert (c.ref_model_mixup_alpha, c.ref_model_sync_steps, c.discopop_tau) == (0.6, 512, 0.05)
 
 
-def test_embedded_defaults_add_the_nll_term_and_start_from_the_online_loops_start(monkeypatch):
+def test_embedded_defaults_add_the_nll_term_and_start_from_the_online_loops_start(monkeypatch, tmp_path):
     c = dpo.DPOConfig()
     assert (c.loss_type, c.loss_weights, c.learning_rate, c.beta, c.num_train_epochs) == (
         ["sigmoid", "sft"], None, 2e-4, 1.0, 16.0
@@ -126,6 +127,10 @@ def test_embedded_defaults_add_the_nll_term_and_start_from_the_online_loops_star
     assert c.embedded_start_model() == "16-epoch SFT"
     for other in (kto.KTOConfig(), cpo.CPOConfig(), orpo.ORPOConfig()):
         assert other.embedded_start_model() == "64-epoch SFT", type(other).__name__
+    # `posttrain compare` starts both sides where the command would
+    assert compare.start_folder("dpo", c, tmp_path) == "16-epoch SFT"
+    assert compare.start_folder("kto", kto.KTOConfig(), tmp_path) == "64-epoch SFT"
+    assert compare.start_folder("rm", reward.RewardConfig(), tmp_path) == "64-epoch SFT"
 
 
 # ---------------------------------------------------------------------------------------------------------
