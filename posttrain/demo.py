@@ -108,8 +108,8 @@ class Stage:
 ONLINE = {"reward_funcs": ["exact_match"]}
 STAGES = (
     Stage(
-        "sft", "posttrain.rl.sft", "SFTConfig", "loss", False, {"num_train_epochs": sft.EMBEDDED_START_EPOCHS},
-        {}, start="",
+        "sft", "posttrain.rl.sft", "SFTConfig", "loss", False,
+        {"num_train_epochs": sft.EMBEDDED_START_EPOCHS}, {}, start="",
     ),
     Stage(
         "rm", "posttrain.rl.reward", "RewardConfig", "accuracy", True,

@@ -121,7 +121,7 @@ def test_embedded_defaults_add_the_nll_term_and_start_from_the_online_loops_star
     )  # fmt: skip
     assert dpo.DPOConfig(loss_type="ipo").loss_type == ["ipo"]  # an explicit loss wins
     assert "none: sigmoid,sft embedded, else sigmoid." in config_help(dpo.DPOConfig)
-    # DPO starts from the weaker SFT model; KTO, CPO and ORPO keep the 98 % one (stand-ins: nothing is trained).
+    # DPO starts from the weaker SFT model; KTO, CPO and ORPO keep the 98 % one (stand-ins: none is trained).
     monkeypatch.setattr(sft, "embedded_start", lambda: "16-epoch SFT")
     monkeypatch.setattr(sft, "embedded_sft_model", lambda: "64-epoch SFT")
     assert c.embedded_start_model() == "16-epoch SFT"

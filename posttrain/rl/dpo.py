@@ -1,7 +1,8 @@
 """Direct preference optimisation and its family: raise log pi(chosen) - log pi(rejected) relative to a reference.
 
     1. model and tokenizer (when none is named, the embedded start: `sft.embedded_start`, a short SFT run);
-       the reference: a frozen copy of the starting model, another model (`ref_model_name_or_path`), or none when every loss is reference-free
+       the reference: a frozen copy of the starting model, another model (`ref_model_name_or_path`), or none
+       when every loss is reference-free
     2. data: load, check the preference format, tokenize prompt / chosen / rejected (`data.preference`), cut
        prompts to their last max_prompt_length tokens, drop (and count) the rows whose prompt alone fills
        max_length under keep_start truncation, as TRL 1.16 does
@@ -56,9 +57,10 @@ from posttrain.rl.models import (
     router_aux_loss_coef,
 )
 
-# Defaults that depend on the run. The embedded task starts from the online loops' start (`sft.embedded_start`,
-# a 16-epoch SFT run: 44.6 % held-out greedy exact match; the 64-epoch `posttrain sft` default answers 98.2 %
-# and left DPO nothing to raise) and trains on its preference split, one plausible wrong answer per problem.
+# Defaults that depend on the run. The embedded task starts from the online loops' start
+# (`sft.embedded_start`, a 16-epoch SFT run: 44.6 % held-out greedy exact match; the 64-epoch `posttrain sft`
+# default answers 98.2 % and left DPO nothing to raise) and trains on its preference split, one plausible
+# wrong answer per problem.
 # Plain sigmoid DPO pushes chosen and rejected answers down together and lowers exact match, so the embedded
 # loss adds an NLL term on the chosen answers (sigmoid,sft with weights 1,1: RPO, Pang et al. 2024,
 # arXiv:2404.19733). Measured with OMP_NUM_THREADS=1 (seed 42 unless said; batch 32, warmup 10, beta 1;
@@ -183,7 +185,7 @@ class PreferenceConfig(TrainConfig):
         return False
 
     def embedded_start_model(self) -> str:
-        """The model to start from when none is named: the embedded SFT model (cached; trained on first use)."""
+        """The model to start from when none is named: the embedded SFT model (cached; trained if absent)."""
         return sft.embedded_sft_model()
 
 
@@ -244,9 +246,9 @@ class DPOConfig(ReferenceConfig):
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Local path or hub id of the causal LM to train (the policy); none: the embedded start, a "
-            "short `posttrain sft` run on the embedded task (the online loops' start; trained once, cached in "
-            "$POSTTRAIN_CACHE, default ~/.cache/posttrain)."
+            "help": "Local path or hub id of the causal LM to train (the policy); none: the embedded start, "
+            "a short `posttrain sft` run on the embedded task (the online loops' start; trained once, cached "
+            "in $POSTTRAIN_CACHE, default ~/.cache/posttrain)."
         },
     )
     loss_type: list[str] | None = field(
