@@ -442,10 +442,13 @@ def _run_side(side: str, spec_path: Path) -> dict:
 
 
 def start_folder(command: str, config, work: Path) -> str:
-    """The weights both sides start from: the named model, the embedded SFT model (the preference loops'
-    and the reward model's embedded start), or for sft the embedded random-init model saved to `work`."""
+    """The weights both sides start from: the named model, the loop's embedded start (the preference loops
+    name theirs: DPO's is `sft.embedded_start`; the reward model's is the embedded SFT model), or for sft the
+    embedded random-init model saved to `work`."""
     if config.model_name_or_path is not None:
         return config.model_name_or_path
+    if hasattr(config, "embedded_start_model"):
+        return config.embedded_start_model()
     if command != "sft":
         from posttrain.rl import sft
 

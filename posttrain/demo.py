@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from posttrain import evaluate, plot
-from posttrain.rl import rewards
+from posttrain.rl import rewards, sft
 from posttrain.rl.config import ConfigError
 from posttrain.rl.logger import METRICS_FILE
 from posttrain.rl.models import load_causal_lm, load_tokenizer
@@ -107,7 +107,10 @@ class Stage:
 #   50.0 %; 25 epochs 0.33 -> 0.41, 50.9 %.
 ONLINE = {"reward_funcs": ["exact_match"]}
 STAGES = (
-    Stage("sft", "posttrain.rl.sft", "SFTConfig", "loss", False, {"num_train_epochs": 16.0}, {}, start=""),
+    Stage(
+        "sft", "posttrain.rl.sft", "SFTConfig", "loss", False,
+        {"num_train_epochs": sft.EMBEDDED_START_EPOCHS}, {}, start="",
+    ),
     Stage(
         "rm", "posttrain.rl.reward", "RewardConfig", "accuracy", True,
         {"learning_rate": 3e-4, "num_train_epochs": 6.0}, {"num_train_epochs": 3.0},

@@ -93,8 +93,9 @@ def assert_same_batch(ours, theirs):
 def our_step(models, batches, **options):
     """Our loss (summed over micro-batches), policy gradients and metrics for one optimizer step."""
     policy, ref = models
-    # TRL's default beta unless the case sets one (with no dataset named, ours defaults to the embedded task's)
-    config = dpo.DPOConfig(**{"beta": 0.1, **options})
+    # TRL's default beta and loss unless the case sets them (with no dataset named, ours default to the
+    # embedded task's)
+    config = dpo.DPOConfig(**{"beta": 0.1, "loss_type": ["sigmoid"], **options})
     model = copy.deepcopy(policy).train()
     disable_dropout(model)  # as TRL's trainer (GPT-2 configs default to dropout 0.1)
     num_pairs = sum(dpo.count_pairs(b) for b in batches)

@@ -1,7 +1,7 @@
 """Group relative policy optimisation: sample G completions per prompt, score them, and push up the ones
 that beat their group (Shao et al. 2024, arXiv:2402.03300; the loss family of TRL 1.16's GRPOTrainer).
 
-    1. model and tokenizer (the embedded RL start when none is named, `sft.embedded_rl_start`); a frozen
+    1. model and tokenizer (the embedded RL start when none is named, `sft.embedded_start`); a frozen
        reference only when beta != 0; the reward functions / reward model (`rl.rewards`)
     2. data: prompt rows (any format with a `prompt` column; the other columns go to the reward functions)
     3. every steps_per_generation x num_iterations micro-steps, a generation batch: this rank's prompts x G
@@ -47,7 +47,7 @@ from posttrain.rl.logprobs import token_logprobs
 from posttrain.rl.models import disable_dropout, load_causal_lm, load_tokenizer, mix_into_reference
 from posttrain.rl.prm import AGGREGATIONS as PROCESS_REWARD_AGGREGATIONS
 
-# The embedded task: the online loops start from a 16-epoch `posttrain sft` run (`embedded_start`: 44.6 %
+# The embedded task: the online loops start from a 16-epoch SFT run (`sft.embedded_start`: 44.6 %
 # held-out greedy exact match, 24 % of sampled answers right). The defaults below (64 completions a step, 8 per
 # prompt, lr 1e-4, 6 epochs of the 788 train prompts: 588 steps, ~35 s on one thread) raise the reward on the
 # train prompts 0.21-0.23 -> 0.39-0.41 (first and last tenth of the steps) and the held-out rate of right
@@ -771,15 +771,6 @@ class Generations:
         return metrics
 
 
-def embedded_start() -> str:
-    """Where the online loops start on the embedded task: a 16-epoch `posttrain sft` run (cached; 44.6 %
-    held-out exact match, 24 % of sampled answers right), with room left to improve (see RUN_DEFAULTS)."""
-    return sft.embedded_sft_model(num_train_epochs=EMBEDDED_START_EPOCHS)
-
-
-EMBEDDED_START_EPOCHS = 16.0
-
-
 def train_online(config, algo: Algorithm):
     """Run an online loop (GRPO, RLOO, Online DPO) to the end; returns the run."""
     tokenizer = load_tokenizer(config.model_name_or_path)
@@ -799,7 +790,7 @@ def train_online(config, algo: Algorithm):
         )
     world = distributed.env_world()[1]
     steps_per_epoch, total_steps = plan(len(train_rows), config, world)
-    start_model = config.model_name_or_path or embedded_start()
+    start_model = config.model_name_or_path or sft.embedded_start()
     from transformers import AutoConfig
 
     context = getattr(

@@ -62,7 +62,7 @@ from posttrain.rl.config import ConfigError
 from posttrain.rl.logprobs import token_logprobs
 
 LOSS_TYPES = ("sigmoid", "ipo")  # TRL's OnlineDPOConfig choices, both registered preference losses
-# The embedded task, from the same cached SFT start as GRPO (`grpo.embedded_start`: 44.6 % held-out greedy
+# The embedded task, from the same cached SFT start as GRPO (`sft.embedded_start`: 44.6 % held-out greedy
 # exact match, ~0.33 of sampled answers right). With exact_match, 64 % of the pairs tie (measured over the
 # first 20 steps: 23 % two identical completions, which give no gradient, 41 % two different answers of equal
 # reward, which DPO still ranks, first over second, as TRL); adding the `format` reward breaks ~3 % more (97 %

@@ -62,14 +62,14 @@ from posttrain.data import embedded
 from posttrain.losses import policy as policy_losses
 from posttrain.losses import ppo as ppo_losses
 from posttrain.losses import registry
-from posttrain.rl import checkpoint, distributed, faults, grpo, loop, lora, rewards, rollout
+from posttrain.rl import checkpoint, distributed, faults, grpo, loop, lora, rewards, rollout, sft
 from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
 from posttrain.rl.logger import MetricsLogger
 from posttrain.rl.logprobs import token_logprobs
 from posttrain.rl.models import disable_dropout, load_causal_lm, load_reward_model, load_tokenizer
 
 # The embedded task (prompts "a+b=", answers of one or two digits then eos) from the embedded RL start
-# (`grpo.embedded_start`: 44.6 % held-out greedy exact match). Measured with OMP_NUM_THREADS=1 on the shared
+# (`sft.embedded_start`: 44.6 % held-out greedy exact match). Measured with OMP_NUM_THREADS=1 on the shared
 # 2-core machine: the defaults below (124 updates of 128 prompts, ~90 s) raise the sampled score, means over
 # sixths of the run, 0.41 -> 0.47 -> 0.49 -> 0.52 -> 0.54 -> 0.55, and held-out exact match to 55.4 %, with KL
 # to the reference <= 0.4 nats per completion and explained variance ~0.2 by the end. 32 or 64 prompts per
@@ -642,7 +642,7 @@ def train(config: PPOConfig):
             f"{len(train_rows)} prompts cannot fill one batch of {config.batch_size} (per_device_train_batch_size "
             f"x gradient_accumulation_steps x processes)"
         )
-    start_model = config.model_name_or_path or grpo.embedded_start()
+    start_model = config.model_name_or_path or sft.embedded_start()
     value_path, value_option = value_model_source(config, start_model)
     check_value_model(value_path, value_option, tokenizer, start_model)
     from transformers import AutoConfig
