@@ -239,12 +239,13 @@ def test_sampling_matches_exact_distribution(peaked_model, settings):
     torch.testing.assert_close(got.logps[:, 0].double(), p.log()[got.completion_ids[:, 0]], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "V", [7, 128, 1000, 32000]
-)  # under one block, exactly one, several with a ragged end
-def test_inverse_cdf_equals_a_float64_cumsum(V):
-    """The two-level search draws the token a float64 cumsum over the whole vocabulary gives (u away from a
-    boundary by more than float32 rounding, and u = 0), never one of probability 0 (u just below 1 too)."""
+@pytest.mark.parametrize("two_levels", [True, False])
+@pytest.mark.parametrize("V", [7, 128, 1000, 32000])  # under one block, one, several with a ragged end
+def test_inverse_cdf_equals_a_float64_cumsum(V, two_levels, monkeypatch):
+    """Either search (two levels, or one cumsum) draws the token a float64 cumsum over the whole vocabulary gives
+    (u away from a boundary by more than float32 rounding, and u = 0), never one of probability 0 (u just below
+    1 too)."""
+    monkeypatch.setattr(rollout, "LARGE_VOCAB", 0 if two_levels else 10**9)
     g = torch.Generator().manual_seed(V)
     logits = torch.randn(64, V, generator=g) * 4
     logits[torch.rand(64, V, generator=g) < 0.3] = float("-inf")  # zero-probability tokens inside blocks
@@ -480,14 +481,17 @@ def test_model_without_static_cache():
         ours(dynamic, PROMPTS, max_completion_length=4, compile=True)
 
 
-def test_vocab_major_output_layer_gives_the_same_logits():
+def test_vocab_major_output_layer_gives_the_same_logits(monkeypatch):
     """The output layer as (W @ h^T)^T gives the model's own logits (bias included; one position per row or
     several; at most VOCAB_MAJOR_MAX_ROWS rows, nn.Linear's own call above), is what generate's forwards use,
-    and is undone afterwards, also after an error; an output layer that is not a plain nn.Linear is left
-    alone."""
+    and is undone afterwards, also after an error; an output layer that is not a plain nn.Linear, or has fewer
+    than LARGE_VOCAB outputs, is left alone."""
     model = make_model("llama")
     torch.manual_seed(1)
     model.lm_head = torch.nn.Linear(64, 128, bias=True)  # untied, with a bias
+    with rollout.vocab_major_output_layer(model):  # 128 tokens: a small vocabulary is left alone
+        assert "forward" not in model.lm_head.__dict__
+    monkeypatch.setattr(rollout, "LARGE_VOCAB", 128)
     ids, mask = left_padded(PROMPTS)
     assert rollout.VOCAB_MAJOR_MAX_ROWS == 8  # the shapes below straddle it
     with torch.no_grad():

@@ -65,7 +65,7 @@ class KTOConfig(dpo.ReferenceConfig):
     # match) and trains against its unpaired split: each problem once, with the right sum (desirable, 393 rows)
     # or a plausible wrong one (undesirable, 395). Unlike DPO's pairs, an undesirable answer's tokens are not
     # offset by a desirable answer to the same prompt, so pushing "45" down also pushes down the "4" that
-    # starts the right "46": at DPO's lr 1e-4 (beta 0.5, 1 or 2) held-out exact match fell to 95.5-96.4%, at
+    # starts the right "46": at lr 1e-4 (beta 0.5, 1 or 2) held-out exact match fell to 95.5-96.4%, at
     # 5e-5 to 97.3% (also with desirable_weight 1.33). beta 2 at 3e-5 keeps it at 98.2% while the margins grow
     # (train 0 -> ~1.5, held-out 1.2 after 4 epochs, 100 steps, ~1-2 min on 2 shared CPU cores).
     run_defaults: ClassVar[dict] = {

@@ -138,27 +138,43 @@ def sample(scores: torch.Tensor, uniform: torch.Tensor | None) -> tuple[torch.Te
     return tokens, probs.gather(-1, tokens[:, None]).squeeze(1).log()
 
 
+# From this vocabulary size on, sampling searches in two levels (`inverse_cdf`) and a CPU output layer runs
+# vocab-major at a few rows (`vocab_major_output_layer`). Both pay only for a large vocabulary: below it a cumsum
+# is cheap and the output layer's weight stays in the cache, where nn.Linear's own call is as fast or faster
+# (one thread here, H = 256: vocab-major 1.2-1.6x slower for V = 512 to 8192, 1.4x faster at 32000; the
+# two-level search 4x slower at V = 128, 1.3x faster at 8192, 2.7x at 32000).
+LARGE_VOCAB = 16384
 CDF_BLOCK = 128  # tokens per block of `inverse_cdf`'s first level
 
 
 def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """The first token (n,) long of each row of probs (n, V) whose cumulative probability exceeds u * total,
-    u = uniform (n,) in [0, 1), in two levels: the block of CDF_BLOCK tokens from the blocks' cumulative sums,
-    then the token from the cumulative sum inside that block. The same token as one cumsum over V, up to float32
-    rounding at the boundaries, for about a third of the cost: a cumsum is a sequential scan, (8, 32000) taking
-    ~0.4 ms on one CPU thread here, while the block sums vectorise. Only a token of positive probability can be
-    drawn: every search stops strictly below its last cumulative value."""
+    u = uniform (n,) in [0, 1). From LARGE_VOCAB tokens on, in two levels: the block of CDF_BLOCK tokens from the
+    blocks' cumulative sums, then the token from the cumulative sum inside that block. The same token as one
+    cumsum over V, up to float32 rounding at the boundaries, for about a third of the cost at V = 32000: a
+    cumsum is a sequential scan, (8, 32000) taking ~0.2 ms on one CPU thread here, while the block sums
+    vectorise. Only a token of positive probability can be drawn: every search stops strictly below its last
+    cumulative value."""
     n, V = probs.shape
+    if V < LARGE_VOCAB:
+        cdf = probs.cumsum(-1)  # (n, V)
+        return _first_above(cdf, uniform[:, None] * cdf[:, -1:]).squeeze(1)
     blocks = torch.nn.functional.pad(probs, (0, -V % CDF_BLOCK)).view(n, -1, CDF_BLOCK)  # (n, K, BLOCK)
     block_cdf = blocks.sum(-1).cumsum(-1)  # (n, K)
-    total = block_cdf[:, -1:]
-    u = torch.minimum(uniform[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # (n, 1)
-    k = torch.searchsorted(block_cdf, u, right=True)  # (n, 1): the first block whose cdf exceeds u
+    u = uniform[:, None] * block_cdf[:, -1:]  # (n, 1)
+    k = _first_above(block_cdf, u)  # (n, 1): the block
     before = torch.where(k > 0, block_cdf.gather(-1, (k - 1).clamp(min=0)), 0.0)  # the mass before block k
     inside = blocks.gather(1, k[:, :, None].expand(n, 1, CDF_BLOCK)).squeeze(1).cumsum(-1)  # (n, BLOCK)
-    last = inside[:, -1:]
-    rest = torch.minimum(u - before, torch.nextafter(last, torch.zeros_like(last)))  # rounding: stay inside
-    return (k * CDF_BLOCK + torch.searchsorted(inside, rest, right=True)).squeeze(1)
+    return (k * CDF_BLOCK + _first_above(inside, u - before)).squeeze(1)
+
+
+def _first_above(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Index (n, 1) of the first entry of each row of cdf (n, m) above target (n, 1), with the target held
+    strictly below the row's last entry (rounding can put it there): an index whose increment is positive."""
+    last = cdf[:, -1:]
+    return torch.searchsorted(
+        cdf, torch.minimum(target, torch.nextafter(last, torch.zeros_like(last))), right=True
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -383,14 +399,19 @@ VOCAB_MAJOR_MAX_ROWS = 8
 
 @contextlib.contextmanager
 def vocab_major_output_layer(model):
-    """While open, a CPU model's output layer (a plain `nn.Linear`, V outputs) computes the logits of a call of
-    at most VOCAB_MAJOR_MAX_ROWS rows as (W @ h^T)^T: the same products, another BLAS call. At 4-8 rows (a GRPO
-    group's decode step) the CPU BLAS here runs (V, H) @ (H, n) 1.3-2.4x faster than (n, H) @ (H, V) on one
-    thread, and up to 2.4x on two; from 16 rows on, one thread, it is up to 12% slower (V = 32000, H = 256 and
-    768: `python benchmarks/rollout.py --head`). The output is a transposed view, which the logit processing
-    reads as it is. Elsewhere (a GPU, another kind of output layer) the model is left as it is."""
+    """While open, a CPU model's output layer (a plain `nn.Linear` of V >= LARGE_VOCAB outputs) computes the
+    logits of a call of at most VOCAB_MAJOR_MAX_ROWS rows as (W @ h^T)^T: the same products, another BLAS call.
+    At 4-8 rows (a GRPO group's decode step) the CPU BLAS here runs (V, H) @ (H, n) 1.3-2.4x faster than
+    (n, H) @ (H, V) on one thread, and up to 2.4x on two; from 16 rows on, one thread, it is up to 12% slower
+    (V = 32000, H = 256 and 768, the weight out of the cache: `python benchmarks/rollout.py --head`). The output
+    is a transposed view, which the logit processing reads as it is. Elsewhere (a GPU, a smaller vocabulary,
+    another kind of output layer) the model is left as it is."""
     head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or head.weight.device.type != "cpu":
+    if (
+        type(head) is not torch.nn.Linear
+        or head.weight.device.type != "cpu"
+        or head.out_features < LARGE_VOCAB
+    ):
         yield
         return
     linear = head.forward
