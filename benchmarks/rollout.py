@@ -3,7 +3,8 @@
     python benchmarks/rollout.py            # embedded model and ~100M Qwen2, batch 8 / 32 / 64
     python benchmarks/rollout.py --quick    # a smoke run: embedded model only, batch 8, few tokens
     python benchmarks/rollout.py --models sft 100m
-    python benchmarks/rollout.py --breakdown --model sft --batch 32 --threads 1   # where a call's time goes
+    python benchmarks/rollout.py --breakdown --model sft --batch 32   # where a call's time goes
+    python benchmarks/rollout.py --head                               # the output layer's two BLAS layouts
 
 Models (random init, float32, dropout off, CPU):
     embedded  `posttrain.data.embedded.build_model` (Qwen2, V = 128, H = 128, 3 layers, ~0.4M parameters)
@@ -25,61 +26,66 @@ produced) / (wall-clock seconds of the call), the new tokens being the completio
 including eos), prefill included in the time. The table gives each side's median rate and, per side, the
 median over rounds of its rate / generate's rate in the same round.
 
-Measured on the shared 2-core CPU, 29 Nov 2026 11:47-12:05 UTC, load 3-5 (embedded, sft) and 5-7 (100m): other
-agents' runs, it never fell below 3 after 10:50; one torch thread per process for every model (at load 7-9
-two OpenMP threads per process stalled calls up to 20x, on either side at random):
+Measured on the shared 2-core CPU, 29 Nov 2026 21:45-21:58 UTC, quiet (load 0.6-1.8; the sft rows just before
+6983b1b, which changes nothing at V = 32000), two torch threads (one for the embedded model, THREADS):
 
-    python benchmarks/rollout.py --models embedded sft --threads 1
-    python benchmarks/rollout.py --models 100m --threads 1 --repeats 3
+    python benchmarks/rollout.py --models embedded sft
+    python benchmarks/rollout.py --models 100m --repeats 3
 
     model     batch       generate tok/s  ours tok/s  compiled tok/s  ours / gen  compiled / gen  compile s
-    embedded  8                     6069        6383           11124        1.05            1.85         16
-    embedded  32                   11375       12565           15638        1.09            1.46         17
-    embedded  64                   15697       16623           17210        1.07            1.10         16
-    embedded  32 (4 x 8)           13581       19173           25464        1.42            1.99         18
-    sft       8                      628         908             976        1.45            1.55         21
-    sft       32                     637        1157            1206        1.84            1.91         24
-    sft       64                     681        1301            1243        1.94            1.82         35
-    sft       32 (4 x 8)             582        1178            1256        2.02            2.17         42
-    100m      8                       71          73              77        1.03            1.08         56
-    100m      32                     119         128             124        1.08            1.03         60
-    100m      64                     134         144             135        1.08            1.00         64
-    100m      32 (4 x 8)             115         176             157        1.53            1.36         56
+    embedded  8                     5352        5779            9552        1.05            1.90         16
+    embedded  32                   11947       12512           14632        1.16            1.29         16
+    embedded  64                   13466       15586           15428        1.14            1.17         16
+    embedded  32 (4 x 8)           12103       18897           24236        1.54            2.09         16
+    sft       8                      625        1433            1472        2.33            2.36         19
+    sft       32                    1067        2145            2392        2.02            2.25         19
+    sft       64                    1201        2839            2834        2.38            2.36         20
+    sft       32 (4 x 8)            1042        2361            2648        2.26            2.53         21
+    100m      8                      144         176             178        1.22            1.24         28
+    100m      32                     278         313             299        1.14            1.09         30
+    100m      64                     334         385             361        1.16            1.09         33
+    100m      32 (4 x 8)             268         419             383        1.54            1.43         31
 
-A first run at load 7-9 (11:20-11:40) gave the same ratios within 0.2, the compiled embedded rows moving most
-(batch 32: 1.29 there, 1.46 here; sft 32: 1.81 / 1.81; 100m 32: 1.05 / 1.02), and compile times of 30-60 s.
+(The first measurement, 11:47-12:05 at load 3-9 on one thread, before the output layer's vocab-major call and
+the two-level sampling: sft 1.45 / 1.84 / 1.94 / 2.02, 100m 1.03 / 1.08 / 1.08 / 1.53, embedded within 0.1 of
+the rows above.)
 
-The issue's target, 3x `generate` at batch 32, is not met on any model: both sides run the same prefill, and
-our decode step is already at the model's own forward (sft, 100m) or, compiled, below the eager forward
-(embedded). `--breakdown --batch 32 --threads 1` (11:44-11:47 UTC, load 6-8), in ms; a side's per-step cost is
-(its call - prefill) / 31:
+The issue's target, 3x `generate` at batch 32, is not met on any model. `--breakdown` at 21:58 (ms; a side's
+per-step cost is (its call - prefill) / 31):
 
-    model     prefill forward sampling gen call ours call comp call gen step ours step comp step 3x needs <
-    embedded     27.3    2.22     0.12    121.5     104.2      84.2     3.04      2.48      1.84       0.43
-    sft           169    23.0     1.46     1524       874       883     43.7      22.7      23.0         11
-    100m         1793     112     1.54     5773      5274      5434      128       112       117        4.2
-    (comp: compiled; gen: generate)
+    model  batch  prefill  forward  sampling  gen call  ours call  comp call  gen step  ours step  comp step
+    sft    8         17.6     6.52      0.45       359        164        151      11.0       4.72       4.31
+    sft    32        77.7     12.6      0.83       975        488        459      28.9       13.3       12.3
 
-A call = prefill + 31 decode steps (32 new tokens; the first comes from the prefill's logits). The prefill is
-1024 left-padded prompt tokens through the whole model, identical work on both sides: 22% of generate's call on
-the embedded model, 11% on sft, 31% on 100m. So generate / ours = (prefill + 31 g) / (prefill + 31 o) with g, o
-the per-step costs, and 3x needs o below the last column. sft: generate's step is the forward plus ~20 ms
-(`torch.multinomial` over 32k tokens, ~15 ms by design.md's probe, is most of it), ours is the forward itself
-(its 1.5 ms of inverse-CDF sampling is within the timing noise): 1.8x at load 3-9, 2.4x on the idle machine of
-the first measurement; 3x would need our step at half
-the model's own forward, whose (32000, 256) output layer alone is ~2/3 of its FLOPs. 100m: the forward is
-matmul-bound (a step reads ~430 MB of weights) and generate adds only ~15%: 1.05-1.1x; 3x would need a step
-at 4% of the forward. Embedded: generate's step is only ~20% above our eager one (V = 128 makes its sampling
-cheap); the compiled step cuts the forward's Python overhead (2.48 -> 1.84 ms per step), but 3x would need
-0.43 ms, which is the step's matmul FLOPs alone on one core here (~0.45 ms): no overhead at all. The (4 x 8)
-rows add prefill once per prompt (generate's `num_return_sequences` prefills every row): 1.4-2.2x.
+Both sides run the same prefill (at batch 32, 1024 left-padded prompt tokens: 8% of generate's call, 16% of
+ours). generate's step is the model's forward plus `torch.multinomial` over 32k tokens (~15 ms at 32 rows by
+design.md's probe); ours is the forward itself (at 8 rows below it: the output layer's vocab-major call), so
+at batch 32 3x would need our step at ~8 ms, two thirds of the forward, whose (32000, 256) output layer is
+~2/3 of its FLOPs. 100m: the forward is matmul-bound (a step reads ~430 MB of weights) and generate adds little:
+1.1-1.2x. Embedded: generate's step is only ~15% above our eager one (V = 128 makes its sampling cheap); the
+compiled step cuts the forward's Python overhead, but 3x would need a step at the matmul FLOPs alone.
 
-`compile=True` (off by default) pays where the forward is Python-bound: embedded at batch 8 (1.85x against
-1.05x) and (4 x 8); on sft and 100m the matmuls dominate and it gains nothing (100m: inductor's compiled step
-was no faster than eager). Its cost is a first call of 16-64 s (cold inductor cache; 30-60 s for every model
-at load 7-9; ~8 s with a warm cache), against 16-20 ms saved per call at embedded batch 32: a GRPO run of the
-embedded task would need ~1,000 (load 3-5) to 3,000 (load 7-9) generate calls to recover it, so the default
-stays eager.
+`--head`: the output layer's two BLAS layouts (V = 32000, each call after a 64 MB write that evicts the weight),
+ms, at 21:58 with two threads, and at 21:10 with one thread beside another agent's one-thread job:
+
+    H    rows  2 threads: x @ W.T  W @ x.T  ratio    1 thread: x @ W.T  W @ x.T  ratio
+    256  4                  3.21     0.85   3.79               3.18     1.46   2.18
+    256  8                  3.62     1.43   2.54               3.82     2.76   1.39
+    256  16                 4.34     2.80   1.55               5.04     5.41   0.93
+    256  32                 4.97     4.09   1.21               7.36     8.37   0.88
+    768  4                 11.40     2.53   4.50              10.56     4.44   2.38
+    768  8                 11.84     5.36   2.21              12.47     9.74   1.28
+    768  16                13.50     9.93   1.36              16.09    18.33   0.88
+    768  32                17.43    14.36   1.21              23.53    25.59   0.92
+
+so the rollout engine takes W @ x.T up to 8 rows (`rollout.VOCAB_MAJOR_MAX_ROWS`), where it wins on one thread
+too.
+
+`compile=True` (off by default) pays where the forward is Python-bound: embedded at batch 8 (1.90x against
+1.05x) and (4 x 8); on sft and 100m the matmuls dominate and it gains 0-12%. Its cost is a first call of
+16-33 s here (cold inductor cache; 30-60 s for every model at load 7-9; ~8 s with a warm cache), against
+~15 ms saved per call at embedded batch 32: a GRPO run of the embedded task would need ~1,000 generate calls
+to recover it, so the default stays eager.
 """
 
 from __future__ import annotations
