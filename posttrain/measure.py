@@ -101,7 +101,7 @@ def layer_shapes(config) -> list[tuple[int, int]]:
 def linear_forward_seconds(n: int, k: int, m: int, repeats: int = 5, calls: int = 10) -> float:
     """Seconds of the forward matmul of a linear map alone, x (n, k) @ w.T (m, k) -> (n, m): the forward-only
     parts of a step (generation, log-prob forwards without gradients). The same products can also be
-    computed transposed, w @ x.T -> (m, n), which a CPU BLAS runs several times faster at a few rows and a long
+    computed transposed, w @ x.T -> (m, n), which a CPU BLAS runs up to 4.5x faster at a few rows and a long
     m (a decode step's output layer: `rollout.vocab_major_output_layer` uses it); the floor takes the faster
     of the two. Each is the fastest of `repeats` rounds of `calls` calls, per call (a decode step's matmuls
     of a few rows take microseconds: one call is below the timer's resolution), into a buffer allocated once

@@ -73,7 +73,8 @@ def train_losses(output_dir):
     [
         ({"loss_type": ["sigmoid", "nope"]}, r"loss_type 'nope' is not a preference loss; expected one of \[.*'apo_zero'.*'sigmoid'"),
         ({"loss_type": []}, r"loss_type is empty"),
-        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, r"loss_weights has 1 values for 2 loss_type"),
+        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, r"loss_weights has 1 values for 2 loss_type \['sigmoid', 'sft'\]: give"),
+        ({"dataset_name": None, "loss_weights": [1.0]}, r"2 loss_type \['sigmoid', 'sft'\] \(the embedded task's default loss_type\): give"),
         ({"loss_type": ["robust"], "label_smoothing": 0.5}, r"label_smoothing must lie in \[0, 0.5\) for robust"),
         ({"loss_type": ["robust"], "label_smoothing": -0.1}, r"label_smoothing must lie in \[0, 0.5\) for robust"),
         ({"loss_type": ["exo_pair"]}, r"label_smoothing must lie in \(0, 1\) for exo_pair"),

@@ -12,7 +12,7 @@ import torch
 from posttrain.cli import main
 from posttrain.data import embedded
 from posttrain.rl import grpo, rloo, rollout
-from posttrain.rl.config import ConfigError
+from posttrain.rl.config import ConfigError, parse_config, save_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -67,7 +67,7 @@ def config(cls=grpo.GRPOConfig, **options):
     [
         ({"num_generations": 1}, r"num_generations must be >= 2"),
         ({"per_device_train_batch_size": 6, "num_generations": 4}, r"generation batch of 6 completions per process .* not divisible by num_generations=4"),
-        ({"generation_batch_size": 16, "steps_per_generation": 2}, r"generation_batch_size and steps_per_generation"),
+        ({"per_device_train_batch_size": 8, "generation_batch_size": 32, "steps_per_generation": 2}, r"generation_batch_size=32 and steps_per_generation=2 name the same thing and disagree \(.* = 16\)"),
         ({"per_device_train_batch_size": 8, "generation_batch_size": 12}, r"generation_batch_size=12 must be a multiple of per_device_train_batch_size x processes = 8"),
         ({"max_new_tokens": 8, "max_completion_length": 16}, r"max_new_tokens=8 and max_completion_length=16"),
         ({"loss_type": "ppo"}, r"loss_type 'ppo' is not a policy loss; expected one of \[.*'dapo'"),
@@ -112,6 +112,15 @@ def test_defaults_and_aliases_are_trls():
     assert (c.steps_per_generation, c.generation_batch_size) == (1, 16)
     c = config(per_device_train_batch_size=8, generation_batch_size=32)
     assert c.steps_per_generation == 4
+
+
+@pytest.mark.parametrize("cls", [grpo.GRPOConfig, rloo.RLOOConfig])
+def test_a_saved_config_reads_back(cls, tmp_path):
+    """config.yaml holds steps_per_generation and generation_batch_size both (computed); resuming with
+    --config reads it back equal. Both given and agreeing is accepted; disagreeing is refused above."""
+    saved = config(cls, per_device_train_batch_size=8, generation_batch_size=32)
+    save_config(saved, tmp_path / "config.yaml")
+    assert parse_config(cls, ["--config", str(tmp_path / "config.yaml")]) == saved
 
 
 def test_a_prompt_too_long_for_the_context_is_named_before_the_run_folder(tmp_path, start, capsys):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from posttrain.cli import main
 from posttrain.data import embedded
@@ -100,6 +101,17 @@ def test_grpo_options_that_do_not_apply_are_not_options(option, why, tmp_path, c
     err = capsys.readouterr().err
     assert f"option '{option}' in {yaml} does not apply: " in err and why in err
     assert not out.exists()
+
+
+def test_a_config_saved_before_the_grpo_options_were_fixed_still_reads_back(tmp_path):
+    """An older config.yaml names the fixed options with the values the config sets: accepted (resume)."""
+    from posttrain.rl.config import config_dict, parse_config
+
+    saved = config(per_device_train_batch_size=3, gradient_accumulation_steps=2)
+    old = {**config_dict(saved), "num_iterations": 1, "steps_per_generation": 2, "generation_batch_size": 12,
+           "epsilon": 0.2, "epsilon_high": 0.2, "mask_truncated_completions": False}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert parse_config(online_dpo.OnlineDPOConfig, ["--config", str(tmp_path / "config.yaml")]) == saved
 
 
 def test_a_bad_option_on_the_command_line_is_named_before_the_run_folder(tmp_path, start, prompts, capsys):

@@ -516,6 +516,20 @@ def test_vocab_major_output_layer_gives_the_same_logits(monkeypatch):
         raise RuntimeError("inside")
     assert "forward" not in model.lm_head.__dict__
 
+    # nested, or a forward already replaced on the instance (accelerate's hooks do): left as it is
+    with rollout.vocab_major_output_layer(model):
+        outer = model.lm_head.forward
+        with rollout.vocab_major_output_layer(model):
+            assert model.lm_head.forward is outer
+        assert model.lm_head.forward is outer
+    assert "forward" not in model.lm_head.__dict__
+    own = model.lm_head.forward
+    model.lm_head.forward = own
+    with rollout.vocab_major_output_layer(model):
+        assert model.lm_head.forward is own
+    assert model.lm_head.__dict__["forward"] is own
+    del model.lm_head.forward
+
     class Scaled(torch.nn.Linear):
         def forward(self, x):
             return 2 * super().forward(x)

@@ -521,11 +521,7 @@ def _unknown(name: str, known, where: str) -> ConfigError:
     return ConfigError(f"unknown option {name!r}{where}{hint}; run with --help to list the options")
 
 
-def _set(values: dict, fields: dict, name: str, raw, *, from_text: bool, where: str, fixed=None) -> None:
-    if (
-        fixed and name in fixed
-    ):  # a parent's option this config sets itself (init=False, its reason in metadata)
-        raise ConfigError(f"option {name!r}{where} does not apply: {fixed[name]}")
+def _set(values: dict, fields: dict, name: str, raw, *, from_text: bool, where: str) -> None:
     if name not in fields:
         raise _unknown(name, fields, where)
     tp = fields[name][1]
@@ -594,20 +590,36 @@ def parse_config(config_cls, argv: list[str]):
         print(config_help(config_cls))
         return None
     fields = _fields(config_cls)
+    # A parent's option that this config sets itself (an init=False field, its reason in metadata["fixed"]):
+    # refused on the command line; in a YAML file only if it differs from the value the config sets (a
+    # config.yaml saved before the option was fixed names it, with that value).
     fixed = {f.name: f.metadata.get("fixed", "") for f in dataclasses.fields(config_cls) if not f.init}
     config_path, pairs = _split_argv(argv)
     values: dict[str, Any] = {}
+    saved_fixed = {}
     if config_path is not None:
         for name, raw in load_yaml(config_path).items():
-            _set(values, fields, str(name), raw, from_text=False, where=f" in {config_path}", fixed=fixed)
+            if str(name) in fixed:
+                saved_fixed[str(name)] = raw
+                continue
+            _set(values, fields, str(name), raw, from_text=False, where=f" in {config_path}")
     for name, text in pairs:
+        if name in fixed:
+            raise ConfigError(f"option {name!r} on the command line does not apply: {fixed[name]}")
         if text is None:
             if name in fields and _is_bool(fields[name][1]):
                 text = "true"
             elif name in fields:
                 raise ConfigError(f"option '--{name}' expects a value ({_type_name(fields[name][1])})")
-        _set(values, fields, name, text, from_text=True, where=" on the command line", fixed=fixed)
-    return config_cls(**values)
+        _set(values, fields, name, text, from_text=True, where=" on the command line")
+    config = config_cls(**values)
+    for name, raw in saved_fixed.items():
+        if raw != getattr(config, name):
+            raise ConfigError(
+                f"option {name!r} in {config_path} does not apply: {fixed[name]} ({name} is "
+                f"{getattr(config, name)!r} here, the file says {raw!r})"
+            )
+    return config
 
 
 def _default_text(f: dataclasses.Field) -> str:

@@ -283,6 +283,7 @@ class DPOConfig(ReferenceConfig):
     discopop_tau: float = field(default=0.05, metadata={"help": "Temperature of discopop's mixing."})
 
     def __post_init__(self):
+        self._default_loss_type = self.loss_type is None  # named in errors about loss_weights
         super().__post_init__()  # fills an unset loss_type from RUN_DEFAULTS
         if isinstance(self.loss_type, str):  # one name, or names separated by commas (as on the command line)
             self.loss_type = [name.strip() for name in self.loss_type.split(",") if name.strip()]
@@ -299,7 +300,9 @@ class DPOConfig(ReferenceConfig):
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ConfigError(
                 f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss_type "
-                f"{self.loss_type}: give one weight per loss"
+                f"{self.loss_type}"
+                + (" (the embedded task's default loss_type)" if self._default_loss_type else "")
+                + ": give one weight per loss"
             )
         if "robust" in self.loss_type and not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing must lie in [0, 0.5) for robust, got {self.label_smoothing}")

@@ -219,8 +219,17 @@ class OnlineConfig(TrainConfig):
             raise ConfigError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
         world = distributed.env_world()[1]
         per_step = self.completions_per_device * world
-        if self.generation_batch_size is not None and self.steps_per_generation is not None:
-            raise ConfigError("generation_batch_size and steps_per_generation name the same thing: give one")
+        if (
+            self.generation_batch_size is not None
+            and self.steps_per_generation is not None
+            # both agreeing is what a saved config.yaml holds (resumed with --config): accepted
+            and self.generation_batch_size != per_step * self.steps_per_generation
+        ):
+            raise ConfigError(
+                f"generation_batch_size={self.generation_batch_size} and steps_per_generation="
+                f"{self.steps_per_generation} name the same thing and disagree (per_device_train_batch_size x "
+                f"processes x steps_per_generation = {per_step * self.steps_per_generation}): give one"
+            )
         if self.generation_batch_size is not None:
             if self.generation_batch_size % per_step:
                 raise ConfigError(

@@ -33,12 +33,13 @@ filters, or a batch crossing VOCAB_MAJOR_MAX_ROWS rows compiles once more. The f
 for deeper models), which a run recovers only over many calls, and only where the forward is Python-bound
 rather than matmul-bound: see benchmarks/rollout.py for the per-call gain and the break-even. Off by default.
 
-Sampling by inverse CDF: softmax, cumsum, `searchsorted` of one uniform per row (`inverse_cdf`: in two levels,
-blocks then tokens, as a cumsum over the whole vocabulary is a slow sequential scan). On the CPU this is an
-order of magnitude cheaper than `torch.multinomial` over a 32k vocabulary (about 0.7 ms against 15 ms for a
-(32, 32000) batch here, with the one-level cumsum), which costs more than a small model's whole decode step. The uniforms are
-drawn for all N rows and all L steps up front and each live row picks its own, so a row's tokens depend only on
-the seed, never on when the batch was compacted.
+Sampling by inverse CDF: softmax, cumsum, `searchsorted` of one uniform per row (`inverse_cdf`: for a large
+vocabulary in two levels, blocks then tokens, as a cumsum over the whole vocabulary is a slow sequential scan).
+On the CPU this is an order of magnitude cheaper than `torch.multinomial` over a 32k vocabulary (about 0.7 ms
+against 15 ms for a (32, 32000) batch here, with the one-level cumsum), which costs more than a small model's
+whole decode step. The uniforms are drawn for all N rows and all L steps up front and each live row picks its
+own, so a row's tokens depend only on the seed, never on when the batch was compacted (up to float32 rounding:
+from VOCAB_MAJOR_MAX_ROWS live rows down, the output layer's logits come from another BLAS call).
 
 Log-probs returned: log p(token) under the distribution the token was drawn from, i.e. softmax of the
 processed logits (after repetition penalty, temperature and the top-k / top-p / min-p truncation,
@@ -159,7 +160,10 @@ def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     if V < LARGE_VOCAB:
         cdf = probs.cumsum(-1)  # (n, V)
         return _first_above(cdf, uniform[:, None] * cdf[:, -1:]).squeeze(1)
-    blocks = torch.nn.functional.pad(probs, (0, -V % CDF_BLOCK)).view(n, -1, CDF_BLOCK)  # (n, K, BLOCK)
+    padded = (
+        torch.nn.functional.pad(probs, (0, -V % CDF_BLOCK)) if V % CDF_BLOCK else probs
+    )  # no copy if whole
+    blocks = padded.view(n, -1, CDF_BLOCK)  # (n, K, BLOCK)
     block_cdf = blocks.sum(-1).cumsum(-1)  # (n, K)
     u = uniform[:, None] * block_cdf[:, -1:]  # (n, 1)
     k = _first_above(block_cdf, u)  # (n, 1): the block
@@ -329,7 +333,7 @@ def _rollout(
         seen = seen[:, :V].contiguous()
     # All the uniforms at once, on the generator's own device (a CPU generator serves a GPU model without a
     # copy per step): (L, n), row t for step t, column i for live row i (compaction selects columns), so a
-    # row's tokens depend only on the seed, never on when the batch was compacted.
+    # row's tokens depend only on the seed, never on when the batch was compacted (up to float32 rounding).
     uniforms = None
     if not greedy:
         source = generator.device if generator is not None else device
@@ -401,16 +405,19 @@ VOCAB_MAJOR_MAX_ROWS = 8
 def vocab_major_output_layer(model):
     """While open, a CPU model's output layer (a plain `nn.Linear` of V >= LARGE_VOCAB outputs) computes the
     logits of a call of at most VOCAB_MAJOR_MAX_ROWS rows as (W @ h^T)^T: the same products, another BLAS call.
-    At 4-8 rows (a GRPO group's decode step) the CPU BLAS here runs (V, H) @ (H, n) 1.3-2.4x faster than
-    (n, H) @ (H, V) on one thread, and up to 2.4x on two; from 16 rows on, one thread, it is up to 12% slower
-    (V = 32000, H = 256 and 768, the weight out of the cache: `python benchmarks/rollout.py --head`). The output
-    is a transposed view, which the logit processing reads as it is. Elsewhere (a GPU, a smaller vocabulary,
-    another kind of output layer) the model is left as it is."""
+    At 4-8 rows (a decode step of at most 8 live rows: a group of 8 completions, the tail of a larger batch)
+    the CPU BLAS here runs (V, H) @ (H, n) 1.3-2.4x faster than (n, H) @ (H, V) on one thread, 2.2-4.5x on two;
+    from 16 rows on, one thread, it is up to 12% slower (V = 32000, H = 256 and 768, the weight out of the
+    cache: `python benchmarks/rollout.py --head`). The two calls sum in another order (logits differ by float32
+    rounding). The output is a transposed view, which the logit processing reads as it is. Elsewhere (a GPU, a
+    smaller vocabulary, another kind of output layer, one whose forward is already replaced on the instance,
+    as accelerate's hooks or an enclosing use of this context do) the model is left as it is."""
     head = model.get_output_embeddings()
     if (
         type(head) is not torch.nn.Linear
         or head.weight.device.type != "cpu"
         or head.out_features < LARGE_VOCAB
+        or "forward" in head.__dict__
     ):
         yield
         return
