@@ -262,3 +262,20 @@ def test_help_names_each_loops_own_run_defaults():
     text = config_help(DPOConfig)
     assert "none: 32 on the embedded task, else 8." in text
     assert "-1: 64 embedded, else 1024" in text
+
+
+@pytest.mark.parametrize(
+    "command", ["sft", "rm", "prm", "dpo", "kto", "cpo", "orpo", "grpo", "rloo", "ppo", "online_dpo"]
+)
+def test_every_loops_saved_config_reads_back(command, tmp_path):
+    """The config.yaml a run writes (computed options included, such as GRPO's steps_per_generation and
+    generation_batch_size) reads back equal: resuming with --config config.yaml works for every loop."""
+    import importlib
+
+    from posttrain.cli import COMMANDS
+
+    module, name = COMMANDS[command]
+    config_class = getattr(importlib.import_module(module), name)
+    config = config_class(output_dir=None)
+    save_config(config, tmp_path / "config.yaml")
+    assert parse_config(config_class, ["--config", str(tmp_path / "config.yaml")]) == config
