@@ -91,11 +91,11 @@ class Stage:
 # "quick" are this file's two settings:
 # - rm (lr 3e-4): held-out pair accuracy 0.75 after 3 epochs (quick), 0.77 after 6 (full), 0.78 after 8; from
 #   the 98 % SFT model the loop's default reaches 0.98: the backbone's arithmetic limits the ranking.
-# - dpo: plain sigmoid DPO (4 epochs) raises the margins (0.03 -> 0.80 at lr 3e-5, -> 1.29 at 1e-4) but lowers
-#   greedy exact match (44.6 % -> 39.3 % / 41.1 %): it pushes chosen and rejected answers down together. With an
-#   NLL term on the chosen answers (loss_type sigmoid,sft: RPO, Pang et al. 2024, arXiv:2404.19733) at lr 1e-4:
-#   quick (4 epochs) margins 0.10 -> 1.08, greedy 45.5 %, sampled 24 % -> 27 %; full (8 epochs) 0.20 -> 1.63,
-#   51.8 %, 31 %.
+# - dpo: `posttrain dpo`'s embedded defaults (rl/dpo.py: sigmoid + an NLL term on the chosen answers, RPO,
+#   Pang et al. 2024, arXiv:2404.19733; lr 2e-4, 16 epochs; quick: 8). Plain sigmoid DPO (4 epochs) raises the
+#   margins (0.03 -> 0.80 at lr 3e-5, -> 1.29 at 1e-4) but lowers greedy exact match (44.6 % -> 39.3 % /
+#   41.1 %): it pushes chosen and rejected answers down together. At lr 1e-4: 4 epochs greedy 45.5 %, 8 epochs
+#   51.8 % (the demo's setting before session 9).
 # - kto (lr 3e-5, 4 epochs): margins 0.05 -> 1.46, greedy exact match 38.4 %; lr 1e-4, 1e-5 x 8 epochs, beta
 #   0.5 and desirable_weight 1.33 alike (36.6-39.3 %); undesirable_weight 0.5 keeps it (48.2 %) but is outside
 #   the KTO paper's range for balanced data (the loop warns), so the plain loss is shown.
@@ -117,9 +117,8 @@ STAGES = (
     ),
     Stage(
         "dpo", "posttrain.rl.dpo", "DPOConfig", "rewards/margins", True,
-        {"learning_rate": 1e-4, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0],
-         "num_train_epochs": 8.0},
-        {"num_train_epochs": 4.0},
+        {"learning_rate": 2e-4, "loss_type": ["sigmoid", "sft"], "num_train_epochs": 16.0},
+        {"num_train_epochs": 8.0},
     ),
     Stage(
         "kto", "posttrain.rl.kto", "KTOConfig", "rewards/margins", True,
