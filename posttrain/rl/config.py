@@ -596,7 +596,7 @@ def parse_config(config_cls, argv: list[str]):
     fixed = {f.name: f.metadata.get("fixed", "") for f in dataclasses.fields(config_cls) if not f.init}
     config_path, pairs = _split_argv(argv)
     values: dict[str, Any] = {}
-    saved_fixed = {}
+    saved_fixed: dict[str, Any] = {}  # a fixed option named in the YAML file -> its value there
     if config_path is not None:
         for name, raw in load_yaml(config_path).items():
             if str(name) in fixed:
