@@ -401,8 +401,9 @@ def test_finished_rows_leave_the_batch():
     """With sync_every 1 each decode step runs exactly the rows that have not stopped yet."""
     model = make_model("qwen2")
     batch_sizes = []
-    handle = model.model.register_forward_pre_hook(
-        lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape), with_kwargs=True
+    # the embedding sees every forward's tokens: the model's own (prefill) and the decode step's (rl/decode.py)
+    handle = model.model.embed_tokens.register_forward_pre_hook(
+        lambda module, args: batch_sizes.append(args[0].shape)
     )
     try:
         got = ours(
@@ -494,8 +495,15 @@ def test_vocab_major_output_layer_gives_the_same_logits(monkeypatch):
     monkeypatch.setattr(rollout, "LARGE_VOCAB", 128)
     ids, mask = left_padded(PROMPTS)
     assert rollout.VOCAB_MAJOR_MAX_ROWS == 8  # the shapes below straddle it
+    addmm, vocab_major = torch.addmm, []  # the (V, H) @ (H, n) calls: their n
+
+    def spy(bias, weight, hidden, *args, **kwargs):
+        vocab_major.append(hidden.shape[1])
+        return addmm(bias, weight, hidden, *args, **kwargs)
+
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits  # (4, 9, 128)
+        monkeypatch.setattr(torch, "addmm", spy)
         with rollout.vocab_major_output_layer(model):
             assert "forward" in model.lm_head.__dict__
             whole = model(input_ids=ids, attention_mask=mask).logits  # 36 rows: nn.Linear's own call
@@ -505,7 +513,9 @@ def test_vocab_major_output_layer_gives_the_same_logits(monkeypatch):
     torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last, expected[:, -1:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(two, expected[:2, -4:], rtol=1e-5, atol=1e-5)
-    assert not last.is_contiguous() and two.shape == (2, 4, 128)  # the vocab-major call's transposed view
+    assert vocab_major == [4, 8] and two.shape == (2, 4, 128)  # the 36-row call took nn.Linear's
+    assert last.is_contiguous()  # rows of V: a softmax over the transposed product's rows is ~15x slower
+    monkeypatch.setattr(torch, "addmm", addmm)
 
     seen = []
     model.lm_head.register_forward_pre_hook(lambda module, args: seen.append("forward" in module.__dict__))
