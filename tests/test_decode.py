@@ -71,7 +71,7 @@ def test_step_equals_the_models_forward(family):
     step = decode.LlamaDecodeStep(model, ours, P, P + L)
     torch.manual_seed(1)
     with torch.no_grad():
-        for t in range(1, L):
+        for _ in range(1, L):
             tokens = torch.randint(3, 128, (len(PROMPTS),))
             positions = positions + 1
             got = step(tokens, positions, mask)
@@ -80,7 +80,7 @@ def test_step_equals_the_models_forward(family):
             ).logits[:, -1]
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert step.slot == P + L - 1
-    for a, b in zip(ours.layers, theirs.layers):
+    for a, b in zip(ours.layers, theirs.layers, strict=True):
         torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-5)
 

@@ -92,7 +92,7 @@ class LlamaDecodeStep:
             return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
 
         h = inner.embed_tokens(tokens)  # (n, H)
-        for layer, cached in zip(inner.layers, self.cache.layers):
+        for layer, cached in zip(inner.layers, self.cache.layers, strict=True):
             attn, mlp = layer.self_attn, layer.mlp
             x = rms_norm(h, layer.input_layernorm)
             q = attn.q_proj(x).view(n, -1, attn.head_dim)  # (n, h_q, D)
