@@ -218,12 +218,14 @@ def pair(args) -> dict:
 
 
 def breakdown(args) -> None:
-    """Where a call's time goes, at one (model, batch), in ms: the prefill, one eager forward of a decode step
-    (static cache), inverse-CDF sampling, and each side's whole call, timed interleaved round by round; a
-    side's per-step cost is (its call - prefill) / (new_tokens - 1)."""
+    """Where a call's time goes, at one (model, batch), in ms: the prefill, one decode step's logits by the
+    model's forward (static cache) and by `decode.LlamaDecodeStep` (what `rollout.generate` runs for the Llama
+    family), both with the output layer `rollout.generate` gives them (`vocab_major_output_layer`),
+    inverse-CDF sampling, and each side's whole call, timed interleaved round by round; a side's per-step cost
+    is (its call - prefill) / (new_tokens - 1)."""
     from transformers import StaticCache
 
-    from posttrain.rl import rollout
+    from posttrain.rl import decode, rollout
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -238,7 +240,7 @@ def breakdown(args) -> None:
             model, input_ids, attention_mask, StaticCache(config=model.config, max_cache_len=P + L)
         )
 
-    with torch.no_grad():
+    with torch.no_grad(), rollout.vocab_major_output_layer(model):
         logits, positions = prefill()
         cache = StaticCache(config=model.config, max_cache_len=P + L)
         rollout.prefill(model, input_ids, attention_mask, cache)
@@ -256,10 +258,19 @@ def breakdown(args) -> None:
             for layer in cache.layers:  # rewind: every repeat writes the same slot
                 layer.cumulative_length.sub_(1)
 
+        lean_cache = StaticCache(config=model.config, max_cache_len=P + L)
+        rollout.prefill(model, input_ids, attention_mask, lean_cache)
+        lean = decode.LlamaDecodeStep(model, lean_cache, P, P + L)
+
+        def lean_step():
+            lean(tokens, positions + 1, mask)
+            lean.slot -= 1  # rewind: every repeat writes the same slot
+
         settings = dict(repetition_penalty=1.0, temperature=1.0, top_k=None, top_p=1.0, min_p=None)
         pieces = {
             "prefill": prefill,
             "forward": forward,
+            "decode step": lean_step,
             "sampling": lambda: rollout.next_token(logits, None, uniform, settings),
         }
         pieces.update(side_calls)

@@ -389,7 +389,8 @@ def test_compiled_step_equals_eager_and_compiles_once():
     graphs = counters["stats"]["unique_graphs"] - before
     assert torch.equal(compiled.completion_ids, eager.completion_ids)
     assert torch.equal(compiled.completion_mask, eager.completion_mask)
-    torch.testing.assert_close(compiled.logps, eager.logps, rtol=0, atol=1e-5)
+    # the compiled step is the model's forward, the eager one rl/decode.py's: float32 rounding apart
+    torch.testing.assert_close(compiled.logps, eager.logps, rtol=1e-5, atol=1e-5)
     # the batch before step k + 1: rows not stopped within their first k tokens (sync_every 1)
     lengths = compiled.completion_mask.sum(-1)
     sizes = {int(((lengths > k) | ~compiled.finished).sum()) for k in range(1, 12)} - {0}
@@ -475,7 +476,8 @@ def test_model_without_static_cache():
     b = ours(dynamic, PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
     assert a.finished.any() and not a.finished.all()  # rows left the batch: both caches were compacted
     assert all(torch.equal(x, y) for x, y in zip(a[:2] + a[3:], b[:2] + b[3:], strict=True))
-    torch.testing.assert_close(a.logps, b.logps, rtol=0, atol=1e-5)
+    # the static side decodes with rl/decode.py's step, the dynamic one with the model's forward
+    torch.testing.assert_close(a.logps, b.logps, rtol=1e-5, atol=1e-5)
     with pytest.raises(
         ValueError, match="compile=True needs a model whose cache transformers can preallocate"
     ):
@@ -514,7 +516,7 @@ def test_vocab_major_output_layer_gives_the_same_logits(monkeypatch):
     torch.testing.assert_close(last, expected[:, -1:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(two, expected[:2, -4:], rtol=1e-5, atol=1e-5)
     assert vocab_major == [4, 8] and two.shape == (2, 4, 128)  # the 36-row call took nn.Linear's
-    assert last.is_contiguous()  # rows of V: a softmax over the transposed product's rows is ~15x slower
+    assert last.is_contiguous()  # rows of V: a softmax over the transposed product's rows is ~4x slower
     monkeypatch.setattr(torch, "addmm", addmm)
 
     seen = []

@@ -3,34 +3,40 @@
 Notation: n rows decoding, H hidden, h_q / h_kv query and key-value heads, D head dim, S cache slots written.
 
 transformers' forward of one new token per row is built for every case (any mask, any cache, training): each
-call builds a 4-D mask, recomputes the rotary angles, books the cache and calls SDPA's CPU flash kernel, ~40
-ops a layer. At a few rows their overhead is most of a decode step (the matmuls read a few MB of weights for
-a few rows of arithmetic). `LlamaDecodeStep` does the same math in ~20 ops a layer:
+call builds a 4-D mask, recomputes the rotary angles, books the cache, repeats or reshapes the key-value heads
+for SDPA and calls SDPA's CPU flash kernel (~70 us a layer at 8 rows here, for a few thousand FLOPs). At a
+few rows that overhead is a large part of a decode step, whose matmuls read a few MB of weights for a few rows
+of arithmetic. `LlamaDecodeStep` does the layer's math and nothing else:
 
     x = rms_norm(h)                                         input_layernorm
     q, k, v = x W_q^T (+ b_q), x W_k^T (+ b_k), x W_v^T (+ b_v)     Qwen3: rms_norm of q, k over D
     q, k = rope(q), rope(k)                                 cos / sin from a table the model's rotary module
                                                             made once for every position of the rollout
     cache[:, :, slot] = k, v                                written in place (transformers' StaticCache)
-    a = softmax(q K^T * scaling + mask) V                   over the S slots written so far; the mask
-                                                            hides the prompts' left pads
+    a = softmax((q * scaling) K^T + mask) V                 over the S slots written so far, in float32; the
+                                                            mask (built once per batch) hides the left pads
     h = h + a W_o^T                                         o_proj
     h = h + down(act(gate(x')) * up(x')),  x' = rms_norm(h) post_attention_layernorm, mlp
     logits = lm_head(rms_norm(h))
 
 The model's own tensors and modules (no copy: an optimizer step between two rollouts needs nothing
-refreshed), the same ops in the same order, but for two: `torch.nn.functional.rms_norm` in place of the
-norm module's five ops, and attention as two small matmuls and a softmax in float32 in place of SDPA.
-Logits agree with the model's forward to float32 rounding (tests/test_decode.py: every supported family).
-Measured on the shared 2-core CPU (benchmarks/rollout.py's sft model, V = 32000, H = 256, 4 layers): a step
-of 8 rows 4.3 -> 3.5 ms, 32 rows 11.3 -> 9.3 ms; the embedded model (3 layers, H = 128) 0.92 -> 0.43 ms at 8
-rows, 1.66 -> 0.80 ms at 32.
+refreshed; the projections, activation, embedding and output layer are called as modules, so their hooks
+run), the same ops in the same order, but for two: `torch.nn.functional.rms_norm` in place of the norm
+module's ops (in half precision it rounds once where the module rounds twice: an ulp), and attention as two
+small matmuls and a float32 softmax in place of SDPA. Logits agree with the model's forward to float32
+rounding (tests/test_decode.py: every supported family, biases, norm weights and rope scalings random).
+Measured on the shared 2-core CPU, quiet, one step's logits (the output layer as `rollout.generate` runs it
+included), the model's forward -> this step, medians of 7 rounds of 30 calls: benchmarks/rollout.py's sft model
+(V = 32000, H = 256, 4 layers, two threads) 4.71 -> 3.82 ms at 8 rows, 11.29 -> 9.71 ms at 32; the embedded
+model (V = 128, H = 128, 3 layers, one thread) 0.91 -> 0.56 ms at 8 rows, 1.43 -> 0.94 ms at 32.
 
-`supports(model, cache)` says where it applies: a model of exactly one of FAMILIES (a peft, FSDP or
-other wrapper, or a subclass, takes the model's own forward), plain `nn.Linear` projections, every layer full
-attention in a static cache (transformers gives a sliding-window layer a cache of its own kind), and a rotary
-embedding whose angles depend on the position alone (not the dynamic or long-rope kinds, which rescale with
-the sequence length).
+`supports(model, cache)` says where it applies: on the CPU (not yet measured on a GPU), a model of exactly
+one of FAMILIES with the decoder modules transformers builds for it (a peft, FSDP or other wrapper, a subclass,
+a swapped-in kernel module, or a forward hook on a module whose forward the step does not call takes the
+model's own forward), plain `nn.Linear` projections, every layer full attention in a static cache
+(transformers gives a sliding-window layer a cache of its own kind; Mistral masks by its window whatever
+the layer types say, so a Mistral with a window is refused), and a rotary embedding whose angles depend on
+the position alone (not the dynamic or long-rope kinds, which rescale with the sequence length).
 """
 
 from __future__ import annotations
@@ -46,20 +52,58 @@ FAMILIES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3
 
 def supports(model, cache) -> bool:
     """`LlamaDecodeStep` computes `model`'s forward into `cache`."""
-    if type(model).__name__ not in FAMILIES or type(model).__module__.split(".")[0] != "transformers":
+    if type(model).__name__ not in FAMILIES or not _from_transformers(model):
         return False
-    if not isinstance(cache, StaticCache) or any(type(layer) is not StaticLayer for layer in cache.layers):
+    inner, config = model.model, model.config
+    if (
+        inner.embed_tokens.weight.device.type != "cpu"
+        or len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
+    ):
+        return False
+    if type(model).__name__ == "MistralForCausalLM" and getattr(config, "sliding_window", None) is not None:
+        return False
+    if not isinstance(cache, StaticCache) or len(cache.layers) != len(inner.layers):
+        return False
+    if any(type(layer) is not StaticLayer for layer in cache.layers):
         return False  # full attention in every layer, each layer's keys and values written in place
-    rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+    rope_type = getattr(inner.rotary_emb, "rope_type", "default")
     if "dynamic" in rope_type or rope_type == "longrope":
+        return False
+    # modules whose forward the step replaces: transformers' own, with nothing attached to them
+    bypassed = [model, inner, inner.norm, inner.rotary_emb] + [
+        m
+        for layer in inner.layers
+        for m in (layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm,
+                  *((layer.self_attn.q_norm, layer.self_attn.k_norm) if hasattr(layer.self_attn, "q_norm") else ()))
+    ]  # fmt: skip
+    if not all(_from_transformers(m) and not _intercepted(m) for m in bypassed) or _global_hooks():
         return False
     linears = [model.lm_head] + [
         m
-        for layer in model.model.layers
+        for layer in inner.layers
         for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
                   layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
     ]  # fmt: skip
     return all(type(m) is torch.nn.Linear for m in linears)
+
+
+def _from_transformers(module) -> bool:
+    return type(module).__module__.startswith("transformers.models.")
+
+
+def _intercepted(module) -> bool:
+    """A hook, an instance-level forward or accelerate's dispatch hook on `module`."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or "forward" in module.__dict__
+        or hasattr(module, "_hf_hook")
+    )
+
+
+def _global_hooks() -> bool:
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
 
 
 class LlamaDecodeStep:
@@ -69,6 +113,7 @@ class LlamaDecodeStep:
 
     def __init__(self, model, cache, first_slot: int, length: int):
         self.model, self.cache, self.slot = model, cache, first_slot
+        self._mask, self._bias = None, None  # the attention mask last seen and its additive form
         inner = model.model
         weight = inner.embed_tokens.weight
         # the model's own rotary module, once for every position of the rollout: (length, D) each
@@ -80,8 +125,10 @@ class LlamaDecodeStep:
         prompts' pads. Returns the logits (n, V)."""
         inner, S = self.model.model, self.slot + 1
         n = tokens.shape[0]
-        bias = torch.zeros(n, 1, 1, S, device=tokens.device)
-        bias.masked_fill_(attention_mask[:, None, None, :S] == 0, float("-inf"))  # (n, 1, 1, S)
+        if attention_mask is not self._mask:  # a new batch (compaction selects rows of the mask)
+            bias = torch.zeros(attention_mask.shape, device=tokens.device)
+            self._mask, self._bias = attention_mask, bias.masked_fill_(attention_mask == 0, float("-inf"))
+        bias = self._bias[:, None, None, :S]  # (n, 1, 1, S)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (n, 1, D)
 
         def rope(x):  # (n, heads, D): rotate the two halves, as transformers' apply_rotary_pos_emb
@@ -104,7 +151,8 @@ class LlamaDecodeStep:
             keys, values = cached.keys[:, :, :S], cached.values[:, :, :S]  # (n, h_kv, S, D)
             h_kv = keys.shape[1]
             q = rope(q).view(n, h_kv, -1, attn.head_dim)  # (n, h_kv, h_q / h_kv, D): each kv head's queries
-            scores = torch.matmul(q, keys.transpose(-1, -2)) * attn.scaling + bias  # (n, h_kv, h_q / h_kv, S)
+            # scaled before the product, as SDPA does: a half-precision q K^T of large q, k could overflow
+            scores = torch.matmul(q * attn.scaling, keys.transpose(-1, -2)) + bias  # (n, h_kv, h_q / h_kv, S)
             probs = scores.softmax(-1, dtype=torch.float32).to(values.dtype)
             h = h + attn.o_proj(torch.matmul(probs, values).view(n, -1))
             x = rms_norm(h, layer.post_attention_layernorm)
