@@ -26,44 +26,49 @@ produced) / (wall-clock seconds of the call), the new tokens being the completio
 including eos), prefill included in the time. The table gives each side's median rate and, per side, the
 median over rounds of its rate / generate's rate in the same round.
 
-Measured on the shared 2-core CPU, 29 Nov 2026 21:45-21:58 UTC, quiet (load 0.6-1.8; the sft rows just before
-6983b1b, which changes nothing at V = 32000), two torch threads (one for the embedded model, THREADS):
+Measured on the shared 2-core CPU, 29 Nov 2026, two torch threads (one for the embedded model, THREADS), with
+rl/decode.py's step (the Llama family's decode on the CPU): embedded and sft 23:19-23:24 UTC (load 0.5-1.5),
+100m 23:50-23:56 (load 0.3-1.9):
 
     python benchmarks/rollout.py --models embedded sft
     python benchmarks/rollout.py --models 100m --repeats 3
 
     model     batch       generate tok/s  ours tok/s  compiled tok/s  ours / gen  compiled / gen  compile s
-    embedded  8                     5352        5779            9552        1.05            1.90         16
-    embedded  32                   11947       12512           14632        1.16            1.29         16
-    embedded  64                   13466       15586           15428        1.14            1.17         16
-    embedded  32 (4 x 8)           12103       18897           24236        1.54            2.09         16
-    sft       8                      625        1433            1472        2.33            2.36         19
-    sft       32                    1067        2145            2392        2.02            2.25         19
-    sft       64                    1201        2839            2834        2.38            2.36         20
-    sft       32 (4 x 8)            1042        2361            2648        2.26            2.53         21
-    100m      8                      144         176             178        1.22            1.24         28
-    100m      32                     278         313             299        1.14            1.09         30
-    100m      64                     334         385             361        1.16            1.09         33
-    100m      32 (4 x 8)             268         419             383        1.54            1.43         31
+    embedded  8                     5449        8611           10083        1.47            1.85         15
+    embedded  32                   13084       18053           17377        1.38            1.33         15
+    embedded  64                   15965       19504           18304        1.19            1.15         15
+    embedded  32 (4 x 8)           13588       24760           23635        1.86            1.74         15
+    sft       8                      660        1858            1752        2.77            2.62         18
+    sft       32                    1055        2382            2505        2.30            2.42         18
+    sft       64                    1281        3573            3283        2.77            2.56         19
+    sft       32 (4 x 8)            1058        2714            2709        2.54            2.54         19
+    100m      8                      142         184             183        1.28            1.29         29
+    100m      32                     251         297             289        1.17            1.12         31
+    100m      64                     321         399             346        1.26            1.09         33
+    100m      32 (4 x 8)             273         441             383        1.60            1.39         30
 
-(The first measurement, 11:47-12:05 at load 3-9 on one thread, before the output layer's vocab-major call and
-the two-level sampling: sft 1.45 / 1.84 / 1.94 / 2.02, 100m 1.03 / 1.08 / 1.08 / 1.53, embedded within 0.1 of
-the rows above.)
+`compiled` is the model's own forward through `torch.compile` (the decode step of rl/decode.py is eager only).
+Session 9 (21:45-21:58, the model's forward, before the step): embedded 1.05 / 1.16 / 1.14 / 1.54, sft 2.33 /
+2.02 / 2.38 / 2.26, 100m 1.22 / 1.14 / 1.16 / 1.54. The first measurement (11:47-12:05 at load 3-9 on one
+thread, before the output layer's vocab-major call and the two-level sampling): sft 1.45 / 1.84 / 1.94 / 2.02,
+100m 1.03 / 1.08 / 1.08 / 1.53.
 
-The issue's target, 3x `generate` at batch 32, is not met on any model. `--breakdown` at 21:58 (ms; a side's
-per-step cost is (its call - prefill) / 31):
+The issue's target, 3x `generate` at batch 32, is not met on any model. `--breakdown` at 23:30 (ms; a side's
+per-step cost is (its call - prefill) / 31; `forward` the model's forward of one step, `decode step`
+rl/decode.py's, both with the output layer `generate` gives them):
 
-    model  batch  prefill  forward  sampling  gen call  ours call  comp call  gen step  ours step  comp step
-    sft    8         17.6     6.52      0.45       359        164        151      11.0       4.72       4.31
-    sft    32        77.7     12.6      0.83       975        488        459      28.9       13.3       12.3
+    model  batch  prefill  forward  decode step  sampling  gen call  ours call  gen step  ours step
+    sft    8         15.4     4.39         3.51      0.28       275        131      8.37       3.74
+    sft    32        65.9     11.6         10.4      0.65       943        407      28.3       11.0
 
-Both sides run the same prefill (at batch 32, 1024 left-padded prompt tokens: 8% of generate's call, 16% of
+Both sides run the same prefill (at batch 32, 1024 left-padded prompt tokens: 7% of generate's call, 16% of
 ours). generate's step is the model's forward plus `torch.multinomial` over 32k tokens (~15 ms at 32 rows by
-design.md's probe); ours is the forward itself (at 8 rows below it: the output layer's vocab-major call), so
-at batch 32 3x would need our step at ~8 ms, two thirds of the forward, whose (32000, 256) output layer is
-~2/3 of its FLOPs. 100m: the forward is matmul-bound (a step reads ~430 MB of weights) and generate adds little:
-1.1-1.2x. Embedded: generate's step is only ~15% above our eager one (V = 128 makes its sampling cheap); the
-compiled step cuts the forward's Python overhead, but 3x would need a step at the matmul FLOPs alone.
+design.md's probe); ours is the decode step and the inverse-CDF sampling, so at batch 32 3x would need our step
+at ~8 ms, against the ~10 ms its matmuls take where every step streams the 16.8 MB of layer weights and the
+32.8 MB output layer (more than the 32 MB L3; the output layer alone 4-5 ms at 32 rows). 100m: the forward is
+matmul-bound (a step reads ~430 MB of weights) and generate adds little: 1.2-1.3x. Embedded: generate's step
+is ~1.7 ms against our ~1.1 ms; the prefill (20 ms of our 54 ms call at batch 32) is the same on both sides,
+so 3x would need the decode steps nearly free.
 
 `--head`: the output layer's two BLAS layouts (V = 32000, each call after a 64 MB write that evicts the weight),
 ms, at 21:58 with two threads, and at 21:10 with one thread beside another agent's one-thread job:
@@ -81,11 +86,10 @@ ms, at 21:58 with two threads, and at 21:10 with one thread beside another agent
 so the rollout engine takes W @ x.T up to 8 rows (`rollout.VOCAB_MAJOR_MAX_ROWS`), where it wins on one thread
 too.
 
-`compile=True` (off by default) pays where the forward is Python-bound: embedded at batch 8 (1.90x against
-1.05x) and (4 x 8); on sft and 100m the matmuls dominate and it gains 0-12%. Its cost is a first call of
-16-33 s here (cold inductor cache; 30-60 s for every model at load 7-9; ~8 s with a warm cache), against
-~15 ms saved per call at embedded batch 32: a GRPO run of the embedded task would need ~1,000 generate calls
-to recover it, so the default stays eager.
+`compile=True` (off by default) compiles the model's forward; it paid where that forward is Python-bound
+(session 9: embedded at batch 8, 1.90x against eager's 1.05x); against rl/decode.py's eager step it now gains
+at embedded batch 8 only (1.85x against 1.47x), and costs a first call of 15-33 s here (cold inductor cache;
+30-60 s for every model at load 7-9; ~8 s with a warm cache), so the default stays eager.
 """
 
 from __future__ import annotations
