@@ -64,7 +64,7 @@ rl/decode.py's, both with the output layer `generate` gives them):
 Both sides run the same prefill (at batch 32, 1024 left-padded prompt tokens: 7% of generate's call, 16% of
 ours). generate's step is the model's forward plus `torch.multinomial` over 32k tokens (~15 ms at 32 rows by
 design.md's probe); ours is the decode step and the inverse-CDF sampling, so at batch 32 3x would need our step
-at ~8 ms, against the ~10 ms its matmuls take where every step streams the 16.8 MB of layer weights and the
+at ~8 ms, against the ~9 ms its matmuls take where every step streams the 16.8 MB of layer weights and the
 32.8 MB output layer (more than the 32 MB L3; the output layer alone 4-5 ms at 32 rows). 100m: the forward is
 matmul-bound (a step reads ~430 MB of weights) and generate adds little: 1.2-1.3x. Embedded: generate's step
 is ~1.7 ms against our ~1.1 ms; the prefill (20 ms of our 54 ms call at batch 32) is the same on both sides,
