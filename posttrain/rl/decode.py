@@ -4,7 +4,7 @@ Notation: n rows decoding, H hidden, h_q / h_kv query and key-value heads, D hea
 
 transformers' forward of one new token per row is built for every case (any mask, any cache, training): each
 call builds a 4-D mask, recomputes the rotary angles, books the cache, repeats or reshapes the key-value heads
-for SDPA and calls SDPA's CPU flash kernel (~70 us a layer at 8 rows here, for a few thousand FLOPs). At a
+for SDPA and calls SDPA's CPU flash kernel (~90 us a layer at 8 rows here, for a few hundred thousand FLOPs). At a
 few rows that overhead is a large part of a decode step, whose matmuls read a few MB of weights for a few rows
 of arithmetic. `LlamaDecodeStep` does the layer's math and nothing else:
 
