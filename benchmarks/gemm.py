@@ -53,14 +53,7 @@ SHAPES = [  # (what, M, K, N)
 
 
 def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return common.median(times) * 1e3
+    return common.median(common.time_steps(fn, repeats, warmup=3)) * 1e3
 
 
 def cpu_line() -> str:
