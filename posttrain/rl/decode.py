@@ -28,7 +28,9 @@ rounding (tests/test_decode.py: every supported family, biases, norm weights and
 Measured on the shared 2-core CPU, quiet, one step's logits (the output layer as `rollout.generate` runs it
 included), the model's forward -> this step, medians of 7 rounds of 30 calls: benchmarks/rollout.py's sft model
 (V = 32000, H = 256, 4 layers, two threads) 4.71 -> 3.82 ms at 8 rows, 11.29 -> 9.71 ms at 32; the embedded
-model (V = 128, H = 128, 3 layers, one thread) 0.91 -> 0.56 ms at 8 rows, 1.43 -> 0.94 ms at 32.
+model (V = 128, H = 128, 3 layers, one thread) 0.91 -> 0.56 ms at 8 rows, 1.43 -> 0.94 ms at 32. The same
+comparison, one call per round inside the rollout benchmark: `python benchmarks/rollout.py --breakdown --model
+sft --batch 8` (4.39 -> 3.51 ms at 8 rows, 11.6 -> 10.4 ms at 32).
 
 `supports(model, cache)` says where it applies: on the CPU (not yet measured on a GPU), a model of exactly
 one of FAMILIES with the decoder modules transformers builds for it (a peft, FSDP or other wrapper, a subclass,
