@@ -92,7 +92,10 @@ def steps_against_forward(model, tol):
             positions = positions + 1
             got = step(tokens, positions, mask)
             expected = model(
-                input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None], cache=theirs
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=positions[:, None],
+                **rollout.cache_kwarg(model, theirs),
             ).logits[:, -1]
             torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
     assert step.slot == P + L - 1

@@ -438,14 +438,40 @@ def test_generations_of_a_prompt_are_adjacent():
     assert not torch.equal(sampled.completion_ids[0], sampled.completion_ids[1])
 
 
+def test_the_cache_goes_by_the_name_the_forward_takes():
+    """transformers renamed the forward's `past_key_values` to `cache` in 5.x; a release that takes the old name
+    drops an unknown `cache=` into **kwargs without a word, and the rollout would run with an empty cache."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None): ...
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, cache=None, use_cache=None): ...
+
+    class Wrapper(torch.nn.Module):  # peft's way: everything through **kwargs
+        def forward(self, input_ids, **kwargs): ...
+
+    sentinel = object()
+    assert rollout.cache_kwarg(Old(), sentinel) == {"past_key_values": sentinel}
+    assert rollout.cache_kwarg(New(), sentinel) == {"cache": sentinel}
+    installed = (
+        "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+    )
+    assert rollout.cache_kwarg(Wrapper(), sentinel) == {installed: sentinel}
+
+
 def test_model_without_logits_to_keep():
     """A forward that takes no `logits_to_keep` gets the full prompt logits, and the same completions."""
     from transformers import Qwen2ForCausalLM
 
     class Plain(Qwen2ForCausalLM):
         def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None):
+            cache = {rollout._cache_name(Qwen2ForCausalLM): cache}  # the installed transformers' name
             return super().forward(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache,
                 use_cache=use_cache,
             )  # fmt: skip
 

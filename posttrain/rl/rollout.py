@@ -62,6 +62,7 @@ width); on the CPU they cost nothing, on a GPU they bound how far the host runs 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -190,6 +191,23 @@ def _first_above(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _cache_name(forward_owner: type) -> str:
+    params = inspect.signature(forward_owner.forward).parameters
+    if "cache" in params or "past_key_values" in params:
+        return "cache" if "cache" in params else "past_key_values"
+    # a wrapper passing **kwargs on (peft): the name transformers' own models take
+    from transformers import LlamaForCausalLM
+
+    return _cache_name(LlamaForCausalLM)
+
+
+def cache_kwarg(model, cache) -> dict:
+    """The forward's keyword for a KV cache: transformers renamed `past_key_values` to `cache` in 5.x (releases
+    up to at least 5.17 take the old name and silently drop an unknown `cache=`; later ones warn on the old)."""
+    return {_cache_name(type(model)): cache}
+
+
 def prefill(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +220,7 @@ def prefill(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        cache=cache,
+        **cache_kwarg(model, cache),
         use_cache=True,
         **keep,
     )
@@ -223,7 +241,7 @@ def decode_one_token(model, tokens, positions, attention_mask, cache, seen, unif
         input_ids=tokens[:, None],
         attention_mask=attention_mask,
         position_ids=positions[:, None],
-        cache=cache,
+        **cache_kwarg(model, cache),
         use_cache=True,
     )
     return fed_then_next(out.logits[:, -1], tokens, seen, uniform, settings)
