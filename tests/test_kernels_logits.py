@@ -8,6 +8,8 @@ CPU inputs, gradients flowing back to the CPU tensors.
 import math
 import os
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -35,6 +37,12 @@ def _triton_on_device(logits, index, *, mask=None, **kwargs):
 
 
 IMPLS = {"torch": L.logprobs_from_logits_torch, "triton": _triton_on_device}
+
+
+def _device(backend: str) -> str:
+    """Where a test that calls the public function runs `backend`: Triton runs on the GPU when there is one."""
+    return "cuda" if backend == "triton" and CUDA else "cpu"
+
 
 # Tolerances against the float64 reference computed from the same (16-bit-rounded) inputs, so only the kernels'
 # float32 arithmetic and the final rounding of the gradient to the input dtype separate them. Measured over the
@@ -532,7 +540,7 @@ def test_inplace_backward_when_another_node_saved_the_logits_raises(backend):
     # The gradient overwrites the logits: a node that saved them for its own backward would read the gradient.
     # Autograd must see the write (the version counter) and refuse, on both backends, rather than return wrong
     # gradients (issue 16: off by up to 5.8 on the Triton path before).
-    logits, index = random_case(4, 50, seed=16)
+    logits, index = (t.to(_device(backend)) for t in random_case(4, 50, seed=16))
     w = logits.clone().requires_grad_()
     x = w * 1  # a non-leaf activation
     other = (x * x).sum()  # mul saves x for its backward
@@ -613,9 +621,9 @@ def test_env_var_picks_the_backend(backend, monkeypatch):
     triton_calls = _spy(monkeypatch, "logprobs_from_logits_triton")
     monkeypatch.setenv("POSTTRAIN_KERNEL_BACKEND", backend)
     logits, index = random_case(2, 30)
-    logps = kernels.logprobs_from_logits(logits, index)
+    logps = kernels.logprobs_from_logits(logits.to(_device(backend)), index.to(_device(backend)))
     torch.testing.assert_close(
-        logps.double(), L.reference_logprobs_from_logits(logits, index), atol=2e-6, rtol=0
+        logps.cpu().double(), L.reference_logprobs_from_logits(logits, index), atol=2e-6, rtol=0
     )
     assert (
         (torch_calls, triton_calls) == (["logprobs_from_logits_torch"], [])
@@ -659,11 +667,14 @@ def test_bad_inputs_name_the_problem(backend):
         fn(logits, index.float())
     bad = index.clone()
     bad[2] = 10
-    with pytest.raises(IndexError, match=r"index\[2\] \(flattened row 2\) = 10 is outside \[0, V=10\)"):
-        fn(logits, bad)
-    bad[2] = -1
-    with pytest.raises(IndexError, match=r"index\[2\] \(flattened row 2\) = -1"):
-        fn(logits, bad)
+    if (
+        _device(backend) == "cpu"
+    ):  # on a GPU the check is a device assert: test_cuda_bad_index_is_a_device_assert
+        with pytest.raises(IndexError, match=r"index\[2\] \(flattened row 2\) = 10 is outside \[0, V=10\)"):
+            fn(logits, bad)
+        bad[2] = -1
+        with pytest.raises(IndexError, match=r"index\[2\] \(flattened row 2\) = -1"):
+            fn(logits, bad)
     with pytest.raises(ValueError, match=r"mask has shape \(2,\)"):
         fn(logits, index, mask=torch.ones(2, dtype=torch.bool))
     for t in (0.0, -1.0, float("inf"), float("nan")):
@@ -673,6 +684,36 @@ def test_bad_inputs_name_the_problem(backend):
         fn(logits.long(), index)
     with pytest.raises(ValueError, match=r"empty vocabulary dimension"):
         fn(torch.zeros(3, 0), index)
+
+
+BAD_INDEX_ON_CUDA = """
+import sys, torch
+from posttrain.kernels import logprobs_from_hidden, logprobs_from_logits
+path, bad = sys.argv[1], int(sys.argv[2])
+index = torch.tensor([0, 1, 10 if bad else 2], device="cuda")
+if path == "logits":
+    out = logprobs_from_logits(torch.randn(3, 10, device="cuda"), index, backend="triton")
+else:
+    out = logprobs_from_hidden(torch.randn(3, 8, device="cuda"), torch.randn(10, 8, device="cuda"), index,
+                               backend="triton")
+torch.cuda.synchronize()
+print("finite" if bool(torch.isfinite(out).all()) else "not finite")
+"""
+
+
+@pytest.mark.skipif(not CUDA or L.triton is None, reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+def test_cuda_bad_index_is_a_device_assert(path):
+    # On a GPU the index check never synchronises with the host (the row it would name costs a sync): an index
+    # outside [0, V) fires a device-side assert, which ends the process's CUDA context, so each call runs in a
+    # process of its own; the same call with a good index runs to the end.
+    def run(bad: int):
+        argv = [sys.executable, "-c", BAD_INDEX_ON_CUDA, path, str(bad)]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+    good, bad = run(0), run(1)
+    assert good.returncode == 0 and good.stdout.strip() == "finite", good.stderr[-2000:]
+    assert bad.returncode != 0 and "device-side assert" in bad.stdout + bad.stderr, bad.stderr[-2000:]
 
 
 class _NoHostReads(torch.overrides.TorchFunctionMode):
