@@ -5,6 +5,7 @@ Notation: N rows, V vocabulary, H hidden size (896, Qwen2.5-0.5B's).
     python benchmarks/kernels.py            # CPU: N in {1k, 4k} x V in {32k, 152k}, both paths
     python benchmarks/kernels.py --full     # N in {1k, 4k, 16k} everywhere (default on a GPU)
     python benchmarks/kernels.py --quick    # smoke run: N = 1k, V = 32k
+    python benchmarks/kernels.py --ns 16k,4k --skip compiled   # some rows, in that order; some methods left out
 
 Logits path, input logits (N, V), output per-row log-probs (N,), backward of their sum:
   naive          logits.log_softmax(-1).gather(-1, index)             (the (N, V) log-probs exist)
@@ -188,13 +189,15 @@ def measure(method, inputs, device, warmup, repeats):
 
 
 def make_inputs(kind, N, V, dtype, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    index = torch.randint(0, V, (N,), generator=gen).to(device)
+    # drawn on the device: 16k x 152k float32 logits drawn on the host took ~20 s a process
+    gen = torch.Generator(device).manual_seed(seed)
+    draw = dict(generator=gen, device=device)
+    index = torch.randint(0, V, (N,), **draw)
     if kind == "logits":
-        logits = (torch.randn(N, V, generator=gen) * 2).to(device=device, dtype=dtype).requires_grad_()
+        logits = (torch.randn(N, V, **draw) * 2).to(dtype).requires_grad_()
         return [logits, index]
-    hidden = torch.randn(N, H, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-    weight = (torch.randn(V, H, generator=gen) / H**0.5).to(device=device, dtype=dtype).requires_grad_()
+    hidden = torch.randn(N, H, **draw).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, **draw) / H**0.5).to(dtype).requires_grad_()
     return [hidden, weight, index]
 
 
@@ -284,6 +287,9 @@ def main():
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default=None, help="CPU: float32, GPU: bfloat16"
     )
+    parser.add_argument(
+        "--ns", default="", help="rows to run, in this order, e.g. 16k,4k (default: per --quick / --full)"
+    )
     parser.add_argument("--skip", default="", help="comma-separated method names to leave out")
     parser.add_argument("--paths", default="logits,hidden", help="which paths to run: logits, hidden or both")
     parser.add_argument(
@@ -302,6 +308,8 @@ def main():
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     full = args.full or cuda
     ns = [K] if args.quick else [K, 4 * K, 16 * K] if full else [K, 4 * K]
+    if args.ns:
+        ns = [int(n.removesuffix("k")) * K for n in args.ns.split(",")]
     vocabs = {"32k": VOCABS["32k"]} if args.quick else VOCABS
     hidden_ns = ns
     skip = set(filter(None, args.skip.split(",")))
