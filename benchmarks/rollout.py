@@ -5,12 +5,14 @@
     python benchmarks/rollout.py --models sft 100m
     python benchmarks/rollout.py --breakdown --model sft --batch 32   # where a call's time goes
     python benchmarks/rollout.py --head                               # the output layer's two BLAS layouts
+    python benchmarks/rollout.py --device cuda --dtype bfloat16 --models 0.5b --sides generate ours_step ours_forward
 
-Models (random init, float32, dropout off, CPU):
+Models (random init, float32 unless --dtype, dropout off, CPU unless --device):
     embedded  `posttrain.data.embedded.build_model` (Qwen2, V = 128, H = 128, 3 layers, ~0.4M parameters)
     sft       the SFT benchmark's Qwen2 (benchmarks/sft.py: V = 32000, H = 256, 4 layers, I = 1024), the model
               design.md's figures are about: its decode step costs about what sampling 32k tokens does
     100m      Qwen2, V = 32000, H = 768, 12 layers, 12 heads (4 kv), I = 2304, tied embeddings (~107M)
+    0.5b      Qwen2.5-0.5B's shapes: V = 151936, H = 896, 24 layers, 14 heads (2 kv), I = 4864 (GPU runs)
 Work per call: B rows, B / G random prompts of 16 to 32 tokens (different lengths: left padding in play) with
 G completions each (G = 1, and G = 8 at B = 32: GRPO's shape; generate's `num_return_sequences`), each of up to
 `--new_tokens` tokens (default 32), eos = the model's eos (a random model rarely emits it, so
@@ -18,7 +20,9 @@ almost every row runs to the limit). Both sides: do_sample, temperature 1, top_p
 default top_k of 50 is switched off), KV cache, the same left-padded batch.
 
 Sides: `generate` (transformers), `ours` (`rollout.generate`, eager) and `compiled` (`rollout.generate(...,
-compile=True)`). Each (model, batch) runs in its own subprocess (`common.run_side`) holding all three sides: the
+compile=True)`); with `--sides`, also `ours_step` / `ours_forward` (rl/decode.py's step allowed on the device /
+never: what the step gains, on a GPU too). `--device cuda --dtype bfloat16` runs every side on the GPU; model
+`0.5b` has Qwen2.5-0.5B's shapes (V = 151936, H = 896, 24 layers). Each (model, batch) runs in its own subprocess (`common.run_side`) holding all three sides: the
 compiled side's first call (its compilation, timed: `compile s`, cold, in a fresh TORCHINDUCTOR_CACHE_DIR), one
 warm-up call of the others, then `--repeats` (default 5) rounds of one timed call per side, back to back, so
 that the shared machine's changing load hits the sides of a round alike. A call's rate is (new tokens
@@ -105,7 +109,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-MODELS = ("embedded", "sft", "100m")
+MODELS = ("embedded", "sft", "100m", "0.5b")
 # (rows, completions per prompt): rows = prompts x completions; (32, 8) is GRPO's shape, 4 prompts x 8
 BATCHES = ((8, 1), (32, 1), (64, 1), (32, 8))
 MIN_PROMPT, MAX_PROMPT = 16, 32
@@ -115,7 +119,7 @@ MIN_PROMPT, MAX_PROMPT = 16, 32
 THREADS = {"embedded": 1}
 
 
-def build_model(name: str):
+def build_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     from posttrain.data.embedded import build_model as build_embedded
@@ -128,18 +132,18 @@ def build_model(name: str):
 
         model = sft.build_model(quick=False)
     else:
-        config = tiny_model_config(
-            vocab_size=32000,
-            hidden_size=768,
-            intermediate_size=2304,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            num_key_value_heads=4,
-            max_position_embeddings=1024,
-        )
+        shapes = dict(hidden_size=768, intermediate_size=2304, num_hidden_layers=12, num_attention_heads=12)
+        shapes |= dict(num_key_value_heads=4, vocab_size=32000)
+        if name == "0.5b":  # Qwen2.5-0.5B's shapes
+            shapes = dict(
+                hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14
+            )
+            shapes |= dict(num_key_value_heads=2, vocab_size=151936)
+        config = tiny_model_config(**shapes, max_position_embeddings=1024)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.eval()
+        with torch.device(device):  # initialised where it runs: ~0.5B parameters take a while on the CPU
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def random_prompts(batch: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -149,20 +153,26 @@ def random_prompts(batch: int, vocab_size: int, seed: int = 0) -> list[list[int]
     return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in lengths]
 
 
-SIDES = ("generate", "ours", "ours_compiled")
+# ours: rollout.generate as shipped (rl/decode.py's step where `decode.supports`, else the model's forward);
+# ours_step / ours_forward: the step allowed on this device / never (the step's gain, on any device)
+SIDES = ("generate", "ours", "ours_step", "ours_forward", "ours_compiled")
+DEFAULT_SIDES = ("generate", "ours", "ours_compiled")
 
 
 def calls(args, model) -> dict:
     """One zero-argument call per side on the same prompts and settings; each returns its new tokens."""
-    from posttrain.rl import rollout
+    from posttrain.rl import decode, rollout
 
     eos, pad = model.config.eos_token_id, model.config.pad_token_id
     G = args.num_generations
     prompts = random_prompts(args.batch // G, model.config.vocab_size)
     generator = torch.Generator().manual_seed(0)
-    input_ids, attention_mask = rollout._left_pad(prompts, pad, "cpu")
+    input_ids, attention_mask = rollout._left_pad(prompts, pad, args.device)
+    shipped = set(decode.DEVICES)
 
-    def ours(compile: bool) -> int:
+    def ours(compile: bool, step_devices: set | None = None) -> int:
+        decode.DEVICES.clear()
+        decode.DEVICES.update(shipped if step_devices is None else step_devices)
         out = rollout.generate(
             model,
             prompts,
@@ -175,6 +185,8 @@ def calls(args, model) -> dict:
             generator=generator,
             compile=compile,
         )
+        decode.DEVICES.clear()
+        decode.DEVICES.update(shipped)
         return int(out.completion_mask.sum())
 
     def generate() -> int:
@@ -195,7 +207,13 @@ def calls(args, model) -> dict:
         stopped_before = (completions == eos).long().cumsum(-1) - (completions == eos).long()
         return int((stopped_before == 0).sum())
 
-    return {"generate": generate, "ours": lambda: ours(False), "ours_compiled": lambda: ours(True)}
+    return {
+        "generate": generate,
+        "ours": lambda: ours(False),
+        "ours_step": lambda: ours(False, shipped | {torch.device(args.device).type}),
+        "ours_forward": lambda: ours(False, set()),
+        "ours_compiled": lambda: ours(True),
+    }
 
 
 def pair(args) -> dict:
@@ -205,16 +223,20 @@ def pair(args) -> dict:
     a fresh folder)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model(args.model)
+    model = build_model(args.model, args.device, getattr(torch, args.dtype))
     side_calls = calls(args, model)
-    rates = {name: [] for name in SIDES}
+    rates = {name: [] for name in args.sides}
+    first_call_s = float("nan")
     with torch.no_grad():
-        t0 = time.perf_counter()
-        side_calls["ours_compiled"]()
-        first_call_s = time.perf_counter() - t0
-        side_calls["ours"](), side_calls["generate"]()  # warm-up
+        if "ours_compiled" in args.sides:
+            t0 = time.perf_counter()
+            side_calls["ours_compiled"]()
+            first_call_s = time.perf_counter() - t0
+        for name in args.sides:  # warm-up
+            if name != "ours_compiled":
+                side_calls[name]()
         for _ in range(args.repeats):
-            for name in SIDES:
+            for name in args.sides:
                 t0 = time.perf_counter()
                 tokens = side_calls[name]()
                 rates[name].append(tokens / (time.perf_counter() - t0))
@@ -256,7 +278,7 @@ def breakdown(args) -> None:
                 input_ids=tokens[:, None],
                 attention_mask=mask,
                 position_ids=positions[:, None] + 1,
-                cache=cache,
+                **rollout.cache_kwarg(model, cache),
                 use_cache=True,
             )
             for layer in cache.layers:  # rewind: every repeat writes the same slot
@@ -277,7 +299,7 @@ def breakdown(args) -> None:
             "decode step": lean_step,
             "sampling": lambda: rollout.next_token(logits, None, uniform, settings),
         }
-        pieces.update(side_calls)
+        pieces.update({name: side_calls[name] for name in args.sides})
         for piece in pieces.values():
             piece()  # warm-up (the compiled side compiles here)
         times = {name: [] for name in pieces}
@@ -295,7 +317,7 @@ def breakdown(args) -> None:
     )
     print(
         "per decode step: "
-        + ", ".join(f"{side} {(ms[side] - ms['prefill']) / (L - 1):.2f}" for side in SIDES)
+        + ", ".join(f"{side} {(ms[side] - ms['prefill']) / (L - 1):.2f}" for side in args.sides)
     )
 
 
@@ -340,8 +362,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int)
     parser.add_argument("--num_generations", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch threads for every model (default: THREADS)")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=["embedded", "sft", "100m"])
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(DEFAULT_SIDES))
+    parser.add_argument("--batches", nargs="+", help="rows or rows x completions, e.g. 8 32x8 (default: all)")
+    parser.add_argument("--device", default="cpu", help="e.g. cuda: the models and both sides run there")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
+    if (args.breakdown or args.head) and args.device != "cpu":
+        parser.error("--breakdown and --head time the CPU only")
+    if "generate" not in args.sides:
+        parser.error("--sides: the ratios are to generate, which must be one of them")
     if args.pair:
         common.emit_result(pair(args))
         return
@@ -353,15 +383,22 @@ def main() -> None:
         return
 
     models, batches = (("embedded",), ((8, 1), (8, 4))) if args.quick else (args.models, BATCHES)
+    if args.batches:
+        batches = [(int(b.split("x")[0]), int(b.split("x")[1]) if "x" in b else 1) for b in args.batches]
     new_tokens, repeats = (8, 2) if args.quick else (args.new_tokens, args.repeats)
     print(common.machine_line())
-    header = ["model", "batch", "generate tok/s", "ours tok/s", "compiled tok/s", "ours / generate"]
-    header += ["compiled / generate", "compile s"]
+    if args.device != "cpu":
+        print(f"device: {args.device} ({torch.cuda.get_device_name(args.device)}), {args.dtype}")
+    ours_sides = [side for side in args.sides if side != "generate"]
+    header = ["model", "batch", *(f"{side} tok/s" for side in args.sides)]
+    header += [f"{side} / generate" for side in ours_sides]
+    header += ["compile s"] if "ours_compiled" in args.sides else []
     rows = []
     for name in models:
         for batch, G in batches:
             flags = ["--pair", "--model", name, "--batch", str(batch), "--num_generations", str(G)]
-            flags += ["--new_tokens", str(new_tokens), "--repeats", str(repeats)]
+            flags += ["--new_tokens", str(new_tokens), "--repeats", str(repeats), "--sides", *args.sides]
+            flags += ["--device", args.device, "--dtype", args.dtype]
             threads = args.threads or THREADS.get(name)
             flags += ["--threads", str(threads)] if threads else []
             with tempfile.TemporaryDirectory() as inductor_cache:
@@ -371,12 +408,13 @@ def main() -> None:
             # ratios per round (the sides of a round ran back to back), then their median
             ratio = {
                 side: common.median([a / b for a, b in zip(rates[side], rates["generate"], strict=True)])
-                for side in ("ours", "ours_compiled")
+                for side in ours_sides
             }
             label = batch if G == 1 else f"{batch} ({batch // G} x {G})"
             rows.append(
-                [name, label, *(f"{common.median(rates[side]):.0f}" for side in SIDES)]
-                + [f"{ratio['ours']:.2f}", f"{ratio['ours_compiled']:.2f}", f"{result['first_call_s']:.0f}"]
+                [name, label, *(f"{common.median(rates[side]):.0f}" for side in args.sides)]
+                + [f"{ratio[side]:.2f}" for side in ours_sides]
+                + ([f"{result['first_call_s']:.0f}"] if "ours_compiled" in args.sides else [])
             )
             print(common.markdown_table(header, rows[-1:]), flush=True)
     print()

@@ -32,7 +32,8 @@ model (V = 128, H = 128, 3 layers, one thread) 0.91 -> 0.56 ms at 8 rows, 1.43 -
 comparison, one call per round inside the rollout benchmark: `python benchmarks/rollout.py --breakdown --model
 sft --batch 8` (4.39 -> 3.51 ms at 8 rows, 11.6 -> 10.4 ms at 32).
 
-`supports(model, cache)` says where it applies: on the CPU (not yet measured on a GPU), a model of exactly
+`supports(model, cache)` says where it applies: on the device types in DEVICES (the CPU; not yet measured on a
+GPU), a model of exactly
 one of FAMILIES with the decoder modules transformers builds for it (a peft, FSDP or other wrapper, a subclass,
 a swapped-in kernel module, or a forward hook on a module whose forward the step does not call takes the
 model's own forward), plain `nn.Linear` projections, every layer full attention in a static cache
@@ -50,6 +51,9 @@ from transformers.cache_utils import StaticLayer
 
 # Model classes whose decoder layer is the one above (Qwen3 adds the per-head q / k norms).
 FAMILIES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Device types where the step was measured faster than the model's forward (benchmarks/rollout.py --device
+# times both elsewhere by adding a type here for the run).
+DEVICES = {"cpu"}
 
 
 def supports(model, cache) -> bool:
@@ -58,7 +62,7 @@ def supports(model, cache) -> bool:
         return False
     inner, config = model.model, model.config
     if (
-        inner.embed_tokens.weight.device.type != "cpu"
+        inner.embed_tokens.weight.device.type not in DEVICES
         or len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
     ):
         return False
