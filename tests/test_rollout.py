@@ -438,6 +438,75 @@ def test_generations_of_a_prompt_are_adjacent():
     assert not torch.equal(sampled.completion_ids[0], sampled.completion_ids[1])
 
 
+needs_onednn = pytest.mark.skipif(
+    not rollout.onednn_available(torch.zeros(1)), reason="torch built without oneDNN (mkldnn) on the CPU"
+)
+
+
+def _own_forwards(model) -> list[str]:
+    return [name for name, m in model.named_modules() if "forward" in m.__dict__]
+
+
+@needs_onednn
+def test_onednn_linears_take_the_large_plain_linears_and_give_their_products(monkeypatch):
+    """Inside `onednn_linears` the MLP's (384, 128) weights, at the threshold, go through oneDNN; the smaller
+    attention weights and a hooked projection stay nn.Linear; the forward's logits match nn.Linear's to float32
+    rounding; on exit every module is as it was."""
+    monkeypatch.setattr(rollout, "ONEDNN_MIN_ELEMENTS", 384 * 128)
+    model = make_model("qwen2")
+    model.model.layers[2].mlp.down_proj.register_forward_hook(lambda *args: None)
+    ids, mask = left_padded([[5, 6, 7], [8, 9, 10, 11]])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        with rollout.onednn_linears(model):
+            taken = _own_forwards(model)
+            got = model(input_ids=ids, attention_mask=mask).logits
+    mlps = [f"model.layers.{i}.mlp.{p}" for i in range(3) for p in ("gate_proj", "up_proj", "down_proj")]
+    assert taken == mlps[:-1]
+    assert _own_forwards(model) == []
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    monkeypatch.setattr(rollout, "ONEDNN", False)
+    with rollout.onednn_linears(model):
+        assert _own_forwards(model) == []
+    monkeypatch.setattr(rollout, "ONEDNN", True)
+    with rollout.onednn_linears(model.to(torch.bfloat16)):
+        assert _own_forwards(model) == []  # float32 only
+
+
+@needs_onednn
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_generate_through_onednn_gives_nn_linears_tokens(do_sample, monkeypatch):
+    """Every linear map of a Llama with biases through oneDNN (threshold 0), in the prefill and in rl/decode.py's
+    step, the output layer included (oneDNN takes it before the vocab-major layout would): the same tokens as
+    through nn.Linear, log-probs to float32 rounding."""
+    monkeypatch.setattr(rollout, "ONEDNN_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(rollout, "LARGE_VOCAB", 0)  # vocab-major would take the head if oneDNN had not
+    model = make_model("llama", attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):  # transformers initialises them to 0, which would hide a dropped one
+                p.normal_(0.0, 0.2)
+    calls = []
+    make_forward = rollout._onednn_forward
+
+    def counted(linear):
+        forward = make_forward(linear)
+        return lambda x: calls.append(1) or forward(x)
+
+    monkeypatch.setattr(rollout, "_onednn_forward", counted)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    kwargs = dict(num_generations=2, max_completion_length=8, eos_token_id=EOS, pad_token_id=PAD)
+    kwargs |= dict(do_sample=do_sample, top_k=20)
+    ours = rollout.generate(model, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert len(calls) == 15 * 8  # 2 layers x 7 maps + the head, in the prefill and 7 decode steps
+    monkeypatch.setattr(rollout, "ONEDNN", False)
+    theirs = rollout.generate(model, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert len(calls) == 15 * 8
+    assert torch.equal(ours.completion_ids, theirs.completion_ids)
+    torch.testing.assert_close(ours.logps, theirs.logps, rtol=1e-5, atol=1e-5)
+
+
 def test_the_cache_goes_by_the_name_the_forward_takes():
     """transformers renamed the forward's `past_key_values` to `cache` in 5.x; a release that takes the old name
     drops an unknown `cache=` into **kwargs without a word, and the rollout would run with an empty cache."""

@@ -25,10 +25,15 @@ cache, mask and positions), so a finished row costs no more work. Each step's to
 order and are written to their output rows once per compaction; the mask (up to and including the first stop
 token) is computed once at the end.
 
-The output layer: on the CPU, for a vocabulary of LARGE_VOCAB tokens or more, a call of at most
-VOCAB_MAJOR_MAX_ROWS rows computes its logits transposed, (W @ h^T)^T, which the CPU BLAS here runs 1.3-4.5x
-faster than nn.Linear's (n, H) @ (H, V) at 4-8 rows (`vocab_major_output_layer`; the product is then copied to
-rows of V, 0.1-0.2 ms at (4-8, 32000), which leaves 1.3-3.4x); the same products, summed in another order.
+The linear maps: on the CPU, for the whole rollout (prefill and decode), every plain float32 nn.Linear with a
+weight of at least ONEDNN_MIN_ELEMENTS computes its product through oneDNN on a weight reordered once per
+rollout (`onednn_linears`): torch's own nn.Linear runs MKL, which on this AVX-512 AMD CPU runs at about half
+the rate (2-3x slower on a decode step's few rows). Where oneDNN is missing or does not take the output layer,
+for a vocabulary of LARGE_VOCAB tokens or more, a call of at most VOCAB_MAJOR_MAX_ROWS rows computes its logits
+transposed, (W @ h^T)^T, which MKL runs 1.3-4.5x faster than nn.Linear's (n, H) @ (H, V) at 4-8 rows
+(`vocab_major_output_layer`; the product is then copied to rows of V, 0.1-0.2 ms at (4-8, 32000), which
+leaves 1.3-3.4x). Either way the same products, summed in another order: logits differ from nn.Linear's by
+float32 rounding.
 
 `compile=True` runs `decode_one_token` (the forward, the logit processing and the sampling) through
 `torch.compile` (inductor: fused C++ kernels on the CPU, Triton on a GPU), with the batch dim marked dynamic so
@@ -62,7 +67,6 @@ width); on the CPU they cost nothing, on a GPU they bound how far the host runs 
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -191,7 +195,6 @@ def _first_above(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@functools.cache
 def _cache_name(forward_owner: type) -> str:
     params = inspect.signature(forward_owner.forward).parameters
     if "cache" in params or "past_key_values" in params:
@@ -202,10 +205,16 @@ def _cache_name(forward_owner: type) -> str:
     return _cache_name(LlamaForCausalLM)
 
 
+_CACHE_NAMES: dict[type, str] = {}  # filled by the eager prefill, read by a compiled step as a constant
+
+
 def cache_kwarg(model, cache) -> dict:
     """The forward's keyword for a KV cache: transformers renamed `past_key_values` to `cache` in 5.x (releases
     up to at least 5.17 take the old name and silently drop an unknown `cache=`; later ones warn on the old)."""
-    return {_cache_name(type(model)): cache}
+    kind = type(model)
+    if kind not in _CACHE_NAMES:
+        _CACHE_NAMES[kind] = _cache_name(kind)
+    return {_CACHE_NAMES[kind]: cache}
 
 
 def prefill(
@@ -321,8 +330,10 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        # FSDP2: ranks decode different lengths, so the weights are gathered once for the whole rollout
-        with torch.no_grad(), distributed.gathered(model), vocab_major_output_layer(model):
+        # FSDP2: ranks decode different lengths, so the weights are gathered once for the whole rollout; oneDNN
+        # before vocab-major, which leaves a head oneDNN took alone (a compiled step: inductor packs its own)
+        onednn = onednn_linears(model) if step is decode_one_token else contextlib.nullcontext()
+        with torch.no_grad(), distributed.gathered(model), onednn, vocab_major_output_layer(model):
             return _rollout(
                 model, prompt_ids, num_generations, max_completion_length, settings, greedy, stops,
                 pad_token_id, generator, sync_every, device, step,
@@ -438,6 +449,66 @@ def _assemble(segments, N: int, L: int, stops, pad: int, device) -> Rollout:
 VOCAB_MAJOR_MAX_ROWS = 8
 
 
+# oneDNN's matmul (torch.ops.mkldnn._linear_pointwise: what inductor compiles CPU linears to) for a rollout's
+# linear maps, on weights reordered once per rollout (`onednn_linears`). torch's CPU builds run nn.Linear through
+# MKL, which on the AMD EPYC with AVX-512 here runs at about two cores' AVX2 rate, oneDNN at about their AVX-512
+# rate (`python benchmarks/gemm.py`): 2-3x on a decode step's products (the sft model's decode step at 8 / 32
+# rows: 3.73 -> 2.37 / 8.76 -> 4.03 ms), ~2.5x on a prefill's. Its call costs ~10 us more than torch.mm's, so
+# small weights keep nn.Linear: at 8 rows a (128, 128) weight took 12 us against 5, (256, 256) 14 against
+# 12-15, (1024, 256) 22-32 against 45-60 (one or two threads).
+ONEDNN = True
+ONEDNN_MIN_ELEMENTS = 2**17
+PACK_ROWS = 8  # the row count a weight is laid out for; it serves any count (1 to 1024 rows measured)
+
+
+def onednn_available(weight: torch.Tensor) -> bool:
+    """Whether oneDNN's matmul can take `weight`: a plain float32 CPU tensor, in a torch built with oneDNN."""
+    ops = torch.ops.mkldnn
+    return (
+        type(weight.data) is torch.Tensor  # not a DTensor or a quantized subclass
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_linear_pointwise")
+        and hasattr(ops, "_reorder_linear_weight")
+    )
+
+
+@contextlib.contextmanager
+def onednn_linears(model):
+    """While open, every plain `nn.Linear` of `model` with a weight of at least ONEDNN_MIN_ELEMENTS that oneDNN
+    can take and nothing attached (no hook, no accelerate hook, no forward of its own) computes its product by
+    oneDNN on a copy of its weight reordered on entry (the copies live until exit: an optimizer step between two
+    rollouts is seen by the next). Forward only (no gradient). Logits differ from nn.Linear's by float32
+    rounding. ONEDNN = False leaves the model as it is."""
+    patched = []
+    for linear in model.modules() if ONEDNN else ():
+        if (
+            type(linear) is torch.nn.Linear
+            and linear.weight.numel() >= ONEDNN_MIN_ELEMENTS
+            and not (linear._forward_hooks or linear._forward_pre_hooks or hasattr(linear, "_hf_hook"))
+            and "forward" not in linear.__dict__
+            and onednn_available(linear.weight)
+        ):
+            linear.forward = _onednn_forward(linear)
+            patched.append(linear)
+    try:
+        yield
+    finally:
+        for linear in patched:
+            del linear.forward
+
+
+def _onednn_forward(linear: torch.nn.Linear):
+    ops = torch.ops.mkldnn
+    weight, bias = ops._reorder_linear_weight(linear.weight.detach(), PACK_ROWS), linear.bias
+
+    def forward(x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        return ops._linear_pointwise(x, weight, bias, "none", [], "")
+
+    return forward
+
+
 @contextlib.contextmanager
 def vocab_major_output_layer(model):
     """While open, a CPU model's output layer (a plain `nn.Linear` of V >= LARGE_VOCAB outputs) computes the
@@ -448,8 +519,8 @@ def vocab_major_output_layer(model):
     cache: `python benchmarks/rollout.py --head`). The two calls sum in another order (logits differ by float32
     rounding). The (V, n) product is copied to (n, V) rows (0.19 ms at (8, 32000), two threads: the gain above
     is the matmul's alone). Elsewhere (a GPU, a smaller vocabulary, another kind of output layer, one whose
-    forward is already replaced on the instance, as accelerate's hooks or an enclosing use of this context do)
-    the model is left as it is."""
+    forward is already replaced on the instance, as accelerate's hooks, `onednn_linears` (faster still) or an
+    enclosing use of this context do) the model is left as it is."""
     head = model.get_output_embeddings()
     if (
         type(head) is not torch.nn.Linear
