@@ -154,8 +154,9 @@ def random_prompts(batch: int, vocab_size: int, seed: int = 0) -> list[list[int]
 
 
 # ours: rollout.generate as shipped (rl/decode.py's step where `decode.supports`, else the model's forward);
-# ours_step / ours_forward: the step allowed on this device / never (the step's gain, on any device)
-SIDES = ("generate", "ours", "ours_step", "ours_forward", "ours_compiled")
+# ours_step / ours_forward: the step allowed on this device / never (the step's gain, on any device);
+# ours_mkl: the linear maps through nn.Linear (torch.mm: MKL) rather than oneDNN (rollout.ONEDNN = False)
+SIDES = ("generate", "ours", "ours_step", "ours_forward", "ours_mkl", "ours_compiled")
 DEFAULT_SIDES = ("generate", "ours", "ours_compiled")
 
 
@@ -170,9 +171,10 @@ def calls(args, model) -> dict:
     input_ids, attention_mask = rollout._left_pad(prompts, pad, args.device)
     shipped = set(decode.DEVICES)
 
-    def ours(compile: bool, step_devices: set | None = None) -> int:
+    def ours(compile: bool, step_devices: set | None = None, onednn=rollout.ONEDNN) -> int:
         decode.DEVICES.clear()
         decode.DEVICES.update(shipped if step_devices is None else step_devices)
+        rollout.ONEDNN, shipped_onednn = onednn, rollout.ONEDNN
         out = rollout.generate(
             model,
             prompts,
@@ -187,6 +189,7 @@ def calls(args, model) -> dict:
         )
         decode.DEVICES.clear()
         decode.DEVICES.update(shipped)
+        rollout.ONEDNN = shipped_onednn
         return int(out.completion_mask.sum())
 
     def generate() -> int:
@@ -212,6 +215,7 @@ def calls(args, model) -> dict:
         "ours": lambda: ours(False),
         "ours_step": lambda: ours(False, shipped | {torch.device(args.device).type}),
         "ours_forward": lambda: ours(False, set()),
+        "ours_mkl": lambda: ours(False, onednn=False),
         "ours_compiled": lambda: ours(True),
     }
 
