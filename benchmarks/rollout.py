@@ -30,34 +30,42 @@ produced) / (wall-clock seconds of the call), the new tokens being the completio
 including eos), prefill included in the time. The table gives each side's median rate and, per side, the
 median over rounds of its rate / generate's rate in the same round.
 
-Measured on the shared 2-core CPU, 29 Nov 2026, two torch threads (one for the embedded model, THREADS), with
-rl/decode.py's step (the Llama family's decode on the CPU): embedded and sft 23:19-23:24 UTC (load 0.5-1.5),
-100m 23:50-23:56 (load 0.3-1.9):
+Measured on the shared 2-core CPU, 30 Nov 2026, two torch threads (one for the embedded model, THREADS), with
+rl/decode.py's step and the linear maps through oneDNN (`rollout.onednn_linears`): embedded and sft
+02:22-02:26 UTC (load 0.9-1.5), 100m 02:26-02:33 (load 1.5-1.8):
 
-    python benchmarks/rollout.py --models embedded sft
-    python benchmarks/rollout.py --models 100m --repeats 3
+    python benchmarks/rollout.py --models embedded sft --sides generate ours ours_mkl ours_compiled
+    python benchmarks/rollout.py --models 100m --repeats 3 --sides generate ours ours_mkl ours_compiled
 
-    model     batch       generate tok/s  ours tok/s  compiled tok/s  ours / gen  compiled / gen  compile s
-    embedded  8                     5449        8611           10083        1.47            1.85         15
-    embedded  32                   13084       18053           17377        1.38            1.33         15
-    embedded  64                   15965       19504           18304        1.19            1.15         15
-    embedded  32 (4 x 8)           13588       24760           23635        1.86            1.74         15
-    sft       8                      660        1858            1752        2.77            2.62         18
-    sft       32                    1055        2382            2505        2.30            2.42         18
-    sft       64                    1281        3573            3283        2.77            2.56         19
-    sft       32 (4 x 8)            1058        2714            2709        2.54            2.54         19
-    100m      8                      142         184             183        1.28            1.29         29
-    100m      32                     251         297             289        1.17            1.12         31
-    100m      64                     321         399             346        1.26            1.09         33
-    100m      32 (4 x 8)             273         441             383        1.60            1.39         30
+    model     batch       generate tok/s  ours tok/s  ours_mkl tok/s  compiled tok/s  ours / gen  ours_mkl / gen  compiled / gen  compile s
+    embedded  8                     5467        8789            7825            9275        1.60            1.37            1.56         16
+    embedded  32                   11854       15444           15618           15102        1.30            1.29            1.25         16
+    embedded  64                   13357       17106           17356           15526        1.24            1.26            1.12         17
+    embedded  32 (4 x 8)           11807       23910           24036           21385        2.05            2.11            1.72         17
+    sft       8                      658        2669            1835            1723        4.02            2.79            2.63         20
+    sft       32                    1149        5446            2899            2919        4.91            2.52            2.53         20
+    sft       64                    1271        6519            3685            3662        5.19            2.90            2.88         19
+    sft       32 (4 x 8)            1056        5600            2982            2957        5.32            2.82            2.81         21
+    100m      8                      128         374             163             163        2.90            1.27            1.27         32
+    100m      32                     258         686             302             298        2.66            1.18            1.16         32
+    100m      64                     317         794             379             362        2.49            1.19            1.15         34
+    100m      32 (4 x 8)             286        1020             451             428        3.62            1.58            1.49         29
 
-`compiled` is the model's own forward through `torch.compile` (the decode step of rl/decode.py is eager only).
-Session 9 (21:45-21:58, the model's forward, before the step): embedded 1.05 / 1.16 / 1.14 / 1.54, sft 2.33 /
-2.02 / 2.38 / 2.26, 100m 1.22 / 1.14 / 1.16 / 1.54. The first measurement (11:47-12:05 at load 3-9 on one
-thread, before the output layer's vocab-major call and the two-level sampling): sft 1.45 / 1.84 / 1.94 / 2.02,
-100m 1.03 / 1.08 / 1.08 / 1.53.
+`ours_mkl` is `ours` with nn.Linear's own matmul (MKL; `rollout.ONEDNN = False`), what session 10 measured
+(29 Nov, 23:19-23:56: embedded 1.47 / 1.38 / 1.19 / 1.86, sft 2.77 / 2.30 / 2.77 / 2.54, 100m 1.28 / 1.17 /
+1.26 / 1.60). The embedded model's weights are all below `rollout.ONEDNN_MIN_ELEMENTS`, so its `ours` and
+`ours_mkl` are the same code. `compiled` is the model's own forward through `torch.compile`, without oneDNN's
+reordered weights (inductor compiles nn.Linear to MKL here). Session 9 (the model's forward, before the step):
+embedded 1.05 / 1.16 / 1.14 / 1.54, sft 2.33 / 2.02 / 2.38 / 2.26, 100m 1.22 / 1.14 / 1.16 / 1.54.
 
-The issue's target, 3x `generate` at batch 32, is not met on any model. `--breakdown` at 23:30 (ms; a side's
+The issue's target, 3x `generate` at batch 32, is met on the sft model (4.91x), not on the issue's two models:
+100m 2.66x, embedded 1.30x (Python-bound: see below). Where a 100m call at batch 32 goes now (ms, two threads): prefill 468 (1024 left-padded positions,
+219 GFLOP at ~470 GFLOP/s: oneDNN's peak here), 31 decode steps of 25.9 (6.9 GFLOP each at ~270 GFLOP/s, the
+rate of 32-row products; their 428 MB of weights take ~9 ms at the 48 GB/s this machine reads), sampling 0.3
+a step; the call 1477 against generate's ~3970. 3x would need the call at ~1320: skipping the prompts' pad
+positions in the prefill (a quarter of them) would save ~115 ms, not enough alone.
+
+Session 10's analysis of the MKL step, for reference: `--breakdown` at 23:30 (ms; a side's
 per-step cost is (its call - prefill) / 31; `forward` the model's forward of one step, `decode step`
 rl/decode.py's, both with the output layer `generate` gives them):
 
