@@ -107,14 +107,14 @@ def linear_forward_seconds(n: int, k: int, m: int, repeats: int = 5, calls: int 
     the floor takes the fastest. Each is the fastest of `repeats` rounds of `calls` calls, per call (a decode
     step's matmuls of a few rows take microseconds: one call is below the timer's resolution), into a buffer
     allocated once (see `linear_fwd_bwd_seconds`; oneDNN's op allocates its own output)."""
-    from posttrain.rl.rollout import onednn_available
+    from posttrain.rl.rollout import PACK_ROWS, onednn_available
 
     x, w = torch.randn(n, k), torch.randn(m, k)
     y, yt = torch.empty(n, m), torch.empty(m, n)
     products = [lambda: torch.mm(x, w.T, out=y), lambda: torch.mm(w, x.T, out=yt)]
     if onednn_available(w):
         ops = torch.ops.mkldnn
-        packed = ops._reorder_linear_weight(w, n)
+        packed = ops._reorder_linear_weight(w, PACK_ROWS)  # the layout the engine makes (its cost left out)
         products.append(lambda: ops._linear_pointwise(x, packed, None, "none", [], ""))
     best = float("inf")
     for product in products:

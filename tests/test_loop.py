@@ -135,7 +135,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         loss.backward()
         grads.append([p.grad for p in model.parameters()])
     # transformers 5 renamed is_gradient_checkpointing to is_activation_checkpointing (5.17 has the old name only)
-    on = getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(model, "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    on = getattr(model, flag)
     assert on and not model.config.use_cache
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -501,10 +501,76 @@ def test_generate_through_onednn_gives_nn_linears_tokens(do_sample, monkeypatch)
     ours = rollout.generate(model, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
     assert len(calls) == 15 * 8  # 2 layers x 7 maps + the head, in the prefill and 7 decode steps
     monkeypatch.setattr(rollout, "ONEDNN", False)
+    monkeypatch.setattr(rollout, "LARGE_VOCAB", 16384)  # the reference's head: plain nn.Linear
     theirs = rollout.generate(model, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
     assert len(calls) == 15 * 8
     assert torch.equal(ours.completion_ids, theirs.completion_ids)
     torch.testing.assert_close(ours.logps, theirs.logps, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_onednn_linears_step_aside_where_nn_linear_must_run(monkeypatch):
+    """Not under CPU autocast (nn.Linear computes in bfloat16 there), not for a model compiled in place, not when
+    oneDNN is switched off; a non-float32 input falls back to nn.Linear's product; a reorder failing half-way
+    leaves no module patched (a forward left behind would train on a stale copy)."""
+    monkeypatch.setattr(rollout, "ONEDNN_MIN_ELEMENTS", 0)
+    model = make_model("qwen2")
+    with torch.autocast("cpu", dtype=torch.bfloat16), rollout.onednn_linears(model):
+        assert _own_forwards(model) == []
+    with torch.backends.mkldnn.flags(enabled=False), rollout.onednn_linears(model):
+        assert _own_forwards(model) == []
+    up = model.model.layers[0].mlp.up_proj
+    x = torch.randn(3, up.in_features, dtype=torch.bfloat16)
+    with (
+        rollout.onednn_linears(model),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+    ):  # autocast entered inside
+        assert "forward" in up.__dict__
+        assert torch.equal(up(x), torch.nn.functional.linear(x, up.weight))
+    made = []
+    make_forward = rollout._onednn_forward
+
+    def failing(linear):
+        if made:
+            raise RuntimeError("reorder failed")
+        made.append(linear)
+        return make_forward(linear)
+
+    monkeypatch.setattr(rollout, "_onednn_forward", failing)
+    with pytest.raises(RuntimeError, match="reorder failed"), rollout.onednn_linears(model):
+        pass
+    assert len(made) == 1 and _own_forwards(model) == []
+    monkeypatch.setattr(rollout, "_onednn_forward", make_forward)
+    model.compile()
+    with rollout.onednn_linears(model):
+        assert _own_forwards(model) == []
+
+
+@needs_onednn
+def test_generate_under_autocast_and_after_a_weight_change_matches_nn_linear(monkeypatch):
+    """Under bfloat16 autocast `generate` gives nn.Linear's tokens; after an in-place change of the weights (an
+    optimizer step) the next rollout reorders them again."""
+    monkeypatch.setattr(rollout, "ONEDNN_MIN_ELEMENTS", 0)
+    model = make_model("llama")
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    kwargs = dict(max_completion_length=6, eos_token_id=EOS, pad_token_id=PAD, do_sample=False)
+
+    def both():
+        monkeypatch.setattr(rollout, "ONEDNN", True)
+        ours = rollout.generate(model, prompts, **kwargs)
+        monkeypatch.setattr(rollout, "ONEDNN", False)
+        return ours, rollout.generate(model, prompts, **kwargs)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = both()
+    assert torch.equal(ours.completion_ids, theirs.completion_ids)
+    before, _ = both()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    ours, theirs = both()
+    assert torch.equal(ours.completion_ids, theirs.completion_ids)
+    assert not torch.equal(ours.completion_ids, before.completion_ids)  # the change did move the tokens
 
 
 def test_the_cache_goes_by_the_name_the_forward_takes():
@@ -523,6 +589,14 @@ def test_the_cache_goes_by_the_name_the_forward_takes():
     class Wrapper(torch.nn.Module):  # peft's way: everything through **kwargs
         def forward(self, input_ids, **kwargs): ...
 
+    class WrapperOf(Wrapper):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def get_base_model(self):
+            return self.base
+
     sentinel = object()
     assert rollout.cache_kwarg(Old(), sentinel) == {"past_key_values": sentinel}
     assert rollout.cache_kwarg(New(), sentinel) == {"cache": sentinel}
@@ -530,6 +604,36 @@ def test_the_cache_goes_by_the_name_the_forward_takes():
         "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
     )
     assert rollout.cache_kwarg(Wrapper(), sentinel) == {installed: sentinel}
+    assert rollout.cache_kwarg(WrapperOf(Old()), sentinel) == {"past_key_values": sentinel}
+    assert rollout.cache_kwarg(WrapperOf(New()), sentinel) == {"cache": sentinel}
+
+
+def test_a_model_that_takes_the_old_cache_name_generates_as_the_plain_one():
+    """End to end: a forward that takes only `past_key_values` (as transformers up to 5.17) would raise on a
+    `cache=` keyword; it gets the cache under its own name in the prefill and in every decode step."""
+    from transformers import Qwen2ForCausalLM
+
+    class OldName(Qwen2ForCausalLM):
+        def forward(
+            self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None
+        ):
+            cache = {
+                rollout._cache_name(Qwen2ForCausalLM): past_key_values
+            }  # the installed transformers' name
+            return super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache,
+                use_cache=use_cache,
+            )  # fmt: skip
+
+    plain = make_model("qwen2")
+    old = OldName(plain.config).eval()
+    old.load_state_dict(plain.state_dict())
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    kwargs = dict(max_completion_length=6, eos_token_id=EOS, pad_token_id=PAD, do_sample=False)
+    torch.testing.assert_close(
+        rollout.generate(old, prompts, **kwargs).completion_ids,
+        rollout.generate(plain, prompts, **kwargs).completion_ids,
+    )
 
 
 def test_model_without_logits_to_keep():

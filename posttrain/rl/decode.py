@@ -19,9 +19,10 @@ of arithmetic. `LlamaDecodeStep` does the layer's math and nothing else:
     h = h + down(act(gate(x')) * up(x')),  x' = rms_norm(h) post_attention_layernorm, mlp
     logits = lm_head(rms_norm(h))
 
-The model's own tensors and modules (no copy: an optimizer step between two rollouts needs nothing
-refreshed; the projections, activation, embedding and output layer are called as modules, so their hooks
-run, and inside a rollout the large linear maps run oneDNN's matmul: `rollout.onednn_linears`), the same ops in the same order, but for two: `torch.nn.functional.rms_norm` in place of the norm
+The model's own tensors and modules (no copy of its own: an optimizer step between two rollouts needs
+nothing refreshed; the projections, activation, embedding and output layer are called as modules, so their
+hooks run; inside a rollout the large linear maps run oneDNN's matmul on copies that `rollout.onednn_linears`
+rebuilds per rollout), the same ops in the same order, but for two: `torch.nn.functional.rms_norm` in place of the norm
 module's ops (in half precision it rounds once where the module rounds twice: an ulp), and attention as two
 small matmuls and a float32 softmax in place of SDPA. Logits agree with the model's forward to float32
 rounding (tests/test_decode.py: every supported family, biases, norm weights and rope scalings random).

@@ -26,9 +26,10 @@ order and are written to their output rows once per compaction; the mask (up to 
 token) is computed once at the end.
 
 The linear maps: on the CPU, for the whole rollout (prefill and decode), every plain float32 nn.Linear with a
-weight of at least ONEDNN_MIN_ELEMENTS computes its product through oneDNN on a weight reordered once per
-rollout (`onednn_linears`): torch's own nn.Linear runs MKL, which on this AVX-512 AMD CPU runs at about half
-the rate (2-3x slower on a decode step's few rows). Where oneDNN is missing or does not take the output layer,
+weight of at least ONEDNN_MIN_ELEMENTS and nothing attached computes its product through oneDNN on a copy of
+its weight reordered once per rollout (`onednn_linears`; not with compile=True, not under autocast): torch's
+own nn.Linear runs MKL, which on this AVX-512 AMD CPU runs at about half the rate (2-3x slower on a decode
+step's few rows). Where oneDNN is missing or does not take the output layer,
 for a vocabulary of LARGE_VOCAB tokens or more, a call of at most VOCAB_MAJOR_MAX_ROWS rows computes its logits
 transposed, (W @ h^T)^T, which MKL runs 1.3-4.5x faster than nn.Linear's (n, H) @ (H, V) at 4-8 rows
 (`vocab_major_output_layer`; the product is then copied to rows of V, 0.1-0.2 ms at (4-8, 32000), which
@@ -49,7 +50,8 @@ On the CPU this is an order of magnitude cheaper than `torch.multinomial` over a
 against 15 ms for a (32, 32000) batch here, with the one-level cumsum), which costs more than a small model's
 whole decode step. The uniforms are drawn for all N rows and all L steps up front and each live row picks its
 own, so a row's tokens depend only on the seed, never on when the batch was compacted (up to float32 rounding:
-from VOCAB_MAJOR_MAX_ROWS live rows down, the output layer's logits come from another BLAS call).
+from VOCAB_MAJOR_MAX_ROWS live rows down, the output layer's logits come from another BLAS call, and oneDNN
+may choose its kernel by the row count).
 
 Log-probs returned: log p(token) under the distribution the token was drawn from, i.e. softmax of the
 processed logits (after repetition penalty, temperature and the top-k / top-p / min-p truncation,
@@ -195,26 +197,31 @@ def _first_above(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _cache_name(forward_owner: type) -> str:
+def _cache_name(forward_owner: type) -> str | None:
+    """The forward's name for the cache, None for a forward that passes **kwargs on (peft's)."""
     params = inspect.signature(forward_owner.forward).parameters
-    if "cache" in params or "past_key_values" in params:
-        return "cache" if "cache" in params else "past_key_values"
-    # a wrapper passing **kwargs on (peft): the name transformers' own models take
-    from transformers import LlamaForCausalLM
-
-    return _cache_name(LlamaForCausalLM)
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
-_CACHE_NAMES: dict[type, str] = {}  # filled by the eager prefill, read by a compiled step as a constant
+_CACHE_NAMES: dict[
+    type, str | None
+] = {}  # filled by the eager prefill, read by a compiled step as a constant
 
 
 def cache_kwarg(model, cache) -> dict:
     """The forward's keyword for a KV cache: transformers renamed `past_key_values` to `cache` in 5.x (releases
-    up to at least 5.17 take the old name and silently drop an unknown `cache=`; later ones warn on the old)."""
+    up to at least 5.17 take the old name and silently drop an unknown `cache=`; later ones warn on the old).
+    A wrapper whose forward passes **kwargs on (peft) takes its base model's name."""
     kind = type(model)
     if kind not in _CACHE_NAMES:
         _CACHE_NAMES[kind] = _cache_name(kind)
-    return {_CACHE_NAMES[kind]: cache}
+    if _CACHE_NAMES[kind] is not None:
+        return {_CACHE_NAMES[kind]: cache}
+    if hasattr(model, "get_base_model"):
+        return cache_kwarg(model.get_base_model(), cache)
+    from transformers import LlamaForCausalLM  # the name transformers' own models take
+
+    return {_cache_name(LlamaForCausalLM): cache}
 
 
 def prefill(
@@ -331,7 +338,8 @@ def generate(
     model.eval()
     try:
         # FSDP2: ranks decode different lengths, so the weights are gathered once for the whole rollout; oneDNN
-        # before vocab-major, which leaves a head oneDNN took alone (a compiled step: inductor packs its own)
+        # before vocab-major, which leaves a head oneDNN took alone; not for a compiled step (dynamo would trace
+        # the reordered weights), which runs nn.Linear (MKL) in its prefill too
         onednn = onednn_linears(model) if step is decode_one_token else contextlib.nullcontext()
         with torch.no_grad(), distributed.gathered(model), onednn, vocab_major_output_layer(model):
             return _rollout(
@@ -449,26 +457,29 @@ def _assemble(segments, N: int, L: int, stops, pad: int, device) -> Rollout:
 VOCAB_MAJOR_MAX_ROWS = 8
 
 
-# oneDNN's matmul (torch.ops.mkldnn._linear_pointwise: what inductor compiles CPU linears to) for a rollout's
-# linear maps, on weights reordered once per rollout (`onednn_linears`). torch's CPU builds run nn.Linear through
-# MKL, which on the AMD EPYC with AVX-512 here runs at about two cores' AVX2 rate, oneDNN at about their AVX-512
-# rate (`python benchmarks/gemm.py`): 2-3x on a decode step's products (the sft model's decode step at 8 / 32
-# rows: 3.73 -> 2.37 / 8.76 -> 4.03 ms), ~2.5x on a prefill's. Its call costs ~10 us more than torch.mm's, so
-# small weights keep nn.Linear: at 8 rows a (128, 128) weight took 12 us against 5, (256, 256) 14 against
-# 12-15, (1024, 256) 22-32 against 45-60 (one or two threads).
+# oneDNN's matmul (torch.ops.mkldnn._linear_pointwise, the op inductor's weight-prepacking passes use for CPU
+# linears) for a rollout's linear maps, on weights reordered once per rollout (`onednn_linears`). torch's CPU
+# builds run nn.Linear through MKL, which on the AMD EPYC with AVX-512 here runs at about two cores' AVX2 rate,
+# oneDNN at about their AVX-512 rate (`python benchmarks/gemm.py`): 2-3x on a decode step's products (the sft
+# model's decode step at 8 / 32 rows: 3.73 -> 2.37 / 8.76 -> 4.03 ms), ~2.5x on a prefill's. Its call costs
+# ~10 us more than torch.mm's, so small weights keep nn.Linear: at 8 rows a (128, 128) weight took 12 us against
+# 5, (256, 256) 14 against 12-15, (1024, 256) 22-32 against 45-60 (one or two threads). Measured on this one
+# machine only: on a CPU where MKL runs at full rate (Intel's) the gain may be small; ONEDNN = False turns it off.
 ONEDNN = True
 ONEDNN_MIN_ELEMENTS = 2**17
 PACK_ROWS = 8  # the row count a weight is laid out for; it serves any count (1 to 1024 rows measured)
 
 
 def onednn_available(weight: torch.Tensor) -> bool:
-    """Whether oneDNN's matmul can take `weight`: a plain float32 CPU tensor, in a torch built with oneDNN."""
+    """Whether oneDNN's matmul can take `weight`: a plain float32 CPU tensor, in a torch built with oneDNN and
+    with it enabled (`torch.backends.mkldnn.flags`)."""
     ops = torch.ops.mkldnn
     return (
         type(weight.data) is torch.Tensor  # not a DTensor or a quantized subclass
         and weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
         and hasattr(ops, "_linear_pointwise")
         and hasattr(ops, "_reorder_linear_weight")
     )
@@ -478,23 +489,30 @@ def onednn_available(weight: torch.Tensor) -> bool:
 def onednn_linears(model):
     """While open, every plain `nn.Linear` of `model` with a weight of at least ONEDNN_MIN_ELEMENTS that oneDNN
     can take and nothing attached (no hook, no accelerate hook, no forward of its own) computes its product by
-    oneDNN on a copy of its weight reordered on entry (the copies live until exit: an optimizer step between two
-    rollouts is seen by the next). Forward only (no gradient). Logits differ from nn.Linear's by float32
-    rounding. ONEDNN = False leaves the model as it is."""
+    oneDNN on a copy of its weight reordered on entry: one more copy of those weights while open (a tied
+    output layer's too), rebuilt on every entry, so an optimizer step between two rollouts is seen by the next.
+    Forward only: the op has no gradient, so nothing may train the model while this is open (another thread
+    included). Not under CPU autocast (nn.Linear computes in its dtype there) nor for a model compiled in place.
+    Logits differ from nn.Linear's by float32 rounding. ONEDNN = False leaves the model as it is."""
     patched = []
-    for linear in model.modules() if ONEDNN else ():
-        if (
-            type(linear) is torch.nn.Linear
-            and linear.weight.numel() >= ONEDNN_MIN_ELEMENTS
-            and not (linear._forward_hooks or linear._forward_pre_hooks or hasattr(linear, "_hf_hook"))
-            and "forward" not in linear.__dict__
-            and onednn_available(linear.weight)
-        ):
-            linear.forward = _onednn_forward(linear)
-            patched.append(linear)
+    skip = (
+        not ONEDNN
+        or torch.is_autocast_enabled("cpu")
+        or getattr(model, "_compiled_call_impl", None) is not None
+    )
     try:
+        for linear in () if skip else model.modules():
+            if (
+                type(linear) is torch.nn.Linear
+                and linear.weight.numel() >= ONEDNN_MIN_ELEMENTS
+                and not (linear._forward_hooks or linear._forward_pre_hooks or hasattr(linear, "_hf_hook"))
+                and "forward" not in linear.__dict__
+                and onednn_available(linear.weight)
+            ):
+                linear.forward = _onednn_forward(linear)
+                patched.append(linear)
         yield
-    finally:
+    finally:  # also when a reorder fails half-way: a forward left behind would train on a stale copy
         for linear in patched:
             del linear.forward
 
@@ -504,6 +522,8 @@ def _onednn_forward(linear: torch.nn.Linear):
     weight, bias = ops._reorder_linear_weight(linear.weight.detach(), PACK_ROWS), linear.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        if x.dtype != torch.float32:  # what nn.Linear would do with it (an error, or autocast's product)
+            return torch.nn.functional.linear(x, linear.weight, linear.bias)
         return ops._linear_pointwise(x, weight, bias, "none", [], "")
 
     return forward
