@@ -608,46 +608,31 @@ def test_the_cache_goes_by_the_name_the_forward_takes():
     assert rollout.cache_kwarg(WrapperOf(New()), sentinel) == {"cache": sentinel}
 
 
-def test_a_model_that_takes_the_old_cache_name_generates_as_the_plain_one():
-    """End to end: a forward that takes only `past_key_values` (as transformers up to 5.17) would raise on a
-    `cache=` keyword; it gets the cache under its own name in the prefill and in every decode step."""
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_model_without_logits_to_keep(name):
+    """A forward that takes no `logits_to_keep` gets the full prompt logits, and the same completions; one that
+    takes only `past_key_values` (transformers up to 5.17) would raise on `cache=`: it gets the cache under its
+    own name in the prefill and in every decode step."""
     from transformers import Qwen2ForCausalLM
 
-    class OldName(Qwen2ForCausalLM):
+    def forward(model, input_ids, attention_mask, position_ids, cache, use_cache):
+        cache = {rollout._cache_name(Qwen2ForCausalLM): cache}  # the installed transformers' name
+        return Qwen2ForCausalLM.forward(
+            model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache,
+            use_cache=use_cache,
+        )  # fmt: skip
+
+    class New(Qwen2ForCausalLM):
+        def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None):
+            return forward(self, input_ids, attention_mask, position_ids, cache, use_cache)
+
+    class Old(Qwen2ForCausalLM):
         def forward(
             self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None
         ):
-            cache = {
-                rollout._cache_name(Qwen2ForCausalLM): past_key_values
-            }  # the installed transformers' name
-            return super().forward(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache,
-                use_cache=use_cache,
-            )  # fmt: skip
+            return forward(self, input_ids, attention_mask, position_ids, past_key_values, use_cache)
 
-    plain = make_model("qwen2")
-    old = OldName(plain.config).eval()
-    old.load_state_dict(plain.state_dict())
-    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
-    kwargs = dict(max_completion_length=6, eos_token_id=EOS, pad_token_id=PAD, do_sample=False)
-    torch.testing.assert_close(
-        rollout.generate(old, prompts, **kwargs).completion_ids,
-        rollout.generate(plain, prompts, **kwargs).completion_ids,
-    )
-
-
-def test_model_without_logits_to_keep():
-    """A forward that takes no `logits_to_keep` gets the full prompt logits, and the same completions."""
-    from transformers import Qwen2ForCausalLM
-
-    class Plain(Qwen2ForCausalLM):
-        def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None):
-            cache = {rollout._cache_name(Qwen2ForCausalLM): cache}  # the installed transformers' name
-            return super().forward(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache,
-                use_cache=use_cache,
-            )  # fmt: skip
-
+    Plain = New if name == "cache" else Old
     model = make_model("qwen2")
     plain = Plain(model.config).eval()
     plain.load_state_dict(model.state_dict())
