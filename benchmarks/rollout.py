@@ -21,11 +21,11 @@ default top_k of 50 is switched off), KV cache, the same left-padded batch.
 
 Sides: `generate` (transformers), `ours` (`rollout.generate`, eager) and `compiled` (`rollout.generate(...,
 compile=True)`); with `--sides`, also `ours_step` / `ours_forward` (rl/decode.py's step allowed on the device /
-never: what the step gains, on a GPU too). `--device cuda --dtype bfloat16` runs every side on the GPU; model
-`0.5b` has Qwen2.5-0.5B's shapes (V = 151936, H = 896, 24 layers). Each (model, batch) runs in its own subprocess (`common.run_side`) holding all three sides: the
-compiled side's first call (its compilation, timed: `compile s`, cold, in a fresh TORCHINDUCTOR_CACHE_DIR), one
-warm-up call of the others, then `--repeats` (default 5) rounds of one timed call per side, back to back, so
-that the shared machine's changing load hits the sides of a round alike. A call's rate is (new tokens
+never: what the step gains, on a GPU too) and `ours_mkl` (`ours` without oneDNN). `--device cuda --dtype
+bfloat16` runs every side on the GPU. Each (model, batch) runs in its own subprocess (`common.run_side`)
+holding every side: the compiled side's first call (its compilation, timed: `compile s`, cold, in a fresh
+TORCHINDUCTOR_CACHE_DIR), one warm-up call of the others, then `--repeats` (default 5) rounds of one timed
+call per side, back to back, so that the shared machine's changing load hits the sides of a round alike. A call's rate is (new tokens
 produced) / (wall-clock seconds of the call), the new tokens being the completion tokens it returned (up to and
 including eos), prefill included in the time. The table gives each side's median rate and, per side, the
 median over rounds of its rate / generate's rate in the same round.
@@ -59,8 +59,8 @@ reordered weights (inductor compiles nn.Linear to MKL here). Session 9 (the mode
 embedded 1.05 / 1.16 / 1.14 / 1.54, sft 2.33 / 2.02 / 2.38 / 2.26, 100m 1.22 / 1.14 / 1.16 / 1.54.
 
 The issue's target, 3x `generate` at batch 32, is met on the sft model (4.91x), not on the issue's two models:
-100m 2.66x, embedded 1.30x (Python-bound: see below). Where a 100m call at batch 32 goes now (ms, two threads): prefill 468 (1024 left-padded positions,
-219 GFLOP at ~470 GFLOP/s: oneDNN's peak here), 31 decode steps of 25.9 (6.9 GFLOP each at ~270 GFLOP/s, the
+100m 2.66x, embedded 1.30x (Python-bound: see below). Where a 100m call at batch 32 goes now (ms, two
+threads): prefill 468 (1024 left-padded positions, 219 GFLOP at ~470 GFLOP/s: oneDNN's peak here), 31 decode steps of 25.9 (6.9 GFLOP each at ~270 GFLOP/s, the
 rate of 32-row products; their 428 MB of weights take ~9 ms at the 48 GB/s this machine reads), sampling 0.3
 a step; the call 1477 against generate's ~3970. 3x would need the call at ~1320: skipping the prompts' pad
 positions in the prefill (a quarter of them) would save ~115 ms, not enough alone.
@@ -183,21 +183,23 @@ def calls(args, model) -> dict:
         decode.DEVICES.clear()
         decode.DEVICES.update(shipped if step_devices is None else step_devices)
         rollout.ONEDNN, shipped_onednn = onednn, rollout.ONEDNN
-        out = rollout.generate(
-            model,
-            prompts,
-            num_generations=G,
-            max_completion_length=args.new_tokens,
-            temperature=1.0,
-            top_p=1.0,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            generator=generator,
-            compile=compile,
-        )
-        decode.DEVICES.clear()
-        decode.DEVICES.update(shipped)
-        rollout.ONEDNN = shipped_onednn
+        try:
+            out = rollout.generate(
+                model,
+                prompts,
+                num_generations=G,
+                max_completion_length=args.new_tokens,
+                temperature=1.0,
+                top_p=1.0,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                generator=generator,
+                compile=compile,
+            )
+        finally:  # the switches as shipped for the next side
+            decode.DEVICES.clear()
+            decode.DEVICES.update(shipped)
+            rollout.ONEDNN = shipped_onednn
         return int(out.completion_mask.sum())
 
     def generate() -> int:

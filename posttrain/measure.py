@@ -103,10 +103,10 @@ def linear_forward_seconds(n: int, k: int, m: int, repeats: int = 5, calls: int 
     parts of a step (generation, log-prob forwards without gradients). The same products can also be
     computed transposed, w @ x.T -> (m, n), which a CPU BLAS runs up to 4.5x faster at a few rows and a long
     m (a decode step's output layer: `rollout.vocab_major_output_layer` uses it), and oneDNN's matmul on a
-    reordered weight runs them up to 3x faster than either where torch has it (the rollout engine uses it: `rollout.onednn_linears`);
-    the floor takes the fastest. Each is the fastest of `repeats` rounds of `calls` calls, per call (a decode
-    step's matmuls of a few rows take microseconds: one call is below the timer's resolution), into a buffer
-    allocated once (see `linear_fwd_bwd_seconds`; oneDNN's op allocates its own output)."""
+    reordered weight runs them up to 3x faster than either where torch has it (`rollout.onednn_linears` uses
+    it); the floor takes the fastest. Each is the fastest of `repeats` rounds of `calls` calls, per call (a
+    decode step's matmuls of a few rows take microseconds: one call is below the timer's resolution), into a
+    buffer allocated once (see `linear_fwd_bwd_seconds`; oneDNN's op allocates its own output)."""
     from posttrain.rl.rollout import PACK_ROWS, onednn_available
 
     x, w = torch.randn(n, k), torch.randn(m, k)

@@ -667,9 +667,8 @@ def test_bad_inputs_name_the_problem(backend):
         fn(logits, index.float())
     bad = index.clone()
     bad[2] = 10
-    if (
-        _device(backend) == "cpu"
-    ):  # on a GPU the check is a device assert: test_cuda_bad_index_is_a_device_assert
+    # on a GPU the check is a device assert: test_cuda_bad_index_is_a_device_assert
+    if _device(backend) == "cpu":
         with pytest.raises(IndexError, match=r"index\[2\] \(flattened row 2\) = 10 is outside \[0, V=10\)"):
             fn(logits, bad)
         bad[2] = -1

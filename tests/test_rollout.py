@@ -521,10 +521,8 @@ def test_onednn_linears_step_aside_where_nn_linear_must_run(monkeypatch):
         assert _own_forwards(model) == []
     up = model.model.layers[0].mlp.up_proj
     x = torch.randn(3, up.in_features, dtype=torch.bfloat16)
-    with (
-        rollout.onednn_linears(model),
-        torch.autocast("cpu", dtype=torch.bfloat16),
-    ):  # autocast entered inside
+    # autocast entered inside the patched rollout
+    with rollout.onednn_linears(model), torch.autocast("cpu", dtype=torch.bfloat16):
         assert "forward" in up.__dict__
         assert torch.equal(up(x), torch.nn.functional.linear(x, up.weight))
     made = []

@@ -4,8 +4,8 @@ Notation: n rows decoding, H hidden, h_q / h_kv query and key-value heads, D hea
 
 transformers' forward of one new token per row is built for every case (any mask, any cache, training): each
 call builds a 4-D mask, recomputes the rotary angles, books the cache, repeats or reshapes the key-value heads
-for SDPA and calls SDPA's CPU flash kernel (~90 us a layer at 8 rows here, for a few hundred thousand FLOPs). At a
-few rows that overhead is a large part of a decode step, whose matmuls read a few MB of weights for a few rows
+for SDPA and calls SDPA's CPU flash kernel (~90 us a layer at 8 rows here, for a few hundred thousand FLOPs).
+At a few rows that overhead is a large part of a decode step, whose matmuls read a few MB of weights for a few rows
 of arithmetic. `LlamaDecodeStep` does the layer's math and nothing else:
 
     x = rms_norm(h)                                         input_layernorm
@@ -22,8 +22,8 @@ of arithmetic. `LlamaDecodeStep` does the layer's math and nothing else:
 The model's own tensors and modules (no copy of its own: an optimizer step between two rollouts needs
 nothing refreshed; the projections, activation, embedding and output layer are called as modules, so their
 hooks run; inside a rollout the large linear maps run oneDNN's matmul on copies that `rollout.onednn_linears`
-rebuilds per rollout), the same ops in the same order, but for two: `torch.nn.functional.rms_norm` in place of the norm
-module's ops (in half precision it rounds once where the module rounds twice: an ulp), and attention as two
+rebuilds per rollout), the same ops in the same order, but for two: `torch.nn.functional.rms_norm` in place
+of the norm module's ops (in half precision it rounds once where the module rounds twice: an ulp), and attention as two
 small matmuls and a float32 softmax in place of SDPA. Logits agree with the model's forward to float32
 rounding (tests/test_decode.py: every supported family, biases, norm weights and rope scalings random).
 Measured on the shared 2-core CPU, quiet, one step's logits (the output layer as `rollout.generate` runs it
@@ -34,8 +34,7 @@ comparison, one call per round inside the rollout benchmark: `python benchmarks/
 sft --batch 8` (4.39 -> 3.51 ms at 8 rows, 11.6 -> 10.4 ms at 32).
 
 `supports(model, cache)` says where it applies: on the device types in DEVICES (the CPU; not yet measured on a
-GPU), a model of exactly
-one of FAMILIES with the decoder modules transformers builds for it (a peft, FSDP or other wrapper, a subclass,
+GPU), a model of exactly one of FAMILIES with the decoder modules transformers builds for it (a peft, FSDP or other wrapper, a subclass,
 a swapped-in kernel module, or a forward hook on a module whose forward the step does not call takes the
 model's own forward), plain `nn.Linear` projections, every layer full attention in a static cache
 (transformers gives a sliding-window layer a cache of its own kind; Mistral masks by its window whatever

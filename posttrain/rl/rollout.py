@@ -29,12 +29,11 @@ The linear maps: on the CPU, for the whole rollout (prefill and decode), every p
 weight of at least ONEDNN_MIN_ELEMENTS and nothing attached computes its product through oneDNN on a copy of
 its weight reordered once per rollout (`onednn_linears`; not with compile=True, not under autocast): torch's
 own nn.Linear runs MKL, which on this AVX-512 AMD CPU runs at about half the rate (2-3x slower on a decode
-step's few rows). Where oneDNN is missing or does not take the output layer,
-for a vocabulary of LARGE_VOCAB tokens or more, a call of at most VOCAB_MAJOR_MAX_ROWS rows computes its logits
-transposed, (W @ h^T)^T, which MKL runs 1.3-4.5x faster than nn.Linear's (n, H) @ (H, V) at 4-8 rows
-(`vocab_major_output_layer`; the product is then copied to rows of V, 0.1-0.2 ms at (4-8, 32000), which
-leaves 1.3-3.4x). Either way the same products, summed in another order: logits differ from nn.Linear's by
-float32 rounding.
+step's few rows). Where oneDNN is missing or does not take the output layer, for a vocabulary of LARGE_VOCAB
+tokens or more, a call of at most VOCAB_MAJOR_MAX_ROWS rows computes its logits transposed, (W @ h^T)^T, which
+MKL runs 1.3-4.5x faster than nn.Linear's (n, H) @ (H, V) at 4-8 rows (`vocab_major_output_layer`; the product
+is then copied to rows of V, 0.1-0.2 ms at (4-8, 32000), which leaves 1.3-3.4x). Either way the same products,
+summed in another order: logits differ from nn.Linear's by float32 rounding.
 
 `compile=True` runs `decode_one_token` (the forward, the logit processing and the sampling) through
 `torch.compile` (inductor: fused C++ kernels on the CPU, Triton on a GPU), with the batch dim marked dynamic so
@@ -203,9 +202,8 @@ def _cache_name(forward_owner: type) -> str | None:
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
-_CACHE_NAMES: dict[
-    type, str | None
-] = {}  # filled by the eager prefill, read by a compiled step as a constant
+# filled by the eager prefill, read by a compiled step as a constant
+_CACHE_NAMES: dict[type, str | None] = {}
 
 
 def cache_kwarg(model, cache) -> dict:
