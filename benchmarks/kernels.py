@@ -278,6 +278,14 @@ def floor_seconds(kind, N, V, dtype, device) -> tuple[float, float]:
     return 2 * N * V * H / flops_per_s, 6 * N * V * H / flops_per_s
 
 
+def rows_arg(text: str) -> list[int]:
+    """`--ns`: comma-separated row counts in thousands of 1024, "16k,4k" -> [16384, 4096]."""
+    parts = text.split(",")
+    if not all(p.endswith("k") and p[:-1].isdigit() and int(p[:-1]) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected row counts like 1k,4k,16k")
+    return [int(p[:-1]) * K for p in parts]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small cell per path (smoke run)")
@@ -288,7 +296,7 @@ def main():
         "--dtype", choices=["float32", "bfloat16"], default=None, help="CPU: float32, GPU: bfloat16"
     )
     parser.add_argument(
-        "--ns", default="", help="rows to run, in this order, e.g. 16k,4k (default: per --quick / --full)"
+        "--ns", type=rows_arg, help="rows to run, in this order, e.g. 16k,4k (default: per --quick / --full)"
     )
     parser.add_argument("--skip", default="", help="comma-separated method names to leave out")
     parser.add_argument("--paths", default="logits,hidden", help="which paths to run: logits, hidden or both")
@@ -308,8 +316,7 @@ def main():
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     full = args.full or cuda
     ns = [K] if args.quick else [K, 4 * K, 16 * K] if full else [K, 4 * K]
-    if args.ns:
-        ns = [int(n.removesuffix("k")) * K for n in args.ns.split(",")]
+    ns = args.ns or ns
     vocabs = {"32k": VOCABS["32k"]} if args.quick else VOCABS
     hidden_ns = ns
     skip = set(filter(None, args.skip.split(",")))

@@ -20,15 +20,15 @@ almost every row runs to the limit). Both sides: do_sample, temperature 1, top_p
 default top_k of 50 is switched off), KV cache, the same left-padded batch.
 
 Sides: `generate` (transformers), `ours` (`rollout.generate`, eager) and `compiled` (`rollout.generate(...,
-compile=True)`); with `--sides`, also `ours_step` / `ours_forward` (rl/decode.py's step allowed on the device /
-never: what the step gains, on a GPU too) and `ours_mkl` (`ours` without oneDNN). `--device cuda --dtype
+compile=True)`); with `--sides`, also `ours_step` / `ours_forward` (rl/decode.py's step allowed on the device
+/ never: what the step gains, on a GPU too) and `ours_mkl` (`ours` without oneDNN). `--device cuda --dtype
 bfloat16` runs every side on the GPU. Each (model, batch) runs in its own subprocess (`common.run_side`)
 holding every side: the compiled side's first call (its compilation, timed: `compile s`, cold, in a fresh
 TORCHINDUCTOR_CACHE_DIR), one warm-up call of the others, then `--repeats` (default 5) rounds of one timed
-call per side, back to back, so that the shared machine's changing load hits the sides of a round alike. A call's rate is (new tokens
-produced) / (wall-clock seconds of the call), the new tokens being the completion tokens it returned (up to and
-including eos), prefill included in the time. The table gives each side's median rate and, per side, the
-median over rounds of its rate / generate's rate in the same round.
+call per side, back to back, so that the shared machine's changing load hits the sides of a round alike. A
+call's rate is (new tokens produced) / (wall-clock seconds of the call), the new tokens being the completion
+tokens it returned (up to and including eos), prefill included in the time. The table gives each side's median
+rate and, per side, the median over rounds of its rate / generate's rate in the same round.
 
 Measured on the shared 2-core CPU, 30 Nov 2026, two torch threads (one for the embedded model, THREADS), with
 rl/decode.py's step and the linear maps through oneDNN (`rollout.onednn_linears`): embedded and sft
@@ -364,6 +364,17 @@ def head_layouts(args) -> None:
     print(common.markdown_table(["H", "rows", "x @ W.T ms", "W @ x.T ms", "ratio"], rows))
 
 
+def batch_arg(text: str) -> tuple[int, int]:
+    """`--batches` entry: "32" (32 rows, one completion per prompt) or "32x8" (4 prompts x 8 completions)."""
+    rows, x, per_prompt = text.partition("x")
+    if not rows.isdigit() or (x and not per_prompt.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ROWS or ROWSxCOMPLETIONS, e.g. 8 or 32x8")
+    rows, per_prompt = int(rows), int(per_prompt or 1)
+    if rows < 1 or per_prompt < 1 or rows % per_prompt:
+        raise argparse.ArgumentTypeError(f"{text!r}: rows must be a positive multiple of the completions")
+    return rows, per_prompt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -378,7 +389,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads for every model (default: THREADS)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=["embedded", "sft", "100m"])
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(DEFAULT_SIDES))
-    parser.add_argument("--batches", nargs="+", help="rows or rows x completions, e.g. 8 32x8 (default: all)")
+    parser.add_argument(
+        "--batches", nargs="+", type=batch_arg, help="rows or rows x completions, e.g. 8 32x8 (default: all)"
+    )
     parser.add_argument("--device", default="cpu", help="e.g. cuda: the models and both sides run there")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
@@ -397,8 +410,7 @@ def main() -> None:
         return
 
     models, batches = (("embedded",), ((8, 1), (8, 4))) if args.quick else (args.models, BATCHES)
-    if args.batches:
-        batches = [(int(b.split("x")[0]), int(b.split("x")[1]) if "x" in b else 1) for b in args.batches]
+    batches = args.batches or batches
     new_tokens, repeats = (8, 2) if args.quick else (args.new_tokens, args.repeats)
     print(common.machine_line())
     if args.device != "cpu":
