@@ -22,8 +22,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def posttrain_cache(tmp_path_factory):
     """POSTTRAIN_CACHE in a temporary folder for the whole session (subprocesses inherit it): tests never
     touch ~/.cache, and the embedded SFT model that `posttrain rm` starts from when no model is named
-    (`sft.embedded_sft_model`) is trained at most once per session, by the first test that needs it."""
+    (`sft.embedded_sft_model`) is trained at most once per session, by the first test that needs it. Under
+    pytest-xdist the workers share one folder (their temporary folders' parent): the cache's file lock makes
+    one worker train a model while the others wait for it."""
+    root = tmp_path_factory.getbasetemp()
+    path = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "posttrain-cache"
+    path.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as patch:
-        path = tmp_path_factory.mktemp("posttrain-cache")
         patch.setenv("POSTTRAIN_CACHE", str(path))
         yield path
