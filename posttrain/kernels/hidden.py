@@ -29,7 +29,9 @@ Gradients (g = dL/dlogps, e = dL/dentropy, mu = sum_j p_j d_j, p_j = exp(d_j) / 
     dL/dz_j       = g onehot_j - p_j (g + e (d_j - mu))
 then chained through dz/da = logit_scale / temperature, times the softcap's 1 - tanh^2 when there is one:
     dhidden = dL/da @ weight, dweight = dL/da.T @ hidden, dbias = sum_rows dL/da
-The backward recomputes each tile's logits from hidden and weight (one extra matmul) instead of storing them.
+The backward recomputes each tile's logits from hidden and weight (one extra matmul) instead of storing them,
+except on the CPU with a few rows (at most about H): there the forward keeps them, at no extra peak memory,
+in the (V, H) tensor that becomes dweight (`_kept_blocks`).
 
 Structure, the same on every device: the tile matmuls are plain `torch.mm` calls (cuBLAS on a GPU, where
 they run near the tensor-core peak), and the per-tile work between them, folding a tile into the running
@@ -604,6 +606,43 @@ def _row_tiles(n, rows):
     return [(r0, min(size, n - r0)) for r0 in range(0, n, size)] if n else []
 
 
+def _kept_blocks(backend, ctx, hidden, weight, tiles, cols, dtype):
+    """Where the forward keeps its logits for the backward, which otherwise recomputes them: [(c0, offset)]
+    per vocabulary tile, or None. On the CPU (the torch folds), when the weight's gradient is wanted and written
+    directly in the tiles' dtype and the rows are one row tile: then tile c0's (n, C) logits are kept as a block
+    at `offset` (rows ROW_ALIGN-aligned, as in the tile buffer) of a flat view of the (V, H) tensor that the
+    backward returns as dweight, if the blocks fit (about n <= H) and writing dweight's rows c0.. (elements
+    H c0 on) overwrites no block of an earlier tile. The backward reads every block (dL/dlogits in place,
+    dhidden, dbias), then writes dweight tile by tile from the last.
+    Peak memory is unchanged (otherwise dweight is allocated at the backward's start, with the forward's
+    activations all still held) and the backward does two products instead of three, with the same numbers
+    (the kept tile is the product it would recompute: tests/test_kernels_hidden.py compares bit for bit).
+    benchmarks/grpo.py's training step (n = 256 completion tokens, V = 32000, H = 256): forward + backward +
+    AdamW 0.237 / 0.242 -> 0.210 / 0.215 s, peak 306 / 311 -> 309 / 312 MiB (two runs each, alternating)."""
+    (n, H), V = hidden.shape, weight.shape[0]
+    if not (
+        backend == "torch"
+        and hidden.device.type == "cpu"
+        and ctx.needs_input_grad[1]
+        and len(tiles) == 1
+        and dtype == weight.dtype == _acc_dtype(hidden)
+    ):
+        return None
+    blocks, offset = [], 0
+    for c0 in range(0, V, cols):
+        if offset > H * c0:
+            return None
+        blocks.append((c0, offset))
+        offset += n * -(-min(cols, V - c0) // ROW_ALIGN) * ROW_ALIGN
+    return blocks if offset <= V * H else None
+
+
+def _block(kept, n, c0, offset, V, cols):
+    """The (n, C) logits of vocabulary tile c0 in the kept buffer (see `_kept_blocks`)."""
+    C = min(cols, V - c0)
+    return kept.view(-1)[offset : offset + n * -(-C // ROW_ALIGN) * ROW_ALIGN].view(n, -1)[:, :C]
+
+
 class _HiddenLogProbs(torch.autograd.Function):
     """hidden (n, H), weight (V, H), bias (V,) or None, index (n,) -> logps (n,), entropy (n,) or None,
     is_top1 (n,) or None, mean_logit (n,) or None, log_sum_sq (n,) or None (the last two without gradient).
@@ -612,11 +651,12 @@ class _HiddenLogProbs(torch.autograd.Function):
     Extra memory: one (R, C) tile in the compute dtype and what the fold needs (torch: up to two float32
     tiles, Triton: none); in backward also float32 dhidden (n, H), dweight in the weight's dtype (float32
     accumulated, through a (C, H) float32 buffer for 16-bit weights with more than one row tile), and for 16-bit
-    tiles the float32 temporaries of the mixed-dtype gradient matmuls (freed at once; see _mixed_mm_form)."""
+    tiles the float32 temporaries of the mixed-dtype gradient matmuls (freed at once; see _mixed_mm_form). Where
+    `_kept_blocks` applies, dweight is allocated in the forward, holding the logits until the backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, index, options):
-        backend, tr, want_entropy, want_top1, want_mean, want_sum_sq, rows, cols = options
+        backend, tr, want_entropy, want_top1, want_mean, want_sum_sq, rows, cols, recorded = options
         n, V = hidden.shape[0], weight.shape[0]
         fold_forward, _ = FOLDS[backend]
         dtype = _compute_dtype(hidden)
@@ -628,6 +668,9 @@ class _HiddenLogProbs(torch.autograd.Function):
         sq = torch.zeros(n, **f) if want_sum_sq else None
         tiles = _row_tiles(n, rows)
         buf = _tile_buffer(tiles[0][1] if tiles else 0, cols, V, hidden.device, dtype)
+        blocks = _kept_blocks(backend, ctx, hidden, weight, tiles, cols, dtype) if recorded else None
+        # (V, H): the logits tile by tile (`_block`), then the backward's dweight
+        kept = None if blocks is None else torch.empty_like(weight, memory_format=torch.contiguous_format)
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit below
             h_all = hidden.to(dtype)
             for c0 in range(0, V, cols):
@@ -635,6 +678,8 @@ class _HiddenLogProbs(torch.autograd.Function):
                 b = None if bias is None else bias[c0 : c0 + cols].to(dtype)
                 for r0, R in tiles:
                     a = _tile_matmul(h_all[r0 : r0 + R], w, b, buf[:R, : w.shape[0]])  # (R, C)
+                    if kept is not None:  # before the fold overwrites it
+                        _block(kept, n, c0, dict(blocks)[c0], V, cols).copy_(a)
                     stats = tuple(
                         None if x is None else x[r0 : r0 + R] for x in (m, s, t, target, arg, u_sum, sq)
                     )
@@ -650,6 +695,7 @@ class _HiddenLogProbs(torch.autograd.Function):
             mean_logit = None if u_sum is None else u_sum * (tr.k / V)
             log_sum_sq = None if sq is None else torch.log(sq) - 2 * log_s
         ctx.save_for_backward(hidden, weight, bias, index, ref, log_s, mu)
+        ctx.kept = None if kept is None else (kept, blocks)
         ctx.options = options
         ctx.dtype = dtype
         ctx.mark_non_differentiable(*(x for x in (is_top1, mean_logit, log_sum_sq) if x is not None))
@@ -661,7 +707,8 @@ class _HiddenLogProbs(torch.autograd.Function):
         if g_logp is None and g_ent is None:
             return None, None, None, None, None
         hidden, weight, bias, index, ref, log_s, mu = ctx.saved_tensors
-        backend, tr, _, _, _, _, rows, cols = ctx.options
+        kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph) recomputes: this one overwrites it
+        backend, tr, _, _, _, _, rows, cols, _ = ctx.options
         _, fold_backward = FOLDS[backend]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, V = hidden.shape[0], weight.shape[0]
@@ -678,7 +725,7 @@ class _HiddenLogProbs(torch.autograd.Function):
         new = torch.empty if writes_first else torch.zeros
         dhidden = new(n, hidden.shape[1], **f) if need_h else None  # (n, H) float32
         dweight = dbias = dw = None
-        if need_w:
+        if need_w and kept is None:  # else the kept logits' buffer becomes dweight
             # float32 weights accumulate in place; 16-bit ones through a float32 (C, H) buffer per vocabulary
             # tile, unless one row tile makes the product a single term (rounded once, as autograd's would be)
             direct = weight.dtype == f["dtype"] or (len(tiles) == 1 and weight.dtype == dtype)
@@ -692,6 +739,9 @@ class _HiddenLogProbs(torch.autograd.Function):
             dw = None if direct else torch.empty(min(cols, V), weight.shape[1], **f)
         if need_b:
             dbias = torch.zeros(V, **f)  # (V,) float32
+        if kept is not None:
+            return _backward_from_kept(*kept, hidden, weight, bias, index, ref, log_s, mu, g, ge, dhidden, dbias, buf,
+                                       fold_backward, tr, cols, writes_first, need_h)  # fmt: skip
         with torch.autocast(hidden.device.type, enabled=False):  # even for a backward called inside autocast
             h_all = hidden.to(dtype)
             for c0 in range(0, V, cols):
@@ -730,6 +780,39 @@ class _HiddenLogProbs(torch.autograd.Function):
         )
 
 
+def _backward_from_kept(kept, blocks, hidden, weight, bias, index, ref, log_s, mu, g, ge, dhidden, dbias, buf,
+                        fold_backward, tr, cols, writes_first, need_h):  # fmt: skip
+    """`_HiddenLogProbs.backward` from the kept logits (`_kept_blocks`): the same folds and products on the same
+    tiles, in two passes over the vocabulary. Returns its gradients, dweight being `kept` itself."""
+    n, V = hidden.shape[0], weight.shape[0]
+    h_all = hidden.to(kept.dtype)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for c0, offset in blocks:  # in order, as dhidden sums them
+            w = weight[c0 : c0 + cols]
+            a = _block(kept, n, c0, offset, V, cols)  # (n, C) logits, then dL/da in place
+            fold_backward(a, index, c0, ref, log_s, mu, g, ge, tr)
+            if need_h:
+                if c0 == 0 and writes_first:
+                    torch.mm(a, w, out=dhidden)
+                else:
+                    _add_mm(dhidden, a, w)
+            if dbias is not None:
+                dbias[c0 : c0 + w.shape[0]] += a.sum(0, dtype=dbias.dtype)
+        dweight = kept  # returned as it is, not as a view: autograd takes it as .grad without a copy
+        # from the last tile: dweight's rows c0.. overlay this tile's block and later ones, never earlier ones
+        for c0, offset in reversed(blocks):
+            a = _block(kept, n, c0, offset, V, cols)
+            a = buf[:n, : a.shape[1]].copy_(a)
+            torch.mm(a.T, h_all, out=dweight[c0 : c0 + a.shape[1]])
+    return (
+        None if dhidden is None else dhidden.to(hidden.dtype),
+        dweight,
+        None if dbias is None else dbias.to(bias.dtype),
+        None,  # index
+        None,  # options
+    )
+
+
 def _tiles(device, n, rows_per_tile, vocab_per_tile):
     """(rows, cols) per tile: the device's defaults, C filling the element budget when n < R."""
     kind = "cuda" if device.type == "cuda" else "cpu"
@@ -754,7 +837,8 @@ def _logprobs_from_hidden(backend, hidden, weight, index, bias, temperature, log
     tr = Transform(float(logit_scale), None if softcap is None else float(softcap), 1.0 / float(temperature))
     # every row masked still goes through the Function: zero gradients for weight and bias, not None, so DDP
     # sees every parameter used on a rank whose micro-batch has no target token
-    options = (backend, tr, *wanted, tile_rows, tile_cols)
+    # recorded: the call is on autograd's tape (a forward runs with grad mode off: it cannot tell otherwise)
+    options = (backend, tr, *wanted, tile_rows, tile_cols, torch.is_grad_enabled())
     outputs = _unflatten(rows, index.shape, _HiddenLogProbs.apply(h, weight, bias, idx, options))
     return select_outputs(outputs[0], outputs[1:], wanted)
 
