@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from posttrain.kernels import logprobs_from_hidden, logprobs_from_logits
-from posttrain.rl import lora
+from posttrain.rl import lora, swiglu
 from posttrain.rl.distributed import release_frozen_root, unwrap
 
 # Families whose forward is `lm_head(final_norm(decoder(x)))`, followed at most by the soft-capping
@@ -133,7 +133,7 @@ def token_logprobs(
 
     if supports_fused(model):
         inner = unwrap(model)
-        with _capture_output_layer_input(model) as captured:
+        with _capture_output_layer_input(model) as captured, swiglu.lean_mlps(model):
             aux_loss = _router_aux_loss(model(**inputs), return_router_aux_loss)
         hidden = captured["hidden"]
         hidden = hidden.reshape(B * T, hidden.shape[-1]).index_select(0, rows)  # (N, H)
@@ -149,7 +149,8 @@ def token_logprobs(
             **flags,
         )
     else:
-        output = model(**inputs)
+        with swiglu.lean_mlps(model):
+            output = model(**inputs)
         aux_loss, logits = _router_aux_loss(output, return_router_aux_loss), output.logits  # logits (B, T, V)
         del output  # so that the (B, T, V) logits are freed once the target rows are copied out
         # The row selection copies the target rows, and nothing reads that copy again: its buffer can take

@@ -1,0 +1,95 @@
+"""A SwiGLU MLP that keeps two of its four activations for the backward and recomputes the other two.
+
+Notation: n tokens, H hidden, I the MLP's intermediate size.
+
+The Llama family's MLP, y = down(silu(g) * u) with g = gate(x) and u = up(x), run by autograd keeps g (for
+silu's backward), a = silu(g) and u (for the product's) and h = a * u (for down's weight gradient): 4 I floats
+per token, about two thirds of what a decoder layer keeps (benchmarks/reward.py's model: I = 4 H). `_SwiGLUDown`
+keeps g and u and recomputes a and h in the backward (two elementwise ops over n x I), then runs the backward
+autograd would, op for op (the products as autograd orders them, silu's own backward): the gradients are the
+same numbers bit for bit (tests/test_swiglu.py) with 2 I floats per token less held from forward to backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+# The MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)).
+MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """g, u (..., I), weight (H, I) -> down(silu(g) * u) (..., H); saves g, u (and the weight)."""
+
+    @staticmethod
+    def forward(ctx, g, u, weight):
+        ctx.save_for_backward(g, u, weight)
+        return F.linear(F.silu(g) * u, weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u, weight = ctx.saved_tensors
+        a = F.silu(g)
+        h = a * u
+        dy2d, h2d = dy.reshape(-1, dy.shape[-1]), h.reshape(-1, h.shape[-1])
+        # as autograd's mm backward of linear's (n, I) @ (I, H): dh = dy W, dW = dy^T h
+        dh = dy2d.mm(weight).view(h.shape)
+        dweight = dy2d.t().mm(h2d) if ctx.needs_input_grad[2] else None
+        dg = torch.ops.aten.silu_backward(dh * u, g) if ctx.needs_input_grad[0] else None
+        du = dh * a if ctx.needs_input_grad[1] else None
+        return dg, du, dweight
+
+
+def _lean(mlp) -> bool:
+    """`mlp` is one of MLP_CLASSES as transformers builds it: silu, plain bias-free linear maps, nothing attached."""
+    if type(mlp).__name__ not in MLP_CLASSES or not type(mlp).__module__.startswith("transformers.models."):
+        return False
+    parts = (mlp, mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn)
+    return (
+        type(mlp.act_fn).__name__ in ("SiLUActivation", "SiLU")
+        and all(type(m) is torch.nn.Linear and m.bias is None for m in parts[1:4])
+        and not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in parts)
+        and mlp.down_proj.weight.device.type == "cpu"
+        and mlp.down_proj.weight.dtype == torch.float32
+        and type(mlp.down_proj.weight.data) is torch.Tensor  # not an FSDP2 shard (a DTensor)
+    )
+
+
+def _checkpointing(module) -> bool:
+    """transformers' activation (gradient) checkpointing is on for `module` (read by the property's current name,
+    the old one where only it exists)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if isinstance(getattr(type(module), name, None), property):
+            return bool(getattr(module, name))
+    return False
+
+
+@contextlib.contextmanager
+def lean_mlps(model: torch.nn.Module):
+    """While open (and autograd records), every MLP of `model` that `_lean` accepts runs `_SwiGLUDown`. Measured
+    on the CPU in float32 only; elsewhere, under autocast, for any other MLP, for a compiled model and under
+    gradient checkpointing (whose recomputation in the backward, after this closes, would build another graph
+    than the forward's) the model runs as it is."""
+    if (
+        not torch.is_grad_enabled()
+        or not isinstance(model, torch.nn.Module)  # e.g. lora.AdapterDisabled, a view of the policy
+        or torch.is_autocast_enabled("cpu")  # the products would run in another dtype than the backward's
+    ):
+        yield
+        return
+    modules = list(model.modules())
+    compiled = any(hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) for m in modules)
+    skip = compiled or any(_checkpointing(m) for m in modules)
+    mlps = [] if skip else [m for m in modules if _lean(m)]
+    for mlp in mlps:
+        mlp.forward = lambda x, mlp=mlp: _SwiGLUDown.apply(
+            mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj.weight
+        )
+    try:
+        yield
+    finally:
+        for mlp in mlps:
+            del mlp.forward
