@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from posttrain.data import embedded
-from posttrain.rl import logprobs, reward, swiglu
+from posttrain.rl import logprobs, swiglu
 
 
 def _llama(**overrides):
@@ -79,28 +79,14 @@ def test_left_as_it_is_without_autograd_under_checkpointing_or_for_other_mlps():
 
 
 def test_training_forwards_run_the_lean_mlp(monkeypatch):
-    """token_logprobs and the reward model's loss run it (a spy on `_SwiGLUDown.apply` counts the layers)."""
+    """token_logprobs runs it on the tape, not without (a spy on `_SwiGLUDown.apply` counts the layers)."""
     calls = []
     real = swiglu._SwiGLUDown.apply
     monkeypatch.setattr(swiglu._SwiGLUDown, "apply", lambda *a: calls.append(1) or real(*a))
     model = embedded.build_model(seed=0, num_hidden_layers=2)
-    ids = torch.tensor([[3, 4, 5, 6]])
-    batch = {"input_ids": ids, "completion_mask": torch.tensor([[0, 0, 1, 1]])}
+    batch = {"input_ids": torch.tensor([[3, 4, 5, 6]]), "completion_mask": torch.tensor([[0, 0, 1, 1]])}
     logprobs.token_logprobs(model, batch).logps.sum().backward()
     assert len(calls) == 2
     with torch.no_grad():
         logprobs.token_logprobs(model, batch)
     assert len(calls) == 2
-    from transformers import AutoModelForSequenceClassification
-
-    rm = AutoModelForSequenceClassification.from_config(
-        embedded.build_model(seed=0, num_hidden_layers=2).config.__class__(
-            **{**model.config.to_dict(), "num_labels": 1}
-        )
-    )
-    pairs = {
-        "input_ids": torch.tensor([[3, 4, 5], [3, 4, 6]]),
-        "attention_mask": torch.ones(2, 3, dtype=torch.long),
-    }
-    reward.reward_step_loss(rm, pairs, 1)[0].backward()
-    assert len(calls) == 4

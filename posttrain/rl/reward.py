@@ -26,7 +26,7 @@ import torch
 
 from posttrain.data import collate, embedded, loading, preference
 from posttrain.losses import registry
-from posttrain.rl import loop, lora, sft, swiglu
+from posttrain.rl import loop, lora, sft
 from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
 from posttrain.rl.models import disable_dropout, load_reward_model, load_tokenizer
 
@@ -168,10 +168,9 @@ def reward_step_loss(
     whole optimizer step. Returns (loss, {"accuracy", "margin", "min_reward", "mean_reward",
     "max_reward"}): scalars, each a sum over this micro-batch's pairs divided by num_items.
     """
-    with swiglu.lean_mlps(model):
-        rewards = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits.squeeze(-1)  # (2B,)
+    rewards = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits.squeeze(-1)  # (2B,)
     chosen, rejected = rewards.chunk(2)  # (B,), (B,)
     loss = registry.get("reward", loss_type)(
         chosen,
