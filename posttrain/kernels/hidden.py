@@ -771,13 +771,18 @@ class _HiddenLogProbs(torch.autograd.Function):
                         dbias[c0 : c0 + C] += a.sum(0, dtype=dbias.dtype)
                 if dw is not None:
                     dweight[c0 : c0 + C].copy_(acc)
-        return (
-            None if dhidden is None else dhidden.to(hidden.dtype),
-            dweight,
-            None if dbias is None else dbias.to(bias.dtype),
-            None,  # index
-            None,  # options
-        )
+        return _gradients(dhidden, dweight, dbias, hidden, bias)
+
+
+def _gradients(dhidden, dweight, dbias, hidden, bias):
+    """`_HiddenLogProbs.backward`'s return: the gradients of (hidden, weight, bias, index, options)."""
+    return (
+        None if dhidden is None else dhidden.to(hidden.dtype),
+        dweight,
+        None if dbias is None else dbias.to(bias.dtype),
+        None,  # index
+        None,  # options
+    )
 
 
 def _backward_from_kept(kept, blocks, hidden, weight, bias, index, ref, log_s, mu, g, ge, dhidden, dbias, buf,
@@ -804,13 +809,7 @@ def _backward_from_kept(kept, blocks, hidden, weight, bias, index, ref, log_s, m
             a = _block(kept, n, c0, offset, V, cols)
             a = buf[:n, : a.shape[1]].copy_(a)
             torch.mm(a.T, h_all, out=dweight[c0 : c0 + a.shape[1]])
-    return (
-        None if dhidden is None else dhidden.to(hidden.dtype),
-        dweight,
-        None if dbias is None else dbias.to(bias.dtype),
-        None,  # index
-        None,  # options
-    )
+    return _gradients(dhidden, dweight, dbias, hidden, bias)
 
 
 def _tiles(device, n, rows_per_tile, vocab_per_tile):
