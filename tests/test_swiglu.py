@@ -36,14 +36,10 @@ def _run(model, lean: bool):
         with swiglu.lean_mlps(model) if lean else contextlib.nullcontext():
             logits = model(input_ids=ids).logits
     (logits * torch.randn(logits.shape, generator=g)).sum().backward()
-    params = {id(p) for p in model.parameters()}
-    activations = sum(
-        n
-        for ptr, n in saved.items()
-        if ptr not in {p.untyped_storage().data_ptr() for p in model.parameters()}
-    )
-    del params
-    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, activations
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    activations = sum(n for ptr, n in saved.items() if ptr not in weights)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads, activations
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -57,6 +53,39 @@ def test_gradients_are_autograds_bit_for_bit_with_two_activations_less(name):
         assert torch.equal(g, lean_grads[n]), n
     assert saved - lean_saved == layers * 2 * 3 * 17 * intermediate * 4  # a and h, float32, per layer
     assert not any("forward" in m.__dict__ for m in model.modules())  # the model is itself again
+
+
+@pytest.mark.parametrize("frozen", ["down_proj", "gate_proj", "up_proj", "gate_proj,up_proj,down_proj"])
+def test_frozen_projections_get_no_gradient_and_the_rest_autograds_bit_for_bit(frozen):
+    """As under LoRA: each combination of frozen MLP weights (so of the Function's inputs that need no gradient)."""
+    model = _llama()
+    for name, p in model.named_parameters():
+        p.requires_grad_(not any(f"mlp.{part}." in name for part in frozen.split(",")))
+    logits, grads, _ = _run(model, lean=False)
+    lean_logits, lean_grads, _ = _run(model, lean=True)
+    assert torch.equal(logits, lean_logits) and grads.keys() == lean_grads.keys()
+    assert not any(f"mlp.{frozen.split(',')[0]}." in n for n in lean_grads)
+    for n, g in grads.items():
+        assert torch.equal(g, lean_grads[n]), n
+
+
+@pytest.mark.parametrize("wanted", [(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1), (1, 0, 1)])
+def test_each_input_needing_a_gradient_alone_gets_autograds(wanted):
+    """The Function on its own, against autograd's F.linear(F.silu(g) * u, W), for each set of inputs that need a
+    gradient (inside a model the inputs g and u always do; W not under LoRA)."""
+    gen = torch.Generator().manual_seed(7)
+    g, u, w, dy = (
+        torch.randn(shape, generator=gen) for shape in ((2, 5, 12), (2, 5, 12), (6, 12), (2, 5, 6))
+    )
+    plain = [x.clone().requires_grad_(bool(want)) for x, want in zip((g, u, w), wanted, strict=True)]
+    lean = [x.clone().requires_grad_(bool(want)) for x, want in zip((g, u, w), wanted, strict=True)]
+    y = torch.nn.functional.linear(torch.nn.functional.silu(plain[0]) * plain[1], plain[2])
+    lean_y = swiglu._SwiGLUDown.apply(*lean)
+    assert torch.equal(y, lean_y)
+    y.backward(dy)
+    lean_y.backward(dy)
+    for a, b, want in zip(plain, lean, wanted, strict=True):
+        assert (b.grad is not None) == bool(want) and (not want or torch.equal(a.grad, b.grad))
 
 
 def test_left_as_it_is_without_autograd_under_checkpointing_or_for_other_mlps():

@@ -669,6 +669,7 @@ class _HiddenLogProbs(torch.autograd.Function):
         tiles = _row_tiles(n, rows)
         buf = _tile_buffer(tiles[0][1] if tiles else 0, cols, V, hidden.device, dtype)
         blocks = _kept_blocks(backend, ctx, hidden, weight, tiles, cols, dtype) if recorded else None
+        offsets = dict(blocks or ())
         # (V, H): the logits tile by tile (`_block`), then the backward's dweight
         kept = None if blocks is None else torch.empty_like(weight, memory_format=torch.contiguous_format)
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit below
@@ -679,7 +680,7 @@ class _HiddenLogProbs(torch.autograd.Function):
                 for r0, R in tiles:
                     a = _tile_matmul(h_all[r0 : r0 + R], w, b, buf[:R, : w.shape[0]])  # (R, C)
                     if kept is not None:  # before the fold overwrites it
-                        _block(kept, n, c0, dict(blocks)[c0], V, cols).copy_(a)
+                        _block(kept, n, c0, offsets[c0], V, cols).copy_(a)
                     stats = tuple(
                         None if x is None else x[r0 : r0 + R] for x in (m, s, t, target, arg, u_sum, sq)
                     )
@@ -741,7 +742,7 @@ class _HiddenLogProbs(torch.autograd.Function):
             dbias = torch.zeros(V, **f)  # (V,) float32
         if kept is not None:
             return _backward_from_kept(*kept, hidden, weight, bias, index, ref, log_s, mu, g, ge, dhidden, dbias, buf,
-                                       fold_backward, tr, cols, writes_first, need_h)  # fmt: skip
+                                       fold_backward, tr, cols)  # fmt: skip
         with torch.autocast(hidden.device.type, enabled=False):  # even for a backward called inside autocast
             h_all = hidden.to(dtype)
             for c0 in range(0, V, cols):
@@ -786,9 +787,10 @@ def _gradients(dhidden, dweight, dbias, hidden, bias):
 
 
 def _backward_from_kept(kept, blocks, hidden, weight, bias, index, ref, log_s, mu, g, ge, dhidden, dbias, buf,
-                        fold_backward, tr, cols, writes_first, need_h):  # fmt: skip
+                        fold_backward, tr, cols):  # fmt: skip
     """`_HiddenLogProbs.backward` from the kept logits (`_kept_blocks`): the same folds and products on the same
-    tiles, in two passes over the vocabulary. Returns its gradients, dweight being `kept` itself."""
+    tiles, in two passes over the vocabulary. Returns its gradients, dweight being `kept` itself. (The kept path
+    has one row tile in the accumulators' dtype, so dhidden's first term is written, as the other path does.)"""
     n, V = hidden.shape[0], weight.shape[0]
     h_all = hidden.to(kept.dtype)
     with torch.autocast(hidden.device.type, enabled=False):
@@ -796,8 +798,8 @@ def _backward_from_kept(kept, blocks, hidden, weight, bias, index, ref, log_s, m
             w = weight[c0 : c0 + cols]
             a = _block(kept, n, c0, offset, V, cols)  # (n, C) logits, then dL/da in place
             fold_backward(a, index, c0, ref, log_s, mu, g, ge, tr)
-            if need_h:
-                if c0 == 0 and writes_first:
+            if dhidden is not None:
+                if c0 == 0:
                     torch.mm(a, w, out=dhidden)
                 else:
                     _add_mm(dhidden, a, w)

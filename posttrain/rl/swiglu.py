@@ -37,14 +37,14 @@ class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         g, u, weight = ctx.saved_tensors
-        a = F.silu(g)
-        h = a * u
-        dy2d, h2d = dy.reshape(-1, dy.shape[-1]), h.reshape(-1, h.shape[-1])
+        need_g, need_u, need_w = ctx.needs_input_grad
+        a = F.silu(g) if need_u or need_w else None
+        dy2d = dy.reshape(-1, dy.shape[-1])
         # as autograd's mm backward of linear's (n, I) @ (I, H): dh = dy W, dW = dy^T h
-        dh = dy2d.mm(weight).view(h.shape)
-        dweight = dy2d.t().mm(h2d) if ctx.needs_input_grad[2] else None
-        dg = torch.ops.aten.silu_backward(dh * u, g) if ctx.needs_input_grad[0] else None
-        du = dh * a if ctx.needs_input_grad[1] else None
+        dweight = dy2d.t().mm((a * u).reshape(-1, u.shape[-1])) if need_w else None
+        dh = dy2d.mm(weight).view(u.shape) if need_g or need_u else None
+        dg = torch.ops.aten.silu_backward(dh * u, g) if need_g else None
+        du = dh * a if need_u else None
         return dg, du, dweight
 
 
