@@ -25,6 +25,7 @@ import torch
 
 from posttrain.measure import (  # noqa: F401  (the benchmarks call them as common.<name>)
     compute_floor,
+    last_token_score_flops,
     layer_shapes,
     linear_forward_seconds,
     linear_fwd_bwd_seconds,

@@ -53,8 +53,8 @@ its steps, forward-only matmuls for the forward-only parts:
     rloo adds    two forwards of the N rows (old and reference log-probs): 1/3 of the train floor each;
     online_dpo   the reference forward of the N rows: 1/3 of the train floor;
     ppo adds     the old-policy and reference forwards (1/3 of the train floor each), and the value model's
-                 forward + backward plus the value and reward models' no-grad forwards, body only (their
-                 heads have one output).
+                 forward + backward plus its no-grad forward, body only (its head has one output), and the
+                 reward model's forward, which reads the last token only (`common.last_token_score_flops`).
 Decode runs at N = 8 rows, where a matmul reads its weights for little arithmetic: its rate is far below the
 training matmuls', which is why it is timed on its own shapes.
 
@@ -424,7 +424,7 @@ def floor(config, algo: str) -> dict:
     """The step's floor: generation (`generation_floor`), the training forward + backward (`common.compute_floor`
     over N x (P + C) tokens, output layer at the N x C completion positions), LOGP_FORWARDS[algo] no-grad
     forwards of the same rows (1/3 of the training floor each) and, for PPO, the value model's forward +
-    backward and the value and reward models' forwards: the training floor's body part, in full and 1/3 x 2."""
+    backward and forward (the training floor's body part, in full and 1/3) and the reward model's forward."""
     seq_len = PROMPT_LEN + COMPLETION_LEN
     train = common.compute_floor(config, ROWS * seq_len, seq_len, ROWS * COMPLETION_LEN, repeats=10)
     gen = generation_floor(config, prompts_per_step(algo))
@@ -437,10 +437,10 @@ def floor(config, algo: str) -> dict:
         "logp forwards": forwards / 3 * sum(f.values()),
     }
     if algo == "ppo":
-        body_flops = f["body"] + f["attn"]
-        body_s = body_flops / train["body_rate"]
-        seconds["value + reward models"] = body_s * (1 + 2 / 3)
-        flops["value + reward models"] = body_flops * (1 + 2 / 3)
+        scored = common.last_token_score_flops(config, ROWS * seq_len, seq_len, rows=ROWS)
+        value_reward_flops = (f["body"] + f["attn"]) * (1 + 1 / 3) + sum(scored.values()) / 3
+        seconds["value + reward models"] = value_reward_flops / train["body_rate"]
+        flops["value + reward models"] = value_reward_flops
     return {
         "flops": flops,
         "seconds": seconds,

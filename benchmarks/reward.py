@@ -16,9 +16,11 @@ gradient clipping at norm 1.0, no gradient checkpointing, dropout off, fp32, CPU
     trl   `RewardTrainer.train()` with max_steps = warmup + steps on a pre-tokenized dataset (chosen_ids,
           rejected_ids), sequential sampling; a callback stamps the time at each `on_step_end`.
 
-Floor: a reward model needs no logits, so the floor is the backbone's matmuls over all 2B*T tokens (body
-and attention, `common.step_flops`) plus the score head, 6 * H * 2B*T (the model applies its (1, H) head at
-every position and keeps the last; it is < 0.1% of the work either way).
+Floor: a reward model needs no logits, and its score reads one position per row, so the floor is the
+backbone's matmuls over all 2B*T tokens (body and attention, `common.step_flops`) but for the last layer's
+query, output map and MLP, which only the 2B last tokens need (its keys and values need every position), plus
+the score head at those tokens (`floor`). Ours computes just that (`posttrain.rl.last_token`); TRL runs the
+whole last layer and the score head at every position, about 1.3x the floor's matmuls on this shape.
 
 Memory floor (`memory_floor`, printed under the table in peak MiB's unit: besides the model): any exact
 AdamW step holds the gradients and the two moments together, 3 x the weights' bytes; a step that does not
@@ -193,12 +195,12 @@ def run_trl(args) -> dict:
 
 
 def floor(config) -> dict:
-    """The backbone's floor over all 2B*T tokens (no output layer: head_tokens = 0) plus the score head's
-    6 * H * 2B*T FLOPs at the body's matmul rate."""
+    """What a reward step must compute (`common.last_token_score_flops`: the last layer's query, output map
+    and MLP at each row's last token only) at the body's matmul rate."""
     seq_len = PROMPT_LEN + COMPLETION_LEN
     tokens = 2 * BATCH * seq_len
-    out = common.compute_floor(config, tokens, seq_len, head_tokens=1)  # its (1-row) output layer: dropped
-    flops = {**out["flops"], "head": 6.0 * config.hidden_size * tokens}
+    out = common.compute_floor(config, tokens, seq_len, head_tokens=1)  # for its rates
+    flops = common.last_token_score_flops(config, tokens, seq_len, rows=2 * BATCH)
     return {**out, "flops": flops, "floor_s": sum(flops.values()) / out["body_rate"]}
 
 

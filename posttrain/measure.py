@@ -72,6 +72,23 @@ def step_flops(config, batch_tokens: int, seq_len: int, head_tokens: int) -> dic
     }
 
 
+def last_token_score_flops(config, batch_tokens: int, seq_len: int, rows: int) -> dict[str, float]:
+    """FLOPs of one forward + backward of a sequence classifier that reads one position per row, its last
+    token (a reward model: `posttrain.rl.last_token`), by part as `step_flops`: every layer but the last over
+    all B*T tokens; the last layer's key and value maps over all of them (the last token attends to them),
+    its query and output maps, MLP and one query's attention over T keys (2 x 2 x T*H, x 3) at the `rows`
+    last tokens; the (1, H) score head at those. A forward alone is a third of each."""
+    full = step_flops(config, batch_tokens, seq_len, head_tokens=0)
+    L, H = config.num_hidden_layers, config.hidden_size
+    kv = sum(k * m for k, m in layer_shapes(config)[1:3])
+    at_last_token = linear_params_per_layer(config) - kv  # q, o and the MLP
+    return {
+        "body": full["body"] - 6.0 * at_last_token * (batch_tokens - rows),
+        "attn": full["attn"] * (L - 1) / L + 12.0 * seq_len * H * rows,
+        "head": 6.0 * H * rows,
+    }
+
+
 def linear_fwd_bwd_seconds(n: int, k: int, m: int, repeats: int = 5) -> float:
     """Seconds of the three fp32 matmuls of a linear map y = x @ w.T, x (n, k), w (m, k): forward
     x @ w.T (n, m); backward dy @ w (n, k) and dy.T @ x (m, k). The fastest of `repeats`: a floor is a

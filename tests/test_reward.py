@@ -277,8 +277,8 @@ def test_embedded_default_ranks_held_out_pairs_as_the_issue_asks(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_lines = [r for r in records if "loss" in r]
     eval_lines = [r for r in records if "eval_accuracy" in r]
-    # 788 problems x 5 rejected answers = 3940 pairs, 62 steps of 64 pairs per epoch, 16 epochs
-    assert len(train_lines) == 992 and [r["step"] for r in eval_lines] == [992]  # one eval, at the end
+    # 788 problems x 5 rejected answers = 3940 pairs, 124 steps of 32 pairs per epoch, 24 epochs
+    assert len(train_lines) == 2976 and [r["step"] for r in eval_lines] == [2976]  # one eval, at the end
     assert train_lines[0]["loss"] > 0.6 and max(r["loss"] for r in train_lines[-20:]) < 0.2
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["start_model"] == sft.embedded_sft_model()  # the cached folder: not trained again
@@ -297,4 +297,4 @@ def test_embedded_default_ranks_held_out_pairs_as_the_issue_asks(tmp_path):
     with torch.no_grad():
         _, metrics = reward.reward_step_loss(model, batch, len(held_out))
     assert metrics["accuracy"].item() == pytest.approx(eval_lines[0]["eval_accuracy"])
-    assert eval_lines[0]["eval_accuracy"] >= 0.95, eval_lines  # 0.98 on this machine (112 pairs)
+    assert eval_lines[0]["eval_accuracy"] >= 0.95, eval_lines  # 0.982 (112 pairs; see reward.RUN_DEFAULTS)

@@ -6,7 +6,10 @@ reward in `_metrics`, `backward` the gradients.
 Our side: the same rows through `tokenize_preference` / `drop_overlong_pairs` and `collate_pairs`, then
 `reward_step_loss` and `backward`. Both take the pair mean.
 Token ids and masks must be equal; loss, metrics and every parameter's gradient must agree to a
-norm-relative error of 1e-5. Then 10 optimizer steps of whole-dataset batches, ours through `train()` and
+norm-relative error of 1e-5: in float32 with our side running the model's whole forward as TRL does (op for
+op, so float32 rounding matches too), and in float64 with our side's own path, the last layer at the last
+token only (`rl/last_token.py`, whose float32 rounding differs from the whole forward's by as much as that
+forward's differs from float64: ~5e-5 on a few of this fixture's gradients). Then 10 optimizer steps of whole-dataset batches, ours through `train()` and
 TRL's through `trainer.train()`, from the same weights: per-step losses within 1e-4, on three model
 families (Qwen2, GPT-2, Gemma 2).
 """
@@ -21,7 +24,7 @@ from _trl_drivers import assert_same_step, family_config, pair_rows
 from datasets import Dataset
 
 from posttrain.data import embedded, preference
-from posttrain.rl import reward
+from posttrain.rl import last_token, reward
 from posttrain.rl.loop import count_tokens
 from posttrain.rl.models import disable_dropout, load_reward_model, load_tokenizer
 
@@ -119,10 +122,19 @@ CASES = {
 }
 
 
+def in_precision(model, dtype, monkeypatch):
+    """`model` in `dtype`; in float32 our side runs the model's whole forward (see the module docstring)."""
+    if dtype == torch.float32:
+        monkeypatch.setattr(last_token, "supports", lambda model: False)
+    return copy.deepcopy(model).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", list(CASES))
-def test_loss_gradients_and_metrics_match_trl(model, tokenizer, case):
+def test_loss_gradients_and_metrics_match_trl(model, tokenizer, case, dtype, monkeypatch):
     conversational, implicit, margin, coefficient = CASES[case]
     rows = pair_rows(conversational, implicit, margin=margin)
+    model = in_precision(model, dtype, monkeypatch)
     theirs = trl_step(model, tokenizer, rows, center_rewards_coefficient=coefficient)
 
     batch = our_batch(tokenizer, rows)
@@ -157,9 +169,11 @@ def test_margin_and_centring_change_the_loss_by_their_formula(model, tokenizer):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_overlong_pairs_are_dropped_as_trl_drops_them(model, tokenizer):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_overlong_pairs_are_dropped_as_trl_drops_them(model, tokenizer, dtype, monkeypatch):
     # Pairs are 7 to 9 tokens (prompt "a+b=", answer, eos): max_length 8 keeps only some.
     rows = pair_rows(False, False, n=16)
+    model = in_precision(model, dtype, monkeypatch)
     theirs = trl_step(model, tokenizer, rows, max_length=8)
     tokenized, _ = preference.tokenize_preference(Dataset.from_list(rows), tokenizer)
     kept, dropped = preference.drop_overlong_pairs(tokenized, 8)

@@ -112,6 +112,13 @@ def _global_hooks() -> bool:
     return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., D) rotated by angles whose cos / sin broadcast to it: the two halves, as transformers'
+    apply_rotary_pos_emb, op for op."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
 class LlamaDecodeStep:
     """Feeds one token per row into slots first_slot, first_slot + 1, ... of `cache` (filled up to first_slot
     by the prefill) and returns the next position's logits. `length`: the cache's slots (prompt + completion).
@@ -137,10 +144,6 @@ class LlamaDecodeStep:
         bias = self._bias[:, None, None, :S]  # (n, 1, 1, S)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (n, 1, D)
 
-        def rope(x):  # (n, heads, D): rotate the two halves, as transformers' apply_rotary_pos_emb
-            half = x.shape[-1] // 2
-            return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
-
         def rms_norm(x, norm):
             return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
 
@@ -152,11 +155,13 @@ class LlamaDecodeStep:
             k = attn.k_proj(x).view(n, -1, attn.head_dim)  # (n, h_kv, D)
             if hasattr(attn, "q_norm"):  # Qwen3
                 q, k = rms_norm(q, attn.q_norm), rms_norm(k, attn.k_norm)
-            cached.keys[:, :, self.slot] = rope(k)
+            cached.keys[:, :, self.slot] = rope(k, cos, sin)
             cached.values[:, :, self.slot] = attn.v_proj(x).view(n, -1, attn.head_dim)
             keys, values = cached.keys[:, :, :S], cached.values[:, :, :S]  # (n, h_kv, S, D)
             h_kv = keys.shape[1]
-            q = rope(q).view(n, h_kv, -1, attn.head_dim)  # (n, h_kv, h_q / h_kv, D): each kv head's queries
+            q = rope(q, cos, sin).view(
+                n, h_kv, -1, attn.head_dim
+            )  # (n, h_kv, h_q / h_kv, D): each kv head's queries
             # scaled before the product, as SDPA does: a half-precision q K^T of large q, k could overflow
             scores = torch.matmul(q * attn.scaling, keys.transpose(-1, -2)) + bias  # (n, h_kv, h_q / h_kv, S)
             probs = scores.softmax(-1, dtype=torch.float32).to(values.dtype)

@@ -46,6 +46,7 @@ import torch
 
 from posttrain.data import embedded
 from posttrain.rl.config import ConfigError
+from posttrain.rl.last_token import sequence_scores
 
 # The keyword arguments every reward function gets besides the dataset's columns.
 RESERVED = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra")
@@ -176,7 +177,7 @@ def reward_model_scores(model, tokenizer, texts: list[str], *, batch_size: int =
                 f"model's context (max_position_embeddings={limit})"
             )
         with torch.inference_mode():
-            scores.append(model(**enc).logits[:, 0].float())
+            scores.append(sequence_scores(model, enc["input_ids"], enc["attention_mask"])[:, 0].float())
     return torch.cat(scores) if scores else torch.zeros(0)
 
 

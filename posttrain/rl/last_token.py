@@ -1,0 +1,121 @@
+"""A sequence classifier's score at each row's last token, with the last layer run at that token only.
+
+Notation: n rows, T positions, H hidden, h_q / h_kv query and key-value heads, D head dim.
+
+A reward model reads one position per row: the score head at the last token that is not padding. Through
+the last decoder layer only that position's hidden state matters, and it needs the other positions only as
+keys and values. `sequence_scores` therefore runs the backbone's first L - 1 layers as the model does, then
+the last layer as
+
+    x = input_layernorm(h)                                  (n, T, H): every position, for keys and values
+    k, v = x W_k^T, x W_v^T; q = x[last] W_q^T              Qwen3: the per-head q / k norms
+    q, k = rope(q), rope(k)
+    a = SDPA(q, k, v), keys j <= last with attention_mask 1 (n, h_q, 1, D)
+    h = h[last] + a W_o^T; h = h + mlp(post_attention_layernorm(h))     at the last token only
+    score = score_head(norm(h))                             (n, num_labels)
+
+On the reward benchmark's model (4 layers) that drops a fifth of the step's matmuls, and the activations
+the last layer's attention output, MLP and final norm would keep for every position. The modules are the
+model's own, called as modules, the same ops in the same order; only the row sets of the last layer's
+matmuls shrink, so scores and gradients agree with the model's forward to float32 rounding
+(tests/test_last_token.py).
+
+`supports(model)` says where it applies: a Llama / Mistral / Qwen2 / Qwen3 sequence classifier built by
+transformers, unwrapped (no peft, DDP or FSDP wrapper), no gradient checkpointing, no attention dropout in
+training, its last layer full attention, no hook on a module whose forward is replaced here. Anything else
+takes the model's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.rl.decode import _from_transformers, _global_hooks, _intercepted, rope
+from posttrain.rl.swiglu import _checkpointing
+
+FAMILIES = (
+    "LlamaForSequenceClassification",
+    "MistralForSequenceClassification",
+    "Qwen2ForSequenceClassification",
+    "Qwen3ForSequenceClassification",
+)
+
+
+def supports(model) -> bool:
+    if type(model).__name__ not in FAMILIES or not _from_transformers(model):
+        return False
+    inner, config = model.model, model.config
+    if _checkpointing(model) or config.pad_token_id is None:
+        return False
+    if model.training and getattr(config, "attention_dropout", 0.0):
+        return False  # its dropout masks would be drawn for one query, not for T
+    if type(model).__name__ == "MistralForSequenceClassification" and config.sliding_window is not None:
+        return False  # Mistral masks every layer by its window
+    if (getattr(config, "layer_types", None) or ["full_attention"])[-1] != "full_attention":
+        return False
+    layer = inner.layers[-1]
+    attn = layer.self_attn
+    replaced = [layer, attn] + ([attn.q_norm, attn.k_norm] if hasattr(attn, "q_norm") else [])
+    return all(_from_transformers(m) and not _intercepted(m) for m in replaced) and not _global_hooks()
+
+
+def last_token_index(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """(n,) the rightmost position whose token is not `pad_token_id` (0 if there is none): the token
+    transformers' sequence classifiers score, whichever side the padding is on."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (positions * (input_ids != pad_token_id)).argmax(-1)
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(n, num_labels) `model`'s scores, as `model(input_ids, attention_mask).logits` gives them;
+    input_ids, attention_mask (n, T). The last layer at the last token where `supports(model)`."""
+    if not supports(model):
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    inner = model.model
+    index = last_token_index(input_ids, model.config.pad_token_id)
+    last = inner.layers[-1]
+    inner.layers[-1] = _AtLastToken(last, index, attention_mask)
+    try:
+        hidden = inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    finally:
+        inner.layers[-1] = last
+    return model.score(hidden[:, 0])
+
+
+class _AtLastToken(torch.nn.Module):
+    """Stands in for the backbone's last decoder layer during one forward: returns (n, 1, H), that layer's
+    output at each row's `index` only."""
+
+    def __init__(self, layer, index: torch.Tensor, attention_mask: torch.Tensor):
+        super().__init__()
+        self.layer, self.index, self.attention_mask = layer, index, attention_mask
+
+    def forward(self, hidden_states, *args, position_embeddings, **kwargs):
+        layer, index = self.layer, self.index
+        attn, mlp = layer.self_attn, layer.mlp
+        n, T, _ = hidden_states.shape
+        rows = torch.arange(n, device=index.device)
+        x = layer.input_layernorm(hidden_states)  # (n, T, H)
+        q = attn.q_proj(x[rows, index]).view(n, 1, -1, attn.head_dim)  # (n, 1, h_q, D)
+        k = attn.k_proj(x).view(n, T, -1, attn.head_dim)  # (n, T, h_kv, D)
+        v = attn.v_proj(x).view(n, T, -1, attn.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = (t.expand(n, T, t.shape[-1]) for t in position_embeddings)  # (n, T, D)
+        q = rope(q, cos[rows, index][:, None, None], sin[rows, index][:, None, None])
+        k = rope(k, cos[:, :, None], sin[:, :, None])
+        # the keys the model's causal, padded mask gives the last token's query
+        keys = torch.arange(T, device=index.device)
+        allowed = (keys <= index[:, None]) & self.attention_mask.bool()  # (n, T)
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=allowed[:, None, None],
+            scale=attn.scaling,
+            enable_gqa=True,
+        )  # (n, h_q, 1, D)
+        h = hidden_states[rows, index] + attn.o_proj(a.reshape(n, -1))  # (n, H)
+        h = h + mlp(layer.post_attention_layernorm(h))
+        return h[:, None]
