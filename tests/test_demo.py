@@ -53,7 +53,9 @@ def test_quick_demo_every_stage_moves_its_signal_the_right_way(quick):
     # the trained policies moved away from the SFT model they started from (KL at temperature 1), and those
     # that keep what SFT taught on this task keep it (KTO lowers exact match here: the demo's table shows it).
     assert rows["base"]["greedy_exact_match"] == 0.0 and rows["sft"]["greedy_exact_match"] > 0.3
-    assert rows["rm"]["eval_accuracy"] >= 0.7  # measured 0.75 (quick) and 0.77 (full) from this SFT model
+    # Better than chance by three standard errors (0.047 at 0.5 on 112 pairs); measured 0.75 (quick) and 0.77
+    # (full) from this SFT model on an AMD EPYC, 0.70 (quick) on an Intel Xeon, whose float rounding differs.
+    assert rows["rm"]["eval_accuracy"] >= 0.65
     assert rows["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-6)
     for name in ("dpo", "kto", "grpo", "rloo", "ppo", "online_dpo"):
         assert rows[name]["kl_to_sft"] > 0.01, name
