@@ -25,12 +25,13 @@ whole last layer and the score head at every position, about 1.3x the floor's ma
 Memory floor (`memory_floor`, printed under the table in peak MiB's unit: besides the model): any exact
 AdamW step holds the gradients and the two moments together, 3 x the weights' bytes; a step that does not
 recompute activations also holds the moments and every activation the forward saves for the backward when
-the backward starts. On this shape that second floor is 299 MiB (93 of moments, 206 of activations), 0.67 x
-TRL's peak (444 MiB in a full run): the issue's target, 0.6 x, cannot be met by an exact step of this model
-without gradient checkpointing, which would cost time on both sides alike. Both sides peak ~145 MiB above
-the floor (ours 447): the forward's temporaries (~55 MiB) and, in the backward, the gradients as they are
-built and the backward's own temporaries; handing freed memory back to the system after every step
-(malloc_trim) did not lower the peak, which falls inside a step.
+the backward starts. On this shape that second floor is 251 MiB (93 of moments, 159 of activations: 206
+before the last layer ran at the last token only), 0.56 x TRL's peak (448 MiB on the Intel Xeon). The
+measured peak is the RSS high-water mark, and it sits ~140 MiB above that floor (ours 394): a step's live
+tensors peak at 188 MiB over the moments, and glibc's heap keeps ~70 MiB more of freed space in pieces after
+the first step, whose activations it lays out before the moments arrive (traced per aten op; session 13 in
+benchmarks/results.md). Handing freed memory back after every step (malloc_trim) does not lower the peak,
+which falls inside a step, nor do glibc's mmap threshold or MKL's memory manager.
 
 Columns: see benchmarks/README.md.
 """
