@@ -43,6 +43,7 @@ FAMILIES = (
 
 
 def supports(model) -> bool:
+    """`sequence_scores` may take the last-token path for `model` (see the module docstring)."""
     if type(model).__name__ not in FAMILIES or not _from_transformers(model):
         return False
     inner, config = model.model, model.config
