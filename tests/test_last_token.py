@@ -14,7 +14,7 @@ FAMILIES = {
         transformers.LlamaForSequenceClassification,
         {"attention_bias": True},
     ),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForSequenceClassification, {"head_dim": 8}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForSequenceClassification, {"head_dim": 16}),
     "mistral": (
         transformers.MistralConfig,
         transformers.MistralForSequenceClassification,
@@ -92,20 +92,38 @@ def test_where_it_does_not_apply_the_models_forward_runs():
         transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, num_labels=1, pad_token_id=0)
     )
     sliding = build("mistral", sliding_window=4)  # every layer masked by its window
+    sliding_last = build("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    assert sliding_last.config.layer_types[-1] == "sliding_attention"
+    eager = build("qwen2")
+    eager.config._attn_implementation = "eager"
     checkpointed = build("qwen2")
     getattr(checkpointed, "activation_checkpointing_enable", checkpointed.gradient_checkpointing_enable)()
-    hooked = build("qwen2")
-    hooked.model.layers[-1].self_attn.register_forward_hook(lambda *a: None)
-    no_pad = build("qwen2")
-    no_pad.config.pad_token_id = None
-    for model in (gpt2, sliding, checkpointed, hooked):
+    hooked = {}
+    for where in ("model", "backbone", "norm", "attention", "backward"):
+        hooked[where] = build("qwen2")
+        module = {
+            "model": hooked[where],
+            "backbone": hooked[where].model,
+            "norm": hooked[where].model.norm,
+            "attention": hooked[where].model.layers[-1].self_attn,
+            "backward": hooked[where].model.layers[-1],
+        }[where]
+        if where == "backward":
+            module.register_full_backward_hook(lambda *a: None)
+        else:
+            module.register_forward_hook(lambda *a: None)
+    for model in (gpt2, sliding, sliding_last, eager, checkpointed, *hooked.values()):
         assert not last_token.supports(model.train())
         model.eval()  # the same dropout-free forward on both sides
         expected = model(input_ids=ids, attention_mask=mask).logits
         assert torch.equal(last_token.sequence_scores(model, ids, mask), expected)
+    no_pad = build("qwen2")
+    no_pad.config.pad_token_id = None
     assert not last_token.supports(no_pad)
     dropout = build("qwen2", attention_dropout=0.1)
     assert not last_token.supports(dropout.train()) and last_token.supports(dropout.eval())
+    dropout.model.layers[-1].self_attn.train()  # the module's own mode is what its dropout reads
+    assert not last_token.supports(dropout)
 
 
 def test_the_benchmarks_flop_count_is_what_it_computes(monkeypatch):

@@ -581,10 +581,10 @@ def test_embedded_default_end_to_end_reaches_the_held_out_step_accuracy_the_issu
     again = held_out_metrics(out)
     assert again["loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)
     assert again["solution_accuracy"] == evals[-1]["eval_solution_accuracy"]
-    # The 0.9, not what one machine measured: on all test steps / those with a held-out pair, seed 42
-    # gave 0.995 / 0.992 on an AMD EPYC and 0.969 / 0.932 on an Intel Xeon (MKL rounds differently there,
-    # so the start model and the run differ); seeds 1 and 7 on the EPYC 0.985 / 0.966 and 0.979 / 0.954.
-    assert again["accuracy"] == evals[-1]["eval_accuracy"] >= 0.9
+    # On all test steps / those with a held-out pair, seed 42 gave 0.995 / 0.992 on an AMD EPYC and 0.969 /
+    # 0.932 on an Intel Xeon (MKL rounds differently there, so the start model and the run differ); seeds 1
+    # and 7 on the EPYC 0.985 / 0.966 and 0.979 / 0.954. So: 0.95 on all steps, the 0.9 on unseen ones.
+    assert again["accuracy"] == evals[-1]["eval_accuracy"] >= 0.95
     assert held_out_pair_accuracy(out) >= 0.9
     info = json.loads((out / "run_info.json").read_text())
     assert info["start_model"] == prm.embedded_start_model()  # the cached folder: not trained again

@@ -9,9 +9,9 @@ Token ids and masks must be equal; loss, metrics and every parameter's gradient 
 norm-relative error of 1e-5: in float32 with our side running the model's whole forward as TRL does (op for
 op, so float32 rounding matches too), and in float64 with our side's own path, the last layer at the last
 token only (`rl/last_token.py`, whose float32 rounding differs from the whole forward's by as much as that
-forward's differs from float64: ~5e-5 on a few of this fixture's gradients). Then 10 optimizer steps of whole-dataset batches, ours through `train()` and
-TRL's through `trainer.train()`, from the same weights: per-step losses within 1e-4, on three model
-families (Qwen2, GPT-2, Gemma 2).
+forward's differs from float64: ~5e-5 on a few of this fixture's gradients). Then 10 optimizer steps of
+whole-dataset batches, ours through `train()` and TRL's through `trainer.train()`, from the same weights:
+per-step losses within 1e-4, on three model families (Qwen2, GPT-2, Gemma 2).
 """
 
 import copy
@@ -126,7 +126,9 @@ def in_precision(model, dtype, monkeypatch):
     """`model` in `dtype`; in float32 our side runs the model's whole forward (see the module docstring)."""
     if dtype == torch.float32:
         monkeypatch.setattr(last_token, "supports", lambda model: False)
-    return copy.deepcopy(model).to(dtype)
+    model = copy.deepcopy(model).to(dtype)
+    assert last_token.supports(model) == (dtype == torch.float64)  # float64 takes the last-token path
+    return model
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -14,16 +14,18 @@ the last layer as
     h = h[last] + a W_o^T; h = h + mlp(post_attention_layernorm(h))     at the last token only
     score = score_head(norm(h))                             (n, num_labels)
 
-On the reward benchmark's model (4 layers) that drops a fifth of the step's matmuls, and the activations
+On the reward benchmark's model (4 layers) that drops 23 % of the step's matmuls, and the activations
 the last layer's attention output, MLP and final norm would keep for every position. The modules are the
 model's own, called as modules, the same ops in the same order; only the row sets of the last layer's
 matmuls shrink, so scores and gradients agree with the model's forward to float32 rounding
 (tests/test_last_token.py).
 
 `supports(model)` says where it applies: a Llama / Mistral / Qwen2 / Qwen3 sequence classifier built by
-transformers, unwrapped (no peft, DDP or FSDP wrapper), no gradient checkpointing, no attention dropout in
-training, its last layer full attention, no hook on a module whose forward is replaced here. Anything else
-takes the model's forward.
+transformers, unwrapped (no peft, DDP or FSDP wrapper), SDPA attention, no gradient checkpointing, no
+attention dropout in training, its last layer full attention, no forward or backward hook on the model, its
+backbone, final norm or last layer (transformers' own hooks for `output_hidden_states` / `output_attentions`
+stay on the layers once asked for, and count). Anything else takes the model's forward. The swap is not
+thread-safe: one model, one forward at a time, as training does.
 """
 
 from __future__ import annotations
@@ -49,16 +51,36 @@ def supports(model) -> bool:
     inner, config = model.model, model.config
     if _checkpointing(model) or config.pad_token_id is None:
         return False
-    if model.training and getattr(config, "attention_dropout", 0.0):
-        return False  # its dropout masks would be drawn for one query, not for T
+    # SDPA, as here: eager attention differs where a query sees no key (it averages them all), and a
+    # registered kernel may compute anything
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
     if type(model).__name__ == "MistralForSequenceClassification" and config.sliding_window is not None:
         return False  # Mistral masks every layer by its window
     if (getattr(config, "layer_types", None) or ["full_attention"])[-1] != "full_attention":
         return False
     layer = inner.layers[-1]
     attn = layer.self_attn
-    replaced = [layer, attn] + ([attn.q_norm, attn.k_norm] if hasattr(attn, "q_norm") else [])
-    return all(_from_transformers(m) and not _intercepted(m) for m in replaced) and not _global_hooks()
+    if attn.training and attn.attention_dropout:
+        return False  # its dropout masks would be drawn for one query, not for T
+    # modules whose forward is replaced, or that see (n, 1, H) in place of (n, T, H): nothing attached
+    replaced = [model, inner, inner.norm, layer, attn] + (
+        [attn.q_norm, attn.k_norm] if hasattr(attn, "q_norm") else []
+    )
+    return (
+        all(_from_transformers(m) and not _intercepted(m) and not _backward_hooked(m) for m in replaced)
+        and not _global_hooks()
+        and not _global_backward_hooks()
+    )
+
+
+def _backward_hooked(module) -> bool:
+    return bool(module._backward_hooks or module._backward_pre_hooks)
+
+
+def _global_backward_hooks() -> bool:
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
 
 
 def last_token_index(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
