@@ -159,9 +159,8 @@ class LlamaDecodeStep:
             cached.values[:, :, self.slot] = attn.v_proj(x).view(n, -1, attn.head_dim)
             keys, values = cached.keys[:, :, :S], cached.values[:, :, :S]  # (n, h_kv, S, D)
             h_kv = keys.shape[1]
-            q = rope(q, cos, sin).view(
-                n, h_kv, -1, attn.head_dim
-            )  # (n, h_kv, h_q / h_kv, D): each kv head's queries
+            # (n, h_kv, h_q / h_kv, D): each kv head's queries
+            q = rope(q, cos, sin).view(n, h_kv, -1, attn.head_dim)
             # scaled before the product, as SDPA does: a half-precision q K^T of large q, k could overflow
             scores = torch.matmul(q * attn.scaling, keys.transpose(-1, -2)) + bias  # (n, h_kv, h_q / h_kv, S)
             probs = scores.softmax(-1, dtype=torch.float32).to(values.dtype)

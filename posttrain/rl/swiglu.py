@@ -12,7 +12,8 @@ same numbers bit for bit (tests/test_swiglu.py) with 2 I floats per token less h
 `rl.logprobs.token_logprobs` runs it in its training forwards (every causal-LM loop): benchmarks/grpo.py's Online
 DPO step peaked at 317 / 322 MiB without it and 309 / 295 with it, at the same time within the run-to-run noise.
 The reward model's loss does not: there the recomputation cost 2-7 % of benchmarks/reward.py's step (0.311 ->
-0.318 / 0.334 s) for 12-22 MiB of a ~430 MiB peak, and that step is level with TRL's only without it.
+0.318 / 0.334 s on the AMD EPYC) and did not lower the step's peak beyond the run-to-run noise (385-399 against
+384-399 MiB on the Intel Xeon, with the last layer at the last token: benchmarks/results.md, session 13).
 """
 
 from __future__ import annotations
