@@ -126,6 +126,31 @@ def test_where_it_does_not_apply_the_models_forward_runs():
     assert not last_token.supports(dropout)
 
 
+def test_other_inputs_reach_the_models_forward():
+    # A tokenizer's token_type_ids (BERT-style reward models score with them) go to the model's own forward.
+    bert = transformers.BertForSequenceClassification(
+        transformers.BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            type_vocab_size=2,
+            num_labels=1,
+            pad_token_id=0,
+        )  # fmt: skip
+    ).eval()
+    ids, mask = padded_batch()
+    types = (torch.arange(9) >= 4).long().expand(4, 9)
+    expected = bert(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    assert not torch.equal(expected, bert(input_ids=ids, attention_mask=mask).logits)
+    assert torch.equal(last_token.sequence_scores(bert, ids, mask, token_type_ids=types), expected)
+    qwen2 = build("qwen2").eval()  # given another input, a supported model takes its forward too
+    position_ids = torch.arange(9).expand(4, 9) + 3
+    expected = qwen2(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    assert torch.equal(last_token.sequence_scores(qwen2, ids, mask, position_ids=position_ids), expected)
+
+
 def test_the_benchmarks_flop_count_is_what_it_computes(monkeypatch):
     # measure.last_token_score_flops (the reward benchmark's floor, PPO's reward model) against the matmuls
     # torch counts in one forward + backward; the counter's global module hooks would turn the path off.

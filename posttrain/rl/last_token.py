@@ -90,11 +90,12 @@ def last_token_index(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor
     return (positions * (input_ids != pad_token_id)).argmax(-1)
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(n, num_labels) `model`'s scores, as `model(input_ids, attention_mask).logits` gives them;
-    input_ids, attention_mask (n, T). The last layer at the last token where `supports(model)`."""
-    if not supports(model):
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs) -> torch.Tensor:
+    """(n, num_labels) `model`'s scores, as `model(input_ids, attention_mask, **inputs).logits` gives them;
+    input_ids, attention_mask (n, T). The last layer at the last token where `supports(model)` and no other
+    input (a tokenizer's token_type_ids, say) is given."""
+    if inputs or not supports(model):
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs).logits
     inner = model.model
     index = last_token_index(input_ids, model.config.pad_token_id)
     last = inner.layers[-1]

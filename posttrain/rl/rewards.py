@@ -177,7 +177,7 @@ def reward_model_scores(model, tokenizer, texts: list[str], *, batch_size: int =
                 f"model's context (max_position_embeddings={limit})"
             )
         with torch.inference_mode():
-            scores.append(sequence_scores(model, enc["input_ids"], enc["attention_mask"])[:, 0].float())
+            scores.append(sequence_scores(model, **enc)[:, 0].float())  # every input the tokenizer made
     return torch.cat(scores) if scores else torch.zeros(0)
 
 
