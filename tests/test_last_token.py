@@ -158,7 +158,7 @@ def test_the_benchmarks_flop_count_is_what_it_computes(monkeypatch):
 
     from posttrain.measure import last_token_score_flops
 
-    monkeypatch.setattr(last_token, "_global_hooks", lambda: False)
+    monkeypatch.setattr(last_token, "global_hooks", lambda: False)
     model = build("qwen2")
     ids = torch.randint(1, 64, (4, 16))
     with FlopCounterMode(display=False) as counter:

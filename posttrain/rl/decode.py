@@ -49,6 +49,8 @@ import torch.nn.functional as F
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
+from posttrain.rl.stock import from_transformers, global_hooks, intercepted
+
 # Model classes whose decoder layer is the one above (Qwen3 adds the per-head q / k norms).
 FAMILIES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # Device types where the step was measured faster than the model's forward (benchmarks/rollout.py --device
@@ -58,7 +60,7 @@ DEVICES = {"cpu"}
 
 def supports(model, cache) -> bool:
     """`LlamaDecodeStep` computes `model`'s forward into `cache`."""
-    if type(model).__name__ not in FAMILIES or not _from_transformers(model):
+    if type(model).__name__ not in FAMILIES or not from_transformers(model):
         return False
     inner, config = model.model, model.config
     if (
@@ -82,7 +84,7 @@ def supports(model, cache) -> bool:
         for m in (layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm,
                   *((layer.self_attn.q_norm, layer.self_attn.k_norm) if hasattr(layer.self_attn, "q_norm") else ()))
     ]  # fmt: skip
-    if not all(_from_transformers(m) and not _intercepted(m) for m in bypassed) or _global_hooks():
+    if not all(from_transformers(m) and not intercepted(m) for m in bypassed) or global_hooks():
         return False
     linears = [model.lm_head] + [
         m
@@ -91,25 +93,6 @@ def supports(model, cache) -> bool:
                   layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
     ]  # fmt: skip
     return all(type(m) is torch.nn.Linear for m in linears)
-
-
-def _from_transformers(module) -> bool:
-    return type(module).__module__.startswith("transformers.models.")
-
-
-def _intercepted(module) -> bool:
-    """A hook, an instance-level forward or accelerate's dispatch hook on `module`."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or "forward" in module.__dict__
-        or hasattr(module, "_hf_hook")
-    )
-
-
-def _global_hooks() -> bool:
-    hooks = torch.nn.modules.module
-    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

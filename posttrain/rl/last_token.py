@@ -33,8 +33,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from posttrain.rl.decode import _from_transformers, _global_hooks, _intercepted, rope
-from posttrain.rl.swiglu import _checkpointing
+from posttrain.rl.decode import rope
+from posttrain.rl.stock import (
+    backward_hooked,
+    checkpointing,
+    from_transformers,
+    global_backward_hooks,
+    global_hooks,
+    intercepted,
+)
 
 FAMILIES = (
     "LlamaForSequenceClassification",
@@ -46,10 +53,10 @@ FAMILIES = (
 
 def supports(model) -> bool:
     """`sequence_scores` may take the last-token path for `model` (see the module docstring)."""
-    if type(model).__name__ not in FAMILIES or not _from_transformers(model):
+    if type(model).__name__ not in FAMILIES or not from_transformers(model):
         return False
     inner, config = model.model, model.config
-    if _checkpointing(model) or config.pad_token_id is None:
+    if checkpointing(model) or config.pad_token_id is None:
         return False
     # SDPA, as here: eager attention differs where a query sees no key (it averages them all), and a
     # registered kernel may compute anything
@@ -68,19 +75,10 @@ def supports(model) -> bool:
         [attn.q_norm, attn.k_norm] if hasattr(attn, "q_norm") else []
     )
     return (
-        all(_from_transformers(m) and not _intercepted(m) and not _backward_hooked(m) for m in replaced)
-        and not _global_hooks()
-        and not _global_backward_hooks()
+        all(from_transformers(m) and not intercepted(m) and not backward_hooked(m) for m in replaced)
+        and not global_hooks()
+        and not global_backward_hooks()
     )
-
-
-def _backward_hooked(module) -> bool:
-    return bool(module._backward_hooks or module._backward_pre_hooks)
-
-
-def _global_backward_hooks() -> bool:
-    hooks = torch.nn.modules.module
-    return bool(hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
 
 
 def last_token_index(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:

@@ -23,6 +23,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from posttrain.rl.stock import checkpointing, from_transformers, intercepted
+
 # The MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)).
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 
@@ -51,26 +53,17 @@ class _SwiGLUDown(torch.autograd.Function):
 
 def _lean(mlp) -> bool:
     """`mlp` is one of MLP_CLASSES as transformers builds it: silu, plain bias-free linear maps, nothing attached."""
-    if type(mlp).__name__ not in MLP_CLASSES or not type(mlp).__module__.startswith("transformers.models."):
+    if type(mlp).__name__ not in MLP_CLASSES or not from_transformers(mlp):
         return False
     parts = (mlp, mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn)
     return (
         type(mlp.act_fn).__name__ in ("SiLUActivation", "SiLU")
         and all(type(m) is torch.nn.Linear and m.bias is None for m in parts[1:4])
-        and not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in parts)
+        and not any(intercepted(m) for m in parts)
         and mlp.down_proj.weight.device.type == "cpu"
         and mlp.down_proj.weight.dtype == torch.float32
         and type(mlp.down_proj.weight.data) is torch.Tensor  # not an FSDP2 shard (a DTensor)
     )
-
-
-def _checkpointing(module) -> bool:
-    """transformers' activation (gradient) checkpointing is on for `module` (read by the property's current name,
-    the old one where only it exists)."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if isinstance(getattr(type(module), name, None), property):
-            return bool(getattr(module, name))
-    return False
 
 
 @contextlib.contextmanager
@@ -88,7 +81,7 @@ def lean_mlps(model: torch.nn.Module):
         return
     modules = list(model.modules())
     compiled = any(hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) for m in modules)
-    skip = compiled or any(_checkpointing(m) for m in modules)
+    skip = compiled or any(checkpointing(m) for m in modules)
     mlps = [] if skip else [m for m in modules if _lean(m)]
     for mlp in mlps:
         mlp.forward = lambda x, mlp=mlp: _SwiGLUDown.apply(

@@ -1,0 +1,46 @@
+"""Whether a module is as transformers built it, with nothing attached: the condition under which rl/decode.py,
+rl/swiglu.py and rl/last_token.py may compute a module's forward their own way (a hook, an instance-level
+forward, accelerate's dispatch hook or a subclass would see, or expect, something else)."""
+
+from __future__ import annotations
+
+import torch
+
+_hooks = torch.nn.modules.module
+
+
+def from_transformers(module) -> bool:
+    """`module`'s class is one of transformers' model classes (not a subclass defined elsewhere)."""
+    return type(module).__module__.startswith("transformers.models.")
+
+
+def intercepted(module) -> bool:
+    """A forward hook, an instance-level forward or accelerate's dispatch hook on `module`."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or "forward" in module.__dict__
+        or hasattr(module, "_hf_hook")
+    )
+
+
+def backward_hooked(module) -> bool:
+    return bool(module._backward_hooks or module._backward_pre_hooks)
+
+
+def global_hooks() -> bool:
+    """A forward hook registered for every module (`torch.nn.modules.module.register_module_forward_hook`)."""
+    return bool(_hooks._global_forward_hooks or _hooks._global_forward_pre_hooks)
+
+
+def global_backward_hooks() -> bool:
+    return bool(_hooks._global_backward_hooks or _hooks._global_backward_pre_hooks)
+
+
+def checkpointing(module) -> bool:
+    """transformers' activation (gradient) checkpointing is on for `module` (read by the property's current name,
+    the old one where only it exists)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if isinstance(getattr(type(module), name, None), property):
+            return bool(getattr(module, name))
+    return False
