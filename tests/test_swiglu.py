@@ -100,6 +100,9 @@ def test_left_as_it_is_without_autograd_under_checkpointing_or_for_other_mlps():
     hooked = _llama()
     hooked.model.layers[0].mlp.down_proj.register_forward_hook(lambda *a: None)
     assert replaced(hooked) == 1  # the other layer's
+    dispatched = _llama()
+    dispatched.model.layers[1].mlp.up_proj._hf_hook = object()  # accelerate's dispatch hook (device_map)
+    assert replaced(dispatched) == 1
     with swiglu.lean_mlps(object()):  # not a module (lora.AdapterDisabled, a reference view of the policy)
         pass
     checkpointed = _llama()

@@ -78,6 +78,7 @@ from transformers.cache_utils import StaticLayer
 
 from posttrain.rl import decode, distributed
 from posttrain.rl.distributed import unwrap
+from posttrain.rl.stock import intercepted
 
 SYNC_EVERY = {"cpu": 1}  # steps between host syncs by device type; others: DEFAULT_SYNC_EVERY
 DEFAULT_SYNC_EVERY = 4
@@ -503,8 +504,7 @@ def onednn_linears(model):
             if (
                 type(linear) is torch.nn.Linear
                 and linear.weight.numel() >= ONEDNN_MIN_ELEMENTS
-                and not (linear._forward_hooks or linear._forward_pre_hooks or hasattr(linear, "_hf_hook"))
-                and "forward" not in linear.__dict__
+                and not intercepted(linear)
                 and onednn_available(linear.weight)
             ):
                 linear.forward = _onednn_forward(linear)
