@@ -21,11 +21,12 @@ matmuls shrink, so scores and gradients agree with the model's forward to float3
 (tests/test_last_token.py).
 
 `supports(model)` says where it applies: a Llama / Mistral / Qwen2 / Qwen3 sequence classifier built by
-transformers, unwrapped (no peft, DDP or FSDP wrapper), SDPA attention, no gradient checkpointing, no
-attention dropout in training, its last layer full attention, no forward or backward hook on the model, its
-backbone, final norm or last layer (transformers' own hooks for `output_hidden_states` / `output_attentions`
-stay on the layers once asked for, and count). Anything else takes the model's forward. The swap is not
-thread-safe: one model, one forward at a time, as training does.
+transformers, unwrapped (no peft, DDP or FSDP wrapper), not compiled (`torch_compile` compiles the backbone,
+whose graph would not see the swap), SDPA attention, no gradient checkpointing, no attention dropout in
+training, its last layer full attention, no forward or backward hook on the model, its backbone, final norm
+or last layer (transformers' own hooks for `output_hidden_states` / `output_attentions` stay on the layers
+once asked for, and count). Anything else takes the model's forward. The swap is not thread-safe: one model,
+one forward at a time, as training does.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from posttrain.rl.decode import rope
 from posttrain.rl.stock import (
     backward_hooked,
     checkpointing,
+    compiled,
     from_transformers,
     global_backward_hooks,
     global_hooks,
@@ -56,7 +58,7 @@ def supports(model) -> bool:
     if type(model).__name__ not in FAMILIES or not from_transformers(model):
         return False
     inner, config = model.model, model.config
-    if checkpointing(model) or config.pad_token_id is None:
+    if checkpointing(model) or any(compiled(m) for m in (model, inner)) or config.pad_token_id is None:
         return False
     # SDPA, as here: eager attention differs where a query sees no key (it averages them all), and a
     # registered kernel may compute anything

@@ -270,10 +270,26 @@ def prepare_model(run: Run, model: torch.nn.Module) -> torch.nn.Module:
         if getattr(model, "config", None) is not None:
             # a KV cache is useless in training and conflicts with checkpointing
             model.config.use_cache = False
+    if run.config.torch_compile:
+        compile_decoder(model)
     if run.config.use_peft:
         model = lora.wrap(model, run.config)
     model.train()
     return distributed.wrap(model, run.device, fsdp=run.config.fsdp_enabled, bf16=run.bf16)
+
+
+def compile_decoder(model: torch.nn.Module) -> None:
+    """torch_compile: compile `model`'s decoder stack in place (`nn.Module.compile`: the module tree, its
+    parameters and their state-dict names stay as they are, so checkpoints, peft adapters added afterwards and
+    `distributed.unwrap` see the model as before). Only the decoder: the output layer runs in the fused
+    log-prob kernels (rl/logprobs.py), whose tiled Python loop a graph would not capture whole."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not isinstance(decoder, torch.nn.Module) or decoder is model:
+        raise ConfigError(
+            f"torch_compile=true needs a transformers model with a decoder stack (get_decoder()); "
+            f"{type(model).__name__} has none"
+        )
+    decoder.compile()
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, learning_rate: float | None = None):

@@ -76,7 +76,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
-from posttrain.rl import decode, distributed
+from posttrain.rl import decode, distributed, stock
 from posttrain.rl.distributed import unwrap
 from posttrain.rl.stock import intercepted
 
@@ -340,7 +340,14 @@ def generate(
         # before vocab-major, which leaves a head oneDNN took alone; not for a compiled step (dynamo would trace
         # the reordered weights), which runs nn.Linear (MKL) in its prefill too
         onednn = onednn_linears(model) if step is decode_one_token else contextlib.nullcontext()
-        with torch.no_grad(), distributed.gathered(model), onednn, vocab_major_output_layer(model):
+        # a decoder compiled for training (torch_compile) runs its own forward here
+        with (
+            torch.no_grad(),
+            stock.eager(model),
+            distributed.gathered(model),
+            onednn,
+            vocab_major_output_layer(model),
+        ):
             return _rollout(
                 model, prompt_ids, num_generations, max_completion_length, settings, greedy, stops,
                 pad_token_id, generator, sync_every, device, step,

@@ -1,8 +1,10 @@
 """Whether a module is as transformers built it, with nothing attached: the condition under which rl/decode.py,
 rl/swiglu.py and rl/last_token.py may compute a module's forward their own way (a hook, an instance-level
-forward, accelerate's dispatch hook or a subclass would see, or expect, something else)."""
+forward, accelerate's dispatch hook, a subclass or a compiled graph would see, or expect, something else)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -44,3 +46,24 @@ def checkpointing(module) -> bool:
         if isinstance(getattr(type(module), name, None), property):
             return bool(getattr(module, name))
     return False
+
+
+def compiled(module) -> bool:
+    """`module` runs through torch.compile: compiled in place (`module.compile()`) or a compile wrapper."""
+    return getattr(module, "_compiled_call_impl", None) is not None or hasattr(module, "_orig_mod")
+
+
+@contextlib.contextmanager
+def eager(model: torch.nn.Module):
+    """While open, the modules of `model` compiled in place (`module.compile()`, as `torch_compile` compiles the
+    decoder) run their own forward: generation's forwards (another graph per cache layout and prompt length,
+    and modules patched per rollout) are not worth compiling."""
+    modules = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    impls = [m._compiled_call_impl for m in modules]
+    try:
+        for m in modules:
+            m._compiled_call_impl = None
+        yield
+    finally:
+        for m, impl in zip(modules, impls, strict=True):
+            m._compiled_call_impl = impl

@@ -23,7 +23,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from posttrain.rl.stock import checkpointing, from_transformers, intercepted
+from posttrain.rl.stock import checkpointing, compiled, from_transformers, intercepted
 
 # The MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)).
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
@@ -80,8 +80,7 @@ def lean_mlps(model: torch.nn.Module):
         yield
         return
     modules = list(model.modules())
-    compiled = any(hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) for m in modules)
-    skip = compiled or any(checkpointing(m) for m in modules)
+    skip = any(compiled(m) or checkpointing(m) for m in modules)
     mlps = [] if skip else [m for m in modules if _lean(m)]
     for mlp in mlps:
         mlp.forward = lambda x, mlp=mlp: _SwiGLUDown.apply(
