@@ -98,6 +98,7 @@ def run_ours(args) -> dict:
             bf16=False,
             report_to="none",
             seed=0,
+            torch_compile=args.torch_compile,
         )
         run = loop.start(config, command="sft")
         model = loop.prepare_model(run, build_model(args.quick))
@@ -176,6 +177,7 @@ def run_trl(args) -> dict:
             dataloader_num_workers=0,
             train_sampling_strategy="sequential",  # the same batches in the same order as our side
             seed=0,
+            torch_compile=args.torch_compile,  # the whole model, as transformers' Trainer compiles it
         )
         trainer = trl.SFTTrainer(
             model=model,
@@ -223,6 +225,9 @@ def main():
         help="alternate the sides this many times (ours, TRL, ours, TRL, ...)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1 + 2 steps, 1 round")
+    parser.add_argument(
+        "--torch_compile", action="store_true", help="both sides with torch_compile (compiled in the warm-up)"
+    )
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)  # set for the subprocesses
     args = parser.parse_args()
     if args.quick:
@@ -239,6 +244,7 @@ def main():
         return
 
     sides = ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--quick"] if args.quick else [])
+    sides += ["--torch_compile"] if args.torch_compile else []
     # Alternating the sides spreads any other load on the machine over both.
     results = {side: {"times": [], "peak_mib": 0.0, "losses": [], "floors": []} for side in ("ours", "trl")}
     for _ in range(args.rounds):
@@ -256,6 +262,7 @@ def main():
         f"model: Qwen2 V={config.vocab_size} H={config.hidden_size} L={config.num_hidden_layers} "
         f"I={config.intermediate_size}; batch {BATCH} x ({PROMPT_LEN} prompt + {COMPLETION_LEN} completion); "
         f"{args.rounds} x ({args.warmup} warm-up + {args.steps} timed steps) per side, alternating"
+        + ("; torch_compile on both sides" if args.torch_compile else "")
     )
     f = results["ours"]["floors"][0]["flops"]
     print(
