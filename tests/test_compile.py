@@ -11,6 +11,7 @@ from posttrain.cli import main
 from posttrain.data import embedded
 from posttrain.rl import last_token, loop, rollout, stock
 from posttrain.rl.config import ConfigError, TrainConfig
+from posttrain.rl.loop import Run
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,23 @@ def test_the_decoder_is_compiled_in_place_and_generation_runs_it_eagerly():
     with stock.eager(model):
         assert not any(stock.compiled(m) for m in model.modules())
     assert stock.compiled(model.model)
+
+
+def test_evaluation_runs_its_eval_fn_with_the_decoder_eager(tmp_path):
+    # eval_fn is the embedded task's exact match, which generates with transformers' generate
+    run = Run(
+        config=TrainConfig(output_dir=None), command="test", output_dir=tmp_path, device=torch.device("cpu")
+    )
+    model = embedded.build_model(seed=0)
+    loop.compile_decoder(model)
+    seen = []
+
+    def eval_fn(module):
+        seen.append(any(stock.compiled(m) for m in module.modules()))
+        return {"exact_match": 0.0}
+
+    assert loop.evaluate(run, model, None, None, None, None, eval_fn) == {"eval_exact_match": 0.0}
+    assert seen == [False] and stock.compiled(model.model)
 
 
 def test_a_model_without_a_decoder_stack_is_named():

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from posttrain.rl import checkpoint, distributed, faults, lora
+from posttrain.rl import checkpoint, distributed, faults, lora, stock
 from posttrain.rl.config import ConfigError, TrainConfig, save_config
 from posttrain.rl.logger import METRICS_FILE, MetricsLogger, tensorboard_available
 
@@ -619,7 +619,9 @@ def evaluate(run: Run, model, eval_rows, collate_fn, loss_fn: LossFn, count_fn, 
             if eval_rows is not None and len(eval_rows) > 0:
                 out.update(_eval_loss(run, module, eval_rows, collate_fn, loss_fn, count_fn))
             if eval_fn is not None:
-                with run.autocast(), distributed.gathered(module):  # eval_fn may generate: ranks out of step
+                # eval_fn may generate: ranks out of step, and a decoder compiled for training (torch_compile)
+                # runs its own forward, as in rollout.generate
+                with run.autocast(), distributed.gathered(module), stock.eager(module):
                     extra = eval_fn(module)
                 out.update({k if k.startswith("eval_") else f"eval_{k}": float(v) for k, v in extra.items()})
     finally:
