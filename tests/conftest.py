@@ -33,6 +33,18 @@ def posttrain_cache(tmp_path_factory):
         yield path
 
 
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """A folder holding the embedded task's tiny causal LM (random weights, seed 0) and its tokenizer, for a
+    loop's --model_name_or_path. Files that need another start define their own `start`."""
+    from posttrain.data import embedded
+
+    path = tmp_path_factory.mktemp("start")
+    embedded.build_model(seed=0).save_pretrained(path)
+    embedded.build_tokenizer().save_pretrained(path)
+    return str(path)
+
+
 # The slowest files first (seconds on a 2-core machine, both workers busy: demo ~260, prm ~260, reward ~180,
 # faults, fsdp, epochs, cpo, sft_e2e, dpo, ppo ~50-120 each). pytest-xdist's loadfile hands files out in
 # collection order as workers free up, so the long ones start at once and the many short files fill in

@@ -14,15 +14,6 @@ from posttrain.rl.config import ConfigError, TrainConfig
 from posttrain.rl.loop import Run
 
 
-@pytest.fixture(scope="module")
-def start(tmp_path_factory):
-    """A tiny causal LM and its tokenizer saved to a folder (random weights)."""
-    path = tmp_path_factory.mktemp("start")
-    embedded.build_model(seed=0).save_pretrained(path)
-    embedded.build_tokenizer().save_pretrained(path)
-    return str(path)
-
-
 def _records(out, key):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in lines if key in r]

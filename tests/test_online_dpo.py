@@ -15,15 +15,6 @@ from posttrain.rl.config import ConfigError
 
 
 @pytest.fixture(scope="module")
-def start(tmp_path_factory):
-    """A tiny causal LM and its tokenizer saved to a folder (random weights)."""
-    path = tmp_path_factory.mktemp("start")
-    embedded.build_model(seed=0).save_pretrained(path)
-    embedded.build_tokenizer().save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def prompts(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in embedded.rows("prompt_only", "train")[:32]))

@@ -39,14 +39,6 @@ def cpu_allowed(monkeypatch):
     monkeypatch.setattr(config_module, "QUANTIZED_DEVICE_TYPES", ("cuda", "cpu"))
 
 
-@pytest.fixture(scope="module")
-def start(tmp_path_factory):
-    path = tmp_path_factory.mktemp("start")
-    embedded.build_model(seed=0).save_pretrained(path)
-    embedded.build_tokenizer().save_pretrained(path)
-    return str(path)
-
-
 def qlora(**options):
     return TrainConfig(use_peft=True, lora_dropout=0.0, **options)
 
