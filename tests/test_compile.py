@@ -73,7 +73,7 @@ def test_grpo_generates_eagerly_and_trains_the_compiled_decoder(tmp_path, start,
     assert [r["loss"] for r in fused] == pytest.approx([r["loss"] for r in eager], rel=1e-4, abs=1e-6)
 
 
-def test_the_decoder_is_compiled_in_place_and_generation_runs_it_eagerly():
+def test_the_decoder_is_compiled_in_place_and_eager_lifts_it_for_a_while():
     model = embedded.build_model(seed=0)
     names = list(model.state_dict())
     loop.compile_decoder(model)
@@ -82,6 +82,9 @@ def test_the_decoder_is_compiled_in_place_and_generation_runs_it_eagerly():
     with stock.eager(model):
         assert not any(stock.compiled(m) for m in model.modules())
     assert stock.compiled(model.model)
+    with pytest.raises(RuntimeError, match="inside"), stock.eager(model):
+        raise RuntimeError("inside")
+    assert stock.compiled(model.model)  # restored after an error too
 
 
 def test_evaluation_runs_its_eval_fn_with_the_decoder_eager(tmp_path):
