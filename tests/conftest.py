@@ -60,3 +60,19 @@ SLOWEST_FIRST = (
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture
+def shared_prefix_calls(monkeypatch):
+    """A list that grows by one at each shared-prefix forward (`rl.logprobs._shared_prefix_hidden`): a loop's
+    step asserts that its rows' prompts ran once per prompt."""
+    from posttrain.rl import logprobs
+
+    calls, real = [], logprobs._shared_prefix_hidden
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(logprobs, "_shared_prefix_hidden", counted)
+    return calls

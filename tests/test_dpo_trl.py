@@ -259,12 +259,13 @@ REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "r
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_step_matches_trl(models, tokenizer, case):
+def test_step_matches_trl(models, tokenizer, case, shared_prefix_calls):
     options = CASES[case]
     theirs = trl_dpo_step(*models, tokenizer, ROWS, **options)
     batch, _ = our_batch(tokenizer, ROWS)
     assert_same_batch(batch, theirs["batch"])
     ours = our_step(models, [batch], **options)
+    assert shared_prefix_calls  # chosen and rejected ran their prompt once
     assert theirs["loss"].abs() > 1e-3  # not at a flat point
     assert_same_step(ours, theirs)
     if case == "sft":

@@ -392,11 +392,14 @@ def assert_option_bites(cases, name, theirs, trl_results, algo):
 
 
 @pytest.mark.parametrize("case", list(GRPO_CASES))
-def test_grpo_step_matches_trl(case, models, tokenizer, completions, trl_results, tmp_path):
+def test_grpo_step_matches_trl(
+    case, models, tokenizer, completions, trl_results, tmp_path, shared_prefix_calls
+):
     """One GRPO step of GRPO_CASES[case]: loss, gradients, advantages, old / reference log-probs, metrics."""
     _, options, run = GRPO_CASES[case]
     theirs = trl_results("grpo", GRPO_CASES, case)
     ours = our_step("grpo", options, run, models, tokenizer, completions, theirs["prompt_ids"], tmp_path)
+    assert shared_prefix_calls  # each prompt's G rows ran it once
     assert_same_loss_and_grads(ours, theirs)
     assert_same_tensors(ours["batch"], theirs["batch"])
     required = GENERATION_METRICS + ["entropy"]
@@ -407,12 +410,15 @@ def test_grpo_step_matches_trl(case, models, tokenizer, completions, trl_results
 
 
 @pytest.mark.parametrize("case", list(RLOO_CASES))
-def test_rloo_step_matches_trl(case, models, tokenizer, completions, trl_results, tmp_path):
+def test_rloo_step_matches_trl(
+    case, models, tokenizer, completions, trl_results, tmp_path, shared_prefix_calls
+):
     """One RLOO step of RLOO_CASES[case]: loss, gradients, advantages, old log-probs (TRL keeps each
     completion's sum), metrics."""
     _, options, run = RLOO_CASES[case]
     theirs = trl_results("rloo", RLOO_CASES, case)
     ours = our_step("rloo", options, run, models, tokenizer, completions, theirs["prompt_ids"], tmp_path)
+    assert shared_prefix_calls
     assert_same_loss_and_grads(ours, theirs)
     assert rel_err(ours["batch"]["advantages"], theirs["batch"]["advantages"]) <= RTOL
     old_logps = (ours["batch"]["old_logps"] * ours["batch"]["completion_mask"]).sum(-1)

@@ -238,9 +238,12 @@ def masked_trl_metrics(theirs: dict, beta: float) -> dict:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_online_dpo_step_matches_trl(case, models, tokenizer, reward_model, trl_results, tmp_path):
+def test_online_dpo_step_matches_trl(
+    case, models, tokenizer, reward_model, trl_results, tmp_path, shared_prefix_calls
+):
     theirs = trl_results(case)
     ours = our_step(case, models, tokenizer, reward_model, theirs["prompt_ids"], tmp_path)
+    assert shared_prefix_calls  # a pair's prompt ran once
     # TRL back-propagates each micro-batch's mean loss unscaled (the loss it logs is divided by the
     # accumulation steps, its gradient is not); ours is the gradient of the loss both log
     accumulation = CASES[case][2].get("micro_batches", 1)

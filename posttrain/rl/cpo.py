@@ -125,7 +125,7 @@ def cpo_step_loss(model, batch, num_items, *, config: CPOConfig, router_aux_loss
     """
     out = token_logprobs(
         model, batch, return_entropy=True, return_top1=True, return_mean_logit=True,
-        return_router_aux_loss=router_aux_loss_coef != 0,
+        return_router_aux_loss=router_aux_loss_coef != 0, share_prompts=True,
     )  # fmt: skip
     mask = dpo.by_sequence(batch["completion_mask"], batch).float()  # (2B, T)
     token = dpo.by_sequence(out.logps, batch)  # (2B, T)

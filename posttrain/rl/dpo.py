@@ -487,7 +487,7 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, ld_alpha: floa
 @torch.no_grad()
 def reference_logps(ref_model, batch: dict, ld_alpha: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's (chosen, rejected) sequence log-probs (B,) each, for a batch from `collate_pairs`."""
-    out = token_logprobs(ref_model, batch)
+    out = token_logprobs(ref_model, batch, share_prompts=True)
     mask = by_sequence(batch["completion_mask"], batch).float()
     return sequence_logps(by_sequence(out.logps, batch), mask, ld_alpha)
 
@@ -505,6 +505,7 @@ def dpo_step_loss(model, batch, num_items, *, config: DPOConfig, ref_model=None,
     out = token_logprobs(
         model, batch, return_entropy=True, return_top1=True, return_mean_logit=True,
         return_log_sum_sq=config.use_weighting, return_router_aux_loss=router_aux_loss_coef != 0,
+        share_prompts=True,
     )  # fmt: skip
     mask = by_sequence(batch["completion_mask"], batch).float()  # (2B, T)
     token = by_sequence(out.logps, batch)

@@ -463,7 +463,10 @@ def policy_logps(model, batch: dict, temperature: float, batch_size: int) -> tor
     try:
         chunks = [
             token_logprobs(
-                module, {k: v[i : i + batch_size] for k, v in inputs.items()}, temperature=temperature
+                module,
+                {k: v[i : i + batch_size] for k, v in inputs.items()},
+                temperature=temperature,
+                share_prompts=True,
             ).logps
             for i in range(0, batch["input_ids"].shape[0], batch_size)
         ]
@@ -617,7 +620,9 @@ def grpo_step_loss(model, batch: dict, num_items, *, config: GRPOConfig):
     means over the micro-batches.
     """
     mask = batch["completion_mask"].float()
-    out = token_logprobs(model, batch, temperature=config.temperature, return_entropy=True)
+    out = token_logprobs(
+        model, batch, temperature=config.temperature, return_entropy=True, share_prompts=True
+    )
     logps, entropy = out.logps, out.entropy
     old = batch["old_logps"] if "old_logps" in batch else logps.detach()
     advantages = batch["advantages"]

@@ -286,7 +286,7 @@ def online_dpo_step_loss(model, batch: dict, num_items, *, config: OnlineDPOConf
         key: torch.cat([batch[key][:, 0], batch[key][:, 1]]) for key in SEQUENCE_KEYS
     }  # (2B, T) chosen first
     mask = flat["completion_mask"].float()
-    logps = (token_logprobs(model, flat).logps * mask).sum(1)  # (2B,)
+    logps = (token_logprobs(model, flat, share_prompts=True).logps * mask).sum(1)  # (2B,)
     chosen, rejected = logps.chunk(2)
     ref = batch["ref_logps"]
     beta = config.beta_at(batch.get("epoch", 0.0))

@@ -102,7 +102,9 @@ def prepare_batch(
 def rloo_step_loss(model, batch: dict, num_items, *, config: RLOOConfig):
     """One micro-batch's share of the step's loss (completions in the step: num_items), and its metrics."""
     mask = batch["completion_mask"].float()
-    out = token_logprobs(model, batch, temperature=config.temperature, return_entropy=True)
+    out = token_logprobs(
+        model, batch, temperature=config.temperature, return_entropy=True, share_prompts=True
+    )
     advantages = batch["advantages"]
     terms = policy.rloo(
         out.logps,
