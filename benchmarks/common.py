@@ -33,6 +33,7 @@ from posttrain.measure import (  # noqa: F401  (the benchmarks call them as comm
     peak_rss_mib,
     reset_peak_rss,
     rss_mib,
+    shared_prompt_step_flops,
     step_flops,
 )
 

@@ -48,8 +48,10 @@ its steps, forward-only matmuls for the forward-only parts:
                  layer at the last position only;
     decode       C - 1 one-token forwards of the N rows (the prefill's logits give the first token), attention
                  over the prompt and the tokens so far, output layer at the new position;
-    train        forward + backward of the N rows of P + C tokens (`common.step_flops`: 3 x forward), output
-                 layer at the N x C completion positions only;
+    train        forward + backward of each prompt's P tokens once and the N rows' C completion tokens on
+                 them (`common.shared_prompt_step_flops`: 3 x forward; both sides' loops used to run the
+                 prompt once per row, ours runs it once per prompt since session 15: `rl.logprobs.shared_prefix`),
+                 output layer at the N x C completion positions only;
     rloo adds    two forwards of the N rows (old and reference log-probs): 1/3 of the train floor each;
     online_dpo   the reference forward of the N rows: 1/3 of the train floor;
     ppo adds     the old-policy and reference forwards (1/3 of the train floor each), and the value model's
@@ -426,8 +428,13 @@ def floor(config, algo: str) -> dict:
     forwards of the same rows (1/3 of the training floor each) and, for PPO, the value model's forward +
     backward and forward (the training floor's body part, in full and 1/3) and the reward model's forward."""
     seq_len = PROMPT_LEN + COMPLETION_LEN
-    train = common.compute_floor(config, ROWS * seq_len, seq_len, ROWS * COMPLETION_LEN, repeats=10)
-    gen = generation_floor(config, prompts_per_step(algo))
+    prompts = prompts_per_step(algo)  # each prompt once: its G rows share it (rl.logprobs.shared_prefix)
+    shared = common.shared_prompt_step_flops(
+        config, prompts, ROWS, PROMPT_LEN, COMPLETION_LEN, head_tokens=ROWS * COMPLETION_LEN
+    )
+    tokens = prompts * PROMPT_LEN + ROWS * COMPLETION_LEN
+    train = common.compute_floor(config, tokens, seq_len, ROWS * COMPLETION_LEN, repeats=10, flops=shared)
+    gen = generation_floor(config, prompts)
     forwards = LOGP_FORWARDS[algo]
     f = train["flops"]
     seconds = {**gen["seconds"], "train": train["floor_s"], "logp forwards": forwards / 3 * train["floor_s"]}

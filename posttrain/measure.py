@@ -72,6 +72,19 @@ def step_flops(config, batch_tokens: int, seq_len: int, head_tokens: int) -> dic
     }
 
 
+def shared_prompt_step_flops(
+    config, prompts: int, rows: int, prompt_len: int, completion_len: int, head_tokens: int
+) -> dict[str, float]:
+    """`step_flops` of `rows` sequences of prompt_len + completion_len tokens whose prompts are `prompts`
+    distinct ones, each shared by rows / prompts rows (a prompt's sampled completions, a pair's chosen and
+    rejected: `rl.logprobs.shared_prefix`): each prompt's P positions once, each row's C positions attending
+    to its prompt and the completion before them (on average P + C / 2 keys, where `step_flops`' causal
+    T / 2 would count T = 2P + C). prompts == rows gives `step_flops` of the rows whole."""
+    prompt = step_flops(config, prompts * prompt_len, prompt_len, head_tokens=0)
+    completion = step_flops(config, rows * completion_len, 2 * prompt_len + completion_len, head_tokens)
+    return {part: prompt[part] + completion[part] for part in prompt}
+
+
 def last_token_score_flops(config, batch_tokens: int, seq_len: int, rows: int) -> dict[str, float]:
     """FLOPs of one forward + backward of a sequence classifier that reads one position per row, its last
     token (a reward model: `posttrain.rl.last_token`), by part as `step_flops`: every layer but the last over
@@ -145,8 +158,11 @@ def linear_forward_seconds(n: int, k: int, m: int, repeats: int = 5, calls: int 
     return best
 
 
-def compute_floor(config, batch_tokens: int, seq_len: int, head_tokens: int, repeats: int = 5) -> dict:
-    """The step's FLOPs (`step_flops`) divided by matmul rates measured now, on the shapes the step uses.
+def compute_floor(
+    config, batch_tokens: int, seq_len: int, head_tokens: int, repeats: int = 5, flops: dict | None = None
+) -> dict:
+    """The step's FLOPs (`step_flops`, or `flops` by part when given: `shared_prompt_step_flops`, whose body
+    must be over batch_tokens) divided by matmul rates measured now, on the shapes the step uses.
 
     body rate: the matmuls of one decoder layer's linear maps at B*T rows (all of them, fwd + bwd);
     head rate: the output layer's at N rows. Attention runs at the body rate (it is ~3% of the work).
@@ -154,7 +170,7 @@ def compute_floor(config, batch_tokens: int, seq_len: int, head_tokens: int, rep
     H, V = config.hidden_size, config.vocab_size
     layer_s = sum(linear_fwd_bwd_seconds(batch_tokens, k, m, repeats) for k, m in layer_shapes(config))
     head_s = linear_fwd_bwd_seconds(head_tokens, H, V, repeats)
-    flops = step_flops(config, batch_tokens, seq_len, head_tokens)
+    flops = flops or step_flops(config, batch_tokens, seq_len, head_tokens)
     body_rate = 6.0 * linear_params_per_layer(config) * batch_tokens / layer_s
     head_rate = flops["head"] / head_s
     floor = (flops["body"] + flops["attn"]) / body_rate + flops["head"] / head_rate
