@@ -53,7 +53,7 @@ def start(tmp_path_factory):
 SLOWEST_FIRST = (
     "test_demo.py", "test_prm.py", "test_reward.py", "test_faults.py", "test_fsdp.py", "test_epochs.py",
     "test_cpo.py", "test_sft_e2e.py", "test_dpo.py", "test_ppo.py", "test_online_dpo.py", "test_lora.py",
-    "test_rollout.py", "test_kto.py", "test_compare.py", "test_compile.py", "test_loop.py",
+    "test_rollout.py", "test_kto.py", "test_compare.py", "test_compile.py", "test_loop.py", "test_shared_prefix.py",
 )  # fmt: skip
 
 
