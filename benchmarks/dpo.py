@@ -31,7 +31,7 @@ References (DPO and KTO), each run on both sides:
           Precomputed: no reference model (TRL scores the rows before training, in `__init__`).
 
 Floor: the policy's forward + backward of the backbone over all 16 x 128 tokens (body and attention,
-`common.step_flops`; DPO and ORPO: each pair's 64 prompt tokens once and its chosen and rejected 64 answer
+`common.step_flops`; DPO: each pair's 64 prompt tokens once and its chosen and rejected 64 answer
 tokens on them, `common.shared_prompt_step_flops`, as our loops run them since session 15) and of the output layer at the 16 x 64 completion positions only (6 * V * H each; ORPO's
 NLL term reads every position of the chosen sequences, so 8 x 127 + 8 x 64 there);
 forward-only passes add a third of that each: DPO's live reference one pass; KTO's policy on the KL sequences
@@ -416,15 +416,15 @@ FORWARD_PASSES = {
 
 
 def floor(config, loop_name: str, reference: str) -> dict:
-    """The policy's floor (`common.compute_floor`: backbone over all 16 x 128 tokens, a pair's prompt once but
-    for KTO's unpaired rows, output layer at the 16 x 64 completion positions) plus the loop's forward-only passes: a third of each part per pass."""
+    """The policy's floor (`common.compute_floor`: backbone over all 16 x 128 tokens, a pair's prompt once for DPO,
+    not for KTO's unpaired rows nor ORPO, whose NLL term reads the prompts, output layer at the 16 x 64 completion positions) plus the loop's forward-only passes: a third of each part per pass."""
     seq_len = PROMPT_LEN + COMPLETION_LEN
     head_tokens = 2 * BATCH * COMPLETION_LEN
     if (
         loop_name == "orpo"
     ):  # its NLL term reads every position of the chosen sequences (TRL's), prompt included
         head_tokens = BATCH * (seq_len - 1) + BATCH * COMPLETION_LEN
-    if loop_name == "kto":  # unpaired rows
+    if loop_name in ("kto", "orpo"):  # unpaired rows; ORPO's NLL term reads the chosen rows' prompts too
         out = common.compute_floor(config, 2 * BATCH * seq_len, seq_len, head_tokens)
     else:  # a pair's chosen and rejected share their prompt: once per pair (rl.logprobs.shared_prefix)
         shared = common.shared_prompt_step_flops(

@@ -168,7 +168,7 @@ def test_no_grad_eval_equals_plain_forward():
 
 
 def test_where_it_does_not_apply():
-    from transformers import AutoModelForCausalLM, Gemma2Config
+    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2MoeConfig
 
     model, batch = tiny(), online_batch()
     mask = batch["completion_mask"]
@@ -189,6 +189,15 @@ def test_where_it_does_not_apply():
         num_key_value_heads=1, head_dim=16, pad_token_id=0,
     )  # fmt: skip
     assert lp.shared_prefix(AutoModelForCausalLM.from_config(gemma2), batch, mask) is None
+    small = dict(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    dynamic = LlamaConfig(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}, **small)
+    assert lp.shared_prefix(AutoModelForCausalLM.from_config(dynamic), batch, mask) is None  # angles per call
+    moe = Qwen2MoeConfig(output_router_logits=True, **small)  # its router loss reads the (B, T) mask
+    assert lp.shared_prefix(AutoModelForCausalLM.from_config(moe), batch, mask) is None
+    moe.output_router_logits = False
+    assert lp.shared_prefix(AutoModelForCausalLM.from_config(moe), batch, mask) is not None
 
 
 def test_ddp_gradients_equal_plain_forward(tmp_path):

@@ -8,8 +8,8 @@ final hidden states are captured at the input of the output embedding and fed, w
 `kernels.logprobs_from_hidden`. Any other model gets its full logits from its own forward and
 `kernels.logprobs_from_logits`.
 
-Rows that begin with the same prompt (GRPO's and RLOO's G completions of a prompt, Online DPO's pairs, DPO's,
-CPO's and ORPO's chosen and rejected) run it once when the loop asks (`share_prompts`, `shared_prefix`): the
+Rows that begin with the same prompt (GRPO's and RLOO's G completions of a prompt, Online DPO's pairs, DPO's
+and CPO's chosen and rejected) run it once when the loop asks (`share_prompts`, `shared_prefix`): the
 prompt's forward into a KV cache that each of its rows reads, then the rows' completions. On the GRPO
 benchmark's step (a 64-token prompt, 8 completions of 32) that takes the body's tokens from 768 to 320.
 """
@@ -193,7 +193,8 @@ def shared_prefix(model: torch.nn.Module, batch: dict, mask: torch.Tensor) -> Sh
         alone, which a cached prefix would not see);
       - gradient checkpointing (transformers drops the cache under it), a decoder compiled in place (each
         split would compile shapes of its own), FSDP2-sharded weights;
-      - a cache with anything but plain full-attention layers (a sliding-window layer keeps only its window).
+      - a cache with anything but plain full-attention layers (a sliding-window layer keeps only its window),
+        dynamic or long-rope rotary scaling, a mixture of experts set to return its router logits.
     P is the first column any row's first target is at (position P - 1 predicts it), so a row's targets all
     lie after the prefix. One host sync for P, one for the distinct prefixes."""
     attention_mask = batch.get("attention_mask")
@@ -234,6 +235,14 @@ def _takes_split_forward(model: torch.nn.Module) -> bool:
     if decoder is None or getattr(decoder, "_compiled_call_impl", None) is not None:
         return False
     if hasattr(model.get_input_embeddings().weight, "placements"):
+        return False
+    # rotary angles that rescale with the longest position of the call would differ between the two calls
+    rope_type = getattr(getattr(decoder, "rotary_emb", None), "rope_type", "default")
+    if "dynamic" in rope_type or rope_type == "longrope":
+        return False
+    # a mixture of experts that returns its router logits sums its load-balancing loss over the (B, T)
+    # attention mask, which the second call's (B, T - P) tokens would not match
+    if getattr(model.config, "output_router_logits", False):
         return False
     return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 

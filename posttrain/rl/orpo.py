@@ -92,7 +92,7 @@ def orpo_step_loss(model, batch, num_items, *, config: ORPOConfig, router_aux_lo
     targets = chosen_sequence_mask(batch, pairs)
     out = token_logprobs(
         model, batch, mask=targets, return_entropy=True, return_top1=True, return_mean_logit=True,
-        return_router_aux_loss=router_aux_loss_coef != 0, share_prompts=True,
+        return_router_aux_loss=router_aux_loss_coef != 0,
     )  # fmt: skip
     mask = dpo.by_sequence(batch["completion_mask"], batch).float()  # (2B, T) completion tokens
     token = dpo.by_sequence(out.logps, batch)  # (2B, T)
