@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-from posttrain.rl.stock import from_transformers, global_hooks, intercepted
+from posttrain.rl.stock import from_transformers, global_hooks, intercepted, rescaled_rope
 
 # Model classes whose decoder layer is the one above (Qwen3 adds the per-head q / k norms).
 FAMILIES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -74,8 +74,7 @@ def supports(model, cache) -> bool:
         return False
     if any(type(layer) is not StaticLayer for layer in cache.layers):
         return False  # full attention in every layer, each layer's keys and values written in place
-    rope_type = getattr(inner.rotary_emb, "rope_type", "default")
-    if "dynamic" in rope_type or rope_type == "longrope":
+    if rescaled_rope(inner.rotary_emb):
         return False
     # modules whose forward the step replaces: transformers' own, with nothing attached to them
     bypassed = [model, inner, inner.norm, inner.rotary_emb] + [

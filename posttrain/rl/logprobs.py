@@ -25,7 +25,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from posttrain.kernels import logprobs_from_hidden, logprobs_from_logits
-from posttrain.rl import lora, swiglu
+from posttrain.rl import lora, stock, swiglu
 from posttrain.rl.distributed import release_frozen_root, unwrap
 from posttrain.rl.rollout import cache_kwarg
 
@@ -225,20 +225,13 @@ class SharedPrefix(NamedTuple):
 
 def _takes_split_forward(model: torch.nn.Module) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through peft
-    # transformers 5 renamed is_gradient_checkpointing (now deprecated) to is_activation_checkpointing
-    checkpointing = getattr(base, "is_activation_checkpointing", None)
-    if checkpointing is None:
-        checkpointing = getattr(base, "is_gradient_checkpointing", False)
-    if checkpointing:
-        return False
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None or getattr(decoder, "_compiled_call_impl", None) is not None:
+    if stock.checkpointing(base) or decoder is None or stock.compiled(decoder):
         return False
     if hasattr(model.get_input_embeddings().weight, "placements"):
         return False
     # rotary angles that rescale with the longest position of the call would differ between the two calls
-    rope_type = getattr(getattr(decoder, "rotary_emb", None), "rope_type", "default")
-    if "dynamic" in rope_type or rope_type == "longrope":
+    if stock.rescaled_rope(getattr(decoder, "rotary_emb", None)):
         return False
     # a mixture of experts that returns its router logits sums its load-balancing loss over the (B, T)
     # attention mask, which the second call's (B, T - P) tokens would not match

@@ -48,6 +48,13 @@ def checkpointing(module) -> bool:
     return False
 
 
+def rescaled_rope(rotary) -> bool:
+    """A rotary embedding module whose angles depend on more than the position: the dynamic and long-rope
+    kinds rescale with the longest position of the call."""
+    rope_type = getattr(rotary, "rope_type", "default")
+    return "dynamic" in rope_type or rope_type == "longrope"
+
+
 def compiled(module) -> bool:
     """`module` runs through torch.compile: compiled in place (`module.compile()`) or a compile wrapper."""
     return getattr(module, "_compiled_call_impl", None) is not None or hasattr(module, "_orig_mod")
