@@ -134,6 +134,22 @@ def test_rows_in_any_order_and_a_fully_masked_row(monkeypatch):
     assert_same(tiny(), batch, monkeypatch)
 
 
+def test_same_prompt_ids_under_other_pads_are_not_shared(monkeypatch):
+    """A prompt that begins with the pad id's token, [0, 5, 6], and a shorter one left-padded to the same ids,
+    [pad, 5, 6], differ only in their attention mask (here without position_ids): two prefixes, not one."""
+    G, L = 2, 4
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, V, (2 * G, L), generator=g)
+    ro = rollout.Rollout(
+        ids, torch.ones_like(ids), torch.zeros(2 * G, L), torch.zeros(2 * G, dtype=torch.bool)
+    )
+    batch = rollout.training_batch([[0, 5, 6], [5, 6]], ro, num_generations=G, pad_token_id=0)
+    del batch["position_ids"]
+    assert batch["input_ids"][0, :3].tolist() == batch["input_ids"][G, :3].tolist()
+    assert len(lp.shared_prefix(tiny(), batch, batch["completion_mask"]).first) == 2
+    assert_same(tiny(), batch, monkeypatch)
+
+
 def test_dpo_layout_equals_plain_forward(monkeypatch):
     """The prefix ends at the shortest prompt (4 columns): the longer prompt's pair shares those 4 columns
     too, and its other 3 prompt tokens run with the answers."""
