@@ -2,7 +2,8 @@
 # The GPU checks of benchmarks/README.md as one command for a short lease (~6-7 minutes on an H200), each step
 # under its own time limit, its output in $OUT (or ./gpu_out) as it goes, so a step that runs long costs only
 # itself. Wheels in .whl/ (TRL 1.16 and what the card's image lacks: see benchmarks/README.md) are installed
-# first into /tmp/site.
+# first into /tmp/site (.whl/tf/: transformers and what it needs, into /tmp/site_tf if they import together).
+# GEOMETRY=0 or KERNELS=0 leaves out the launch-geometry sweep or the side-by-side kernel tables.
 #
 #     bash benchmarks/gpu_runbook.sh
 set -u
@@ -11,12 +12,18 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 T0=$(date +%s)
 stamp() { echo "== $1 at +$(($(date +%s) - T0)) s" | tee -a "$OUT/steps.txt"; }
+export PYTHONPATH=$PWD
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         >"$OUT/pip.txt" 2>&1
-    export PYTHONPATH=/tmp/site:$PWD
-else
-    export PYTHONPATH=$PWD
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+# .whl/tf: the transformers release CI runs and what it needs, used only if it imports (else the image's)
+if compgen -G ".whl/tf/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_tf \
+        .whl/tf/*.whl >>"$OUT/pip.txt" 2>&1
+    PYTHONPATH=/tmp/site_tf:$PYTHONPATH python3 -c "import transformers, trl, datasets; transformers.AutoModelForCausalLM" \
+        >>"$OUT/pip.txt" 2>&1 && export PYTHONPATH=/tmp/site_tf:$PYTHONPATH
 fi
 {
     nvidia-smi --query-gpu=name,driver_version --format=csv
@@ -27,15 +34,20 @@ stamp env
 timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_kernels_logits.py tests/test_kernels_hidden.py \
     tests/test_kernels_cuda_compile.py >"$OUT/tests.txt" 2>&1
 stamp tests
-timeout 120 python3 benchmarks/kernels.py --paths logits --ns 16k --skip compiled >"$OUT/kernels_logits.txt" 2>&1
-stamp kernels_logits
-timeout 60 python3 benchmarks/kernels.py --paths hidden --ns 16k >"$OUT/kernels_hidden.txt" 2>&1
-stamp kernels_hidden
+if [ "${GEOMETRY:-1}" = 1 ]; then
+    timeout 170 python3 benchmarks/geometry.py >"$OUT/geometry.txt" 2>&1
+    stamp geometry
+fi
+if [ "${KERNELS:-1}" = 1 ]; then
+    timeout 120 python3 benchmarks/kernels.py --paths logits --ns 16k --skip compiled >"$OUT/kernels_logits.txt" 2>&1
+    stamp kernels_logits
+    timeout 60 python3 benchmarks/kernels.py --paths hidden --ns 16k >"$OUT/kernels_hidden.txt" 2>&1
+    stamp kernels_hidden
+fi
 timeout 120 python3 benchmarks/rollout.py --device cuda --dtype bfloat16 --models 0.5b --batches 8 64 32x8 \
     --sides generate ours_step ours_forward --repeats 3 --new_tokens 64 >"$OUT/rollout.txt" 2>&1
 stamp rollout
 grep -E "passed|failed" "$OUT/tests.txt" | tail -1
-for f in kernels_logits kernels_hidden rollout; do
-    echo "### $f"
-    tail -c 2500 "$OUT/$f.txt"
+for f in geometry kernels_logits kernels_hidden rollout; do
+    [ -f "$OUT/$f.txt" ] && echo "### $f" && tail -c 1500 "$OUT/$f.txt"
 done

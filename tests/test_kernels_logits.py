@@ -167,11 +167,15 @@ def test_odd_shape_matches_reference(backend, dtype, temperature):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_rows_across_many_chunks_and_blocks(backend, dtype, monkeypatch):
+@pytest.mark.parametrize("span", [None, 32, 64])
+def test_rows_across_many_chunks_and_blocks(backend, dtype, span, monkeypatch):
     # 22 rows in chunks of 3 (eight chunks, the last partial) on the torch path; on the Triton path each row in
-    # 32-wide blocks (four, the last ragged), so the online max / sum rescaling across blocks is exercised
+    # 32-wide blocks (four, the last ragged), so the online max / sum rescaling across blocks is exercised, and
+    # the backward's row whole or split over programs of one block or two (the last program's span ragged)
     monkeypatch.setattr(L, "CHUNK_ELEMENTS", 3 * 123)
     monkeypatch.setattr(L, "_launch_config", lambda V: (32, 4))
+    if span is not None:
+        monkeypatch.setattr(L, "_backward_span", lambda V, block: span)
     logits, index = random_case(22, 123, seed=21)
     mask = torch.ones(22, dtype=torch.bool)
     mask[[4, 5, 17, 21]] = False
@@ -504,8 +508,12 @@ def poisoned_empty(shape, dtype, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("masked", [False, True])
-def test_every_output_and_gradient_element_is_written(backend, masked, monkeypatch):
+@pytest.mark.parametrize("split", [False, True])
+def test_every_output_and_gradient_element_is_written(backend, masked, split, monkeypatch):
     monkeypatch.setattr(L, "_empty", poisoned_empty)
+    if split:  # the backward's rows over programs of 64 columns: 130 = 64 + 64 + 2
+        monkeypatch.setattr(L, "_launch_config", lambda V: (32, 4))
+        monkeypatch.setattr(L, "_backward_span", lambda V, block: 64)
     logits, index = random_case(5, 130, seed=13)
     mask = torch.tensor([True, False, True, True, False]) if masked else None
     logps, entropy, top1, grad = check_against_reference(backend, logits, index, mask=mask, temperature=0.7)
