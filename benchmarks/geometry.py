@@ -4,7 +4,7 @@
     python benchmarks/geometry.py --ns 4k --vocabs 32k
 
 Logits path (posttrain/kernels/logits.py): the forward over (BLOCK_V, num_warps) with and without entropy,
-and the backward over (BLOCK_V, num_warps, columns per program: the whole row or a split of it), each in GB/s
+and the backward over (BLOCK_V, num_warps), each in GB/s
 of the logits' bytes it must move (forward: one read; backward: one read and one write) next to a
 device-to-device copy and TRL 1.16's Triton kernels (`selective_log_softmax`, `selective_log_softmax_and_entropy`)
 timed the same way. Hidden path (hidden.py): forward + backward over the tile shape (rows x vocabulary
@@ -20,6 +20,7 @@ calls). CUDA only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import os
@@ -51,20 +52,15 @@ def grad_of(logps, logits):
     return torch.autograd.grad(logps, logits, torch.ones_like(logps), retain_graph=True)
 
 
-def patched(block, warps, span_blocks=None):
-    """Context: the logits kernels launched with this geometry."""
-
-    class Patch:
-        def __enter__(self):
-            self.saved = L._launch_config, L._backward_span
-            L._launch_config = lambda V: (block, warps)
-            if span_blocks is not None:
-                L._backward_span = lambda V, b: span_blocks * b
-
-        def __exit__(self, *exc):
-            L._launch_config, L._backward_span = self.saved
-
-    return Patch()
+@contextlib.contextmanager
+def patched(block, warps):
+    """The logits kernels, forward and backward, launched with this geometry."""
+    saved = L._launch_config
+    L._launch_config = lambda V, backward=False: (block, warps)
+    try:
+        yield
+    finally:
+        L._launch_config = saved
 
 
 def logits_sweep(N, V, copy_gbs):
@@ -77,13 +73,13 @@ def logits_sweep(N, V, copy_gbs):
     )[0]
     scale = ref_grad.abs().max().item()
     print(f"\n## logits path, N x V = {N} x {V}, bf16 ({gb:.2f} GB of logits; copy {copy_gbs:.0f} GB/s)")
-    print("| pass | method | BLOCK_V | warps | blocks / program | ms | GB/s | of copy | err |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| pass | method | BLOCK_V | warps | ms | GB/s | of copy | err |")
+    print("|---|---|---|---|---|---|---|---|")
 
-    def row(kind, method, block, warps, span, ms, moved, err):
+    def row(kind, method, block, warps, ms, moved, err):
         gbs = moved / (ms / 1e3)
         print(
-            f"| {kind} | {method} | {block} | {warps} | {span} | {ms:.3f} | {gbs:.0f} | {gbs / copy_gbs:.0%} | {err:.1e} |"
+            f"| {kind} | {method} | {block} | {warps} | {ms:.3f} | {gbs:.0f} | {gbs / copy_gbs:.0%} | {err:.1e} |"
         )
 
     with torch.no_grad():
@@ -94,7 +90,7 @@ def logits_sweep(N, V, copy_gbs):
                     fn = functools.partial(L.logprobs_from_logits_triton, x, index, return_entropy=entropy)
                     out = fn()
                     err = ((out[0] if entropy else out) - ref_logp).abs().max().item()
-                    row(kind, "ours", block, warps, "-", median_ms(fn), gb, err)
+                    row(kind, "ours", block, warps, median_ms(fn), gb, err)
             from trl.kernels.logprob_entropy import selective_log_softmax_and_entropy
             from trl.trainer.utils import selective_log_softmax
 
@@ -105,19 +101,19 @@ def logits_sweep(N, V, copy_gbs):
             )
             out = fn()
             err = ((out[0] if entropy else out) - ref_logp).abs().max().item()
-            row(kind, "TRL", 1024, 4, "-", median_ms(fn), gb, err)
+            row(kind, "TRL", 1024, 4, median_ms(fn), gb, err)
 
-    for block, warps, span in BACKWARD:
-        with patched(block, warps, span):
+    for block, warps in BACKWARD:
+        with patched(block, warps):
             logps = L.logprobs_from_logits_triton(logits, index)
             fn = functools.partial(grad_of, logps, logits)
             err = (fn()[0].float() - ref_grad).abs().max().item() / scale
-            row("bwd", "ours", block, warps, span or "row", median_ms(fn), 2 * gb, err)
+            row("bwd", "ours", block, warps, median_ms(fn), 2 * gb, err)
     from trl.trainer.utils import selective_log_softmax
 
     fn = functools.partial(grad_of, selective_log_softmax(logits, index), logits)
     err = (fn()[0].float() - ref_grad).abs().max().item() / scale
-    row("bwd", "TRL", 1024, 4, 1, median_ms(fn), 2 * gb, err)
+    row("bwd", "TRL", 1024, 4, median_ms(fn), 2 * gb, err)
 
 
 def hidden_sweep(N, V):

@@ -10,9 +10,10 @@
 - `supports` refuses what the step does not compute: another architecture, a subclass (even under the
   family's name), a projection that is not exactly nn.Linear, a forward hook on a module the step does not
   call (one on a projection is fine: it is called), a dynamic cache, a dynamic rotary embedding, Mistral with
-  a sliding window, a model off the CPU;
+  a sliding window, a model on a device outside decode.DEVICES (meta);
 - `rollout.generate` takes the step where it applies, and gives what the model's forward gives: the same
-  greedy and sampled tokens, log-probs to float32 rounding.
+  greedy and sampled tokens, log-probs to float32 rounding;
+- the first and the last on a GPU too when there is one (decode.DEVICES has "cuda").
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def make_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
 def prefilled(model):
     """The left-padded prompts through `rollout.prefill` into a fresh static cache of P + L slots: the cache,
     the last positions (B,), the attention mask over every slot (B, P + L), and P."""
-    ids, mask = rollout._left_pad(PROMPTS, PAD, "cpu")
+    ids, mask = rollout._left_pad(PROMPTS, PAD, model.device)
     P = ids.shape[1]
     cache = rollout._new_cache(model, P + L)
     with torch.no_grad():
@@ -84,11 +85,11 @@ def steps_against_forward(model, tol):
     with torch.no_grad():
         for t in range(1, L):
             if t == 3:  # compaction: rollout._rollout's row selection, on both sides
-                keep = torch.tensor([3, 0, 2])
+                keep = torch.tensor([3, 0, 2], device=model.device)
                 rollout._select_rows(ours, keep)
                 rollout._select_rows(theirs, keep)
                 positions, mask = positions[keep], mask[keep]
-            tokens = torch.randint(3, 128, (len(positions),))
+            tokens = torch.randint(3, 128, (len(positions),)).to(model.device)
             positions = positions + 1
             got = step(tokens, positions, mask)
             expected = model(
@@ -104,9 +105,17 @@ def steps_against_forward(model, tol):
         torch.testing.assert_close(a.values, b.values, rtol=tol, atol=tol)
 
 
+# the step runs wherever decode.DEVICES allows it: on a GPU too, when there is one
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_step_equals_the_models_forward(family):
-    steps_against_forward(make_model(family), tol=1e-5)
+def test_step_equals_the_models_forward(family, device):
+    steps_against_forward(make_model(family).to(device), tol=1e-5)
 
 
 def test_step_in_bfloat16():
@@ -170,10 +179,11 @@ def test_supports_refuses_what_it_does_not_compute():
     assert not decode.supports(full, cache)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("do_sample", [False, True])
-def test_generate_takes_the_step_and_gives_the_forwards_tokens(family, do_sample, monkeypatch):
-    model = make_model(family)
+def test_generate_takes_the_step_and_gives_the_forwards_tokens(family, do_sample, device, monkeypatch):
+    model = make_model(family).to(device)
     calls = []
     step_call = decode.LlamaDecodeStep.__call__
     monkeypatch.setattr(

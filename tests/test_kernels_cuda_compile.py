@@ -163,7 +163,7 @@ def logits_backward_case(
     dtype: str, V: int, *, mask: bool, grad_logps: bool, grad_entropy: bool
 ) -> KernelCase:
     """L._backward_kernel for logits and gradient (N, V) of `dtype`, both contiguous (row stride V)."""
-    block, warps = L._launch_config(V)
+    block, warps = L._launch_config(V, backward=True)
     signature = {
         "logits_ptr": f"*{dtype}",
         "stride_n": "i32",

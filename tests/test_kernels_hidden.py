@@ -35,18 +35,23 @@ def _torch_small(*args, **kw):
 
 def _triton_on_device(hidden, weight, index, *, bias=None, mask=None, **kw):
     """The Triton path on CUDA copies when a GPU exists (outputs back on the CPU, gradients flow to the CPU
-    tensors), else directly on the CPU through the interpreter."""
+    tensors; CPU autocast becomes CUDA autocast), else directly on the CPU through the interpreter."""
     kw = dict(rows_per_tile=2, vocab_per_tile=48) | kw  # every test crosses row and vocabulary tiles
     if not CUDA:
         return K.logprobs_from_hidden_triton(hidden, weight, index, bias=bias, mask=mask, **kw)
-    out = K.logprobs_from_hidden_triton(
-        hidden.cuda(),
-        weight.cuda(),
-        index.cuda(),
-        bias=None if bias is None else bias.cuda(),
-        mask=None if mask is None else mask.cuda(),
-        **kw,
+    # a caller's CPU autocast carried over to the GPU, where the matmuls now run
+    autocast = torch.autocast(
+        "cuda", torch.get_autocast_dtype("cpu"), enabled=torch.is_autocast_enabled("cpu")
     )
+    with autocast:
+        out = K.logprobs_from_hidden_triton(
+            hidden.cuda(),
+            weight.cuda(),
+            index.cuda(),
+            bias=None if bias is None else bias.cuda(),
+            mask=None if mask is None else mask.cuda(),
+            **kw,
+        )
     return out.cpu() if isinstance(out, torch.Tensor) else tuple(o.cpu() for o in out)
 
 

@@ -167,15 +167,11 @@ def test_odd_shape_matches_reference(backend, dtype, temperature):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("span", [None, 32, 64])
-def test_rows_across_many_chunks_and_blocks(backend, dtype, span, monkeypatch):
+def test_rows_across_many_chunks_and_blocks(backend, dtype, monkeypatch):
     # 22 rows in chunks of 3 (eight chunks, the last partial) on the torch path; on the Triton path each row in
-    # 32-wide blocks (four, the last ragged), so the online max / sum rescaling across blocks is exercised, and
-    # the backward's row whole or split over programs of one block or two (the last program's span ragged)
+    # 32-wide blocks (four, the last ragged), so the online max / sum rescaling across blocks is exercised
     monkeypatch.setattr(L, "CHUNK_ELEMENTS", 3 * 123)
-    monkeypatch.setattr(L, "_launch_config", lambda V: (32, 4))
-    if span is not None:
-        monkeypatch.setattr(L, "_backward_span", lambda V, block: span)
+    monkeypatch.setattr(L, "_launch_config", lambda V, backward=False: (32, 4))
     logits, index = random_case(22, 123, seed=21)
     mask = torch.ones(22, dtype=torch.bool)
     mask[[4, 5, 17, 21]] = False
@@ -288,7 +284,7 @@ def tied_case(dtype, block):
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
 def test_top1_ties_go_to_the_first_column(backend, dtype, temperature, monkeypatch):
     # the Triton kernel walks the row in 32-wide blocks here, so ties straddle blocks as they do at V = 152k
-    monkeypatch.setattr(L, "_launch_config", lambda V: (32, 4))
+    monkeypatch.setattr(L, "_launch_config", lambda V, backward=False: (32, 4))
     logits, index, expected = tied_case(dtype, 32)
     assert torch.equal(logits.argmax(-1) == index, expected)  # the case is what it says
     _, top1 = IMPLS[backend](logits, index, temperature=temperature, return_top1=True)
@@ -508,12 +504,8 @@ def poisoned_empty(shape, dtype, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("split", [False, True])
-def test_every_output_and_gradient_element_is_written(backend, masked, split, monkeypatch):
+def test_every_output_and_gradient_element_is_written(backend, masked, monkeypatch):
     monkeypatch.setattr(L, "_empty", poisoned_empty)
-    if split:  # the backward's rows over programs of 64 columns: 130 = 64 + 64 + 2
-        monkeypatch.setattr(L, "_launch_config", lambda V: (32, 4))
-        monkeypatch.setattr(L, "_backward_span", lambda V, block: 64)
     logits, index = random_case(5, 130, seed=13)
     mask = torch.tensor([True, False, True, True, False]) if masked else None
     logps, entropy, top1, grad = check_against_reference(backend, logits, index, mask=mask, temperature=0.7)

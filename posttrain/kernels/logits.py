@@ -472,26 +472,22 @@ def _backward_kernel(
     HAS_MASK: tl.constexpr,
     HAS_GRAD_LOGPS: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
-    SPAN,  # columns per program, a multiple of BLOCK_V: program (row, k) writes columns [k SPAN, (k + 1) SPAN)
     BLOCK_V: tl.constexpr,
 ):
     """dlogits_j = (g (onehot_j - p_j) - gH p_j (log p_j + H)) / T, p recomputed from the saved
     max and log-normaliser as exp((z - max) - log_norm).
-    Each block is loaded before it is stored, so grad_ptr may be logits_ptr. Unlike the forward, no column
-    depends on another, so a row may be split over several programs (grid axis 1)."""
-    # 1. Row, int64 before the stride multiply (see the forward kernel), and this program's columns
+    Each block is loaded before it is stored, so grad_ptr may be logits_ptr."""
+    # 1. Row, int64 before the stride multiply (see the forward kernel)
     row = tl.program_id(0).to(tl.int64)
     grad_row = grad_ptr + row * grad_stride_n
-    first = tl.program_id(1) * SPAN
-    last = tl.minimum(first + SPAN, V)
 
     # 2. Masked rows: zero gradient
     if HAS_MASK:
         if tl.load(mask_ptr + row) == 0:
-            for start in range(first, last, BLOCK_V):
+            for start in range(0, V, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
                 zero = tl.zeros([BLOCK_V], dtype=tl.float32).to(grad_ptr.dtype.element_ty)
-                tl.store(grad_row + cols, zero, mask=cols < last)
+                tl.store(grad_row + cols, zero, mask=cols < V)
             return
 
     # 3. Per-row scalars
@@ -507,9 +503,9 @@ def _backward_kernel(
         h = tl.load(entropy_ptr + row)
 
     # 4. One pass: recompute log p and p, write the gradient in the logits' dtype
-    for start in range(first, last, BLOCK_V):
+    for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(row_ptr + cols, mask=cols < last, other=float("-inf")).to(tl.float32) * inv_t
+        z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
         logp = (z - row_max) - log_norm
         p = tl.exp(logp)
         dz = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -519,7 +515,7 @@ def _backward_kernel(
             # p log p = 0 where p = 0: log p = -inf there would make -inf * 0 = NaN
             dz -= g_h * p * (tl.where(p > 0, logp, 0.0) + h)
         dz = dz * inv_t
-        tl.store(grad_row + cols, dz.to(grad_ptr.dtype.element_ty), mask=cols < last)
+        tl.store(grad_row + cols, dz.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
 # Fused multiply-add in the kernels, stated rather than left to triton's default (on in 3.9, off from 3.10):
@@ -543,17 +539,14 @@ def _kernels():
     return triton.jit(_forward_kernel), triton.jit(_backward_kernel)
 
 
-def _launch_config(V: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps). One row per program, streaming it in 4096-wide blocks with 8 warps (16 elements
-    per thread per block: wide vector loads, a few registers). Chosen as for an H100 but not yet timed on a
-    GPU: benchmarks/kernels.py prints the achieved GB/s next to a copy's when it runs on one."""
+def _launch_config(V: int, backward: bool = False) -> tuple[int, int]:
+    """(BLOCK_V, num_warps). One row per program, streamed in 4096-wide blocks. Timed on an H200 at 16k rows,
+    bf16, V = 32k and 152k (benchmarks/geometry.py; results.md "Session 16"): the forward, which reduces every
+    block (max, first arg-max, sums), runs fastest with 4 warps (75 % of copy bandwidth at 152k; 8 warps 65 %,
+    16 warps 48 %); the backward, one elementwise pass, with 8 (96 %; 4 warps 82 % at this block). Splitting
+    a row's backward over several programs gained nothing (95 % at four blocks a program)."""
     block = min(triton.next_power_of_2(V), 4096)
-    return block, 8 if block >= 2048 else 4
-
-
-def _backward_span(V: int, block: int) -> int:
-    """Columns per backward program (a multiple of block): the whole row, one program per row."""
-    return triton.cdiv(V, block) * block
+    return block, 8 if backward and block >= 2048 else 4
 
 
 class _TritonLogProbs(torch.autograd.Function):
@@ -619,12 +612,11 @@ class _TritonLogProbs(torch.autograd.Function):
             torch.autograd.graph.increment_version(logits2d)
         else:
             grad = _empty((N, V), logits2d.dtype, logits2d.device)
-        block, warps = _launch_config(V)
-        span = _backward_span(V, block)
+        block, warps = _launch_config(V, backward=True)
         if N > 0:
             _, backward_kernel = _kernels()
             with device_of(logits2d):
-                backward_kernel[(N, triton.cdiv(V, span))](
+                backward_kernel[(N,)](
                     logits2d,
                     logits2d.stride(0),
                     grad,
@@ -641,7 +633,6 @@ class _TritonLogProbs(torch.autograd.Function):
                     HAS_MASK=mask_i8 is not None,
                     HAS_GRAD_LOGPS=grad_logps is not None,
                     HAS_GRAD_ENTROPY=grad_entropy is not None,
-                    SPAN=span,
                     BLOCK_V=block,
                     num_warps=warps,
                     enable_fp_fusion=FP_FUSION,

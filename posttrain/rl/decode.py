@@ -33,8 +33,7 @@ model (V = 128, H = 128, 3 layers, one thread) 0.91 -> 0.56 ms at 8 rows, 1.43 -
 comparison, one call per round inside the rollout benchmark: `python benchmarks/rollout.py --breakdown --model
 sft --batch 8` (4.39 -> 3.51 ms at 8 rows, 11.6 -> 10.4 ms at 32).
 
-`supports(model, cache)` says where it applies: on the device types in DEVICES (the CPU; not yet measured on a
-GPU), a model of exactly one of FAMILIES with the decoder modules transformers builds for it (a peft, FSDP or other wrapper, a subclass,
+`supports(model, cache)` says where it applies: on the device types in DEVICES (the CPU and CUDA), a model of exactly one of FAMILIES with the decoder modules transformers builds for it (a peft, FSDP or other wrapper, a subclass,
 a swapped-in kernel module, or a forward hook on a module whose forward the step does not call takes the
 model's own forward), plain `nn.Linear` projections, every layer full attention in a static cache
 (transformers gives a sliding-window layer a cache of its own kind; Mistral masks by its window whatever
@@ -54,8 +53,10 @@ from posttrain.rl.stock import from_transformers, global_hooks, intercepted, res
 # Model classes whose decoder layer is the one above (Qwen3 adds the per-head q / k norms).
 FAMILIES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # Device types where the step was measured faster than the model's forward (benchmarks/rollout.py --device
-# times both elsewhere by adding a type here for the run).
-DEVICES = {"cpu"}
+# times both elsewhere by adding a type here for the run). CUDA: an H200, bf16, Qwen2.5-0.5B's shapes, 64 new
+# tokens: 1.55x `model.generate`'s tokens/s at 8 rows, 1.57x at 64, 1.77x at 4 prompts x 8, where the model's
+# own forward in the same engine gives 0.94-0.97x (results.md "Session 16").
+DEVICES = {"cpu", "cuda"}
 
 
 def supports(model, cache) -> bool:
