@@ -2,6 +2,7 @@
 
     python benchmarks/geometry.py                  # N = 16k, V in {32k, 152k}, bf16
     python benchmarks/geometry.py --ns 4k --vocabs 32k
+    python benchmarks/geometry.py --paths logits --passes fwd --blocks 4096,8192 --warps 2,4 --stages 1,2,3,4
 
 Logits path (posttrain/kernels/logits.py): the forward over (BLOCK_V, num_warps) with and without entropy,
 and the backward over (BLOCK_V, num_warps), each in GB/s
@@ -52,18 +53,34 @@ def grad_of(logps, logits):
     return torch.autograd.grad(logps, logits, torch.ones_like(logps), retain_graph=True)
 
 
+class Staged:
+    """A jitted kernel whose launches also pass num_stages (software pipelining depth of the row loop)."""
+
+    def __init__(self, kernel, stages):
+        self.kernel, self.stages = kernel, stages
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+        return lambda *args, **kwargs: launch(*args, num_stages=self.stages, **kwargs)
+
+
 @contextlib.contextmanager
-def patched(block, warps):
-    """The logits kernels, forward and backward, launched with this geometry."""
-    saved = L._launch_config
+def patched(block, warps, stages=None):
+    """The logits kernels, forward and backward, launched with this geometry (stages: triton's default)."""
+    saved = L._launch_config, L._kernels
     L._launch_config = lambda V, backward=False: (block, warps)
+    if stages is not None:
+        kernels = saved[1]()
+        L._kernels = lambda: tuple(Staged(k, stages) for k in kernels)
     try:
         yield
     finally:
-        L._launch_config = saved
+        L._launch_config, L._kernels = saved
 
 
-def logits_sweep(N, V, copy_gbs):
+def logits_sweep(N, V, copy_gbs, forward=None, passes=("fwd", "bwd")):
+    """forward: (BLOCK_V, num_warps, num_stages or None) to time, FORWARD at triton's stages by default."""
+    forward = forward or [(block, warps, None) for block, warps in FORWARD]
     logits, index = bench.make_inputs("logits", N, V, torch.bfloat16, torch.device("cuda"))
     x = logits.detach()
     gb = N * V * x.element_size() / 1e9
@@ -73,24 +90,25 @@ def logits_sweep(N, V, copy_gbs):
     )[0]
     scale = ref_grad.abs().max().item()
     print(f"\n## logits path, N x V = {N} x {V}, bf16 ({gb:.2f} GB of logits; copy {copy_gbs:.0f} GB/s)")
-    print("| pass | method | BLOCK_V | warps | ms | GB/s | of copy | err |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| pass | method | BLOCK_V | warps | stages | ms | GB/s | of copy | err |")
+    print("|---|---|---|---|---|---|---|---|---|")
 
-    def row(kind, method, block, warps, ms, moved, err):
+    def row(kind, method, block, warps, ms, moved, err, stages=None):
         gbs = moved / (ms / 1e3)
         print(
-            f"| {kind} | {method} | {block} | {warps} | {ms:.3f} | {gbs:.0f} | {gbs / copy_gbs:.0%} | {err:.1e} |"
+            f"| {kind} | {method} | {block} | {warps} | {stages or '-'} | {ms:.3f} | {gbs:.0f}"
+            f" | {gbs / copy_gbs:.0%} | {err:.1e} |"
         )
 
     with torch.no_grad():
-        for entropy in (False, True):
+        for entropy in (False, True) if "fwd" in passes else ():
             kind = "fwd + entropy" if entropy else "fwd"
-            for block, warps in FORWARD:
-                with patched(block, warps):
+            for block, warps, stages in forward:
+                with patched(block, warps, stages):
                     fn = functools.partial(L.logprobs_from_logits_triton, x, index, return_entropy=entropy)
                     out = fn()
                     err = ((out[0] if entropy else out) - ref_logp).abs().max().item()
-                    row(kind, "ours", block, warps, median_ms(fn), gb, err)
+                    row(kind, "ours", block, warps, median_ms(fn), gb, err, stages)
             from trl.kernels.logprob_entropy import selective_log_softmax_and_entropy
             from trl.trainer.utils import selective_log_softmax
 
@@ -103,6 +121,8 @@ def logits_sweep(N, V, copy_gbs):
             err = ((out[0] if entropy else out) - ref_logp).abs().max().item()
             row(kind, "TRL", 1024, 4, median_ms(fn), gb, err)
 
+    if "bwd" not in passes:
+        return
     for block, warps in BACKWARD:
         with patched(block, warps):
             logps = L.logprobs_from_logits_triton(logits, index)
@@ -150,7 +170,17 @@ def main():
     parser.add_argument("--ns", type=bench.rows_arg, default=[16 * bench.K])
     parser.add_argument("--vocabs", default="32k,152k", help="comma-separated, of " + ",".join(bench.VOCABS))
     parser.add_argument("--paths", default="logits,hidden")
+    parser.add_argument("--passes", default="fwd,bwd", help="logits path: fwd, bwd or both")
+    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+    parser.add_argument(
+        "--blocks", type=ints, help="forward sweep over these BLOCK_V (with --warps, --stages)"
+    )
+    parser.add_argument("--warps", type=ints, default=[4, 8])
+    parser.add_argument("--stages", type=ints, help="num_stages values (default: triton's)")
     args = parser.parse_args()
+    forward = None
+    if args.blocks:
+        forward = list(itertools.product(args.blocks, args.warps, args.stages or [None]))
     if not torch.cuda.is_available():
         parser.error("the sweep times GPU kernels: no CUDA device here")
     device = torch.device("cuda")
@@ -159,7 +189,7 @@ def main():
     for N in args.ns:
         for name in args.vocabs.split(","):
             if "logits" in args.paths:
-                logits_sweep(N, bench.VOCABS[name], copy_gbs)
+                logits_sweep(N, bench.VOCABS[name], copy_gbs, forward, args.passes.split(","))
             if "hidden" in args.paths:
                 hidden_sweep(N, bench.VOCABS[name])
             torch.cuda.empty_cache()
