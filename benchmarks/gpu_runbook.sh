@@ -32,7 +32,7 @@ fi
 } >"$OUT/env.txt" 2>&1
 stamp env
 timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_kernels_logits.py tests/test_kernels_hidden.py \
-    tests/test_kernels_cuda_compile.py >"$OUT/tests.txt" 2>&1
+    tests/test_kernels_cuda_compile.py tests/test_decode.py >"$OUT/tests.txt" 2>&1
 stamp tests
 if [ "${GEOMETRY:-1}" = 1 ]; then
     timeout 170 python3 benchmarks/geometry.py >"$OUT/geometry.txt" 2>&1
