@@ -1022,89 +1022,110 @@ def test_inputs_on_another_device_are_named(name):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The backward from the forward's kept logits (`_kept_blocks`): the CPU path with one row tile of n <= H rows
+# The backward from the forward's kept logits (`_kept_blocks`): the CPU path with one row tile, the logits in
+# dweight's buffer (overlay: about n <= H) or in a buffer of their own of at most KEEP_BYTES
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _run(N, V, H, *, bias, dtype=torch.float32, seed=5, retain=False, **kw):
+def _run(N, V, H, *, bias, dtype=torch.float32, seed=5, retain=False, frozen_weight=False, **kw):
     """Outputs and the gradients of a random combination of them (hidden, weight[, bias])."""
     hidden, weight, b, index = _inputs(N, V, H, dtype, bias=bias, seed=seed)
+    weight.requires_grad_(not frozen_weight)
     out = logprobs_from_hidden_torch(hidden, weight, index, bias=b, return_entropy=True, **kw)
     g = torch.Generator().manual_seed(seed + 1)
     loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in out)
-    params = [p for p in (hidden, weight, b) if p is not None]
+    params = [p for p in (hidden, weight, b) if p is not None and p.requires_grad]
     grads = torch.autograd.grad(loss, params, retain_graph=retain)
     if retain:  # a second backward through the same graph
         grads = (grads, torch.autograd.grad(loss, params))
     return out, grads
 
 
+def _spy_kept(monkeypatch):
+    """The modes `_kept_blocks` chose ("overlay", "own" or None), one per forward on the tape."""
+    modes = []
+    real = K._kept_blocks
+
+    def spy(*args):
+        keep = real(*args)
+        modes.append(None if keep is None else "overlay" if keep[1] else "own")
+        return keep
+
+    monkeypatch.setattr(K, "_kept_blocks", spy)
+    return modes
+
+
 @pytest.mark.parametrize(
-    ("N", "V", "H", "options", "kept"),
+    ("N", "V", "H", "options", "mode"),
     [
-        (
-            16,
-            512,
-            16,
-            dict(vocab_per_tile=256),
-            True,
-        ),  # n = H: the blocks fill the buffer, dweight overlays all
-        (5, 1000, 16, dict(vocab_per_tile=256, temperature=0.7), True),  # a ragged last tile
-        (7, 1000, 16, dict(logit_scale=0.5, softcap=3.0), True),  # one vocabulary tile
-        (3, 700, 8, dict(vocab_per_tile=300), True),  # tiles of columns not a multiple of ROW_ALIGN
+        (16, 512, 16, dict(vocab_per_tile=256), "overlay"),  # n = H: the blocks fill the buffer, dweight all
+        (5, 1000, 16, dict(vocab_per_tile=256, temperature=0.7), "overlay"),  # a ragged last tile
+        (7, 1000, 16, dict(logit_scale=0.5, softcap=3.0), "overlay"),  # one vocabulary tile
+        (3, 700, 8, dict(vocab_per_tile=300), "overlay"),  # tiles of columns not a multiple of ROW_ALIGN
         # the blocks (rows aligned to 512 columns) fit in V H, but dweight's second tile would overwrite the end of
-        # the first tile's block before the backward reads it: recomputed
-        (5, 556, 8, dict(vocab_per_tile=300), False),
+        # the first tile's block before the backward reads it: a buffer of their own
+        (5, 556, 8, dict(vocab_per_tile=300), "own"),
+        (
+            17,
+            300,
+            16,
+            dict(vocab_per_tile=128),
+            "own",
+        ),  # more rows than H: they do not fit in dweight's buffer
+        (6, 300, 16, dict(vocab_per_tile=128, frozen_weight=True), "own"),  # no dweight to overlay
     ],
 )
 @pytest.mark.parametrize("bias", [False, True])
 def test_backward_from_kept_logits_is_bit_for_bit_the_recomputing_one(
-    N, V, H, options, kept, bias, monkeypatch
+    N, V, H, options, mode, bias, monkeypatch
 ):
-    used = []
-    real = K._backward_from_kept
-    monkeypatch.setattr(K, "_backward_from_kept", lambda *a: used.append(1) or real(*a))
+    modes = _spy_kept(monkeypatch)
     out, grads = _run(N, V, H, bias=bias, **options)
-    assert used == [1] * kept
+    assert modes == [mode]
+    monkeypatch.setattr(K, "KEEP_BYTES", 0)
     monkeypatch.setattr(K, "_kept_blocks", lambda *a: None)
     ref_out, ref_grads = _run(N, V, H, bias=bias, **options)
-    assert used == [1] * kept
     for got, want in zip((*out, *grads), (*ref_out, *ref_grads), strict=True):
         assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize(
-    ("N", "H", "options", "dtype", "frozen_weight"),
+    ("N", "H", "options", "dtype", "keep_bytes"),
     [
-        (17, 16, {}, torch.float32, False),  # more rows than H: the logits do not fit in dweight's buffer
-        (6, 16, dict(rows_per_tile=4), torch.float32, False),  # two row tiles
-        (6, 16, {}, torch.float32, True),  # no dweight to write: nothing to keep them in
-        (6, 16, {}, torch.bfloat16, False),  # a 16-bit weight's dweight is written through a float32 buffer
+        (6, 16, dict(rows_per_tile=4), torch.float32, None),  # two row tiles
+        (6, 16, {}, torch.bfloat16, None),  # 16-bit tiles: the accumulators are float32
+        (17, 16, {}, torch.float32, 17 * 512 * 4 - 1),  # more rows than H, and their logits over KEEP_BYTES
     ],
 )
-def test_logits_are_recomputed_where_they_cannot_be_kept(N, H, options, dtype, frozen_weight, monkeypatch):
+def test_logits_are_recomputed_where_they_cannot_be_kept(N, H, options, dtype, keep_bytes, monkeypatch):
     used = []
     real = K._backward_from_kept
     monkeypatch.setattr(K, "_backward_from_kept", lambda *a: used.append(1) or real(*a))
+    if keep_bytes is not None:
+        monkeypatch.setattr(K, "KEEP_BYTES", keep_bytes)
     hidden, weight, _, index = _inputs(N, 300, H, dtype, bias=False)
-    weight.requires_grad_(not frozen_weight)
     K.logprobs_from_hidden_torch(hidden, weight, index, **options).sum().backward()
     assert not used and hidden.grad is not None
+    if (
+        keep_bytes is not None
+    ):  # one byte more and they are kept (each row padded to 512 columns, a multiple of ROW_ALIGN)
+        monkeypatch.setattr(K, "KEEP_BYTES", keep_bytes + 1)
+        K.logprobs_from_hidden_torch(hidden, weight, index, **options).sum().backward()
+        assert used == [1]
 
 
 def test_a_forward_without_autograd_keeps_nothing(monkeypatch):
-    kept = []
-    real = K._kept_blocks
-    monkeypatch.setattr(K, "_kept_blocks", lambda *a: kept.append(real(*a)) or kept[-1])
+    modes = _spy_kept(monkeypatch)
     hidden, weight, _, index = _inputs(6, 300, 16, torch.float32, bias=False)
     with torch.no_grad():
         K.logprobs_from_hidden_torch(hidden, weight, index)
-    assert kept == []
+    assert modes == []
     K.logprobs_from_hidden_torch(hidden, weight, index)
-    assert kept == [[(0, 0)]]  # the same call on the tape keeps its logits
+    assert modes == ["overlay"]  # the same call on the tape keeps its logits
 
 
-def test_a_second_backward_through_the_graph_recomputes_the_overwritten_logits():
-    (_, (first, second)) = _run(8, 600, 16, bias=True, retain=True, vocab_per_tile=256)
+@pytest.mark.parametrize("N", [8, 20])  # overlaid, in a buffer of their own
+def test_a_second_backward_through_the_graph_recomputes_the_overwritten_logits(N):
+    (_, (first, second)) = _run(N, 600, 16, bias=True, retain=True, vocab_per_tile=256)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)

@@ -30,8 +30,9 @@ Gradients (g = dL/dlogps, e = dL/dentropy, mu = sum_j p_j d_j, p_j = exp(d_j) / 
 then chained through dz/da = logit_scale / temperature, times the softcap's 1 - tanh^2 when there is one:
     dhidden = dL/da @ weight, dweight = dL/da.T @ hidden, dbias = sum_rows dL/da
 The backward recomputes each tile's logits from hidden and weight (one extra matmul) instead of storing them,
-except on the CPU with a few rows (at most about H): there the forward keeps them, at no extra peak memory,
-in the (V, H) tensor that becomes dweight (`_kept_blocks`).
+except on the CPU with one row tile (`_kept_blocks`): there the forward keeps them, with a few rows (at most
+about H) at no extra peak memory in the (V, H) tensor that becomes dweight, else in tensors of their own up to
+KEEP_BYTES.
 
 Structure, the same on every device: the tile matmuls are plain `torch.mm` calls (cuBLAS on a GPU, where
 they run near the tensor-core peak), and the per-tile work between them, folding a tile into the running
@@ -83,6 +84,13 @@ except ImportError:  # the torch path works without triton
 # the 5 GiB of logits at N=16k, V=152k.
 ROWS_PER_TILE = {"cpu": 2048, "cuda": 4096}
 TILE_ELEMENTS = {"cpu": 2048 * 512, "cuda": 4096 * 8192}
+# The most the CPU path holds from forward to backward to skip recomputing the logits (`_kept_blocks`), beyond
+# what fits in dweight's own buffer. At benchmarks/dpo.py's shape (1024 completion tokens, V = 32000, H = 256:
+# 131 MB kept) the output layer's forward + backward took 0.32-0.33 s recomputing, 0.27-0.29 s keeping (its three
+# products alone 0.26 s), and DPO's step 6-7 % less time (alternating steps in one process) for ~60 MiB more
+# peak memory (the heap reuses the kept tiles' pages: a single 131 MB buffer, mapped afresh each step, cost as
+# much in page faults as it saved).
+KEEP_BYTES = 256 * 2**20
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -609,34 +617,37 @@ def _row_tiles(n, rows):
 
 
 def _kept_blocks(backend, ctx, hidden, weight, tiles, cols, dtype):
-    """Where the forward keeps its logits for the backward, which otherwise recomputes them: [(c0, offset)]
-    per vocabulary tile, or None. On the CPU (the torch folds), when the weight's gradient is wanted and written
-    directly in the tiles' dtype and the rows are one row tile: then tile c0's (n, C) logits are kept as a block
-    at `offset` (rows ROW_ALIGN-aligned, as in the tile buffer) of a flat view of the (V, H) tensor that the
-    backward returns as dweight, if the blocks fit (about n <= H) and writing dweight's rows c0.. (elements
-    H c0 on) overwrites no block of an earlier tile. The backward reads every block (dL/dlogits in place,
-    dhidden, dbias), then writes dweight tile by tile from the last.
-    Peak memory is unchanged (otherwise dweight is allocated at the backward's start, with the forward's
-    activations all still held) and the backward does two products instead of three, with the same numbers
-    (the kept tile is the product it would recompute: tests/test_kernels_hidden.py compares bit for bit).
-    benchmarks/grpo.py's training step (n = 256 completion tokens, V = 32000, H = 256): forward + backward +
-    AdamW 0.237 / 0.242 -> 0.210 / 0.215 s, peak 306 / 311 -> 309 / 312 MiB (two runs each, alternating)."""
+    """Where the forward keeps its logits for the backward, which otherwise recomputes them: ([(c0, offset)]
+    per vocabulary tile, overlay), or None. On the CPU (the torch folds), when the rows are one row tile and
+    the tiles, the weight and the accumulators share one dtype, tile c0's (n, C) logits are kept as a block at
+    `offset` (rows ROW_ALIGN-aligned, as in the tile buffer) of a flat buffer:
+    - overlay: the (V, H) tensor that the backward returns as dweight, when the weight's gradient is wanted, the
+      blocks fit (about n <= H) and writing dweight's rows c0.. (elements H c0 on) overwrites no block of an
+      earlier tile. Peak memory is unchanged (otherwise dweight is allocated at the backward's start, with the
+      forward's activations all still held). The backward reads every block (dL/dlogits in place, dhidden,
+      dbias), then writes dweight tile by tile from the last.
+    - else a buffer of their own, held from the forward to the backward, if it takes at most KEEP_BYTES.
+    Either way the backward does two products instead of three (one instead of two for a frozen weight), with
+    the same numbers (the kept tile is the product it would recompute: tests/test_kernels_hidden.py compares bit
+    for bit). benchmarks/grpo.py's training step (n = 256 completion tokens, V = 32000, H = 256, overlay):
+    forward + backward + AdamW 0.237 / 0.242 -> 0.210 / 0.215 s, peak 306 / 311 -> 309 / 312 MiB (two runs
+    each, alternating)."""
     (n, H), V = hidden.shape, weight.shape[0]
     if not (
         backend == "torch"
         and hidden.device.type == "cpu"
-        and ctx.needs_input_grad[1]
         and len(tiles) == 1
         and dtype == weight.dtype == _acc_dtype(hidden)
     ):
         return None
-    blocks, offset = [], 0
+    blocks, offset, overlay = [], 0, ctx.needs_input_grad[1]
     for c0 in range(0, V, cols):
-        if offset > H * c0:
-            return None
+        overlay = overlay and offset <= H * c0
         blocks.append((c0, offset))
         offset += n * -(-min(cols, V - c0) // ROW_ALIGN) * ROW_ALIGN
-    return blocks if offset <= V * H else None
+    if overlay and offset <= V * H:
+        return blocks, True
+    return (blocks, False) if offset * hidden.element_size() <= KEEP_BYTES else None
 
 
 def _block(kept, n, c0, offset, V, cols):
@@ -654,7 +665,8 @@ class _HiddenLogProbs(torch.autograd.Function):
     tiles, Triton: none); in backward also float32 dhidden (n, H), dweight in the weight's dtype (float32
     accumulated, through a (C, H) float32 buffer for 16-bit weights with more than one row tile), and for 16-bit
     tiles the float32 temporaries of the mixed-dtype gradient matmuls (freed at once; see _mixed_mm_form). Where
-    `_kept_blocks` applies, dweight is allocated in the forward, holding the logits until the backward."""
+    `_kept_blocks` applies, the forward holds the logits until the backward: in dweight, allocated in the
+    forward, or in tensors of their own (at most KEEP_BYTES)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, index, options):
@@ -670,10 +682,17 @@ class _HiddenLogProbs(torch.autograd.Function):
         sq = torch.zeros(n, **f) if want_sum_sq else None
         tiles = _row_tiles(n, rows)
         buf = _tile_buffer(tiles[0][1] if tiles else 0, cols, V, hidden.device, dtype)
-        blocks = _kept_blocks(backend, ctx, hidden, weight, tiles, cols, dtype) if recorded else None
-        offsets = dict(blocks or ())
-        # (V, H): the logits tile by tile (`_block`), then the backward's dweight
-        kept = None if blocks is None else torch.empty_like(weight, memory_format=torch.contiguous_format)
+        keep = _kept_blocks(backend, ctx, hidden, weight, tiles, cols, dtype) if recorded else None
+        kept = overlaid = None  # (n, C) logits per vocabulary tile for the backward; dweight's (V, H) buffer
+        if keep is not None:
+            blocks, overlay = keep
+            if overlay:
+                overlaid = torch.empty_like(weight, memory_format=torch.contiguous_format)
+                kept = [_block(overlaid, n, c0, offset, V, cols) for c0, offset in blocks]
+            else:  # a tensor per tile, each under glibc's mmap threshold: steps reuse the heap's pages
+                kept = [
+                    _tile_buffer(n, cols, V, hidden.device, dtype)[:, : min(cols, V - c0)] for c0, _ in blocks
+                ]
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit below
             h_all = hidden.to(dtype)
             for c0 in range(0, V, cols):
@@ -682,7 +701,7 @@ class _HiddenLogProbs(torch.autograd.Function):
                 for r0, R in tiles:
                     a = _tile_matmul(h_all[r0 : r0 + R], w, b, buf[:R, : w.shape[0]])  # (R, C)
                     if kept is not None:  # before the fold overwrites it
-                        _block(kept, n, c0, offsets[c0], V, cols).copy_(a)
+                        kept[c0 // cols].copy_(a)
                     stats = tuple(
                         None if x is None else x[r0 : r0 + R] for x in (m, s, t, target, arg, u_sum, sq)
                     )
@@ -698,7 +717,7 @@ class _HiddenLogProbs(torch.autograd.Function):
             mean_logit = None if u_sum is None else u_sum * (tr.k / V)
             log_sum_sq = None if sq is None else torch.log(sq) - 2 * log_s
         ctx.save_for_backward(hidden, weight, bias, index, ref, log_s, mu)
-        ctx.kept = None if kept is None else (kept, blocks)
+        ctx.kept = None if kept is None else (kept, overlaid)
         ctx.options = options
         ctx.dtype = dtype
         ctx.mark_non_differentiable(*(x for x in (is_top1, mean_logit, log_sum_sq) if x is not None))
@@ -728,7 +747,7 @@ class _HiddenLogProbs(torch.autograd.Function):
         new = torch.empty if writes_first else torch.zeros
         dhidden = new(n, hidden.shape[1], **f) if need_h else None  # (n, H) float32
         dweight = dbias = dw = None
-        if need_w and kept is None:  # else the kept logits' buffer becomes dweight
+        if need_w and (kept is None or kept[1] is None):  # else the kept logits' buffer becomes dweight
             # float32 weights accumulate in place; 16-bit ones through a float32 (C, H) buffer per vocabulary
             # tile, unless one row tile makes the product a single term (rounded once, as autograd's would be)
             direct = weight.dtype == f["dtype"] or (len(tiles) == 1 and weight.dtype == dtype)
@@ -743,8 +762,8 @@ class _HiddenLogProbs(torch.autograd.Function):
         if need_b:
             dbias = torch.zeros(V, **f)  # (V,) float32
         if kept is not None:
-            return _backward_from_kept(*kept, hidden, weight, bias, index, ref, log_s, mu, g, ge, dhidden, dbias, buf,
-                                       fold_backward, tr, cols)  # fmt: skip
+            return _backward_from_kept(*kept, hidden, weight, bias, index, ref, log_s, mu, g, ge, dhidden, dweight,
+                                       dbias, buf, fold_backward, tr, cols)  # fmt: skip
         with torch.autocast(hidden.device.type, enabled=False):  # even for a backward called inside autocast
             h_all = hidden.to(dtype)
             for c0 in range(0, V, cols):
@@ -788,17 +807,17 @@ def _gradients(dhidden, dweight, dbias, hidden, bias):
     )
 
 
-def _backward_from_kept(kept, blocks, hidden, weight, bias, index, ref, log_s, mu, g, ge, dhidden, dbias, buf,
-                        fold_backward, tr, cols):  # fmt: skip
+def _backward_from_kept(kept, overlaid, hidden, weight, bias, index, ref, log_s, mu, g, ge, dhidden, dweight, dbias,
+                        buf, fold_backward, tr, cols):  # fmt: skip
     """`_HiddenLogProbs.backward` from the kept logits (`_kept_blocks`): the same folds and products on the same
-    tiles, in two passes over the vocabulary. Returns its gradients, dweight being `kept` itself. (The kept path
-    has one row tile in the accumulators' dtype, so dhidden's first term is written, as the other path does.)"""
-    n, V = hidden.shape[0], weight.shape[0]
-    h_all = hidden.to(kept.dtype)
+    tiles, in two passes over the vocabulary. Returns its gradients; overlaid, dweight is that buffer itself.
+    (The kept path has one row tile in the accumulators' dtype, so dhidden's first term is written, as the other
+    path does.)"""
+    h_all = hidden.to(kept[0].dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        for c0, offset in blocks:  # in order, as dhidden sums them
+        for i, a in enumerate(kept):  # in order, as dhidden sums them; a: (n, C) logits, then dL/da in place
+            c0 = i * cols
             w = weight[c0 : c0 + cols]
-            a = _block(kept, n, c0, offset, V, cols)  # (n, C) logits, then dL/da in place
             fold_backward(a, index, c0, ref, log_s, mu, g, ge, tr)
             if dhidden is not None:
                 if c0 == 0:
@@ -807,12 +826,13 @@ def _backward_from_kept(kept, blocks, hidden, weight, bias, index, ref, log_s, m
                     _add_mm(dhidden, a, w)
             if dbias is not None:
                 dbias[c0 : c0 + w.shape[0]] += a.sum(0, dtype=dbias.dtype)
-        dweight = kept  # returned as it is, not as a view: autograd takes it as .grad without a copy
-        # from the last tile: dweight's rows c0.. overlay this tile's block and later ones, never earlier ones
-        for c0, offset in reversed(blocks):
-            a = _block(kept, n, c0, offset, V, cols)
-            a = buf[:n, : a.shape[1]].copy_(a)
-            torch.mm(a.T, h_all, out=dweight[c0 : c0 + a.shape[1]])
+        if overlaid is not None:
+            dweight = overlaid  # returned as it is, not as a view: autograd takes it as .grad without a copy
+        # overlaid, from the last tile: dweight's rows c0.. overlay this tile's block and later ones, never
+        # earlier ones; each block goes through the tile buffer, as the recomputing path's product does
+        for i, a in reversed(list(enumerate(kept))) if dweight is not None else ():
+            a = buf[: a.shape[0], : a.shape[1]].copy_(a)
+            torch.mm(a.T, h_all, out=dweight[i * cols : i * cols + a.shape[1]])
     return _gradients(dhidden, dweight, dbias, hidden, bias)
 
 
