@@ -54,11 +54,18 @@ def linear_params_per_layer(config) -> int:
     return q + kv + o + 3 * H * ffn
 
 
+def attention_width(config) -> int:
+    """Width A of a layer's queries (and of its attention output): heads x head_dim."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_attention_heads * head_dim
+
+
 def step_flops(config, batch_tokens: int, seq_len: int, head_tokens: int) -> dict[str, float]:
     """FLOPs of one forward + backward, by part (a multiply-add is 2 FLOPs; backward = 2 x forward):
 
         body = 6 * L * P_layer * B*T        P_layer = weights of one layer's linear maps (embeddings excluded)
-        attn = 6 * L * T * H * B*T          causal QK^T and PV: 2 matmuls x 2 FLOPs x T*H / 2 (causal) x 3
+        attn = 6 * L * T * A * B*T          causal QK^T and PV: 2 matmuls x 2 FLOPs x T*A / 2 (causal) x 3,
+                                            A = heads x head_dim (H, unless head_dim is set apart, as Qwen3's)
         head = 6 * H * V * N                N = positions whose log-prob the loss needs (completion tokens)
 
     The attention term counts only the causal half of the score matrix (a causal kernel needs no more);
@@ -67,7 +74,7 @@ def step_flops(config, batch_tokens: int, seq_len: int, head_tokens: int) -> dic
     L, H, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
     return {
         "body": 6.0 * L * linear_params_per_layer(config) * batch_tokens,
-        "attn": 6.0 * L * seq_len * H * batch_tokens,
+        "attn": 6.0 * L * seq_len * attention_width(config) * batch_tokens,
         "head": 6.0 * H * V * head_tokens,
     }
 
@@ -89,7 +96,7 @@ def last_token_score_flops(config, batch_tokens: int, seq_len: int, rows: int) -
     """FLOPs of one forward + backward of a sequence classifier that reads one position per row, its last
     token (a reward model: `posttrain.rl.last_token`), by part as `step_flops`: every layer but the last over
     all B*T tokens; the last layer's key and value maps over all of them (the last token attends to them),
-    its query and output maps, MLP and one query's attention over T keys (2 x 2 x T*H, x 3) at the `rows`
+    its query and output maps, MLP and one query's attention over T keys (2 x 2 x T*A, x 3) at the `rows`
     last tokens; the (1, H) score head at those. A forward alone is a third of each."""
     full = step_flops(config, batch_tokens, seq_len, head_tokens=0)
     L, H = config.num_hidden_layers, config.hidden_size
@@ -97,7 +104,7 @@ def last_token_score_flops(config, batch_tokens: int, seq_len: int, rows: int) -
     at_last_token = linear_params_per_layer(config) - kv  # q, o and the MLP
     return {
         "body": full["body"] - 6.0 * at_last_token * (batch_tokens - rows),
-        "attn": full["attn"] * (L - 1) / L + 12.0 * seq_len * H * rows,
+        "attn": full["attn"] * (L - 1) / L + 12.0 * seq_len * attention_width(config) * rows,
         "head": 6.0 * H * rows,
     }
 
