@@ -11,6 +11,7 @@ not apply, `shared_prefix` says None and the plain forward runs.
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -171,6 +172,34 @@ def test_lora_equals_plain_forward(monkeypatch):
             if "lora_B" in name:
                 p.normal_(std=0.1)
     assert_same(model, online_batch(), monkeypatch)
+
+
+def test_lora_reference_shares_prompts_with_its_adapters_off(monkeypatch):
+    """The policy with its adapters disabled (`lora.AdapterDisabled`, the reference under use_peft) runs a
+    shared prompt once too, and what it gives is the base model's, not the adapted policy's."""
+    from posttrain.rl import lora
+    from posttrain.rl.config import TrainConfig
+
+    base = tiny()
+    policy = lora.wrap(
+        copy.deepcopy(base),
+        TrainConfig(output_dir="unused", use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0),
+    )
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    reference, batch = lora.AdapterDisabled(policy), online_batch()
+    calls = []
+    real = lp._shared_prefix_hidden
+    monkeypatch.setattr(lp, "_shared_prefix_hidden", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        shared = lp.token_logprobs(reference, batch, share_prompts=True).logps
+        assert calls == [1]
+        plain = lp.token_logprobs(base, batch).logps
+        adapted = lp.token_logprobs(policy, batch).logps
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(adapted, plain, rtol=1e-3, atol=1e-4)  # the adapters do change the policy
 
 
 def test_no_grad_eval_equals_plain_forward():

@@ -227,6 +227,16 @@ class AdapterDisabled:
     def get_output_embeddings(self):
         return self.policy.get_output_embeddings()
 
+    # what `rl.logprobs.shared_prefix` asks of a model: a prompt shared by several rows runs once
+    def get_input_embeddings(self):
+        return self.policy.get_input_embeddings()
+
+    def get_decoder(self):
+        return self.policy.get_decoder()
+
+    def get_base_model(self):
+        return self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
+
     def train(self, mode: bool = True):
         self.policy.train(mode)
         return self

@@ -198,7 +198,10 @@ def _first_above(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _cache_name(forward_owner: type) -> str | None:
-    """The forward's name for the cache, None for a forward that passes **kwargs on (peft's)."""
+    """The forward's name for the cache, None for a forward that passes **kwargs on (peft's) or a callable
+    wrapper with no forward (`lora.AdapterDisabled`): their base model's name then."""
+    if not hasattr(forward_owner, "forward"):
+        return None
     params = inspect.signature(forward_owner.forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
