@@ -34,9 +34,9 @@ Floor: the policy's forward + backward of the backbone over all 16 x 128 tokens 
 `common.step_flops`; DPO: each pair's 64 prompt tokens once and its chosen and rejected 64 answer
 tokens on them, `common.shared_prompt_step_flops`, as our loops run them since session 15) and of the output layer at the 16 x 64 completion positions only (6 * V * H each; ORPO's
 NLL term reads every position of the chosen sequences, so 8 x 127 + 8 x 64 there);
-forward-only passes add a third of that each: DPO's live reference one pass; KTO's policy on the KL sequences
-(no gradient), and its live reference on the rows and the KL sequences (two passes; precomputed: none); ORPO
-nothing.
+forward-only passes add a third of that each: DPO's live reference one pass (prompts once); KTO's policy on the
+KL sequences (no gradient), and its live reference on the rows and the KL sequences (two passes, each prompt
+once for its row and its KL sequence since session 16; precomputed: none); ORPO nothing.
 
 Agreement: both sides start from the same weights and see the same rows in the same order, so their per-step
 losses must agree. At these learning rates the losses barely move, and a log-ratio is the difference of two
@@ -406,35 +406,46 @@ RUNNERS = {
 FORWARD_PASSES = {
     ("dpo", "live"): 1,  # the reference on chosen and rejected
     ("dpo", "precomputed"): 0,
-    (
-        "kto",
-        "live",
-    ): 3,  # the policy on the KL sequences (no gradient); the reference on the rows and on those
+    # the policy on the KL sequences (no gradient); the reference on the rows and on those (their prompts once)
+    ("kto", "live"): 3,
     ("kto", "precomputed"): 1,  # the policy on the KL sequences
     ("orpo", "none"): 0,
 }
 
 
 def floor(config, loop_name: str, reference: str) -> dict:
-    """The policy's floor (`common.compute_floor`: backbone over all 16 x 128 tokens, a pair's prompt once for DPO,
-    not for KTO's unpaired rows nor ORPO, whose NLL term reads the prompts, output layer at the 16 x 64 completion positions) plus the loop's forward-only passes: a third of each part per pass."""
+    """The policy's forward + backward (`common.compute_floor`: the backbone over every token, a pair's prompt
+    once for DPO, not for KTO's unpaired rows nor ORPO, whose NLL term reads the prompts; the output layer at
+    the 16 x 64 completion positions) plus a third of each forward-only pass's FLOPs (FORWARD_PASSES), at the
+    rates measured for the policy's shapes. KTO's live reference scores each row and its KL sequence in one
+    forward, where the two share their prompt (`kto.reference_logps`): counted once."""
     seq_len = PROMPT_LEN + COMPLETION_LEN
-    head_tokens = 2 * BATCH * COMPLETION_LEN
-    if (
-        loop_name == "orpo"
-    ):  # its NLL term reads every position of the chosen sequences (TRL's), prompt included
-        head_tokens = BATCH * (seq_len - 1) + BATCH * COMPLETION_LEN
-    if loop_name in ("kto", "orpo"):  # unpaired rows; ORPO's NLL term reads the chosen rows' prompts too
-        out = common.compute_floor(config, 2 * BATCH * seq_len, seq_len, head_tokens)
-    else:  # a pair's chosen and rejected share their prompt: once per pair (rl.logprobs.shared_prefix)
-        shared = common.shared_prompt_step_flops(
-            config, BATCH, 2 * BATCH, PROMPT_LEN, COMPLETION_LEN, head_tokens
+
+    def whole(rows, head_tokens):
+        return common.step_flops(config, rows * seq_len, seq_len, head_tokens)
+
+    def shared(prompts, rows):
+        return common.shared_prompt_step_flops(
+            config, prompts, rows, PROMPT_LEN, COMPLETION_LEN, rows * COMPLETION_LEN
         )
-        tokens = BATCH * PROMPT_LEN + 2 * BATCH * COMPLETION_LEN
-        out = common.compute_floor(config, tokens, seq_len, head_tokens, flops=shared)
-    share = FORWARD_PASSES[loop_name, reference] / 3  # forward = a third of forward + backward
-    flops = {**out["flops"], **{f"fwd {k}": share * v for k, v in out["flops"].items()}}
-    return {**out, "flops": flops, "floor_s": (1 + share) * out["floor_s"]}
+
+    # ORPO's NLL term reads every position of the chosen sequences (TRL's), prompt included
+    if loop_name == "orpo":
+        head_tokens = BATCH * (seq_len - 1) + BATCH * COMPLETION_LEN
+        tokens, policy, passes = 2 * BATCH * seq_len, whole(2 * BATCH, head_tokens), []
+    elif loop_name == "kto":  # unpaired rows; the policy's no-grad pass over the KL sequences, whole too
+        head_tokens = KTO_ROWS * COMPLETION_LEN
+        tokens, policy = KTO_ROWS * seq_len, whole(KTO_ROWS, head_tokens)
+        passes = [policy] + ([shared(KTO_ROWS, 2 * KTO_ROWS)] if reference == "live" else [])
+    else:  # a pair's chosen and rejected share their prompt: once per pair (rl.logprobs.shared_prefix)
+        head_tokens = 2 * BATCH * COMPLETION_LEN
+        tokens, policy = BATCH * PROMPT_LEN + 2 * BATCH * COMPLETION_LEN, shared(BATCH, 2 * BATCH)
+        passes = [policy] if reference == "live" else []
+    out = common.compute_floor(config, tokens, seq_len, head_tokens, flops=policy)
+    # a forward is a third of a forward + backward
+    fwd = {f"fwd {k}": sum(p[k] for p in passes) / 3 for k in policy}
+    fwd_s = (fwd["fwd body"] + fwd["fwd attn"]) / out["body_rate"] + fwd["fwd head"] / out["head_rate"]
+    return {**out, "flops": {**out["flops"], **fwd}, "floor_s": out["floor_s"] + fwd_s}
 
 
 def main():

@@ -179,7 +179,7 @@ STEP_CASES = {
 
 @pytest.mark.parametrize("conversational", [False, True], ids=["standard", "conversational"])
 @pytest.mark.parametrize("case", list(STEP_CASES))
-def test_step_matches_trl(models, tokenizer, case, conversational):
+def test_step_matches_trl(models, tokenizer, case, conversational, shared_prefix_calls):
     options = {"beta": 0.1, **STEP_CASES[case]}
     rows = unpaired_rows(conversational, 8)
     theirs = trl_kto_step(*models, tokenizer, rows, **options)
@@ -193,6 +193,8 @@ def test_step_matches_trl(models, tokenizer, case, conversational):
         assert theirs["metrics"]["kl"] > 0  # the reference point is not clamped to 0 here: it is compared
     assert_same_step(ours, theirs)
     assert_same_metrics(ours, theirs, batches)
+    # the reference's forward over the rows and their mismatched completions ran each prompt once
+    assert bool(shared_prefix_calls) == cfg.uses_kl
 
 
 @pytest.fixture(scope="module")

@@ -209,11 +209,13 @@ def _sums(logps: torch.Tensor, batch: dict) -> torch.Tensor:
 @torch.no_grad()
 def reference_logps(ref_model, batch: dict, with_kl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The reference's sequence log-probs of the completions and (with_kl) of the mismatched completions,
-    (B,) each, in one forward over the 2B sequences (`collate_unpaired` pads both to one width)."""
+    (B,) each, in one forward over the 2B sequences (`collate_unpaired` pads both to one width), where each
+    prompt comes twice (its completion and a mismatched one): the columns they share run once
+    (`rl.logprobs.shared_prefix`)."""
     if not with_kl:
         return _sums(token_logprobs(ref_model, batch).logps, batch), None
     both = {key: torch.cat([batch[key], batch[f"kl_{key}"]]) for key in SEQUENCE_KEYS}
-    return _sums(token_logprobs(ref_model, both).logps, both).chunk(2)
+    return _sums(token_logprobs(ref_model, both, share_prompts=True).logps, both).chunk(2)
 
 
 def _world_mean(value: torch.Tensor) -> torch.Tensor:
