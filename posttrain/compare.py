@@ -17,7 +17,8 @@ optimizer steps. Printed, and written to compare.json in --output_dir (default: 
 per-step losses and their largest relative difference, the median s/step and tokens/s after the first step,
 the peak memory (the resident set's high-water mark on the CPU, the allocator's peak on CUDA) and the compute
 floor: the FLOPs of the forwards and backwards our side ran, counted at each call of the log-prob path (the
-decoder layers over every token, the output layer over the positions the loss reads: `measure.step_flops`),
+decoder layers over every token, a prompt shared by several rows once, the output layer over the positions the
+loss reads: `measure.step_flops`),
 divided by matmul rates measured in the same process after the steps.
 
 Offline loops only (sft, rm, dpo, kto, cpo, orpo): the online ones sample their own completions, and two
@@ -189,11 +190,21 @@ class _FlopCounter:
             "fwd_head": 0,
         }
 
-    def add(self, batch: dict, head_positions: int, grad: bool, prefix: str = "") -> None:
+    def add(self, batch: dict, head_positions: int, grad: bool, prefix: str = "", shared=None) -> None:
+        """shared: the `rl.logprobs.SharedPrefix` the call ran, whose rows after a prefix's first did not run
+        its tokens (nor attend among them)."""
+        import torch
+
         lengths = document_lengths(batch, prefix)
         kind = "train" if grad else "fwd"
-        self.current[f"{kind}_tokens"] += int(lengths.sum())
-        self.current[f"{kind}_attn"] += int((lengths.long() ** 2).sum())
+        tokens, attn = lengths.sum(), (lengths.long() ** 2).sum()
+        if shared is not None:
+            again = torch.ones_like(shared.inverse, dtype=torch.bool)
+            again[shared.first] = False
+            skipped = batch["attention_mask"][again, : shared.P].sum(1).long()
+            tokens, attn = tokens - skipped.sum(), attn - (skipped**2).sum()
+        self.current[f"{kind}_tokens"] += int(tokens)
+        self.current[f"{kind}_attn"] += int(attn)
         self.current[f"{kind}_head"] += head_positions
 
     def step(self) -> None:
@@ -203,14 +214,18 @@ class _FlopCounter:
     def install(self) -> None:
         import torch
 
-        from posttrain.rl import logprobs
+        from posttrain.rl import distributed, logprobs
 
         original = logprobs.token_logprobs
 
         def counted(model, batch, *args, **kwargs):
             mask = kwargs.get("mask")
             mask = batch["completion_mask"] if mask is None else mask
-            self.add(batch, int(mask[:, 1:].sum()), torch.is_grad_enabled())
+            share = kwargs.get("share_prompts") and not kwargs.get("return_router_aux_loss")
+            shared = None  # as token_logprobs decides it
+            if share and logprobs.supports_fused(model):
+                shared = logprobs.shared_prefix(distributed.unwrap(model), batch, mask)
+            self.add(batch, int(mask[:, 1:].sum()), torch.is_grad_enabled(), shared=shared)
             return original(model, batch, *args, **kwargs)
 
         for module in list(sys.modules.values()):
@@ -255,7 +270,7 @@ def floor_seconds(model_config, steps: list[dict]) -> list[float]:
     from posttrain import measure
 
     L, H, V = model_config.num_hidden_layers, model_config.hidden_size, model_config.vocab_size
-    P = measure.linear_params_per_layer(model_config)
+    P, A = measure.linear_params_per_layer(model_config), measure.attention_width(model_config)
     tokens = max(1, round(statistics.mean(s["train_tokens"] + s["fwd_tokens"] for s in steps)))
     head = max(1, round(statistics.mean(s["train_head"] + s["fwd_head"] for s in steps)))
     layer_s = sum(measure.linear_fwd_bwd_seconds(tokens, k, m) for k, m in measure.layer_shapes(model_config))
@@ -265,7 +280,7 @@ def floor_seconds(model_config, steps: list[dict]) -> list[float]:
     for s in steps:
         seconds = 0.0
         for kind, share in (("train", 1.0), ("fwd", 1.0 / 3)):
-            body = 6.0 * L * P * s[f"{kind}_tokens"] + 6.0 * L * H * s[f"{kind}_attn"]
+            body = 6.0 * L * P * s[f"{kind}_tokens"] + 6.0 * L * A * s[f"{kind}_attn"]
             seconds += share * (body / body_rate + 6.0 * H * V * s[f"{kind}_head"] / head_rate)
         out.append(seconds)
     return out

@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 
 import pytest
 from _optional import import_or_skip
@@ -82,6 +83,50 @@ def test_the_floor_counts_sequences_without_their_padding():
         "chosen_attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]]),
     }
     assert compare.document_lengths(rows, "chosen_").tolist() == [2, 3]
+
+
+def test_the_floor_counts_a_shared_prompt_once(monkeypatch):
+    """A DPO-like batch (4 pairs: prompts of 5 tokens, answers of 3, right-padded), through the counter the
+    way `token_logprobs(..., share_prompts=True)` runs it: each pair's prompt once, as
+    `measure.shared_prompt_step_flops` counts (tokens: 4 x 5 + 8 x 3; attention, in squared lengths: 4 x 5^2
+    + 8 x (8^2 - 5^2))."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from posttrain.rl import logprobs
+
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )  # fmt: skip
+    )
+    prompts = torch.randint(3, 50, (4, 5)).repeat_interleave(2, 0)
+    ids = torch.cat([prompts, torch.randint(3, 50, (8, 3))], 1)
+    mask = torch.zeros_like(ids)
+    mask[:, 5:] = 1
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": mask}
+    # the counter patches the loops' modules for good (it runs in a subprocess of its own): undone here
+    for module in list(sys.modules.values()):
+        if (module.__name__ or "").startswith("posttrain.") and hasattr(module, "token_logprobs"):
+            monkeypatch.setattr(module, "token_logprobs", module.token_logprobs)
+    if "posttrain.rl.reward" in sys.modules:
+        reward = sys.modules["posttrain.rl.reward"]
+        monkeypatch.setattr(reward, "reward_step_loss", reward.reward_step_loss)
+    counter = compare._FlopCounter()
+    counter.install()
+    with torch.no_grad():
+        logprobs.token_logprobs(model, batch, share_prompts=True)
+        logprobs.token_logprobs(model, batch)  # whole rows
+    counter.step()
+    (step,) = counter.steps
+    assert step["fwd_tokens"] == (4 * 5 + 8 * 3) + 8 * 8
+    assert step["fwd_attn"] == (4 * 25 + 8 * (64 - 25)) + 8 * 64
+    assert step["fwd_head"] == 2 * 8 * 3
 
 
 def test_missing_trl_names_the_extra(monkeypatch, capsys):
