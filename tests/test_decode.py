@@ -118,6 +118,18 @@ def test_step_equals_the_models_forward(family, device):
     steps_against_forward(make_model(family).to(device), tol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_with_the_sign_on_the_table_is_the_same_rope(dtype):
+    torch.manual_seed(3)
+    x, cos, sin = (
+        torch.randn(5, 4, 24, dtype=dtype),
+        torch.randn(5, 1, 24, dtype=dtype),
+        torch.randn(5, 1, 24),
+    )
+    sin = sin.to(dtype)
+    assert torch.equal(decode.rope_signed(x, cos, decode.signed_sin(sin)), decode.rope(x, cos, sin))
+
+
 def test_step_in_bfloat16():
     """bfloat16: the step's norm rounds once where the module rounds twice, its attention runs in float32
     where SDPA runs in bfloat16: agreement to 4 bfloat16 ulps of the largest logits (~5, ulp 1/32)."""

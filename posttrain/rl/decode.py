@@ -102,6 +102,18 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin (..., D) with its first half negated, for `rope_signed`."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), -1)
+
+
+def rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """`rope` with the sign of the rotated half moved from x onto a table made once (`signed_sin`): the same
+    numbers ((-a) b = a (-b) exactly), two ops fewer (10 us against 17 a call at 8 rows x 4 heads x 64)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
 class LlamaDecodeStep:
     """Feeds one token per row into slots first_slot, first_slot + 1, ... of `cache` (filled up to first_slot
     by the prefill) and returns the next position's logits. `length`: the cache's slots (prompt + completion).
@@ -114,7 +126,7 @@ class LlamaDecodeStep:
         weight = inner.embed_tokens.weight
         # the model's own rotary module, once for every position of the rollout: (length, D) each
         cos, sin = inner.rotary_emb(weight[:1], torch.arange(length, device=weight.device)[None])
-        self.cos, self.sin = cos[0], sin[0]
+        self.cos, self.sin = cos[0], signed_sin(sin[0])
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor):
         """tokens (n,) fed at positions (n,) into the next slot; attention_mask (n, length) long, 0 at the
@@ -125,7 +137,7 @@ class LlamaDecodeStep:
             bias = torch.zeros(attention_mask.shape, device=tokens.device)
             self._mask, self._bias = attention_mask, bias.masked_fill_(attention_mask == 0, float("-inf"))
         bias = self._bias[:, None, None, :S]  # (n, 1, 1, S)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (n, 1, D)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (n, 1, D); sin signed
 
         def rms_norm(x, norm):
             return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
@@ -138,12 +150,12 @@ class LlamaDecodeStep:
             k = attn.k_proj(x).view(n, -1, attn.head_dim)  # (n, h_kv, D)
             if hasattr(attn, "q_norm"):  # Qwen3
                 q, k = rms_norm(q, attn.q_norm), rms_norm(k, attn.k_norm)
-            cached.keys[:, :, self.slot] = rope(k, cos, sin)
+            cached.keys[:, :, self.slot] = rope_signed(k, cos, sin)
             cached.values[:, :, self.slot] = attn.v_proj(x).view(n, -1, attn.head_dim)
             keys, values = cached.keys[:, :, :S], cached.values[:, :, :S]  # (n, h_kv, S, D)
             h_kv = keys.shape[1]
             # (n, h_kv, h_q / h_kv, D): each kv head's queries
-            q = rope(q, cos, sin).view(n, h_kv, -1, attn.head_dim)
+            q = rope_signed(q, cos, sin).view(n, h_kv, -1, attn.head_dim)
             # scaled before the product, as SDPA does: a half-precision q K^T of large q, k could overflow
             scores = torch.matmul(q * attn.scaling, keys.transpose(-1, -2)) + bias  # (n, h_kv, h_q / h_kv, S)
             probs = scores.softmax(-1, dtype=torch.float32).to(values.dtype)
