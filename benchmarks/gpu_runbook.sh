@@ -3,7 +3,8 @@
 # under its own time limit, its output in $OUT (or ./gpu_out) as it goes, so a step that runs long costs only
 # itself. Wheels in .whl/ (TRL 1.16 and what the card's image lacks: see benchmarks/README.md) are installed
 # first into /tmp/site (.whl/tf/: transformers and what it needs, into /tmp/site_tf if they import together).
-# GEOMETRY=0 or KERNELS=0 leaves out the launch-geometry sweep or the side-by-side kernel tables.
+# GEOMETRY=0, KERNELS=0 or LOOPS=0 leaves out the launch-geometry sweep, the side-by-side kernel tables or the
+# loops' commands on the embedded task (a few steps each, bf16 autocast; ~3-5 minutes, a first SFT start included).
 #
 #     bash benchmarks/gpu_runbook.sh
 set -u
@@ -44,10 +45,30 @@ if [ "${KERNELS:-1}" = 1 ]; then
     timeout 60 python3 benchmarks/kernels.py --paths hidden --ns 16k >"$OUT/kernels_hidden.txt" 2>&1
     stamp kernels_hidden
 fi
+if [ "${LOOPS:-1}" = 1 ]; then
+    # every loop's command on the embedded task for a few steps, on the GPU with bf16 autocast (the loops'
+    # default there; never run on a GPU before session 16's runbook): exit status, seconds, last log line
+    for cmd in "sft --max_steps 20" "rm --max_steps 10" "dpo --max_steps 10" "kto --max_steps 10" \
+        "cpo --max_steps 10" "orpo --max_steps 10" "grpo --max_steps 3" "rloo --max_steps 3" \
+        "online_dpo --max_steps 3" "ppo --total_episodes 64" "prm --max_steps 10"; do
+        name=${cmd%% *}
+        start=$(date +%s)
+        timeout 150 python3 -m posttrain.cli $cmd --output_dir "/tmp/gpu_loops/$name" >"/tmp/gpu_loops_$name.log" 2>&1
+        rc=$?
+        echo "## $name: exit $rc, $(($(date +%s) - start)) s" >>"$OUT/loops.txt"
+        if [ $rc = 0 ]; then  # the last metrics lines (after the progress bar's carriage returns)
+            tr '\r' '\n' <"/tmp/gpu_loops_$name.log" | grep -oE "(eval )?step [0-9].*" | tail -n 2 >>"$OUT/loops.txt"
+        else
+            tr '\r' '\n' <"/tmp/gpu_loops_$name.log" | grep -v '^\s*$' | tail -n 25 >>"$OUT/loops.txt"
+        fi
+    done
+    stamp loops
+fi
 timeout 120 python3 benchmarks/rollout.py --device cuda --dtype bfloat16 --models 0.5b --batches 8 64 32x8 \
     --sides generate ours_step ours_forward --repeats 3 --new_tokens 64 >"$OUT/rollout.txt" 2>&1
 stamp rollout
 grep -E "passed|failed" "$OUT/tests.txt" | tail -1
+grep "^## " "$OUT/loops.txt" 2>/dev/null
 for f in geometry kernels_logits kernels_hidden rollout; do
     [ -f "$OUT/$f.txt" ] && echo "### $f" && tail -c 1500 "$OUT/$f.txt"
 done
