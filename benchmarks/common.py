@@ -24,6 +24,7 @@ import time
 import torch
 
 from posttrain.measure import (  # noqa: F401  (the benchmarks call them as common.<name>)
+    attention_width,
     compute_floor,
     last_token_score_flops,
     layer_shapes,

@@ -36,9 +36,7 @@ from posttrain.kernels import hidden as H_impl  # noqa: E402
 from posttrain.kernels import logits as L  # noqa: E402
 
 FORWARD = list(itertools.product((1024, 2048, 4096, 8192), (4, 8, 16)))  # (BLOCK_V, num_warps)
-BACKWARD = list(
-    itertools.product((1024, 2048, 4096), (4, 8), (None, 4, 1))
-)  # + blocks per program (None: row)
+BACKWARD = list(itertools.product((1024, 2048, 4096), (4, 8)))  # (BLOCK_V, num_warps)
 TILES = list(itertools.product((2048, 4096, 8192), (4096, 8192, 16384)))  # (rows, vocabulary entries)
 
 

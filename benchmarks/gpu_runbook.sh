@@ -1,5 +1,6 @@
 #!/bin/bash
-# The GPU checks of benchmarks/README.md as one command for a short lease (~6-7 minutes on an H200), each step
+# The GPU checks of benchmarks/README.md as one command for a short lease (~10 minutes on an H200 with every part, ~5 with
+# GEOMETRY=0 KERNELS=0), each step
 # under its own time limit, its output in $OUT (or ./gpu_out) as it goes, so a step that runs long costs only
 # itself. Wheels in .whl/ (TRL 1.16 and what the card's image lacks: see benchmarks/README.md) are installed
 # first into /tmp/site (.whl/tf/: transformers and what it needs, into /tmp/site_tf if they import together).

@@ -390,15 +390,15 @@ def generation_floor(config, prompts: int) -> dict:
     docstring): prefill once per prompt, then C - 1 one-token decode steps, forward only, each part at the rate
     of its own matmul shapes measured now (attention at the body's rate)."""
     L, H, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
-    P_layer = common.linear_params_per_layer(config)
+    P_layer, A = common.linear_params_per_layer(config), common.attention_width(config)
     prefill_rows = prompts * PROMPT_LEN
     flops = {
         "prefill body": 2.0 * L * P_layer * prefill_rows,
-        "prefill attn": 2.0 * L * PROMPT_LEN * H * prefill_rows,  # causal half of QK^T and PV
+        "prefill attn": 2.0 * L * PROMPT_LEN * A * prefill_rows,  # causal half of QK^T and PV
         "prefill head": 2.0 * H * V * prompts,  # last position only
         "decode body": 2.0 * L * P_layer * ROWS * (COMPLETION_LEN - 1),
-        # the new token at context length c = P + t attends to c positions: 2 matmuls x 2 FLOPs x c x H
-        "decode attn": sum(4.0 * L * (PROMPT_LEN + t) * H * ROWS for t in range(1, COMPLETION_LEN)),
+        # the new token at context length c = P + t attends to c positions: 2 matmuls x 2 FLOPs x c x A
+        "decode attn": sum(4.0 * L * (PROMPT_LEN + t) * A * ROWS for t in range(1, COMPLETION_LEN)),
         "decode head": 2.0 * H * V * ROWS * (COMPLETION_LEN - 1),
     }
     prefill_layer_s, decode_layer_s = (

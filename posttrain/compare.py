@@ -178,6 +178,7 @@ class _FlopCounter:
     def __init__(self):
         self.current = self._zero()
         self.steps = []
+        self.shared = None  # the SharedPrefix of the call being counted (`install`)
 
     @staticmethod
     def _zero():
@@ -214,19 +215,25 @@ class _FlopCounter:
     def install(self) -> None:
         import torch
 
-        from posttrain.rl import distributed, logprobs
+        from posttrain.rl import logprobs
 
         original = logprobs.token_logprobs
+
+        real_shared_prefix = logprobs.shared_prefix
+
+        def recorded_shared_prefix(*args, **kwargs):  # what token_logprobs ran, not computed a second time
+            self.shared = real_shared_prefix(*args, **kwargs)
+            return self.shared
+
+        logprobs.shared_prefix = recorded_shared_prefix
 
         def counted(model, batch, *args, **kwargs):
             mask = kwargs.get("mask")
             mask = batch["completion_mask"] if mask is None else mask
-            share = kwargs.get("share_prompts") and not kwargs.get("return_router_aux_loss")
-            shared = None  # as token_logprobs decides it
-            if share and logprobs.supports_fused(model):
-                shared = logprobs.shared_prefix(distributed.unwrap(model), batch, mask)
-            self.add(batch, int(mask[:, 1:].sum()), torch.is_grad_enabled(), shared=shared)
-            return original(model, batch, *args, **kwargs)
+            self.shared = None
+            out = original(model, batch, *args, **kwargs)
+            self.add(batch, int(mask[:, 1:].sum()), torch.is_grad_enabled(), shared=self.shared)
+            return out
 
         for module in list(sys.modules.values()):
             if (module.__name__ or "").startswith("posttrain.") and getattr(

@@ -117,6 +117,7 @@ def test_the_floor_counts_a_shared_prompt_once(monkeypatch):
     if "posttrain.rl.reward" in sys.modules:
         reward = sys.modules["posttrain.rl.reward"]
         monkeypatch.setattr(reward, "reward_step_loss", reward.reward_step_loss)
+    monkeypatch.setattr(logprobs, "shared_prefix", logprobs.shared_prefix)
     counter = compare._FlopCounter()
     counter.install()
     with torch.no_grad():

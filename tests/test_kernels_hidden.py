@@ -1095,6 +1095,8 @@ def test_backward_from_kept_logits_is_bit_for_bit_the_recomputing_one(
         (6, 16, dict(rows_per_tile=4), torch.float32, None),  # two row tiles
         (6, 16, {}, torch.bfloat16, None),  # 16-bit tiles: the accumulators are float32
         (17, 16, {}, torch.float32, 17 * 512 * 4 - 1),  # more rows than H, and their logits over KEEP_BYTES
+        # two tiles of 260 and 40 columns, each a tile buffer 512 wide: 2 x 17 x 512 floats, not 17 x (512 + 256)
+        (17, 16, dict(vocab_per_tile=260), torch.float32, 2 * 17 * 512 * 4 - 1),
     ],
 )
 def test_logits_are_recomputed_where_they_cannot_be_kept(N, H, options, dtype, keep_bytes, monkeypatch):
@@ -1114,7 +1116,7 @@ def test_logits_are_recomputed_where_they_cannot_be_kept(N, H, options, dtype, k
         assert used == [1]
 
 
-def test_a_forward_without_autograd_keeps_nothing(monkeypatch):
+def test_a_forward_without_gradients_keeps_nothing(monkeypatch):
     modes = _spy_kept(monkeypatch)
     hidden, weight, _, index = _inputs(6, 300, 16, torch.float32, bias=False)
     with torch.no_grad():
@@ -1122,6 +1124,11 @@ def test_a_forward_without_autograd_keeps_nothing(monkeypatch):
     assert modes == []
     K.logprobs_from_hidden_torch(hidden, weight, index)
     assert modes == ["overlay"]  # the same call on the tape keeps its logits
+    K.logprobs_from_hidden_torch(hidden.detach(), weight.detach(), index)
+    assert modes == [
+        "overlay",
+        None,
+    ]  # on the tape, but no input wants a gradient: no backward will read them
 
 
 @pytest.mark.parametrize("N", [8, 20])  # overlaid, in a buffer of their own

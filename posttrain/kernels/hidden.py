@@ -619,14 +619,16 @@ def _row_tiles(n, rows):
 def _kept_blocks(backend, ctx, hidden, weight, tiles, cols, dtype):
     """Where the forward keeps its logits for the backward, which otherwise recomputes them: ([(c0, offset)]
     per vocabulary tile, overlay), or None. On the CPU (the torch folds), when the rows are one row tile and
-    the tiles, the weight and the accumulators share one dtype, tile c0's (n, C) logits are kept as a block at
-    `offset` (rows ROW_ALIGN-aligned, as in the tile buffer) of a flat buffer:
-    - overlay: the (V, H) tensor that the backward returns as dweight, when the weight's gradient is wanted, the
-      blocks fit (about n <= H) and writing dweight's rows c0.. (elements H c0 on) overwrites no block of an
-      earlier tile. Peak memory is unchanged (otherwise dweight is allocated at the backward's start, with the
-      forward's activations all still held). The backward reads every block (dL/dlogits in place, dhidden,
-      dbias), then writes dweight tile by tile from the last.
-    - else a buffer of their own, held from the forward to the backward, if it takes at most KEEP_BYTES.
+    the tiles, the weight and the accumulators share one dtype, and some input wants a gradient, tile c0's (n, C)
+    logits are kept for the backward:
+    - overlay: as a block at `offset` (rows ROW_ALIGN-aligned, as in the tile buffer) of the (V, H) tensor that
+      the backward returns as dweight, when the weight's gradient is wanted, the blocks fit (about n <= H) and
+      writing dweight's rows c0.. (elements H c0 on) overwrites no block of an earlier tile. Peak memory is
+      unchanged (otherwise dweight is allocated at the backward's start, with the forward's activations all
+      still held). The backward reads every block (dL/dlogits in place, dhidden, dbias), then writes dweight
+      tile by tile from the last.
+    - else in tensors of their own, one per tile, laid out as the tile buffer, held from the forward to the
+      backward, if they take at most KEEP_BYTES together.
     Either way the backward does two products instead of three (one instead of two for a frozen weight), with
     the same numbers (the kept tile is the product it would recompute: tests/test_kernels_hidden.py compares bit
     for bit). benchmarks/grpo.py's training step (n = 256 completion tokens, V = 32000, H = 256, overlay):
@@ -636,6 +638,7 @@ def _kept_blocks(backend, ctx, hidden, weight, tiles, cols, dtype):
     if not (
         backend == "torch"
         and hidden.device.type == "cpu"
+        and any(ctx.needs_input_grad[:3])
         and len(tiles) == 1
         and dtype == weight.dtype == _acc_dtype(hidden)
     ):
@@ -647,7 +650,9 @@ def _kept_blocks(backend, ctx, hidden, weight, tiles, cols, dtype):
         offset += n * -(-min(cols, V - c0) // ROW_ALIGN) * ROW_ALIGN
     if overlay and offset <= V * H:
         return blocks, True
-    return (blocks, False) if offset * hidden.element_size() <= KEEP_BYTES else None
+    # own tensors: one tile buffer's layout each (the last one, however ragged, as wide as the others)
+    own = len(blocks) * n * -(-min(cols, V) // ROW_ALIGN) * ROW_ALIGN
+    return (blocks, False) if own * hidden.element_size() <= KEEP_BYTES else None
 
 
 def _block(kept, n, c0, offset, V, cols):

@@ -544,7 +544,7 @@ def _launch_config(V: int, backward: bool = False) -> tuple[int, int]:
     bf16, V = 32k and 152k (benchmarks/geometry.py; results.md "Session 16"): the forward, which reduces every
     block (max, first arg-max, sums), runs fastest with 4 warps (75 % of copy bandwidth at 152k; 8 warps 65 %,
     16 warps 48 %); the backward, one elementwise pass, with 8 (96 %; 4 warps 82 % at this block). Splitting
-    a row's backward over several programs gained nothing (95 % at four blocks a program)."""
+    a row's backward over several programs (a 2-D grid, tried and removed) gained nothing."""
     block = min(triton.next_power_of_2(V), 4096)
     return block, 8 if backward and block >= 2048 else 4
 
