@@ -6,6 +6,7 @@ import os
 import sys
 
 import pytest
+from _optional import import_or_skip
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
@@ -49,3 +50,36 @@ def test_kernels_rows():
     for bad in ("16", "16q", "0k", "4k,"):
         with pytest.raises(argparse.ArgumentTypeError, match=f"'{bad}': expected row counts like 1k,4k,16k"):
             kernels.rows_arg(bad)
+
+
+def test_geometry_sweeps_run_end_to_end(monkeypatch):
+    """benchmarks/geometry.py (a GPU script) on the CPU: its sweeps through the interpreter on tiny shapes, each
+    configuration checked against float32 torch, the times from a plain clock, so that a sweep that no longer
+    matches the kernels' launch arguments fails here rather than in a GPU lease."""
+    import time
+
+    import torch
+
+    from posttrain.kernels import hidden as H
+
+    import_or_skip("trl")  # the sweep times TRL's kernels beside ours
+    had_kernels = "kernels" in sys.modules
+    geometry = _load("geometry")
+    if not had_kernels:  # it imported benchmarks/kernels.py as `kernels`, a name transformers looks up
+        sys.modules.pop("kernels", None)
+    assert hasattr(geometry.bench, "make_inputs")  # benchmarks/kernels.py, not another `kernels`
+    make_inputs = geometry.bench.make_inputs
+    monkeypatch.setattr(geometry.bench, "make_inputs", lambda *a: make_inputs(*a[:4], torch.device("cpu")))
+
+    def clock_ms(fn):
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    monkeypatch.setattr(geometry, "median_ms", clock_ms)
+    monkeypatch.setattr(geometry, "BACKWARD", geometry.BACKWARD[:2])
+    monkeypatch.setattr(geometry, "TILES", [(4, 64), (8, 128)])
+    geometry.logits_sweep(6, 150, 100.0, forward=[(32, 4, None), (64, 2, 2)])
+    geometry.hidden_sweep(6, 150)
+    assert H.ROWS_PER_TILE["cpu"] == 2048  # the sweep passes its tiles per call, leaving the defaults
+    assert geometry.L._launch_config.__module__ == "posttrain.kernels.logits"  # the patches are undone
