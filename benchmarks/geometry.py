@@ -163,19 +163,47 @@ def hidden_sweep(N, V):
     print(f"| TRL chunked | - | 32768 | {ms:.2f} | {ms / floor_ms:.2f} | {err:.1e} |")
 
 
-def main():
+def positive_ints(text: str) -> list[int]:
+    """`--blocks` / `--warps` / `--stages`: comma-separated positive integers, "4096,8192" -> [4096, 8192]."""
+    parts = text.split(",")
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers like 4096,8192")
+    return [int(p) for p in parts]
+
+
+def choices_arg(allowed):
+    """A comma-separated subset of `allowed`, in the order given; the message names what is not allowed."""
+
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: unknown {unknown}; expected some of {', '.join(allowed)}"
+            )
+        return names
+
+    return parse
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ns", type=bench.rows_arg, default=[16 * bench.K])
-    parser.add_argument("--vocabs", default="32k,152k", help="comma-separated, of " + ",".join(bench.VOCABS))
-    parser.add_argument("--paths", default="logits,hidden")
-    parser.add_argument("--passes", default="fwd,bwd", help="logits path: fwd, bwd or both")
-    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+    parser.add_argument("--vocabs", type=choices_arg(list(bench.VOCABS)), default=list(bench.VOCABS))
+    parser.add_argument("--paths", type=choices_arg(["logits", "hidden"]), default=["logits", "hidden"])
     parser.add_argument(
-        "--blocks", type=ints, help="forward sweep over these BLOCK_V (with --warps, --stages)"
+        "--passes", type=choices_arg(["fwd", "bwd"]), default=["fwd", "bwd"], help="logits path"
     )
-    parser.add_argument("--warps", type=ints, default=[4, 8])
-    parser.add_argument("--stages", type=ints, help="num_stages values (default: triton's)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--blocks", type=positive_ints, help="forward sweep over these BLOCK_V (with --warps, --stages)"
+    )
+    parser.add_argument("--warps", type=positive_ints, default=[4, 8])
+    parser.add_argument("--stages", type=positive_ints, help="num_stages values (default: triton's)")
+    return parser, parser.parse_args(argv)
+
+
+def main():
+    parser, args = parse_args()
     forward = None
     if args.blocks:
         forward = list(itertools.product(args.blocks, args.warps, args.stages or [None]))
@@ -185,9 +213,9 @@ def main():
     print(f"# launch geometry, {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     copy_gbs = bench.copy_bandwidth_gbs(device)
     for N in args.ns:
-        for name in args.vocabs.split(","):
+        for name in args.vocabs:
             if "logits" in args.paths:
-                logits_sweep(N, bench.VOCABS[name], copy_gbs, forward, args.passes.split(","))
+                logits_sweep(N, bench.VOCABS[name], copy_gbs, forward, args.passes)
             if "hidden" in args.paths:
                 hidden_sweep(N, bench.VOCABS[name])
             torch.cuda.empty_cache()

@@ -3,6 +3,7 @@
 import argparse
 import importlib.util
 import os
+import re
 import sys
 
 import pytest
@@ -52,7 +53,7 @@ def test_kernels_rows():
             kernels.rows_arg(bad)
 
 
-def test_geometry_sweeps_run_end_to_end(monkeypatch):
+def test_geometry_sweeps_run_end_to_end(monkeypatch, capsys):
     """benchmarks/geometry.py (a GPU script) on the CPU: its sweeps through the interpreter on tiny shapes, each
     configuration checked against float32 torch, the times from a plain clock, so that a sweep that no longer
     matches the kernels' launch arguments fails here rather than in a GPU lease."""
@@ -83,3 +84,17 @@ def test_geometry_sweeps_run_end_to_end(monkeypatch):
     geometry.hidden_sweep(6, 150)
     assert H.ROWS_PER_TILE["cpu"] == 2048  # the sweep passes its tiles per call, leaving the defaults
     assert geometry.L._launch_config.__module__ == "posttrain.kernels.logits"  # the patches are undone
+
+    _, args = geometry.parse_args(["--vocabs", "152k", "--passes", "fwd", "--blocks", "4096,8192"])
+    assert (args.vocabs, args.passes, args.blocks, args.warps) == (["152k"], ["fwd"], [4096, 8192], [4, 8])
+    for option, bad, message in (
+        ("--vocabs", "64k", r"'64k': unknown \['64k'\]; expected some of 32k, 152k"),
+        ("--paths", "logits,kernel", r"unknown \['kernel'\]; expected some of logits, hidden"),
+        ("--passes", "back", r"unknown \['back'\]; expected some of fwd, bwd"),
+        ("--blocks", "4096,0", r"'4096,0': expected positive integers like 4096,8192"),
+        ("--warps", "four", r"'four': expected positive integers"),
+    ):
+        with pytest.raises(SystemExit):
+            geometry.parse_args([option, bad])
+        err = capsys.readouterr().err
+        assert option in err and re.search(message, err), err
