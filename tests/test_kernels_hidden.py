@@ -809,6 +809,21 @@ def test_top1_follows_argmax_first_index_rule(backend, copies, index, expected):
     assert top1_bf16.tolist() == (torch.nn.functional.linear(h16, w16).argmax(-1) == index).tolist()
 
 
+@pytest.mark.parametrize("backend", _backends())
+def test_top1_when_rows_take_the_lead_in_different_tiles(backend):
+    """64 rows in one row tile over 20 vocabulary tiles: each row's running maximum moves on in tiles of its own,
+    so a tile's new leaders are a different subset of the rows each time (the CPU fold takes the arg-max of
+    those rows alone). Targets: the arg-max on even rows, the runner-up on odd ones."""
+    g = torch.Generator().manual_seed(34)
+    hidden, weight = torch.randn(64, 16, generator=g), torch.randn(320, 16, generator=g)
+    z = hidden @ weight.T
+    top2 = z.topk(2, dim=1).indices
+    index = torch.where(torch.arange(64) % 2 == 0, top2[:, 0], top2[:, 1])
+    fn = K.logprobs_from_hidden_torch if backend == "torch" else _triton_on_device
+    _, top1 = fn(hidden, weight, index, return_top1=True, rows_per_tile=64, vocab_per_tile=16)
+    assert top1.tolist() == [i % 2 == 0 for i in range(64)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", _backends())
 def test_several_row_tiles_at_default_sizes(backend, dtype, monkeypatch):

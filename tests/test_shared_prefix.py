@@ -4,9 +4,10 @@ Checked against the plain forward (every row whole: share_prompts false, the def
 batch, float32: per-token log-probs and entropies, and every parameter's gradient of a loss that weighs each
 token differently (relative error <= 1e-5), on the online loops' layout (left-padded prompts of different
 lengths, G right-padded completions of different lengths each) and DPO's (right-padded rows, chosen and
-rejected after the same prompt), for Qwen2, Llama and Qwen3 (per-head q / k norms), through LoRA, in eval mode
-without gradients, and under DDP (two processes: the prefix's forward runs outside the wrapper). Where it does
-not apply, `shared_prefix` says None and the plain forward runs.
+rejected after the same prompt), for Qwen2, Llama, Qwen3 (per-head q / k norms) and Gemma (embeddings scaled in
+the forward; the shared forward looks up both calls' embeddings at once), through LoRA, in eval mode without
+gradients, and under DDP (two processes: the prefix's forward runs outside the wrapper). Where it does not
+apply, `shared_prefix` says None and the plain forward runs.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ V = 128
 
 
 def tiny(family: str = "qwen2", seed: int = 0):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+    from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Qwen3Config
 
     kwargs = dict(
         vocab_size=V,
@@ -43,7 +44,8 @@ def tiny(family: str = "qwen2", seed: int = 0):
         torch.manual_seed(seed)
         if family == "qwen2":
             return embedded.build_model(seed=seed, **kwargs)
-        config = {"llama": LlamaConfig, "qwen3": Qwen3Config}[family](head_dim=8, **kwargs)
+        configs = {"llama": LlamaConfig, "qwen3": Qwen3Config, "gemma": GemmaConfig}
+        config = configs[family](head_dim=8, **kwargs)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
@@ -112,7 +114,7 @@ def assert_same(model, batch, monkeypatch):
         assert error <= 1e-5, (name, float(error))
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3", "gemma"])
 def test_online_layout_equals_plain_forward(family, monkeypatch):
     model = tiny(family)
     batch = online_batch()

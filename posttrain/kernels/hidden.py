@@ -294,10 +294,19 @@ def _fold_forward_torch(a, index, c0, stats, tr: Transform, want_entropy):
     torch.where(inside, u.gather(1, col).squeeze(1), target, out=target)
     if arg is None:
         tile_max = u.amax(1)
-    else:
+    elif _sync_free(u.device):
         tile_max, tile_arg = u.max(1)  # the first column holding the maximum
         # strictly greater: an equal maximum in an earlier tile keeps its lower index, as torch.argmax does
         torch.where(tile_max > m, tile_arg + c0, arg, out=arg)
+    else:
+        # On the CPU an arg-max costs ~10x the max alone (1M-element tile: 0.83 against 0.07 ms), so it runs
+        # only on the rows this tile takes the lead of (strictly greater, as above): all rows on the first
+        # tile, then ~1 / (k + 1) of them on the k-th, ~4 tiles' worth in all over 32 tiles, for one host sync.
+        tile_max = u.amax(1)
+        lead = (tile_max > m).nonzero().squeeze(1)
+        if len(lead):
+            rows = u if len(lead) == len(u) else u.index_select(0, lead)
+            arg.index_copy_(0, lead, rows.argmax(1) + c0)
     m_new = torch.maximum(m, tile_max)
     ref = _row_ref(m_new)
     alpha = torch.exp((m - ref) * tr.k)  # 0 on the first tile (m = -inf)

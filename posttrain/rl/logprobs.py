@@ -248,11 +248,17 @@ def _shared_prefix_hidden(model, batch: dict, shared: SharedPrefix, captured: di
     still accumulated once, when both have given theirs."""
     P, first, inverse = shared
     inner = unwrap(model)
-    B, T = batch["input_ids"].shape
+    input_ids = batch["input_ids"]
+    B, T = input_ids.shape
     position_ids = batch.get("position_ids")
+    # One embedding lookup for both calls: a trained embedding's backward builds a dense (V, H) gradient per
+    # call (a tied one's then added into the output layer's), so two calls would build and add two.
+    prefix_ids, rest_ids = input_ids[first, :P], input_ids[:, P:]
+    embeds = inner.get_input_embeddings()(torch.cat([prefix_ids.reshape(-1), rest_ids.reshape(-1)]))
+    prefix_embeds, rest_embeds = embeds.split([prefix_ids.numel(), rest_ids.numel()])
     cache = DynamicCache(config=inner.config)
     inner(
-        input_ids=batch["input_ids"][first, :P],
+        inputs_embeds=prefix_embeds.view(*prefix_ids.shape, -1),
         attention_mask=batch["attention_mask"][first, :P],
         position_ids=None if position_ids is None else position_ids[first, :P],
         use_cache=True,
@@ -262,7 +268,7 @@ def _shared_prefix_hidden(model, batch: dict, shared: SharedPrefix, captured: di
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse)
     model(
-        input_ids=batch["input_ids"][:, P:],
+        inputs_embeds=rest_embeds.view(*rest_ids.shape, -1),
         attention_mask=batch["attention_mask"],
         position_ids=None if position_ids is None else position_ids[:, P:],
         use_cache=True,
