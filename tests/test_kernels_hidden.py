@@ -835,9 +835,9 @@ def test_several_row_tiles_at_default_sizes(backend, dtype, monkeypatch):
     seen = []
     fold_forward, fold_backward = K.FOLDS[backend]
 
-    def spy(a, *args):
+    def spy(a, *args, **kw):
         seen.append(tuple(a.shape))
-        return fold_forward(a, *args)
+        return fold_forward(a, *args, **kw)
 
     monkeypatch.setitem(K.FOLDS, backend, (spy, fold_backward))
     hidden, weight, b, index = _inputs(21, 600, 16, dtype, bias=True, seed=33)
@@ -881,9 +881,9 @@ def test_tile_rows_start_128_bit_aligned(backend, N, V, vocab_per_tile, monkeypa
     fold_forward, fold_backward = K.FOLDS[backend]
 
     def spy(fold):
-        def run(a, *args):
+        def run(a, *args, **kw):
             strides.append((a.stride(0), a.shape[1], a.data_ptr() % 16))
-            return fold(a, *args)
+            return fold(a, *args, **kw)
 
         return run
 
@@ -1088,6 +1088,8 @@ def _spy_kept(monkeypatch):
             "own",
         ),  # more rows than H: they do not fit in dweight's buffer
         (6, 300, 16, dict(vocab_per_tile=128, frozen_weight=True), "own"),  # no dweight to overlay
+        # the forward writes its logits into the kept tile and folds them in the tile buffer, softcapped there
+        (17, 300, 16, dict(vocab_per_tile=128, logit_scale=0.5, softcap=3.0), "own"),
     ],
 )
 @pytest.mark.parametrize("bias", [False, True])

@@ -254,16 +254,18 @@ def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _transform_torch(a, tr: Transform, cap_grad=False):
+def _transform_torch(a, tr: Transform, cap_grad=False, work=None):
     """a (R, C) tile of hidden @ weight.T + bias -> u (R, C) in the math dtype [, du/da / logit_scale].
 
-    Works in place when `a` is already in the math dtype (the caller's own tile buffer). The softcap derivative
+    Works in place when `a` is already in the math dtype (the caller's own tile buffer), or in `work` (R, C)
+    where the caller keeps `a` (the forward's kept logits; a plain u is then `a` itself). The softcap derivative
     1 - tanh^2(x / c) is computed as 1 / cosh^2(x / c) from the uncapped x: 1 - (u / c)^2 from the capped u
     loses all precision once tanh rounds to 1."""
     u = a if a.dtype == _acc_dtype(a) else a.to(_acc_dtype(a))
     dcap = None
     if tr.softcap is not None:
-        u *= tr.logit_scale / tr.softcap
+        scale = tr.logit_scale / tr.softcap
+        u = u.mul_(scale) if work is None or u is not a else torch.mul(u, scale, out=work)
         if cap_grad:
             dcap = torch.cosh(u).square_().reciprocal_()  # cosh overflows to inf -> derivative 0, no NaN
         u = u.tanh_().mul_(tr.softcap)
@@ -281,13 +283,14 @@ def _row_ref(m):
     return torch.where(m == float("-inf"), 0.0, m)
 
 
-def _fold_forward_torch(a, index, c0, stats, tr: Transform, want_entropy):
+def _fold_forward_torch(a, index, c0, stats, tr: Transform, want_entropy, work=None):
     """Fold tile a (R, C), columns c0 .. c0 + C of the vocabulary, into the running statistics
     stats = (m, s, t, target, arg, u_sum, sq), each (R,), in place (t only with want_entropy, arg (int64) only when
     top-1 is asked for, u_sum = sum u and sq = sum exp(d)^2 only when mean_logit and log_sum_sq are, else None).
-    index (R,): the rows' target columns in the vocabulary. m, target and u_sum are in u units."""
+    index (R,): the rows' target columns in the vocabulary. m, target and u_sum are in u units. The fold works in
+    place in a, or in `work` (R, C) where the caller keeps a."""
     m, s, t, target, arg, u_sum, sq = stats
-    u, _ = _transform_torch(a, tr)
+    u, _ = _transform_torch(a, tr, work=work)
     if u_sum is not None:
         u_sum += u.sum(1)  # before u is shifted in place below
     col, inside = _local_targets(index, c0, u.shape[1])
@@ -310,7 +313,8 @@ def _fold_forward_torch(a, index, c0, stats, tr: Transform, want_entropy):
     m_new = torch.maximum(m, tile_max)
     ref = _row_ref(m_new)
     alpha = torch.exp((m - ref) * tr.k)  # 0 on the first tile (m = -inf)
-    d = u.sub_(ref.unsqueeze(1))  # exact where it matters (u near ref), then one rounding of a small number
+    # exact where it matters (u near ref), then one rounding of a small number
+    d = u.sub_(ref.unsqueeze(1)) if work is None or u is not a else torch.sub(u, ref.unsqueeze(1), out=work)
     if tr.k != 1.0:
         d *= tr.k
     if want_entropy:
@@ -519,7 +523,8 @@ def _pad16(C):
     return -(-C // 16) * 16
 
 
-def _fold_forward_triton(a, index, c0, stats, tr: Transform, want_entropy):
+def _fold_forward_triton(a, index, c0, stats, tr: Transform, want_entropy, work=None):
+    """The torch fold's signature; `work` is not needed: the kernel only reads the tile."""
     (block, warps), _ = FOLD_LAUNCH["cuda" if a.is_cuda else "interpret"]
     m, s, t, target, arg, u_sum, sq = stats
     forward, _ = _kernels()
@@ -713,13 +718,14 @@ class _HiddenLogProbs(torch.autograd.Function):
                 w = weight[c0 : c0 + cols].to(dtype)  # (C, H)
                 b = None if bias is None else bias[c0 : c0 + cols].to(dtype)
                 for r0, R in tiles:
-                    a = _tile_matmul(h_all[r0 : r0 + R], w, b, buf[:R, : w.shape[0]])  # (R, C)
-                    if kept is not None:  # before the fold overwrites it
-                        kept[c0 // cols].copy_(a)
+                    tile = buf[:R, : w.shape[0]]
+                    # kept: the logits go straight into the kept tile, and the fold works in the tile buffer
+                    a = _tile_matmul(h_all[r0 : r0 + R], w, b, tile if kept is None else kept[c0 // cols])
                     stats = tuple(
                         None if x is None else x[r0 : r0 + R] for x in (m, s, t, target, arg, u_sum, sq)
                     )
-                    fold_forward(a, index[r0 : r0 + R], c0, stats, tr, want_entropy)
+                    work = None if kept is None else tile
+                    fold_forward(a, index[r0 : r0 + R], c0, stats, tr, want_entropy, work=work)
             ref = _row_ref(m)
             log_s = torch.log(s)
             logps = (target - ref) * tr.k - log_s
@@ -845,7 +851,8 @@ def _backward_from_kept(kept, overlaid, hidden, weight, bias, index, ref, log_s,
         # overlaid, from the last tile: dweight's rows c0.. overlay this tile's block and later ones, never
         # earlier ones; each block goes through the tile buffer, as the recomputing path's product does
         for i, a in reversed(list(enumerate(kept))) if dweight is not None else ():
-            a = buf[: a.shape[0], : a.shape[1]].copy_(a)
+            if overlaid is not None:  # dweight's rows are about to overwrite this block
+                a = buf[: a.shape[0], : a.shape[1]].copy_(a)
             torch.mm(a.T, h_all, out=dweight[i * cols : i * cols + a.shape[1]])
     return _gradients(dhidden, dweight, dbias, hidden, bias)
 
