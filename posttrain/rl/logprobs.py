@@ -26,7 +26,7 @@ from transformers.cache_utils import DynamicLayer
 
 from posttrain.kernels import logprobs_from_hidden, logprobs_from_logits
 from posttrain.rl import lora, stock, swiglu
-from posttrain.rl.distributed import release_frozen_root, unwrap
+from posttrain.rl.distributed import is_sharded, release_frozen_root, unwrap
 from posttrain.rl.rollout import cache_kwarg
 
 # Families whose forward is `lm_head(final_norm(decoder(x)))`, followed at most by the soft-capping
@@ -251,14 +251,21 @@ def _shared_prefix_hidden(model, batch: dict, shared: SharedPrefix, captured: di
     input_ids = batch["input_ids"]
     B, T = input_ids.shape
     position_ids = batch.get("position_ids")
-    # One embedding lookup for both calls: a trained embedding's backward builds a dense (V, H) gradient per
-    # call (a tied one's then added into the output layer's), so two calls would build and add two.
     prefix_ids, rest_ids = input_ids[first, :P], input_ids[:, P:]
-    embeds = inner.get_input_embeddings()(torch.cat([prefix_ids.reshape(-1), rest_ids.reshape(-1)]))
-    prefix_embeds, rest_embeds = embeds.split([prefix_ids.numel(), rest_ids.numel()])
+    # One embedding lookup for both calls: a trained embedding's backward builds a dense (V, H) gradient per
+    # call (a tied one's then added into the output layer's), so two calls would build and add two. Not under
+    # FSDP2: the root unit's gradients are reduced (and its gathered weights freed) by hooks around its own
+    # forward, so a lookup outside it would give its gradient to freed memory.
+    if is_sharded(inner):
+        prefix_inputs, rest_inputs = {"input_ids": prefix_ids}, {"input_ids": rest_ids}
+    else:
+        embeds = inner.get_input_embeddings()(torch.cat([prefix_ids.reshape(-1), rest_ids.reshape(-1)]))
+        prefix_embeds, rest_embeds = embeds.split([prefix_ids.numel(), rest_ids.numel()])
+        prefix_inputs = {"inputs_embeds": prefix_embeds.view(*prefix_ids.shape, -1)}
+        rest_inputs = {"inputs_embeds": rest_embeds.view(*rest_ids.shape, -1)}
     cache = DynamicCache(config=inner.config)
     inner(
-        inputs_embeds=prefix_embeds.view(*prefix_ids.shape, -1),
+        **prefix_inputs,
         attention_mask=batch["attention_mask"][first, :P],
         position_ids=None if position_ids is None else position_ids[first, :P],
         use_cache=True,
@@ -268,7 +275,7 @@ def _shared_prefix_hidden(model, batch: dict, shared: SharedPrefix, captured: di
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse)
     model(
-        inputs_embeds=rest_embeds.view(*rest_ids.shape, -1),
+        **rest_inputs,
         attention_mask=batch["attention_mask"],
         position_ids=None if position_ids is None else position_ids[:, P:],
         use_cache=True,
