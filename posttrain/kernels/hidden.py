@@ -849,9 +849,9 @@ def _backward_from_kept(kept, overlaid, hidden, weight, bias, index, ref, log_s,
         if overlaid is not None:
             dweight = overlaid  # returned as it is, not as a view: autograd takes it as .grad without a copy
         # overlaid, from the last tile: dweight's rows c0.. overlay this tile's block and later ones, never
-        # earlier ones; each block goes through the tile buffer, as the recomputing path's product does
+        # earlier ones, so each block is first copied to the tile buffer; a tile of its own is read in place
         for i, a in reversed(list(enumerate(kept))) if dweight is not None else ():
-            if overlaid is not None:  # dweight's rows are about to overwrite this block
+            if overlaid is not None:
                 a = buf[: a.shape[0], : a.shape[1]].copy_(a)
             torch.mm(a.T, h_all, out=dweight[i * cols : i * cols + a.shape[1]])
     return _gradients(dhidden, dweight, dbias, hidden, bias)
