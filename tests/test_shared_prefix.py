@@ -176,20 +176,20 @@ def test_lora_equals_plain_forward(monkeypatch):
     assert_same(model, online_batch(), monkeypatch)
 
 
-def test_lora_reference_shares_prompts_with_its_adapters_off(monkeypatch):
+@pytest.mark.parametrize("saved", [None, ["embed_tokens"]], ids=["adapters", "trained-embedding-copy"])
+def test_lora_reference_shares_prompts_with_its_adapters_off(saved, monkeypatch):
     """The policy with its adapters disabled (`lora.AdapterDisabled`, the reference under use_peft) runs a
-    shared prompt once too, and what it gives is the base model's, not the adapted policy's."""
+    shared prompt once too, and what it gives is the base model's, not the adapted policy's: also where the
+    embedding is a module peft trains a copy of (modules_to_save), which only the disabled call looks past."""
     from posttrain.rl import lora
     from posttrain.rl.config import TrainConfig
 
     base = tiny()
-    policy = lora.wrap(
-        copy.deepcopy(base),
-        TrainConfig(output_dir="unused", use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0),
-    )
+    options = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_modules_to_save=saved)
+    policy = lora.wrap(copy.deepcopy(base), TrainConfig(output_dir="unused", **options))
     with torch.no_grad():
         for name, p in policy.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "modules_to_save" in name:
                 p.normal_(std=0.1)
     reference, batch = lora.AdapterDisabled(policy), online_batch()
     calls = []

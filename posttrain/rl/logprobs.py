@@ -255,8 +255,10 @@ def _shared_prefix_hidden(model, batch: dict, shared: SharedPrefix, captured: di
     # One embedding lookup for both calls: a trained embedding's backward builds a dense (V, H) gradient per
     # call (a tied one's then added into the output layer's), so two calls would build and add two. Not under
     # FSDP2: the root unit's gradients are reduced (and its gathered weights freed) by hooks around its own
-    # forward, so a lookup outside it would give its gradient to freed memory.
-    if is_sharded(inner):
+    # forward, so a lookup outside it would give its gradient to freed memory. Nor for a view of a model that
+    # changes what its modules compute during its own call (lora.AdapterDisabled: a peft-trained copy of the
+    # embedding would answer a lookup outside it).
+    if is_sharded(inner) or not isinstance(inner, torch.nn.Module):
         prefix_inputs, rest_inputs = {"input_ids": prefix_ids}, {"input_ids": rest_ids}
     else:
         embeds = inner.get_input_embeddings()(torch.cat([prefix_ids.reshape(-1), rest_ids.reshape(-1)]))
