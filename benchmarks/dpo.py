@@ -144,10 +144,11 @@ def time_ours(args, config, model, rows, collate_fn, step_loss, count_fn, rows_p
     return result
 
 
-def common_options(out: str, learning_rate: float) -> dict:
+def common_options(out: str, learning_rate: float, torch_compile: bool) -> dict:
     return dict(
         output_dir=out, learning_rate=learning_rate, lr_scheduler_type="constant", weight_decay=0.0,
         max_grad_norm=MAX_GRAD_NORM, max_length=None, bf16=False, report_to="none", seed=0,
+        torch_compile=torch_compile,
     )  # fmt: skip
 
 
@@ -176,7 +177,7 @@ def run_ours_dpo(args) -> dict:
     model = build_model(args.quick)
     with tempfile.TemporaryDirectory() as out:
         config = dpo.DPOConfig(
-            **common_options(out, LEARNING_RATE), per_device_train_batch_size=BATCH, beta=BETA,
+            **common_options(out, LEARNING_RATE, args.torch_compile), per_device_train_batch_size=BATCH, beta=BETA,
             loss_type=["sigmoid"], precompute_ref_log_probs=args.ref == "precomputed", precompute_ref_batch_size=BATCH,
         )  # fmt: skip
         rows = Dataset.from_list(random_pairs((args.warmup + args.steps) * BATCH, model.config.vocab_size))
@@ -204,7 +205,7 @@ def run_ours_kto(args) -> dict:
     model = build_model(args.quick)
     with tempfile.TemporaryDirectory() as out:
         config = kto.KTOConfig(
-            **common_options(out, LEARNING_RATE), per_device_train_batch_size=KTO_ROWS, beta=BETA,
+            **common_options(out, LEARNING_RATE, args.torch_compile), per_device_train_batch_size=KTO_ROWS, beta=BETA,
             loss_type="kto", precompute_ref_log_probs=args.ref == "precomputed", precompute_ref_batch_size=KTO_ROWS,
         )  # fmt: skip
         rows = random_unpaired((args.warmup + args.steps) * KTO_ROWS, model.config.vocab_size)
@@ -233,7 +234,9 @@ def run_ours_orpo(args) -> dict:
     model = build_model(args.quick)
     with tempfile.TemporaryDirectory() as out:
         config = orpo.ORPOConfig(
-            **common_options(out, LEARNING_RATE), per_device_train_batch_size=BATCH, beta=BETA
+            **common_options(out, LEARNING_RATE, args.torch_compile),
+            per_device_train_batch_size=BATCH,
+            beta=BETA,
         )
         rows = Dataset.from_list(random_pairs((args.warmup + args.steps) * BATCH, model.config.vocab_size))
         collate_fn = functools.partial(dpo.collate_pairs, pad_token_id=0)
@@ -291,8 +294,9 @@ def time_trl(args, trainer_cls, config, model, ref, rows, tokenizer, **trainer_k
     return {"times": times, "peak_mib": clock.peak - clock.rss_before, "losses": [x.item() for x in losses]}
 
 
-def trl_options(out: str, learning_rate: float, n_steps: int, batch: int) -> dict:
+def trl_options(out: str, learning_rate: float, n_steps: int, batch: int, torch_compile: bool) -> dict:
     return dict(
+        torch_compile=torch_compile,  # the whole policy, as transformers' Trainer compiles it
         output_dir=out, use_cpu=True, bf16=False, report_to=[], per_device_train_batch_size=batch,
         max_length=None, beta=BETA, max_steps=n_steps, learning_rate=learning_rate, lr_scheduler_type="constant",
         weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, logging_steps=10**6, save_strategy="no", disable_tqdm=True,
@@ -329,7 +333,7 @@ def run_trl_dpo(args) -> dict:
     trl.DPOTrainer._prepare_dataset = lambda self, dataset, *a, **k: dataset
     with tempfile.TemporaryDirectory() as out:
         config = trl.DPOConfig(
-            **trl_options(out, LEARNING_RATE, n_steps, BATCH),
+            **trl_options(out, LEARNING_RATE, n_steps, BATCH, args.torch_compile),
             activation_checkpointing=False,  # TRL's default is on (as `gradient_checkpointing`)
             loss_type=["sigmoid"], precompute_ref_log_probs=precomputed, precompute_ref_batch_size=BATCH,
         )  # fmt: skip
@@ -353,7 +357,7 @@ def run_trl_kto(args) -> dict:
     trl.KTOTrainer._prepare_dataset = lambda self, dataset, *a, **k: dataset
     with tempfile.TemporaryDirectory() as out:
         config = trl.KTOConfig(
-            **trl_options(out, LEARNING_RATE, n_steps, KTO_ROWS), loss_type="kto",
+            **trl_options(out, LEARNING_RATE, n_steps, KTO_ROWS, args.torch_compile), loss_type="kto",
             precompute_ref_log_probs=precomputed, precompute_ref_batch_size=KTO_ROWS,
         )  # fmt: skip
         ref = None if precomputed else frozen_copy(model)
@@ -383,7 +387,7 @@ def run_trl_orpo(args) -> dict:
 
     ORPOTrainer.tokenize_row = tokenize_row
     with tempfile.TemporaryDirectory() as out:
-        options = trl_options(out, LEARNING_RATE, n_steps, BATCH)
+        options = trl_options(out, LEARNING_RATE, n_steps, BATCH, args.torch_compile)
         options["max_length"] = PROMPT_LEN + COMPLETION_LEN  # ORPOConfig needs one; every sequence fits
         config = ORPOConfig(**options, gradient_checkpointing=False)
         result = time_trl(args, ORPOTrainer, config, model, None, rows, build_tokenizer())
@@ -457,6 +461,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side before the timed ones")
     parser.add_argument("--rounds", type=int, default=2, help="alternate the sides this many times")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1 + 2 steps, 1 round")
+    parser.add_argument(
+        "--torch_compile", action="store_true", help="both sides with torch_compile (compiled in the warm-up)"
+    )
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--loop", choices=REFERENCES, help=argparse.SUPPRESS)
     parser.add_argument("--ref", choices=("live", "precomputed", "none"), help=argparse.SUPPRESS)
@@ -475,6 +482,7 @@ def main():
         return
 
     sides = ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--quick"] if args.quick else [])
+    sides += ["--torch_compile"] if args.torch_compile else []
     runs = [(name, ref) for name in loops for ref in REFERENCES[name]]
     results = {
         run: {
@@ -504,6 +512,7 @@ def main():
         f"I={config.intermediate_size}; 16 sequences of {PROMPT_LEN} prompt + {COMPLETION_LEN} completion tokens "
         f"per step (DPO / ORPO: {BATCH} pairs; KTO: {KTO_ROWS} rows + their KL sequences); beta {BETA}, lr {LEARNING_RATE:g}; "
         f"{args.rounds} x ({args.warmup} warm-up + {args.steps} timed steps) per side, alternating"
+        + ("; torch_compile on both sides" if args.torch_compile else "")
     )
     for (name, ref), by_side in results.items():
         f = by_side["ours"]["floors"][0]["flops"]

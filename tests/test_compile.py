@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 from posttrain.cli import main
 from posttrain.data import embedded
 from posttrain.rl import last_token, loop, rollout, stock
+from posttrain.rl import logprobs as lp
 from posttrain.rl.config import ConfigError, TrainConfig
 from posttrain.rl.loop import Run
 
@@ -123,3 +124,47 @@ def test_the_reward_models_last_token_path_steps_aside_for_a_compiled_backbone()
     assert last_token.supports(model)
     loop.compile_decoder(model)
     assert not last_token.supports(model)
+
+
+@pytest.mark.slow
+def test_dpo_step_with_the_compiled_policy_equals_the_eager_step():
+    """The compiled policy keeps the shared-prompt forward (chosen and rejected on one run of their prompt):
+    the step's loss, metrics and gradients equal the eager ones. The live reference stays eager: compiled, its
+    forward here took 0.167 s against 0.181 and the step's peak memory rose by ~120 MiB."""
+    import copy
+    import functools
+
+    from datasets import Dataset
+
+    from posttrain.data import preference
+    from posttrain.rl import dpo
+
+    tokenizer = embedded.build_tokenizer()
+    data = Dataset.from_list(embedded.rows("preference", "train", seed=0)[:8])
+    pairs, _ = preference.tokenize_preference(data, tokenizer, command="dpo", keep_columns=())
+    batch = dpo.collate_pairs(list(pairs), pad_token_id=tokenizer.pad_token_id)
+    results = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        config = dpo.DPOConfig(dataset_name="unused", output_dir=None, torch_compile=compiled)
+        policy = embedded.build_model(seed=0).train()
+        ref = dpo.load_reference(config, policy, torch.device("cpu"))
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # rewards well away from 0: no ties to round
+            torch.manual_seed(1)
+            for p in policy.parameters():
+                p.add_(torch.randn_like(p), alpha=0.05)
+        if compiled:
+            loop.compile_decoder(policy)
+        shared = functools.partial(lp.shared_prefix, policy)
+        assert shared(batch, batch["completion_mask"]) is not None  # the compiled policy shares prompts
+        loss, metrics = dpo.dpo_step_loss(policy, copy.deepcopy(batch), 8, config=config, ref_model=ref)
+        loss.backward()
+        grads = {n.replace("._orig_mod", ""): p.grad for n, p in policy.named_parameters()}
+        results[compiled] = (loss.detach(), {k: torch.as_tensor(v) for k, v in metrics.items()}, grads)
+    (loss, metrics, grads), (c_loss, c_metrics, c_grads) = results[False], results[True]
+    torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
+    assert c_metrics.keys() == metrics.keys()
+    for key in metrics:
+        torch.testing.assert_close(c_metrics[key], metrics[key], rtol=1e-4, atol=1e-5)
+    for name, grad in grads.items():
+        assert (c_grads[name] - grad).norm() <= 1e-4 * grad.norm(), name

@@ -103,14 +103,14 @@ def outputs(model, batch, shared: bool, monkeypatch):
     return out.logps.detach(), out.entropy.detach(), grads
 
 
-def assert_same(model, batch, monkeypatch):
+def assert_same(model, batch, monkeypatch, plain_model=None):
     shared = outputs(model, batch, True, monkeypatch)
-    plain = outputs(model, batch, False, monkeypatch)
+    plain = outputs(model if plain_model is None else plain_model, batch, False, monkeypatch)
     for a, b in zip(shared[:2], plain[:2], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert shared[2].keys() == plain[2].keys() and plain[2]
     for name, grad in plain[2].items():
-        error = (shared[2][name] - grad).norm() / grad.norm().clamp(min=1e-12)
+        error = (shared[2][name.replace("._orig_mod", "")] - grad).norm() / grad.norm().clamp(min=1e-12)
         assert error <= 1e-5, (name, float(error))
 
 
@@ -214,6 +214,27 @@ def test_no_grad_eval_equals_plain_forward():
     torch.testing.assert_close(shared.entropy, plain.entropy, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_decoder_equals_plain_eager_forward(monkeypatch):
+    """torch_compile's decoder (compiled in place) takes the split: the prefix and the rest calls compile a
+    graph each, a batch of other sizes compiles them once more with the sizes dynamic, and later batches of
+    yet other sizes reuse those."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny()
+    eager = copy.deepcopy(model)
+    model.get_decoder().compile()
+    graphs = []
+    for seed, lengths, G in ((0, (5, 9), 3), (1, (3, 6, 8), 4), (2, (4, 7, 5, 10), 2)):
+        batch = online_batch(prompt_lengths=lengths, G=G, seed=seed)
+        assert lp.shared_prefix(model, batch, batch["completion_mask"]) is not None
+        assert_same(model, batch, monkeypatch, plain_model=eager)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [2, 4, 4]
+
+
 def test_where_it_does_not_apply():
     from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2MoeConfig
 
@@ -228,9 +249,6 @@ def test_where_it_does_not_apply():
     assert lp.shared_prefix(model, batch, torch.zeros_like(mask)) is None  # no target at all
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert lp.shared_prefix(model, batch, mask) is None  # transformers drops the cache under checkpointing
-    compiled = tiny()
-    compiled.get_decoder().compile()
-    assert lp.shared_prefix(compiled, batch, mask) is None
     gemma2 = Gemma2Config(  # sliding-window layers keep only their window in a cache
         vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=16, pad_token_id=0,

@@ -191,8 +191,7 @@ def shared_prefix(model: torch.nn.Module, batch: dict, mask: torch.Tensor) -> Sh
     model cannot take the split forward:
       - a batch without attention_mask (packed and padding-free rows tell their documents apart by position
         alone, which a cached prefix would not see);
-      - gradient checkpointing (transformers drops the cache under it), a decoder compiled in place (each
-        split would compile shapes of its own), FSDP2-sharded weights;
+      - gradient checkpointing (transformers drops the cache under it), FSDP2-sharded weights;
       - a cache with anything but plain full-attention layers (a sliding-window layer keeps only its window),
         dynamic or long-rope rotary scaling, a mixture of experts set to return its router logits.
     P is the first column any row's first target is at (position P - 1 predicts it), so a row's targets all
@@ -226,7 +225,9 @@ class SharedPrefix(NamedTuple):
 def _takes_split_forward(model: torch.nn.Module) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through peft
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if stock.checkpointing(base) or decoder is None or stock.compiled(decoder):
+    # a decoder compiled in place (torch_compile) takes the split too: the prefix and the rest calls are two
+    # graphs, cache and all, then reused with their sizes dynamic
+    if stock.checkpointing(base) or decoder is None:
         return False
     if hasattr(model.get_input_embeddings().weight, "placements"):
         return False
