@@ -245,6 +245,7 @@ def run_ours(args) -> dict:
             bf16=False,
             report_to="none",
             seed=0,
+            torch_compile=args.torch_compile,
         )
         online = dict(
             reward_funcs=["__main__:REWARD"],
@@ -351,6 +352,7 @@ def run_trl(args) -> dict:
             disable_tqdm=True,
             dataloader_num_workers=0,
             seed=0,
+            torch_compile=args.torch_compile,  # the whole policy, as transformers' Trainer compiles it
             **options,
         )
         trainer = Trainer(
@@ -470,6 +472,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side before the timed ones")
     parser.add_argument("--rounds", type=int, default=2, help="alternate the sides this many times")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1 + 2 steps, 1 round")
+    parser.add_argument(
+        "--torch_compile", action="store_true", help="both sides with torch_compile (compiled in the warm-up)"
+    )
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -483,6 +488,7 @@ def main():
         return
 
     sides = ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--quick"] if args.quick else [])
+    sides += ["--torch_compile"] if args.torch_compile else []
     results = {
         algo: {
             side: {"times": [], "peak_mib": 0.0, "floors": [], "lengths": set(), "parts": []}
@@ -511,8 +517,9 @@ def main():
         f"I={config.intermediate_size}; per step {ROWS} completions of {COMPLETION_LEN} tokens to prompts of "
         f"{PROMPT_LEN} tokens ({', '.join(f'{a} {prompts_per_step(a)} x {GENERATIONS[a]}' for a in args.algo)}); "
         f"{args.rounds} x ({args.warmup} warm-up + "
-        f"{args.steps} timed steps) per side and algorithm, alternating; load at the end "
-        f"{os.getloadavg()[0]:.2f}"
+        f"{args.steps} timed steps) per side and algorithm, alternating"
+        + ("; torch_compile on both sides" if args.torch_compile else "")
+        + f"; load at the end {os.getloadavg()[0]:.2f}"
     )
     for algo, by_side in results.items():
         f, s = by_side["ours"]["floors"][0]["flops"], by_side["ours"]["floors"][0]["seconds"]

@@ -5,9 +5,9 @@ batch, float32: per-token log-probs and entropies, and every parameter's gradien
 token differently (relative error <= 1e-5), on the online loops' layout (left-padded prompts of different
 lengths, G right-padded completions of different lengths each) and DPO's (right-padded rows, chosen and
 rejected after the same prompt), for Qwen2, Llama, Qwen3 (per-head q / k norms) and Gemma (embeddings scaled in
-the forward; the shared forward looks up both calls' embeddings at once), through LoRA, in eval mode without
-gradients, and under DDP (two processes: the prefix's forward runs outside the wrapper). Where it does not
-apply, `shared_prefix` says None and the plain forward runs.
+the forward; the shared forward looks up both calls' embeddings at once), through LoRA, with the decoder compiled
+(torch_compile), in eval mode without gradients, and under DDP (two processes: the prefix's forward runs outside
+the wrapper). Where it does not apply, `shared_prefix` says None and the plain forward runs.
 """
 
 from __future__ import annotations
