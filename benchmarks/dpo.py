@@ -4,6 +4,7 @@ compute floor.
     python benchmarks/dpo.py                    # each loop, side and reference: 2 rounds x (3 warm-up + 10 timed steps)
     python benchmarks/dpo.py --loops kto,orpo   # a subset
     python benchmarks/dpo.py --quick            # a smoke run: tiny model, 1 round of 1 + 2 steps
+    python benchmarks/dpo.py --torch_compile    # both sides' policies compiled (TRL: the whole model), in the warm-up
 
 Model: the SFT benchmark's Qwen2 (benchmarks/sft.py: V = 32000, H = 256, L = 4, I = 1024, tied embeddings,
 float32) as a causal LM.

@@ -4,6 +4,7 @@ with the compute floor; PPO (which TRL 1.16 no longer ships) against its floor a
     python benchmarks/grpo.py                    # every loop; per side: 2 rounds x (3 warm-up + 10 timed steps)
     python benchmarks/grpo.py --algo rloo ppo    # some of them
     python benchmarks/grpo.py --quick            # a smoke run: tiny model, 1 round of 1 + 2 steps
+    python benchmarks/grpo.py --torch_compile    # both sides' trained models compiled, in the warm-up
 
 Model: the SFT benchmark's Qwen2 (benchmarks/sft.py: V = 32000, H = 256, L = 4, I = 1024, tied embeddings,
 float32), saved to a temporary folder that both sides load (TRL builds its reference model from the path).
