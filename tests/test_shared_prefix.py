@@ -217,8 +217,8 @@ def test_no_grad_eval_equals_plain_forward():
 @pytest.mark.slow
 def test_compiled_decoder_equals_plain_eager_forward(monkeypatch):
     """torch_compile's decoder (compiled in place) takes the split: the prefix and the rest calls compile a
-    graph each, a batch of other sizes compiles them once more with the sizes dynamic, and later batches of
-    yet other sizes reuse those."""
+    graph each (another batch shape compiles them once more with the sizes dynamic: ~2x this test's time cold,
+    left to torch's own tests)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -226,13 +226,10 @@ def test_compiled_decoder_equals_plain_eager_forward(monkeypatch):
     model = tiny()
     eager = copy.deepcopy(model)
     model.get_decoder().compile()
-    graphs = []
-    for seed, lengths, G in ((0, (5, 9), 3), (1, (3, 6, 8), 4), (2, (4, 7, 5, 10), 2)):
-        batch = online_batch(prompt_lengths=lengths, G=G, seed=seed)
-        assert lp.shared_prefix(model, batch, batch["completion_mask"]) is not None
-        assert_same(model, batch, monkeypatch, plain_model=eager)
-        graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs == [2, 4, 4]
+    batch = online_batch()
+    assert lp.shared_prefix(model, batch, batch["completion_mask"]) is not None
+    assert_same(model, batch, monkeypatch, plain_model=eager)
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 def test_where_it_does_not_apply():
