@@ -278,6 +278,9 @@ def prepare_model(run: Run, model: torch.nn.Module) -> torch.nn.Module:
     return distributed.wrap(model, run.device, fsdp=run.config.fsdp_enabled, bf16=run.bf16)
 
 
+RECOMPILE_LIMIT = 16
+
+
 def compile_decoder(model: torch.nn.Module) -> None:
     """torch_compile: compile `model`'s decoder stack in place (`nn.Module.compile`: the module tree, its
     parameters and their state-dict names stay as they are, so checkpoints, peft adapters added afterwards and
@@ -289,6 +292,10 @@ def compile_decoder(model: torch.nn.Module) -> None:
             f"torch_compile=true needs a transformers model with a decoder stack (get_decoder()); "
             f"{type(model).__name__} has none"
         )
+    # One decoder's variants: the shared-prompt forward's prefix and rest calls, each compiled for its first
+    # shape and then with sizes dynamic, with and without gradients (old log-probs), and a LoRA reference's
+    # adapters-off calls: up to 12, past torch's default of 8, beyond which a new variant would run eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     decoder.compile()
 
 
