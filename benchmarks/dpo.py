@@ -235,10 +235,8 @@ def run_ours_orpo(args) -> dict:
     model = build_model(args.quick)
     with tempfile.TemporaryDirectory() as out:
         config = orpo.ORPOConfig(
-            **common_options(out, LEARNING_RATE, args.torch_compile),
-            per_device_train_batch_size=BATCH,
-            beta=BETA,
-        )
+            **common_options(out, LEARNING_RATE, args.torch_compile), per_device_train_batch_size=BATCH, beta=BETA,
+        )  # fmt: skip
         rows = Dataset.from_list(random_pairs((args.warmup + args.steps) * BATCH, model.config.vocab_size))
         collate_fn = functools.partial(dpo.collate_pairs, pad_token_id=0)
         rss_before = common.rss_mib()
