@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import posttrain.kernels.hidden as K
-from posttrain.kernels import logprobs_from_hidden
+from posttrain.kernels import logprobs_from_hidden, native
 from posttrain.kernels.hidden import logprobs_from_hidden_torch, reference_logprobs_from_hidden
 
 CUDA = torch.cuda.is_available()
@@ -25,7 +25,20 @@ needs_triton = pytest.mark.skipif(
 
 
 def _backends():
-    return ["torch", pytest.param("triton", marks=needs_triton)]
+    return ["torch", "torch-ops", pytest.param("triton", marks=needs_triton)]
+
+
+# "torch": the torch path as it runs by default, its CPU float32 folds in C where a compiler built them
+# (kernels/native.py); "torch-ops": the same path with the folds as torch ops.
+@pytest.fixture(autouse=True)
+def _torch_ops_folds(request, monkeypatch):
+    params = getattr(request.node, "callspec", None)
+    if params is not None and params.params.get("backend") == "torch-ops":
+        monkeypatch.setattr(native, "enabled", False)
+
+
+def _torch(backend):
+    return backend in ("torch", "torch-ops")
 
 
 # Small tiles on the torch path so every test crosses several row and vocabulary tiles.
@@ -56,7 +69,7 @@ def _triton_on_device(hidden, weight, index, *, bias=None, mask=None, **kw):
 
 
 def _fn(backend):
-    return _torch_small if backend == "torch" else _triton_on_device
+    return _torch_small if _torch(backend) else _triton_on_device
 
 
 def _public_on_device(backend):
@@ -64,8 +77,8 @@ def _public_on_device(backend):
     exists (outputs back on the CPU, gradients flowing to the CPU tensors)."""
 
     def call(hidden, weight, index, *, bias=None, **kw):
-        if backend == "torch" or not CUDA:
-            return logprobs_from_hidden(hidden, weight, index, bias=bias, backend=backend, **kw)
+        if _torch(backend) or not CUDA:
+            return logprobs_from_hidden(hidden, weight, index, bias=bias, backend="torch", **kw)
         bias = None if bias is None else bias.cuda()
         out = logprobs_from_hidden(
             hidden.cuda(), weight.cuda(), index.cuda(), bias=bias, backend=backend, **kw
@@ -221,6 +234,7 @@ OPTIONS = [
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Every dtype x H on the torch path; on the (slow) interpreter one odd-H run, in float32.
 GRID = [("torch", d, H) for d in DTYPES for H in (17, 32)] + [("triton", d, 32) for d in DTYPES]
+GRID += [("torch-ops", torch.float32, H) for H in (17, 32)]
 GRID.append(("triton", torch.float32, 17))
 
 
@@ -317,10 +331,11 @@ class _OpCounts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_torch_fold_does_the_metrics_work_only_when_asked():
+def test_torch_fold_does_the_metrics_work_only_when_asked(monkeypatch):
     # 2 row tiles x 3 vocabulary tiles = 6 folds. Per fold: the sum of e for s, the row-wise sum of e d for the
     # entropy's t; sum u for mean_logit, e squared in place and summed for log_sum_sq; nothing of theirs when not
-    # asked
+    # asked (the torch ops' folds: the C ones are not torch ops)
+    monkeypatch.setattr(native, "enabled", False)
     hidden, weight, _, index = _inputs(4, 40, 8, torch.float32, bias=False, seed=15)
 
     def ops(**flags):
@@ -442,7 +457,7 @@ def test_frozen_weight_computes_no_weight_gradient(backend):
     weight.requires_grad_(False)
     # on a GPU, copy to it first so the recorder below only sees the kernel's own allocations
     dev = "cuda" if backend == "triton" and CUDA else "cpu"
-    fn = _torch_small if backend == "torch" else K.logprobs_from_hidden_triton
+    fn = _torch_small if _torch(backend) else K.logprobs_from_hidden_triton
     h_dev, w_dev, i_dev = hidden.to(dev), weight.to(dev), index.to(dev)
     with _Recorder() as rec:
         logps = fn(h_dev, w_dev, i_dev).cpu()
@@ -661,7 +676,7 @@ def test_autocast_runs_the_matmuls_in_the_autocast_dtype(backend):
     from posttrain.kernels.logits import reference_logprobs_from_logits
 
     hidden, weight, _, index = _inputs(6, 200, 32, torch.float32, bias=False, seed=22)
-    fn = _torch_small if backend == "torch" else _triton_on_device
+    fn = _torch_small if _torch(backend) else _triton_on_device
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = fn(hidden, weight, index, return_entropy=True)
         rh, rw = (p.detach().clone().requires_grad_() for p in (hidden, weight))
@@ -819,7 +834,7 @@ def test_top1_when_rows_take_the_lead_in_different_tiles(backend):
     z = hidden @ weight.T
     top2 = z.topk(2, dim=1).indices
     index = torch.where(torch.arange(64) % 2 == 0, top2[:, 0], top2[:, 1])
-    fn = K.logprobs_from_hidden_torch if backend == "torch" else _triton_on_device
+    fn = K.logprobs_from_hidden_torch if _torch(backend) else _triton_on_device
     _, top1 = fn(hidden, weight, index, return_top1=True, rows_per_tile=64, vocab_per_tile=16)
     assert top1.tolist() == [i % 2 == 0 for i in range(64)]
 
@@ -833,18 +848,19 @@ def test_several_row_tiles_at_default_sizes(backend, dtype, monkeypatch):
     monkeypatch.setattr(K, "ROWS_PER_TILE", {"cpu": 4, "cuda": 4})
     monkeypatch.setattr(K, "TILE_ELEMENTS", {"cpu": 4 * 256, "cuda": 4 * 256})
     seen = []
-    fold_forward, fold_backward = K.FOLDS[backend]
+    key = "torch" if _torch(backend) else backend
+    fold_forward, fold_backward = K.FOLDS[key]
 
     def spy(a, *args, **kw):
         seen.append(tuple(a.shape))
         return fold_forward(a, *args, **kw)
 
-    monkeypatch.setitem(K.FOLDS, backend, (spy, fold_backward))
+    monkeypatch.setitem(K.FOLDS, key, (spy, fold_backward))
     hidden, weight, b, index = _inputs(21, 600, 16, dtype, bias=True, seed=33)
     params = [hidden, weight, b]
     ref_params = [p.detach().double().requires_grad_() for p in params]
     dev = "cuda" if backend == "triton" and CUDA else "cpu"
-    fn = K.logprobs_from_hidden_torch if backend == "torch" else K.logprobs_from_hidden_triton
+    fn = K.logprobs_from_hidden_torch if _torch(backend) else K.logprobs_from_hidden_triton
     every = dict(return_entropy=True, return_mean_logit=True, return_log_sum_sq=True)
     got = fn(*(p.to(dev) for p in (hidden, weight)), index.to(dev), bias=b.to(dev), **every)
     got = tuple(o.cpu() for o in got)
@@ -878,7 +894,8 @@ def test_tile_rows_start_128_bit_aligned(backend, N, V, vocab_per_tile, monkeypa
     if backend == "triton" and not TRITON_OK:
         pytest.skip("triton missing, or neither a GPU nor TRITON_INTERPRET=1")
     strides = []
-    fold_forward, fold_backward = K.FOLDS[backend]
+    key = "torch" if _torch(backend) else backend
+    fold_forward, fold_backward = K.FOLDS[key]
 
     def spy(fold):
         def run(a, *args, **kw):
@@ -887,10 +904,10 @@ def test_tile_rows_start_128_bit_aligned(backend, N, V, vocab_per_tile, monkeypa
 
         return run
 
-    monkeypatch.setitem(K.FOLDS, backend, (spy(fold_forward), spy(fold_backward)))
+    monkeypatch.setitem(K.FOLDS, key, (spy(fold_forward), spy(fold_backward)))
     hidden, weight, _, index = _inputs(N, V, 4, torch.float32, bias=False, seed=34)
     dev = "cuda" if backend == "triton" and CUDA else "cpu"
-    fn = K.logprobs_from_hidden_torch if backend == "torch" else K.logprobs_from_hidden_triton
+    fn = K.logprobs_from_hidden_torch if _torch(backend) else K.logprobs_from_hidden_triton
     logps = fn(hidden.to(dev), weight.to(dev), index.to(dev), vocab_per_tile=vocab_per_tile).cpu()
     logps.sum().backward()
     assert strides and all(stride % 256 == 0 and ptr == 0 for stride, _, ptr in strides), strides

@@ -67,6 +67,7 @@ from typing import NamedTuple
 import torch
 from torch.torch_version import TorchVersion
 
+from . import native
 from ._outputs import select_outputs
 from .logits import FP_FUSION, device_of
 
@@ -288,7 +289,10 @@ def _fold_forward_torch(a, index, c0, stats, tr: Transform, want_entropy, work=N
     stats = (m, s, t, target, arg, u_sum, sq), each (R,), in place (t only with want_entropy, arg (int64) only when
     top-1 is asked for, u_sum = sum u and sq = sum exp(d)^2 only when mean_logit and log_sum_sq are, else None).
     index (R,): the rows' target columns in the vocabulary. m, target and u_sum are in u units. The fold works in
-    place in a, or in `work` (R, C) where the caller keeps a."""
+    place in a, or in `work` (R, C) where the caller keeps a. A float32 CPU tile without softcap folds in C
+    (`native`), reading a only."""
+    if native.fold_forward(a, index, c0, stats, tr, want_entropy):
+        return
     m, s, t, target, arg, u_sum, sq = stats
     u, _ = _transform_torch(a, tr, work=work)
     if u_sum is not None:
@@ -338,7 +342,10 @@ def _fold_forward_torch(a, index, c0, stats, tr: Transform, want_entropy, work=N
 def _fold_backward_torch(a, index, c0, ref, log_s, mu, g, ge, tr: Transform):
     """Overwrite tile a (R, C) with dL/da, in a's dtype. ref, log_s, g, mu, ge (R,) in the math dtype (mu and ge
     None without an entropy gradient); index and c0 as in the forward fold. Without an entropy gradient a float32
-    tile is worked on in place (a 16-bit one through one float32 copy); with it, one more float32 tile holds p."""
+    tile is worked on in place (a 16-bit one through one float32 copy); with it, one more float32 tile holds p.
+    A float32 CPU tile without softcap is worked on in C (`native`), in place."""
+    if native.fold_backward(a, index, c0, ref, log_s, mu, g, ge, tr):
+        return
     u, dcap = _transform_torch(a, tr, cap_grad=True)
     f = tr.logit_scale * tr.inv_t  # dz/da without the softcap's derivative
     d = u.sub_(ref.unsqueeze(1))
