@@ -1,4 +1,4 @@
-"""The output layer's CPU folds in C (posttrain/kernels/native.py, fold.c) against the torch ops' folds.
+"""The output layer's CPU folds in C (posttrain/kernels/native.py, native.c) against the torch ops' folds.
 
 tests/test_kernels_hidden.py runs its whole grid on both ("torch" and "torch-ops"); here the C folds are
 checked at the sizes they are built for (1024-column tiles, many rows, every output and gradient at once),

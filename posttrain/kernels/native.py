@@ -1,14 +1,14 @@
-"""The output layer's CPU folds in C (fold.c), compiled on first use with the system's C compiler.
+"""CPU kernels in C (native.c), compiled on first use with the system's C compiler: the output layer's folds.
 
 `kernels/hidden.py`'s torch folds run each vocabulary tile through five to nine torch ops (max, subtract, exp,
 row sums, arg-max, ...), each a pass over the tile with its own dispatch; at benchmarks/dpo.py's shape (1024 x
-1024 tiles, 32 of them a pass) they cost about as much as the tiles' products. fold.c does a tile row in two
+1024 tiles, 32 of them a pass) they cost about as much as the tiles' products. native.c does a tile row in two
 reads, vectorised and split between threads: a forward fold in ~0.3 ms where the torch ops take 1.2-2.2.
 
-Used by the torch folds for float32 tiles on the CPU without a softcap (`fold_forward`, `fold_backward` return
-False where they do not apply, and the torch ops run). The library is built once per source, compiler and CPU
-into POSTTRAIN_CACHE (default ~/.cache/posttrain) with `$CC -O3 -march=native` (OpenMP where the compiler has
-it); without a working compiler, or with POSTTRAIN_NATIVE_FOLDS=0, everything runs on the torch folds.
+Used by the torch folds for float32 CPU tiles without a softcap (`fold_forward` and `fold_backward` return False
+where they do not apply, and the torch ops run). The library is built once per source, compiler and CPU into POSTTRAIN_CACHE
+(default ~/.cache/posttrain) with `$CC -O3 -march=native` (OpenMP where the compiler has it); without a working
+compiler, or with POSTTRAIN_NATIVE=0, everything runs as torch ops.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("fold.c")
+SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"]
 
-# Switched off by POSTTRAIN_NATIVE_FOLDS=0; tests flip it to run the torch folds themselves.
-enabled = os.environ.get("POSTTRAIN_NATIVE_FOLDS", "1") != "0"
+# Switched off by POSTTRAIN_NATIVE=0; tests flip it to run the torch ops themselves.
+enabled = os.environ.get("POSTTRAIN_NATIVE", "1") != "0"
 
 
 def _cpu_identity() -> str:
@@ -43,7 +43,7 @@ def _cpu_identity() -> str:
 
 
 def _compile(cc: str, out: Path) -> bool:
-    """Build fold.c into `out` (OpenMP if the compiler has it, else one thread); True on success."""
+    """Build native.c into `out` (OpenMP if the compiler has it, else one thread); True on success."""
     for extra in (["-fopenmp"], []):
         try:
             done = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", str(out), "-lm"], capture_output=True,
@@ -57,7 +57,7 @@ def _compile(cc: str, out: Path) -> bool:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled folds, built on first use; None where they cannot be built or loaded."""
+    """The compiled kernels, built on first use; None where they cannot be built or loaded."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None or not SOURCE.exists():
         return None
@@ -65,7 +65,7 @@ def library() -> ctypes.CDLL | None:
         "\0".join([SOURCE.read_text(), cc, " ".join(FLAGS), platform.machine(), _cpu_identity()]).encode()
     ).hexdigest()[:16]
     cache = Path(os.environ.get("POSTTRAIN_CACHE") or Path.home() / ".cache" / "posttrain").expanduser()
-    path = cache / f"fold-{key}.so"
+    path = cache / f"native-{key}.so"
     try:
         if not path.exists():
             cache.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether the torch backend's CPU folds run in C in this process."""
+    """Whether the kernels run in C in this process."""
     return enabled and library() is not None
 
 
