@@ -4,6 +4,7 @@ tests/test_kernels_hidden.py runs its whole grid on both ("torch" and "torch-ops
 checked at the sizes they are built for (1024-column tiles, many rows, every output and gradient at once),
 on inputs that reach their edge cases, and for being built at all where a compiler exists."""
 
+import os
 import shutil
 
 import pytest
@@ -18,22 +19,45 @@ needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler 
 def test_native_folds_are_built_where_a_compiler_exists():
     if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
         pytest.skip("no C compiler on this machine")
+    if os.environ.get("POSTTRAIN_NATIVE") == "0":
+        pytest.skip("switched off by POSTTRAIN_NATIVE=0")
     assert native.enabled and native.library() is not None
+
+
+def test_a_failing_build_leaves_the_torch_ops(monkeypatch, tmp_path):
+    """No usable compiler (or a read-only cache): library() is None, never an exception, and the forward runs."""
+    hidden, weight, bias, index = _inputs(N=4, V=300, H=8, seed=4)
+    expected = K.logprobs_from_hidden_torch(hidden, weight, index, bias=bias)
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+    for cc in ("/nonexistent/cc", "false"):
+        monkeypatch.setenv("CC", cc)
+        native.library.cache_clear()
+        try:
+            assert native.library() is None and not native.available()
+            torch.testing.assert_close(
+                K.logprobs_from_hidden_torch(hidden, weight, index, bias=bias), expected
+            )
+        finally:
+            native.library.cache_clear()
+    assert not list((tmp_path / "cache").glob("*.so"))
 
 
 def _run(hidden, weight, index, bias, use_native, monkeypatch, **kw):
     """Every output and the gradients of hidden, weight, bias through a random combination of logps and entropy,
-    with the folds in C or as torch ops; also how many forward folds ran in C."""
+    with the folds in C or as torch ops; also how many folds (forward and backward) ran in C."""
     calls = []
-    real = native.fold_forward
 
-    def counted(*args):
-        done = real(*args)
-        calls.append(done)
-        return done
+    def counted(fold):
+        def run(*args):
+            done = fold(*args)
+            calls.append(done)
+            return done
+
+        return run
 
     monkeypatch.setattr(native, "enabled", use_native)
-    monkeypatch.setattr(native, "fold_forward", counted)
+    monkeypatch.setattr(native, "fold_forward", counted(native.fold_forward))
+    monkeypatch.setattr(native, "fold_backward", counted(native.fold_backward))
     params = [p.detach().clone().requires_grad_() for p in (hidden, weight, bias)]
     outs = K.logprobs_from_hidden_torch(
         params[0], params[1], index, bias=params[2], return_entropy=True, return_top1=True,
@@ -66,11 +90,21 @@ def test_native_folds_equal_the_torch_ops_folds(opts, monkeypatch):
         hidden[5] *= 40.0  # a peaked row: most exponentials underflow
         hidden[6] = 0.0  # every logit the bias: leads taken on several tiles
         index[2] = 7  # a target in a masked column: logp -inf
+        # targets at tile edges (1024 columns a tile, rows 1024 floats apart), on the rows where the two
+        # threads' halves meet (a write past row 47's tile row lands in row 48's) and on the last row
+        index[[0, 47, 48, 95]] = torch.tensor([1023, 1024, 2047, 4999])
         z = hidden @ weight.T + bias
         index[8:40] = z[8:40].argmax(1)  # top-1 right on these rows
+        z = hidden @ weight.T + bias
     ops, ops_grads, ops_calls = _run(hidden, weight, index, bias, False, monkeypatch, **opts)
-    c, c_grads, c_calls = _run(hidden, weight, index, bias, True, monkeypatch, **opts)
-    assert ops_calls == 0 and c_calls == 5  # 96 rows: one row tile; 5000 columns: five vocabulary tiles
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the C folds split the rows between two threads, whatever the test session runs
+    try:
+        c, c_grads, c_calls = _run(hidden, weight, index, bias, True, monkeypatch, **opts)
+    finally:
+        torch.set_num_threads(threads)
+    # 96 rows: one row tile; 5000 columns: five vocabulary tiles, forward and backward
+    assert ops_calls == 0 and c_calls == 10
     assert c[0][2] == ops[0][2] == float("-inf")
     assert c[2].tolist() == ops[2].tolist() and c[2][8:40].all()
     for name, x, y in zip(("logps", "entropy", "mean_logit", "log_sum_sq"), (c[0], c[1], c[3], c[4]),
@@ -86,11 +120,22 @@ def test_native_folds_carry_nan_as_the_torch_ops_do(monkeypatch):
     with torch.no_grad():
         hidden[3, 0] = float("nan")
         hidden[4, 1] = float("inf")  # +-inf logits: inf - inf
+        weight[:, 0] = 0.0
+        weight[2100, 0] = 1e10
+        hidden[5] = 0.0
+        hidden[5, 0] = 1e30  # row 5: one +inf logit (the others the bias), in the last tile, its target
+        index[5] = 2100
+        hidden[6] = 0.0
+        hidden[6, 1] = (
+            1e38  # row 6: logits ~1e37 whose tile sums overflow, and a -inf column: finite, not NaN
+        )
+        bias[10] = float("-inf")
     ops, _, _ = _run(hidden, weight, index, bias, False, monkeypatch)
     c, _, _ = _run(hidden, weight, index, bias, True, monkeypatch)
+    assert c[2].tolist() == ops[2].tolist() and c[2][5]  # top-1, the +inf row's too
     for x, y in zip(c[:2], ops[:2], strict=True):
-        assert x[3:5].isnan().all() and y[3:5].isnan().all()
-        torch.testing.assert_close(x[[0, 1, 2, 5, 6, 7]], y[[0, 1, 2, 5, 6, 7]], rtol=1e-5, atol=2e-5)
+        assert x[3:6].isnan().all() and y[3:6].isnan().all()
+        torch.testing.assert_close(x[[0, 1, 2, 6, 7]], y[[0, 1, 2, 6, 7]], rtol=1e-5, atol=2e-5)
 
 
 @needs_native

@@ -14,8 +14,12 @@
 #include <math.h>
 #include <stdint.h>
 
+#ifdef __cplusplus /* CC=g++: the names stay unmangled */
+extern "C" {
+#endif
+
 static inline float exp_f32(float x) {
-    float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x); /* NaN stays NaN; the folds' x is <= 0 */
+    float xc = x != x ? 0.0f : (x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x)); /* the folds' x is <= 0 */
     float n = xc * 1.44269504088896341f;
     n = (n + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
     float r = xc - n * 0.693359375f;
@@ -30,11 +34,12 @@ static inline float exp_f32(float x) {
     union { int32_t i; float f; } scale;
     scale.i = ((int32_t)n + 127) << 23;
     float y = p * scale.f;
-    return x < -87.0f ? 0.0f : y;
+    return x != x ? x : (x < -87.0f ? 0.0f : y);
 }
 
 /* Fold the tile's rows into the running statistics (R,) in place. t, arg, u_sum and sq may be NULL (not
- * wanted). A row holding NaN or +inf makes its statistics NaN, as the torch fold's arithmetic would. */
+ * wanted). A row holding NaN or +inf gets the torch fold's numbers: m NaN or +inf (its arg-max then the first
+ * +inf), s, t and sq NaN. */
 void fold_forward(const float *a, int64_t R, int64_t C, int64_t lda, const int64_t *index, int64_t c0, float k,
                   float *m, float *s, float *t, float *target, int64_t *arg, float *u_sum, float *sq,
                   int nthreads) {
@@ -51,11 +56,22 @@ void fold_forward(const float *a, int64_t R, int64_t C, int64_t lda, const int64
         int64_t local = index[i] - c0;
         if (local >= 0 && local < C) target[i] = u[local];
         float m_old = m[i];
-        if (isnan(tile_sum) || tile_max == INFINITY) { /* NaN, or +inf whose d = inf - inf is NaN */
-            m[i] = s[i] = NAN;
-            if (t) t[i] = NAN;
-            if (sq) sq[i] = NAN;
-            continue;
+        if (!(tile_sum - tile_sum == 0.0f)) { /* not finite: NaN, +-inf, or finite logits whose sum overflowed */
+            int has_nan = 0;
+#pragma omp simd reduction(| : has_nan)
+            for (int64_t c = 0; c < C; c++) has_nan |= u[c] != u[c];
+            if (has_nan || tile_max == INFINITY) { /* torch's amax: NaN, else +inf, and d = inf - inf is NaN */
+                if (!has_nan && arg && tile_max > m_old) {
+                    int64_t j = 0;
+                    while (j < C - 1 && u[j] != tile_max) j++;
+                    arg[i] = c0 + j;
+                }
+                m[i] = has_nan ? NAN : (tile_max > m_old ? tile_max : m_old);
+                s[i] = NAN;
+                if (t) t[i] = NAN;
+                if (sq) sq[i] = NAN;
+                continue;
+            }
         }
         if (arg && tile_max > m_old) { /* strictly: an equal maximum in an earlier tile keeps its lower index */
             int64_t j = 0;
@@ -109,3 +125,6 @@ void fold_backward(float *a, int64_t R, int64_t C, int64_t lda, const int64_t *i
     }
 }
 
+#ifdef __cplusplus
+}
+#endif

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -42,11 +43,11 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(keep)))
 
 
-def _compile(cc: str, out: Path) -> bool:
+def _compile(cc: list[str], out: Path) -> bool:
     """Build native.c into `out` (OpenMP if the compiler has it, else one thread); True on success."""
     for extra in (["-fopenmp"], []):
         try:
-            done = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", str(out), "-lm"], capture_output=True,
+            done = subprocess.run([*cc, *FLAGS, *extra, str(SOURCE), "-o", str(out), "-lm"], capture_output=True,
                                   timeout=120)  # fmt: skip
         except (OSError, subprocess.TimeoutExpired):
             return False
@@ -57,27 +58,35 @@ def _compile(cc: str, out: Path) -> bool:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on first use; None where they cannot be built or loaded."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None or not SOURCE.exists():
+    """The compiled kernels, built on first use; None where they cannot be built or loaded (never raises: the
+    torch ops serve instead)."""
+    try:
+        return _build_and_load()
+    except Exception:  # no home folder, a read-only cache, a compiler that built something else, ...
+        return None
+
+
+def _build_and_load() -> ctypes.CDLL | None:
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cc = shlex.split(os.environ.get("CC", "")) or (
+        [found] if found else []
+    )  # CC may carry words: "ccache gcc"
+    if not cc or not SOURCE.exists():
         return None
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), cc, " ".join(FLAGS), platform.machine(), _cpu_identity()]).encode()
+        "\0".join([SOURCE.read_text(), *cc, " ".join(FLAGS), platform.machine(), _cpu_identity()]).encode()
     ).hexdigest()[:16]
     cache = Path(os.environ.get("POSTTRAIN_CACHE") or Path.home() / ".cache" / "posttrain").expanduser()
     path = cache / f"native-{key}.so"
-    try:
-        if not path.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            # built under a temporary name and renamed: concurrent processes never load a half-written file
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                built = Path(tmp) / path.name
-                if not _compile(cc, built):
-                    return None
-                os.replace(built, path)
-        lib = ctypes.CDLL(str(path))
-    except OSError:
-        return None
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        # built under a temporary name and renamed: concurrent processes never load a half-written file
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            built = Path(tmp) / path.name
+            if not _compile(cc, built):
+                return None
+            os.replace(built, path)
+    lib = ctypes.CDLL(str(path))
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.fold_forward.argtypes = [p, i64, i64, i64, p, i64, f32, p, p, p, p, p, p, p, ctypes.c_int]
     lib.fold_forward.restype = None
