@@ -84,9 +84,8 @@ def _inputs(N=96, V=5000, H=48, seed=0):
 def test_native_folds_equal_the_torch_ops_folds(opts, monkeypatch):
     hidden, weight, bias, index = _inputs()
     with torch.no_grad():
-        bias[[7, 1500, 4999]] = float(
-            "-inf"
-        )  # masked columns, in the first, a middle and the ragged last tile
+        # masked columns, in the first, a middle and the ragged last tile
+        bias[[7, 1500, 4999]] = float("-inf")
         hidden[5] *= 40.0  # a peaked row: most exponentials underflow
         hidden[6] = 0.0  # every logit the bias: leads taken on several tiles
         index[2] = 7  # a target in a masked column: logp -inf
@@ -95,7 +94,6 @@ def test_native_folds_equal_the_torch_ops_folds(opts, monkeypatch):
         index[[0, 47, 48, 95]] = torch.tensor([1023, 1024, 2047, 4999])
         z = hidden @ weight.T + bias
         index[8:40] = z[8:40].argmax(1)  # top-1 right on these rows
-        z = hidden @ weight.T + bias
     ops, ops_grads, ops_calls = _run(hidden, weight, index, bias, False, monkeypatch, **opts)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the C folds split the rows between two threads, whatever the test session runs
@@ -126,9 +124,8 @@ def test_native_folds_carry_nan_as_the_torch_ops_do(monkeypatch):
         hidden[5, 0] = 1e30  # row 5: one +inf logit (the others the bias), in the last tile, its target
         index[5] = 2100
         hidden[6] = 0.0
-        hidden[6, 1] = (
-            1e38  # row 6: logits ~1e37 whose tile sums overflow, and a -inf column: finite, not NaN
-        )
+        # row 6: logits ~1e37 whose tile sums overflow, and a -inf column: finite, not NaN
+        hidden[6, 1] = 1e38
         bias[10] = float("-inf")
     ops, _, _ = _run(hidden, weight, index, bias, False, monkeypatch)
     c, _, _ = _run(hidden, weight, index, bias, True, monkeypatch)

@@ -40,8 +40,8 @@ statistics in forward and turning it into dL/da in backward, is one "fold" funct
 (one read of the tile, or one read and one in-place write), a few torch ops elsewhere, except float32 tiles
 without softcap on the CPU, which fold in C (`native`: native.c, compiled on first use; 3-4x faster than the
 ops). A fully fused Triton matmul (logits tiles never leaving registers) saves those tile passes but must either
-atomically add into dweight or recompute the logits once more per gradient. The price of running at cuBLAS speed, by a count (not
-yet a GPU measurement): a tile pass moves 2-4 bytes per bf16 logit where the matmuls do 2H FLOPs (forward) or
+atomically add into dweight or recompute the logits once more per gradient. The price of running at cuBLAS
+speed, by a count (not yet a GPU measurement): a tile pass moves 2-4 bytes per bf16 logit where the matmuls do 2H FLOPs (forward) or
 6H (backward) per logit; at an H100's ~990 TFLOP/s and 3.35 TB/s that is ~300/H of the forward's matmul time
 and ~200/H of the backward's (~30% / 20% at H = 896, ~7% / 5% at H = 4096).
 

@@ -37,6 +37,13 @@ static inline float exp_f32(float x) {
     return x != x ? x : (x < -87.0f ? 0.0f : y);
 }
 
+/* The first column of row u (C entries) holding v, which the row has. */
+static inline int64_t first_index(const float *u, int64_t C, float v) {
+    int64_t j = 0;
+    while (j < C - 1 && u[j] != v) j++;
+    return j;
+}
+
 /* Fold the tile's rows into the running statistics (R,) in place. t, arg, u_sum and sq may be NULL (not
  * wanted). A row holding NaN or +inf gets the torch fold's numbers: m NaN or +inf (its arg-max then the first
  * +inf), s, t and sq NaN. */
@@ -61,11 +68,7 @@ void fold_forward(const float *a, int64_t R, int64_t C, int64_t lda, const int64
 #pragma omp simd reduction(| : has_nan)
             for (int64_t c = 0; c < C; c++) has_nan |= u[c] != u[c];
             if (has_nan || tile_max == INFINITY) { /* torch's amax: NaN, else +inf, and d = inf - inf is NaN */
-                if (!has_nan && arg && tile_max > m_old) {
-                    int64_t j = 0;
-                    while (j < C - 1 && u[j] != tile_max) j++;
-                    arg[i] = c0 + j;
-                }
+                if (!has_nan && arg && tile_max > m_old) arg[i] = c0 + first_index(u, C, tile_max);
                 m[i] = has_nan ? NAN : (tile_max > m_old ? tile_max : m_old);
                 s[i] = NAN;
                 if (t) t[i] = NAN;
@@ -73,11 +76,8 @@ void fold_forward(const float *a, int64_t R, int64_t C, int64_t lda, const int64
                 continue;
             }
         }
-        if (arg && tile_max > m_old) { /* strictly: an equal maximum in an earlier tile keeps its lower index */
-            int64_t j = 0;
-            while (j < C - 1 && u[j] != tile_max) j++;
-            arg[i] = c0 + j;
-        }
+        /* strictly: an equal maximum in an earlier tile keeps its lower index */
+        if (arg && tile_max > m_old) arg[i] = c0 + first_index(u, C, tile_max);
         float m_new = tile_max > m_old ? tile_max : m_old; /* m_old NaN stays NaN */
         float ref = m_new == -INFINITY ? 0.0f : m_new;
         float alpha = expf((m_old - ref) * k); /* 0 on the first tile (m_old = -inf) */

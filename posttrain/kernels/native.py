@@ -5,10 +5,10 @@ row sums, arg-max, ...), each a pass over the tile with its own dispatch; at ben
 1024 tiles, 32 of them a pass) they cost about as much as the tiles' products. native.c does a tile row in two
 reads, vectorised and split between threads: a forward fold in ~0.3 ms where the torch ops take 1.2-2.2.
 
-Used by the torch folds for float32 CPU tiles without a softcap (`fold_forward` and `fold_backward` return False
-where they do not apply, and the torch ops run). The library is built once per source, compiler and CPU into POSTTRAIN_CACHE
-(default ~/.cache/posttrain) with `$CC -O3 -march=native` (OpenMP where the compiler has it); without a working
-compiler, or with POSTTRAIN_NATIVE=0, everything runs as torch ops.
+Used by the torch folds for float32 CPU tiles without a softcap (`fold_forward` and `fold_backward` return
+False where they do not apply, and the torch ops run). The library is built once per source, compiler and CPU
+into $POSTTRAIN_CACHE (`posttrain.cache`) with `$CC -O3 -march=native` (OpenMP where the compiler has it);
+without a working compiler, or with POSTTRAIN_NATIVE=0, everything runs as torch ops.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from posttrain.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"]
@@ -67,16 +69,15 @@ def library() -> ctypes.CDLL | None:
 
 
 def _build_and_load() -> ctypes.CDLL | None:
+    # $CC may carry words ("ccache gcc"); else the first compiler on the PATH
     found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    cc = shlex.split(os.environ.get("CC", "")) or (
-        [found] if found else []
-    )  # CC may carry words: "ccache gcc"
+    cc = shlex.split(os.environ.get("CC", "")) or ([found] if found else [])
     if not cc or not SOURCE.exists():
         return None
     key = hashlib.sha256(
         "\0".join([SOURCE.read_text(), *cc, " ".join(FLAGS), platform.machine(), _cpu_identity()]).encode()
     ).hexdigest()[:16]
-    cache = Path(os.environ.get("POSTTRAIN_CACHE") or Path.home() / ".cache" / "posttrain").expanduser()
+    cache = cache_dir()
     path = cache / f"native-{key}.so"
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)

@@ -38,10 +38,10 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from posttrain.cache import cache_dir
 from posttrain.data import embedded, formats, loading, stepwise
 from posttrain.losses import registry
 from posttrain.losses.prm import IGNORE_INDEX, step_logits
@@ -349,7 +349,7 @@ def embedded_start_model() -> str:
     the embedded SFT model (`sft.embedded_sft_model`, whose locking and cache it uses); its data is written
     beside it in $POSTTRAIN_CACHE under a hash of the rows, so a change of the task makes a new model.
     """
-    cache = Path(os.environ.get(sft.CACHE_ENV) or Path.home() / ".cache" / "posttrain").expanduser()
+    cache = cache_dir()
     splits = {
         split: [
             {"prompt": r["prompt"], "completion": "".join(s + "\n" for s in r["completions"])}

@@ -16,10 +16,10 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from posttrain.cache import CACHE_ENV, cache_dir  # noqa: F401  (sft.CACHE_ENV: the tests and callers name it so)
 from posttrain.data import collate, embedded, loading, tokenization
 from posttrain.losses import registry
 from posttrain.rl import distributed, loop, lora, models
@@ -210,8 +210,6 @@ def train(config: SFTConfig):
 # The embedded SFT models: where the later loops start when no model is named
 # ---------------------------------------------------------------------------------------------------------
 
-CACHE_ENV = "POSTTRAIN_CACHE"  # folder of cached models; default ~/.cache/posttrain
-
 
 def embedded_sft_config(output_dir, **overrides) -> SFTConfig:
     """What `posttrain sft` with no arguments (and `overrides`) trains, writing only its final model into
@@ -255,7 +253,7 @@ def embedded_sft_model(log=None, **overrides) -> str:
     import fcntl
 
     log = print if log is None else log
-    cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "posttrain").expanduser()
+    cache = cache_dir()
     final = cache / f"embedded-sft-{embedded_sft_key(**overrides)}"
     if final.is_dir():  # only a complete folder ever gets this name
         return str(final)
