@@ -1,4 +1,5 @@
-"""CPU kernels in C (native.c), compiled on first use with the system's C compiler: the output layer's folds.
+"""CPU kernels in C, compiled on first use with the system's C compiler: the output layer's folds (native.c), and
+the SwiGLU MLP's elementwise work with torch's own numbers (native_exact.c).
 
 `kernels/hidden.py`'s torch folds run each vocabulary tile through five to nine torch ops (max, subtract, exp,
 row sums, arg-max, ...), each a pass over the tile with its own dispatch; at benchmarks/dpo.py's shape (1024 x
@@ -9,6 +10,13 @@ Used by the torch folds for float32 CPU tiles without a softcap (`fold_forward` 
 False where they do not apply, and the torch ops run). The library is built once per source, compiler and CPU
 into $POSTTRAIN_CACHE (`posttrain.cache`) with `$CC -O3 -march=native` (OpenMP where the compiler has it);
 without a working compiler, or with POSTTRAIN_NATIVE=0, everything runs as torch ops.
+
+The SwiGLU kernels (`swiglu_forward`, `swiglu_backward`: rl/swiglu.py's MLP, one pass each way where torch makes
+two and five) reproduce torch's ops bit for bit, so that a run's numbers do not depend on whether they ran: SLEEF's
+exp where torch's vectorised loops use it, libm's in the scalar remainders torch's chunking leaves, the fused
+multiply-adds torch's build makes. They are built with -ffp-contract=off and used only after they have matched
+torch's ops on lengths that exercise all of that (`exact_library`); on DPO's benchmark step they take 10-15 ms of
+0.45-0.6 s.
 """
 
 from __future__ import annotations
@@ -30,6 +38,10 @@ from posttrain.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"]
+# torch's numbers bit for bit: no multiply-add fused but those the source writes out
+EXACT_SOURCE, EXACT_FLAGS = Path(__file__).with_name("native_exact.c"), [*FLAGS, "-ffp-contract=off"]
+# torch's vectorised elementwise loops work in blocks of two vectors of floats
+_BLOCK = {"AVX512": 32, "AVX2": 16}
 
 # Switched off by POSTTRAIN_NATIVE=0; tests flip it to run the torch ops themselves.
 enabled = os.environ.get("POSTTRAIN_NATIVE", "1") != "0"
@@ -45,11 +57,11 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(keep)))
 
 
-def _compile(cc: list[str], out: Path) -> bool:
-    """Build native.c into `out` (OpenMP if the compiler has it, else one thread); True on success."""
+def _compile(cc: list[str], source: Path, flags: list[str], out: Path) -> bool:
+    """Build `source` into `out` (OpenMP if the compiler has it, else one thread); True on success."""
     for extra in (["-fopenmp"], []):
         try:
-            done = subprocess.run([*cc, *FLAGS, *extra, str(SOURCE), "-o", str(out), "-lm"], capture_output=True,
+            done = subprocess.run([*cc, *flags, *extra, str(source), "-o", str(out), "-lm"], capture_output=True,
                                   timeout=120)  # fmt: skip
         except (OSError, subprocess.TimeoutExpired):
             return False
@@ -60,40 +72,41 @@ def _compile(cc: list[str], out: Path) -> bool:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on first use; None where they cannot be built or loaded (never raises: the
-    torch ops serve instead)."""
+    """The compiled folds (native.c), built on first use; None where they cannot be built or loaded (never
+    raises: the torch ops serve instead)."""
     try:
-        return _build_and_load()
+        lib = _build_and_load(SOURCE, FLAGS)
     except Exception:  # no home folder, a read-only cache, a compiler that built something else, ...
         return None
+    if lib is not None:
+        p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        lib.fold_forward.argtypes = [p, i64, i64, i64, p, i64, f32, p, p, p, p, p, p, p, ctypes.c_int]
+        lib.fold_forward.restype = None
+        lib.fold_backward.argtypes = [p, i64, i64, i64, p, i64, f32, f32, p, p, p, p, p, ctypes.c_int]
+        lib.fold_backward.restype = None
+    return lib
 
 
-def _build_and_load() -> ctypes.CDLL | None:
+def _build_and_load(source: Path, flags: list[str]) -> ctypes.CDLL | None:
     # $CC may carry words ("ccache gcc"); else the first compiler on the PATH
     found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     cc = shlex.split(os.environ.get("CC", "")) or ([found] if found else [])
-    if not cc or not SOURCE.exists():
+    if not cc or not source.exists():
         return None
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), *cc, " ".join(FLAGS), platform.machine(), _cpu_identity()]).encode()
+        "\0".join([source.read_text(), *cc, " ".join(flags), platform.machine(), _cpu_identity()]).encode()
     ).hexdigest()[:16]
     cache = cache_dir()
-    path = cache / f"native-{key}.so"
+    path = cache / f"{source.stem}-{key}.so"
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
         # built under a temporary name and renamed: concurrent processes never load a half-written file
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             built = Path(tmp) / path.name
-            if not _compile(cc, built):
+            if not _compile(cc, source, flags, built):
                 return None
             os.replace(built, path)
-    lib = ctypes.CDLL(str(path))
-    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.fold_forward.argtypes = [p, i64, i64, i64, p, i64, f32, p, p, p, p, p, p, p, ctypes.c_int]
-    lib.fold_forward.restype = None
-    lib.fold_backward.argtypes = [p, i64, i64, i64, p, i64, f32, f32, p, p, p, p, p, ctypes.c_int]
-    lib.fold_backward.restype = None
-    return lib
+    return ctypes.CDLL(str(path))
 
 
 def available() -> bool:
@@ -145,3 +158,83 @@ def fold_backward(a, index, c0, ref, log_s, mu, g, ge, tr) -> bool:
         *(_ptr(x) for x in (ref, log_s, mu, g, ge)), torch.get_num_threads(),
     )  # fmt: skip
     return True
+
+
+@functools.cache
+def exact_library() -> ctypes.CDLL | None:
+    """The kernels of native_exact.c, built on first use, and only where they give torch's numbers here: their
+    results are compared with torch's ops bit for bit first (this torch build, CPU and thread count's chunking).
+    None where they cannot be built, loaded or agree."""
+    block = _BLOCK.get(torch.backends.cpu.get_cpu_capability())
+    if block is None:
+        return None
+    try:
+        lib = _build_and_load(EXACT_SOURCE, EXACT_FLAGS)
+    except Exception:
+        return None
+    if lib is None:
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.swiglu_forward.argtypes = [p, p, p, i64, i32, i32, i32]
+    lib.swiglu_backward.argtypes = [p, p, p, p, p, i64, i32, i32, i32]
+    lib.swiglu_forward.restype = lib.swiglu_backward.restype = None
+    lib.block = block
+    return lib if _agrees(lib) else None
+
+
+def _agrees(lib) -> bool:
+    """The SwiGLU kernels against torch's ops, bit for bit, over exp's whole range and its edges (NaN compared as
+    NaN), on lengths that take one chunk or several, with scalar remainders of every length (about 4 % of libm's
+    exps differ from SLEEF's in the last bit, so a remainder placed wrongly shows)."""
+    g = torch.Generator().manual_seed(0)
+    for n in (*range(6, 129), 32768 + 37, 3 * 32768 + 5):
+        x = torch.randn(n, generator=g) * 12
+        x[:6] = torch.tensor([0.0, -0.0, 104.5, -104.5, float("inf"), float("nan")])
+        u, dy = torch.randn(n, generator=g), torch.randn(n, generator=g)
+        a = torch.nn.functional.silu(x)
+        want = (a * u, torch.ops.aten.silu_backward(dy * u, x), dy * a)
+        h = _swiglu_forward(lib, x, u)
+        h2, dg, du = _swiglu_backward(lib, x, u, dy.clone())
+        for got, ref in zip((h, h2, dg, du), (want[0], *want), strict=True):
+            same = (got.view(torch.int32) == ref.view(torch.int32)) | (got.isnan() & ref.isnan())
+            if not bool(same.all()):
+                return False
+    return True
+
+
+def _swiglu_forward(lib, g, u):
+    h = torch.empty_like(g)
+    n, t = g.numel(), torch.get_num_threads()
+    lib.swiglu_forward(g.data_ptr(), u.data_ptr(), h.data_ptr(), n, t, lib.block, t)
+    return h
+
+
+def _swiglu_backward(lib, g, u, dh):
+    h, du = torch.empty_like(g), torch.empty_like(g)
+    n, t = g.numel(), torch.get_num_threads()
+    lib.swiglu_backward(
+        g.data_ptr(), u.data_ptr(), dh.data_ptr(), h.data_ptr(), du.data_ptr(), n, t, lib.block, t
+    )
+    return h, dh, du
+
+
+def _exact_applies(*xs: torch.Tensor) -> bool:
+    return (
+        enabled
+        and all(x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() for x in xs)
+        and all(x.shape == xs[0].shape for x in xs)
+        and xs[0].numel() > 0
+        and exact_library() is not None
+    )
+
+
+def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
+    """silu(g) * u (..., I), the numbers of torch's two ops, in one pass; None where it does not apply (float32
+    contiguous CPU tensors of one shape, the exact kernels built and agreeing)."""
+    return _swiglu_forward(exact_library(), g, u) if _exact_applies(g, u) else None
+
+
+def swiglu_backward(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor):
+    """(h, dg, du) = (silu(g) * u, silu_backward(dh * u, g), dh * silu(g)), torch's numbers, in one pass; dg is
+    written over dh. None (dh untouched) where it does not apply."""
+    return _swiglu_backward(exact_library(), g, u, dh) if _exact_applies(g, u, dh) else None
