@@ -87,3 +87,6 @@ def test_where_it_does_not_apply():
     handle.remove()
     model.get_input_embeddings().weight.requires_grad_(False)
     assert not lp.TiedWeight.applies(model)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    model.get_decoder().compile()  # torch_compile: the decoder's graph would trace the swapped lookup
+    assert not lp.TiedWeight.applies(model)

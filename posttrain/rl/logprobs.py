@@ -149,15 +149,17 @@ def token_logprobs(
         shared = shared_prefix(inner, batch, mask) if share else None
         head = inner.get_output_embeddings()
         tie = TiedWeight(head.weight) if _own_lookup(inner) and TiedWeight.applies(inner) else None
-        with _capture_output_layer_input(model) as captured, swiglu.lean_mlps(model):
+        with (
+            _capture_output_layer_input(model) as captured,
+            swiglu.lean_mlps(model),
+            _tied_lookups(inner, tie),
+        ):
             if shared is None:
-                if tie is not None:
-                    inputs["inputs_embeds"] = _embed(inner, inputs.pop("input_ids"), tie)
                 aux_loss = _router_aux_loss(model(**inputs), return_router_aux_loss)
                 hidden = captured["hidden"]
                 hidden = hidden.reshape(B * T, hidden.shape[-1]).index_select(0, rows)  # (N, H)
             else:
-                aux_loss, hidden = None, _shared_prefix_hidden(model, batch, shared, captured, b, t, tie)
+                aux_loss, hidden = None, _shared_prefix_hidden(model, batch, shared, captured, b, t)
         config = inner.config
         out = logprobs_from_hidden(
             hidden,
@@ -245,9 +247,7 @@ def _takes_split_forward(model: torch.nn.Module) -> bool:
     return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
 
-def _shared_prefix_hidden(
-    model, batch: dict, shared: SharedPrefix, captured: dict, b, t, tie: TiedWeight | None
-) -> torch.Tensor:
+def _shared_prefix_hidden(model, batch: dict, shared: SharedPrefix, captured: dict, b, t) -> torch.Tensor:
     """The final hidden states (N, H) at the target positions (b, t), from a forward of each distinct prefix
     (u, P) into a cache, whose keys and values every row then reads (index_select: the backward sums the
     rows' gradients into their prefix), and a forward of the rows' remaining T - P columns on it. The prefix
@@ -264,7 +264,7 @@ def _shared_prefix_hidden(
     if not _own_lookup(inner):
         prefix_inputs, rest_inputs = {"input_ids": prefix_ids}, {"input_ids": rest_ids}
     else:
-        embeds = _embed(inner, torch.cat([prefix_ids.reshape(-1), rest_ids.reshape(-1)]), tie)
+        embeds = inner.get_input_embeddings()(torch.cat([prefix_ids.reshape(-1), rest_ids.reshape(-1)]))
         prefix_embeds, rest_embeds = embeds.split([prefix_ids.numel(), rest_ids.numel()])
         prefix_inputs = {"inputs_embeds": prefix_embeds.view(*prefix_ids.shape, -1)}
         rest_inputs = {"inputs_embeds": rest_embeds.view(*rest_ids.shape, -1)}
@@ -292,18 +292,21 @@ def _shared_prefix_hidden(
 
 
 class TiedWeight:
-    """The weight of an embedding tied to the fused output layer, for one forward, so that the lookup's
-    gradient is added into the output layer's in place.
+    """An embedding tied to the fused output layer, for one forward: the lookup's gradient is added into the
+    output layer's at the looked-up rows.
 
-    Plainly, autograd gives the weight two gradients: the output layer's dense (V, H) one, and the lookup's,
-    which the embedding's backward builds as a zeroed (V, H) tensor with the rows of the ids summed in
-    (benchmarks/dpo.py's model: 8 ms to zero 31 MiB and 3 to add it, of a 0.5 s step). Here both uses read
-    `weight`, an alias whose backward runs once both have given theirs: the lookup's backward keeps its
-    rows of the u distinct ids, summed in the embedding backward's own order (u, H), and the alias's backward adds them into the
-    output layer's gradient at those rows. The same numbers as the two dense gradients' sum (tests).
+    Plainly, autograd gives the tied weight two gradients: the output layer's dense (V, H) one, and the
+    lookup's, which the embedding's backward builds as a zeroed (V, H) tensor with the ids' rows summed in, to
+    be added to the first (benchmarks/dpo.py's model: 31 MiB zeroed and added, 1-2 % of a DPO or SFT step).
+    Here the output layer and the lookup (`_tied_lookups`) both read `weight`, an alias of the parameter whose
+    backward runs once both have given theirs: the lookup's backward keeps the rows of its u distinct ids (u, H),
+    summed by the embedding's own backward op in its order (a padding id's left at zero), and the alias's
+    backward adds them into the output layer's gradient in place. The same numbers, bit for bit
+    (tests/test_tied_embedding.py).
 
-    `applies(model)`: autograd records, and the embedding is a plain `nn.Embedding` (no max_norm, nothing
-    attached) whose trained weight is the output layer's."""
+    `applies(model)`: autograd records, the embedding is a plain `nn.Embedding` (no max_norm, nothing attached)
+    whose trained weight is the output layer's, and the decoder that looks it up is not compiled (a graph would
+    trace the swapped lookup and its Python state)."""
 
     def __init__(self, weight: torch.nn.Parameter):
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (ids (u,), rows (u, H)) from each lookup
@@ -312,8 +315,11 @@ class TiedWeight:
     @staticmethod
     def applies(model: torch.nn.Module) -> bool:
         module, head = model.get_input_embeddings(), model.get_output_embeddings()
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
         return (
             torch.is_grad_enabled()
+            and not stock.compiled(model)
+            and not (decoder is not None and stock.compiled(decoder))
             and type(module) is torch.nn.Embedding
             and head is not None
             and module.weight is head.weight
@@ -374,9 +380,18 @@ def _own_lookup(inner) -> bool:
     return isinstance(inner, torch.nn.Module) and not is_sharded(inner)
 
 
-def _embed(inner: torch.nn.Module, ids: torch.Tensor, tie: TiedWeight | None) -> torch.Tensor:
+@contextlib.contextmanager
+def _tied_lookups(inner: torch.nn.Module, tie: TiedWeight | None):
+    """While open, the model's embedding module looks up through `tie` (as it is: where tie is None)."""
+    if tie is None:
+        yield
+        return
     module = inner.get_input_embeddings()
-    return module(ids) if tie is None else tie.embed(ids, module.padding_idx)
+    module.forward = lambda ids: tie.embed(ids, module.padding_idx)
+    try:
+        yield
+    finally:
+        del module.forward
 
 
 def _gathered_weight(head: torch.nn.Module) -> torch.Tensor:
