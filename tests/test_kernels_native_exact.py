@@ -55,7 +55,7 @@ def test_swiglu_kernels_equal_torchs_ops_bit_for_bit(n, threads):
     x[: min(n, len(edges))] = edges[: min(n, len(edges))]
     x[n // 2] = float("nan")
     u, dy = torch.randn(n, generator=g), torch.randn(n, generator=g)
-    with _threads(threads):
+    with _threads(threads), torch.no_grad():  # as inside autograd's Function, where they run
         a = F.silu(x)
         want_h, want_dg, want_du = a * u, torch.ops.aten.silu_backward(dy * u, x), dy * a
         h = native.swiglu_forward(x, u)
@@ -67,17 +67,30 @@ def test_swiglu_kernels_equal_torchs_ops_bit_for_bit(n, threads):
 
 
 @needs_exact
-def test_the_self_check_refuses_kernels_that_differ():
-    """Vectorised blocks of another width put other elements in the scalar remainders (libm's exp): the check
-    that gates the kernels sees the difference."""
-    lib = native.exact_library()
-    right = lib.block
-    try:
-        lib.block = 16 if right == 32 else 32
-        assert not native._agrees(lib)
-    finally:
-        lib.block = right
-    assert native._agrees(lib)
+def test_the_self_check_refuses_kernels_that_differ(monkeypatch):
+    """Vectorised blocks of another width, or torch's chunks for another thread count, put other elements in the
+    scalar remainders (libm's exp): the check that gates the kernels sees either."""
+    lib, check = native._exact_built(), native._agrees.__wrapped__
+    with _threads(2):
+        assert check(lib, 2)
+        right = lib.block
+        try:
+            lib.block = 16 if right == 32 else 32
+            assert not check(lib, 2)
+        finally:
+            lib.block = right
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # the kernels chunk for 3, torch for 2
+        assert not check(lib, 2)
+
+
+@needs_exact
+def test_they_stay_out_of_a_backward_that_builds_a_graph():
+    """create_graph: outputs with no graph would silently drop the second derivatives."""
+    g, u = torch.randn(3, 40), torch.randn(3, 40)
+    with torch.enable_grad():
+        assert (
+            native.swiglu_forward(g, u) is None and native.swiglu_backward(g, u, torch.randn(3, 40)) is None
+        )
 
 
 @needs_exact
@@ -110,8 +123,10 @@ def test_the_mlp_takes_the_kernels_and_keeps_autograds_numbers(monkeypatch):
 
 
 @needs_exact
+@torch.no_grad()
 def test_they_stand_aside_where_they_do_not_apply(monkeypatch):
     g, u = torch.randn(4, 6), torch.randn(4, 6)
+    assert native.swiglu_forward(g, u) is not None
     assert native.swiglu_forward(g.double(), u.double()) is None
     assert native.swiglu_forward(g.t(), u.t()) is None  # not contiguous
     assert native.swiglu_forward(g, u[:, :3].contiguous()) is None

@@ -36,13 +36,14 @@ def repeated(batch: dict) -> dict:
     return batch
 
 
-def gradients(model, batch, share: bool, tie: bool, monkeypatch) -> tuple[dict, int]:
-    """Every parameter's gradient after two micro-batches, and how many times the tied path joined its rows."""
+def gradients(model, batch, share: bool, tie: bool, monkeypatch, retain: bool = False) -> tuple[dict, int]:
+    """Every parameter's gradient after two micro-batches (each backward twice with retain_graph if `retain`),
+    and how many times the tied path joined its rows."""
     joins = []
     real = lp._TieJoin.backward
 
     def spy(ctx, grad):
-        joins.append(len(ctx.tie.rows))
+        joins.append(len(ctx.rows))
         return real(ctx, grad)
 
     with monkeypatch.context() as m:
@@ -53,7 +54,9 @@ def gradients(model, batch, share: bool, tie: bool, monkeypatch) -> tuple[dict, 
         for _ in range(2):
             out = lp.token_logprobs(model, batch, temperature=0.7, return_entropy=True, share_prompts=share)
             weights = torch.linspace(-1.0, 2.0, out.logps.numel()).view_as(out.logps)
-            ((out.logps * weights).sum() + 0.3 * out.entropy.sum()).backward()
+            loss = (out.logps * weights).sum() + 0.3 * out.entropy.sum()
+            for _ in range(2 if retain else 1):
+                loss.backward(retain_graph=retain)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert all(g.layout == torch.strided for g in grads.values())
     return grads, len(joins)
@@ -74,6 +77,31 @@ def test_gradients_equal_the_dense_embedding_backward_bit_for_bit(family, layout
         assert torch.equal(grad, joined[name]), name
 
 
+@pytest.mark.parametrize("case", ["padding_idx None", "retain_graph"])
+def test_an_embedding_without_padding_id_and_a_retained_graph(case, monkeypatch):
+    model = tied("qwen2")
+    if case == "padding_idx None":
+        model.get_input_embeddings().padding_idx = None
+    batch, retain = repeated(dpo_batch()), case == "retain_graph"
+    dense, _ = gradients(model, batch, True, tie=False, monkeypatch=monkeypatch, retain=retain)
+    joined, joins = gradients(model, batch, True, tie=True, monkeypatch=monkeypatch, retain=retain)
+    assert joins == (4 if retain else 2)
+    for name, grad in dense.items():
+        assert torch.equal(grad, joined[name]), name
+
+
+def test_a_compiled_model_looks_up_as_it_is(monkeypatch):
+    """A compile wrapper (or a decoder compiled in place) would trace the swapped lookup: the module's runs."""
+    model = tied("qwen2")
+    dense, _ = gradients(model, dpo_batch(), False, tie=False, monkeypatch=monkeypatch)
+    compiled, joins = gradients(torch.compile(model, backend="eager"), dpo_batch(), False, True, monkeypatch)
+    assert joins == 0
+    for name, grad in dense.items():
+        assert torch.equal(grad, compiled[name.removeprefix("_orig_mod.")] if name in compiled else grad), (
+            name
+        )
+
+
 def test_where_it_does_not_apply():
     untied = tiny("llama")
     assert not lp.TiedWeight.applies(untied)
@@ -86,7 +114,4 @@ def test_where_it_does_not_apply():
     assert not lp.TiedWeight.applies(model)
     handle.remove()
     model.get_input_embeddings().weight.requires_grad_(False)
-    assert not lp.TiedWeight.applies(model)
-    model.get_input_embeddings().weight.requires_grad_(True)
-    model.get_decoder().compile()  # torch_compile: the decoder's graph would trace the swapped lookup
     assert not lp.TiedWeight.applies(model)

@@ -856,6 +856,7 @@ def _backward_from_kept(kept, overlaid, hidden, weight, bias, index, ref, log_s,
                 dbias[c0 : c0 + w.shape[0]] += a.sum(0, dtype=dbias.dtype)
         if overlaid is not None:
             dweight = overlaid  # returned as it is, not as a view: autograd takes it as .grad without a copy
+            # (and nothing else holds it: rl/logprobs.TiedWeight adds a tied embedding's rows into it in place)
         # overlaid, from the last tile: dweight's rows c0.. overlay this tile's block and later ones, never
         # earlier ones, so each block is first copied to the tile buffer; a tile of its own is read in place
         for i, a in reversed(list(enumerate(kept))) if dweight is not None else ():

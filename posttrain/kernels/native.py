@@ -160,11 +160,16 @@ def fold_backward(a, index, c0, ref, log_s, mu, g, ge, tr) -> bool:
     return True
 
 
-@functools.cache
 def exact_library() -> ctypes.CDLL | None:
-    """The kernels of native_exact.c, built on first use, and only where they give torch's numbers here: their
-    results are compared with torch's ops bit for bit first (this torch build, CPU and thread count's chunking).
-    None where they cannot be built, loaded or agree."""
+    """The kernels of native_exact.c, built on first use, where they give torch's numbers: checked against torch's
+    ops bit for bit once per thread count (torch's chunking depends on it), on this torch build and CPU. None
+    where they cannot be built, loaded or agree."""
+    lib = _exact_built()
+    return lib if lib is not None and _agrees(lib, torch.get_num_threads()) else None
+
+
+@functools.cache
+def _exact_built() -> ctypes.CDLL | None:
     block = _BLOCK.get(torch.backends.cpu.get_cpu_capability())
     if block is None:
         return None
@@ -179,26 +184,51 @@ def exact_library() -> ctypes.CDLL | None:
     lib.swiglu_backward.argtypes = [p, p, p, p, p, i64, i32, i32, i32]
     lib.swiglu_forward.restype = lib.swiglu_backward.restype = None
     lib.block = block
-    return lib if _agrees(lib) else None
+    return lib
 
 
-def _agrees(lib) -> bool:
-    """The SwiGLU kernels against torch's ops, bit for bit, over exp's whole range and its edges (NaN compared as
-    NaN), on lengths that take one chunk or several, with scalar remainders of every length (about 4 % of libm's
-    exps differ from SLEEF's in the last bit, so a remainder placed wrongly shows)."""
+@functools.cache
+def _agrees(lib, threads: int) -> bool:
+    """The SwiGLU kernels against torch's ops at `threads` (torch's current count), bit for bit (NaN as NaN):
+    - random inputs over exp's whole range and its edges, on lengths of one chunk and of several;
+    - inputs whose every element is one where libm's exp and SLEEF's give another silu (about 4 % of floats), on
+      lengths that leave remainders of every size, in one chunk and in threads - 1 to threads + 3 chunks: an
+      element given the wrong exp, by a chunk or block boundary placed otherwise than torch places it, shows."""
     g = torch.Generator().manual_seed(0)
-    for n in (*range(6, 129), 32768 + 37, 3 * 32768 + 5):
+    nan, inf = float("nan"), float("inf")
+    chunked = [
+        k * 32768 + r
+        for k, r in zip(range(max(threads - 1, 1), threads + 4), (37, 45, 29, 3, 61), strict=False)
+    ]
+    for n in (*range(6, 129, 7), *chunked):
         x = torch.randn(n, generator=g) * 12
-        x[:6] = torch.tensor([0.0, -0.0, 104.5, -104.5, float("inf"), float("nan")])
-        u, dy = torch.randn(n, generator=g), torch.randn(n, generator=g)
-        a = torch.nn.functional.silu(x)
-        want = (a * u, torch.ops.aten.silu_backward(dy * u, x), dy * a)
-        h = _swiglu_forward(lib, x, u)
-        h2, dg, du = _swiglu_backward(lib, x, u, dy.clone())
-        for got, ref in zip((h, h2, dg, du), (want[0], *want), strict=True):
-            same = (got.view(torch.int32) == ref.view(torch.int32)) | (got.isnan() & ref.isnan())
-            if not bool(same.all()):
-                return False
+        x[:6] = torch.tensor([0.0, -0.0, 104.5, -104.5, inf, nan])
+        if not _same_as_ops(lib, x, torch.randn(n, generator=g), torch.randn(n, generator=g)):
+            return False
+    sample = torch.randn(32768, generator=g) * 8  # one chunk, every element vectorised
+    scalar, vector = torch.empty_like(sample), torch.empty_like(sample)
+    for out, block in ((scalar, 1 << 30), (vector, lib.block)):
+        lib.swiglu_forward(sample.data_ptr(), torch.ones_like(sample).data_ptr(), out.data_ptr(), len(sample), 1,
+                           block, 1)  # fmt: skip
+    sensitive = sample[scalar.view(torch.int32) != vector.view(torch.int32)]
+    if len(sensitive) < 64:  # the two exps agree nearly everywhere: nothing to place, nothing to check
+        return False
+    for n in (*range(1, 65), *chunked):
+        x = sensitive[torch.arange(n) % len(sensitive)]
+        if not _same_as_ops(lib, x, torch.ones(n), torch.ones(n)):
+            return False
+    return True
+
+
+def _same_as_ops(lib, x, u, dy) -> bool:
+    a = torch.nn.functional.silu(x)
+    want = (a * u, torch.ops.aten.silu_backward(dy * u, x), dy * a)
+    h = _swiglu_forward(lib, x, u)
+    h2, dg, du = _swiglu_backward(lib, x, u, dy.clone())
+    for got, ref in zip((h, h2, dg, du), (want[0], *want), strict=True):
+        same = (got.view(torch.int32) == ref.view(torch.int32)) | (got.isnan() & ref.isnan())
+        if not bool(same.all()):
+            return False
     return True
 
 
@@ -219,8 +249,12 @@ def _swiglu_backward(lib, g, u, dh):
 
 
 def _exact_applies(*xs: torch.Tensor) -> bool:
+    """Plain float32 CPU tensors of one shape, contiguous, outside autograd (a backward that builds a graph,
+    create_graph, takes the ops), and the kernels checked at this thread count."""
     return (
         enabled
+        and not torch.is_grad_enabled()
+        and all(type(x) is torch.Tensor for x in xs)
         and all(x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() for x in xs)
         and all(x.shape == xs[0].shape for x in xs)
         and xs[0].numel() > 0
@@ -236,5 +270,6 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
 
 def swiglu_backward(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor):
     """(h, dg, du) = (silu(g) * u, silu_backward(dh * u, g), dh * silu(g)), torch's numbers, in one pass; dg is
-    written over dh. None (dh untouched) where it does not apply."""
+    written over dh, which must share memory with nothing else (a fresh product). None (dh untouched) where it
+    does not apply."""
     return _swiglu_backward(exact_library(), g, u, dh) if _exact_applies(g, u, dh) else None

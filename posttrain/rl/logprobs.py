@@ -148,7 +148,9 @@ def token_logprobs(
         share = share_prompts and not return_router_aux_loss  # two forwards would give two router losses
         shared = shared_prefix(inner, batch, mask) if share else None
         head = inner.get_output_embeddings()
-        tie = TiedWeight(head.weight) if _own_lookup(inner) and TiedWeight.applies(inner) else None
+        # not where a compile wrapper or a compiled decoder would trace the swapped lookup and its Python state
+        traced = any(stock.compiled(m) for m in model.modules())
+        tie = TiedWeight(head.weight) if _own_lookup(inner) and not traced and TiedWeight.applies(inner) else None
         with (
             _capture_output_layer_input(model) as captured,
             swiglu.lean_mlps(model),
@@ -301,25 +303,23 @@ class TiedWeight:
     Here the output layer and the lookup (`_tied_lookups`) both read `weight`, an alias of the parameter whose
     backward runs once both have given theirs: the lookup's backward keeps the rows of its u distinct ids (u, H),
     summed by the embedding's own backward op in its order (a padding id's left at zero), and the alias's
-    backward adds them into the output layer's gradient in place. The same numbers, bit for bit
-    (tests/test_tied_embedding.py).
+    backward adds them into the output layer's gradient in place. The same values (tests/test_tied_embedding.py;
+    only a -0.0 at a row no id looked up, which the dense sum would turn into +0.0, stays -0.0).
 
-    `applies(model)`: autograd records, the embedding is a plain `nn.Embedding` (no max_norm, nothing attached)
-    whose trained weight is the output layer's, and the decoder that looks it up is not compiled (a graph would
-    trace the swapped lookup and its Python state)."""
+    `applies(model)`: autograd records, and the embedding is a plain `nn.Embedding` (no max_norm, nothing
+    attached) whose trained weight is the output layer's (`token_logprobs` also leaves compiled models out). The
+    output layer's backward must hand the alias a gradient nobody else holds (the fused kernel's dweight is
+    fresh, or its kept-logits buffer, released by then)."""
 
     def __init__(self, weight: torch.nn.Parameter):
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (ids (u,), rows (u, H)) from each lookup
-        self.weight = _TieJoin.apply(weight, self)  # (V, H)
+        self.weight = _TieJoin.apply(weight, self.rows)  # (V, H)
 
     @staticmethod
     def applies(model: torch.nn.Module) -> bool:
         module, head = model.get_input_embeddings(), model.get_output_embeddings()
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
         return (
             torch.is_grad_enabled()
-            and not stock.compiled(model)
-            and not (decoder is not None and stock.compiled(decoder))
             and type(module) is torch.nn.Embedding
             and head is not None
             and module.weight is head.weight
@@ -334,29 +334,29 @@ class TiedWeight:
 
     def embed(self, ids: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
         """ids (...) -> (..., H)."""
-        return _TiedLookup.apply(ids, self.weight, padding_idx, self)
+        return _TiedLookup.apply(ids, self.weight, padding_idx, self.rows)
 
 
 class _TieJoin(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, tie):
-        ctx.tie = tie
+    def forward(ctx, weight, rows):
+        ctx.rows = rows  # the list, not the TiedWeight: no reference cycle through the graph
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad):
         # `grad` is the output layer's fresh dense gradient, held by nobody else: the rows go in in place
-        for ids, rows in ctx.tie.rows:
+        for ids, rows in ctx.rows:
             grad.index_add_(0, ids, rows)
-        ctx.tie.rows.clear()
+        ctx.rows.clear()
         return grad, None
 
 
 class _TiedLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ids, weight, padding_idx, tie):
+    def forward(ctx, ids, weight, padding_idx, rows):
         ctx.save_for_backward(ids)
-        ctx.padding_idx, ctx.tie = padding_idx, tie
+        ctx.padding_idx, ctx.rows = padding_idx, rows
         return F.embedding(ids, weight, padding_idx)
 
     @staticmethod
@@ -368,7 +368,7 @@ class _TiedLookup(torch.autograd.Function):
         if ctx.padding_idx is not None:  # a padding id's rows go to an extra row u, which the op leaves at 0
             inverse = inverse.masked_fill(ids == ctx.padding_idx, u)
         rows = torch.ops.aten.embedding_dense_backward(grad.reshape(len(ids), -1), inverse, u + 1, u, False)
-        ctx.tie.rows.append((unique, rows[:u]))
+        ctx.rows.append((unique, rows[:u]))
         return None, None, None, None
 
 

@@ -52,8 +52,8 @@ class _SwiGLUDown(torch.autograd.Function):
         if fused is not None:
             h, dg, du = fused
         else:
-            a = F.silu(g)
-            h = a * u
+            a = F.silu(g) if need_u or need_w else None
+            h = a * u if need_w else None
             dg = torch.ops.aten.silu_backward(dh * u, g) if need_g else None
             du = dh * a if need_u else None
         dweight = dy2d.t().mm(h.reshape(-1, u.shape[-1])) if need_w else None
