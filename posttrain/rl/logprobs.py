@@ -150,7 +150,11 @@ def token_logprobs(
         head = inner.get_output_embeddings()
         # not where a compile wrapper or a compiled decoder would trace the swapped lookup and its Python state
         traced = isinstance(model, torch.nn.Module) and any(stock.compiled(m) for m in model.modules())
-        tie = TiedWeight(head.weight) if _own_lookup(inner) and TiedWeight.applies(inner) and not traced else None
+        tie = (
+            TiedWeight(head.weight)
+            if _own_lookup(inner) and TiedWeight.applies(inner) and not traced
+            else None
+        )
         with (
             _capture_output_layer_input(model) as captured,
             swiglu.lean_mlps(model),

@@ -13,9 +13,9 @@ pass each way instead of two and five ops), with torch's numbers bit for bit.
 
 `rl.logprobs.token_logprobs` runs it in its training forwards (every causal-LM loop): benchmarks/grpo.py's Online
 DPO step peaked at 317 / 322 MiB without it and 309 / 295 with it, at the same time within the run-to-run noise.
-The reward model's loss does not: there the recomputation cost 2-7 % of benchmarks/reward.py's step (0.311 ->
-0.318 / 0.334 s on the AMD EPYC) and did not lower the step's peak beyond the run-to-run noise (385-399 against
-384-399 MiB on the Intel Xeon, with the last layer at the last token: benchmarks/results.md, session 13).
+The reward model's loss (`rl.reward.reward_step_loss`) runs it too since the C kernels: benchmarks/reward.py's
+step, alternating in one process, 0.235 against 0.238 s, peak 352 / 373 against 381 / 379 MiB (session 20, Intel
+Xeon; with the torch ops the recomputation had cost it 2-7 %).
 """
 
 from __future__ import annotations
