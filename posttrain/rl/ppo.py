@@ -62,7 +62,7 @@ from posttrain.data import embedded
 from posttrain.losses import policy as policy_losses
 from posttrain.losses import ppo as ppo_losses
 from posttrain.losses import registry
-from posttrain.rl import checkpoint, distributed, faults, grpo, loop, lora, rewards, rollout, sft
+from posttrain.rl import checkpoint, distributed, faults, grpo, loop, lora, rewards, rollout, sft, swiglu
 from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
 from posttrain.rl.logger import MetricsLogger
 from posttrain.rl.logprobs import token_logprobs
@@ -326,12 +326,13 @@ def token_values(value_model, batch: dict) -> torch.Tensor:
         lambda module, args, output: captured.update(scores=output)
     )
     try:
-        value_model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            use_cache=False,
-        )
+        with swiglu.lean_mlps(value_model):  # in training: the MLPs' activations recomputed (rl/swiglu.py)
+            value_model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                use_cache=False,
+            )
     finally:
         handle.remove()
     scores = captured["scores"][..., 0].float()  # (B, T)
