@@ -6,6 +6,8 @@ keeps them off where they would differ; and where they stand aside."""
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -29,6 +31,21 @@ def test_built_where_a_compiler_and_vectorised_torch_exist():
     if torch.backends.cpu.get_cpu_capability() not in native._BLOCK:
         pytest.skip("torch runs without AVX2 / AVX-512 kernels here")
     assert native.exact_library() is not None
+
+
+@needs_exact
+def test_torchs_avx2_kernels_are_matched_too():
+    """A CPU without AVX-512 runs torch's AVX2 loops (blocks of 16): the kernels pass the check there too (torch
+    takes that path here when told to)."""
+    script = (
+        "import torch\nfrom posttrain.kernels import native\n"
+        "print(torch.backends.cpu.get_cpu_capability(), native.exact_library() is not None)"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.stdout.split() == ["AVX2", "True"], done.stderr[-2000:]
 
 
 def _bits_equal(a, b) -> bool:
