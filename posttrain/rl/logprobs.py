@@ -148,13 +148,7 @@ def token_logprobs(
         share = share_prompts and not return_router_aux_loss  # two forwards would give two router losses
         shared = shared_prefix(inner, batch, mask) if share else None
         head = inner.get_output_embeddings()
-        # not where a compile wrapper or a compiled decoder would trace the swapped lookup and its Python state
-        traced = isinstance(model, torch.nn.Module) and any(stock.compiled(m) for m in model.modules())
-        tie = (
-            TiedWeight(head.weight)
-            if _own_lookup(inner) and TiedWeight.applies(inner) and not traced
-            else None
-        )
+        tie = TiedWeight(head.weight) if _ties(model, inner) else None
         with (
             _capture_output_layer_input(model) as captured,
             swiglu.lean_mlps(model),
@@ -382,6 +376,16 @@ def _own_lookup(inner) -> bool:
     give its gradient to freed memory. Nor for a view of a model that changes what its modules compute during
     its own call (lora.AdapterDisabled: a peft-trained copy of the embedding would answer a lookup outside it)."""
     return isinstance(inner, torch.nn.Module) and not is_sharded(inner)
+
+
+def _ties(model, inner) -> bool:
+    """`inner`'s lookups may go through a TiedWeight: where it applies, the lookup may run apart from the model
+    (`_own_lookup`), and no compile wrapper or compiled decoder would trace the swapped lookup and its state."""
+    return (
+        _own_lookup(inner)
+        and TiedWeight.applies(inner)
+        and not (isinstance(model, torch.nn.Module) and any(stock.compiled(m) for m in model.modules()))
+    )
 
 
 @contextlib.contextmanager
