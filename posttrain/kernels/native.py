@@ -15,8 +15,8 @@ The SwiGLU kernels (`swiglu_forward`, `swiglu_backward`: rl/swiglu.py's MLP, one
 two and five) reproduce torch's ops bit for bit, so that a run's numbers do not depend on whether they ran: SLEEF's
 exp where torch's vectorised loops use it, libm's in the scalar remainders torch's chunking leaves, the fused
 multiply-adds torch's build makes. They are built with -ffp-contract=off and used only after they have matched
-torch's ops on lengths that exercise all of that (`exact_library`); on DPO's benchmark step they take 10-15 ms of
-0.45-0.6 s.
+torch's ops on lengths that exercise all of that (`exact_library`); on DPO's benchmark step they save 1-3 % of
+its 0.45-0.6 s (benchmarks/results.md, session 20).
 """
 
 from __future__ import annotations
@@ -74,16 +74,23 @@ def _compile(cc: list[str], source: Path, flags: list[str], out: Path) -> bool:
 def library() -> ctypes.CDLL | None:
     """The compiled folds (native.c), built on first use; None where they cannot be built or loaded (never
     raises: the torch ops serve instead)."""
+    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    return _load(SOURCE, FLAGS, {
+        "fold_forward": [p, i64, i64, i64, p, i64, f32, p, p, p, p, p, p, p, i32],
+        "fold_backward": [p, i64, i64, i64, p, i64, f32, f32, p, p, p, p, p, i32],
+    })  # fmt: skip
+
+
+def _load(source: Path, flags: list[str], functions: dict[str, list]) -> ctypes.CDLL | None:
+    """`source` built and loaded, its `functions` given their argument types (all return void); None where that
+    fails, never an exception: no home folder, a read-only cache, a compiler that built something else, ..."""
     try:
-        lib = _build_and_load(SOURCE, FLAGS)
-    except Exception:  # no home folder, a read-only cache, a compiler that built something else, ...
+        lib = _build_and_load(source, flags)
+        for name, argtypes in () if lib is None else functions.items():
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, None
+    except Exception:
         return None
-    if lib is not None:
-        p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        lib.fold_forward.argtypes = [p, i64, i64, i64, p, i64, f32, p, p, p, p, p, p, p, ctypes.c_int]
-        lib.fold_forward.restype = None
-        lib.fold_backward.argtypes = [p, i64, i64, i64, p, i64, f32, f32, p, p, p, p, p, ctypes.c_int]
-        lib.fold_backward.restype = None
     return lib
 
 
@@ -171,19 +178,13 @@ def exact_library() -> ctypes.CDLL | None:
 @functools.cache
 def _exact_built() -> ctypes.CDLL | None:
     block = _BLOCK.get(torch.backends.cpu.get_cpu_capability())
-    if block is None:
-        return None
-    try:
-        lib = _build_and_load(EXACT_SOURCE, EXACT_FLAGS)
-    except Exception:
-        return None
-    if lib is None:
-        return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.swiglu_forward.argtypes = [p, p, p, i64, i32, i32, i32]
-    lib.swiglu_backward.argtypes = [p, p, p, p, p, i64, i32, i32, i32]
-    lib.swiglu_forward.restype = lib.swiglu_backward.restype = None
-    lib.block = block
+    lib = None if block is None else _load(EXACT_SOURCE, EXACT_FLAGS, {
+        "swiglu_forward": [p, p, p, i64, i32, i32, i32],
+        "swiglu_backward": [p, p, p, p, p, i64, i32, i32, i32],
+    })  # fmt: skip
+    if lib is not None:
+        lib.block = block
     return lib
 
 
@@ -248,28 +249,30 @@ def _swiglu_backward(lib, g, u, dh):
     return h, dh, du
 
 
-def _exact_applies(*xs: torch.Tensor) -> bool:
-    """Plain float32 CPU tensors of one shape, contiguous, outside autograd (a backward that builds a graph,
-    create_graph, takes the ops), and the kernels checked at this thread count."""
-    return (
+def _exact(*xs: torch.Tensor) -> ctypes.CDLL | None:
+    """The exact kernels for `xs`: plain float32 CPU tensors of one shape, contiguous, outside autograd (a backward
+    that builds a graph, create_graph, takes the ops), the kernels checked at this thread count; else None."""
+    applies = (
         enabled
         and not torch.is_grad_enabled()
         and all(type(x) is torch.Tensor for x in xs)
         and all(x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() for x in xs)
         and all(x.shape == xs[0].shape for x in xs)
         and xs[0].numel() > 0
-        and exact_library() is not None
     )
+    return exact_library() if applies else None
 
 
 def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
     """silu(g) * u (..., I), the numbers of torch's two ops, in one pass; None where it does not apply (float32
     contiguous CPU tensors of one shape, the exact kernels built and agreeing)."""
-    return _swiglu_forward(exact_library(), g, u) if _exact_applies(g, u) else None
+    lib = _exact(g, u)
+    return None if lib is None else _swiglu_forward(lib, g, u)
 
 
 def swiglu_backward(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor):
     """(h, dg, du) = (silu(g) * u, silu_backward(dh * u, g), dh * silu(g)), torch's numbers, in one pass; dg is
     written over dh, which must share memory with nothing else (a fresh product). None (dh untouched) where it
     does not apply."""
-    return _swiglu_backward(exact_library(), g, u, dh) if _exact_applies(g, u, dh) else None
+    lib = _exact(g, u, dh)
+    return None if lib is None else _swiglu_backward(lib, g, u, dh)

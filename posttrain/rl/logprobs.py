@@ -371,10 +371,11 @@ class _TiedLookup(torch.autograd.Function):
 
 
 def _own_lookup(inner) -> bool:
-    """The embedding lookup may run outside the model's call. Not under FSDP2: the root unit's gradients are
-    reduced (and its gathered weights freed) by hooks around its own forward, so a lookup outside it would
-    give its gradient to freed memory. Nor for a view of a model that changes what its modules compute during
-    its own call (lora.AdapterDisabled: a peft-trained copy of the embedding would answer a lookup outside it)."""
+    """The embedding lookup may run apart from the model's own (outside its call: the shared prefix; through a
+    swapped module forward: `TiedWeight`). Not under FSDP2: the root unit's gradients are reduced (and its
+    gathered weights freed) by hooks around its own forward, so a lookup outside it would give its gradient to
+    freed memory. Nor for a view of a model that changes what its modules compute during its own call
+    (lora.AdapterDisabled: a peft-trained copy of the embedding would answer a lookup outside it)."""
     return isinstance(inner, torch.nn.Module) and not is_sharded(inner)
 
 

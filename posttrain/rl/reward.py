@@ -172,7 +172,7 @@ def reward_step_loss(
     whole optimizer step. Returns (loss, {"accuracy", "margin", "min_reward", "mean_reward",
     "max_reward"}): scalars, each a sum over this micro-batch's pairs divided by num_items.
     """
-    with swiglu.lean_mlps(model):  # the MLPs' activations recomputed in C: lighter, and no slower here
+    with swiglu.lean_mlps(model):  # the MLPs' activations recomputed (in C on the CPU): lighter, no slower
         rewards = sequence_scores(model, batch["input_ids"], batch["attention_mask"]).squeeze(-1)  # (2B,)
     chosen, rejected = rewards.chunk(2)  # (B,), (B,)
     loss = registry.get("reward", loss_type)(
