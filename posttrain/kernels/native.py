@@ -182,6 +182,8 @@ def _exact_built() -> ctypes.CDLL | None:
     lib = None if block is None else _load(EXACT_SOURCE, EXACT_FLAGS, {
         "swiglu_forward": [p, p, p, i64, i32, i32, i32],
         "swiglu_backward": [p, p, p, p, p, i64, i32, i32, i32],
+        "rmsnorm_forward": [p, p, p, p, i64, i64, ctypes.c_float, i32],
+        "rmsnorm_backward": [p, p, p, p, p, p, p, i64, i64, i32],
     })  # fmt: skip
     if lib is not None:
         lib.block = block
@@ -276,3 +278,88 @@ def swiglu_backward(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor):
     does not apply."""
     lib = _exact(g, u, dh)
     return None if lib is None else _swiglu_backward(lib, g, u, dh)
+
+
+# The RMSNorm kernels sum rows as torch's inner sums do from 8 floats on; from 2^15 floats a row alone is summed
+# by several threads.
+NORM_WIDTHS = range(8, 16385)
+
+
+def _norm_library(x: torch.Tensor, weight: torch.Tensor, *more: torch.Tensor) -> ctypes.CDLL | None:
+    """The exact kernels for an RMSNorm over x's last dimension (its rows of n floats) with weight (n,): x and
+    `more` plain float32 contiguous CPU tensors of x's shape, weight too (or a Parameter), n in NORM_WIDTHS, the
+    kernels agreeing with torch's ops at n; else None."""
+    n = x.shape[-1] if x.dim() else 0
+    applies = (
+        enabled
+        and n in NORM_WIDTHS
+        and x.numel() > 0
+        and all(type(t) is torch.Tensor for t in (x, *more))
+        and type(weight) in (torch.Tensor, torch.nn.Parameter)
+        and weight.shape == (n,)
+        and all(t.shape == x.shape for t in more)
+        and all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+            for t in (x, weight, *more)
+        )
+    )
+    lib = _exact_built() if applies else None
+    return lib if lib is not None and _norm_agrees(lib, n, torch.get_num_threads()) else None
+
+
+def rmsnorm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `rmsnorm_forward` runs for these tensors (and `rmsnorm_backward` then, outside grad mode)."""
+    return _norm_library(x, weight) is not None
+
+
+def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(y, r): y = weight * (x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)) (..., n), the numbers of those
+    torch ops, and r (..., 1) the rsqrt; None where it does not apply (`rmsnorm_applies`)."""
+    lib = _norm_library(x, weight)
+    return None if lib is None else _rmsnorm_forward(lib, x, weight, eps)
+
+
+def rmsnorm_backward(
+    dy: torch.Tensor, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, weight_grad: bool
+):
+    """The gradients autograd gives through `rmsnorm_forward`'s ops, given dy: x's in its two parts (through
+    x * r, then through x.pow(2): autograd adds them into x's gradient in that order) and the weight's (None
+    unless `weight_grad`). None where it does not apply, and in grad mode (create_graph)."""
+    lib = None if torch.is_grad_enabled() else _norm_library(x, weight, dy)
+    return None if lib is None else _rmsnorm_backward(lib, dy, x, r, weight, weight_grad)
+
+
+def _rmsnorm_forward(lib, x, weight, eps):
+    n = x.shape[-1]
+    y, r = torch.empty_like(x), x.new_empty((*x.shape[:-1], 1))
+    lib.rmsnorm_forward(x.data_ptr(), weight.data_ptr(), y.data_ptr(), r.data_ptr(), x.numel() // n, n, eps,
+                        torch.get_num_threads())  # fmt: skip
+    return y, r
+
+
+def _rmsnorm_backward(lib, dy, x, r, weight, weight_grad):
+    n = x.shape[-1]
+    dx_mul, dx_pow = torch.empty_like(x), torch.empty_like(x)
+    prod = (
+        torch.empty_like(x) if weight_grad else None
+    )  # dy * (x * r), summed over the rows as autograd sums it
+    lib.rmsnorm_backward(dy.data_ptr(), x.data_ptr(), r.data_ptr(), weight.data_ptr(), dx_mul.data_ptr(),
+                         dx_pow.data_ptr(), _ptr(prod), x.numel() // n, n, torch.get_num_threads())  # fmt: skip
+    return dx_mul, dx_pow, None if prod is None else prod.sum_to_size(weight.shape)
+
+
+@functools.cache
+def _norm_agrees(lib, n: int, threads: int) -> bool:
+    """The RMSNorm kernels against torch's ops at row width n, bit for bit: the forward, and x's and the weight's
+    gradients as autograd sums them, x's after a later use of x (a residual connection's) has given its part."""
+    g = torch.Generator().manual_seed(0)
+    x, dy, later = (torch.randn(3, 5, n, generator=g) * 3 for _ in range(3))
+    weight = torch.randn(n, generator=g)
+    with torch.enable_grad():
+        xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        want = wr * (xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-6))
+        torch.autograd.backward([want, xr * later], [dy, torch.ones_like(x)])
+    y, r = _rmsnorm_forward(lib, x, weight, 1e-6)
+    dx_mul, dx_pow, dweight = _rmsnorm_backward(lib, dy, x, r, weight, True)
+    pairs = ((y, want.detach()), ((later + dx_mul) + dx_pow, xr.grad), (dweight, wr.grad))
+    return all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in pairs)

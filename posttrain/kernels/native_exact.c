@@ -93,6 +93,87 @@ void swiglu_backward(const float *g, const float *u, float *dh, float *h, float 
     }
 }
 
+
+/* The Llama family's RMSNorm (rl/rmsnorm.py): y = w * (x * rsqrt(mean(x^2) + eps)) over each row of n floats,
+ * torch's ops' numbers: x.pow(2) is x * x, mean is the sum divided by n, rsqrt is 1 / sqrt, each rounded as it
+ * is written here. The sum is torch's cascade_sum for a contiguous inner reduction: vectors of 8 floats, four
+ * vector accumulators over groups of four vectors (summed in levels every 16 groups), the leftover vectors into
+ * the first accumulator, the accumulators into the first, then the leftover floats and the 8 lanes in turn. */
+#define SUM_LANES 8
+#define SUM_ILP 4
+#define SUM_LEVELS 4
+#define SUM_LEVEL_POWER 4 /* max(4, ceil(log2(groups)) / 4): 4 below 2^16 groups, i.e. rows under 2^21 floats */
+
+static float torch_row_sum(const float *x, int64_t n) {
+    int64_t nvec = n / SUM_LANES, groups = nvec / SUM_ILP, i = 0;
+    const int64_t step = (int64_t)1 << SUM_LEVEL_POWER, mask = step - 1;
+    float acc[SUM_LEVELS][SUM_ILP][SUM_LANES] = {{{0}}};
+    while (i + step <= groups) {
+        for (int64_t j = 0; j < step; j++, i++)
+            for (int k = 0; k < SUM_ILP; k++)
+                for (int l = 0; l < SUM_LANES; l++) acc[0][k][l] += x[(i * SUM_ILP + k) * SUM_LANES + l];
+        for (int j = 1; j < SUM_LEVELS; j++) {
+            for (int k = 0; k < SUM_ILP; k++)
+                for (int l = 0; l < SUM_LANES; l++) {
+                    acc[j][k][l] += acc[j - 1][k][l];
+                    acc[j - 1][k][l] = 0.0f;
+                }
+            if ((i & (mask << (j * SUM_LEVEL_POWER))) != 0) break;
+        }
+    }
+    for (; i < groups; i++)
+        for (int k = 0; k < SUM_ILP; k++)
+            for (int l = 0; l < SUM_LANES; l++) acc[0][k][l] += x[(i * SUM_ILP + k) * SUM_LANES + l];
+    for (int j = 1; j < SUM_LEVELS; j++)
+        for (int k = 0; k < SUM_ILP; k++)
+            for (int l = 0; l < SUM_LANES; l++) acc[0][k][l] += acc[j][k][l];
+    for (int64_t v = groups * SUM_ILP; v < nvec; v++)
+        for (int l = 0; l < SUM_LANES; l++) acc[0][0][l] += x[v * SUM_LANES + l];
+    for (int k = 1; k < SUM_ILP; k++)
+        for (int l = 0; l < SUM_LANES; l++) acc[0][0][l] += acc[0][k][l];
+    float total = 0.0f;
+    for (int64_t t = nvec * SUM_LANES; t < n; t++) total += x[t];
+    for (int l = 0; l < SUM_LANES; l++) total += acc[0][0][l];
+    return total;
+}
+
+/* In: x (rows, n), w (n,). Out: y (rows, n), r (rows,) = rsqrt(mean(x^2) + eps). */
+void rmsnorm_forward(const float *x, const float *w, float *y, float *r, int64_t rows, int64_t n, float eps,
+                     int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows * n > 65536)
+    for (int64_t row = 0; row < rows; row++) {
+        const float *xr = x + row * n;
+        float *yr = y + row * n;
+        for (int64_t i = 0; i < n; i++) yr[i] = xr[i] * xr[i]; /* y's row holds x^2 until it is summed */
+        float rr = 1.0f / sqrtf(torch_row_sum(yr, n) / (float)n + eps);
+        r[row] = rr;
+        for (int64_t i = 0; i < n; i++) yr[i] = w[i] * (xr[i] * rr);
+    }
+}
+
+/* The backward autograd runs through those ops, given dy: x's gradient in its two parts, through x * r (gmul)
+ * and through x^2 (gpow), which autograd adds into x's gradient one after the other; and prod = dy * (x * r)
+ * (NULL: not wanted), whose sum over the rows (torch's, in the caller) is w's gradient. gpow's row holds
+ * dy w x until it is summed. */
+void rmsnorm_backward(const float *dy, const float *x, const float *r, const float *w, float *gmul, float *gpow,
+                      float *prod, int64_t rows, int64_t n, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows * n > 65536)
+    for (int64_t row = 0; row < rows; row++) {
+        const float *dyr = dy + row * n, *xr = x + row * n;
+        float *gm = gmul + row * n, *gp = gpow + row * n, rr = r[row];
+        if (prod != NULL)
+            for (int64_t i = 0; i < n; i++) prod[row * n + i] = dyr[i] * (xr[i] * rr);
+        for (int64_t i = 0; i < n; i++) {
+            float dh = dyr[i] * w[i];
+            gm[i] = dh * rr;
+            gp[i] = dh * xr[i];
+        }
+        float dr = torch_row_sum(gp, n);
+        float dmean = ((-0.5f * dr) * ((rr * rr) * rr)) / (float)n;
+        for (int64_t i = 0; i < n; i++) gp[i] = dmean * (2.0f * xr[i]);
+    }
+}
+
 #ifdef __cplusplus
 }
 #endif

@@ -74,3 +74,19 @@ def eager(model: torch.nn.Module):
     finally:
         for m, impl in zip(modules, impls, strict=True):
             m._compiled_call_impl = impl
+
+
+def lean_candidates(model) -> list[torch.nn.Module]:
+    """The modules of `model` whose forward rl/swiglu.py and rl/rmsnorm.py may swap for their own while autograd
+    records: none without autograd, for what is not a module (e.g. lora.AdapterDisabled, a view of the policy),
+    under autocast (the products would run in another dtype than the backward's), for a compiled model, and
+    under gradient checkpointing (whose recomputation in the backward, after the swap is undone, would build
+    another graph than the forward's)."""
+    if (
+        not torch.is_grad_enabled()
+        or not isinstance(model, torch.nn.Module)
+        or torch.is_autocast_enabled("cpu")
+    ):
+        return []
+    modules = list(model.modules())
+    return [] if any(compiled(m) or checkpointing(m) for m in modules) else modules

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.kernels import native
-from posttrain.rl.stock import checkpointing, compiled, from_transformers, intercepted
+from posttrain.rl.stock import from_transformers, intercepted, lean_candidates
 
 # The MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)).
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
@@ -81,16 +81,7 @@ def lean_mlps(model: torch.nn.Module):
     on the CPU in float32 only; elsewhere, under autocast, for any other MLP, for a compiled model and under
     gradient checkpointing (whose recomputation in the backward, after this closes, would build another graph
     than the forward's) the model runs as it is."""
-    if (
-        not torch.is_grad_enabled()
-        or not isinstance(model, torch.nn.Module)  # e.g. lora.AdapterDisabled, a view of the policy
-        or torch.is_autocast_enabled("cpu")  # the products would run in another dtype than the backward's
-    ):
-        yield
-        return
-    modules = list(model.modules())
-    skip = any(compiled(m) or checkpointing(m) for m in modules)
-    mlps = [] if skip else [m for m in modules if _lean(m)]
+    mlps = [m for m in lean_candidates(model) if _lean(m)]
     for mlp in mlps:
         mlp.forward = lambda x, mlp=mlp: _SwiGLUDown.apply(
             mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj.weight

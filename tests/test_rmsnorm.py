@@ -1,0 +1,216 @@
+"""rl/rmsnorm.py: the RMSNorm in one C pass each way gives autograd's numbers bit for bit (forward, every
+parameter's gradient, x's gradient summed in autograd's order) and holds one (n, H) activation less per norm."""
+
+import contextlib
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+
+from posttrain.data import embedded
+from posttrain.kernels import native
+from posttrain.rl import logprobs, rmsnorm, swiglu
+
+needs_exact = pytest.mark.skipif(native._exact_built() is None, reason="no C compiler or no AVX2 / AVX-512")
+
+
+def _llama(**overrides):
+    shape = dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)  # fmt: skip
+    config = LlamaConfig(**{**shape, **overrides})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _qwen3():  # q_norm and k_norm over each head's 16 floats besides the layers' norms
+    config = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+MODELS = {
+    "qwen2": lambda: embedded.build_model(seed=0, num_hidden_layers=2),
+    "llama": _llama,
+    "qwen3": _qwen3,
+    "llama_h200": lambda: _llama(
+        hidden_size=200, num_attention_heads=4, head_dim=50
+    ),  # rows not whole vectors
+}
+
+
+def _run(model, lean: bool, mlps: bool = False):
+    """Logits and every parameter's gradient of a random combination of them; the bytes autograd saved."""
+    model.zero_grad(set_to_none=True)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 128, (3, 17), generator=g)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (
+            rmsnorm.lean_norms(model) if lean else contextlib.nullcontext(),
+            swiglu.lean_mlps(model) if mlps else contextlib.nullcontext(),
+        ):
+            logits = model(input_ids=ids).logits
+    (logits * torch.randn(logits.shape, generator=g)).sum().backward()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    activations = sum(n for ptr, n in saved.items() if ptr not in weights)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads, activations
+
+
+def _bits(a, b):
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@needs_exact
+@pytest.mark.parametrize("name", list(MODELS))
+def test_gradients_are_autograds_bit_for_bit_with_one_activation_less_per_norm(name, monkeypatch):
+    model = MODELS[name]()
+    calls = []
+    real = rmsnorm._RMSNorm.apply
+    monkeypatch.setattr(rmsnorm._RMSNorm, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    _run(
+        model, lean=True
+    )  # the kernels' first use checks them against the ops, which saves tensors of its own
+    calls.clear()
+    logits, grads, saved = _run(model, lean=False)
+    lean_logits, lean_grads, lean_saved = _run(model, lean=True)
+    norms = [m for m in model.modules() if type(m).__name__ in rmsnorm.NORM_CLASSES]
+    assert len(calls) == len(norms) >= 5
+    assert _bits(logits, lean_logits)
+    for n, g in grads.items():
+        assert _bits(g, lean_grads[n]), n
+    # x * rsqrt(...) (n, H) per norm
+    assert saved - lean_saved == sum(shape.numel() * 4 for shape in calls)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the model is itself again
+
+
+@needs_exact
+def test_with_the_lean_mlps_too():
+    model = _llama()
+    logits, grads, _ = _run(model, lean=False)
+    lean_logits, lean_grads, _ = _run(model, lean=True, mlps=True)
+    assert _bits(logits, lean_logits) and all(_bits(g, lean_grads[n]) for n, g in grads.items())
+
+
+@needs_exact
+@pytest.mark.parametrize("frozen", ["norm", "all_but_embeddings"])
+def test_frozen_weights_get_no_gradient_and_the_rest_autograds_bit_for_bit(frozen):
+    """As under LoRA (norms frozen), and with the norms' input needing no gradient but their weight one."""
+    model = _llama()
+    for name, p in model.named_parameters():
+        p.requires_grad_(("norm" not in name) if frozen == "norm" else ("norm" in name))
+    logits, grads, _ = _run(model, lean=False)
+    lean_logits, lean_grads, _ = _run(model, lean=True)
+    assert _bits(logits, lean_logits) and grads.keys() == lean_grads.keys()
+    for n, g in grads.items():
+        assert _bits(g, lean_grads[n]), n
+
+
+@needs_exact
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 8), (4, 5, 64), (3, 7, 896), (2, 9, 1003), (1, 3, 9005), (5, 16384)]
+)
+def test_the_function_alone_against_the_modules_ops(shape):
+    """Widths across torch's sum orders: one vector, groups of four, leftover vectors and floats, summed levels."""
+    gen = torch.Generator().manual_seed(5)
+    x, dy, later = (torch.randn(shape, generator=gen) * 2 for _ in range(3))
+    weight = torch.randn(shape[-1], generator=gen)
+    norm = torch.nn.Module()  # the module's own ops (transformers' Llama RMSNorm forward)
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(shape[-1], eps=1e-5)
+    lean = LlamaRMSNorm(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        lean.weight.copy_(weight)
+    ys, xs = [], []
+    for module, context in ((norm, contextlib.nullcontext()), (lean, rmsnorm.lean_norms(lean))):
+        xr = x.clone().requires_grad_()
+        with context:
+            y = module(xr)
+        torch.autograd.backward([y, xr * later], [dy, torch.ones_like(x)])  # a later use's gradient first
+        ys.append(y.detach())
+        xs.append(xr.grad)
+    assert _bits(ys[0], ys[1]) and _bits(xs[0], xs[1]) and _bits(norm.weight.grad, lean.weight.grad)
+
+
+@needs_exact
+def test_a_backward_that_builds_a_graph_takes_the_ops_and_differentiates_again():
+    """create_graph: the kernels stand aside, the ops give the same first derivatives and a second one."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(2)
+    x, dy = torch.randn(4, 32, generator=gen), torch.randn(4, 32, generator=gen)
+    grads = []
+    for lean in (False, True):
+        norm = LlamaRMSNorm(32)
+        xr = x.clone().requires_grad_()
+        with rmsnorm.lean_norms(norm) if lean else contextlib.nullcontext():
+            y = norm(xr)
+        (gx,) = torch.autograd.grad(y, xr, dy, create_graph=True)
+        (ggx,) = torch.autograd.grad(gx.square().sum(), xr)
+        grads.append((gx.detach(), ggx))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=0, atol=1e-6)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-5)
+
+
+def test_left_as_it_is_where_it_does_not_apply(monkeypatch):
+    def replaced(model, context=None):
+        with context or contextlib.nullcontext(), rmsnorm.lean_norms(model):
+            return sum("forward" in m.__dict__ for m in model.modules())
+
+    assert replaced(_llama()) == 5  # two per layer and the final one
+    assert replaced(_llama(), torch.no_grad()) == 0
+    assert replaced(_llama(), torch.autocast("cpu", dtype=torch.bfloat16)) == 0
+    hooked = _llama()
+    hooked.model.layers[0].input_layernorm.register_forward_hook(lambda *a: None)
+    assert replaced(hooked) == 4
+    checkpointed = _llama()
+    checkpointed.activation_checkpointing_enable()
+    assert replaced(checkpointed) == 0
+    gemma = AutoModelForCausalLM.from_config(
+        __import__("transformers").Gemma2Config(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+        )  # fmt: skip
+    )
+    assert replaced(gemma) == 0  # (1 + w) and its own rounding: not this formula
+    # per call: another dtype or no kernels run the module's own forward, with its numbers
+    model = _llama()
+    monkeypatch.setattr(native, "enabled", False)
+    logits, grads, _ = _run(model, lean=False)
+    lean_logits, lean_grads, _ = _run(model, lean=True)
+    assert _bits(logits, lean_logits) and all(_bits(g, lean_grads[n]) for n, g in grads.items())
+    assert not native.rmsnorm_applies(torch.randn(3, 64), torch.randn(64))
+    monkeypatch.setattr(native, "enabled", True)
+    if native._exact_built() is not None:
+        assert native.rmsnorm_applies(torch.randn(3, 64), torch.randn(64))
+    assert not native.rmsnorm_applies(torch.randn(3, 64).double(), torch.randn(64).double())
+    assert not native.rmsnorm_applies(torch.randn(64, 3).t(), torch.randn(64))  # not contiguous
+    assert not native.rmsnorm_applies(torch.randn(3, 4), torch.randn(4))  # rows shorter than a vector
+    assert not native.rmsnorm_applies(torch.randn(2, 20000), torch.randn(20000))
+
+
+def test_training_forwards_run_the_lean_norms(monkeypatch):
+    """token_logprobs runs it on the tape, not without (a spy on `_RMSNorm.apply` counts the norms)."""
+    calls = []
+    real = rmsnorm._RMSNorm.apply
+    monkeypatch.setattr(rmsnorm._RMSNorm, "apply", lambda *a: calls.append(1) or real(*a))
+    model = embedded.build_model(seed=0, num_hidden_layers=2)
+    batch = {"input_ids": torch.tensor([[3, 4, 5, 6]]), "completion_mask": torch.tensor([[0, 0, 1, 1]])}
+    logprobs.token_logprobs(model, batch).logps.sum().backward()
+    assert len(calls) == (5 if native._exact_built() is not None else 0)
+    with torch.no_grad():
+        logprobs.token_logprobs(model, batch)
+    assert len(calls) == (5 if native._exact_built() is not None else 0)
