@@ -184,6 +184,8 @@ def _exact_built() -> ctypes.CDLL | None:
         "swiglu_backward": [p, p, p, p, p, i64, i32, i32, i32],
         "rmsnorm_forward": [p, p, p, p, i64, i64, ctypes.c_float, i32],
         "rmsnorm_backward": [p, p, p, p, p, p, p, i64, i64, i32],
+        "rope_forward": [p, p, p, p, i64, i64, i64, i64, p, p, i32],
+        "rope_backward": [p, p, p, p, i64, i64, i64, i64, p, p, i32],
     })  # fmt: skip
     if lib is not None:
         lib.block = block
@@ -363,3 +365,95 @@ def _norm_agrees(lib, n: int, threads: int) -> bool:
     dx_mul, dx_pow, dweight = _rmsnorm_backward(lib, dy, x, r, weight, True)
     pairs = ((y, want.detach()), ((later + dx_mul) + dx_pow, xr.grad), (dweight, wr.grad))
     return all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in pairs)
+
+
+def _rope_library(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> ctypes.CDLL | None:
+    """The exact kernels for the rotary embedding of x (b, h, t, d) by cos, sin (b or 1, t, d): float32 CPU tensors,
+    x (a plain tensor) with unit stride over d, d even, cos and sin alike with unit stride over d; else None."""
+    applies = (
+        enabled
+        and x.dim() == 4
+        and cos.dim() == 3
+        and x.shape[-1] % 2 == 0
+        and x.numel() > 0
+        and type(x) is torch.Tensor
+        and all(
+            type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.float32
+            for t in (x, cos, sin)
+        )
+        and cos.shape == sin.shape
+        and cos.stride() == sin.stride()
+        and cos.shape[0] in (1, x.shape[0])
+        and cos.shape[1:] == x.shape[2:]
+        and x.stride(-1) == 1
+        and cos.stride(-1) == 1
+    )
+    lib = _exact_built() if applies else None
+    return lib if lib is not None and _rope_agrees(lib) else None
+
+
+def rope_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    return _rope_library(x, cos, sin) is not None
+
+
+def _cos_strides(cos, x):
+    return (ctypes.c_int64 * 2)(cos.stride(0) if cos.shape[0] == x.shape[0] else 0, cos.stride(1))
+
+
+def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """x * cos + rotate_half(x) * sin (b, h, t, d), cos and sin (b or 1, t, d) broadcast over h, the numbers of
+    those torch ops and their layout (x's); None where it does not apply (`rope_applies`)."""
+    lib = _rope_library(x, cos, sin)
+    if lib is None:
+        return None
+    out = torch.empty_like(
+        x
+    )  # as torch's product, laid out as x (a transposed view of the projection's output)
+    lib.rope_forward(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), *x.shape,
+                     (ctypes.c_int64 * 3)(*x.stride()[:3]), _cos_strides(cos, x), torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def rope_backward(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """x's gradient through `rope_forward`'s ops given g (b, h, t, d), contiguous as autograd's; None where it does
+    not apply, and in grad mode (create_graph)."""
+    lib = None if torch.is_grad_enabled() else _rope_library(g, cos, sin)
+    if lib is None:
+        return None
+    gx = torch.empty(g.shape)
+    lib.rope_backward(g.data_ptr(), cos.data_ptr(), sin.data_ptr(), gx.data_ptr(), *g.shape,
+                      (ctypes.c_int64 * 3)(*g.stride()[:3]), _cos_strides(cos, g), torch.get_num_threads())  # fmt: skip
+    return gx
+
+
+def rope_ops(x, cos, sin):
+    """The rotary embedding as transformers' Llama family writes it (cos and sin unsqueezed at dimension 1)."""
+    half = x.shape[-1] // 2
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
+
+
+@functools.cache
+def _rope_agrees(lib) -> bool:
+    """The rotary kernels against torch's ops, bit for bit (signed zeros too): on x laid out as a projection's
+    transposed output, cos broadcast over the batch and per row, gradients with and without zeros."""
+    g = torch.Generator().manual_seed(0)
+    for b_cos in (1, 3):
+        x = torch.randn(3, 7, 4, 10, generator=g).transpose(1, 2)
+        cos, sin = (torch.randn(b_cos, 7, 10, generator=g) for _ in range(2))
+        dout = torch.randn(3, 4, 7, 10, generator=g)
+        dout[torch.rand(dout.shape, generator=g) < 0.3] = -0.0
+        sin[:, :, ::3] = 0.0
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_()
+            want = rope_ops(xr, cos, sin)
+            (dx,) = torch.autograd.grad(want, xr, dout)
+        strides = (ctypes.c_int64 * 3)(*x.stride()[:3]), _cos_strides(cos, x)
+        out, gx = torch.empty_like(x), torch.empty(x.shape)
+        lib.rope_forward(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), *x.shape, *strides, 1)
+        lib.rope_backward(dout.data_ptr(), cos.data_ptr(), sin.data_ptr(), gx.data_ptr(), *x.shape,
+                          (ctypes.c_int64 * 3)(*dout.stride()[:3]), strides[1], 1)  # fmt: skip
+        for a, b in ((out, want.detach()), (gx, dx)):
+            if a.stride() != b.stride() or not torch.equal(a.view(torch.int32), b.view(torch.int32)):
+                return False
+    return True

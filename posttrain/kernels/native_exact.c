@@ -174,6 +174,41 @@ void rmsnorm_backward(const float *dy, const float *x, const float *r, const flo
     }
 }
 
+/* The Llama family's rotary embedding (rl/rope.py): out = x * cos + rotate_half(x) * sin, with rotate_half(x) =
+ * (-x[half:], x[:half]), over rows of d floats. x (and out, laid out as x) is (b, h, t, d) with strides xs (in
+ * floats; the last 1); cos and sin (b or 1, t, d) with strides cs for b and t. */
+void rope_forward(const float *x, const float *cos, const float *sin, float *out, int64_t nb, int64_t nh,
+                  int64_t nt, int64_t d, const int64_t *xs, const int64_t *cs, int nthreads) {
+    int64_t half = d / 2;
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static) if (nb * nh * nt * d > 65536)
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t h = 0; h < nh; h++)
+            for (int64_t t = 0; t < nt; t++) {
+                const float *xr = x + b * xs[0] + h * xs[1] + t * xs[2];
+                const float *c = cos + b * cs[0] + t * cs[1], *s = sin + b * cs[0] + t * cs[1];
+                float *o = out + b * xs[0] + h * xs[1] + t * xs[2];
+                for (int64_t i = 0; i < half; i++) o[i] = xr[i] * c[i] + (-xr[i + half]) * s[i];
+                for (int64_t i = half; i < d; i++) o[i] = xr[i] * c[i] + xr[i - half] * s[i];
+            }
+}
+
+/* x's gradient (b, h, t, d) contiguous, given dout with strides gs: autograd adds the rotation's part (dout * sin
+ * moved back by rotate_half's slices into a zero tensor, so a -0 becomes +0) and then dout * cos. */
+void rope_backward(const float *g, const float *cos, const float *sin, float *gx, int64_t nb, int64_t nh,
+                   int64_t nt, int64_t d, const int64_t *gs, const int64_t *cs, int nthreads) {
+    int64_t half = d / 2;
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static) if (nb * nh * nt * d > 65536)
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t h = 0; h < nh; h++)
+            for (int64_t t = 0; t < nt; t++) {
+                const float *gr = g + b * gs[0] + h * gs[1] + t * gs[2];
+                const float *c = cos + b * cs[0] + t * cs[1], *s = sin + b * cs[0] + t * cs[1];
+                float *o = gx + ((b * nh + h) * nt + t) * d;
+                for (int64_t i = 0; i < half; i++) o[i] = (gr[i + half] * s[i + half] + 0.0f) + gr[i] * c[i];
+                for (int64_t i = half; i < d; i++) o[i] = (-(gr[i - half] * s[i - half]) + 0.0f) + gr[i] * c[i];
+            }
+}
+
 #ifdef __cplusplus
 }
 #endif

@@ -26,7 +26,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from posttrain.kernels import logprobs_from_hidden, logprobs_from_logits
-from posttrain.rl import lora, rmsnorm, stock, swiglu
+from posttrain.rl import lean, lora, stock
 from posttrain.rl.distributed import is_sharded, release_frozen_root, unwrap
 from posttrain.rl.rollout import cache_kwarg
 
@@ -151,8 +151,7 @@ def token_logprobs(
         tie = TiedWeight(head.weight) if _ties(model, inner) else None
         with (
             _capture_output_layer_input(model) as captured,
-            swiglu.lean_mlps(model),
-            rmsnorm.lean_norms(model),
+            lean.layers(model),
             _tied_lookups(inner, tie),
         ):
             if shared is None:
@@ -172,7 +171,7 @@ def token_logprobs(
             **flags,
         )
     else:
-        with swiglu.lean_mlps(model), rmsnorm.lean_norms(model):
+        with lean.layers(model):
             output = model(**inputs)
         aux_loss, logits = _router_aux_loss(output, return_router_aux_loss), output.logits  # logits (B, T, V)
         del output  # so that the (B, T, V) logits are freed once the target rows are copied out

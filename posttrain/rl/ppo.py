@@ -62,19 +62,7 @@ from posttrain.data import embedded
 from posttrain.losses import policy as policy_losses
 from posttrain.losses import ppo as ppo_losses
 from posttrain.losses import registry
-from posttrain.rl import (
-    checkpoint,
-    distributed,
-    faults,
-    grpo,
-    loop,
-    lora,
-    rewards,
-    rmsnorm,
-    rollout,
-    sft,
-    swiglu,
-)
+from posttrain.rl import checkpoint, distributed, faults, grpo, lean, loop, lora, rewards, rollout, sft
 from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
 from posttrain.rl.logger import MetricsLogger
 from posttrain.rl.logprobs import token_logprobs
@@ -338,8 +326,7 @@ def token_values(value_model, batch: dict) -> torch.Tensor:
         lambda module, args, output: captured.update(scores=output)
     )
     try:
-        # in training: the MLPs' activations recomputed, the norms in one pass (rl/swiglu.py, rl/rmsnorm.py)
-        with swiglu.lean_mlps(value_model), rmsnorm.lean_norms(value_model):
+        with lean.layers(value_model):  # in training: the same numbers, lighter and faster (rl/lean.py)
             value_model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],

@@ -45,7 +45,7 @@ from posttrain.cache import cache_dir
 from posttrain.data import embedded, formats, loading, stepwise
 from posttrain.losses import registry
 from posttrain.losses.prm import IGNORE_INDEX, step_logits
-from posttrain.rl import distributed, loop, lora, rmsnorm, sft, swiglu
+from posttrain.rl import distributed, lean, loop, lora, sft
 from posttrain.rl.config import ConfigError, TrainConfig, fill_run_defaults
 from posttrain.rl.models import NOT_QUANTIZABLE, disable_dropout, load_checked, load_tokenizer
 
@@ -295,8 +295,8 @@ def prm_step_loss(model, batch, num_items, *, loss_type: str = "cross_entropy"):
     Returns (loss, {"accuracy", "solution_accuracy"}): the loss and accuracy are sums over this micro-batch's
     labelled steps divided by num_items; solution_accuracy is its row mean times its share of num_items.
     """
-    # the MLPs' activations recomputed, the norms in one pass (rl/swiglu.py, rl/rmsnorm.py): the same numbers
-    with swiglu.lean_mlps(model), rmsnorm.lean_norms(model):
+    # lighter MLPs, the norms and rotary embedding in one pass (rl/lean.py): the same numbers
+    with lean.layers(model):
         logits = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).logits  # (B, T, 2)

@@ -77,7 +77,7 @@ def eager(model: torch.nn.Module):
 
 
 def lean_candidates(model) -> list[torch.nn.Module]:
-    """The modules of `model` whose forward rl/swiglu.py and rl/rmsnorm.py may swap for their own while autograd
+    """The modules of `model` whose computation rl/lean.py's parts may take over while autograd
     records: none without autograd, for what is not a module (e.g. lora.AdapterDisabled, a view of the policy),
     under autocast (the products would run in another dtype than the backward's), for a compiled model, and
     under gradient checkpointing (whose recomputation in the backward, after the swap is undone, would build
