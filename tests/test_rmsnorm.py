@@ -214,3 +214,25 @@ def test_training_forwards_run_the_lean_norms(monkeypatch):
     with torch.no_grad():
         logprobs.token_logprobs(model, batch)
     assert len(calls) == (5 if native._exact_built() is not None else 0)
+
+
+def test_the_reward_models_last_token_path_and_nesting_see_through_the_swap():
+    """A swapped norm computes the module's own numbers on any shape: rl/last_token.py still runs the last layer
+    at the last token under it; an inner lean_norms leaves the enclosing one's swap in place."""
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.rl import last_token
+
+    config = embedded.build_model(seed=0, num_hidden_layers=2).config
+    config.num_labels, config.pad_token_id = 1, 0
+    model = AutoModelForSequenceClassification.from_config(config)
+    with rmsnorm.lean_norms(model):
+        assert last_token.supports(model)
+        swapped = model.model.norm.__dict__.get("forward")
+        with rmsnorm.lean_norms(model):
+            assert model.model.norm.__dict__.get("forward") is swapped
+        assert model.model.norm.__dict__.get("forward") is swapped
+    assert "forward" not in model.model.norm.__dict__
+    model.model.norm.register_forward_hook(lambda *a: None)
+    with rmsnorm.lean_norms(model):
+        assert not last_token.supports(model)

@@ -19,7 +19,7 @@ import contextlib
 import torch
 
 from posttrain.kernels import native
-from posttrain.rl.stock import from_transformers, intercepted, lean_candidates
+from posttrain.rl.stock import from_transformers, intercepted, lean_candidates, lean_forward
 
 # The RMSNorm classes whose forward is weight * (x * rsqrt(x.pow(2).mean(-1, keepdim=True) + variance_epsilon)).
 NORM_CLASSES = (
@@ -73,6 +73,7 @@ def _lean(norm) -> bool:
         == type(norm).__module__  # not replaced (the kernels hub's kernelize)
         and isinstance(getattr(norm, "variance_epsilon", None), float)
         and not intercepted(norm)
+        and "forward" not in norm.__dict__  # not already swapped (by an enclosing lean_norms)
     )
 
 
@@ -89,7 +90,7 @@ def lean_norms(model: torch.nn.Module):
     under gradient checkpointing (`stock.lean_candidates`)."""
     norms = [m for m in lean_candidates(model) if _lean(m)]
     for norm in norms:
-        norm.forward = lambda x, norm=norm: _forward(norm, x)
+        norm.forward = lean_forward(lambda x, norm=norm: _forward(norm, x))
     try:
         yield
     finally:

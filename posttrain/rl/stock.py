@@ -17,13 +17,21 @@ def from_transformers(module) -> bool:
 
 
 def intercepted(module) -> bool:
-    """A forward hook, an instance-level forward or accelerate's dispatch hook on `module`."""
+    """A forward hook, an instance-level forward or accelerate's dispatch hook on `module`. The forwards rl/lean.py
+    swaps in (`lean_forward`) compute the module's own numbers on any input and do not count."""
+    forward = module.__dict__.get("forward")
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
-        or "forward" in module.__dict__
+        or (forward is not None and not getattr(forward, "lean", False))
         or hasattr(module, "_hf_hook")
     )
+
+
+def lean_forward(forward):
+    """Mark `forward`, set on a module by rl/lean.py's parts, as computing the module's own numbers."""
+    forward.lean = True
+    return forward
 
 
 def backward_hooked(module) -> bool:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.kernels import native
-from posttrain.rl.stock import from_transformers, intercepted, lean_candidates
+from posttrain.rl.stock import from_transformers, intercepted, lean_candidates, lean_forward
 
 # The MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)).
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
@@ -69,6 +69,7 @@ def _lean(mlp) -> bool:
         type(mlp.act_fn).__name__ in ("SiLUActivation", "SiLU")
         and all(type(m) is torch.nn.Linear and m.bias is None for m in parts[1:4])
         and not any(intercepted(m) for m in parts)
+        and "forward" not in mlp.__dict__  # not already swapped (by an enclosing lean_mlps)
         and mlp.down_proj.weight.device.type == "cpu"
         and mlp.down_proj.weight.dtype == torch.float32
         and type(mlp.down_proj.weight.data) is torch.Tensor  # not an FSDP2 shard (a DTensor)
@@ -83,8 +84,8 @@ def lean_mlps(model: torch.nn.Module):
     than the forward's) the model runs as it is."""
     mlps = [m for m in lean_candidates(model) if _lean(m)]
     for mlp in mlps:
-        mlp.forward = lambda x, mlp=mlp: _SwiGLUDown.apply(
-            mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj.weight
+        mlp.forward = lean_forward(
+            lambda x, mlp=mlp: _SwiGLUDown.apply(mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj.weight)
         )
     try:
         yield
