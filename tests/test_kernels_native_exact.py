@@ -36,16 +36,18 @@ def test_built_where_a_compiler_and_vectorised_torch_exist():
 @needs_exact
 def test_torchs_avx2_kernels_are_matched_too():
     """A CPU without AVX-512 runs torch's AVX2 loops (blocks of 16): the kernels pass the check there too (torch
-    takes that path here when told to)."""
+    takes that path here when told to), the RMSNorm's (rl/rmsnorm.py) and rotary embedding's (rl/rope.py) too."""
     script = (
-        "import torch\nfrom posttrain.kernels import native\n"
-        "print(torch.backends.cpu.get_cpu_capability(), native.exact_library() is not None)"
+        "import torch\nfrom posttrain.kernels import native\nx = torch.randn(3, 1003)\n"
+        "print(torch.backends.cpu.get_cpu_capability(), native.exact_library() is not None,\n"
+        "      native.rmsnorm_applies(x, x[0]), native.rope_applies(x.view(1, 1, 3, 1003)[..., :1002],\n"
+        "      *[torch.randn(1, 3, 1002)] * 2))"
     )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
-    assert done.stdout.split() == ["AVX2", "True"], done.stderr[-2000:]
+    assert done.stdout.split() == ["AVX2", "True", "True", "True"], done.stderr[-2000:]
 
 
 def _bits_equal(a, b) -> bool:
