@@ -138,6 +138,12 @@ def test_left_as_it_is_where_it_does_not_apply(monkeypatch):
     assert not native.rope_applies(x, cos[:, :, :4], cos[:, :, :4])
     assert not native.rope_applies(x[..., :7], cos[..., :7], cos[..., :7])  # odd head size
     assert not native.rope_applies(x.transpose(2, 3), cos, cos)  # d not unit-stride
+    wide = torch.randn(2, 3, 5, 16)
+    assert not native.rope_applies(wide[..., :8], cos, cos)  # gaps between the rows: no output laid out as x
+    assert not native.rope_applies(x[:, :1].expand(2, 3, 5, 8), cos, cos)  # rows sharing memory
+    assert native.rope_applies(wide.transpose(1, 2)[..., :8].contiguous().transpose(1, 2), cos, cos) == (
+        native._exact_built() is not None
+    )  # permuted but dense, as the attention's q and k
     monkeypatch.setattr(native, "enabled", False)
     assert not native.rope_applies(x, cos, cos)
 
@@ -152,3 +158,27 @@ def test_training_forwards_run_it(monkeypatch):
     with torch.no_grad():
         logprobs.token_logprobs(model, batch)
     assert len(calls) == (4 if native._exact_built() is not None else 0)
+
+
+@needs_exact
+def test_any_default_dtype_and_any_gradient_layout():
+    """The kernels' buffers do not follow torch's default dtype; a gradient expanded from a sum (not dense) takes
+    the ops' backward, with the same numbers."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 9, 3, 8, generator=g).transpose(1, 2)
+    cos, sin = torch.randn(1, 9, 8, generator=g), torch.randn(1, 9, 8, generator=g)
+    dout = torch.randn(2, 3, 9, 8, generator=g)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        grads = []
+        for fn in (native.rope_ops, rope._Rope.apply):
+            xr = x.detach().requires_grad_()
+            y = fn(xr, cos, sin)
+            (dx,) = torch.autograd.grad(y, xr, dout)
+            (dx_sum,) = torch.autograd.grad(fn(xr, cos, sin).sum(), xr)  # dout expanded from a scalar
+            grads.append((y.detach(), dx, dx_sum))
+    finally:
+        torch.set_default_dtype(before)
+    for a, b in zip(*grads, strict=True):
+        assert a.dtype == torch.float32 and _bits(a, b)

@@ -355,8 +355,8 @@ def _norm_agrees(lib, n: int, threads: int) -> bool:
     """The RMSNorm kernels against torch's ops at row width n, bit for bit: the forward, and x's and the weight's
     gradients as autograd sums them, x's after a later use of x (a residual connection's) has given its part."""
     g = torch.Generator().manual_seed(0)
-    x, dy, later = (torch.randn(3, 5, n, generator=g) * 3 for _ in range(3))
-    weight = torch.randn(n, generator=g)
+    x, dy, later = (torch.randn(3, 5, n, generator=g, dtype=torch.float32) * 3 for _ in range(3))
+    weight = torch.randn(n, generator=g, dtype=torch.float32)
     with torch.enable_grad():
         xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
         want = wr * (xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-6))
@@ -369,7 +369,8 @@ def _norm_agrees(lib, n: int, threads: int) -> bool:
 
 def _rope_library(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> ctypes.CDLL | None:
     """The exact kernels for the rotary embedding of x (b, h, t, d) by cos, sin (b or 1, t, d): float32 CPU tensors,
-    x (a plain tensor) with unit stride over d, d even, cos and sin alike with unit stride over d; else None."""
+    x (a plain tensor) dense in memory (`_dense`: the output takes its strides) with unit stride over d, d even,
+    cos and sin alike with unit stride over d; else None."""
     applies = (
         enabled
         and x.dim() == 4
@@ -386,10 +387,24 @@ def _rope_library(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> ctyp
         and cos.shape[0] in (1, x.shape[0])
         and cos.shape[1:] == x.shape[2:]
         and x.stride(-1) == 1
+        and _dense(x)
         and cos.stride(-1) == 1
     )
     lib = _exact_built() if applies else None
     return lib if lib is not None and _rope_agrees(lib) else None
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """x's elements fill its memory once each, in any order of its dimensions (torch.empty_like keeps its
+    strides): no gaps (a slice of a wider tensor), no element twice (an expanded one)."""
+    expected = 1
+    for size, stride in sorted(
+        ((n, s) for n, s in zip(x.shape, x.stride(), strict=True) if n != 1), key=lambda t: t[1]
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def rope_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -420,7 +435,7 @@ def rope_backward(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     lib = None if torch.is_grad_enabled() else _rope_library(g, cos, sin)
     if lib is None:
         return None
-    gx = torch.empty(g.shape)
+    gx = torch.empty(g.shape, dtype=torch.float32)  # contiguous, as autograd's
     lib.rope_backward(g.data_ptr(), cos.data_ptr(), sin.data_ptr(), gx.data_ptr(), *g.shape,
                       (ctypes.c_int64 * 3)(*g.stride()[:3]), _cos_strides(cos, g), torch.get_num_threads())  # fmt: skip
     return gx
@@ -439,9 +454,9 @@ def _rope_agrees(lib) -> bool:
     transposed output, cos broadcast over the batch and per row, gradients with and without zeros."""
     g = torch.Generator().manual_seed(0)
     for b_cos in (1, 3):
-        x = torch.randn(3, 7, 4, 10, generator=g).transpose(1, 2)
-        cos, sin = (torch.randn(b_cos, 7, 10, generator=g) for _ in range(2))
-        dout = torch.randn(3, 4, 7, 10, generator=g)
+        x = torch.randn(3, 7, 4, 10, generator=g, dtype=torch.float32).transpose(1, 2)
+        cos, sin = (torch.randn(b_cos, 7, 10, generator=g, dtype=torch.float32) for _ in range(2))
+        dout = torch.randn(3, 4, 7, 10, generator=g, dtype=torch.float32)
         dout[torch.rand(dout.shape, generator=g) < 0.3] = -0.0
         sin[:, :, ::3] = 0.0
         with torch.enable_grad():
@@ -449,7 +464,7 @@ def _rope_agrees(lib) -> bool:
             want = rope_ops(xr, cos, sin)
             (dx,) = torch.autograd.grad(want, xr, dout)
         strides = (ctypes.c_int64 * 3)(*x.stride()[:3]), _cos_strides(cos, x)
-        out, gx = torch.empty_like(x), torch.empty(x.shape)
+        out, gx = torch.empty_like(x), torch.empty(x.shape, dtype=torch.float32)
         lib.rope_forward(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), *x.shape, *strides, 1)
         lib.rope_backward(dout.data_ptr(), cos.data_ptr(), sin.data_ptr(), gx.data_ptr(), *x.shape,
                           (ctypes.c_int64 * 3)(*dout.stride()[:3]), strides[1], 1)  # fmt: skip

@@ -42,13 +42,15 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x, r, weight = ctx.saved_tensors
         need_x, _, need_w, _ = ctx.needs_input_grad
-        # The weight's gradient sums dy * (x * r) over the rows in the order of dy's layout (the product's, as
-        # autograd lays it out): the kernel writes that product contiguous, so a strided dy takes the ops for it.
-        laid_out = dy.is_contiguous()
-        out = native.rmsnorm_backward(dy.contiguous(), x, r, weight, need_w and laid_out)
-        if out is None:  # in grad mode (create_graph): the same numbers from ops autograd can differentiate
+        # Autograd's products take dy's layout, and torch's sums follow it: the kernel sums each row as contiguous
+        # floats, so a dy strided along H takes the ops; a dy whose rows are merely permuted (Qwen3's q_norm, whose
+        # output is transposed) takes the kernel for x's gradient and the ops for the weight's sum over the rows.
+        out = None if dy.stride(-1) != 1 else native.rmsnorm_backward(dy.contiguous(), x, r, weight, need_w)
+        if (
+            out is None
+        ):  # also in grad mode (create_graph): the same numbers, from ops autograd can differentiate
             out = _backward_ops(dy, x, weight, ctx.eps, need_w)
-        elif need_w and not laid_out:
+        elif need_w and not dy.is_contiguous():
             out = (*out[:2], (dy * (x * r)).sum_to_size(weight.shape))
         dx_mul, dx_pow, dweight = out
         return dx_mul if need_x else None, dx_pow if need_x else None, dweight, None

@@ -44,10 +44,12 @@ class _Rope(torch.autograd.Function):
     def backward(ctx, dout):
         cos, sin = ctx.saved_tensors
         dx = native.rope_backward(dout, cos, sin)
-        if dx is None:  # in grad mode (create_graph): the ops' own backward, differentiable again
+        if dx is None:  # create_graph, or a dout the kernel does not take: the ops' own backward
+            create_graph = torch.is_grad_enabled()
             with torch.enable_grad():
-                x = torch.zeros(ctx.shape, requires_grad=True)  # the gradient does not depend on x
-                (dx,) = torch.autograd.grad(native.rope_ops(x, cos, sin), x, dout, create_graph=True)
+                x = torch.zeros(ctx.shape, dtype=cos.dtype, requires_grad=True)  # dx does not depend on x
+                y = native.rope_ops(x, cos, sin)
+                (dx,) = torch.autograd.grad(y, x, dout, create_graph=create_graph)
         return dx, None, None
 
 
@@ -84,11 +86,12 @@ def lean_rope(model: torch.nn.Module):
     """While open (and autograd records), the attentions of `model` that ATTENTION_CLASSES names apply the rotary
     embedding through `_Rope` where the kernels take the tensors. Not for compiled models or under gradient
     checkpointing (`stock.lean_candidates`)."""
-    modules = _modules(model)
-    for module in modules:
-        module.apply_rotary_pos_emb = _apply(module.apply_rotary_pos_emb)
+    swaps = [(module, module.apply_rotary_pos_emb) for module in _modules(model)]
+    for module, original in swaps:
+        module.apply_rotary_pos_emb = _apply(original)
     try:
         yield
     finally:
-        for module in modules:
-            module.apply_rotary_pos_emb = module.apply_rotary_pos_emb.original
+        for module, original in swaps:
+            if getattr(module.apply_rotary_pos_emb, "original", None) is original:  # ours, not rebound since
+                module.apply_rotary_pos_emb = original
