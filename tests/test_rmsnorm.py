@@ -5,6 +5,8 @@ import contextlib
 
 import pytest
 import torch
+from _lean import bits as _bits
+from _lean import run
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from posttrain.data import embedded
@@ -40,31 +42,12 @@ MODELS = {
 
 
 def _run(model, lean: bool, mlps: bool = False):
-    """Logits and every parameter's gradient of a random combination of them; the bytes autograd saved."""
-    model.zero_grad(set_to_none=True)
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 128, (3, 17), generator=g)
-    saved = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with (
-            rmsnorm.lean_norms(model) if lean else contextlib.nullcontext(),
-            swiglu.lean_mlps(model) if mlps else contextlib.nullcontext(),
-        ):
-            logits = model(input_ids=ids).logits
-    (logits * torch.randn(logits.shape, generator=g)).sum().backward()
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    activations = sum(n for ptr, n in saved.items() if ptr not in weights)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return logits.detach(), grads, activations
-
-
-def _bits(a, b):
-    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+    contexts = contextlib.ExitStack()
+    if lean:
+        contexts.enter_context(rmsnorm.lean_norms(model))
+    if mlps:
+        contexts.enter_context(swiglu.lean_mlps(model))
+    return run(model, contexts)
 
 
 @needs_exact

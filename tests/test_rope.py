@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+from _lean import bits as _bits
+from _lean import run
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from posttrain.data import embedded
@@ -30,21 +32,8 @@ MODELS = {
 }
 
 
-def _bits(a, b):
-    return torch.equal(a.view(torch.int32), b.view(torch.int32))
-
-
 def _run(model, context, mask=False):
-    model.zero_grad(set_to_none=True)
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 128, (3, 17), generator=g)
-    attention_mask = torch.ones_like(ids)
-    if mask:
-        attention_mask[0, :5] = 0  # left padding: the positions start later in that row
-    with context:
-        logits = model(input_ids=ids, attention_mask=attention_mask).logits
-    (logits * torch.randn(logits.shape, generator=g)).sum().backward()
-    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return run(model, context, mask)[:2]
 
 
 @needs_exact

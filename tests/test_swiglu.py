@@ -5,6 +5,7 @@ import contextlib
 
 import pytest
 import torch
+from _lean import run
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from posttrain.data import embedded
@@ -22,24 +23,7 @@ MODELS = {"qwen2": lambda: embedded.build_model(seed=0, num_hidden_layers=2), "l
 
 
 def _run(model, lean: bool):
-    """Logits and every parameter's gradient of a random combination of them; the bytes autograd saved."""
-    model.zero_grad(set_to_none=True)
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 128, (3, 17), generator=g)
-    saved = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with swiglu.lean_mlps(model) if lean else contextlib.nullcontext():
-            logits = model(input_ids=ids).logits
-    (logits * torch.randn(logits.shape, generator=g)).sum().backward()
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    activations = sum(n for ptr, n in saved.items() if ptr not in weights)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return logits.detach(), grads, activations
+    return run(model, swiglu.lean_mlps(model) if lean else None)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
