@@ -342,9 +342,8 @@ def _rmsnorm_forward(lib, x, weight, eps):
 def _rmsnorm_backward(lib, dy, x, r, weight, weight_grad):
     n = x.shape[-1]
     dx_mul, dx_pow = torch.empty_like(x), torch.empty_like(x)
-    prod = (
-        torch.empty_like(x) if weight_grad else None
-    )  # dy * (x * r), summed over the rows as autograd sums it
+    # dy * (x * r), summed over the rows as autograd sums it
+    prod = torch.empty_like(x) if weight_grad else None
     lib.rmsnorm_backward(dy.data_ptr(), x.data_ptr(), r.data_ptr(), weight.data_ptr(), dx_mul.data_ptr(),
                          dx_pow.data_ptr(), _ptr(prod), x.numel() // n, n, torch.get_num_threads())  # fmt: skip
     return dx_mul, dx_pow, None if prod is None else prod.sum_to_size(weight.shape)
@@ -419,22 +418,25 @@ def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x * cos + rotate_half(x) * sin (b, h, t, d), cos and sin (b or 1, t, d) broadcast over h, the numbers of
     those torch ops and their layout (x's); None where it does not apply (`rope_applies`)."""
     lib = _rope_library(x, cos, sin)
-    if lib is None:
-        return None
-    out = torch.empty_like(
-        x
-    )  # as torch's product, laid out as x (a transposed view of the projection's output)
-    lib.rope_forward(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), *x.shape,
-                     (ctypes.c_int64 * 3)(*x.stride()[:3]), _cos_strides(cos, x), torch.get_num_threads())  # fmt: skip
-    return out
+    return None if lib is None else _rope_forward(lib, x, cos, sin)
 
 
 def rope_backward(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
     """x's gradient through `rope_forward`'s ops given g (b, h, t, d), contiguous as autograd's; None where it does
     not apply, and in grad mode (create_graph)."""
     lib = None if torch.is_grad_enabled() else _rope_library(g, cos, sin)
-    if lib is None:
-        return None
+    return None if lib is None else _rope_backward(lib, g, cos, sin)
+
+
+def _rope_forward(lib, x, cos, sin):
+    # as torch's product, laid out as x (a transposed view of the projection's output)
+    out = torch.empty_like(x)
+    lib.rope_forward(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), *x.shape,
+                     (ctypes.c_int64 * 3)(*x.stride()[:3]), _cos_strides(cos, x), torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def _rope_backward(lib, g, cos, sin):
     gx = torch.empty(g.shape, dtype=torch.float32)  # contiguous, as autograd's
     lib.rope_backward(g.data_ptr(), cos.data_ptr(), sin.data_ptr(), gx.data_ptr(), *g.shape,
                       (ctypes.c_int64 * 3)(*g.stride()[:3]), _cos_strides(cos, g), torch.get_num_threads())  # fmt: skip
@@ -463,12 +465,10 @@ def _rope_agrees(lib) -> bool:
             xr = x.detach().requires_grad_()
             want = rope_ops(xr, cos, sin)
             (dx,) = torch.autograd.grad(want, xr, dout)
-        strides = (ctypes.c_int64 * 3)(*x.stride()[:3]), _cos_strides(cos, x)
-        out, gx = torch.empty_like(x), torch.empty(x.shape, dtype=torch.float32)
-        lib.rope_forward(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), *x.shape, *strides, 1)
-        lib.rope_backward(dout.data_ptr(), cos.data_ptr(), sin.data_ptr(), gx.data_ptr(), *x.shape,
-                          (ctypes.c_int64 * 3)(*dout.stride()[:3]), strides[1], 1)  # fmt: skip
-        for a, b in ((out, want.detach()), (gx, dx)):
+        for a, b in (
+            (_rope_forward(lib, x, cos, sin), want.detach()),
+            (_rope_backward(lib, dout, cos, sin), dx),
+        ):
             if a.stride() != b.stride() or not torch.equal(a.view(torch.int32), b.view(torch.int32)):
                 return False
     return True

@@ -46,9 +46,8 @@ class _RMSNorm(torch.autograd.Function):
         # floats, so a dy strided along H takes the ops; a dy whose rows are merely permuted (Qwen3's q_norm, whose
         # output is transposed) takes the kernel for x's gradient and the ops for the weight's sum over the rows.
         out = None if dy.stride(-1) != 1 else native.rmsnorm_backward(dy.contiguous(), x, r, weight, need_w)
-        if (
-            out is None
-        ):  # also in grad mode (create_graph): the same numbers, from ops autograd can differentiate
+        # also in grad mode (create_graph): the same numbers, from ops autograd can differentiate
+        if out is None:
             out = _backward_ops(dy, x, weight, ctx.eps, need_w)
         elif need_w and not dy.is_contiguous():
             out = (*out[:2], (dy * (x * r)).sum_to_size(weight.shape))
@@ -71,8 +70,8 @@ def _lean(norm) -> bool:
     return (
         type(norm).__name__ in NORM_CLASSES
         and from_transformers(norm)
-        and type(norm).forward.__module__
-        == type(norm).__module__  # not replaced (the kernels hub's kernelize)
+        # its forward not replaced (the kernels hub's kernelize)
+        and type(norm).forward.__module__ == type(norm).__module__
         and isinstance(getattr(norm, "variance_epsilon", None), float)
         and not intercepted(norm)
         and "forward" not in norm.__dict__  # not already swapped (by an enclosing lean_norms)
