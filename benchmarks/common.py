@@ -24,6 +24,7 @@ import time
 import torch
 
 from posttrain.measure import (  # noqa: F401  (the benchmarks call them as common.<name>)
+    TensorPeak,
     attention_width,
     compute_floor,
     last_token_score_flops,
@@ -31,6 +32,7 @@ from posttrain.measure import (  # noqa: F401  (the benchmarks call them as comm
     linear_forward_seconds,
     linear_fwd_bwd_seconds,
     linear_params_per_layer,
+    optimizer_state_mib,
     peak_rss_mib,
     reset_peak_rss,
     rss_mib,

@@ -25,13 +25,20 @@ whole last layer and the score head at every position, about 1.3x the floor's ma
 Memory floor (`memory_floor`, printed under the table in peak MiB's unit: besides the model): any exact
 AdamW step holds the gradients and the two moments together, 3 x the weights' bytes; a step that does not
 recompute activations also holds the moments and every activation the forward saves for the backward when
-the backward starts. On this shape that second floor is 251 MiB (93 of moments, 159 of activations: 206
-before the last layer ran at the last token only), 0.56 x TRL's peak (448 MiB on the Intel Xeon). The
-measured peak is the RSS high-water mark, and it sits ~140 MiB above that floor (ours 394): a step's live
-tensors peak at 188 MiB over the moments, and glibc's heap keeps ~70 MiB more of freed space in pieces after
-the first step, whose activations it lays out before the moments arrive (traced per aten op; session 13 in
-benchmarks/results.md). Handing freed memory back after every step (malloc_trim) does not lower the peak,
-which falls inside a step, nor do glibc's mmap threshold or MKL's memory manager.
+the backward starts: on this shape 93 MiB of moments + 96 of activations (ours: the last layer at the last
+token only, two of the MLP's four products a layer).
+
+Two peaks. `peak MiB` in the table is the RSS high-water mark above the RSS before the first step. The line
+under it, live tensors at their peak, is AdamW's moments plus one step's high-water mark of live tensors above
+them (`common.TensorPeak`, a profiled step after the timed ones): no allocator enters it, as none enters
+torch.cuda.max_memory_allocated on a GPU. Ours 199 MiB against TRL's 312, 0.64x (Intel Xeon, session 22); its
+RSS ~120 MiB above that: glibc's main heap holds the tensors among ~10,000 small C++ allocations a step
+(autograd's nodes, tensor handles), which split the large blocks' free space, so the heap grows over the first
+steps. Replayed alone (recorded in order, with addresses) through the same glibc settings, the step's tensor
+allocations need a heap of 228 MiB (session 22). Under tcmalloc (Debian's libtcmalloc-minimal4, preloaded with
+LD_PRELOAD on both sides): ours 231 MiB, TRL 358, 0.65x, the tensors' ratio. Handing freed memory back after
+every step (malloc_trim) does not lower the RSS peak, which falls inside a step; glibc's mmap threshold does,
+as fast as it slows the step (benchmarks/results.md, session 21).
 
 Columns: see benchmarks/README.md.
 """
@@ -102,7 +109,7 @@ def run_ours(args) -> dict:
         model = loop.prepare_model(run, build_model(args.quick))
         optimizer = loop.build_optimizer(model, config, run.learning_rate)
         scheduler = loop.build_scheduler(optimizer, config, n_steps)
-        pairs = random_pairs(n_steps * BATCH, model.config.vocab_size)
+        pairs = random_pairs((n_steps + 1) * BATCH, model.config.vocab_size)  # + the profiled step
         batches, losses = iter(range(0, len(pairs), BATCH)), []
 
         def step():
@@ -117,10 +124,13 @@ def run_ours(args) -> dict:
         common.reset_peak_rss()
         times = common.time_steps(step, args.steps, args.warmup)
         result = {"times": times, "peak_mib": common.peak_rss_mib() - rss_before}
-        # after the peak is read: the measuring forward allocates activations of its own
+        # after the peak is read: the profiled step and the measuring forward allocate tensors of their own
+        with common.TensorPeak() as step_peak:
+            step()
+        result["tensor_peak_mib"] = common.optimizer_state_mib(optimizer) + step_peak.mib
         result["memory_floor"] = memory_floor(model, reward.collate_pairs(pairs[:BATCH], pad_token_id=0))
         loop.finish(run)
-    return {**result, "losses": losses}
+    return {**result, "losses": losses[:n_steps]}
 
 
 def run_trl(args) -> dict:
@@ -135,23 +145,30 @@ def run_trl(args) -> dict:
     # Pre-tokenized: TRL skips tokenization when chosen_ids / rejected_ids exist (they hold the prompt too).
     rows = [
         {"chosen_ids": p["prompt_ids"] + p["chosen_ids"], "rejected_ids": p["prompt_ids"] + p["rejected_ids"]}
-        for p in random_pairs(n_steps * BATCH, model.config.vocab_size)
+        for p in random_pairs((n_steps + 1) * BATCH, model.config.vocab_size)
     ]
 
     class StepClock(TrainerCallback):
         def __init__(self):
-            self.stamps, self.rss_before, self.peak = [], None, None
+            self.stamps, self.rss_before, self.peak, self.tensor_peak = [], None, None, None
 
         def on_train_begin(self, *a, **k):
             self.rss_before = common.rss_mib()
             common.reset_peak_rss()
             self.stamps.append(time.perf_counter())
 
-        def on_step_end(self, *a, **k):
-            self.stamps.append(time.perf_counter())
+        def on_step_begin(self, args, state, control, **k):
+            if (
+                state.global_step == n_steps
+            ):  # one more step, profiled for its tensors: after the peak is read
+                self.peak = common.peak_rss_mib()
+                self.tensor_peak = common.TensorPeak().__enter__()
 
-        def on_train_end(self, *a, **k):
-            self.peak = common.peak_rss_mib()
+        def on_step_end(self, args, state, control, **k):
+            if self.tensor_peak is None:
+                self.stamps.append(time.perf_counter())
+            else:
+                self.tensor_peak.__exit__(None, None, None)
 
     clock = StepClock()
     with tempfile.TemporaryDirectory() as out:
@@ -163,7 +180,7 @@ def run_trl(args) -> dict:
             report_to=[],
             per_device_train_batch_size=BATCH,
             max_length=None,
-            max_steps=n_steps,
+            max_steps=n_steps + 1,
             learning_rate=LEARNING_RATE,
             lr_scheduler_type="constant",
             weight_decay=0.0,
@@ -191,8 +208,14 @@ def run_trl(args) -> dict:
 
         trainer.compute_loss = recording_compute_loss
         trainer.train()
+        tensor_peak = common.optimizer_state_mib(trainer.optimizer) + clock.tensor_peak.mib
     times = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)][args.warmup :]
-    return {"times": times, "peak_mib": clock.peak - clock.rss_before, "losses": [x.item() for x in losses]}
+    return {
+        "times": times,
+        "peak_mib": clock.peak - clock.rss_before,
+        "tensor_peak_mib": tensor_peak,
+        "losses": [x.item() for x in losses][:n_steps],
+    }
 
 
 def floor(config) -> dict:
@@ -263,6 +286,9 @@ def main():
             results[side]["times"] += result["times"]
             results[side]["floors"].append(result["floor"])
             results[side]["peak_mib"] = max(results[side]["peak_mib"], result["peak_mib"])
+            results[side]["tensor_peak_mib"] = max(
+                results[side].get("tensor_peak_mib", 0.0), result["tensor_peak_mib"]
+            )
             results[side]["losses"] = result["losses"]
             results[side]["memory_floor"] = result.get("memory_floor")
     for r in results.values():
@@ -289,6 +315,12 @@ def main():
         f"{2 * m['params_mib']:.0f} + the activations the forward saves {m['activations_mib']:.0f} = "
         f"{m['no_recompute_mib']:.0f} MiB ({m['no_recompute_mib'] / trl_peak:.2f} x TRL's peak; the target "
         f"0.6 x is {0.6 * trl_peak:.0f} MiB)"
+    )
+    ours_t, trl_t = results["ours"]["tensor_peak_mib"], results["trl"]["tensor_peak_mib"]
+    print(
+        f"live tensors at their peak (AdamW's moments + one step's high-water mark above them, from the profiler's "
+        f"allocation events: no allocator involved, as torch.cuda.max_memory_allocated on a GPU): ours {ours_t:.0f} "
+        f"MiB, TRL {trl_t:.0f} MiB, {ours_t / trl_t:.2f} x TRL's"
     )
 
 

@@ -40,6 +40,36 @@ def peak_rss_mib() -> float:
     return _status_kib("VmHWM") / 1024
 
 
+class TensorPeak:
+    """Context: the high-water mark of the bytes of live CPU tensors while open, above those alive on entry, in
+    MiB (`.mib`, set on exit), from the profiler's allocation events. No allocator is involved: it is the peak a
+    caching allocator would hold, where the RSS also counts what the C library's heap keeps in pieces around
+    the tensors; the CPU's counterpart of the rise of torch.cuda.max_memory_allocated over the same code. The
+    profiler slows what runs inside: time it elsewhere."""
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.mib, self._profile = None, profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._profile.__exit__(*exc)
+        events = [e for e in self._profile.profiler.kineto_results.events() if e.name() == "[memory]"]
+        live = peak = 0
+        for event in sorted(events, key=lambda e: e.start_ns()):
+            live += event.nbytes()
+            peak = max(peak, live)
+        self.mib = peak / 2**20
+        return False
+
+
+def optimizer_state_mib(optimizer) -> float:
+    """The bytes of an optimizer's state tensors (AdamW: the two moments and the step counts), in MiB."""
+    return sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)) / 2**20
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The compute floor of a decoder-only transformer training step
 # ---------------------------------------------------------------------------------------------------------

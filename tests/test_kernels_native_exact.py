@@ -80,8 +80,17 @@ def test_swiglu_kernels_equal_torchs_ops_bit_for_bit(n, threads):
         h = native.swiglu_forward(x, u)
         dh = dy.clone()
         h2, dg, du = native.swiglu_backward(x, u, dh)
-    assert dg is dh  # written over dh
-    for got, want in ((h, want_h), (h2, want_h), (dg, want_dg), (du, want_du)):
+        u2, dh2 = u.clone(), dy.clone()  # no h, and du over u (as the MLP's backward asks where it may)
+        none, dg2, du2 = native.swiglu_backward(x, u2, dh2, want_h=False, du_into_u=True)
+    assert dg is dh and dg2 is dh2 and du2 is u2 and none is None  # written over dh and u
+    for got, want in (
+        (h, want_h),
+        (h2, want_h),
+        (dg, want_dg),
+        (du, want_du),
+        (dg2, want_dg),
+        (du2, want_du),
+    ):
         assert _bits_equal(got, want)
 
 
@@ -125,7 +134,9 @@ def test_the_mlp_takes_the_kernels_and_keeps_autograds_numbers(monkeypatch):
                 m.setattr(
                     native,
                     name,
-                    (lambda *a, real=real: calls.append(1) or real(*a)) if c else (lambda *a: None),
+                    (lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+                    if c
+                    else (lambda *a, **k: None),
                 )
             model.zero_grad(set_to_none=True)
             with swiglu.lean_mlps(model):
@@ -135,7 +146,7 @@ def test_the_mlp_takes_the_kernels_and_keeps_autograds_numbers(monkeypatch):
 
     c_logits, c_grads, c_calls = run(True)
     logits, grads, _ = run(False)
-    assert c_calls == 2 * 2  # each layer's forward and backward
+    assert c_calls == 2 * 3  # each layer's forward, and its backward's h and gradients
     assert torch.equal(c_logits, logits)
     for name, grad in grads.items():
         assert torch.equal(c_grads[name], grad), name

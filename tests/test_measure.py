@@ -29,3 +29,22 @@ def test_shared_prompt_step_flops_counts_each_prompt_once(prompts, rows, head_di
     assert flops == pytest.approx({"body": body, "attn": attn, "head": head})
     if prompts == rows:  # nothing shared: the rows whole
         assert flops == pytest.approx(measure.step_flops(config, rows * (P + C), P + C, rows * C))
+
+
+def test_tensor_peak_is_the_high_water_mark_of_tensors_made_while_open():
+    """Tensors alive on entry do not count, freed ones count while they lived: two 1 MiB tensors alive together,
+    then one more after both are gone, peak at 2 MiB (within the few bytes of any bookkeeping tensor)."""
+    import torch
+
+    before = torch.empty(2**20)  # 4 MiB, alive on entry: not counted
+    with measure.TensorPeak() as peak:
+        a, b = torch.empty(2**18), torch.empty(2**18)
+        del a, b
+        c = torch.empty(2**18)
+        del before
+    assert peak.mib == pytest.approx(2.0, abs=0.01)
+    del c
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2**18))])
+    optimizer.param_groups[0]["params"][0].grad = torch.ones(2**18)
+    optimizer.step()
+    assert measure.optimizer_state_mib(optimizer) == pytest.approx(2.0, abs=0.01)  # the moments, and a step count

@@ -9,6 +9,7 @@ from _lean import run
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from posttrain.data import embedded
+from posttrain.kernels import native
 from posttrain.rl import logprobs, swiglu
 
 
@@ -70,6 +71,79 @@ def test_each_input_needing_a_gradient_alone_gets_autograds(wanted):
     lean_y.backward(dy)
     for a, b, want in zip(plain, lean, wanted, strict=True):
         assert (b.grad is not None) == bool(want) and (not want or torch.equal(a.grad, b.grad))
+    for x, b in zip((g, u, w), lean, strict=True):
+        assert torch.equal(x, b)  # a u the caller holds (u_private not given) is left as it was
+
+
+def _function_inputs(n=64, inner=4096, hidden=16):
+    gen = torch.Generator().manual_seed(3)
+    g, u = torch.randn(n, inner, generator=gen), torch.randn(n, inner, generator=gen)
+    return g, u, torch.randn(hidden, inner, generator=gen) / 64, torch.randn(n, hidden, generator=gen)
+
+
+def _lean_backward(g, u, w, dy, u_private, retain_graph=False):
+    inputs = [x.clone().requires_grad_() for x in (g, u, w)]
+    # g and u as products made for the call (as the lean MLP passes them), not leaves
+    y = swiglu._SwiGLUDown.apply(inputs[0] * 1, inputs[1] * 1, inputs[2], u_private)
+    y.backward(dy, retain_graph=retain_graph)
+    grads = [x.grad.clone() for x in inputs]
+    if retain_graph:  # the same graph once more: what it saved must be intact
+        for x in inputs:
+            x.grad = None
+        y.backward(dy)
+        assert all(torch.equal(a, x.grad) for a, x in zip(grads, inputs, strict=True))
+    return grads
+
+
+def test_du_over_u_only_where_nothing_reads_u_again():
+    """u_private: du is written over u when the backward frees the graph; with retain_graph or create_graph (the
+    graph is read again) or under a saved-tensors hook (u may be held elsewhere) u stays as it was. Every way,
+    autograd's gradients bit for bit."""
+    g, u, w, dy = _function_inputs(n=5, inner=24, hidden=6)
+    plain = [x.clone().requires_grad_() for x in (g, u, w)]
+    torch.nn.functional.linear(torch.nn.functional.silu(plain[0]) * plain[1], plain[2]).backward(dy)
+    want = [x.grad for x in plain]
+    for retain in (False, True):
+        assert all(
+            torch.equal(a, b) for a, b in zip(want, _lean_backward(g, u, w, dy, True, retain), strict=True)
+        )
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert all(torch.equal(a, b) for a, b in zip(want, _lean_backward(g, u, w, dy, True), strict=True))
+    # which u the backward wrote: a spy on the kernel's flag
+    flags = []
+    real = native.swiglu_backward
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(native, "swiglu_backward", lambda *a, **k: flags.append(k["du_into_u"]) or real(*a, **k))
+        _lean_backward(g, u, w, dy, True)
+        _lean_backward(g, u, w, dy, True, retain_graph=True)
+        _lean_backward(g, u, w, dy, False)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            _lean_backward(g, u, w, dy, True)
+    assert flags == [True, False, True, False, False]  # a retained graph's last backward frees it
+
+
+@pytest.mark.skipif(native.exact_library() is None, reason="the exact kernels are not built here")
+@pytest.mark.parametrize("u_private", [True, False])
+def test_the_backward_holds_one_or_two_products_at_a_time(u_private):
+    """Down's weight gradient is taken before dh exists, so h (n, I) is freed first: the backward's allocations
+    peak at one (n, I) product when du goes over u, two otherwise (three before: h, dh and du together)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g, u, w, dy = _function_inputs(hidden=4)
+    # g and u from small products, whose backward makes no (n, I) tensor of its own
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(g.shape[0], 2, generator=gen, requires_grad=True)
+    w_g, w_u = (torch.randn(g.shape[1], 2, generator=gen, requires_grad=True) for _ in range(2))
+    y = swiglu._SwiGLUDown.apply(x @ w_g.t(), x @ w_u.t(), w.requires_grad_(), u_private)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y.backward(dy)
+    live = peak = 0
+    for event in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
+        if event.name() == "[memory]":
+            live += event.nbytes()
+            peak = max(peak, live)
+    product = g.numel() * 4
+    assert (1 if u_private else 2) * product <= peak < (1.5 if u_private else 2.5) * product
 
 
 def test_left_as_it_is_without_autograd_under_checkpointing_or_for_other_mlps():

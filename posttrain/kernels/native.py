@@ -230,7 +230,8 @@ def _same_as_ops(lib, x, u, dy) -> bool:
     want = (a * u, torch.ops.aten.silu_backward(dy * u, x), dy * a)
     h = _swiglu_forward(lib, x, u)
     h2, dg, du = _swiglu_backward(lib, x, u, dy.clone())
-    for got, ref in zip((h, h2, dg, du), (want[0], *want), strict=True):
+    _, dg2, du2 = _swiglu_backward(lib, x, u.clone(), dy.clone(), want_h=False, du_into_u=True)
+    for got, ref in zip((h, h2, dg, du, dg2, du2), (want[0], *want, *want[1:]), strict=True):
         same = (got.view(torch.int32) == ref.view(torch.int32)) | (got.isnan() & ref.isnan())
         if not bool(same.all()):
             return False
@@ -244,12 +245,14 @@ def _swiglu_forward(lib, g, u):
     return h
 
 
-def _swiglu_backward(lib, g, u, dh):
-    h, du = torch.empty_like(g), torch.empty_like(g)
+def _swiglu_backward(lib, g, u, dh, want_h=True, du_into_u=False):
+    h = torch.empty_like(g) if want_h else None
+    du = u if du_into_u else torch.empty_like(g)
     n, t = g.numel(), torch.get_num_threads()
     lib.swiglu_backward(
-        g.data_ptr(), u.data_ptr(), dh.data_ptr(), h.data_ptr(), du.data_ptr(), n, t, lib.block, t
-    )
+        g.data_ptr(), u.data_ptr(), dh.data_ptr(), None if h is None else h.data_ptr(), du.data_ptr(), n, t,
+        lib.block, t,
+    )  # fmt: skip
     return h, dh, du
 
 
@@ -274,12 +277,13 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
     return None if lib is None else _swiglu_forward(lib, g, u)
 
 
-def swiglu_backward(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor):
+def swiglu_backward(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor, *, want_h=True, du_into_u=False):
     """(h, dg, du) = (silu(g) * u, silu_backward(dh * u, g), dh * silu(g)), torch's numbers, in one pass; dg is
-    written over dh, which must share memory with nothing else (a fresh product). None (dh untouched) where it
-    does not apply."""
+    written over dh, which must share memory with nothing else (a fresh product); h is None unless `want_h`; du
+    is written over u with `du_into_u` (for a u nothing reads afterwards). None (dh untouched) where it does not
+    apply."""
     lib = _exact(g, u, dh)
-    return None if lib is None else _swiglu_backward(lib, g, u, dh)
+    return None if lib is None else _swiglu_backward(lib, g, u, dh, want_h, du_into_u)
 
 
 # The RMSNorm kernels sum rows as torch's inner sums do from 8 floats on; from 2^15 floats a row alone is summed

@@ -55,11 +55,12 @@ static inline void forward_one(const float *g, const float *u, float *h, int64_t
     h[i] = (g[i] / (1.0f + e)) * u[i];
 }
 
+/* du may be u itself: every input is read before an output is written. h may be NULL (not wanted). */
 static inline void backward_one(const float *g, const float *u, float *dh, float *h, float *du, int64_t i, float e) {
-    float a = g[i] / (1.0f + e), s = 1.0f / (1.0f + e), d = dh[i];
-    h[i] = a * u[i];
+    float x = g[i], ui = u[i], a = x / (1.0f + e), s = 1.0f / (1.0f + e), d = dh[i];
+    if (h) h[i] = a * ui;
     du[i] = d * a;
-    dh[i] = d * u[i] * s * fmaf(g[i], 1.0f - s, 1.0f); /* dg, in dh's place */
+    dh[i] = d * ui * s * fmaf(x, 1.0f - s, 1.0f); /* dg, in dh's place */
 }
 
 static int64_t chunk_length(int64_t n, int torch_threads) {
@@ -81,7 +82,7 @@ void swiglu_forward(const float *g, const float *u, float *h, int64_t n, int tor
     }
 }
 
-/* In: g, u, dh (n,). Out: h = silu(g) * u, du, and dg over dh. */
+/* In: g, u, dh (n,). Out: h = silu(g) * u (unless h is NULL), du (which may be u), and dg over dh. */
 void swiglu_backward(const float *g, const float *u, float *dh, float *h, float *du, int64_t n, int torch_threads,
                      int block, int nthreads) {
     int64_t c = chunk_length(n, torch_threads);
