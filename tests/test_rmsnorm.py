@@ -53,14 +53,20 @@ def _run(model, lean: bool, mlps: bool = False):
 @needs_exact
 @pytest.mark.parametrize("name", list(MODELS))
 def test_gradients_are_autograds_bit_for_bit_with_one_activation_less_per_norm(name, monkeypatch):
+    """And one more where linear maps read the norm's output (q, k, v; gate, up; not the output layer, which
+    reads a slice of it): they keep x, which the norm keeps anyway, in its place."""
     model = MODELS[name]()
-    calls = []
-    real = rmsnorm._RMSNorm.apply
+    calls, read = [], {}
+    real, real_linear = rmsnorm._RMSNorm.apply, rmsnorm._NormedLinear.apply
     monkeypatch.setattr(rmsnorm._RMSNorm, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(
+        rmsnorm._NormedLinear, "apply", lambda y, *a: read.setdefault(id(y), y.numel()) and real_linear(y, *a)
+    )
     _run(
         model, lean=True
     )  # the kernels' first use checks them against the ops, which saves tensors of its own
     calls.clear()
+    read.clear()
     logits, grads, saved = _run(model, lean=False)
     lean_logits, lean_grads, lean_saved = _run(model, lean=True)
     norms = [m for m in model.modules() if type(m).__name__ in rmsnorm.NORM_CLASSES]
@@ -68,8 +74,9 @@ def test_gradients_are_autograds_bit_for_bit_with_one_activation_less_per_norm(n
     assert _bits(logits, lean_logits)
     for n, g in grads.items():
         assert _bits(g, lean_grads[n]), n
-    # x * rsqrt(...) (n, H) per norm
-    assert saved - lean_saved == sum(shape.numel() * 4 for shape in calls)
+    # x * rsqrt(...) (n, H) per norm, and the output of each norm that linear maps read
+    assert len(read) == 2 * model.config.num_hidden_layers
+    assert saved - lean_saved == sum(shape.numel() * 4 for shape in calls) + sum(read.values()) * 4
     assert not any("forward" in m.__dict__ for m in model.modules())  # the model is itself again
 
 
@@ -143,6 +150,60 @@ def test_a_backward_that_builds_a_graph_takes_the_ops_and_differentiates_again()
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-5)
 
 
+def _norm_then_linear(lean: bool, change_y=False):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    norm, linear = LlamaRMSNorm(32), torch.nn.Linear(32, 24)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-2, 2, 32))
+    x = torch.randn(3, 5, 32, generator=gen).requires_grad_()
+    module = torch.nn.Sequential(norm, linear)
+    with rmsnorm.lean_norms(module) if lean else contextlib.nullcontext():
+        y = norm(x)
+        if change_y:
+            y = y * 1  # a y the norm did not make, so the linear map keeps it
+            y.mul_(2)
+        out = linear(y)
+    return x, out, (norm.weight, linear.weight, linear.bias)
+
+
+@needs_exact
+def test_a_linear_map_reading_a_norm_differentiates_again_under_create_graph():
+    """create_graph through norm -> linear: the first derivatives bit for bit, the second through the norm made
+    again from x by the module's ops."""
+    results = []
+    for lean in (False, True):
+        x, out, params = _norm_then_linear(lean)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+        first = torch.autograd.grad(out, (x, *params), dout, create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in first), (x, *params), allow_unused=True)
+        results.append(([g.detach() for g in first], second))
+    for a, b in zip(results[0][0], results[1][0], strict=True):
+        assert _bits(a, b)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-5)  # the bias: None
+
+
+@needs_exact
+def test_a_norm_output_changed_in_place_is_kept_by_the_linear_map(monkeypatch):
+    calls = []
+    real = rmsnorm._NormedLinear.apply
+    monkeypatch.setattr(rmsnorm._NormedLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    x, out, params = _norm_then_linear(lean=True)
+    assert calls == [1]
+    y_changed = _norm_then_linear(lean=True, change_y=True)
+    assert calls == [1]  # not made by the norm as it is now: F.linear
+    plain = _norm_then_linear(lean=False, change_y=True)
+    for ran in (plain, y_changed):
+        ran[1].sum().backward()
+    assert all(
+        _bits(a.grad, b.grad)
+        for a, b in zip((plain[0], *plain[2]), (y_changed[0], *y_changed[2]), strict=True)
+    )
+
+
 @needs_exact
 @pytest.mark.parametrize("n", [64, 1003])
 def test_a_gradient_strided_along_the_rows_takes_the_ops(n):
@@ -168,7 +229,10 @@ def test_a_gradient_strided_along_the_rows_takes_the_ops(n):
 def test_left_as_it_is_where_it_does_not_apply(monkeypatch):
     def replaced(model, context=None):
         with context or contextlib.nullcontext(), rmsnorm.lean_norms(model):
-            return sum("forward" in m.__dict__ for m in model.modules())
+            return sum("forward" in m.__dict__ for m in model.modules() if "Norm" in type(m).__name__)
+
+    with rmsnorm.lean_norms(llama := _llama()):  # and the linear maps: 7 a layer and the output layer
+        assert sum("forward" in m.__dict__ for m in llama.modules() if type(m) is torch.nn.Linear) == 15
 
     assert replaced(_llama()) == 5  # two per layer and the final one
     assert replaced(_llama(), torch.no_grad()) == 0
@@ -191,6 +255,8 @@ def test_left_as_it_is_where_it_does_not_apply(monkeypatch):
         )  # fmt: skip
     )
     assert replaced(gemma) == 0  # (1 + w) and its own rounding: not this formula
+    with rmsnorm.lean_norms(gemma):  # no norm of ours: no linear map reads one
+        assert not any("forward" in m.__dict__ for m in gemma.modules())
     # per call: another dtype or no kernels run the module's own forward, with its numbers
     model = _llama()
     monkeypatch.setattr(native, "enabled", False)

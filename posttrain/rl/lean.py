@@ -1,6 +1,7 @@
 """A decoder's pieces computed their own way in the training forwards, with autograd's numbers bit for bit: the
 SwiGLU MLPs keep two activations less (rl/swiglu.py), the RMSNorms (rl/rmsnorm.py) and the rotary embedding
-(rl/rope.py) run in one C pass each way on the CPU. Each part stands aside where it does not apply."""
+(rl/rope.py) run in one C pass each way on the CPU, and the linear maps reading a norm keep its input in place of
+its output (rl/rmsnorm.py). Each part stands aside where it does not apply."""
 
 from __future__ import annotations
 
