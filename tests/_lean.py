@@ -5,10 +5,11 @@ import contextlib
 import torch
 
 
-def run(model, context=None, mask: bool = False):
+def run(model, context=None, mask: bool = False, count_saved: bool = True):
     """(logits, every parameter's gradient, bytes of the activations autograd saved) of a random combination of
     the logits of 3 rows of 17 random ids (with `mask`, the first row left-padded by 5), the forward under
-    `context`."""
+    `context`. The bytes are counted through a saved-tensors hook; `count_saved=False` runs without one (0
+    bytes), as training does."""
     model.zero_grad(set_to_none=True)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 128, (3, 17), generator=g)
@@ -21,7 +22,12 @@ def run(model, context=None, mask: bool = False):
         saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context or contextlib.nullcontext():
+    hooks = (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        if count_saved
+        else contextlib.nullcontext()
+    )
+    with hooks, context or contextlib.nullcontext():
         logits = model(input_ids=ids, attention_mask=attention_mask).logits
     (logits * torch.randn(logits.shape, generator=g)).sum().backward()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}

@@ -47,4 +47,6 @@ def test_tensor_peak_is_the_high_water_mark_of_tensors_made_while_open():
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2**18))])
     optimizer.param_groups[0]["params"][0].grad = torch.ones(2**18)
     optimizer.step()
-    assert measure.optimizer_state_mib(optimizer) == pytest.approx(2.0, abs=0.01)  # the moments, and a step count
+    assert measure.optimizer_state_mib(optimizer) == pytest.approx(
+        2.0, abs=0.01
+    )  # the moments, and a step count

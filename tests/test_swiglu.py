@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from posttrain.data import embedded
 from posttrain.kernels import native
-from posttrain.rl import logprobs, swiglu
+from posttrain.rl import lean, logprobs, swiglu
 
 
 def _llama(**overrides):
@@ -93,6 +93,43 @@ def _lean_backward(g, u, w, dy, u_private, retain_graph=False):
         y.backward(dy)
         assert all(torch.equal(a, x.grad) for a, x in zip(grads, inputs, strict=True))
     return grads
+
+
+@pytest.mark.skipif(native.exact_library() is None, reason="the exact kernels are not built here")
+@pytest.mark.parametrize("name", list(MODELS))
+def test_in_a_model_as_training_runs_it_du_goes_over_u_with_autograds_numbers(name, monkeypatch):
+    """Without a saved-tensors hook (as training runs; the other model tests count saved bytes through one, which
+    keeps u), every lean part together (rl/lean.py): du written over u in each layer, every gradient autograd's."""
+    model = MODELS[name]()
+    flags = []
+    real = native.swiglu_backward
+    monkeypatch.setattr(
+        native, "swiglu_backward", lambda *a, **k: flags.append(k["du_into_u"]) or real(*a, **k)
+    )
+    logits, grads, _ = run(model, count_saved=False)
+    lean_logits, lean_grads, _ = run(model, lean.layers(model), count_saved=False)
+    assert flags == [True] * model.config.num_hidden_layers
+    assert torch.equal(logits, lean_logits)
+    for n, g in grads.items():
+        assert torch.equal(g.view(torch.int32), lean_grads[n].view(torch.int32)), n
+
+
+@pytest.mark.skipif(native.exact_library() is None, reason="the exact kernels are not built here")
+def test_a_forward_hook_on_up_proj_added_while_open_keeps_u(monkeypatch):
+    model = MODELS["qwen2"]()
+    flags, seen = [], []
+    real = native.swiglu_backward
+    monkeypatch.setattr(
+        native, "swiglu_backward", lambda *a, **k: flags.append(k["du_into_u"]) or real(*a, **k)
+    )
+    context = lean.layers(model)
+    with context:
+        model.model.layers[0].mlp.up_proj.register_forward_hook(
+            lambda m, i, out: seen.append(out.clone()) or None
+        )
+        logits = model(input_ids=torch.arange(1, 9)[None]).logits
+    logits.sum().backward()
+    assert flags == [True, False] and len(seen) == 1  # backward: layer 1 (u written over), then the hooked layer 0
 
 
 def test_du_over_u_only_where_nothing_reads_u_again():

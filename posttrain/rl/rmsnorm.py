@@ -22,6 +22,7 @@ through a slice (the output layer's), is kept as autograd keeps it.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -74,36 +75,34 @@ def _backward_ops(dy, x, weight, eps, need_w):
 
 
 class _NormedLinear(torch.autograd.Function):
-    """y (..., H), the output of a norm (module `norm`) of x, weight (O, H), bias (O,) or None -> y W^T + b
-    (..., O); saves x (which the norm keeps anyway) where autograd's linear keeps y, and makes y again, the norm's
-    forward once more, for the weight's gradient."""
+    """y (n, H), the rows of the output of a norm (module `norm`, weight `norm_weight`) of x (..., H), weight
+    (O, H), bias (O,) or None -> y W^T + b (n, O); saves x (which the norm keeps anyway) where autograd's linear
+    keeps y, and makes y again, the norm's forward once more, for the weight's gradient. Two-dimensional inside,
+    as torch's linear runs a (..., H) input, so that the output is no view made inside a Function (which could
+    not be changed in place)."""
 
     @staticmethod
-    def forward(ctx, y, x, weight, bias, norm):
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, y, x, weight, bias, norm_weight, norm):
+        ctx.save_for_backward(x, weight, norm_weight)  # the norm's weight saved for its version check
         ctx.norm = norm
         return F.linear(y, weight, bias)
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight = ctx.saved_tensors
-        need_y, _, need_w, need_b, _ = ctx.needs_input_grad
-        d2 = dout.reshape(-1, dout.shape[-1])
+        x, weight, norm_weight = ctx.saved_tensors
+        need_y, _, need_w, need_b, _, _ = ctx.needs_input_grad
         # as autograd's backward of linear's (n, H) @ (H, O): dy = dout W, dW = dout^T y, db = dout summed to (O,)
-        dy = d2.mm(weight).view(*dout.shape[:-1], weight.shape[1]) if need_y else None
+        dy = dout.mm(weight) if need_y else None
         dweight = None
         if need_w:
             # bit for bit the y of the forward; with create_graph, the module's ops (its numbers too), through
             # which the double backward reaches x and the norm's weight
-            made = (
-                None
-                if torch.is_grad_enabled()
-                else native.rmsnorm_forward(x, ctx.norm.weight, ctx.norm.variance_epsilon)
-            )
+            eps = ctx.norm.variance_epsilon
+            made = None if torch.is_grad_enabled() else native.rmsnorm_forward(x, norm_weight, eps)
             y = type(ctx.norm).forward(ctx.norm, x) if made is None else made[0]
-            dweight = d2.t().mm(y.reshape(-1, y.shape[-1]))
-        dbias = d2.sum_to_size(weight.shape[:1]) if need_b else None
-        return dy, None, dweight, dbias, None
+            dweight = dout.t().mm(y.reshape(-1, y.shape[-1]))
+        dbias = dout.sum_to_size(weight.shape[:1]) if need_b else None
+        return dy, None, dweight, dbias, None, None
 
 
 def _lean(norm) -> bool:
@@ -123,16 +122,36 @@ def _forward(norm, x):
     if not native.rmsnorm_applies(x, norm.weight):
         return type(norm).forward(norm, x)
     y = _RMSNorm.apply(x, x, norm.weight, norm.variance_epsilon)
-    y._made_by_norm = (x, norm, y._version)  # for the linear maps that read y (`_linear_forward`)
+    if not y.is_inference():  # (no version counters under inference mode, and nothing to keep)
+        # for the linear maps that read y (`_linear_forward`), while y lives; nothing attached to y itself
+        key = id(y)
+        _MADE[key] = (weakref.ref(y, lambda _, key=key: _MADE.pop(key, None)), x, norm, _versions(y, x, norm))
     return y
 
 
+# id(y) -> (a weak reference to y, x, the norm, the versions of y, x and the norm's weight) for each output y of
+# a norm alive
+_MADE: dict[int, tuple] = {}
+
+
+def _versions(y, x, norm) -> tuple[int, int, int]:
+    return y._version, x._version, norm.weight._version
+
+
 def _linear_forward(linear, y):
-    """`linear`'s forward: `_NormedLinear` on a norm's output that nothing has changed since, F.linear else."""
-    made = getattr(y, "_made_by_norm", None)
-    if made is None or made[2] != y._version or not y.is_contiguous():
+    """`linear`'s forward: `_NormedLinear` on a norm's output where nothing has changed y, x or the norm's weight
+    since the norm ran, F.linear else."""
+    made = _MADE.get(id(y))
+    if (
+        made is None
+        or made[0]() is not y
+        or made[3] != _versions(y, made[1], made[2])
+        or not y.is_contiguous()
+    ):
         return F.linear(y, linear.weight, linear.bias)
-    return _NormedLinear.apply(y, made[0], linear.weight, linear.bias, made[1])
+    x, norm = made[1], made[2]
+    out = _NormedLinear.apply(y.view(-1, y.shape[-1]), x, linear.weight, linear.bias, norm.weight, norm)
+    return out.view(*y.shape[:-1], out.shape[-1])
 
 
 def _takes_norm_outputs(linear) -> bool:
@@ -140,6 +159,7 @@ def _takes_norm_outputs(linear) -> bool:
     return (
         type(linear) is torch.nn.Linear
         and not intercepted(linear)
+        and "forward" not in linear.__dict__  # not already swapped (by an enclosing lean_norms)
         and linear.weight.device.type == "cpu"
         and linear.weight.dtype == torch.float32
         and type(linear.weight.data) is torch.Tensor

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.kernels import native
-from posttrain.rl.stock import from_transformers, intercepted, lean_candidates, lean_forward
+from posttrain.rl.stock import from_transformers, global_hooks, intercepted, lean_candidates, lean_forward
 
 # The MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)).
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
@@ -70,6 +70,7 @@ class _SwiGLUDown(torch.autograd.Function):
         )
         if fused is not None:
             _, dg, du = fused
+            du = du.detach()  # u's storage: without u's place in the graph
         else:
             a = F.silu(g)
             dg = torch.ops.aten.silu_backward(dh * u, g) if need_g else None
@@ -77,10 +78,15 @@ class _SwiGLUDown(torch.autograd.Function):
         return dg if need_g else None, du if need_u else None, dweight, None
 
 
+def _unseen(mlp) -> bool:
+    """No forward hook (of up_proj's own, added since the swap, or one for every module) sees u = up_proj(x)."""
+    return not (intercepted(mlp.up_proj) or global_hooks())
+
+
 def _saved_tensors_unhooked() -> bool:
     """No saved-tensors hooks are active (False where torch cannot tell)."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is not None and top(False) is None
+    return top is not None and top(True) is None
 
 
 def _graph_freed() -> bool:
@@ -115,7 +121,9 @@ def lean_mlps(model: torch.nn.Module):
     mlps = [m for m in lean_candidates(model) if _lean(m)]
     for mlp in mlps:
         mlp.forward = lean_forward(
-            lambda x, mlp=mlp: _SwiGLUDown.apply(mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj.weight, True)
+            lambda x, mlp=mlp: _SwiGLUDown.apply(
+                mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj.weight, _unseen(mlp)
+            )
         )
     try:
         yield
