@@ -25,14 +25,14 @@ whole last layer and the score head at every position, about 1.3x the floor's ma
 Memory floor (`memory_floor`, printed under the table in peak MiB's unit: besides the model): any exact
 AdamW step holds the gradients and the two moments together, 3 x the weights' bytes; a step that does not
 recompute activations also holds the moments and every activation the forward saves for the backward when
-the backward starts: on this shape 93 MiB of moments + 96 of activations (ours: the last layer at the last
-token only, two of the MLP's four products a layer).
+the backward starts: on this shape 93 MiB of moments + 82 of activations (ours: the last layer at the last
+token only, two of the MLP's four products a layer, the norms' inputs kept in place of their outputs).
 
 Two peaks. `peak MiB` in the table is the RSS high-water mark above the RSS before the first step. The line
 under it, live tensors at their peak, is AdamW's moments plus one step's high-water mark of live tensors above
 them (`common.TensorPeak`, a profiled step after the timed ones): no allocator enters it, as none enters
-torch.cuda.max_memory_allocated on a GPU. Ours 199 MiB against TRL's 312, 0.64x (Intel Xeon, session 22); its
-RSS ~120 MiB above that: glibc's main heap holds the tensors among ~10,000 small C++ allocations a step
+torch.cuda.max_memory_allocated on a GPU. Ours 187 MiB against TRL's 312, 0.60x (Intel Xeon, session 22); its
+RSS ~115 MiB above that (302 against TRL's 433, 0.70x): glibc's main heap holds the tensors among ~10,000 small C++ allocations a step
 (autograd's nodes, tensor handles), which split the large blocks' free space, so the heap grows over the first
 steps. Replayed alone (recorded in order, with addresses) through the same glibc settings, the step's tensor
 allocations need a heap of 228 MiB (session 22). Under tcmalloc (Debian's libtcmalloc-minimal4, preloaded with
