@@ -129,7 +129,8 @@ def test_a_forward_hook_on_up_proj_added_while_open_keeps_u(monkeypatch):
         )
         logits = model(input_ids=torch.arange(1, 9)[None]).logits
     logits.sum().backward()
-    assert flags == [True, False] and len(seen) == 1  # backward: layer 1 (u written over), then the hooked layer 0
+    # the backward runs layer 1 (u written over), then the hooked layer 0 (u kept)
+    assert flags == [True, False] and len(seen) == 1
 
 
 def test_du_over_u_only_where_nothing_reads_u_again():
