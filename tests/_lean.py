@@ -39,3 +39,22 @@ def run(model, context=None, mask: bool = False, count_saved: bool = True):
 def bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal bit for bit (float32), -0.0 and +0.0 told apart."""
     return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def training_forward_calls(monkeypatch, function) -> tuple[int, int]:
+    """Calls of the autograd Function `function` (a spy on its apply) in `token_logprobs`'s forward and backward
+    on a 2-layer embedded model, and the count after one more forward without autograd (the same where the
+    lean parts stand aside there)."""
+    from posttrain.data import embedded
+    from posttrain.rl import logprobs
+
+    calls = []
+    real = function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: calls.append(1) or real(*a))
+    model = embedded.build_model(seed=0, num_hidden_layers=2)
+    batch = {"input_ids": torch.tensor([[3, 4, 5, 6]]), "completion_mask": torch.tensor([[0, 0, 1, 1]])}
+    logprobs.token_logprobs(model, batch).logps.sum().backward()
+    trained = len(calls)
+    with torch.no_grad():
+        logprobs.token_logprobs(model, batch)
+    return trained, len(calls)

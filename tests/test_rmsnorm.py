@@ -6,12 +6,12 @@ import contextlib
 import pytest
 import torch
 from _lean import bits as _bits
-from _lean import run
+from _lean import run, training_forward_calls
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from posttrain.data import embedded
 from posttrain.kernels import native
-from posttrain.rl import logprobs, rmsnorm, swiglu
+from posttrain.rl import rmsnorm, swiglu
 
 needs_exact = pytest.mark.skipif(native._exact_built() is None, reason="no C compiler or no AVX2 / AVX-512")
 
@@ -295,16 +295,8 @@ def test_left_as_it_is_where_it_does_not_apply(monkeypatch):
 
 def test_training_forwards_run_the_lean_norms(monkeypatch):
     """token_logprobs runs it on the tape, not without (a spy on `_RMSNorm.apply` counts the norms)."""
-    calls = []
-    real = rmsnorm._RMSNorm.apply
-    monkeypatch.setattr(rmsnorm._RMSNorm, "apply", lambda *a: calls.append(1) or real(*a))
-    model = embedded.build_model(seed=0, num_hidden_layers=2)
-    batch = {"input_ids": torch.tensor([[3, 4, 5, 6]]), "completion_mask": torch.tensor([[0, 0, 1, 1]])}
-    logprobs.token_logprobs(model, batch).logps.sum().backward()
-    assert len(calls) == (5 if native._exact_built() is not None else 0)
-    with torch.no_grad():
-        logprobs.token_logprobs(model, batch)
-    assert len(calls) == (5 if native._exact_built() is not None else 0)
+    norms = 5 if native._exact_built() is not None else 0
+    assert training_forward_calls(monkeypatch, rmsnorm._RMSNorm) == (norms, norms)
 
 
 def test_the_reward_models_last_token_path_and_nesting_see_through_the_swap():

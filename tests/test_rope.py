@@ -7,12 +7,12 @@ import sys
 import pytest
 import torch
 from _lean import bits as _bits
-from _lean import run
+from _lean import run, training_forward_calls
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from posttrain.data import embedded
 from posttrain.kernels import native
-from posttrain.rl import lean, logprobs, rope
+from posttrain.rl import lean, rope
 
 needs_exact = pytest.mark.skipif(native._exact_built() is None, reason="no C compiler or no AVX2 / AVX-512")
 
@@ -138,15 +138,8 @@ def test_left_as_it_is_where_it_does_not_apply(monkeypatch):
 
 
 def test_training_forwards_run_it(monkeypatch):
-    calls = []
-    real = rope._Rope.apply
-    monkeypatch.setattr(rope._Rope, "apply", lambda *a: calls.append(1) or real(*a))
-    model = embedded.build_model(seed=0, num_hidden_layers=2)
-    batch = {"input_ids": torch.tensor([[3, 4, 5, 6]]), "completion_mask": torch.tensor([[0, 0, 1, 1]])}
-    logprobs.token_logprobs(model, batch).logps.sum().backward()
-    with torch.no_grad():
-        logprobs.token_logprobs(model, batch)
-    assert len(calls) == (4 if native._exact_built() is not None else 0)
+    ropes = 4 if native._exact_built() is not None else 0  # q and k in each layer, not without autograd
+    assert training_forward_calls(monkeypatch, rope._Rope) == (ropes, ropes)
 
 
 @needs_exact

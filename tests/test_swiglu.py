@@ -5,12 +5,12 @@ import contextlib
 
 import pytest
 import torch
-from _lean import run
+from _lean import run, training_forward_calls
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from posttrain.data import embedded
 from posttrain.kernels import native
-from posttrain.rl import lean, logprobs, swiglu
+from posttrain.rl import lean, swiglu
 
 
 def _llama(**overrides):
@@ -95,17 +95,22 @@ def _lean_backward(g, u, w, dy, u_private, retain_graph=False):
     return grads
 
 
+def _du_over_u_flags(monkeypatch) -> list[bool]:
+    """The `du_into_u` of each call of the SwiGLU backward kernel from now on (a spy that still runs it)."""
+    flags, real = [], native.swiglu_backward
+    monkeypatch.setattr(
+        native, "swiglu_backward", lambda *a, **k: flags.append(k["du_into_u"]) or real(*a, **k)
+    )
+    return flags
+
+
 @pytest.mark.skipif(native.exact_library() is None, reason="the exact kernels are not built here")
 @pytest.mark.parametrize("name", list(MODELS))
 def test_in_a_model_as_training_runs_it_du_goes_over_u_with_autograds_numbers(name, monkeypatch):
     """Without a saved-tensors hook (as training runs; the other model tests count saved bytes through one, which
     keeps u), every lean part together (rl/lean.py): du written over u in each layer, every gradient autograd's."""
     model = MODELS[name]()
-    flags = []
-    real = native.swiglu_backward
-    monkeypatch.setattr(
-        native, "swiglu_backward", lambda *a, **k: flags.append(k["du_into_u"]) or real(*a, **k)
-    )
+    flags = _du_over_u_flags(monkeypatch)
     logits, grads, _ = run(model, count_saved=False)
     lean_logits, lean_grads, _ = run(model, lean.layers(model), count_saved=False)
     assert flags == [True] * model.config.num_hidden_layers
@@ -117,11 +122,7 @@ def test_in_a_model_as_training_runs_it_du_goes_over_u_with_autograds_numbers(na
 @pytest.mark.skipif(native.exact_library() is None, reason="the exact kernels are not built here")
 def test_a_forward_hook_on_up_proj_added_while_open_keeps_u(monkeypatch):
     model = MODELS["qwen2"]()
-    flags, seen = [], []
-    real = native.swiglu_backward
-    monkeypatch.setattr(
-        native, "swiglu_backward", lambda *a, **k: flags.append(k["du_into_u"]) or real(*a, **k)
-    )
+    flags, seen = _du_over_u_flags(monkeypatch), []
     context = lean.layers(model)
     with context:
         model.model.layers[0].mlp.up_proj.register_forward_hook(
@@ -148,10 +149,8 @@ def test_du_over_u_only_where_nothing_reads_u_again():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         assert all(torch.equal(a, b) for a, b in zip(want, _lean_backward(g, u, w, dy, True), strict=True))
     # which u the backward wrote: a spy on the kernel's flag
-    flags = []
-    real = native.swiglu_backward
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(native, "swiglu_backward", lambda *a, **k: flags.append(k["du_into_u"]) or real(*a, **k))
+        flags = _du_over_u_flags(m)
         _lean_backward(g, u, w, dy, True)
         _lean_backward(g, u, w, dy, True, retain_graph=True)
         _lean_backward(g, u, w, dy, False)
@@ -208,13 +207,4 @@ def test_left_as_it_is_without_autograd_under_checkpointing_or_for_other_mlps():
 
 def test_training_forwards_run_the_lean_mlp(monkeypatch):
     """token_logprobs runs it on the tape, not without (a spy on `_SwiGLUDown.apply` counts the layers)."""
-    calls = []
-    real = swiglu._SwiGLUDown.apply
-    monkeypatch.setattr(swiglu._SwiGLUDown, "apply", lambda *a: calls.append(1) or real(*a))
-    model = embedded.build_model(seed=0, num_hidden_layers=2)
-    batch = {"input_ids": torch.tensor([[3, 4, 5, 6]]), "completion_mask": torch.tensor([[0, 0, 1, 1]])}
-    logprobs.token_logprobs(model, batch).logps.sum().backward()
-    assert len(calls) == 2
-    with torch.no_grad():
-        logprobs.token_logprobs(model, batch)
-    assert len(calls) == 2
+    assert training_forward_calls(monkeypatch, swiglu._SwiGLUDown) == (2, 2)

@@ -14,7 +14,7 @@ x^2), which autograd adds into x's gradient after a residual connection's, in th
 The linear maps that read a norm's output y (q, k, v after the input norm; gate and up after the post-attention
 norm) keep y for their weights' gradients, one more (n, H) per norm. While `lean_norms` is open they run
 `_NormedLinear`, which keeps x (which the norm keeps anyway) in y's place and makes y again in the backward (the
-norm's forward once more, the same numbers): benchmarks/reward.py's step, live tensors at their peak 199 -> 187
+norm's forward once more for each map that reads it, the same numbers; a pass over (n, H) each): benchmarks/reward.py's step, live tensors at their peak 199 -> 187
 MiB, at the same speed within the noise. A y changed in place since the norm made it, or one the map reads
 through a slice (the output layer's), is kept as autograd keeps it.
 """

@@ -72,9 +72,8 @@ class _SwiGLUDown(torch.autograd.Function):
             _, dg, du = fused
             du = du.detach()  # u's storage: without u's place in the graph
         else:
-            a = F.silu(g)
             dg = torch.ops.aten.silu_backward(dh * u, g) if need_g else None
-            du = dh * a if need_u else None
+            du = dh * F.silu(g) if need_u else None
         return dg if need_g else None, du if need_u else None, dweight, None
 
 
