@@ -476,6 +476,10 @@ def main():
 
     config = sft.model_config(args.quick)
     if args.side:
+        if args.side == "ours":  # as the loops' `train` starts: loop.start before the models are built
+            from posttrain.rl import loop
+
+            loop.keep_freed_cpu_memory()
         result = RUNNERS[args.side, args.loop](args)
         common.emit_result({**result, "floor": floor(config, args.loop, args.ref)})  # right after the steps
         return

@@ -57,11 +57,11 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(keep)))
 
 
-def _compile(cc: list[str], source: Path, flags: list[str], out: Path) -> bool:
-    """Build `source` into `out` (OpenMP if the compiler has it, else one thread); True on success."""
-    for extra in (["-fopenmp"], []):
+def _compile(cc: list[str], source: Path, flags: list[str], out: Path, libs: list[str], openmp: bool) -> bool:
+    """Build `source` into `out` (OpenMP if asked for and the compiler has it, else one thread); True on success."""
+    for extra in (["-fopenmp"], []) if openmp else ([],):
         try:
-            done = subprocess.run([*cc, *flags, *extra, str(source), "-o", str(out), "-lm"], capture_output=True,
+            done = subprocess.run([*cc, *flags, *extra, str(source), "-o", str(out), *libs], capture_output=True,
                                   timeout=120)  # fmt: skip
         except (OSError, subprocess.TimeoutExpired):
             return False
@@ -94,14 +94,19 @@ def _load(source: Path, flags: list[str], functions: dict[str, list]) -> ctypes.
     return lib
 
 
-def _build_and_load(source: Path, flags: list[str]) -> ctypes.CDLL | None:
-    # $CC may carry words ("ccache gcc"); else the first compiler on the PATH
-    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    cc = shlex.split(os.environ.get("CC", "")) or ([found] if found else [])
+def _build_and_load(
+    source: Path, flags: list[str], *, cxx: bool = False, libs: list[str] = ("-lm",), openmp: bool = True
+) -> ctypes.CDLL | None:
+    # $CC / $CXX may carry words ("ccache gcc"); else the first compiler on the PATH
+    names = ("c++", "g++", "clang++") if cxx else ("cc", "gcc", "clang")
+    found = next((shutil.which(name) for name in names if shutil.which(name)), None)
+    cc = shlex.split(os.environ.get("CXX" if cxx else "CC", "")) or ([found] if found else [])
     if not cc or not source.exists():
         return None
     key = hashlib.sha256(
-        "\0".join([source.read_text(), *cc, " ".join(flags), platform.machine(), _cpu_identity()]).encode()
+        "\0".join(
+            [source.read_text(), *cc, " ".join([*flags, *libs]), platform.machine(), _cpu_identity()]
+        ).encode()
     ).hexdigest()[:16]
     cache = cache_dir()
     path = cache / f"{source.stem}-{key}.so"
@@ -110,7 +115,7 @@ def _build_and_load(source: Path, flags: list[str]) -> ctypes.CDLL | None:
         # built under a temporary name and renamed: concurrent processes never load a half-written file
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             built = Path(tmp) / path.name
-            if not _compile(cc, source, flags, built):
+            if not _compile(cc, source, flags, built, list(libs), openmp):
                 return None
             os.replace(built, path)
     return ctypes.CDLL(str(path))

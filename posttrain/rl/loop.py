@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from posttrain.kernels import cpu_pool
 from posttrain.rl import checkpoint, distributed, faults, lora, stock
 from posttrain.rl.config import ConfigError, TrainConfig, save_config
 from posttrain.rl.logger import METRICS_FILE, MetricsLogger, tensorboard_available
@@ -122,15 +123,19 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 def keep_freed_cpu_memory() -> bool:
-    """Have glibc keep freed blocks of up to 32 MiB for reuse instead of handing them back to the kernel.
+    """Keep a training step's large CPU tensors' memory for reuse, apart from the small objects around them.
 
     glibc serves a block above its mmap threshold (128 KiB, rising to at most 32 MiB) from fresh pages and
     unmaps it when freed, and returns the free top of its heap past the trim threshold, so a training step's
     large tensors (gradients, activations, output-layer tiles) fault in and are zeroed again every step:
-    ~16,000 page faults per step of benchmarks/sft.py. Keeping them is what jemalloc and tcmalloc (the
-    allocators PyTorch's CPU tuning guide recommends) do; CUDA memory has torch's caching allocator anyway.
-    Returns whether the setting took (False, changing nothing, without glibc).
+    ~16,000 page faults per step of benchmarks/sft.py. So glibc keeps freed blocks of up to 32 MiB (mallopt),
+    and tensors of 64 KiB or more come from `kernels.cpu_pool`, a range of their own where freed blocks stay
+    too and autograd's small objects cannot split them (see its docstring: the reward model's step peaked
+    ~70 MiB lower). Keeping freed memory is what jemalloc and tcmalloc (the allocators PyTorch's CPU tuning
+    guide recommends) do; CUDA memory has torch's caching allocator anyway. Returns whether glibc's setting
+    took (False, changing nothing there, without glibc); the pool is installed either way where it builds.
     """
+    cpu_pool.install()
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018  (glibc only: other C libraries read these parameters differently)
