@@ -296,10 +296,13 @@ def test_grpo_sharded_policy_generates_and_trains_as_ddp(runs):
 def test_ppo_policy_and_value_sharded_train_as_ddp(runs):
     """PPO (policy and value model sharded, one optimizer over both, the value model checkpointed with the
     policy's shards) under FSDP vs DDP on the same 2 processes: the same scores, losses and grad norms."""
-    keys = ("loss", "loss/policy_avg", "loss/value_avg", "grad_norm", "objective/scores")
+    keys = ("loss", "loss/value_avg", "grad_norm", "objective/scores")
     _assert_same_steps(runs / "ppo_fsdp", runs / "ppo_ddp", keys)
     # the KL is a difference of summed log-probs: its round-off is absolute
     _assert_same_steps(runs / "ppo_fsdp", runs / "ppo_ddp", ("objective/kl",), rel=0, abs=1e-5)
+    # so is the policy loss's: the whitened advantages average to 0, so it is a small mean of O(1) terms (on an
+    # Intel Xeon with AMX: -0.0162464 against -0.0162466, 1.3e-5 relative)
+    _assert_same_steps(runs / "ppo_fsdp", runs / "ppo_ddp", ("loss/policy_avg",), rel=0, abs=2e-6)
     names = FileSystemReader(str(runs / "ppo_fsdp" / "checkpoint-2" / checkpoint.SHARDED_DIR)).read_metadata()
     assert any(n.startswith("model.companion_value_model.score.") for n in names.state_dict_metadata)
 
