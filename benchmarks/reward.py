@@ -31,14 +31,14 @@ token only, two of the MLP's four products a layer, the norms' inputs kept in pl
 Two peaks. `peak MiB` in the table is the RSS high-water mark above the RSS before the first step. The line
 under it, live tensors at their peak, is AdamW's moments plus one step's high-water mark of live tensors above
 them (`common.TensorPeak`, a profiled step after the timed ones): no allocator enters it, as none enters
-torch.cuda.max_memory_allocated on a GPU. Ours 187 MiB against TRL's 312, 0.60x (Intel Xeon, session 22); its
-RSS ~115 MiB above that (302 against TRL's 433, 0.70x): glibc's main heap holds the tensors among ~10,000 small C++ allocations a step
-(autograd's nodes, tensor handles), which split the large blocks' free space, so the heap grows over the first
-steps. Replayed alone (recorded in order, with addresses) through the same glibc settings, the step's tensor
-allocations need a heap of 228 MiB (session 22). Under tcmalloc (Debian's libtcmalloc-minimal4, preloaded with
-LD_PRELOAD on both sides): ours 231 MiB, TRL 358, 0.65x, the tensors' ratio. Handing freed memory back after
-every step (malloc_trim) does not lower the RSS peak, which falls inside a step; glibc's mmap threshold does,
-as fast as it slows the step (benchmarks/results.md, session 21).
+torch.cuda.max_memory_allocated on a GPU. Ours 187 MiB against TRL's 312, 0.60x (Intel Xeon, session 22).
+Until session 23 our RSS sat ~115 MiB above that (302 against TRL's 433, 0.70x): glibc's main heap held the
+tensors among ~10,000 small C++ allocations a step (autograd's nodes, tensor handles), which split the large
+blocks' free space, so the heap grew over the first steps; replayed alone through the same glibc settings, the
+step's tensor allocations needed 228 MiB. Now tensors of 64 KiB or more come from a range of their own
+(`posttrain.kernels.cpu_pool`, installed by `loop.start`): 232 MiB, 0.54x TRL's (TRL's side runs with glibc's
+defaults, as TRL does; under tcmalloc on both sides the two were 231 and 358 MiB in session 22).
+POSTTRAIN_CPU_POOL=0 runs ours on glibc alone.
 
 Columns: see benchmarks/README.md.
 """
