@@ -33,7 +33,7 @@ struct Region {
   size_t top = 0;        // every byte from top on is free
   size_t resident = 0;   // bytes from base that may hold pages (top's high-water mark since the last trim)
   size_t trim_bytes = size_t{1} << 30;
-  size_t in_use = 0, peak_in_use = 0;
+  size_t in_use = 0;
   std::map<size_t, size_t> free_at;              // offset -> size of the free blocks below top
   std::set<std::pair<size_t, size_t>> free_fit;  // (size, offset) of the same blocks: best fit, lowest first
   std::unordered_map<size_t, size_t> used;       // offset -> size
@@ -77,7 +77,6 @@ struct Region {
     }
     used.emplace(off, n);
     in_use += n;
-    if (in_use > peak_in_use) peak_in_use = in_use;
     return base + off;
   }
 
@@ -197,7 +196,7 @@ void cpu_pool_uninstall() {
 
 int cpu_pool_installed() { return c10::GetCPUAllocator() == &pool_allocator; }
 
-// stats[0..6]: base address, reserved, top, resident, in use, peak in use (bytes), free blocks below top
+// stats[0..5]: base address, reserved, top, resident, in use (bytes), free blocks below top
 void cpu_pool_stats(size_t* stats) {
   std::lock_guard<std::mutex> lock(region.mu);
   stats[0] = reinterpret_cast<size_t>(region.base);
@@ -205,13 +204,7 @@ void cpu_pool_stats(size_t* stats) {
   stats[2] = region.top;
   stats[3] = region.resident;
   stats[4] = region.in_use;
-  stats[5] = region.peak_in_use;
-  stats[6] = region.free_at.size();
-}
-
-void cpu_pool_reset_peak() {
-  std::lock_guard<std::mutex> lock(region.mu);
-  region.peak_in_use = region.in_use;
+  stats[5] = region.free_at.size();
 }
 
 // Hands the free pages above the used part back to the kernel; returns their bytes.

@@ -33,9 +33,8 @@ from posttrain.kernels import native
 
 SOURCE = Path(__file__).with_name("cpu_pool.cpp")
 MIN_BYTES = 64 << 10  # blocks this large or larger come from the pool
-TRIM_BYTES = (
-    1 << 30
-)  # free pages kept above the used part before they are handed back (glibc's, as set by loop)
+# free pages kept above the used part before they are handed back (glibc's trim threshold, as loop sets it)
+TRIM_BYTES = 1 << 30
 ENV = "POSTTRAIN_CPU_POOL"
 
 
@@ -75,7 +74,6 @@ def library() -> ctypes.CDLL | None:
             ("cpu_pool_uninstall", [], None),
             ("cpu_pool_installed", [], ctypes.c_int),
             ("cpu_pool_stats", [p], None),
-            ("cpu_pool_reset_peak", [], None),
             ("cpu_pool_release", [], size_t),
         ):
             function = getattr(lib, name)
@@ -118,19 +116,13 @@ def installed() -> bool:
 def stats() -> dict:
     """The pool's state in bytes: base (the range's address; 0 before the first install), reserved, top (the used
     part: every byte above it is free), resident (top's high-water mark since the last hand-back), in_use,
-    peak_in_use (since `reset_peak`), free_blocks (below top)."""
+    free_blocks (below top)."""
     lib = library()
-    values = (ctypes.c_size_t * 7)()
+    values = (ctypes.c_size_t * 6)()
     if lib is not None:
         lib.cpu_pool_stats(values)
-    names = ("base", "reserved", "top", "resident", "in_use", "peak_in_use", "free_blocks")
+    names = ("base", "reserved", "top", "resident", "in_use", "free_blocks")
     return dict(zip(names, values, strict=True))
-
-
-def reset_peak() -> None:
-    lib = library()
-    if lib is not None:
-        lib.cpu_pool_reset_peak()
 
 
 def release() -> int:

@@ -30,6 +30,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -57,7 +58,9 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(keep)))
 
 
-def _compile(cc: list[str], source: Path, flags: list[str], out: Path, libs: list[str], openmp: bool) -> bool:
+def _compile(
+    cc: list[str], source: Path, flags: list[str], out: Path, libs: Sequence[str], openmp: bool
+) -> bool:
     """Build `source` into `out` (OpenMP if asked for and the compiler has it, else one thread); True on success."""
     for extra in (["-fopenmp"], []) if openmp else ([],):
         try:
@@ -95,11 +98,11 @@ def _load(source: Path, flags: list[str], functions: dict[str, list]) -> ctypes.
 
 
 def _build_and_load(
-    source: Path, flags: list[str], *, cxx: bool = False, libs: list[str] = ("-lm",), openmp: bool = True
+    source: Path, flags: list[str], *, cxx: bool = False, libs: Sequence[str] = ("-lm",), openmp: bool = True
 ) -> ctypes.CDLL | None:
     # $CC / $CXX may carry words ("ccache gcc"); else the first compiler on the PATH
     names = ("c++", "g++", "clang++") if cxx else ("cc", "gcc", "clang")
-    found = next((shutil.which(name) for name in names if shutil.which(name)), None)
+    found = next(filter(None, map(shutil.which, names)), None)
     cc = shlex.split(os.environ.get("CXX" if cxx else "CC", "")) or ([found] if found else [])
     if not cc or not source.exists():
         return None
@@ -115,7 +118,7 @@ def _build_and_load(
         # built under a temporary name and renamed: concurrent processes never load a half-written file
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             built = Path(tmp) / path.name
-            if not _compile(cc, source, flags, built, list(libs), openmp):
+            if not _compile(cc, source, flags, built, libs, openmp):
                 return None
             os.replace(built, path)
     return ctypes.CDLL(str(path))
